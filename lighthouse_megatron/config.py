@@ -1,0 +1,199 @@
+"""LighthouseConfig: the knobs of Lighthouse attention, their validation and derived sizes.
+
+Every size rule of ALGORITHM.md lives here, so that a bad configuration fails before a
+job starts, with the numbers that broke it and the nearest values that would work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+SCORERS = ("norm",)
+BACKENDS = ("auto", "te", "cudnn", "flash", "math")
+
+
+def _nearest_multiples(value: int, base: int) -> str:
+    """'a or b': the multiples of `base` nearest to `value` (one of them if value is below base)."""
+    lo = (value // base) * base
+    hi = lo + base
+    return f"{hi}" if lo <= 0 else f"{lo} or {hi}"
+
+
+def _is_power_of_two(x: int) -> bool:
+    return x >= 1 and (x & (x - 1)) == 0
+
+
+@dataclass(frozen=True)
+class LighthouseConfig:
+    """Lighthouse attention settings (ALGORITHM.md notation in brackets).
+
+    levels          [L] pyramid levels; 1 is plain dense causal attention.
+    pooling_factor  [p] block growth per level, a power of two >= 2.
+    topk            [k] global top-k budget per selection unit, a multiple of tile_topk.
+    tile_topk       [T] entries kept per refined level per tile, even (half by query norm,
+                    half by key norm).
+    dense_layers    0-based global layer indices that keep dense attention; negative
+                    indices count from the last layer.
+    scorer          "norm": parameter-free L2-norm scoring.
+    backend         stage-5 dense kernel: "auto", "te", "cudnn", "flash" or "math".
+    """
+
+    levels: int = 3
+    pooling_factor: int = 4
+    topk: int = 2048
+    tile_topk: int = 128
+    dense_layers: tuple[int, ...] = field(default_factory=tuple)
+    scorer: str = "norm"
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        # Accept lists (YAML, argparse) but keep the frozen dataclass hashable.
+        object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+        self._check_settings()
+
+    # ----------------------------------------------------------------- validation
+
+    def _check_settings(self) -> None:
+        """Checks that need no sequence length."""
+        for name in ("levels", "pooling_factor", "topk", "tile_topk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"lighthouse {name} must be an integer, got {value!r}")
+        if self.levels < 1:
+            raise ValueError(
+                f"lighthouse levels must be >= 1 (1 = dense attention), got {self.levels}; "
+                "the paper uses 3"
+            )
+        if self.pooling_factor < 2 or not _is_power_of_two(self.pooling_factor):
+            p = self.pooling_factor
+            below = 1 << max(p.bit_length() - 1, 1)
+            above = max(below << 1, 2) if p > 2 else 2
+            near = f"{below} or {above}" if p > 2 else "2"
+            raise ValueError(
+                f"lighthouse pooling_factor must be a power of two >= 2, got {p}; nearest valid: {near}"
+            )
+        if self.tile_topk < 2 or self.tile_topk % 2:
+            raise ValueError(
+                f"lighthouse tile_topk must be even and >= 2 (half by query norm, half by key norm), "
+                f"got {self.tile_topk}; nearest valid: {_nearest_multiples(self.tile_topk, 2)}"
+            )
+        if self.topk < self.tile_topk or self.topk % self.tile_topk:
+            raise ValueError(
+                f"lighthouse topk must be a positive multiple of tile_topk={self.tile_topk}, got "
+                f"{self.topk}; nearest valid: {_nearest_multiples(self.topk, self.tile_topk)}"
+            )
+        for i in self.dense_layers:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise ValueError(f"lighthouse dense_layers must be integers, got {self.dense_layers!r}")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"lighthouse scorer must be one of {list(SCORERS)}, got {self.scorer!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"lighthouse backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+
+    def validate(self, seq_len: int, cp_size: int = 1) -> None:
+        """Raise ValueError unless a sequence of `seq_len` tokens split over `cp_size`
+        context-parallel ranks (2*cp_size chunks when cp_size > 1) is a valid input."""
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"sequence length must be a positive integer, got {seq_len!r}")
+        if not isinstance(cp_size, int) or cp_size < 1:
+            raise ValueError(f"context-parallel size must be a positive integer, got {cp_size!r}")
+        chunks = self.num_chunks(cp_size)
+        if cp_size > 1 and self.topk % (chunks * self.tile_topk):
+            step = chunks * self.tile_topk
+            raise ValueError(
+                f"lighthouse topk={self.topk} must be a multiple of 2*cp_size*tile_topk="
+                f"2*{cp_size}*{self.tile_topk}={step} with context parallelism (each of the "
+                f"{chunks} chunks keeps topk/{chunks} entries); nearest valid: "
+                f"{_nearest_multiples(self.topk, step)}"
+            )
+        # Tiles never straddle chunks (k_chunk / T tiles per chunk), so the chunk rules
+        # reduce to the global ones: N divisible by p**(L-1) * (k/T).
+        block = self.coarsest_block * self.num_tiles
+        if seq_len % block:
+            raise ValueError(
+                f"sequence length {seq_len} must be divisible by pooling_factor**(levels-1)="
+                f"{self.coarsest_block} x tiles (topk/tile_topk={self.num_tiles}) = {block}; "
+                f"nearest valid: {_nearest_multiples(seq_len, block)}"
+            )
+        coarse_per_tile = seq_len // block
+        if self.levels > 1 and coarse_per_tile < self.tile_topk:
+            max_topk = (seq_len // self.coarsest_block) // self.tile_topk * self.tile_topk
+            raise ValueError(
+                f"lighthouse: each tile has only {coarse_per_tile} coarsest entries (sequence "
+                f"length {seq_len} / pooling_factor**(levels-1)={self.coarsest_block} / "
+                f"{self.num_tiles} tiles) but tile_topk={self.tile_topk} are selected from them; "
+                f"use topk <= {max_topk}, fewer levels, or a sequence length >= "
+                f"{self.tile_topk * block}"
+            )
+
+    def resolve_dense_layers(self, num_layers: int) -> frozenset[int]:
+        """0-based global indices of the dense layers in a model of `num_layers` layers."""
+        out = set()
+        for i in self.dense_layers:
+            if not -num_layers <= i < num_layers:
+                raise ValueError(
+                    f"lighthouse dense_layers entry {i} is out of range for a model of "
+                    f"{num_layers} layers (valid: {-num_layers} .. {num_layers - 1})"
+                )
+            out.add(i % num_layers)
+        return frozenset(out)
+
+    # -------------------------------------------------------------- derived sizes
+
+    @property
+    def coarsest_block(self) -> int:
+        """Base tokens per coarsest-level entry, p**(L-1)."""
+        return self.pooling_factor ** (self.levels - 1)
+
+    @property
+    def num_tiles(self) -> int:
+        """Tiles per sequence without context parallelism, k / T."""
+        return self.topk // self.tile_topk
+
+    @staticmethod
+    def num_chunks(cp_size: int) -> int:
+        """Megatron's load-balanced CP layout cuts a sequence into 2*CP chunks."""
+        return 2 * cp_size if cp_size > 1 else 1
+
+    def tiles_per_chunk(self, cp_size: int = 1) -> int:
+        return self.num_tiles // self.num_chunks(cp_size)
+
+    def chunk_config(self, cp_size: int) -> "LighthouseConfig":
+        """The configuration one CP chunk runs with (k_chunk = k / (2*CP))."""
+        if cp_size == 1:
+            return self
+        return dataclasses.replace(self, topk=self.topk // self.num_chunks(cp_size))
+
+    def tile_length(self, seq_len: int) -> int:
+        """Base tokens per tile."""
+        return seq_len // self.num_tiles
+
+    def gathered_length(self, seq_len: int) -> int:
+        """S = N / p**(L-1) + (L-1) * p * k: the length attention runs on."""
+        return seq_len // self.coarsest_block + (self.levels - 1) * self.pooling_factor * self.topk
+
+    def attention_flops_ratio(self, seq_len: int) -> float:
+        """Dense causal attention FLOPs over Lighthouse's stage-5 FLOPs, (N / S)**2."""
+        return (seq_len / self.gathered_length(seq_len)) ** 2
+
+    # -------------------------------------------------------------------- dicts
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (YAML files, Megatron checkpoint args under weights_only loads)."""
+        d = dataclasses.asdict(self)
+        d["dense_layers"] = list(self.dense_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LighthouseConfig":
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown lighthouse settings {unknown}; valid settings: {names}")
+        return cls(**d)
+
+    @classmethod
+    def field_names(cls) -> Iterable[str]:
+        return [f.name for f in dataclasses.fields(cls)]

@@ -1,0 +1,237 @@
+"""Slow, obviously-correct Lighthouse attention: ALGORITHM.md stages 1-6, one function each.
+
+This is the oracle every fast kernel is tested against. It knows nothing of Megatron or
+of context parallelism beyond working on whatever sequence (or CP chunk) it is given:
+for a chunk, pass `config.chunk_config(cp_size)` and ask `scatter` for `out_len` rows
+past the chunk's end to see what spills into the next chunk.
+
+Layouts: q [b, n, Hq, d], k and v [b, n, Hkv, d]; a selection unit is one (batch, kv head).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import LighthouseConfig
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig) -> None:
+    """Shape checks shared by every implementation, with the numbers in the message."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"lighthouse attention expects q [b, s, Hq, d] and k, v [b, s, Hkv, d]; got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"lighthouse attention: q {tuple(q.shape)} and k, v {tuple(k.shape)}, {tuple(v.shape)} "
+            "must agree in batch, sequence and head dim, and k, v must match"
+        )
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"lighthouse attention: query heads {q.shape[2]} must be a multiple of key/value heads "
+            f"{k.shape[2]} (GQA groups)"
+        )
+    config.validate(q.shape[1])
+
+
+# ---------------------------------------------------------------- stage 1: pyramid
+
+
+def pool(x: Tensor, block: int) -> Tensor:
+    """Mean over consecutive blocks of `block` tokens along dim 1, summed in fp32."""
+    b, n, h, d = x.shape
+    return x.float().reshape(b, n // block, block, h, d).mean(dim=2).to(x.dtype)
+
+
+def pyramid(x: Tensor, config: LighthouseConfig) -> list[Tensor]:
+    """Levels 0..L-1 of symmetric pooling; level l has n / p**l entries."""
+    return [pool(x, config.pooling_factor**level) for level in range(config.levels)]
+
+
+# ----------------------------------------------------------------- stage 2: scores
+
+
+@torch.no_grad()
+def base_scores(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 per-token scores [b, n, Hkv]: ||q|| (max over the GQA group's heads), ||k||."""
+    b, n, hq, d = q.shape
+    hkv = k.shape[2]
+    s_q = torch.linalg.vector_norm(q.float(), dim=-1).reshape(b, n, hkv, hq // hkv).amax(dim=-1)
+    s_k = torch.linalg.vector_norm(k.float(), dim=-1)
+    return s_q, s_k
+
+
+def score_pyramid(s: Tensor, config: LighthouseConfig) -> list[Tensor]:
+    """Max-pool base scores [b, n, Hkv] to every level, as [b, Hkv, n / p**l]."""
+    b, n, h = s.shape
+    out = []
+    for level in range(config.levels):
+        c = config.pooling_factor**level
+        out.append(s.reshape(b, n // c, c, h).amax(dim=2).transpose(1, 2).contiguous())
+    return out
+
+
+# ------------------------------------------------------- stage 3 and 4: selection
+
+
+def topk_lower_index(scores: Tensor, count: int) -> Tensor:
+    """Positions of the `count` largest values along the last dim, ties to the lower position."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count]
+
+
+@dataclass
+class LighthousePlan:
+    """What the selection decided, per selection unit (batch, kv head).
+
+    level, index:  [b, Hkv, S] level and in-level index of every gathered entry, in causal
+                   (last token, level) order.
+    selected_q, selected_k: dict level -> [b, Hkv, tiles, T/2] in-level indices chosen by
+                   query norm and by key norm at that refined level (l = 1 .. L-1), in the
+                   order the top-k ranked them.
+    """
+
+    level: Tensor
+    index: Tensor
+    selected_q: dict[int, Tensor]
+    selected_k: dict[int, Tensor]
+    pooling_factor: int
+
+    @property
+    def last_token(self) -> Tensor:
+        """e(l, i) = (i + 1) * p**l - 1 for every gathered entry."""
+        return (self.index + 1) * self.pooling_factor**self.level - 1
+
+    @property
+    def length(self) -> int:
+        return self.level.shape[-1]
+
+
+@torch.no_grad()
+def plan(q: Tensor, k: Tensor, config: LighthouseConfig) -> LighthousePlan:
+    """Stages 2-4: score, run the chunked top-k cascade per tile, order causally."""
+    s_q, s_k = base_scores(q, k)
+    sq_levels, sk_levels = score_pyramid(s_q, config), score_pyramid(s_k, config)
+    b, n, hkv = s_q.shape
+    p, levels, half = config.pooling_factor, config.levels, config.tile_topk // 2
+    tiles = config.num_tiles
+    device = q.device
+
+    top = levels - 1
+    per_tile = n // config.coarsest_block // tiles
+    cand = torch.arange(n // config.coarsest_block, device=device).reshape(tiles, per_tile)
+    cand = cand.expand(b, hkv, tiles, per_tile)  # ascending in-level indices per tile
+    emitted_level, emitted_index = [], []
+    selected_q, selected_k = {}, {}
+    for level in range(top, 0, -1):
+        flat = cand.reshape(b, hkv, -1)
+        sq = sq_levels[level].gather(-1, flat).reshape(cand.shape)
+        sk = sk_levels[level].gather(-1, flat).reshape(cand.shape)
+        pos_q = topk_lower_index(sq, half)
+        pos_k = topk_lower_index(sk.scatter(-1, pos_q, float("-inf")), half)
+        selected_q[level] = cand.gather(-1, pos_q)
+        selected_k[level] = cand.gather(-1, pos_k)
+        emitted_level.append(torch.full_like(cand, level))
+        emitted_index.append(cand)
+        chosen = torch.cat([selected_q[level], selected_k[level]], dim=-1).sort(dim=-1).values
+        cand = (chosen.unsqueeze(-1) * p + torch.arange(p, device=device)).flatten(-2)
+    emitted_level.append(torch.zeros_like(cand))
+    emitted_index.append(cand)
+
+    lvl = torch.cat(emitted_level, dim=-1).reshape(b, hkv, -1)
+    idx = torch.cat(emitted_index, dim=-1).reshape(b, hkv, -1)
+    last = (idx + 1) * p**lvl - 1
+    order = torch.argsort(last * levels + lvl, dim=-1)  # keys are unique: (e, l) order
+    return LighthousePlan(
+        level=lvl.gather(-1, order),
+        index=idx.gather(-1, order),
+        selected_q=selected_q,
+        selected_k=selected_k,
+        pooling_factor=p,
+    )
+
+
+# --------------------------------------------------------------- stage 5: gather
+
+
+def gather(levels: list[Tensor], plan: LighthousePlan) -> Tensor:
+    """Pooled rows of the planned entries: [b, S, H, d] with H query or kv heads."""
+    b, _, h, d = levels[0].shape
+    hkv = plan.level.shape[1]
+    offsets = [0]
+    for x in levels[:-1]:
+        offsets.append(offsets[-1] + x.shape[1])
+    flat = torch.cat(levels, dim=1)  # [b, sum of level lengths, h, d]
+    row = (torch.tensor(offsets, device=flat.device)[plan.level] + plan.index)  # [b, Hkv, S]
+    row = row.repeat_interleave(h // hkv, dim=1).transpose(1, 2)  # [b, S, h]
+    return flat.gather(1, row.unsqueeze(-1).expand(-1, -1, -1, d))
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float) -> Tensor:
+    """Plain causal softmax attention in fp32 math, [b, s, Hq, d] -> [b, s, Hq, d]."""
+    group = q.shape[2] // k.shape[2]
+    qf = q.float()
+    kf = k.float().repeat_interleave(group, dim=2)
+    vf = v.float().repeat_interleave(group, dim=2)
+    logits = torch.einsum("bshd,bthd->bhst", qf, kf) * softmax_scale
+    s = q.shape[1]
+    mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+    probs = logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhst,bthd->bshd", probs, vf).to(q.dtype)
+
+
+# -------------------------------------------------------------- stage 6: scatter
+
+
+def scatter(
+    o: Tensor, plan: LighthousePlan, config: LighthouseConfig, seq_len: int, out_len: int | None = None
+) -> Tensor:
+    """out[t] = sum over levels of the output of the emitted entry covering t.
+
+    Entry (l, i) feeds base positions [e(l, i), e(l, i) + p**l - 1]. Accumulates in fp32
+    and returns the input dtype. `out_len` > seq_len keeps the rows that spill past the
+    sequence end (what a CP chunk hands to the next one); by default they are clipped.
+    """
+    out_len = seq_len if out_len is None else out_len
+    b, s, hq, d = o.shape
+    group = hq // plan.level.shape[1]
+    t = torch.arange(out_len, device=o.device)
+    out = torch.zeros(b, out_len, hq, d, dtype=torch.float32, device=o.device)
+    for level in range(config.levels):
+        c = config.pooling_factor**level
+        entries = seq_len // c
+        # Per-level table of entry outputs; zero rows for entries that were not emitted.
+        mine = (plan.level == level).repeat_interleave(group, dim=1).transpose(1, 2)  # [b, S, Hq]
+        idx = plan.index.repeat_interleave(group, dim=1).transpose(1, 2)
+        idx = torch.where(mine, idx, entries)  # dump row for other levels' entries
+        table = torch.zeros(b, entries + 1, hq, d, dtype=torch.float32, device=o.device)
+        table = table.scatter(1, idx.unsqueeze(-1).expand(-1, -1, -1, d), o.float())
+        cover = (t + 1) // c - 1  # entry of this level covering base position t
+        valid = (cover >= 0) & (cover < entries)
+        rows = table[:, torch.where(valid, cover, entries)]  # invalid -> dump row
+        out = out + torch.where(valid[None, :, None, None], rows, 0.0)
+    return out.to(o.dtype)
+
+
+# ----------------------------------------------------------------------- all
+
+
+def lighthouse_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig, softmax_scale: float | None = None
+) -> Tensor:
+    """Lighthouse attention, stages 1-6 as ALGORITHM.md writes them.
+
+    q [b, s, Hq, d], k and v [b, s, Hkv, d] (after RoPE) -> [b, s, Hq, d]; differentiable in
+    q, k and v (the selection itself carries no gradient).
+    """
+    check_inputs(q, k, v, config)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    p = plan(q, k, config)
+    o = causal_attention(
+        gather(pyramid(q, config), p), gather(pyramid(k, config), p), gather(pyramid(v, config), p), scale
+    )
+    return scatter(o, p, config, q.shape[1])
