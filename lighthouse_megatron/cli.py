@@ -1,0 +1,22 @@
+"""`lighthouse-megatron` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lighthouse-megatron", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from .demo import add_demo_parser
+
+    add_demo_parser(sub)
+
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
