@@ -1,0 +1,90 @@
+import pytest
+
+from lighthouse_megatron import LighthouseConfig
+
+
+def test_gathered_length_matches_paper_example():
+    cfg = LighthouseConfig(levels=3, pooling_factor=4, topk=1536, tile_topk=128)
+    cfg.validate(98_304)
+    assert cfg.gathered_length(98_304) == 18_432
+    assert LighthouseConfig(levels=3, pooling_factor=4, topk=4096).gathered_length(512 * 1024) == 65_536
+
+
+def test_levels_one_is_dense_length():
+    cfg = LighthouseConfig(levels=1, topk=256, tile_topk=128)
+    assert cfg.gathered_length(4096) == 4096
+
+
+def test_dict_round_trip_and_unknown_keys():
+    cfg = LighthouseConfig(levels=2, pooling_factor=8, topk=512, tile_topk=64, dense_layers=[0, -1])
+    d = cfg.to_dict()
+    assert d["dense_layers"] == [0, -1] and all(type(v) in (int, str, list) for v in d.values())
+    assert LighthouseConfig.from_dict(d) == cfg
+    with pytest.raises(ValueError, match=r"unknown lighthouse settings \['top_k'\].*topk"):
+        LighthouseConfig.from_dict({"top_k": 4})
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"levels": 0}, r"levels must be >= 1.*got 0"),
+        ({"levels": 2.0}, r"levels must be an integer"),
+        ({"pooling_factor": 3}, r"pooling_factor must be a power of two >= 2, got 3; nearest valid: 2 or 4"),
+        ({"pooling_factor": 6}, r"pooling_factor .* got 6; nearest valid: 4 or 8"),
+        ({"pooling_factor": 1}, r"pooling_factor .* got 1; nearest valid: 2"),
+        ({"tile_topk": 127}, r"tile_topk must be even .* got 127; nearest valid: 126 or 128"),
+        ({"tile_topk": 0}, r"tile_topk must be even"),
+        ({"topk": 1000, "tile_topk": 128}, r"topk must be a positive multiple of tile_topk=128, got 1000; "
+                                           r"nearest valid: 896 or 1024"),
+        ({"topk": 64, "tile_topk": 128}, r"topk .* got 64; nearest valid: 128"),
+        ({"scorer": "learned"}, r"scorer must be one of \['norm'\], got 'learned'"),
+        ({"backend": "xformers"}, r"backend must be one of \['auto', 'te', 'cudnn', 'flash', 'math'\]"),
+        ({"dense_layers": ["first"]}, r"dense_layers must be integers"),
+    ],
+)
+def test_bad_settings_raise_with_numbers(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        LighthouseConfig(**kwargs)
+
+
+def test_sequence_not_divisible():
+    cfg = LighthouseConfig(levels=3, pooling_factor=4, topk=1536, tile_topk=128)
+    # p**(L-1) * (k/T) = 16 * 12 = 192
+    with pytest.raises(ValueError, match=r"sequence length 100000 must be divisible by .*=16 x "
+                                         r"tiles \(topk/tile_topk=12\) = 192; nearest valid: 99840 or 100032"):
+        cfg.validate(100_000)
+
+
+def test_too_few_coarsest_entries_per_tile():
+    cfg = LighthouseConfig(levels=3, pooling_factor=4, topk=4096, tile_topk=128)
+    # 32768 / 16 = 2048 coarsest entries over 32 tiles = 64 per tile < 128
+    with pytest.raises(ValueError, match=r"only 64 coarsest entries .* tile_topk=128 .* topk <= 2048.*>= 65536"):
+        cfg.validate(32_768)
+    LighthouseConfig(levels=3, pooling_factor=4, topk=2048, tile_topk=128).validate(32_768)
+
+
+def test_context_parallel_rules():
+    cfg = LighthouseConfig(levels=3, pooling_factor=4, topk=1536, tile_topk=128)
+    cfg.validate(98_304, cp_size=2)  # 12 tiles over 4 chunks
+    with pytest.raises(ValueError, match=r"topk=1536 must be a multiple of 2\*cp_size\*tile_topk="
+                                         r"2\*4\*128=1024 .* nearest valid: 1024 or 2048"):
+        cfg.validate(98_304, cp_size=4)
+    assert cfg.chunk_config(2).topk == 384
+    # The chunks' gathered lengths add up to the global one.
+    assert 4 * cfg.chunk_config(2).gathered_length(98_304 // 4) == cfg.gathered_length(98_304)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5])
+def test_bad_sequence_and_cp_values(bad):
+    cfg = LighthouseConfig(topk=256)
+    with pytest.raises(ValueError, match="sequence length must be a positive integer"):
+        cfg.validate(bad)
+    with pytest.raises(ValueError, match="context-parallel size must be a positive integer"):
+        cfg.validate(4096, cp_size=bad)
+
+
+def test_dense_layers_resolution():
+    cfg = LighthouseConfig(dense_layers=(0, 1, -2, -1))
+    assert cfg.resolve_dense_layers(30) == {0, 1, 28, 29}
+    with pytest.raises(ValueError, match=r"dense_layers entry 30 is out of range .* 30 layers \(valid: -30 .. 29\)"):
+        LighthouseConfig(dense_layers=(30,)).resolve_dense_layers(30)
