@@ -294,3 +294,29 @@ def test_property_small_configs(problem):
     t = n // 2
     gq, gk, gv = torch.autograd.grad(out[:, t].sum(), (q, k, v))
     assert all(bool((g[:, t + 1:] == 0).all()) for g in (gq, gk, gv))
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_bf16_follows_fp32():
+    cfg = LighthouseConfig(levels=3, pooling_factor=4, topk=8, tile_topk=4)
+    q, k, v = random_qkv(2, 256, 4, 2, 16, seed=21)
+    want = R.lighthouse_attention_reference(q, k, v, cfg)
+    got = R.lighthouse_attention_reference(q.bfloat16(), k.bfloat16(), v.bfloat16(), cfg)
+    assert got.dtype == torch.bfloat16 and rel_err(got, want) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_on_gpu_matches_cpu(dtype):
+    cfg = LighthouseConfig(levels=3, pooling_factor=4, topk=256, tile_topk=32)
+    q, k, v = random_qkv(1, 8192, 4, 2, 64, dtype=dtype, seed=22)
+    want = R.lighthouse_attention_reference(q, k, v, cfg)
+    plan_cpu = R.plan(q, k, cfg)
+    qc, kc, vc = (x.cuda() for x in (q, k, v))
+    plan_gpu = R.plan(qc, kc, cfg)
+    assert torch.equal(plan_gpu.index.cpu(), plan_cpu.index) and torch.equal(plan_gpu.level.cpu(), plan_cpu.level)
+    got = R.lighthouse_attention_reference(qc, kc, vc, cfg).cpu()
+    assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)
