@@ -7,8 +7,9 @@ job starts, with the numbers that broke it and the nearest values that would wor
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 SCORERS = ("norm",)
 BACKENDS = ("auto", "te", "cudnn", "flash", "math")
@@ -160,7 +161,7 @@ class LighthouseConfig:
     def tiles_per_chunk(self, cp_size: int = 1) -> int:
         return self.num_tiles // self.num_chunks(cp_size)
 
-    def chunk_config(self, cp_size: int) -> "LighthouseConfig":
+    def chunk_config(self, cp_size: int) -> LighthouseConfig:
         """The configuration one CP chunk runs with (k_chunk = k / (2*CP))."""
         if cp_size == 1:
             return self
@@ -187,7 +188,7 @@ class LighthouseConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LighthouseConfig":
+    def from_dict(cls, d: dict[str, Any]) -> LighthouseConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(names))
         if unknown:

@@ -50,15 +50,16 @@ def test_bad_settings_raise_with_numbers(kwargs, pattern):
 def test_sequence_not_divisible():
     cfg = LighthouseConfig(levels=3, pooling_factor=4, topk=1536, tile_topk=128)
     # p**(L-1) * (k/T) = 16 * 12 = 192
-    with pytest.raises(ValueError, match=r"sequence length 100000 must be divisible by .*=16 x "
-                                         r"tiles \(topk/tile_topk=12\) = 192; nearest valid: 99840 or 100032"):
+    with pytest.raises(ValueError, match=r"sequence length 100000 must be divisible by .*=16 x tiles "
+                                         r"\(topk/tile_topk=12\) = 192; nearest valid: 99840 or 100032"):
         cfg.validate(100_000)
 
 
 def test_too_few_coarsest_entries_per_tile():
     cfg = LighthouseConfig(levels=3, pooling_factor=4, topk=4096, tile_topk=128)
     # 32768 / 16 = 2048 coarsest entries over 32 tiles = 64 per tile < 128
-    with pytest.raises(ValueError, match=r"only 64 coarsest entries .* tile_topk=128 .* topk <= 2048.*>= 65536"):
+    with pytest.raises(ValueError, match=r"only 64 coarsest entries .* tile_topk=128 .* "
+                                         r"topk <= 2048.*>= 65536"):
         cfg.validate(32_768)
     LighthouseConfig(levels=3, pooling_factor=4, topk=2048, tile_topk=128).validate(32_768)
 
@@ -86,5 +87,6 @@ def test_bad_sequence_and_cp_values(bad):
 def test_dense_layers_resolution():
     cfg = LighthouseConfig(dense_layers=(0, 1, -2, -1))
     assert cfg.resolve_dense_layers(30) == {0, 1, 28, 29}
-    with pytest.raises(ValueError, match=r"dense_layers entry 30 is out of range .* 30 layers \(valid: -30 .. 29\)"):
+    with pytest.raises(ValueError, match=r"dense_layers entry 30 is out of range .* 30 layers "
+                                         r"\(valid: -30 .. 29\)"):
         LighthouseConfig(dense_layers=(30,)).resolve_dense_layers(30)

@@ -60,7 +60,7 @@ def literal(q, k, v, cfg, scale):
             plans[b, g] = entries
             slot = {e: s for s, e in enumerate(entries)}
 
-            def pooled(x, h, level, i):
+            def pooled(x, h, level, i, b=b):
                 c = p**level
                 return x[b, i * c:(i + 1) * c, h].double().mean(dim=0)
 
@@ -81,7 +81,7 @@ def literal(q, k, v, cfg, scale):
 
 
 def as_list(plan, b, g):
-    return list(zip(plan.level[b, g].tolist(), plan.index[b, g].tolist()))
+    return list(zip(plan.level[b, g].tolist(), plan.index[b, g].tolist(), strict=True))
 
 
 @pytest.mark.parametrize("hq, hkv", [(4, 4), (4, 2), (6, 1)])
@@ -128,7 +128,7 @@ def check_plan_structure(plan, q, k, cfg):
         c = p**level
         sel_q, sel_k = plan.selected_q[level], plan.selected_k[level]
         assert sel_q.shape == sel_k.shape == (b_, hkv, tiles, t_k // 2)
-        tile_of = lambda i: (i * c) // tile_len  # noqa: E731
+        tile_of = lambda i, c=c: (i * c) // tile_len  # noqa: E731
         own_tile = torch.arange(tiles).view(1, 1, tiles, 1)
         assert bool((tile_of(sel_q) == own_tile).all()) and bool((tile_of(sel_k) == own_tile).all())
         both = torch.cat([sel_q, sel_k], dim=-1).sort(dim=-1).values
@@ -227,7 +227,7 @@ def test_deterministic():
         out = lighthouse_attention(q, k, v, cfg)
         out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
         runs.append((out.detach(), q.grad, k.grad, v.grad))
-    for a, b in zip(*runs):
+    for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
 
 
@@ -317,6 +317,7 @@ def test_reference_on_gpu_matches_cpu(dtype):
     plan_cpu = R.plan(q, k, cfg)
     qc, kc, vc = (x.cuda() for x in (q, k, v))
     plan_gpu = R.plan(qc, kc, cfg)
-    assert torch.equal(plan_gpu.index.cpu(), plan_cpu.index) and torch.equal(plan_gpu.level.cpu(), plan_cpu.level)
+    assert torch.equal(plan_gpu.index.cpu(), plan_cpu.index)
+    assert torch.equal(plan_gpu.level.cpu(), plan_cpu.level)
     got = R.lighthouse_attention_reference(qc, kc, vc, cfg).cpu()
     assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)

@@ -1,0 +1,13 @@
+"""Benchmarks behind `lighthouse-megatron bench ...`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks (GPU)")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    from .layer import add_layer_parser
+
+    add_layer_parser(kinds)

@@ -9,11 +9,10 @@ of s over each block of p**l tokens (ALGORITHM.md: max-pooling of the base norms
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
 from ..config import LighthouseConfig
+from ._triton import tl, triton, use_triton
 
 
 def level_offsets(n: int, pooling_factor: int, levels: int) -> list[int]:
@@ -51,8 +50,8 @@ def _scores_kernel(
     s_q = tl.zeros([BLOCK_N], dtype=tl.float32)  # norms are >= 0, so 0 is the max's identity
     for g in tl.static_range(GROUP):
         qh = h * GROUP + g
-        qx = tl.load(q_ptr + b * stride_qb + qh * stride_qh + rows * stride_qt + dd[None, :], mask=mask, other=0.0)
-        qx = qx.to(tl.float32)
+        q_ptrs = q_ptr + b * stride_qb + qh * stride_qh + rows * stride_qt + dd[None, :]
+        qx = tl.load(q_ptrs, mask=mask, other=0.0).to(tl.float32)
         s_q = tl.maximum(s_q, tl.sqrt(tl.sum(qx * qx, axis=1)))
 
     base = unit.to(tl.int64) * total
@@ -62,21 +61,29 @@ def _scores_kernel(
     # BLOCK_N is a multiple of the coarsest block and n a multiple of it too, so every pooled
     # block lies wholly inside one program: the pyramid needs no second pass.
     offset = n
+    entries = n
+    pq = s_q
+    pk = s_k
     for level in tl.static_range(1, LEVELS):
-        c: tl.constexpr = P**level
-        nb: tl.constexpr = BLOCK_N // c
-        pq = tl.max(tl.reshape(s_q, [nb, c]), axis=1)
-        pk = tl.max(tl.reshape(s_k, [nb, c]), axis=1)
-        i = pid_n * nb + tl.arange(0, nb)
-        i_ok = i < n // c
+        # Each level pools the previous one by P (max is associative). Shapes are written
+        # inline: a constexpr assigned to a name inside the loop would become a tensor.
+        pq = tl.max(tl.reshape(pq, [BLOCK_N // P**level, P]), axis=1)
+        pk = tl.max(tl.reshape(pk, [BLOCK_N // P**level, P]), axis=1)
+        entries = entries // P
+        i = pid_n * (BLOCK_N // P**level) + tl.arange(0, BLOCK_N // P**level)
+        i_ok = i < entries
         tl.store(sq_ptr + base + offset + i, pq, mask=i_ok)
         tl.store(sk_ptr + base + offset + i, pk, mask=i_ok)
-        offset += n // c
+        offset += entries
 
 
-def score_pyramids(q: Tensor, k: Tensor, config: LighthouseConfig) -> tuple[Tensor, Tensor]:
+# Launch settings (tuned on an H100, d = 128; see benchmarks/layer/NOTES.md).
+SCORES_LAUNCH = {"block_elems": 8192, "num_warps": 4}
+
+
+def score_pyramids(q: Tensor, k: Tensor, config: LighthouseConfig, **launch) -> tuple[Tensor, Tensor]:
     """fp32 score pyramids ([b * Hkv, total] each) of q (max over the GQA group) and k."""
-    if not q.is_cuda and not _interpreting():
+    if not use_triton(q):
         return score_pyramids_torch(q, k, config)
     b, n, hq, d = q.shape
     hkv = k.shape[2]
@@ -88,15 +95,16 @@ def score_pyramids(q: Tensor, k: Tensor, config: LighthouseConfig) -> tuple[Tens
         k = k.contiguous()
     sq = torch.empty(b * hkv, total, dtype=torch.float32, device=q.device)
     sk = torch.empty_like(sq)
+    opts = {**SCORES_LAUNCH, **launch}
     block_d = triton.next_power_of_2(d)
-    # ~8K elements per load; at least one coarsest block per program.
-    block_n = max(config.coarsest_block, max(16, 8192 // block_d))
+    # ~block_elems elements per load; at least one coarsest block per program.
+    block_n = max(config.coarsest_block, max(16, opts["block_elems"] // block_d))
     grid = (triton.cdiv(n, block_n), b * hkv)
     _scores_kernel[grid](
         q, k, sq, sk, n, hkv, total,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         GROUP=hq // hkv, D=d, BLOCK_D=block_d, BLOCK_N=block_n, P=p, LEVELS=levels,
-        num_warps=4,
+        num_warps=opts["num_warps"],
     )
     return sq, sk
 
@@ -106,13 +114,7 @@ def score_pyramids_torch(q: Tensor, k: Tensor, config: LighthouseConfig) -> tupl
     """Plain-PyTorch twin of `score_pyramids` (the reference's scores, flat layout)."""
     from ..reference import base_scores, score_pyramid
 
-    b, n, hkv = q.shape[0], q.shape[1], k.shape[2]
+    b, hkv = q.shape[0], k.shape[2]
     s_q, s_k = base_scores(q, k)
     flat = [torch.cat(score_pyramid(s, config), dim=-1).reshape(b * hkv, -1) for s in (s_q, s_k)]
     return flat[0], flat[1]
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -3,12 +3,16 @@
 Every tile of a selection unit emits the same number of entries, all of them inside the
 tile's token range, so tile j owns the slots [j * per_tile, (j + 1) * per_tile) of the
 gathered sequence. Inside a tile, an entry's slot is the number of emitted entries that
-precede it in (last token, level) order, counted directly: no sort of the whole sequence.
+precede it in (last token, level) order, counted directly (a closed form for the coarsest
+level, whose entries are all emitted; a binary search in each finer level's sorted list):
+no sort of the whole sequence.
 
-Top-k is done by rank counting: an entry's rank is the number of candidates with a larger
-score, or an equal score and a lower index. Entries of rank < T/2 are selected. This is
-exact (ties go to the lower index, as in the reference's stable sort), needs no shared
-memory beyond one block pair, and works for any number of candidates per tile.
+Top-k without sorting: the T/2-th largest score is found by bisection on the int32 bit
+patterns of the (non-negative) fp32 scores, 31 counting passes over the candidates; the
+selection is everything above it plus the lowest-index entries equal to it, which is
+exactly the reference's stable sort (ties to the lower index). Only the T/2 chosen entries
+are ranked among themselves, for the rank-ordered `selected_q/_k` outputs. The cost is
+linear in the number of candidates per tile (M / n_tiles can be thousands at 1M tokens).
 
 Outputs (a `SelectionPlan`):
   level, index   [b * Hkv, S] int32, causal order;
@@ -23,12 +27,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
 from ..config import LighthouseConfig
-from .scores import _interpreting, level_offsets
+from ._triton import interpreting, tl, triton, use_triton
+from .scores import level_offsets
 
 
 @dataclass
@@ -79,9 +82,67 @@ def _candidates(list_ptr, first, pos, ok, LEVEL: tl.constexpr, TOP: tl.constexpr
     """In-level indices of the candidates at positions `pos`: a contiguous range at the
     coarsest level, else the list the level above wrote to scratch."""
     if LEVEL == TOP:
-        return first + pos
+        cand = first + pos
     else:
-        return tl.load(list_ptr + LEVEL * PT + pos, mask=ok, other=0)
+        cand = tl.load(list_ptr + LEVEL * PT + pos, mask=ok, other=0)
+    return cand
+
+
+@triton.jit
+def _top_half(keys, flags, picked, out_ptr, cand_ptr, count,
+              HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK: tl.constexpr):
+    """Select the HALF largest of keys[0:count] (int32 bit patterns of non-negative fp32
+    scores, so integer order is float order; excluded entries hold -1), ties to the lower
+    position. Sets flags[pos] to 1 for the selected, 0 otherwise, and writes their
+    candidate indices (cand_ptr[pos]) to out_ptr in rank order."""
+    ab = tl.arange(0, BLOCK)
+    # 1. Bisection for tau, the HALF-th largest key: the largest v with #{key >= v} >= HALF.
+    #    31 counting passes over `count` keys instead of count**2 comparisons.
+    lo = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
+    hi = lo + 0x7F800000  # +inf: norms are finite, and hi - lo + 1 must not overflow
+    for _ in range(31):
+        mid = lo + (hi - lo + 1) // 2
+        above = lo * 0
+        for b0 in range(0, count, BLOCK):
+            pos = b0 + ab
+            key = tl.load(keys + pos, mask=pos < count, other=-1)
+            above += tl.sum((key >= mid).to(tl.int32), axis=0)
+        take = above >= HALF
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid - 1)
+    tau = lo
+    # 2. Everything above tau, then the lowest positions among the keys equal to tau.
+    greater = lo * 0
+    for b0 in range(0, count, BLOCK):
+        pos = b0 + ab
+        key = tl.load(keys + pos, mask=pos < count, other=-1)
+        greater += tl.sum((key > tau).to(tl.int32), axis=0)
+    ties_wanted = HALF - greater
+    ties_seen = lo * 0
+    written = lo * 0
+    for b0 in range(0, count, BLOCK):
+        pos = b0 + ab
+        ok = pos < count
+        key = tl.load(keys + pos, mask=ok, other=-1)
+        tie = (key == tau) & ok
+        tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), axis=0) - 1
+        chosen = ok & ((key > tau) | (tie & (tie_rank < ties_wanted)))
+        tl.store(flags + pos, chosen.to(tl.int32), mask=ok)
+        slot = written + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+        tl.store(picked + slot, pos, mask=chosen & (slot < HALF))  # the bound: NaN inputs only
+        ties_seen += tl.sum(tie.to(tl.int32), axis=0)
+        written += tl.sum(chosen.to(tl.int32), axis=0)
+    tl.debug_barrier()
+    # 3. Rank order among the HALF chosen (the only entries that can beat a chosen one).
+    ai = tl.arange(0, HALF_P2)
+    ok_i = ai < HALF
+    pos_i = tl.load(picked + ai, mask=ok_i, other=0)
+    key_i = tl.load(keys + pos_i, mask=ok_i, other=-1)
+    ties = (key_i[None, :] == key_i[:, None]) & (pos_i[None, :] < pos_i[:, None])
+    beats = (key_i[None, :] > key_i[:, None]) | ties
+    rank = tl.sum((beats & ok_i[None, :]).to(tl.int32), axis=1)
+    tl.store(out_ptr + rank, tl.load(cand_ptr + pos_i, mask=ok_i, other=0), mask=ok_i)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -89,94 +150,83 @@ def _select_kernel(
     sq_ptr, sk_ptr, total,
     level_ptr, index_ptr, inv_ptr, S,
     selq_ptr, selk_ptr,
-    flag_ptr, list_ptr, flag_len,
+    scratch_ptr, scratch_len, list_ptr,
     n, n_tiles, m_tile,
-    P: tl.constexpr, LEVELS: tl.constexpr, HALF: tl.constexpr,
-    BI: tl.constexpr, BJ: tl.constexpr,
+    P: tl.constexpr, LEVELS: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
+    BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
+    # One program per (tile, selection unit); the grid's y is batch * kv heads (< 65536).
     tile = tl.program_id(0)
     unit = tl.program_id(1)
     TOP: tl.constexpr = LEVELS - 1
     PT: tl.constexpr = 2 * HALF * P  # candidates at every level below the coarsest
     C: tl.constexpr = P**TOP
     prog = unit.to(tl.int64) * n_tiles + tile
-    flags_q = flag_ptr + prog * (2 * flag_len)
-    flags_k = flags_q + flag_len
+    # Per-program scratch (global memory, L1/L2 resident): candidate indices, the q and k
+    # keys, the two flag arrays and the chosen positions; then the candidate lists.
+    cands = scratch_ptr + prog * (5 * scratch_len + 2 * HALF_P2)
+    keys_q = cands + scratch_len
+    keys_k = keys_q + scratch_len
+    flags_q = keys_k + scratch_len
+    flags_k = flags_q + scratch_len
+    picked = flags_k + scratch_len
     lists = list_ptr + prog * (TOP * PT)
     scores_q = sq_ptr + unit.to(tl.int64) * total
     scores_k = sk_ptr + unit.to(tl.int64) * total
     first = tile * m_tile  # first coarsest entry of the tile
-    ai = tl.arange(0, BI)
-    aj = tl.arange(0, BJ)
+    ab = tl.arange(0, BLOCK)
 
     # ---------------------------------------------------------------- the cascade
-    for step in tl.static_range(TOP):
-        LEVEL: tl.constexpr = TOP - step
+    for LEVEL in tl.static_range(TOP, 0, -1):
         off = _level_offset(n, LEVEL, P)
         if LEVEL == TOP:
             count = m_tile
         else:
             count = PT
         sel_base = ((unit.to(tl.int64) * TOP + (LEVEL - 1)) * n_tiles + tile) * HALF
-
-        # A_q: rank by query score among all candidates.
-        for i0 in range(0, count, BI):
-            pi = i0 + ai
-            oki = pi < count
-            ci = _candidates(lists, first, pi, oki, LEVEL, TOP, PT)
-            si = tl.load(scores_q + off + ci, mask=oki, other=0.0)
-            rank = tl.zeros([BI], dtype=tl.int32)
-            for j0 in range(0, count, BJ):
-                pj = j0 + aj
-                okj = pj < count
-                cj = _candidates(lists, first, pj, okj, LEVEL, TOP, PT)
-                sj = tl.load(scores_q + off + cj, mask=okj, other=0.0)
-                beats = (sj[None, :] > si[:, None]) | ((sj[None, :] == si[:, None]) & (pj[None, :] < pi[:, None]))
-                rank += tl.sum((beats & okj[None, :]).to(tl.int32), axis=1)
-            chosen = oki & (rank < HALF)
-            tl.store(flags_q + pi, chosen.to(tl.int32), mask=oki)
-            tl.store(selq_ptr + sel_base + rank, ci, mask=chosen)
-        tl.debug_barrier()  # flags_q is read back by other threads of this program
-
-        # A_k: rank by key score among the candidates not in A_q.
-        for i0 in range(0, count, BI):
-            pi = i0 + ai
-            oki = pi < count
-            ci = _candidates(lists, first, pi, oki, LEVEL, TOP, PT)
-            si = tl.load(scores_k + off + ci, mask=oki, other=0.0)
-            in_q = tl.load(flags_q + pi, mask=oki, other=1) != 0
-            rank = tl.zeros([BI], dtype=tl.int32)
-            for j0 in range(0, count, BJ):
-                pj = j0 + aj
-                okj = pj < count
-                cj = _candidates(lists, first, pj, okj, LEVEL, TOP, PT)
-                sj = tl.load(scores_k + off + cj, mask=okj, other=0.0)
-                free_j = okj & (tl.load(flags_q + pj, mask=okj, other=1) == 0)
-                beats = (sj[None, :] > si[:, None]) | ((sj[None, :] == si[:, None]) & (pj[None, :] < pi[:, None]))
-                rank += tl.sum((beats & free_j[None, :]).to(tl.int32), axis=1)
-            chosen = oki & (~in_q) & (rank < HALF)
-            tl.store(flags_k + pi, chosen.to(tl.int32), mask=oki)
-            tl.store(selk_ptr + sel_base + rank, ci, mask=chosen)
+        # Candidates' scores as int32 keys, contiguous.
+        for b0 in range(0, count, BLOCK):
+            pos = b0 + ab
+            ok = pos < count
+            ci = _candidates(lists, first, pos, ok, LEVEL, TOP, PT)
+            tl.store(cands + pos, ci, mask=ok)
+            sq = tl.load(scores_q + off + ci, mask=ok, other=0.0)
+            sk = tl.load(scores_k + off + ci, mask=ok, other=0.0)
+            tl.store(keys_q + pos, sq.to(tl.int32, bitcast=True), mask=ok)
+            tl.store(keys_k + pos, sk.to(tl.int32, bitcast=True), mask=ok)
         tl.debug_barrier()
+        # A_q by query score; then A_k by key score among the rest (A_q's keys set to -1).
+        _top_half(keys_q, flags_q, picked, selq_ptr + sel_base, cands, count, HALF, HALF_P2, BLOCK)
+        for b0 in range(0, count, BLOCK):
+            pos = b0 + ab
+            ok = pos < count
+            in_q = tl.load(flags_q + pos, mask=ok, other=0) != 0
+            tl.store(keys_k + pos, tl.full([BLOCK], -1, tl.int32), mask=ok & in_q)
+        tl.debug_barrier()
+        _top_half(keys_k, flags_k, picked, selk_ptr + sel_base, cands, count, HALF, HALF_P2, BLOCK)
 
         # Children of A, in ascending index order, are the next level's candidates.
-        written = tl.sum(tl.zeros([BI], dtype=tl.int32), axis=0)
-        for i0 in range(0, count, BI):
-            pi = i0 + ai
-            oki = pi < count
-            ci = _candidates(lists, first, pi, oki, LEVEL, TOP, PT)
-            fq = tl.load(flags_q + pi, mask=oki, other=0)
-            fk = tl.load(flags_k + pi, mask=oki, other=0)
-            picked = ((fq + fk) > 0) & oki
-            picked32 = picked.to(tl.int32)
-            slot = written + tl.cumsum(picked32, axis=0) - 1
+        written = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
+        for b0 in range(0, count, BLOCK):
+            pos = b0 + ab
+            ok = pos < count
+            ci = tl.load(cands + pos, mask=ok, other=0)
+            fq = tl.load(flags_q + pos, mask=ok, other=0)
+            fk = tl.load(flags_k + pos, mask=ok, other=0)
+            chosen = ((fq + fk) > 0) & ok
+            slot = written + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
             r = tl.arange(0, P)
             dst = lists + (LEVEL - 1) * PT + slot[:, None] * P + r[None, :]
-            tl.store(dst, ci[:, None] * P + r[None, :], mask=picked[:, None])
-            written += tl.sum(picked32, axis=0)
+            # slot < 2*HALF always holds for real scores; the bound only keeps NaN inputs
+            # from writing past the list.
+            tl.store(dst, ci[:, None] * P + r[None, :], mask=(chosen & (slot < 2 * HALF))[:, None])
+            written += tl.sum(chosen.to(tl.int32), axis=0)
         tl.debug_barrier()
 
     # ------------------------------------------------- placement in causal order
+    # An entry's slot in the tile = number of emitted entries before it in (e, level) order:
+    # every coarsest entry of the tile is emitted (closed form), and each finer level's
+    # list is sorted, so its count is a binary search.
     per_tile = m_tile + TOP * PT
     out_base = unit.to(tl.int64) * S + tile * per_tile
     for LEVEL in tl.static_range(LEVELS):
@@ -185,25 +235,30 @@ def _select_kernel(
             count = m_tile
         else:
             count = PT
-        for i0 in range(0, count, BI):
-            pi = i0 + ai
-            oki = pi < count
-            ci = _candidates(lists, first, pi, oki, LEVEL, TOP, PT)
+        for b0 in range(0, count, BLOCK):
+            pos_in = b0 + ab
+            ok = pos_in < count
+            ci = _candidates(lists, first, pos_in, ok, LEVEL, TOP, PT)
             e = (ci + 1) * (P**LEVEL) - 1
-            # Coarsest entries before e: every coarsest entry of the tile is emitted.
-            pos = e // C - first
+            slot = e // C - first  # coarsest entries ending before e
             for FINER in tl.static_range(TOP):
-                for j0 in range(0, PT, BJ):
-                    cj = tl.load(lists + FINER * PT + j0 + aj)
-                    ej = (cj + 1) * (P**FINER) - 1
+                lo = tl.zeros([BLOCK], dtype=tl.int32)
+                hi = lo + PT
+                for _ in tl.static_range(SEARCH_STEPS):
+                    active = lo < hi
+                    mid = (lo + hi) // 2
+                    cm = tl.load(lists + FINER * PT + mid, mask=ok & active, other=0)
+                    em = (cm + 1) * (P**FINER) - 1
                     if FINER < LEVEL:  # a finer entry ending at e comes first
-                        before = ej[None, :] <= e[:, None]
+                        before = em <= e
                     else:
-                        before = ej[None, :] < e[:, None]
-                    pos += tl.sum(before.to(tl.int32), axis=1)
-            tl.store(level_ptr + out_base + pos, tl.full([BI], LEVEL, tl.int32), mask=oki)
-            tl.store(index_ptr + out_base + pos, ci, mask=oki)
-            tl.store(inv_ptr + unit.to(tl.int64) * total + off + ci, tile * per_tile + pos, mask=oki)
+                        before = em < e
+                    lo = tl.where(active & before, mid + 1, lo)
+                    hi = tl.where(active & (~before), mid, hi)
+                slot += lo
+            tl.store(level_ptr + out_base + slot, tl.full([BLOCK], LEVEL, tl.int32), mask=ok)
+            tl.store(index_ptr + out_base + slot, ci, mask=ok)
+            tl.store(inv_ptr + unit.to(tl.int64) * total + off + ci, tile * per_tile + slot, mask=ok)
 
 
 def _check_sizes(n: int, config: LighthouseConfig) -> None:
@@ -213,9 +268,15 @@ def _check_sizes(n: int, config: LighthouseConfig) -> None:
         raise ValueError(f"lighthouse kernels index tokens with int32; sequence length {n} is too long")
 
 
-def select(sq: Tensor, sk: Tensor, batch: int, kv_heads: int, n: int, config: LighthouseConfig) -> SelectionPlan:
+# Launch settings (tuned on an H100; see benchmarks/layer/NOTES.md).
+SELECT_LAUNCH = {"block": 1024, "num_warps": 8}
+
+
+def select(
+    sq: Tensor, sk: Tensor, batch: int, kv_heads: int, n: int, config: LighthouseConfig, **launch
+) -> SelectionPlan:
     """Run the cascade on score pyramids from `scores.score_pyramids`."""
-    if not sq.is_cuda and not _interpreting():
+    if not use_triton(sq):
         return select_torch(sq, sk, batch, kv_heads, n, config)
     _check_sizes(n, config)
     if config.levels == 1:
@@ -233,14 +294,17 @@ def select(sq: Tensor, sk: Tensor, batch: int, kv_heads: int, n: int, config: Li
     inverse = torch.full((units, total), -1, dtype=torch.int32, device=dev)
     sel_q = torch.empty(units, levels - 1, tiles, half, dtype=torch.int32, device=dev)
     sel_k = torch.empty_like(sel_q)
-    flag_len = max(m_tile, pt)
-    flags = torch.empty(units * tiles, 2 * flag_len, dtype=torch.int32, device=dev)
+    opts = {**SELECT_LAUNCH, **launch}
+    scratch_len = max(m_tile, pt)
+    half_p2 = triton.next_power_of_2(half)
+    scratch = torch.empty(units * tiles, 5 * scratch_len + 2 * half_p2, dtype=torch.int32, device=dev)
     lists = torch.empty(units * tiles, (levels - 1) * pt, dtype=torch.int32, device=dev)
-    block = 64 if _interpreting() else 128
     _select_kernel[(tiles, units)](
-        sq, sk, total, level, index, inverse, s_len, sel_q, sel_k, flags, lists, flag_len,
+        sq, sk, total, level, index, inverse, s_len, sel_q, sel_k, scratch, scratch_len, lists,
         n, tiles, m_tile,
-        P=p, LEVELS=levels, HALF=half, BI=block, BJ=block, num_warps=8,
+        P=p, LEVELS=levels, HALF=half, HALF_P2=half_p2,
+        BLOCK=64 if interpreting() else opts["block"], SEARCH_STEPS=pt.bit_length(),
+        num_warps=opts["num_warps"],
     )
     return SelectionPlan(level, index, inverse, sel_q, sel_k, batch, kv_heads, n, p, levels)
 
@@ -253,7 +317,9 @@ def _topk_lower_index(scores: Tensor, count: int) -> Tensor:
 
 
 @torch.no_grad()
-def select_torch(sq: Tensor, sk: Tensor, batch: int, kv_heads: int, n: int, config: LighthouseConfig) -> SelectionPlan:
+def select_torch(
+    sq: Tensor, sk: Tensor, batch: int, kv_heads: int, n: int, config: LighthouseConfig
+) -> SelectionPlan:
     """Plain-PyTorch twin of `select`: the reference's cascade and causal sort, same outputs."""
     p, levels, half = config.pooling_factor, config.levels, config.tile_topk // 2
     tiles = config.num_tiles
@@ -263,7 +329,8 @@ def select_torch(sq: Tensor, sk: Tensor, batch: int, kv_heads: int, n: int, conf
     dev = sq.device
     top = levels - 1
     per_tile = n // config.coarsest_block // tiles
-    cand = torch.arange(n // config.coarsest_block, device=dev).reshape(tiles, per_tile).expand(units, tiles, per_tile)
+    cand = torch.arange(n // config.coarsest_block, device=dev).reshape(tiles, per_tile)
+    cand = cand.expand(units, tiles, per_tile)
     lvls, idxs = [], []
     sel_q = torch.zeros(units, max(levels - 1, 0), tiles, half, dtype=torch.int32, device=dev)
     sel_k = torch.zeros_like(sel_q)

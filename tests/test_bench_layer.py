@@ -1,0 +1,44 @@
+"""`lighthouse-megatron bench layer`: argument parsing and the report, without a GPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lighthouse_megatron.bench import layer
+from lighthouse_megatron.cli import main
+
+
+def test_sizes_parse_with_suffixes():
+    assert layer._int_list("32K, 1M,4096") == [32768, 1 << 20, 4096]
+    assert layer._fmt_len(1 << 20) == "1M" and layer._fmt_len(131072) == "128K"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_needs_a_gpu(capsys):
+    assert main(["bench", "layer", "--seq-lens", "32K"]) == 2
+    assert "CUDA" in capsys.readouterr().err
+
+
+def test_report_from_rows(tmp_path, capsys):
+    """The table and the plot from rows shaped like a real run's."""
+    stages = dict.fromkeys(["scores", "select", "gather", "attention_fwd", "scatter", "scatter_bwd",
+                            "attention_fwd_bwd", "gather_bwd", "attention_bwd"], 1.0)
+    rows = []
+    for n in (65536, 131072):
+        rows.append({"N": n, "topk": 2048, "S": 20480, "fwd_ms": 2.0, "fwd_bwd_ms": 6.0,
+                     "peak_mem_gib": 1.5, "floor_fwd_ms": 1.8, "floor_fwd_bwd_ms": 5.5, "fwd_vs_floor": 1.1,
+                     "fwd_bwd_vs_floor": 1.09, "around_attention_frac": 0.15, "stages_ms": stages,
+                     "dense_fwd_ms": 14.0, "dense_fwd_bwd_ms": 55.0})
+    rows[1].pop("dense_fwd_ms")
+    rows[1].pop("dense_fwd_bwd_ms")
+    layer.print_stages(rows)
+    layer.print_table(rows, "test card")
+    out = capsys.readouterr().out
+    assert "9.2x" in out and "test card" in out  # dense 55 ms / Lighthouse 6 ms
+    pytest.importorskip("matplotlib")
+    layer.plot(rows, {65536: {"dense_fwd_ms": 14.0, "dense_fwd_bwd_ms": 55.0}}, tmp_path / "p.png", "test")
+    assert (tmp_path / "p.png").stat().st_size > 0
+    json.dumps(rows)  # rows stay JSON-serialisable
