@@ -1,0 +1,213 @@
+"""Launch arguments: `--attention-impl` and the `--lighthouse-*` flags, for Megatron-LM's parser.
+
+Precedence: an explicit flag > the `--lighthouse-config` YAML file > the defaults
+(`--attention-impl dense`, LighthouseConfig's defaults). Every flag defaults to None so
+that an explicit value can be told apart; `resolve_lighthouse_args` writes the merged,
+plain-typed values back, so checkpoints store what actually ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from typing import Any
+
+from ..config import BACKENDS, SCORERS, LighthouseConfig
+
+ATTENTION_IMPLS = ("dense", "lighthouse")
+
+# LighthouseConfig field -> flag (dest is the flag with '-' -> '_').
+_FLAGS = {
+    "levels": "--lighthouse-levels",
+    "pooling_factor": "--lighthouse-pooling-factor",
+    "topk": "--lighthouse-topk",
+    "tile_topk": "--lighthouse-tile-topk",
+    "dense_layers": "--lighthouse-dense-layers",
+    "scorer": "--lighthouse-scorer",
+    "backend": "--lighthouse-backend",
+}
+# YAML keys beyond LighthouseConfig's fields.
+_LAUNCH_KEYS = {"attention_impl": "--attention-impl", "until_iter": "--lighthouse-until-iter"}
+
+
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the Lighthouse flags to `parser` (Megatron-LM's `extra_args_provider` form)."""
+    defaults = LighthouseConfig()
+    group = parser.add_argument_group(title="lighthouse attention")
+    group.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default=None,
+                       help="Core attention of the GPT layers (default: dense).")
+    group.add_argument("--lighthouse-config", type=str, default=None, metavar="FILE",
+                       help="YAML file with Lighthouse settings (keys: attention_impl, until_iter, "
+                            f"{', '.join(LighthouseConfig.field_names())}); explicit flags override it.")
+    group.add_argument("--lighthouse-levels", type=int, default=None,
+                       help=f"Pyramid levels L; 1 is dense attention (default {defaults.levels}).")
+    group.add_argument("--lighthouse-pooling-factor", type=int, default=None,
+                       help=f"Pooling factor p, a power of two (default {defaults.pooling_factor}).")
+    group.add_argument("--lighthouse-topk", type=int, default=None,
+                       help=f"Global top-k budget k per level (default {defaults.topk}).")
+    group.add_argument("--lighthouse-tile-topk", type=int, default=None,
+                       help=f"Entries kept per tile and level T, even (default {defaults.tile_topk}).")
+    group.add_argument("--lighthouse-dense-layers", type=int, nargs="*", default=None, metavar="I",
+                       help="0-based global layer indices that keep dense attention; negative "
+                            "counts from the last layer (e.g. 0 1 -2 -1). Default: none.")
+    group.add_argument("--lighthouse-scorer", choices=SCORERS, default=None,
+                       help=f"Selection scorer (default {defaults.scorer}).")
+    group.add_argument("--lighthouse-backend", choices=BACKENDS, default=None,
+                       help=f"Dense kernel inside Lighthouse (default {defaults.backend}).")
+    group.add_argument("--lighthouse-until-iter", type=int, default=None, metavar="N",
+                       help="From training iteration N on, every layer runs dense attention "
+                            "(in-run recovery stage). Default: never.")
+    return parser
+
+
+def load_lighthouse_yaml(path: str) -> dict[str, Any]:
+    """Read a `--lighthouse-config` file: a mapping of LighthouseConfig fields plus
+    attention_impl and until_iter. Unknown keys fail with the valid ones."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ValueError(f"--lighthouse-config {path}: cannot read it ({e.strerror})") from e
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"--lighthouse-config {path}: expected a mapping of settings, got {type(data).__name__}"
+        )
+    valid = [*_LAUNCH_KEYS, *LighthouseConfig.field_names()]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ValueError(f"--lighthouse-config {path}: unknown settings {unknown}; valid: {valid}")
+    if data.get("attention_impl", "dense") not in ATTENTION_IMPLS:
+        raise ValueError(f"--lighthouse-config {path}: attention_impl must be one of "
+                         f"{list(ATTENTION_IMPLS)}, got {data['attention_impl']!r}")
+    return dict(data)
+
+
+def resolve_lighthouse_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Merge flags, the YAML file and defaults into `args` in place (idempotent)."""
+    path = getattr(args, "lighthouse_config", None)
+    settings = load_lighthouse_yaml(path) if path else {}
+    defaults = LighthouseConfig().to_dict()
+    for key, flag in {**_LAUNCH_KEYS, **_FLAGS}.items():
+        dest = _dest(flag)
+        if getattr(args, dest, None) is None:
+            value = settings.get(key, defaults.get(key))
+            if key == "attention_impl" and value is None:
+                value = "dense"
+            setattr(args, dest, list(value) if isinstance(value, (list, tuple)) else value)
+    return args
+
+
+def lighthouse_config_from_args(args: argparse.Namespace) -> LighthouseConfig:
+    """The LighthouseConfig the (resolved) arguments describe; errors name the flag."""
+    resolve_lighthouse_args(args)
+    values = {key: getattr(args, _dest(flag)) for key, flag in _FLAGS.items()}
+    try:
+        return LighthouseConfig(**values)
+    except ValueError as e:
+        flags = [flag for key, flag in _FLAGS.items() if f"lighthouse {key}" in str(e)]
+        raise ValueError(f"{' / '.join(flags) or 'Lighthouse arguments'}: {e}") from e
+
+
+def _nearest(value: int, base: int) -> str:
+    lo = value // base * base
+    return f"{lo + base}" if lo <= 0 else f"{lo} or {lo + base}"
+
+
+def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | None:
+    """Check the Lighthouse arguments against the model and parallel settings.
+
+    Returns the LighthouseConfig (None with `--attention-impl dense`). Raises ValueError
+    (NotImplementedError for what is not supported yet) naming the flags and numbers.
+    Call it after Megatron's own parsing, before anything is built.
+    """
+    resolve_lighthouse_args(args)
+    until = args.lighthouse_until_iter
+    if until is not None and (isinstance(until, bool) or not isinstance(until, int) or until < 0):
+        raise ValueError(f"--lighthouse-until-iter must be an iteration >= 0, got {until!r}")
+    if args.attention_impl == "dense":
+        return None
+    config = lighthouse_config_from_args(args)
+
+    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    if get("yaml_cfg") is not None:
+        raise ValueError("--yaml-cfg replaces every command-line argument, the Lighthouse flags too; "
+                         "pass the model as flags and Lighthouse settings with --lighthouse-config")
+    cp = get("context_parallel_size", 1) or 1
+    if cp > 1:
+        raise NotImplementedError(
+            f"--context-parallel-size {cp} is not supported with --attention-impl lighthouse yet; "
+            "use --context-parallel-size 1"
+        )
+    seq = get("seq_length")
+    if seq is not None:
+        try:
+            config.validate(seq, cp_size=cp)
+        except ValueError as e:
+            raise ValueError(f"--seq-length {seq} does not fit the Lighthouse settings "
+                             f"(--lighthouse-levels/-pooling-factor/-topk/-tile-topk): {e}") from e
+    num_layers = get("num_layers")
+    if num_layers is not None:
+        try:
+            config.resolve_dense_layers(num_layers)
+        except ValueError as e:
+            raise ValueError(f"--lighthouse-dense-layers with --num-layers {num_layers}: {e}") from e
+
+    tp = get("tensor_model_parallel_size", 1) or 1
+    heads = get("num_attention_heads")
+    if heads is not None and heads % tp:
+        raise ValueError(
+            f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size {tp}; "
+            f"nearest valid head counts: {_nearest(heads, tp)}"
+        )
+    groups = get("num_query_groups") if get("group_query_attention", True) else None
+    if groups is not None and heads is not None:
+        if heads % groups:
+            raise ValueError(f"--num-attention-heads {heads} is not a multiple of --num-query-groups "
+                             f"{groups}")
+        if groups % tp:
+            # The selection pools query norms over each GQA group; megatron-core splits a
+            # group across ranks when groups < TP, which would change the selection.
+            raise ValueError(
+                f"--num-query-groups {groups} must be a multiple of --tensor-model-parallel-size {tp} "
+                f"with --attention-impl lighthouse (each rank must hold whole GQA groups); nearest "
+                f"valid group counts: {_nearest(groups, tp)}"
+            )
+
+    dropout = get("attention_dropout", 0.0)
+    if dropout:
+        raise ValueError(f"--attention-dropout {dropout} is not supported with --attention-impl "
+                         "lighthouse (Megatron's default is 0.1); set --attention-dropout 0")
+    for flag, what in (("sft", "packed sequences"),
+                       ("dataloader_inter_document_masking", "packed sequences"),
+                       ("reset_attention_mask", "per-document (non-causal) masks")):
+        if get(flag):
+            raise NotImplementedError(f"--{flag.replace('_', '-')} ({what}) is not supported with "
+                                      "--attention-impl lighthouse yet; Lighthouse layers are causal only")
+    if get("multi_latent_attention"):
+        raise ValueError("--multi-latent-attention is not supported with --attention-impl lighthouse")
+    if get("num_experts"):
+        raise ValueError(f"--num-experts {get('num_experts')} is not supported with --attention-impl "
+                         "lighthouse: its layer specs have a dense (MoE-free) MLP")
+    if get("experimental_attention_variant") is not None:
+        raise ValueError(f"--experimental-attention-variant {get('experimental_attention_variant')} "
+                         "cannot be combined with --attention-impl lighthouse")
+    for flag in ("mtp_num_layers", "use_legacy_models", "heterogeneous_layers_config_path", "qk_clip",
+                 "log_max_attention_logit"):
+        if get(flag):
+            raise ValueError(f"--{flag.replace('_', '-')} ({get(flag)}) cannot be combined with "
+                             "--attention-impl lighthouse")
+    backend = get("attention_backend")
+    if backend is not None and str(getattr(backend, "name", backend)).split(".")[-1] == "local":
+        raise ValueError("--attention-backend local replaces every core attention with Megatron's "
+                         "DotProductAttention; use another --attention-backend (e.g. auto)")
+    if config.scorer == "norm" and get("qk_layernorm"):
+        warnings.warn("--lighthouse-scorer norm with --qk-layernorm: QK layer-norm flattens the query "
+                      "and key norms that the scorer ranks, so the selection carries less signal",
+                      stacklevel=2)
+    return config

@@ -1,0 +1,205 @@
+"""Core attention modules for megatron-core's `SelfAttention`.
+
+Both follow megatron-core's core-attention contract (`CoreAttention` in 0.16,
+`CoreAttentionInterface` from 0.19): built with keyword arguments by `SelfAttention`,
+called with query `[sq, b, np/tp, hn]` and key/value `[sk, b, ng/tp, hn]` after RoPE
+(GQA heads not expanded), returning `[sq, b, np/tp * hn]`. Heads are independent, so
+tensor parallelism needs nothing here: each rank attends over its own heads.
+
+Neither module has parameters or persistent buffers: a model's state dict, and its
+`sharded_state_dict`, are those of the dense model, so one checkpoint serves both.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from torch import Tensor
+
+from ..attention import lighthouse_attention
+from ..backends import dense_causal_attention
+from ..config import LighthouseConfig
+from .schedule import get_iteration
+
+
+def _cp_size(config, pg_collection) -> int:
+    cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+    if cp is not None:
+        return cp.size()
+    return getattr(config, "context_parallel_size", 1) or 1
+
+
+class _CausalCoreAttention(MegatronModule):
+    """Shared checks and layout changes; subclasses attend on `[b, s, h, d]`."""
+
+    name = "core attention"
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+        **kwargs,
+    ):
+        super().__init__(config=config)
+        self.layer_number = layer_number  # global, 1-based (TransformerLayer adds the PP offset)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        self.cp_comm_type = cp_comm_type
+        self.pg_collection = pg_collection
+        # None means 1/sqrt(hn), applied by the kernels from the head dim they see.
+        self.softmax_scale = softmax_scale
+        where = f"{self.name} of layer {layer_number}"
+        if attention_type != "self":
+            raise ValueError(
+                f"{where}: only self-attention is supported, got attention_type={attention_type!r}"
+            )
+        if attn_mask_type != AttnMaskType.causal:
+            raise ValueError(
+                f"{where}: only causal masks are supported, got attn_mask_type={attn_mask_type}; "
+                "use the GPT layer spec's AttnMaskType.causal"
+            )
+        if kwargs.get("k_channels") not in (None, kwargs.get("v_channels")):
+            raise ValueError(f"{where}: multi-latent attention (k_channels != v_channels) is not supported")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            # Megatron's TransformerConfig defaults to attention_dropout=0.1; long-context
+            # pretraining runs without it, and the fused kernels here do not implement it.
+            raise ValueError(
+                f"{where}: attention dropout is not supported (attention_dropout={dropout}); "
+                "set --attention-dropout 0 (TransformerConfig(attention_dropout=0.0))"
+            )
+        if getattr(config, "softmax_type", "vanilla") != "vanilla":
+            raise ValueError(
+                f"{where}: softmax_type={config.softmax_type!r} is not supported; valid: 'vanilla'"
+            )
+        if getattr(config, "qk_clip", False) or getattr(config, "log_max_attention_logit", False):
+            # Attention would read current_max_attn_logits, which needs the full score matrix.
+            raise ValueError(f"{where}: qk_clip / log_max_attention_logit are not supported; drop "
+                             "--qk-clip and --log-max-attention-logit")
+        if getattr(config, "window_size", None) is not None:
+            raise ValueError(f"{where}: sliding-window attention (window_size={config.window_size}) is "
+                             "not supported")
+        cp = _cp_size(config, pg_collection)
+        if cp > 1:
+            # Megatron gives a custom core attention no CP guard: attending only within the
+            # local shard would be silently wrong, so refuse until CP lands.
+            raise NotImplementedError(
+                f"{where}: context parallelism is not supported yet (context_parallel_size={cp}); "
+                "use --context-parallel-size 1"
+            )
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        /,
+        *,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: Tensor | None = None,
+        packed_seq_params=None,
+    ) -> Tensor:
+        where = f"{self.name} of layer {self.layer_number}"
+        if packed_seq_params is not None:
+            raise NotImplementedError(
+                f"{where}: packed sequences (PackedSeqParams, qkv_format="
+                f"{getattr(packed_seq_params, 'qkv_format', None)!r}) are not supported yet; "
+                "train without --sft / --dataloader-inter-document-masking"
+            )
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        if mask_type != AttnMaskType.causal:
+            raise ValueError(f"{where}: only causal masks are supported, got attn_mask_type={mask_type}")
+        if attention_bias is not None:
+            raise ValueError(f"{where}: attention_bias is not supported")
+        if attention_mask is not None and not _is_causal_mask(attention_mask, query.shape[0], key.shape[0]):
+            raise ValueError(
+                f"{where}: the attention mask is not the causal mask (per-document masks from "
+                "--reset-attention-mask are not supported); drop --create-attention-mask-in-dataloader "
+                "and --reset-attention-mask"
+            )
+        # [s, b, h, d] -> [b, s, h, d], the layout of the kernels.
+        q, k, v = (t.transpose(0, 1) for t in (query, key, value))
+        if q.shape[2] % k.shape[2]:
+            raise ValueError(f"{where}: {q.shape[2]} query heads are not a multiple of {k.shape[2]} "
+                             "key/value heads")
+        out = self._attend(q, k, v)
+        s, b = query.shape[0], query.shape[1]
+        return out.transpose(0, 1).reshape(s, b, -1)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+def _is_causal_mask(mask: Tensor, sq: int, sk: int) -> bool:
+    """Megatron masks are bool, True = masked; causal is the strict upper triangle."""
+    causal = torch.triu(torch.ones(sq, sk, dtype=torch.bool, device=mask.device), diagonal=1)
+    return bool((mask.to(torch.bool) == causal).all())
+
+
+class DenseCoreAttention(_CausalCoreAttention):
+    """Ordinary causal attention (PyTorch SDPA) for machines without Transformer Engine.
+
+    The dense layers of a Lighthouse model, and dense models, on CPU and in tests; on
+    GPUs with Transformer Engine the specs use megatron-core's `TEDotProductAttention`.
+    """
+
+    name = "DenseCoreAttention"
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return dense_causal_attention(q, k, v, self.softmax_scale)
+
+
+class LighthouseCoreAttention(_CausalCoreAttention):
+    """Lighthouse attention as a megatron-core core attention.
+
+    Extra spec params (`ModuleSpec(params=...)`): `lighthouse`, a `LighthouseConfig`, and
+    `until_iteration`: from that training iteration on (see `schedule.set_iteration`)
+    the layer computes dense causal attention, the in-run recovery stage.
+    """
+
+    name = "LighthouseCoreAttention"
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+        *,
+        lighthouse: LighthouseConfig | None = None,
+        until_iteration: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(
+            config, layer_number, attn_mask_type, attention_type, attention_dropout,
+            softmax_scale, cp_comm_type, pg_collection, **kwargs,
+        )
+        self.lighthouse = LighthouseConfig() if lighthouse is None else lighthouse
+        if until_iteration is not None and until_iteration < 0:
+            raise ValueError(f"until_iteration must be >= 0 or None, got {until_iteration}")
+        self.until_iteration = until_iteration
+
+    def is_dense_now(self) -> bool:
+        return self.until_iteration is not None and get_iteration() >= self.until_iteration
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.is_dense_now():
+            # Recovery: the same dense causal attention the dense layers compute (the
+            # "auto" kernel is TE's fused attention where TE imports on a GPU).
+            return dense_causal_attention(q, k, v, self.softmax_scale, self.lighthouse.backend)
+        return lighthouse_attention(q, k, v, self.lighthouse, self.softmax_scale)
+
+    def extra_repr(self) -> str:
+        return f"layer_number={self.layer_number}, {self.lighthouse}, until_iteration={self.until_iteration}"

@@ -1,0 +1,46 @@
+"""The training clock that `--lighthouse-until-iter` reads.
+
+Lighthouse layers switch to dense attention from a given iteration on (the in-run
+recovery stage). The switch must be the same on every rank and in every microbatch of
+an iteration, so the modules do not count calls themselves: they read the trainer's
+iteration. Megatron-LM keeps it in `get_args().curr_iteration`; the entry point and the
+patch install that as the source. Other loops call `set_iteration(i)` before each step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+_iteration: int = 0
+_source: Callable[[], int] | None = None
+
+
+def set_iteration(iteration: int) -> None:
+    """Tell the Lighthouse layers which training iteration runs next (0-based)."""
+    global _iteration, _source
+    _iteration = int(iteration)
+    _source = None
+
+
+def set_iteration_source(source: Callable[[], int] | None) -> None:
+    """Read the iteration from `source()` on each forward (None: back to `set_iteration`)."""
+    global _source
+    _source = source
+
+
+def get_iteration() -> int:
+    if _source is not None:
+        value = _source()
+        return _iteration if value is None else int(value)
+    return _iteration
+
+
+def megatron_lm_iteration_source() -> Callable[[], int]:
+    """`get_args().curr_iteration`, which Megatron-LM's train() sets before each step."""
+
+    def source():
+        from megatron.training import get_args  # Megatron-LM only; imported when read
+
+        return getattr(get_args(), "curr_iteration", None)
+
+    return source

@@ -1,0 +1,252 @@
+"""GPT layer and block specs with Lighthouse core attention, mirroring megatron-core's.
+
+The layer spec is megatron-core's own (`get_gpt_layer_with_transformer_engine_spec` or
+`get_gpt_layer_local_spec`), deep-copied, with only `core_attention` replaced: norms,
+QK layer-norm, projections and the MLP are exactly those of the dense model, so the
+parameters and checkpoints are too. The block spec gives one layer spec per layer and
+slices it to this pipeline stage, like megatron-core's `get_gpt_decoder_block_spec`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+from megatron.core.models.gpt import gpt_layer_specs as mcore_specs
+from megatron.core.transformer.enums import LayerType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from ..backends import te_available
+from ..config import LighthouseConfig
+from .core_attention import DenseCoreAttention, LighthouseCoreAttention
+
+ATTENTION_IMPLS = ("dense", "lighthouse")
+
+
+def _use_te_default() -> bool:
+    """Transformer Engine specs where TE imports and a CUDA device is present."""
+    return torch.cuda.is_available() and te_available()
+
+
+def _transformer_config(config):
+    # Megatron-LM >= 0.19 hands `--spec` functions a GPTModelConfig; the
+    # TransformerConfig is its `.transformer`.
+    return getattr(config, "transformer", config)
+
+
+def check_lighthouse_model(config, lighthouse: LighthouseConfig) -> None:
+    """Fail at build time on model settings Lighthouse layers do not support."""
+    if getattr(config, "multi_latent_attention", False):
+        raise ValueError("Lighthouse attention does not support multi-latent attention "
+                         "(multi_latent_attention=True, --multi-latent-attention)")
+    if getattr(config, "experimental_attention_variant", None) is not None:
+        raise ValueError(
+            "Lighthouse attention replaces the core attention of standard self-attention; "
+            f"experimental_attention_variant={config.experimental_attention_variant!r} is not supported"
+        )
+    if getattr(config, "attention_dropout", 0.0):
+        raise ValueError(
+            f"Lighthouse attention does not support attention dropout (attention_dropout="
+            f"{config.attention_dropout}, Megatron's default is 0.1); set --attention-dropout 0 "
+            "(TransformerConfig(attention_dropout=0.0))"
+        )
+    tp = getattr(config, "tensor_model_parallel_size", 1) or 1
+    groups = getattr(config, "num_query_groups", None) or getattr(config, "num_attention_heads", tp)
+    if groups % tp:
+        # The selection pools query norms over each GQA group; with fewer groups than TP
+        # ranks megatron-core splits a group across ranks, and the selection would change.
+        raise ValueError(
+            f"Lighthouse attention needs num_query_groups={groups} to be a multiple of "
+            f"tensor_model_parallel_size={tp} (each rank must hold whole GQA groups); "
+            "set --num-query-groups to a multiple of --tensor-model-parallel-size"
+        )
+    cp = getattr(config, "context_parallel_size", 1) or 1
+    if cp > 1:
+        raise NotImplementedError(
+            f"Lighthouse attention does not support context parallelism yet (context_parallel_size={cp}); "
+            "use --context-parallel-size 1"
+        )
+    if lighthouse.scorer == "norm" and getattr(config, "qk_layernorm", False):
+        warnings.warn(
+            "Lighthouse with scorer='norm' and qk_layernorm=True: QK layer-norm flattens the query "
+            "and key norms that the scorer ranks, so the selection carries less signal",
+            stacklevel=3,
+        )
+
+
+def get_gpt_layer_spec(
+    config,
+    *,
+    attention_impl: str = "lighthouse",
+    lighthouse: LighthouseConfig | None = None,
+    use_te: bool | None = None,
+    qk_layernorm: bool | None = None,
+    normalization: str | None = None,
+    qk_l2_norm: bool | None = False,
+    until_iteration: int | None = None,
+) -> ModuleSpec:
+    """A GPT layer spec (MoE-free MLP) with Lighthouse or dense core attention.
+
+    config          TransformerConfig (or Megatron-LM's GPTModelConfig).
+    attention_impl  "lighthouse" or "dense".
+    lighthouse      LighthouseConfig (default settings when None).
+    use_te          Transformer Engine submodules; None picks TE when importable on a GPU.
+    qk_layernorm, normalization  as megatron-core's builders; None reads them from config.
+    qk_l2_norm      as megatron-core's builders.
+    until_iteration Lighthouse layers run dense from this training iteration on.
+
+    Dense core attention is TEDotProductAttention with TE, DenseCoreAttention without.
+    """
+    config = _transformer_config(config)
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {list(ATTENTION_IMPLS)}, got {attention_impl!r}")
+    if getattr(config, "num_moe_experts", None):
+        raise ValueError(
+            f"lighthouse_megatron's GPT specs build MoE-free layers; num_moe_experts="
+            f"{config.num_moe_experts} is not supported"
+        )
+    lighthouse = LighthouseConfig() if lighthouse is None else lighthouse
+    if attention_impl == "lighthouse":
+        check_lighthouse_model(config, lighthouse)
+    use_te = _use_te_default() if use_te is None else use_te
+    qk_layernorm = getattr(config, "qk_layernorm", False) if qk_layernorm is None else qk_layernorm
+    normalization = getattr(config, "normalization", "LayerNorm") if normalization is None else normalization
+
+    if use_te:
+        spec = mcore_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=qk_layernorm,
+            qk_l2_norm=qk_l2_norm,
+            use_te_activation_func=getattr(config, "use_te_activation_func", False),
+        )
+    else:
+        spec = mcore_specs.get_gpt_layer_local_spec(
+            qk_layernorm=qk_layernorm, normalization=normalization, qk_l2_norm=qk_l2_norm
+        )
+    # megatron-core's builders may share submodule specs between calls: never mutate theirs.
+    spec = copy.deepcopy(spec)
+    attention = spec.submodules.self_attention.submodules
+    if attention_impl == "lighthouse":
+        attention.core_attention = ModuleSpec(
+            module=LighthouseCoreAttention,
+            params={"lighthouse": lighthouse, "until_iteration": until_iteration},
+        )
+    elif not use_te:
+        # Stock DotProductAttention needs CUDA (global memory buffer, RNG tracker).
+        attention.core_attention = ModuleSpec(module=DenseCoreAttention)
+    return spec
+
+
+def get_gpt_decoder_block_spec(
+    config,
+    *,
+    attention_impl: str = "lighthouse",
+    lighthouse: LighthouseConfig | None = None,
+    use_te: bool | None = None,
+    qk_layernorm: bool | None = None,
+    normalization: str | None = None,
+    qk_l2_norm: bool | None = False,
+    until_iteration: int | None = None,
+    vp_stage: int | None = None,
+    pp_rank: int | None = None,
+) -> TransformerBlockSubmodules:
+    """Per-layer specs for this pipeline (and virtual pipeline) stage.
+
+    Layers in `lighthouse.dense_layers` (0-based global indices, negative from the end)
+    keep dense attention, the others get Lighthouse (all dense for attention_impl="dense").
+    Other arguments as `get_gpt_layer_spec` and megatron-core's block spec builder.
+    """
+    config = _transformer_config(config)
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {list(ATTENTION_IMPLS)}, got {attention_impl!r}")
+    lighthouse = LighthouseConfig() if lighthouse is None else lighthouse
+    use_te = _use_te_default() if use_te is None else use_te
+    common = dict(use_te=use_te, qk_layernorm=qk_layernorm, normalization=normalization,
+                  qk_l2_norm=qk_l2_norm)
+    dense_spec = get_gpt_layer_spec(config, attention_impl="dense", lighthouse=lighthouse, **common)
+    if attention_impl == "lighthouse":
+        sparse_spec = get_gpt_layer_spec(
+            config, attention_impl="lighthouse", lighthouse=lighthouse, until_iteration=until_iteration,
+            **common,
+        )
+        dense_layers = lighthouse.resolve_dense_layers(config.num_layers)
+    else:
+        sparse_spec, dense_layers = dense_spec, frozenset(range(config.num_layers))
+    # One deep copy per layer, so that no two layers share a mutable spec.
+    layer_specs = [
+        copy.deepcopy(dense_spec if i in dense_layers else sparse_spec) for i in range(config.num_layers)
+    ]
+    layer_specs = _layers_of_this_stage(config, layer_specs, vp_stage, pp_rank)
+    layer_norm = mcore_specs.TENorm if use_te else mcore_specs.LNImpl
+    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=layer_norm)
+
+
+def _layers_of_this_stage(config, layer_specs, vp_stage, pp_rank):
+    """The slice megatron-core's get_gpt_decoder_block_spec builds on this PP/VPP stage."""
+    layout = getattr(config, "pipeline_model_parallel_layout", None)
+    if layout is not None:
+        ids = layout.get_layer_id_list(layer_type=LayerType.decoder, vp_stage=vp_stage, pp_rank=pp_rank)
+        return [layer_specs[i] for i in ids]
+    if (config.pipeline_model_parallel_size or 1) == 1 and vp_stage is None:
+        return layer_specs  # no pipeline: no process groups needed to know that
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return layer_specs[offset : offset + count]
+
+
+@dataclass
+class LighthouseBlockSpecProvider:
+    """A callable block spec for Megatron-LM >= 0.19 (`GPTModelConfig.transformer_layer_spec`).
+
+    Megatron-LM's GPT model builder calls it as `provider(config, vp_stage=...)` on each
+    pipeline stage; it is a plain dataclass so that configs holding it stay picklable.
+    """
+
+    lighthouse: LighthouseConfig
+    attention_impl: str = "lighthouse"
+    use_te: bool | None = None
+    normalization: str | None = None
+    qk_l2_norm: bool | None = False
+    until_iteration: int | None = None
+
+    def __call__(self, config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+        return get_gpt_decoder_block_spec(
+            config,
+            attention_impl=self.attention_impl,
+            lighthouse=self.lighthouse,
+            use_te=self.use_te,
+            normalization=self.normalization,
+            qk_l2_norm=self.qk_l2_norm,
+            until_iteration=self.until_iteration,
+            vp_stage=vp_stage,
+        )
+
+
+LIGHTHOUSE_CONFIG_ENV = "LIGHTHOUSE_CONFIG"
+
+
+def lighthouse_spec_from_env(config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """No-patch route for Megatron-LM >= 0.19: `--spec lighthouse_megatron.megatron.specs
+    lighthouse_spec_from_env`, settings from the YAML file named by $LIGHTHOUSE_CONFIG
+    (the `--lighthouse-config` format; argparse rejects new flags without a patch)."""
+    from .arguments import load_lighthouse_yaml
+
+    path = os.environ.get(LIGHTHOUSE_CONFIG_ENV)
+    settings = load_lighthouse_yaml(path) if path else {}
+    impl = settings.pop("attention_impl", "lighthouse")
+    until = settings.pop("until_iter", None)
+    transformer_impl = getattr(_transformer_config(config), "transformer_impl", None)
+    use_te = None if transformer_impl is None else transformer_impl == "transformer_engine"
+    provider = LighthouseBlockSpecProvider(
+        LighthouseConfig.from_dict(settings), attention_impl=impl, use_te=use_te, until_iteration=until
+    )
+    return provider(config, vp_stage=vp_stage)
+
+
+# Megatron-LM 0.16's `--spec MODULE NAME` reads a module attribute, never calls it; the
+# Megatron-LM hooks (megatron_lm.py) place each stage's block spec here for its gpt_builder.
+_megatron_lm_block_spec: TransformerBlockSubmodules | None = None

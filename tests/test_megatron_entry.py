@@ -1,0 +1,248 @@
+"""The Megatron-LM entry point: its message without Megatron-LM, and its wiring into both
+Megatron-LM generations, checked against small stand-ins of `megatron.training` and
+Megatron-LM's `pretrain_gpt.py` that record what they are given (Megatron-LM is not on
+PyPI; the stand-ins follow the signatures in MEGATRON.md section 5)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+pytest.importorskip("megatron.core")
+
+from megatron.core.transformer.spec_utils import import_module  # noqa: E402
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules  # noqa: E402
+
+from lighthouse_megatron.megatron import pretrain_gpt, schedule  # noqa: E402
+
+from .megatron_testing import tiny_config  # noqa: E402
+
+ARGV = ["--num-layers", "3", "--seq-length", "64", "--num-attention-heads", "4",
+        "--attention-impl", "lighthouse", "--lighthouse-levels", "2", "--lighthouse-pooling-factor", "2",
+        "--lighthouse-topk", "8", "--lighthouse-tile-topk", "2", "--lighthouse-dense-layers", "-1",
+        "--lighthouse-until-iter", "5"]
+
+
+def _megatron_lm_parser(extra_args_provider):
+    p = argparse.ArgumentParser()
+    for flag in ("--num-layers", "--seq-length", "--num-attention-heads"):
+        p.add_argument(flag, type=int)
+    p.add_argument("--spec", nargs="*", default=None)
+    p.add_argument("--transformer-impl", default="local")
+    if extra_args_provider is not None:
+        p = extra_args_provider(p)
+    return p
+
+
+def test_missing_megatron_lm_message(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "megatron.training", None)  # import fails
+    with pytest.raises(SystemExit) as e:
+        pretrain_gpt.main(["--attention-impl", "lighthouse"])
+    message = str(e.value)
+    assert "`megatron.training` is not importable" in message
+    assert "PYTHONPATH" in message and "not on PyPI" in message
+
+
+def test_missing_megatron_lm_message_from_python_m():
+    # megatron-core 0.19 wheels ship megatron.training but never Megatron-LM's pretrain_gpt.py.
+    try:
+        import megatron.training  # noqa: F401
+        import pretrain_gpt  # noqa: F401
+
+        pytest.skip("Megatron-LM is importable here")
+    except ImportError:
+        pass
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "lighthouse_megatron.megatron.pretrain_gpt", "--help"],
+                          capture_output=True, text=True, cwd=root, timeout=120)
+    assert proc.returncode == 1
+    assert "is not importable" in proc.stderr and "not on PyPI" in proc.stderr
+    assert "PYTHONPATH=/path/to/Megatron-LM" in proc.stderr
+
+
+def _install(monkeypatch, training, arguments, mlm, argument_utils=None):
+    monkeypatch.setitem(sys.modules, "megatron.training", training)
+    monkeypatch.setitem(sys.modules, "megatron.training.arguments", arguments)
+    if argument_utils is not None:
+        monkeypatch.setitem(sys.modules, "megatron.training.argument_utils", argument_utils)
+    monkeypatch.setitem(sys.modules, "pretrain_gpt", mlm)
+    training.arguments = arguments
+
+
+def _mlm_script(seen):
+    mlm = types.ModuleType("pretrain_gpt")
+    mlm.train_valid_test_datasets_provider = lambda *a, **k: None
+    mlm.forward_step = lambda data_iterator, model: None
+    mlm.has_nvidia_modelopt = False
+    return mlm
+
+
+def test_core_016_generation(monkeypatch):
+    """pretrain(..., extra_args_provider=...) and partial(model_provider, gpt_builder)."""
+    seen = {}
+    state = {}
+    training = types.ModuleType("megatron.training")
+    arguments = types.ModuleType("megatron.training.arguments")
+    arguments.parse_args = lambda extra_args_provider=None, ignore_unknown_args=False: \
+        _megatron_lm_parser(extra_args_provider).parse_args()
+    arguments.core_transformer_config_from_args = lambda args: tiny_config(num_layers=args.num_layers)
+    training.get_args = lambda: state["args"]
+
+    def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forward_step_func,
+                 process_non_loss_data_func=None, extra_args_provider=None, args_defaults=None, store=None):
+        state["args"] = _megatron_lm_parser(extra_args_provider).parse_args()
+        state["args"].curr_iteration = 6
+        seen["model"] = model_provider(True, True, vp_stage=None)
+        seen["forward_step"] = forward_step_func
+
+    training.pretrain = pretrain
+    mlm = _mlm_script(seen)
+
+    def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
+        assert config is not None
+        # Megatron-LM 0.16's gpt_builder: a --spec object is used as is.
+        return {"spec": import_module(args.spec) if args.spec is not None else "stock", "args": args}
+
+    mlm.gpt_builder = gpt_builder
+    mlm.model_provider = lambda builder, pre_process=True, post_process=True, vp_stage=None, config=None, \
+        pg_collection=None: builder(state["args"], pre_process, post_process, vp_stage, config=config,
+                                    pg_collection=pg_collection)
+    _install(monkeypatch, training, arguments, mlm)
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt", *ARGV])
+    try:
+        pretrain_gpt.main()
+        spec = seen["model"]["spec"]
+        assert isinstance(spec, TransformerBlockSubmodules)
+        names = [s.submodules.self_attention.submodules.core_attention.module.__name__
+                 for s in spec.layer_specs]
+        assert names == ["LighthouseCoreAttention", "LighthouseCoreAttention", "DenseCoreAttention"]
+        params = spec.layer_specs[0].submodules.self_attention.submodules.core_attention.params
+        assert params["until_iteration"] == 5 and params["lighthouse"].levels == 2
+        assert seen["model"]["args"].spec is None  # never left in the args a checkpoint saves
+        assert seen["forward_step"] is mlm.forward_step
+        assert schedule.get_iteration() == 6  # the layers read Megatron-LM's curr_iteration
+    finally:
+        schedule.set_iteration(0)
+
+
+def test_core_019_generation(monkeypatch):
+    """parse_and_validate_args, a config container, and a callable transformer_layer_spec."""
+    seen = {}
+    training = types.ModuleType("megatron.training")
+    arguments = types.ModuleType("megatron.training.arguments")
+    argument_utils = types.ModuleType("megatron.training.argument_utils")
+    arguments.parse_and_validate_args = lambda extra_args_provider=None, ignore_unknown_args=False, \
+        args_defaults={}: _megatron_lm_parser(extra_args_provider).parse_args()
+    argument_utils.gpt_config_from_args = lambda args: types.SimpleNamespace(
+        transformer=tiny_config(num_layers=args.num_layers), transformer_layer_spec=None)
+    argument_utils.pretrain_cfg_container_from_args = lambda args, model_cfg: {"model": model_cfg}
+    training.get_args = lambda: types.SimpleNamespace(curr_iteration=0)
+
+    def pretrain(cfg_container, train_valid_test_dataset_provider, model_type, forward_step_func,
+                 model_provider=None, store=None, get_embedding_ranks=None):
+        model_cfg = cfg_container["model"]
+        # Megatron-LM 0.19's GPTModelBuilder: a callable spec is called per stage.
+        seen["spec"] = model_cfg.transformer_layer_spec(model_cfg, vp_stage=None)
+
+    training.pretrain = pretrain
+    _install(monkeypatch, training, arguments, _mlm_script(seen), argument_utils)
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt", *ARGV])
+    try:
+        pretrain_gpt.main()
+    finally:
+        schedule.set_iteration(0)
+    names = [s.submodules.self_attention.submodules.core_attention.module.__name__
+             for s in seen["spec"].layer_specs]
+    assert names == ["LighthouseCoreAttention", "LighthouseCoreAttention", "DenseCoreAttention"]
+
+
+def test_bad_arguments_fail_before_pretrain(monkeypatch):
+    training = types.ModuleType("megatron.training")
+    arguments = types.ModuleType("megatron.training.arguments")
+    argument_utils = types.ModuleType("megatron.training.argument_utils")
+    arguments.parse_and_validate_args = lambda extra_args_provider=None, ignore_unknown_args=False, \
+        args_defaults={}: _megatron_lm_parser(extra_args_provider).parse_args()
+    argument_utils.gpt_config_from_args = argument_utils.pretrain_cfg_container_from_args = None
+
+    def pretrain(cfg_container, train_valid_test_dataset_provider, model_type, forward_step_func):
+        raise AssertionError("pretrain must not start")
+
+    training.pretrain = pretrain
+    _install(monkeypatch, training, arguments, _mlm_script({}), argument_utils)
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt", *ARGV, "--seq-length", "60"])
+    with pytest.raises(ValueError, match="--seq-length 60"):
+        pretrain_gpt.main()
+
+
+def test_real_megatron_training_019_builds_lighthouse_layers(monkeypatch):
+    """megatron-core >= 0.19 wheels ship megatron.training: parse with Megatron-LM's real
+    parser and our flags, then build with its GPTModelBuilder and our callable spec."""
+    pytest.importorskip("megatron.training.models.gpt")  # Python >= 3.12, megatron-core >= 0.19
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.training.argument_utils import gpt_config_from_args
+    from megatron.training.arguments import parse_and_validate_args
+    from megatron.training.models.gpt import GPTModelBuilder
+
+    from lighthouse_megatron.megatron import validate_lighthouse_args
+    from lighthouse_megatron.megatron.megatron_lm import chain_extra_args, spec_provider_from_args
+
+    from .megatron_testing import batch, init_parallel
+
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sys, "argv", [
+        "pretrain_gpt", "--num-layers", "3", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--group-query-attention", "--num-query-groups", "2", "--seq-length", "64",
+        "--max-position-embeddings", "64", "--micro-batch-size", "1", "--global-batch-size", "1",
+        "--attention-dropout", "0", "--hidden-dropout", "0", "--position-embedding-type", "learned_absolute",
+        "--transformer-impl", "local", "--vocab-size", "64", "--tokenizer-type", "NullTokenizer",
+        "--use-cpu-initialization", "--no-gradient-accumulation-fusion", "--no-persist-layer-norm",
+        "--train-iters", "1", "--lr", "1e-4", *ARGV[6:]])
+    args = parse_and_validate_args(extra_args_provider=chain_extra_args(),
+                                   args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
+    assert validate_lighthouse_args(args).dense_layers == (-1,)
+    init_parallel()
+    model_cfg = gpt_config_from_args(args)
+    model_cfg.transformer_layer_spec = spec_provider_from_args(args)
+    model = GPTModelBuilder(model_cfg).build_model(ProcessGroupCollection.use_mpu_process_groups())
+    names = [type(layer.self_attention.core_attention).__name__ for layer in model.decoder.layers]
+    assert names == ["LighthouseCoreAttention", "LighthouseCoreAttention", "DenseCoreAttention"]
+    tokens, positions = batch()
+    assert model(tokens, positions, None).shape[:2] == (2, 64)
+
+
+def test_patch_names_its_tag_and_calls_existing_hooks():
+    """The patch itself is checked by hand with `git apply --check` against the tagged
+    pretrain_gpt.py (see patches/README.md); here: its header and the names it calls."""
+    import re
+    from pathlib import Path
+
+    from lighthouse_megatron.megatron import megatron_lm
+
+    patch = Path(__file__).parent.parent / "patches" / "megatron-lm-core_v0.16.1.patch"
+    text = patch.read_text()
+    assert re.search(r"^Megatron-LM tag: core_v\d+\.\d+\.\d+$", text, re.M)
+    assert re.findall(r"^diff --git a/(\S+)", text, re.M) == ["pretrain_gpt.py"]
+    for name in re.findall(r"lighthouse\.(\w+)\(", text):
+        assert callable(getattr(megatron_lm, name)), name
+
+
+def test_no_patch_spec_route_019(monkeypatch, tmp_path):
+    """`--spec lighthouse_megatron.megatron.specs lighthouse_spec_from_env`: Megatron-LM >= 0.19
+    imports the name and calls it with its GPTModelConfig (the TransformerConfig in
+    `.transformer`); settings come from $LIGHTHOUSE_CONFIG."""
+    f = tmp_path / "lh.yaml"
+    f.write_text("levels: 2\npooling_factor: 2\ntopk: 8\ntile_topk: 2\ndense_layers: [0]\nuntil_iter: 9\n")
+    monkeypatch.setenv("LIGHTHOUSE_CONFIG", str(f))
+    provider = import_module(["lighthouse_megatron.megatron.specs", "lighthouse_spec_from_env"])
+    model_cfg = types.SimpleNamespace(transformer=tiny_config(transformer_impl="local"))
+    spec = provider(model_cfg, vp_stage=None)
+    attn = [s.submodules.self_attention.submodules.core_attention for s in spec.layer_specs]
+    assert [a.module.__name__ for a in attn] == ["DenseCoreAttention", "LighthouseCoreAttention",
+                                                "LighthouseCoreAttention"]
+    assert attn[1].params["until_iteration"] == 9 and attn[1].params["lighthouse"].topk == 8
