@@ -15,7 +15,7 @@ SCORERS = ("norm",)
 BACKENDS = ("auto", "te", "cudnn", "flash", "math")
 
 
-def _nearest_multiples(value: int, base: int) -> str:
+def nearest_multiples(value: int, base: int) -> str:
     """'a or b': the multiples of `base` nearest to `value` (one of them if value is below base)."""
     lo = (value // base) * base
     hi = lo + base
@@ -78,12 +78,12 @@ class LighthouseConfig:
         if self.tile_topk < 2 or self.tile_topk % 2:
             raise ValueError(
                 f"lighthouse tile_topk must be even and >= 2 (half by query norm, half by key norm), "
-                f"got {self.tile_topk}; nearest valid: {_nearest_multiples(self.tile_topk, 2)}"
+                f"got {self.tile_topk}; nearest valid: {nearest_multiples(self.tile_topk, 2)}"
             )
         if self.topk < self.tile_topk or self.topk % self.tile_topk:
             raise ValueError(
                 f"lighthouse topk must be a positive multiple of tile_topk={self.tile_topk}, got "
-                f"{self.topk}; nearest valid: {_nearest_multiples(self.topk, self.tile_topk)}"
+                f"{self.topk}; nearest valid: {nearest_multiples(self.topk, self.tile_topk)}"
             )
         for i in self.dense_layers:
             if isinstance(i, bool) or not isinstance(i, int):
@@ -107,7 +107,7 @@ class LighthouseConfig:
                 f"lighthouse topk={self.topk} must be a multiple of 2*cp_size*tile_topk="
                 f"2*{cp_size}*{self.tile_topk}={step} with context parallelism (each of the "
                 f"{chunks} chunks keeps topk/{chunks} entries); nearest valid: "
-                f"{_nearest_multiples(self.topk, step)}"
+                f"{nearest_multiples(self.topk, step)}"
             )
         # Tiles never straddle chunks (k_chunk / T tiles per chunk), so the chunk rules
         # reduce to the global ones: N divisible by p**(L-1) * (k/T).
@@ -116,7 +116,7 @@ class LighthouseConfig:
             raise ValueError(
                 f"sequence length {seq_len} must be divisible by pooling_factor**(levels-1)="
                 f"{self.coarsest_block} x tiles (topk/tile_topk={self.num_tiles}) = {block}; "
-                f"nearest valid: {_nearest_multiples(seq_len, block)}"
+                f"nearest valid: {nearest_multiples(seq_len, block)}"
             )
         coarse_per_tile = seq_len // block
         if self.levels > 1 and coarse_per_tile < self.tile_topk:

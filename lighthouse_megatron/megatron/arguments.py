@@ -12,7 +12,7 @@ import argparse
 import warnings
 from typing import Any
 
-from ..config import BACKENDS, SCORERS, LighthouseConfig
+from ..config import BACKENDS, SCORERS, LighthouseConfig, nearest_multiples
 
 ATTENTION_IMPLS = ("dense", "lighthouse")
 
@@ -114,11 +114,6 @@ def lighthouse_config_from_args(args: argparse.Namespace) -> LighthouseConfig:
         raise ValueError(f"{' / '.join(flags) or 'Lighthouse arguments'}: {e}") from e
 
 
-def _nearest(value: int, base: int) -> str:
-    lo = value // base * base
-    return f"{lo + base}" if lo <= 0 else f"{lo} or {lo + base}"
-
-
 def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | None:
     """Check the Lighthouse arguments against the model and parallel settings.
 
@@ -163,7 +158,7 @@ def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | Non
     if heads is not None and heads % tp:
         raise ValueError(
             f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size {tp}; "
-            f"nearest valid head counts: {_nearest(heads, tp)}"
+            f"nearest valid head counts: {nearest_multiples(heads, tp)}"
         )
     groups = get("num_query_groups") if get("group_query_attention", True) else None
     if groups is not None and heads is not None:
@@ -176,7 +171,7 @@ def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | Non
             raise ValueError(
                 f"--num-query-groups {groups} must be a multiple of --tensor-model-parallel-size {tp} "
                 f"with --attention-impl lighthouse (each rank must hold whole GQA groups); nearest "
-                f"valid group counts: {_nearest(groups, tp)}"
+                f"valid group counts: {nearest_multiples(groups, tp)}"
             )
 
     dropout = get("attention_dropout", 0.0)

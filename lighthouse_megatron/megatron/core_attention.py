@@ -30,6 +30,34 @@ def _cp_size(config, pg_collection) -> int:
     return getattr(config, "context_parallel_size", 1) or 1
 
 
+def check_model_settings(config, where: str, dropout: float, cp: int) -> None:
+    """Model settings these core attentions do not support: checked when a spec is built
+    (configuration time) and again when a module is built from a hand-made spec."""
+    if dropout:
+        # Megatron's TransformerConfig defaults to attention_dropout=0.1; long-context
+        # pretraining runs without it, and the fused kernels here do not implement it.
+        raise ValueError(
+            f"{where}: attention dropout is not supported (attention_dropout={dropout}, Megatron's "
+            "default is 0.1); set --attention-dropout 0 (TransformerConfig(attention_dropout=0.0))"
+        )
+    if getattr(config, "softmax_type", "vanilla") != "vanilla":
+        raise ValueError(f"{where}: softmax_type={config.softmax_type!r} is not supported; valid: 'vanilla'")
+    if getattr(config, "qk_clip", False) or getattr(config, "log_max_attention_logit", False):
+        # Attention would read current_max_attn_logits, which needs the full score matrix.
+        raise ValueError(f"{where}: qk_clip / log_max_attention_logit are not supported; drop "
+                         "--qk-clip and --log-max-attention-logit")
+    if getattr(config, "window_size", None) is not None:
+        raise ValueError(f"{where}: sliding-window attention (window_size={config.window_size}) is "
+                         "not supported")
+    if cp > 1:
+        # Megatron gives a custom core attention no CP guard: attending only within the
+        # local shard would be silently wrong, so refuse until CP lands.
+        raise NotImplementedError(
+            f"{where}: context parallelism is not supported yet (context_parallel_size={cp}); "
+            "use --context-parallel-size 1"
+        )
+
+
 class _CausalCoreAttention(MegatronModule):
     """Shared checks and layout changes; subclasses attend on `[b, s, h, d]`."""
 
@@ -67,33 +95,10 @@ class _CausalCoreAttention(MegatronModule):
             )
         if kwargs.get("k_channels") not in (None, kwargs.get("v_channels")):
             raise ValueError(f"{where}: multi-latent attention (k_channels != v_channels) is not supported")
-        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        if dropout:
-            # Megatron's TransformerConfig defaults to attention_dropout=0.1; long-context
-            # pretraining runs without it, and the fused kernels here do not implement it.
-            raise ValueError(
-                f"{where}: attention dropout is not supported (attention_dropout={dropout}); "
-                "set --attention-dropout 0 (TransformerConfig(attention_dropout=0.0))"
-            )
-        if getattr(config, "softmax_type", "vanilla") != "vanilla":
-            raise ValueError(
-                f"{where}: softmax_type={config.softmax_type!r} is not supported; valid: 'vanilla'"
-            )
-        if getattr(config, "qk_clip", False) or getattr(config, "log_max_attention_logit", False):
-            # Attention would read current_max_attn_logits, which needs the full score matrix.
-            raise ValueError(f"{where}: qk_clip / log_max_attention_logit are not supported; drop "
-                             "--qk-clip and --log-max-attention-logit")
-        if getattr(config, "window_size", None) is not None:
-            raise ValueError(f"{where}: sliding-window attention (window_size={config.window_size}) is "
-                             "not supported")
-        cp = _cp_size(config, pg_collection)
-        if cp > 1:
-            # Megatron gives a custom core attention no CP guard: attending only within the
-            # local shard would be silently wrong, so refuse until CP lands.
-            raise NotImplementedError(
-                f"{where}: context parallelism is not supported yet (context_parallel_size={cp}); "
-                "use --context-parallel-size 1"
-            )
+        check_model_settings(
+            config, where, config.attention_dropout if attention_dropout is None else attention_dropout,
+            _cp_size(config, pg_collection),
+        )
 
     def forward(
         self,
@@ -134,9 +139,6 @@ class _CausalCoreAttention(MegatronModule):
         s, b = query.shape[0], query.shape[1]
         return out.transpose(0, 1).reshape(s, b, -1)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        raise NotImplementedError
-
 
 def _is_causal_mask(mask: Tensor, sq: int, sk: int) -> bool:
     """Megatron masks are bool, True = masked; causal is the strict upper triangle."""
@@ -169,23 +171,13 @@ class LighthouseCoreAttention(_CausalCoreAttention):
 
     def __init__(
         self,
-        config,
-        layer_number: int,
-        attn_mask_type: AttnMaskType,
-        attention_type: str = "self",
-        attention_dropout: float | None = None,
-        softmax_scale: float | None = None,
-        cp_comm_type: str | None = None,
-        pg_collection=None,
-        *,
+        *args,
         lighthouse: LighthouseConfig | None = None,
         until_iteration: int | None = None,
         **kwargs,
     ):
-        super().__init__(
-            config, layer_number, attn_mask_type, attention_type, attention_dropout,
-            softmax_scale, cp_comm_type, pg_collection, **kwargs,
-        )
+        # megatron-core's builder keywords go to the shared checks unchanged.
+        super().__init__(*args, **kwargs)
         self.lighthouse = LighthouseConfig() if lighthouse is None else lighthouse
         if until_iteration is not None and until_iteration < 0:
             raise ValueError(f"until_iteration must be >= 0 or None, got {until_iteration}")

@@ -23,9 +23,8 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from ..backends import te_available
 from ..config import LighthouseConfig
-from .core_attention import DenseCoreAttention, LighthouseCoreAttention
-
-ATTENTION_IMPLS = ("dense", "lighthouse")
+from .arguments import ATTENTION_IMPLS
+from .core_attention import DenseCoreAttention, LighthouseCoreAttention, check_model_settings
 
 
 def _use_te_default() -> bool:
@@ -49,12 +48,6 @@ def check_lighthouse_model(config, lighthouse: LighthouseConfig) -> None:
             "Lighthouse attention replaces the core attention of standard self-attention; "
             f"experimental_attention_variant={config.experimental_attention_variant!r} is not supported"
         )
-    if getattr(config, "attention_dropout", 0.0):
-        raise ValueError(
-            f"Lighthouse attention does not support attention dropout (attention_dropout="
-            f"{config.attention_dropout}, Megatron's default is 0.1); set --attention-dropout 0 "
-            "(TransformerConfig(attention_dropout=0.0))"
-        )
     tp = getattr(config, "tensor_model_parallel_size", 1) or 1
     groups = getattr(config, "num_query_groups", None) or getattr(config, "num_attention_heads", tp)
     if groups % tp:
@@ -65,12 +58,8 @@ def check_lighthouse_model(config, lighthouse: LighthouseConfig) -> None:
             f"tensor_model_parallel_size={tp} (each rank must hold whole GQA groups); "
             "set --num-query-groups to a multiple of --tensor-model-parallel-size"
         )
-    cp = getattr(config, "context_parallel_size", 1) or 1
-    if cp > 1:
-        raise NotImplementedError(
-            f"Lighthouse attention does not support context parallelism yet (context_parallel_size={cp}); "
-            "use --context-parallel-size 1"
-        )
+    check_model_settings(config, "Lighthouse attention", getattr(config, "attention_dropout", 0.0),
+                         getattr(config, "context_parallel_size", 1) or 1)
     if lighthouse.scorer == "norm" and getattr(config, "qk_layernorm", False):
         warnings.warn(
             "Lighthouse with scorer='norm' and qk_layernorm=True: QK layer-norm flattens the query "
