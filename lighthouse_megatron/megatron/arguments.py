@@ -118,7 +118,7 @@ def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | Non
     """Check the Lighthouse arguments against the model and parallel settings.
 
     Returns the LighthouseConfig (None with `--attention-impl dense`). Raises ValueError
-    (NotImplementedError for what is not supported yet) naming the flags and numbers.
+    naming the flags, the numbers and the valid values.
     Call it after Megatron's own parsing, before anything is built.
     """
     resolve_lighthouse_args(args)
@@ -135,7 +135,7 @@ def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | Non
                          "pass the model as flags and Lighthouse settings with --lighthouse-config")
     cp = get("context_parallel_size", 1) or 1
     if cp > 1:
-        raise NotImplementedError(
+        raise ValueError(
             f"--context-parallel-size {cp} is not supported with --attention-impl lighthouse yet; "
             "use --context-parallel-size 1"
         )
@@ -182,7 +182,7 @@ def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | Non
                        ("dataloader_inter_document_masking", "packed sequences"),
                        ("reset_attention_mask", "per-document (non-causal) masks")):
         if get(flag):
-            raise NotImplementedError(f"--{flag.replace('_', '-')} ({what}) is not supported with "
+            raise ValueError(f"--{flag.replace('_', '-')} ({what}) is not supported with "
                                       "--attention-impl lighthouse yet; Lighthouse layers are causal only")
     if get("multi_latent_attention"):
         raise ValueError("--multi-latent-attention is not supported with --attention-impl lighthouse")

@@ -52,7 +52,7 @@ def check_model_settings(config, where: str, dropout: float, cp: int) -> None:
     if cp > 1:
         # Megatron gives a custom core attention no CP guard: attending only within the
         # local shard would be silently wrong, so refuse until CP lands.
-        raise NotImplementedError(
+        raise ValueError(
             f"{where}: context parallelism is not supported yet (context_parallel_size={cp}); "
             "use --context-parallel-size 1"
         )
@@ -114,7 +114,7 @@ class _CausalCoreAttention(MegatronModule):
     ) -> Tensor:
         where = f"{self.name} of layer {self.layer_number}"
         if packed_seq_params is not None:
-            raise NotImplementedError(
+            raise ValueError(
                 f"{where}: packed sequences (PackedSeqParams, qkv_format="
                 f"{getattr(packed_seq_params, 'qkv_format', None)!r}) are not supported yet; "
                 "train without --sft / --dataloader-inter-document-masking"
