@@ -38,6 +38,17 @@ def _transformer_config(config):
     return getattr(config, "transformer", config)
 
 
+def _common_arguments(config, attention_impl, lighthouse, use_te):
+    """Defaults and checks shared by the layer and block spec builders."""
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {list(ATTENTION_IMPLS)}, got {attention_impl!r}")
+    return (
+        _transformer_config(config),
+        LighthouseConfig() if lighthouse is None else lighthouse,
+        _use_te_default() if use_te is None else use_te,
+    )
+
+
 def check_lighthouse_model(config, lighthouse: LighthouseConfig) -> None:
     """Fail at build time on model settings Lighthouse layers do not support."""
     if getattr(config, "multi_latent_attention", False):
@@ -91,18 +102,14 @@ def get_gpt_layer_spec(
 
     Dense core attention is TEDotProductAttention with TE, DenseCoreAttention without.
     """
-    config = _transformer_config(config)
-    if attention_impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention_impl must be one of {list(ATTENTION_IMPLS)}, got {attention_impl!r}")
+    config, lighthouse, use_te = _common_arguments(config, attention_impl, lighthouse, use_te)
     if getattr(config, "num_moe_experts", None):
         raise ValueError(
             f"lighthouse_megatron's GPT specs build MoE-free layers; num_moe_experts="
             f"{config.num_moe_experts} is not supported"
         )
-    lighthouse = LighthouseConfig() if lighthouse is None else lighthouse
     if attention_impl == "lighthouse":
         check_lighthouse_model(config, lighthouse)
-    use_te = _use_te_default() if use_te is None else use_te
     qk_layernorm = getattr(config, "qk_layernorm", False) if qk_layernorm is None else qk_layernorm
     normalization = getattr(config, "normalization", "LayerNorm") if normalization is None else normalization
 
@@ -149,11 +156,7 @@ def get_gpt_decoder_block_spec(
     keep dense attention, the others get Lighthouse (all dense for attention_impl="dense").
     Other arguments as `get_gpt_layer_spec` and megatron-core's block spec builder.
     """
-    config = _transformer_config(config)
-    if attention_impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention_impl must be one of {list(ATTENTION_IMPLS)}, got {attention_impl!r}")
-    lighthouse = LighthouseConfig() if lighthouse is None else lighthouse
-    use_te = _use_te_default() if use_te is None else use_te
+    config, lighthouse, use_te = _common_arguments(config, attention_impl, lighthouse, use_te)
     common = dict(use_te=use_te, qk_layernorm=qk_layernorm, normalization=normalization,
                   qk_l2_norm=qk_l2_norm)
     dense_spec = get_gpt_layer_spec(config, attention_impl="dense", lighthouse=lighthouse, **common)
