@@ -60,10 +60,24 @@ def _te_module(heads: int, groups: int, d: int, scale: float, dtype: torch.dtype
     ).to(device=torch.device("cuda", device), dtype=dtype)
 
 
+def te_layout(x: Tensor) -> Tensor:
+    """`x` with the strides of a freshly allocated tensor, size-1 dimensions included.
+
+    TE infers the qkv memory layout from strides; `.contiguous()` keeps a permuted view whose
+    size-1 dimensions carry odd strides (Megatron's [s, b, h, d] at b = 1), which TE rejects."""
+    stride, expected = 1, []
+    for size in reversed(x.shape):
+        expected.append(stride)
+        stride *= size
+    if tuple(x.stride()) == tuple(reversed(expected)):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 def _te_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     b, s, hq, d = q.shape
     module = _te_module(hq, k.shape[2], d, float(scale), q.dtype, q.device.index or 0)
-    out = module(q.contiguous(), k.contiguous(), v.contiguous())  # [b, s, hq * d]
+    out = module(te_layout(q), te_layout(k), te_layout(v))  # [b, s, hq * d]
     return out.view(b, s, hq, d)
 
 

@@ -100,15 +100,7 @@ class LighthouseConfig:
             raise ValueError(f"sequence length must be a positive integer, got {seq_len!r}")
         if not isinstance(cp_size, int) or cp_size < 1:
             raise ValueError(f"context-parallel size must be a positive integer, got {cp_size!r}")
-        chunks = self.num_chunks(cp_size)
-        if cp_size > 1 and self.topk % (chunks * self.tile_topk):
-            step = chunks * self.tile_topk
-            raise ValueError(
-                f"lighthouse topk={self.topk} must be a multiple of 2*cp_size*tile_topk="
-                f"2*{cp_size}*{self.tile_topk}={step} with context parallelism (each of the "
-                f"{chunks} chunks keeps topk/{chunks} entries); nearest valid: "
-                f"{nearest_multiples(self.topk, step)}"
-            )
+        self._check_cp_topk(cp_size)
         # Tiles never straddle chunks (k_chunk / T tiles per chunk), so the chunk rules
         # reduce to the global ones: N divisible by p**(L-1) * (k/T).
         block = self.coarsest_block * self.num_tiles
@@ -127,6 +119,17 @@ class LighthouseConfig:
                 f"{self.num_tiles} tiles) but tile_topk={self.tile_topk} are selected from them; "
                 f"use topk <= {max_topk}, fewer levels, or a sequence length >= "
                 f"{self.tile_topk * block}"
+            )
+
+    def _check_cp_topk(self, cp_size: int) -> None:
+        chunks = self.num_chunks(cp_size)
+        if cp_size > 1 and self.topk % (chunks * self.tile_topk):
+            step = chunks * self.tile_topk
+            raise ValueError(
+                f"lighthouse topk={self.topk} must be a multiple of 2*cp_size*tile_topk="
+                f"2*{cp_size}*{self.tile_topk}={step} with context parallelism (each of the "
+                f"{chunks} chunks keeps topk/{chunks} entries); nearest valid: "
+                f"{nearest_multiples(self.topk, step)}"
             )
 
     def resolve_dense_layers(self, num_layers: int) -> frozenset[int]:
@@ -158,18 +161,13 @@ class LighthouseConfig:
         """Megatron's load-balanced CP layout cuts a sequence into 2*CP chunks."""
         return 2 * cp_size if cp_size > 1 else 1
 
-    def tiles_per_chunk(self, cp_size: int = 1) -> int:
-        return self.num_tiles // self.num_chunks(cp_size)
-
     def chunk_config(self, cp_size: int) -> LighthouseConfig:
-        """The configuration one CP chunk runs with (k_chunk = k / (2*CP))."""
+        """The configuration one CP chunk runs with (k_chunk = k / (2*CP)): the same tile
+        length N*T/k as without CP, so the chunks' selections are those of the whole sequence."""
         if cp_size == 1:
             return self
+        self._check_cp_topk(cp_size)
         return dataclasses.replace(self, topk=self.topk // self.num_chunks(cp_size))
-
-    def tile_length(self, seq_len: int) -> int:
-        """Base tokens per tile."""
-        return seq_len // self.num_tiles
 
     def gathered_length(self, seq_len: int) -> int:
         """S = N / p**(L-1) + (L-1) * p * k: the length attention runs on."""

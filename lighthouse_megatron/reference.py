@@ -4,6 +4,8 @@ This is the oracle every fast kernel is tested against. It knows nothing of Mega
 of context parallelism beyond working on whatever sequence (or CP chunk) it is given:
 for a chunk, pass `config.chunk_config(cp_size)` and ask `scatter` for `out_len` rows
 past the chunk's end to see what spills into the next chunk.
+`lighthouse_attention_chunked_reference` states the context-parallel algorithm this way, on
+one process: it must equal the unchunked reference up to rounding.
 
 Layouts: q [b, n, Hq, d], k and v [b, n, Hkv, d]; a selection unit is one (batch, kv head).
 """
@@ -19,8 +21,9 @@ from torch import Tensor
 from .config import LighthouseConfig
 
 
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig) -> None:
-    """Shape checks shared by every implementation, with the numbers in the message."""
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig, cp_size: int = 1) -> None:
+    """Shape checks shared by every implementation, with the numbers in the message. With
+    `cp_size` > 1 the inputs are one CP rank's two chunks of a cp_size times longer sequence."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"lighthouse attention expects q [b, s, Hq, d] and k, v [b, s, Hkv, d]; got shapes "
@@ -36,7 +39,7 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig) -> N
             f"lighthouse attention: query heads {q.shape[2]} must be a multiple of key/value heads "
             f"{k.shape[2]} (GQA groups)"
         )
-    config.validate(q.shape[1])
+    config.validate(q.shape[1] * cp_size, cp_size)
 
 
 # ---------------------------------------------------------------- stage 1: pyramid
@@ -58,11 +61,19 @@ def pyramid(x: Tensor, config: LighthouseConfig) -> list[Tensor]:
 
 @torch.no_grad()
 def base_scores(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-    """fp32 per-token scores [b, n, Hkv]: ||q|| (max over the GQA group's heads), ||k||."""
+    """fp32 per-token scores [b, n, Hkv]: ||q|| (max over the GQA group's heads), ||k||.
+
+    A NaN norm counts as +inf (ranked first, ties to the lower index like any other score):
+    the selection stays well defined and the NaN reaches the output, as in dense attention.
+    """
     b, n, hq, d = q.shape
     hkv = k.shape[2]
-    s_q = torch.linalg.vector_norm(q.float(), dim=-1).reshape(b, n, hkv, hq // hkv).amax(dim=-1)
-    s_k = torch.linalg.vector_norm(k.float(), dim=-1)
+
+    def norm(x):
+        return torch.linalg.vector_norm(x.float(), dim=-1).nan_to_num(nan=float("inf"), posinf=float("inf"))
+
+    s_q = norm(q).reshape(b, n, hkv, hq // hkv).amax(dim=-1)
+    s_k = norm(k)
     return s_q, s_k
 
 
@@ -235,3 +246,37 @@ def lighthouse_attention_reference(
         gather(pyramid(q, config), p), gather(pyramid(k, config), p), gather(pyramid(v, config), p), scale
     )
     return scatter(o, p, config, q.shape[1])
+
+
+def lighthouse_attention_chunked_reference(
+    q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig, cp_size: int,
+    softmax_scale: float | None = None,
+) -> Tensor:
+    """Lighthouse attention the context-parallel way, on one process, over the full sequence.
+
+    The sequence is cut into 2*cp_size chunks; each chunk is planned with
+    `config.chunk_config(cp_size)` and gathered; causal attention runs on the concatenation
+    of the gathered chunks; each chunk scatters its output with the rows that spill past its
+    end, which are added to the next chunk's first tokens.
+    """
+    check_inputs(q, k, v, config)
+    config.validate(q.shape[1], cp_size)
+    if cp_size == 1:
+        return lighthouse_attention_reference(q, k, v, config, softmax_scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    chunk = config.chunk_config(cp_size)
+    n = q.shape[1] // config.num_chunks(cp_size)
+    pieces = [x.split(n, dim=1) for x in (q, k, v)]
+    plans = [plan(qc, kc, chunk) for qc, kc in zip(pieces[0], pieces[1], strict=True)]
+    gathered = [
+        torch.cat([gather(pyramid(xc, chunk), p) for xc, p in zip(chunks, plans, strict=True)], dim=1)
+        for chunks in pieces
+    ]
+    o = causal_attention(*gathered, scale)
+    spill = config.coarsest_block - 1
+    outs = []
+    for oc, p in zip(o.split([p.length for p in plans], dim=1), plans, strict=True):
+        outs.append(scatter(oc, p, chunk, n, out_len=n + spill).float())
+    for j in range(1, len(outs)):  # what chunk j-1 fed past its end lands in chunk j
+        outs[j][:, :spill] += outs[j - 1][:, n:]
+    return torch.cat([x[:, :n] for x in outs], dim=1).to(q.dtype)

@@ -53,12 +53,12 @@ def tiny_config(**overrides):
 
 
 def build_gpt(config, spec, seed: int = 0, device: str = "cpu", position_embedding_type="learned_absolute",
-              parallel_output: bool = False):
+              parallel_output: bool = False, seq: int = SEQ):
     from megatron.core.models.gpt import GPTModel
 
     torch.manual_seed(seed)
     model = GPTModel(
-        config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
+        config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=seq,
         parallel_output=parallel_output, position_embedding_type=position_embedding_type,
     )
     return model.to(device)

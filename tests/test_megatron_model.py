@@ -166,8 +166,6 @@ def test_pipeline_stages_get_their_slice_of_dense_layers():
 def test_build_time_errors_name_the_setting():
     with pytest.raises(ValueError, match="--attention-dropout 0"):
         get_gpt_layer_spec(tiny_config(attention_dropout=0.1), lighthouse=LH, use_te=False)
-    with pytest.raises(ValueError, match="context_parallel_size=2"):
-        get_gpt_layer_spec(tiny_config(context_parallel_size=2), lighthouse=LH, use_te=False)
     with pytest.raises(ValueError, match="attention_impl"):
         get_gpt_layer_spec(tiny_config(), attention_impl="sparse", use_te=False)
     with pytest.raises(ValueError, match="out of range"):

@@ -29,8 +29,8 @@ from lighthouse_megatron.ops import (
     segment_sum_torch,
     select,
     select_torch,
-    token_gather,
-    token_gather_torch,
+    token_sum,
+    token_sum_torch,
 )
 from lighthouse_megatron.reference import gather, lighthouse_attention_reference, plan, pyramid, scatter
 
@@ -147,23 +147,25 @@ def test_inverse_map_points_back():
 
 
 @pytest.mark.parametrize("cfg,n,hq,hkv,d", SMALL[:3], ids=SMALL_IDS[:3])
-@pytest.mark.parametrize("scatter_bwd", [False, True])
-def test_segment_sum_kernel_matches_twin(cfg, n, hq, hkv, d, scatter_bwd, poisoned):
+@pytest.mark.parametrize("mode", ["pool", "feed"])
+def test_segment_sum_kernel_matches_twin(cfg, n, hq, hkv, d, mode, poisoned):
     q, k, _ = random_qkv(2, n, hq, hkv, d, seed=n + 4)
     p = plan_selection(q, k, cfg)
     for x in (q, k):  # GQA: Hq heads share their group's plan
-        torch.testing.assert_close(segment_sum(x, p, scatter_bwd), segment_sum_torch(x, p, scatter_bwd),
+        torch.testing.assert_close(segment_sum(x, p, mode), segment_sum_torch(x, p, mode),
                                    rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cfg,n,hq,hkv,d", SMALL[:3], ids=SMALL_IDS[:3])
-@pytest.mark.parametrize("scatter_fwd", [False, True])
-def test_token_gather_kernel_matches_twin(cfg, n, hq, hkv, d, scatter_fwd, poisoned):
+@pytest.mark.parametrize("mode", ["pool", "feed", "feed+halo"])
+def test_token_sum_kernel_matches_twin(cfg, n, hq, hkv, d, mode, poisoned):
     q, k, _ = random_qkv(2, n, hq, hkv, d, seed=n + 5)
     p = plan_selection(q, k, cfg)
     g = torch.randn(2, p.length, hq, d)
+    halo = torch.randn(2, cfg.coarsest_block - 1, hq, d) if mode == "feed+halo" else None
+    mode = mode.split("+")[0]
     # Same fp32 additions in the same order: bitwise equal.
-    assert torch.equal(token_gather(g, p, scatter_fwd), token_gather_torch(g, p, scatter_fwd))
+    assert torch.equal(token_sum(g, p, mode, halo=halo), token_sum_torch(g, p, mode, halo))
 
 
 @pytest.mark.parametrize("cfg,n,hq,hkv,d", SMALL, ids=SMALL_IDS)
@@ -269,12 +271,12 @@ def test_gpu_kernels_match_twins(n, topk, hq, hkv, poisoned):
     fast = select(sq, sk, 1, hkv, n, cfg)
     assert_plans_equal(fast, select_torch(sq, sk, 1, hkv, n, cfg))
     for x in (q, v):
-        for mode in (False, True):
+        for mode in ("pool", "feed"):
             torch.testing.assert_close(segment_sum(x, fast, mode), segment_sum_torch(x, fast, mode),
                                        rtol=1e-2, atol=1e-2)
     o = torch.randn(1, fast.length, hq, 128, device="cuda", dtype=torch.bfloat16)
-    for mode in (False, True):
-        assert torch.equal(token_gather(o, fast, mode), token_gather_torch(o, fast, mode))
+    for mode in ("pool", "feed"):
+        assert torch.equal(token_sum(o, fast, mode), token_sum_torch(o, fast, mode))
 
 
 @pytest.mark.gpu
@@ -309,7 +311,7 @@ def test_gpu_kernels_bitwise_deterministic():
         p = plan_selection(q, k, GPU_CFG)
         g = gather_pooled(q, p)
         runs.append([p.level, p.index, p.inverse, g, scatter_back(g, p),
-                     segment_sum(q, p, True), token_gather(g, p, False)])
+                     segment_sum(q, p, "feed"), token_sum(g, p, "pool")])
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
 

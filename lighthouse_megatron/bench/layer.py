@@ -28,7 +28,7 @@ import torch
 from ..attention import lighthouse_attention, plan_selection
 from ..backends import dense_causal_attention
 from ..config import LighthouseConfig
-from ..ops import score_pyramids, segment_sum, select, token_gather
+from ..ops import score_pyramids, segment_sum, select, token_sum
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 K = 1024
@@ -55,6 +55,12 @@ def add_layer_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--dense-reps", type=int, default=3)
     p.add_argument("--no-check", action="store_true", help="skip the correctness check against the reference")
+    p.add_argument("--cp", type=int, default=1,
+                   help="context-parallel size: start this many processes on as many GPUs (NCCL) and "
+                        "compare with CP = 1 in the same session (writes cp{N}.json)")
+    p.add_argument("--cp-comm-type", default="p2p", help="TE's cp_comm_type with --cp (p2p, a2a, all_gather)")
+    p.add_argument("--cp1-max-len", type=_int, default=K * K,
+                   help="longest sequence also timed on one GPU for the --cp comparison")
     p.add_argument("--out", type=Path, default=Path("benchmarks/layer"),
                    help="folder for layer.json and layer.png")
     p.set_defaults(func=run)
@@ -225,7 +231,7 @@ def bench_lighthouse(args, n: int, topk: int, bandwidth: float) -> dict:
     with torch.no_grad():
         for q, k, v, _ in sets:
             plans.append(plan_selection(q, k, cfg))
-            gathered.append([segment_sum(x, plans[-1], False).requires_grad_(True) for x in (q, k, v)])
+            gathered.append([segment_sum(x, plans[-1], "pool").requires_grad_(True) for x in (q, k, v)])
             outs.append(dense_causal_attention(*gathered[-1], None, cfg.backend))
     scores = [score_pyramids(q, k, cfg) for q, k, _, _ in sets]
     hkv = sets[0][1].shape[2]
@@ -243,12 +249,12 @@ def bench_lighthouse(args, n: int, topk: int, bandwidth: float) -> dict:
     stages = {
         "scores": lambda i: score_pyramids(sets[i % 2][0], sets[i % 2][1], cfg),
         "select": lambda i: select(*scores[i % 2], args.batch, hkv, n, cfg),
-        "gather": lambda i: [segment_sum(x, plans[i % 2], False) for x in sets[i % 2][:3]],
+        "gather": lambda i: [segment_sum(x, plans[i % 2], "pool") for x in sets[i % 2][:3]],
         "attention_fwd": attn_f,
-        "scatter": lambda i: token_gather(outs[i % 2], plans[i % 2], True),
-        "scatter_bwd": lambda i: segment_sum(sets[i % 2][3], plans[i % 2], True),
+        "scatter": lambda i: token_sum(outs[i % 2], plans[i % 2], "feed"),
+        "scatter_bwd": lambda i: segment_sum(sets[i % 2][3], plans[i % 2], "feed"),
         "attention_fwd_bwd": attn_fb,
-        "gather_bwd": lambda i: [token_gather(x, plans[i % 2], False) for x in gathered[i % 2]],
+        "gather_bwd": lambda i: [token_sum(x, plans[i % 2], "pool") for x in gathered[i % 2]],
     }
     res["stages_ms"] = {name: time_ms(fn, w, r) for name, fn in stages.items()}
     st = res["stages_ms"]
@@ -332,6 +338,10 @@ def plot(rows: list[dict], dense: dict, path: Path, device: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.cp > 1:
+        from .cp import run_cp
+
+        return run_cp(args)
     if not torch.cuda.is_available():
         print("bench layer needs a CUDA GPU", file=sys.stderr)
         return 2

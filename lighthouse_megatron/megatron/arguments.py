@@ -134,18 +134,14 @@ def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | Non
         raise ValueError("--yaml-cfg replaces every command-line argument, the Lighthouse flags too; "
                          "pass the model as flags and Lighthouse settings with --lighthouse-config")
     cp = get("context_parallel_size", 1) or 1
-    if cp > 1:
-        raise ValueError(
-            f"--context-parallel-size {cp} is not supported with --attention-impl lighthouse yet; "
-            "use --context-parallel-size 1"
-        )
     seq = get("seq_length")
     if seq is not None:
         try:
             config.validate(seq, cp_size=cp)
         except ValueError as e:
-            raise ValueError(f"--seq-length {seq} does not fit the Lighthouse settings "
-                             f"(--lighthouse-levels/-pooling-factor/-topk/-tile-topk): {e}") from e
+            raise ValueError(f"--seq-length {seq} with --context-parallel-size {cp} does not fit the "
+                             f"Lighthouse settings (--lighthouse-levels/-pooling-factor/-topk/-tile-topk): "
+                             f"{e}") from e
     num_layers = get("num_layers")
     if num_layers is not None:
         try:

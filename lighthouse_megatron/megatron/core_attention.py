@@ -18,19 +18,33 @@ from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
 from ..attention import lighthouse_attention
-from ..backends import dense_causal_attention
 from ..config import LighthouseConfig
+from ..parallel import ContextParallel, causal_attention
 from .schedule import get_iteration
 
 
-def _cp_size(config, pg_collection) -> int:
-    cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-    if cp is not None:
-        return cp.size()
-    return getattr(config, "context_parallel_size", 1) or 1
+def _context_parallel(config, pg_collection, cp_comm_type: str | None) -> ContextParallel | None:
+    """The CP group Megatron gives this layer (None without context parallelism)."""
+    group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+    if group is None:
+        if (getattr(config, "context_parallel_size", 1) or 1) == 1:
+            return None
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_context_parallel_group()
+    if group.size() == 1:
+        return None
+    comm_type = cp_comm_type or "p2p"
+    te_group = None
+    if comm_type == "a2a+p2p":
+        # As megatron-core's TEDotProductAttention: TE takes the [a2a, p2p] group pair.
+        from megatron.core import parallel_state
+
+        te_group = parallel_state.get_hierarchical_context_parallel_groups()
+    return ContextParallel(group, comm_type, te_group)
 
 
-def check_model_settings(config, where: str, dropout: float, cp: int) -> None:
+def check_model_settings(config, where: str, dropout: float) -> None:
     """Model settings these core attentions do not support: checked when a spec is built
     (configuration time) and again when a module is built from a hand-made spec."""
     if dropout:
@@ -49,13 +63,6 @@ def check_model_settings(config, where: str, dropout: float, cp: int) -> None:
     if getattr(config, "window_size", None) is not None:
         raise ValueError(f"{where}: sliding-window attention (window_size={config.window_size}) is "
                          "not supported")
-    if cp > 1:
-        # Megatron gives a custom core attention no CP guard: attending only within the
-        # local shard would be silently wrong, so refuse until CP lands.
-        raise ValueError(
-            f"{where}: context parallelism is not supported yet (context_parallel_size={cp}); "
-            "use --context-parallel-size 1"
-        )
 
 
 class _CausalCoreAttention(MegatronModule):
@@ -96,9 +103,11 @@ class _CausalCoreAttention(MegatronModule):
         if kwargs.get("k_channels") not in (None, kwargs.get("v_channels")):
             raise ValueError(f"{where}: multi-latent attention (k_channels != v_channels) is not supported")
         check_model_settings(
-            config, where, config.attention_dropout if attention_dropout is None else attention_dropout,
-            _cp_size(config, pg_collection),
+            config, where, config.attention_dropout if attention_dropout is None else attention_dropout
         )
+        # Megatron gives a custom core attention no CP guard: each module attends across the
+        # CP group itself (attending only within the local shard would be silently wrong).
+        self.context_parallel = _context_parallel(config, pg_collection, cp_comm_type)
 
     def forward(
         self,
@@ -156,7 +165,7 @@ class DenseCoreAttention(_CausalCoreAttention):
     name = "DenseCoreAttention"
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return dense_causal_attention(q, k, v, self.softmax_scale)
+        return causal_attention(q, k, v, self.softmax_scale, context_parallel=self.context_parallel)
 
 
 class LighthouseCoreAttention(_CausalCoreAttention):
@@ -190,8 +199,10 @@ class LighthouseCoreAttention(_CausalCoreAttention):
         if self.is_dense_now():
             # Recovery: the same dense causal attention the dense layers compute (the
             # "auto" kernel is TE's fused attention where TE imports on a GPU).
-            return dense_causal_attention(q, k, v, self.softmax_scale, self.lighthouse.backend)
-        return lighthouse_attention(q, k, v, self.lighthouse, self.softmax_scale)
+            return causal_attention(q, k, v, self.softmax_scale, self.lighthouse.backend,
+                                    self.context_parallel)
+        return lighthouse_attention(q, k, v, self.lighthouse, self.softmax_scale,
+                                    context_parallel=self.context_parallel)
 
     def extra_repr(self) -> str:
         return f"layer_number={self.layer_number}, {self.lighthouse}, until_iteration={self.until_iteration}"

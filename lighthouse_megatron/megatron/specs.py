@@ -69,8 +69,7 @@ def check_lighthouse_model(config, lighthouse: LighthouseConfig) -> None:
             f"tensor_model_parallel_size={tp} (each rank must hold whole GQA groups); "
             "set --num-query-groups to a multiple of --tensor-model-parallel-size"
         )
-    check_model_settings(config, "Lighthouse attention", getattr(config, "attention_dropout", 0.0),
-                         getattr(config, "context_parallel_size", 1) or 1)
+    check_model_settings(config, "Lighthouse attention", getattr(config, "attention_dropout", 0.0))
     if lighthouse.scorer == "norm" and getattr(config, "qk_layernorm", False):
         warnings.warn(
             "Lighthouse with scorer='norm' and qk_layernorm=True: QK layer-norm flattens the query "

@@ -3,11 +3,12 @@
 scores.py   stage 2: fp32 norms and their max-pyramid, one pass over q and k
 select.py   stages 3-4: per-tile top-k cascade, entries emitted in causal order
 gather.py   stage 1 + 5 input: pooled q, k, v of the planned entries (and the scatter's backward)
-scatter.py  stage 6: per-token gather of the covering entries (and the gather's backward)
+scatter.py  stage 6: per-token sum of the covering entries (and the gather's backward), and
+            the rows a context-parallel chunk feeds into the next one
 """
 
 from .gather import gather_pooled, segment_sum, segment_sum_torch
-from .scatter import scatter_back, token_gather, token_gather_torch
+from .scatter import scatter_back, spill_rows, token_sum, token_sum_torch
 from .scores import level_offsets, score_pyramids, score_pyramids_torch
 from .select import SelectionPlan, select, select_torch
 
@@ -22,6 +23,7 @@ __all__ = [
     "segment_sum_torch",
     "select",
     "select_torch",
-    "token_gather",
-    "token_gather_torch",
+    "spill_rows",
+    "token_sum",
+    "token_sum_torch",
 ]

@@ -2,11 +2,15 @@
 
 No pyramid of q, k, v is ever stored: each gathered row is the fp32 sum of its entry's
 block of base rows, read straight from the base tensor. The same "segment sum" kernel also
-serves the scatter's backward pass (a slot's gradient is the sum of the output gradient
-over the positions the entry fed), so both live here.
+serves the scatter's backward pass, so both live here. Its mode names the token range of a
+slot's entry (l, i) with block size c = p**l:
+
+  "pool"   [i * c, (i + 1) * c - 1], the tokens it pools: the slot gets their mean (gather);
+  "feed"   [e, e + c - 1] with e = (i + 1) * c - 1, the tokens its output feeds, clipped to
+           the sequence: the slot gets their sum (the scatter's backward).
 
 The gather's backward (spread each gathered gradient over its block, divided by c_l) is the
-per-token kernel of `scatter.py`, run with the pooling cover instead of the scatter cover.
+per-token kernel of `scatter.py` in "pool" mode.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ def _segment_sum_kernel(
     stride_xb, stride_xt, stride_xh,
     stride_ob, stride_os, stride_oh,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    LOG2P: tl.constexpr, C: tl.constexpr, SCATTER_BWD: tl.constexpr, UNROLL: tl.constexpr,
+    LOG2P: tl.constexpr, C: tl.constexpr, FEED: tl.constexpr, UNROLL: tl.constexpr,
 ):
     # One program per (block of gathered slots, batch * head); slots are axis 0 (unbounded).
     pid = tl.program_id(0)
@@ -33,18 +37,20 @@ def _segment_sum_kernel(
     b = bh // heads
     h = bh % heads
     unit = (b * kv_heads + h // GROUP).to(tl.int64)
+    b = b.to(tl.int64)  # head-major inputs: h * stride_h can pass 2**31
+    h = h.to(tl.int64)
     s = pid * BLOCK_S + tl.arange(0, BLOCK_S)
     s_ok = s < S
     lvl = tl.load(level_ptr + unit * S + s, mask=s_ok, other=0)
     idx = tl.load(index_ptr + unit * S + s, mask=s_ok, other=0)
     c = 1 << (lvl * LOG2P)
-    if SCATTER_BWD:
-        start = (idx + 1) * c - 1  # the entry fed [e, e + c - 1], clipped to the sequence
+    if FEED:
+        start = (idx + 1) * c - 1
     else:
-        start = idx * c  # the entry pools [i * c, (i + 1) * c - 1]
+        start = idx * c
     dd = tl.arange(0, BLOCK_D)
     d_ok = (dd < D)[None, :]
-    x_base = x_ptr + b.to(tl.int64) * stride_xb + h * stride_xh + dd[None, :]
+    x_base = x_ptr + b * stride_xb + h * stride_xh + dd[None, :]
     acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
     # Mixed levels share a block, so loop to the coarsest block size and mask per row:
     # masked rows issue no memory traffic. Unrolled, the loads of all rows are in flight
@@ -61,9 +67,9 @@ def _segment_sum_kernel(
             ok = s_ok & (r < c) & (t < n)
             rows = tl.load(x_base + t.to(tl.int64)[:, None] * stride_xt, mask=ok[:, None] & d_ok, other=0.0)
             acc += rows.to(tl.float32)
-    if not SCATTER_BWD:
+    if not FEED:
         acc = acc / c.to(tl.float32)[:, None]
-    o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + dd[None, :]
+    o_ptrs = out_ptr + b * stride_ob + h * stride_oh + dd[None, :]
     o_ptrs += s.to(tl.int64)[:, None] * stride_os
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=s_ok[:, None] & d_ok)
 
@@ -72,16 +78,29 @@ def _segment_sum_kernel(
 SEGMENT_SUM_LAUNCH = {"block_s": 16, "num_warps": 4, "unroll": True}
 
 
-def segment_sum(x: Tensor, plan: SelectionPlan, scatter_bwd: bool, **launch) -> Tensor:
-    """[b, n, H, d] -> [b, S, H, d]: per gathered slot, the mean of its pooling block
-    (gather) or the sum over the positions it feeds (scatter backward)."""
+MODES = ("pool", "feed")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"segment mode must be one of {list(MODES)}, got {mode!r}")
+
+
+def segment_sum(x: Tensor, plan: SelectionPlan, mode: str, out: Tensor | None = None, **launch) -> Tensor:
+    """[b, n, H, d] -> [b, S, H, d]: per gathered slot, the mean of the tokens its entry pools
+    (mode "pool") or the sum over the tokens it feeds (mode "feed"); see the module docstring.
+    `out` may be a strided view (a chunk of a larger buffer) to write into."""
+    _check_mode(mode)
     if not use_triton(x):
-        return segment_sum_torch(x, plan, scatter_bwd)
+        result = segment_sum_torch(x, plan, mode)
+        return result if out is None else out.copy_(result)
     b, n, heads, d = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     s_len = plan.length
-    out = torch.empty(b, s_len, heads, d, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(b, s_len, heads, d, dtype=x.dtype, device=x.device)
+    assert out.shape == (b, s_len, heads, d) and out.stride(-1) == 1
     opts = {**SEGMENT_SUM_LAUNCH, **launch}
     block_d = triton.next_power_of_2(d)
     block_s = max(1, min(opts["block_s"], 8192 // block_d))
@@ -91,18 +110,18 @@ def segment_sum(x: Tensor, plan: SelectionPlan, scatter_bwd: bool, **launch) -> 
         x, out, plan.level, plan.index, n, s_len, heads, plan.kv_heads,
         x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
         GROUP=heads // plan.kv_heads, D=d, BLOCK_D=block_d, BLOCK_S=block_s,
-        LOG2P=plan.pooling_factor.bit_length() - 1, C=coarsest, SCATTER_BWD=scatter_bwd,
+        LOG2P=plan.pooling_factor.bit_length() - 1, C=coarsest, FEED=mode == "feed",
         UNROLL=opts["unroll"] and coarsest <= 64, num_warps=opts["num_warps"],
     )
     return out
 
 
-def gather_pooled(x: Tensor, plan: SelectionPlan) -> Tensor:
+def gather_pooled(x: Tensor, plan: SelectionPlan, out: Tensor | None = None) -> Tensor:
     """Pooled rows of the planned entries, [b, n, H, d] -> [b, S, H, d] (model dtype)."""
-    return segment_sum(x, plan, scatter_bwd=False)
+    return segment_sum(x, plan, "pool", out=out)
 
 
-def segment_sum_torch(x: Tensor, plan: SelectionPlan, scatter_bwd: bool) -> Tensor:
+def segment_sum_torch(x: Tensor, plan: SelectionPlan, mode: str) -> Tensor:
     """Plain-PyTorch twin of `segment_sum` (fp32 sums through a prefix sum over tokens)."""
     b, n, heads, d = x.shape
     group = heads // plan.kv_heads
@@ -110,7 +129,7 @@ def segment_sum_torch(x: Tensor, plan: SelectionPlan, scatter_bwd: bool) -> Tens
     lvl = plan.level.reshape(b, plan.kv_heads, -1).repeat_interleave(group, dim=1).transpose(1, 2).long()
     idx = plan.index.reshape(b, plan.kv_heads, -1).repeat_interleave(group, dim=1).transpose(1, 2).long()
     c = p**lvl  # [b, S, H]
-    start = (idx + 1) * c - 1 if scatter_bwd else idx * c
+    start = (idx + 1) * c - 1 if mode == "feed" else idx * c
     stop = torch.clamp(start + c, max=n)
     prefix = torch.zeros(b, n + 1, heads, d, dtype=torch.float64, device=x.device)
     prefix[:, 1:] = x.double().cumsum(dim=1)  # fp64 prefix sums: exact enough to be a twin
@@ -119,6 +138,6 @@ def segment_sum_torch(x: Tensor, plan: SelectionPlan, scatter_bwd: bool) -> Tens
         return prefix.gather(1, pos.unsqueeze(-1).expand(-1, -1, -1, d))
 
     total = at(stop) - at(torch.clamp(start, max=n))
-    if not scatter_bwd:
+    if mode == "pool":
         total = total / c.unsqueeze(-1)
     return total.to(x.dtype)

@@ -2,13 +2,17 @@
 
 Base token t reads, at each level l, the gathered row of the entry covering it, found
 through the plan's inverse map (slot or -1), and sums them in fp32: no atomics, so the
-result is bitwise reproducible. The cover differs between the two users of the kernel:
+result is bitwise reproducible. The mode names the cover (as in `gather.py`):
 
-  scatter forward   entry i = floor((t + 1) / c_l) - 1 fed t (its block ended at or before t);
-  gather backward   entry i = floor(t / c_l) pooled t, so t receives grad / c_l.
+  "feed"   entry i = floor((t + 1) / c_l) - 1 fed t (its block ended at or before t): the
+           scatter's forward, out[t] = sum of the rows;
+  "pool"   entry i = floor(t / c_l) pooled t: the gather's backward, t receives grad / c_l.
 
-The scatter's backward (sum of the output gradient over each entry's range) is the segment
-sum kernel of `gather.py`.
+Under context parallelism a chunk's first p**(L-1) - 1 tokens are also fed by the last
+entries of the chunk before it, which another rank may hold: "feed" takes those rows as a
+`halo` [b, p**(L-1) - 1, H, d] added to the first tokens (`spill_rows` computes what a chunk
+hands on). The scatter's backward (sum of the output gradient over each entry's range) is
+the segment-sum kernel of `gather.py`.
 """
 
 from __future__ import annotations
@@ -17,34 +21,38 @@ import torch
 from torch import Tensor
 
 from ._triton import tl, triton, use_triton
+from .gather import _check_mode
 from .scores import level_offsets
 from .select import SelectionPlan
 
 
 @triton.jit
-def _token_gather_kernel(
-    g_ptr, out_ptr, inv_ptr,
-    n, total, heads, kv_heads,
+def _token_sum_kernel(
+    g_ptr, out_ptr, inv_ptr, halo_ptr,
+    n, total, heads, kv_heads, halo_len,
     stride_gb, stride_gs, stride_gh,
     stride_ob, stride_ot, stride_oh,
+    stride_hb, stride_ht, stride_hh,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    P: tl.constexpr, LEVELS: tl.constexpr, SCATTER_FWD: tl.constexpr,
+    P: tl.constexpr, LEVELS: tl.constexpr, FEED: tl.constexpr, HAS_HALO: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads
     h = bh % heads
     unit = (b * kv_heads + h // GROUP).to(tl.int64)
+    b = b.to(tl.int64)  # head-major inputs: h * stride_h can pass 2**31
+    h = h.to(tl.int64)
     t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < n
     dd = tl.arange(0, BLOCK_D)
     d_ok = (dd < D)[None, :]
-    g_base = g_ptr + b.to(tl.int64) * stride_gb + h * stride_gh + dd[None, :]
+    g_base = g_ptr + b * stride_gb + h * stride_gh + dd[None, :]
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     offset = n * 0
     c = 1  # block size of the level, a compile-time constant in the unrolled loop
     for _level in tl.static_range(LEVELS):
-        if SCATTER_FWD:
+        if FEED:
             i = (t + 1) // c - 1
         else:
             i = t // c
@@ -52,52 +60,74 @@ def _token_gather_kernel(
         slot = tl.load(inv_ptr + unit * total + offset + i, mask=ok, other=-1)
         ok = ok & (slot >= 0)
         rows = tl.load(g_base + slot.to(tl.int64)[:, None] * stride_gs, mask=ok[:, None] & d_ok, other=0.0)
-        if SCATTER_FWD:
+        if FEED:
             acc += rows.to(tl.float32)
         else:
             acc += rows.to(tl.float32) * (1.0 / c)
         offset += n // c
         c = c * P
-    o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + dd[None, :]
+    if HAS_HALO:
+        h_ok = t_ok & (t < halo_len)
+        h_ptrs = halo_ptr + b * stride_hb + h * stride_hh + t.to(tl.int64)[:, None] * stride_ht + dd[None, :]
+        acc += tl.load(h_ptrs, mask=h_ok[:, None] & d_ok, other=0.0).to(tl.float32)
+    o_ptrs = out_ptr + b * stride_ob + h * stride_oh + dd[None, :]
     o_ptrs += t.to(tl.int64)[:, None] * stride_ot
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok)
 
 
 # Launch settings (tuned on an H100 at 128K-512K tokens, d = 128; see benchmarks/layer/NOTES.md).
-TOKEN_GATHER_LAUNCH = {"block_t": 16, "num_warps": 2}
+TOKEN_SUM_LAUNCH = {"block_t": 16, "num_warps": 2}
 
 
-def token_gather(g: Tensor, plan: SelectionPlan, scatter_fwd: bool, **launch) -> Tensor:
+def token_sum(
+    g: Tensor, plan: SelectionPlan, mode: str, out: Tensor | None = None, halo: Tensor | None = None,
+    **launch,
+) -> Tensor:
     """[b, S, H, d] -> [b, n, H, d]: per base token, the fp32 sum over levels of the rows of
-    the covering emitted entries (scatter forward), or of their gradients / c_l (gather
-    backward)."""
+    the entries feeding it (mode "feed", the scatter), plus `halo[:, t]` for the first tokens;
+    or of the gradients / c_l of the entries pooling it (mode "pool", the gather's backward).
+    `out` may be a strided view (a chunk of a larger buffer) to write into."""
+    _check_mode(mode)
+    if halo is not None and mode != "feed":
+        raise ValueError("a halo only feeds tokens in mode 'feed'")
     if not use_triton(g):
-        return token_gather_torch(g, plan, scatter_fwd)
+        result = token_sum_torch(g, plan, mode, halo)
+        return result if out is None else out.copy_(result)
     b, s_len, heads, d = g.shape
     n = plan.seq_len
     if g.stride(-1) != 1:
         g = g.contiguous()
-    out = torch.empty(b, n, heads, d, dtype=g.dtype, device=g.device)
-    opts = {**TOKEN_GATHER_LAUNCH, **launch}
+    if out is None:
+        out = torch.empty(b, n, heads, d, dtype=g.dtype, device=g.device)
+    assert out.shape == (b, n, heads, d) and out.stride(-1) == 1
+    if halo is not None and halo.stride(-1) != 1:
+        halo = halo.contiguous()
+    h_arg = out if halo is None else halo  # any pointer; unread without a halo
+    opts = {**TOKEN_SUM_LAUNCH, **launch}
     block_d = triton.next_power_of_2(d)
     block_t = max(1, min(opts["block_t"], 8192 // block_d))
     grid = (triton.cdiv(n, block_t), b * heads)
-    _token_gather_kernel[grid](
-        g, out, plan.inverse, n, plan.inverse.shape[1], heads, plan.kv_heads,
+    _token_sum_kernel[grid](
+        g, out, plan.inverse, h_arg, n, plan.inverse.shape[1], heads, plan.kv_heads,
+        0 if halo is None else halo.shape[1],
         g.stride(0), g.stride(1), g.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        h_arg.stride(0), h_arg.stride(1), h_arg.stride(2),
         GROUP=heads // plan.kv_heads, D=d, BLOCK_D=block_d, BLOCK_T=block_t,
-        P=plan.pooling_factor, LEVELS=plan.levels, SCATTER_FWD=scatter_fwd, num_warps=opts["num_warps"],
+        P=plan.pooling_factor, LEVELS=plan.levels, FEED=mode == "feed", HAS_HALO=halo is not None,
+        num_warps=opts["num_warps"],
     )
     return out
 
 
-def scatter_back(o: Tensor, plan: SelectionPlan) -> Tensor:
+def scatter_back(
+    o: Tensor, plan: SelectionPlan, out: Tensor | None = None, halo: Tensor | None = None
+) -> Tensor:
     """Stage 6: [b, S, Hq, d] attention output -> [b, n, Hq, d] in the input dtype."""
-    return token_gather(o, plan, scatter_fwd=True)
+    return token_sum(o, plan, "feed", out=out, halo=halo)
 
 
-def token_gather_torch(g: Tensor, plan: SelectionPlan, scatter_fwd: bool) -> Tensor:
-    """Plain-PyTorch twin of `token_gather`."""
+def token_sum_torch(g: Tensor, plan: SelectionPlan, mode: str, halo: Tensor | None = None) -> Tensor:
+    """Plain-PyTorch twin of `token_sum`."""
     b, _, heads, d = g.shape
     n, p = plan.seq_len, plan.pooling_factor
     group = heads // plan.kv_heads
@@ -108,11 +138,33 @@ def token_gather_torch(g: Tensor, plan: SelectionPlan, scatter_fwd: bool) -> Ten
     out = torch.zeros(b, n, heads, d, dtype=torch.float32, device=g.device)
     for level in range(plan.levels):
         c = p**level
-        i = (t + 1) // c - 1 if scatter_fwd else t // c
+        i = (t + 1) // c - 1 if mode == "feed" else t // c
         valid = i >= 0
         slot = inv[:, offsets[level] + i.clamp(min=0)].long()  # [b, n, H]
         ok = valid[None, :, None] & (slot >= 0)
         rows = g.float().gather(1, slot.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, d))
         rows = torch.where(ok.unsqueeze(-1), rows, 0.0)
-        out += rows if scatter_fwd else rows / c
+        out += rows if mode == "feed" else rows / c
+    if halo is not None:
+        out[:, : halo.shape[1]] += halo.float()
     return out.to(g.dtype)
+
+
+def spill_rows(o: Tensor, plan: SelectionPlan) -> Tensor:
+    """What a chunk's scatter feeds past its end: [b, p**(L-1) - 1, Hq, d], the rows its last
+    entry of each level l >= 1 feeds in the next chunk's first p**l - 1 tokens (zero where that
+    entry was not emitted). Differentiable in `o`; fp32, so that the receiving chunk's sum is
+that of the unsplit sequence up to fp32 rounding."""
+    b, _, heads, d = o.shape
+    n, p = plan.seq_len, plan.pooling_factor
+    group = heads // plan.kv_heads
+    offsets = level_offsets(n, p, plan.levels)
+    spill = o.new_zeros(b, p ** (plan.levels - 1) - 1, heads, d, dtype=torch.float32)
+    for level in range(1, plan.levels):
+        c = p**level
+        slot = plan.inverse[:, offsets[level] + n // c - 1].long()  # [b * Hkv], the last entry
+        slot = slot.reshape(b, plan.kv_heads).repeat_interleave(group, dim=1)  # [b, H]
+        row = o.gather(1, slot.clamp(min=0)[:, None, :, None].expand(-1, 1, -1, d)).float()
+        row = torch.where((slot >= 0)[:, None, :, None], row, 0.0)
+        spill[:, : c - 1] = spill[:, : c - 1] + row
+    return spill

@@ -24,6 +24,12 @@ def level_offsets(n: int, pooling_factor: int, levels: int) -> list[int]:
 
 
 @triton.jit
+def _finite_or_inf(s):
+    # NaN norms count as +inf, as in `reference.base_scores`: one rule for both paths.
+    return tl.where(s != s, float("inf"), s)
+
+
+@triton.jit
 def _scores_kernel(
     q_ptr, k_ptr, sq_ptr, sk_ptr,
     n, hkv, total,
@@ -37,7 +43,7 @@ def _scores_kernel(
     pid_n = tl.program_id(0)
     unit = tl.program_id(1)
     b = (unit // hkv).to(tl.int64)
-    h = unit % hkv
+    h = (unit % hkv).to(tl.int64)  # head-major inputs: h * stride_h can pass 2**31
     t = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     t_ok = t < n
     dd = tl.arange(0, BLOCK_D)
@@ -46,13 +52,13 @@ def _scores_kernel(
 
     kx = tl.load(k_ptr + b * stride_kb + h * stride_kh + rows * stride_kt + dd[None, :], mask=mask, other=0.0)
     kx = kx.to(tl.float32)
-    s_k = tl.sqrt(tl.sum(kx * kx, axis=1))
+    s_k = _finite_or_inf(tl.sqrt(tl.sum(kx * kx, axis=1)))
     s_q = tl.zeros([BLOCK_N], dtype=tl.float32)  # norms are >= 0, so 0 is the max's identity
     for g in tl.static_range(GROUP):
         qh = h * GROUP + g
         q_ptrs = q_ptr + b * stride_qb + qh * stride_qh + rows * stride_qt + dd[None, :]
         qx = tl.load(q_ptrs, mask=mask, other=0.0).to(tl.float32)
-        s_q = tl.maximum(s_q, tl.sqrt(tl.sum(qx * qx, axis=1)))
+        s_q = tl.maximum(s_q, _finite_or_inf(tl.sqrt(tl.sum(qx * qx, axis=1))))
 
     base = unit.to(tl.int64) * total
     tl.store(sq_ptr + base + t, s_q, mask=t_ok)

@@ -1,0 +1,77 @@
+"""The CP group a layer runs in, and Megatron's load-balanced chunk layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+CP_COMM_TYPES = ("p2p", "a2a", "all_gather", "a2a+p2p")
+
+
+@dataclass(frozen=True, eq=False)
+class ContextParallel:
+    """A context-parallel group and how Transformer Engine should communicate in it.
+
+    group       the CP process group (Megatron: `pg_collection.cp`).
+    comm_type   TE's `cp_comm_type` for the attention on the gathered sequence: "p2p" (ring of
+                K/V, overlapped with compute), "a2a", "all_gather" or "a2a+p2p".
+    te_group    what TE takes as `cp_group` when it is not `group` (a2a+p2p: the list of the
+                a2a and p2p groups, Megatron's hierarchical CP groups).
+    """
+
+    group: Any
+    comm_type: str = "p2p"
+    te_group: Any = None
+    _streams: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.comm_type not in CP_COMM_TYPES:
+            raise ValueError(f"cp_comm_type must be one of {list(CP_COMM_TYPES)}, got {self.comm_type!r}")
+        if self.comm_type == "a2a+p2p" and self.te_group is None:
+            raise ValueError("cp_comm_type 'a2a+p2p' needs te_group, the [a2a, p2p] hierarchical CP groups")
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    @property
+    def global_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self.group)
+
+    def chunk_ids(self, rank: int | None = None) -> tuple[int, int]:
+        """The two chunks (of 2*size) that `rank` (default: this rank) holds, in order."""
+        r = self.rank if rank is None else rank
+        return r, 2 * self.size - 1 - r
+
+    def stream(self, device: torch.device) -> torch.cuda.Stream:
+        """A side stream for TE's CP communication, one per device (as Megatron's)."""
+        key = device.index if device.index is not None else torch.cuda.current_device()
+        if key not in self._streams:
+            self._streams[key] = torch.cuda.Stream(device=key)
+        return self._streams[key]
+
+
+def split_chunks(x: Tensor, dim: int, cp_size: int, cp_rank: int) -> Tensor:
+    """The part of a full sequence that CP rank `cp_rank` holds: chunks r and 2*CP-1-r of 2*CP."""
+    chunks = x.chunk(2 * cp_size, dim=dim)
+    if len(chunks) != 2 * cp_size or x.shape[dim] % (2 * cp_size):
+        raise ValueError(f"sequence length {x.shape[dim]} is not divisible by 2*cp_size={2 * cp_size}")
+    return torch.cat([chunks[cp_rank], chunks[2 * cp_size - 1 - cp_rank]], dim=dim)
+
+
+def merge_chunks(parts: list[Tensor], dim: int) -> Tensor:
+    """Inverse of `split_chunks`: the full sequence from every rank's part, in rank order."""
+    cp = len(parts)
+    chunks: list[Tensor | None] = [None] * (2 * cp)
+    for r, part in enumerate(parts):
+        first, second = part.chunk(2, dim=dim)
+        chunks[r], chunks[2 * cp - 1 - r] = first, second
+    return torch.cat(chunks, dim=dim)

@@ -1,0 +1,139 @@
+"""Context parallelism: CP = 2 and 4 (gloo processes) against CP = 1, and the chunked reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lighthouse_megatron import LighthouseConfig, lighthouse_attention
+from lighthouse_megatron import reference as R
+from lighthouse_megatron.attention import plan_selection
+from lighthouse_megatron.backends import dense_causal_attention
+from lighthouse_megatron.ops import spill_rows
+from lighthouse_megatron.parallel import ContextParallel, causal_attention, merge_chunks, split_chunks
+
+from ._distributed import run_workers
+from ._inputs import random_qkv
+
+# Global sequence of 256 tokens; with CP = 4 each of the 8 chunks is one 32-token tile.
+CASES = [
+    # (config, n, hq, hkv, d)
+    (LighthouseConfig(levels=3, pooling_factor=2, topk=32, tile_topk=4), 256, 4, 4, 8),
+    (LighthouseConfig(levels=3, pooling_factor=2, topk=32, tile_topk=4), 256, 4, 2, 8),  # GQA
+    (LighthouseConfig(levels=2, pooling_factor=4, topk=64, tile_topk=8), 256, 2, 1, 16),
+]
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_chunked_reference_equals_reference(cp, case):
+    cfg, n, hq, hkv, d = CASES[case]
+    q, k, v = random_qkv(2, n, hq, hkv, d, seed=case)
+    whole = R.lighthouse_attention_reference(q, k, v, cfg)
+    chunked = R.lighthouse_attention_chunked_reference(q, k, v, cfg, cp)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    # Each chunk's plan is the whole sequence's plan restricted to the chunk's tiles.
+    whole_plan = R.plan(q, k, cfg)
+    per_chunk = whole_plan.length // (2 * cp)
+    for j, (qc, kc) in enumerate(zip(q.chunk(2 * cp, dim=1), k.chunk(2 * cp, dim=1), strict=True)):
+        part = R.plan(qc, kc, cfg.chunk_config(cp))
+        sl = slice(j * per_chunk, (j + 1) * per_chunk)
+        offset = (n // (2 * cp)) // cfg.pooling_factor ** whole_plan.level[..., sl]
+        assert torch.equal(part.level, whole_plan.level[..., sl])
+        assert torch.equal(part.index + j * offset, whole_plan.index[..., sl])
+
+
+def test_spill_rows_are_what_the_scatter_feeds_past_the_end(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # plain PyTorch: this checks spill_rows, not kernels
+    cfg, n, hq, hkv, d = CASES[1]
+    q, k, _ = random_qkv(2, n, hq, hkv, d, seed=5)
+    plan = plan_selection(q, k, cfg)
+    o = torch.randn(2, plan.length, hq, d)
+    spill = cfg.coarsest_block - 1
+    beyond = R.scatter(o, plan.to_reference(), cfg, n, out_len=n + spill)[:, n:]
+    assert beyond.abs().sum() > 0
+    torch.testing.assert_close(spill_rows(o, plan), beyond, rtol=0, atol=1e-6)
+
+
+def test_split_and_merge_chunks_are_megatron_layout():
+    x = torch.arange(16).reshape(1, 16)
+    # Megatron's get_batch_on_this_cp_rank at CP = 2: rank 0 [0-3, 12-15], rank 1 [4-11].
+    assert split_chunks(x, 1, 2, 0).tolist() == [[0, 1, 2, 3, 12, 13, 14, 15]]
+    assert split_chunks(x, 1, 2, 1).tolist() == [[4, 5, 6, 7, 8, 9, 10, 11]]
+    assert torch.equal(merge_chunks([split_chunks(x, 1, 4, r) for r in range(4)], 1), x)
+
+
+def _gather_parts(x: torch.Tensor, world: int) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return merge_chunks(parts, dim=1)
+
+
+def _cp_worker(rank, world):
+    cp = ContextParallel(dist.group.WORLD)
+    for i, (cfg, n, hq, hkv, d) in enumerate(CASES):
+        q, k, v = random_qkv(2, n, hq, hkv, d, seed=10 + i)
+        grad = torch.randn(2, n, hq, d, generator=torch.Generator().manual_seed(i))
+        for name, fn in (
+            ("lighthouse", lambda a, b, c, cfg=cfg, **kw: lighthouse_attention(a, b, c, cfg, **kw)),
+            ("dense", lambda a, b, c, **kw: causal_attention(a, b, c, **kw)),
+        ):
+            full = [x.clone().requires_grad_(True) for x in (q, k, v)]
+            want = fn(*full)
+            want.backward(grad)
+            local = [split_chunks(x, 1, world, rank).requires_grad_(True) for x in (q, k, v)]
+            out = fn(*local, context_parallel=cp)
+            out.backward(split_chunks(grad, 1, world, rank))
+            got = _gather_parts(out.detach(), world)
+            where = f"{name} case {i} CP={world}"
+            torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, where=where: f"{where}: {m}")
+            # The tokens right after each chunk boundary read the halo from the chunk before.
+            c = n // (2 * world)
+            starts = torch.arange(1, 2 * world) * c
+            torch.testing.assert_close(got[:, starts], want.detach()[:, starts], rtol=1e-5, atol=1e-6)
+            for x_full, x_local, label in zip(full, local, "qkv", strict=True):
+                g = _gather_parts(x_local.grad, world)
+                torch.testing.assert_close(g, x_full.grad, rtol=1e-5, atol=1e-6,
+                                           msg=lambda m, label=label, where=where: f"{where} d{label}: {m}")
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_context_parallel_equals_cp1(cp):
+    run_workers(_cp_worker, cp)
+
+
+def test_cp_refuses_sizes_that_do_not_fit():
+    cfg = LighthouseConfig(levels=3, pooling_factor=2, topk=16, tile_topk=4)
+    with pytest.raises(ValueError, match=r"topk=16 must be a multiple of 2\*cp_size\*tile_topk=2\*4\*4=32"):
+        cfg.validate(256, cp_size=4)
+    with pytest.raises(ValueError, match="nearest valid: 32"):
+        cfg.chunk_config(4)
+
+
+def test_dense_backend_on_cpu_matches_sdpa_math():
+    q, k, v = random_qkv(1, 64, 4, 2, 8, seed=1)
+    torch.testing.assert_close(causal_attention(q, k, v), dense_causal_attention(q, k, v))
+
+
+def test_chunked_gather_and_scatter_kernels_match_twins(monkeypatch):
+    """The two-chunk gather and scatter (CP's local layout) write strided views of one buffer."""
+    from lighthouse_megatron.attention import _PooledGather, _ScatterBack
+
+    cfg, n, hq, hkv, d = CASES[1]
+    chunk = cfg.chunk_config(2)
+    q, k, _ = random_qkv(1, n // 2, hq, hkv, d, seed=7)
+    c = n // 4
+    plans = [plan_selection(q[:, :c], k[:, :c], chunk), plan_selection(q[:, c:], k[:, c:], chunk)]
+    x = torch.randn(1, n // 2, hq, d, requires_grad=True)
+    halos = [torch.randn(1, cfg.coarsest_block - 1, hq, d, requires_grad=True) for _ in plans]
+    results = []
+    for interpret in ("1", "0"):  # kernels, then twins
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        g = _PooledGather.apply(x, plans)
+        out = _ScatterBack.apply(g * 1.5, plans, *halos)
+        grads = torch.autograd.grad(out, [x, *halos], torch.randn_like(out, generator=None).fill_(0.5) + x)
+        results.append([g, out, *grads])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
