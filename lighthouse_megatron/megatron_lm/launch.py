@@ -1,0 +1,93 @@
+"""What both Megatron-LM generations share: importing Megatron-LM, the Lighthouse flags
+in its parser, the block spec the arguments describe, the iteration clock, clean exits."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Iterator
+
+from ..megatron.schedule import set_iteration_source
+from ..megatron.specs import LighthouseBlockSpecProvider
+from .arguments import add_lighthouse_args, lighthouse_config_from_args
+
+# Modules of Megatron-LM itself (not of megatron-core, nor of its dependencies).
+MEGATRON_LM_MODULES = ("megatron", "megatron.training", "pretrain_gpt", "gpt_builders", "model_provider")
+
+NOT_ON_PATH = (
+    "Megatron-LM's `{module}` is not importable. Megatron-LM is not on PyPI (the megatron-core "
+    "wheels lack its pretrain_gpt.py, and before 0.19 its megatron.training): clone it at the "
+    "tag of your megatron-core (git clone -b core_v0.16.1 https://github.com/NVIDIA/Megatron-LM) "
+    "and put the checkout first on PYTHONPATH, e.g. PYTHONPATH=/path/to/Megatron-LM:$PYTHONPATH "
+    "python -m lighthouse_megatron.megatron_lm.pretrain_gpt ..."
+)
+MISSING_DEPENDENCY = (
+    "Megatron-LM's `{module}` was found ({where}) but needs `{missing}`, which is not installed; "
+    "install it (pip install {package}) next to megatron-core"
+)
+BROKEN = "Megatron-LM's `{module}` ({where}) failed to import: {error}"
+
+
+def _where(module: str) -> str:
+    spec = importlib.util.find_spec(module.split(".")[0])
+    return spec.origin if spec is not None and spec.origin else "on the path"
+
+
+def require_megatron_lm() -> tuple:
+    """Import Megatron-LM's `megatron.training` and its `pretrain_gpt` script, or raise an
+    ImportError that says what is missing: Megatron-LM itself, or one of its dependencies."""
+    modules = []
+    for name in ("megatron.training", "pretrain_gpt"):
+        try:
+            modules.append(importlib.import_module(name))
+        except ModuleNotFoundError as e:
+            if e.name is None or e.name in MEGATRON_LM_MODULES:
+                raise ImportError(NOT_ON_PATH.format(module=name)) from e
+            root = e.name.split(".")[0]
+            raise ImportError(MISSING_DEPENDENCY.format(module=name, where=_where(name), missing=e.name,
+                                                        package=root.replace("_", "-"))) from e
+        except ImportError as e:
+            raise ImportError(BROKEN.format(module=name, where=_where(name), error=e)) from e
+    return tuple(modules)
+
+
+def extra_args_provider(other: Callable | None = None) -> Callable:
+    """An `extra_args_provider` adding the Lighthouse flags, then `other`'s (e.g. ModelOpt's)."""
+
+    def provider(parser):
+        parser = add_lighthouse_args(parser)
+        return other(parser) if other is not None else parser
+
+    return provider
+
+
+def spec_provider_from_args(args) -> LighthouseBlockSpecProvider:
+    """The callable block spec the (validated) arguments describe."""
+    return LighthouseBlockSpecProvider(
+        lighthouse=lighthouse_config_from_args(args),
+        attention_impl=args.attention_impl,
+        use_te=getattr(args, "transformer_impl", "transformer_engine") == "transformer_engine",
+        normalization=getattr(args, "normalization", None),
+        qk_l2_norm=getattr(args, "qk_l2_norm", False),
+        until_iteration=args.lighthouse_until_iter,
+    )
+
+
+def use_megatron_lm_iteration() -> None:
+    """Make `--lighthouse-until-iter` read Megatron-LM's `args.curr_iteration`, which its
+    train() sets before each step. Resolved here once, not on every layer's forward."""
+    from megatron.training import get_args
+
+    set_iteration_source(lambda: getattr(get_args(), "curr_iteration", None))
+
+
+@contextlib.contextmanager
+def clean_exit() -> Iterator[None]:
+    """Bad settings end the program the way argparse does: one `error:` line, exit code 2."""
+    try:
+        yield
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
