@@ -66,6 +66,8 @@ def run(training, mlm, pretrain, store) -> None:
         extra_args_provider=extra_args_provider(mlm.add_modelopt_args if modelopt else None),
         args_defaults=ARGS_DEFAULTS,
     )
+    with clean_exit():
+        validate_lighthouse_args(args)  # before Megatron-LM turns the arguments into configs
     if modelopt:
         mlm.maybe_enable_modelopt(args)
     if modelopt and getattr(args, "modelopt_enabled", False):

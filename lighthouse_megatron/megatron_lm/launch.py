@@ -31,8 +31,16 @@ BROKEN = "Megatron-LM's `{module}` ({where}) failed to import: {error}"
 
 
 def _where(module: str) -> str:
-    spec = importlib.util.find_spec(module.split(".")[0])
-    return spec.origin if spec is not None and spec.origin else "on the path"
+    """Where `module` is imported from (its package's folders for a namespace package)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except ImportError:
+        spec = importlib.util.find_spec(module.split(".")[0])
+    if spec is None:
+        return "on the path"
+    if spec.origin and spec.origin != "namespace":
+        return spec.origin
+    return ", ".join(spec.submodule_search_locations or ["on the path"])
 
 
 def require_megatron_lm() -> tuple:
