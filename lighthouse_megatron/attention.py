@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from .backends import dense_causal_attention
+from .backends import check_backend, dense_causal_attention
 from .config import LighthouseConfig
 from .ops import SelectionPlan, score_pyramids, segment_sum, select, token_gather
 from .reference import check_inputs
@@ -63,6 +63,7 @@ def lighthouse_attention(
     Causal; GQA when Hq > Hkv; `softmax_scale` defaults to 1/sqrt(d). Differentiable in q, k, v.
     """
     check_inputs(q, k, v, config)
+    check_backend(config.backend, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     if config.levels == 1:  # nothing is pooled or selected: S = N
         return dense_causal_attention(q, k, v, scale, config.backend)

@@ -36,6 +36,18 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig) -> N
             f"lighthouse attention: query heads {q.shape[2]} must be a multiple of key/value heads "
             f"{k.shape[2]} (GQA groups)"
         )
+    if 0 in q.shape or 0 in k.shape:
+        raise ValueError(f"lighthouse attention: q {tuple(q.shape)} and k, v {tuple(k.shape)} must not "
+                         "be empty (batch size, sequence length, heads and head dim >= 1)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"lighthouse attention: q, k and v must have one dtype, got q {q.dtype}, "
+                         f"k {k.dtype}, v {v.dtype}")
+    if not q.is_floating_point():
+        raise ValueError(f"lighthouse attention: q, k and v must be floating point (float32, bfloat16, "
+                         f"float16), got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"lighthouse attention: q, k and v must be on one device, got q on {q.device}, "
+                         f"k on {k.device}, v on {v.device}")
     config.validate(q.shape[1])
 
 

@@ -261,6 +261,21 @@ def test_input_shape_errors():
         lighthouse_attention(q, k, v, cfg)
 
 
+@pytest.mark.parametrize("attention", [lighthouse_attention, R.lighthouse_attention_reference],
+                         ids=["fast", "reference"])
+def test_input_type_and_device_errors(attention):
+    cfg = LighthouseConfig(levels=2, pooling_factor=2, topk=4, tile_topk=2)
+    q, k, v = random_qkv(1, 32, 2, 2, 8)
+    with pytest.raises(ValueError, match=r"one dtype, got q torch.float32, k torch.bfloat16"):
+        attention(q, k.bfloat16(), v, cfg)
+    with pytest.raises(ValueError, match=r"floating point .*got torch.int64"):
+        attention(*(torch.ones(1, 32, 2, 8, dtype=torch.long) for _ in range(3)), cfg)
+    with pytest.raises(ValueError, match=r"must not be empty .*batch size"):
+        attention(q[:0], k[:0], v[:0], cfg)
+    with pytest.raises(ValueError, match=r"one device, got q on cpu, k on meta"):
+        attention(q, k.to("meta"), v, cfg)
+
+
 @st.composite
 def small_problems(draw):
     p = draw(st.sampled_from([2, 4, 8]))

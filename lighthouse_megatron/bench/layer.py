@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from ..attention import lighthouse_attention, plan_selection
-from ..backends import dense_causal_attention
-from ..config import LighthouseConfig
+from ..backends import dense_causal_attention, te_import_error
+from ..config import BACKENDS, LighthouseConfig
 from ..ops import score_pyramids, segment_sum, select, token_gather
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,7 +48,7 @@ def add_layer_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--levels", type=int, default=3)
     p.add_argument("--pooling-factor", type=int, default=4)
     p.add_argument("--tile-topk", type=int, default=128)
-    p.add_argument("--backend", default="auto", help="stage-5 kernel (auto, te, cudnn, flash, math)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="stage-5 kernel (default auto)")
     p.add_argument("--dense-max-len", type=_int, default=512 * K,
                    help="run dense SDPA only up to this length (0: never)")
     p.add_argument("--warmup", type=int, default=3)
@@ -333,8 +333,17 @@ def plot(rows: list[dict], dense: dict, path: Path, device: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
-        print("bench layer needs a CUDA GPU", file=sys.stderr)
+        print("error: bench layer needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.backend in ("te", "auto"):
+        # Transformer Engine must load before torch first uses cuDNN (below: the cuDNN
+        # version, the reference check): TE builds that link another cuDNN than torch's
+        # fail to load, or break torch's cuDNN, in the other order.
+        te_error = te_import_error()
+        if args.backend == "te" and te_error is not None:
+            print(f"error: --backend te needs transformer_engine.pytorch, which does not import here "
+                  f"({te_error})", file=sys.stderr)
+            return 2
     import triton
 
     device = torch.cuda.get_device_name()
