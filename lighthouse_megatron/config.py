@@ -1,6 +1,6 @@
 """LighthouseConfig: the knobs of Lighthouse attention, their validation and derived sizes.
 
-Every size rule of ALGORITHM.md lives here, so that a bad configuration fails before a
+Every size rule of docs/algorithm.md lives here, so that a bad configuration fails before a
 job starts, with the numbers that broke it and the nearest values that would work.
 """
 
@@ -28,7 +28,7 @@ def _is_power_of_two(x: int) -> bool:
 
 @dataclass(frozen=True)
 class LighthouseConfig:
-    """Lighthouse attention settings (ALGORITHM.md notation in brackets).
+    """Lighthouse attention settings (docs/algorithm.md notation in brackets).
 
     levels          [L] pyramid levels; 1 is plain dense causal attention.
     pooling_factor  [p] block growth per level, a power of two >= 2.

@@ -1,4 +1,4 @@
-"""Slow, obviously-correct Lighthouse attention: ALGORITHM.md stages 1-6, one function each.
+"""Slow, obviously-correct Lighthouse attention: docs/algorithm.md stages 1-6, one function each.
 
 This is the oracle every fast kernel is tested against. It knows nothing of Megatron or
 of context parallelism beyond working on whatever sequence (or CP chunk) it is given:
@@ -235,7 +235,7 @@ def scatter(
 def lighthouse_attention_reference(
     q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig, softmax_scale: float | None = None
 ) -> Tensor:
-    """Lighthouse attention, stages 1-6 as ALGORITHM.md writes them.
+    """Lighthouse attention, stages 1-6 as docs/algorithm.md writes them.
 
     q [b, s, Hq, d], k and v [b, s, Hkv, d] (after RoPE) -> [b, s, Hq, d]; differentiable in
     q, k and v (the selection itself carries no gradient).

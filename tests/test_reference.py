@@ -23,7 +23,7 @@ def sdpa(q, k, v, scale=None):
 
 
 def literal(q, k, v, cfg, scale):
-    """ALGORITHM.md read aloud: Python loops per selection unit, tile, level and token.
+    """docs/algorithm.md read aloud: Python loops per selection unit, tile, level and token.
 
     Returns the output and, per (batch, kv head), the gathered (level, index) list.
     """
@@ -203,7 +203,7 @@ def test_future_changes_that_keep_norms_leave_the_past_bitwise_unchanged():
 
 
 def test_future_norms_may_change_past_selection():
-    """The selection looks at the whole tile (ALGORITHM.md): measured, not hidden."""
+    """The selection looks at the whole tile (docs/algorithm.md): measured, not hidden."""
     cfg = LighthouseConfig(levels=2, pooling_factor=4, topk=4, tile_topk=4)
     q, k, v = random_qkv(1, 64, 1, 1, 8, seed=2)
     base_plan = R.plan(q, k, cfg)

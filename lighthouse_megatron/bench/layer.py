@@ -3,7 +3,7 @@
 For every sequence length N and top-k budget k: forward and forward+backward latency of
 `lighthouse_attention`, a per-stage breakdown (scores, selection, gather, attention,
 scatter and the backward of gather, attention and scatter), peak memory, and the floor of
-PERFORMANCE.md measured in the same process: cuDNN SDPA forward+backward on the gathered
+docs/performance.md measured in the same process: cuDNN SDPA forward+backward on the gathered
 length S plus the memory passes (9 passes over one [N, H, d] tensor for forward+backward,
 4 for the forward) at the copy bandwidth measured here. Dense cuDNN SDPA on N tokens runs
 in the same process (up to --dense-max-len). Before timing anything, the fast path is
@@ -124,7 +124,7 @@ def check_against_reference(args) -> dict:
     """Fast path vs the reference at a small size, forward and gradients; raises if off.
 
     Random normal inputs: the selection of both sides must agree exactly (checked first);
-    then the bf16 output and gradients within METHOD.md's bf16 tolerance."""
+    then the bf16 output and gradients within the bf16 tolerance of docs/performance.md."""
     from ..reference import lighthouse_attention_reference, plan
 
     n, topk = 16 * K, 512
@@ -258,7 +258,7 @@ def bench_lighthouse(args, n: int, topk: int, bandwidth: float) -> dict:
     res["around_attention_fwd_bwd_ms"] = around_fwd + st["scatter_bwd"] + st["gather_bwd"]
     res["around_attention_frac"] = res["around_attention_fwd_bwd_ms"] / res["fwd_bwd_ms"]
 
-    # Floor (PERFORMANCE.md): dense attention on S fresh tokens, same shapes and kernel, plus
+    # Floor (docs/performance.md): dense attention on S fresh tokens, same shapes and kernel, plus
     # the memory passes at this card's copy rate.
     one_pass = args.batch * n * args.heads * args.head_dim * DTYPES[args.dtype].itemsize / bandwidth
     res["pass_ms"] = one_pass
@@ -335,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("error: bench layer needs a CUDA GPU", file=sys.stderr)
         return 2
+    te_error = "not tried"
     if args.backend in ("te", "auto"):
         # Transformer Engine must load before torch first uses cuDNN (below: the cuDNN
         # version, the reference check): TE builds that link another cuDNN than torch's
@@ -359,6 +360,8 @@ def run(args: argparse.Namespace) -> int:
         "head_dim": args.head_dim, "dtype": args.dtype, "levels": args.levels,
         "pooling_factor": args.pooling_factor, "tile_topk": args.tile_topk, "backend": args.backend,
         "warmup": args.warmup, "reps": args.reps, "dense_reps": args.dense_reps,
+        # Stage 5 runs TE's fused attention with "te", and with "auto" where TE imports.
+        "transformer_engine": te_error is None, "transformer_engine_error": te_error,
     }
     print(f"device {device}, torch {torch.__version__}, triton {triton.__version__}, "
           f"cudnn {meta['cudnn']}", flush=True)
