@@ -79,9 +79,10 @@ def test_gpu_bench_layer_te_in_a_fresh_process(tmp_path):
 
     if not te_available():
         pytest.skip("transformer_engine.pytorch does not import here")
-    proc = subprocess.run([sys.executable, "-m", "lighthouse_megatron.cli", "bench", "layer",
-                           "--backend", "te", "--seq-lens", "64K", "--topks", "2048",
-                           "--dense-max-len", "64K", "--reps", "3", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    argv = ["bench", "layer", "--backend", "te", "--seq-lens", "64K", "--topks", "2048",
+            "--dense-max-len", "64K", "--reps", "3", "--out", str(tmp_path)]
+    proc = subprocess.run([sys.executable, "-m", "lighthouse_megatron.cli", *argv], capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "layer.json").read_text())
     assert report["meta"]["transformer_engine"] is True and report["meta"]["backend"] == "te"
