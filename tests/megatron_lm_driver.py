@@ -6,7 +6,8 @@ Megatron-LM's `pretrain()` needs CUDA and NCCL, so it is replaced by a stand-in 
 what the real one does first, with Megatron-LM's own functions: parse and validate the
 arguments (with the script's `extra_args_provider`, core 0.16) and build the model through
 the script's model provider on one gloo rank. It prints one line,
-`RESULT {"attention_impl": ..., "core_attention": [class name per layer]}`.
+`RESULT {"attention_impl": ..., "core_attention": [class name per layer]}` (core 0.19: of
+the layer specs its model builder would get).
 Used by tests/test_patches.py with the snapshot's folder on PYTHONPATH.
 """
 
@@ -50,9 +51,11 @@ def pretrain_019(cfg_container, train_valid_test_dataset_provider, model_type, f
                  **kwargs):
     from megatron.training.global_vars import get_args
 
-    args = get_args()
-    spec = cfg_container.model.transformer_layer_spec
-    _report(args, [type(spec).__name__])
+    # Megatron-LM 0.19's GPTModelBuilder calls a callable spec with the model config.
+    model_cfg = cfg_container.model
+    block = model_cfg.transformer_layer_spec(model_cfg, vp_stage=None)
+    _report(get_args(), [s.submodules.self_attention.submodules.core_attention.module.__name__
+                         for s in block.layer_specs])
 
 
 def main() -> None:

@@ -103,12 +103,10 @@ def test_patched_script_parses_the_flags_and_builds_lighthouse_layers(patched):
     tag, source, work = patched
     result = _result(_run(tag, source, work, *TINY, *LIGHTHOUSE))
     assert result["attention_impl"] == "lighthouse" and result["lighthouse_topk"] == 8
-    if tag < "core_v0.19":
-        # The real gpt_builder built the real GPTModel: the last layer stays dense.
-        assert result["core_attention"] == ["LighthouseCoreAttention"] * 2 + ["DenseCoreAttention"]
-        assert result["spec"] is None  # checkpoints store the arguments: no --spec left behind
-    else:
-        assert result["core_attention"] == ["LighthouseBlockSpecProvider"]
+    # core 0.16: the real gpt_builder built the real GPTModel; 0.19: the specs its builder
+    # gets. The last layer stays dense.
+    assert result["core_attention"] == ["LighthouseCoreAttention"] * 2 + ["DenseCoreAttention"]
+    assert result["spec"] is None  # checkpoints store the arguments: no --spec left behind
 
 
 def test_patched_script_rejects_a_bad_topk(patched):

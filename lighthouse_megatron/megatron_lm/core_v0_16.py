@@ -13,7 +13,13 @@ from collections.abc import Callable
 from functools import partial
 
 from .arguments import validate_lighthouse_args
-from .launch import clean_exit, extra_args_provider, spec_provider_from_args, use_megatron_lm_iteration
+from .launch import (
+    announce,
+    clean_exit,
+    extra_args_provider,
+    spec_provider_from_args,
+    use_megatron_lm_iteration,
+)
 
 __all__ = ["extra_args_provider", "run", "wrap_gpt_builder"]
 
@@ -43,7 +49,7 @@ def wrap_gpt_builder(gpt_builder: Callable) -> Callable:
         call = partial(gpt_builder, args, pre_process, post_process, vp_stage=vp_stage, config=config,
                        pg_collection=pg_collection)
         if args.attention_impl != "lighthouse":
-            return call()
+            return _announced(call(), vp_stage)
         if config is None:
             from megatron.training.arguments import core_transformer_config_from_args
 
@@ -52,12 +58,19 @@ def wrap_gpt_builder(gpt_builder: Callable) -> Callable:
         _stage_block_spec = spec_provider_from_args(args)(config, vp_stage=vp_stage)
         args.spec = [__name__, "_stage_block_spec"]
         try:
-            return call()
+            return _announced(call(), vp_stage)
         finally:
             # Checkpoints store args: they must never record this spec.
             args.spec, _stage_block_spec = None, None
 
     return builder
+
+
+def _announced(model, vp_stage):
+    layers = getattr(getattr(model, "decoder", None), "layers", [])
+    announce(f"model of this stage (vp_stage={vp_stage}), core attention",
+             [type(layer.self_attention.core_attention).__name__ for layer in layers])
+    return model
 
 
 def run(training, mlm, pretrain, store) -> None:

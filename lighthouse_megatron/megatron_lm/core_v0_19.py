@@ -18,7 +18,14 @@ import os
 from ..config import LighthouseConfig
 from ..megatron.specs import LighthouseBlockSpecProvider, _transformer_config
 from .arguments import load_lighthouse_yaml, validate_lighthouse_args
-from .launch import clean_exit, extra_args_provider, spec_provider_from_args, use_megatron_lm_iteration
+from .launch import (
+    AnnouncingSpecProvider,
+    announce,
+    clean_exit,
+    extra_args_provider,
+    spec_provider_from_args,
+    use_megatron_lm_iteration,
+)
 
 __all__ = ["configure_model", "extra_args_provider", "lighthouse_spec_from_env", "run"]
 
@@ -35,7 +42,9 @@ def configure_model(args, model_cfg) -> None:
             raise ValueError(f"--attention-impl lighthouse builds its own layer spec; drop --spec "
                              f"{' '.join(args.spec)}")
     if args.attention_impl == "lighthouse":
-        model_cfg.transformer_layer_spec = spec_provider_from_args(args)
+        model_cfg.transformer_layer_spec = AnnouncingSpecProvider(spec_provider_from_args(args))
+    else:
+        announce("--attention-impl dense: Megatron-LM's own layer specs")
     use_megatron_lm_iteration()
 
 

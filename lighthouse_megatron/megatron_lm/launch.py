@@ -3,11 +3,14 @@ in its parser, the block spec the arguments describe, the iteration clock, clean
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from ..megatron.schedule import set_iteration_source
 from ..megatron.specs import LighthouseBlockSpecProvider
@@ -81,6 +84,32 @@ def spec_provider_from_args(args) -> LighthouseBlockSpecProvider:
         qk_l2_norm=getattr(args, "qk_l2_norm", False),
         until_iteration=args.lighthouse_until_iter,
     )
+
+
+def announce(what: str, core_attentions: list[str] | None = None) -> None:
+    """One line on the first rank of the job: which core attention the layers got, so a
+    run's log shows what ran (the GPU integration test reads it)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if core_attentions is not None:
+        counts = collections.Counter(core_attentions)
+        what += ": " + ", ".join(f"{name} x{n}" for name, n in counts.items())
+    print(f"lighthouse-megatron: {what}", flush=True)
+
+
+@dataclass
+class AnnouncingSpecProvider:
+    """A block spec provider that announces the core attention of the layers it specifies
+    (a plain dataclass: Megatron-LM may pickle the model config holding it)."""
+
+    provider: Callable
+
+    def __call__(self, config, vp_stage: int | None = None):
+        spec = self.provider(config, vp_stage=vp_stage)
+        names = [layer.submodules.self_attention.submodules.core_attention.module.__name__
+                 for layer in spec.layer_specs]
+        announce(f"layer specs of this stage (vp_stage={vp_stage})", names)
+        return spec
 
 
 def use_megatron_lm_iteration() -> None:
