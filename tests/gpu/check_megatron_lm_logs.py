@@ -18,7 +18,9 @@ import re
 import statistics
 import sys
 
-ITERATION = re.compile(r"iteration\s+(\d+)/\s*(\d+)\s*\|.*?lm loss:\s*([-+0-9.eE]+|nan|NAN|inf|INF|-inf|-INF)\s")
+# Megatron-LM logs `lm loss: 5.123456E+00 |` ({:.6E}: NAN and INF in capitals).
+ITERATION = re.compile(r"iteration\s+(\d+)/\s*(\d+)\s*\|.*?lm loss:\s*(-?(?:[0-9.]+E[-+]\d+|NAN|INF))\s",
+                       re.IGNORECASE)
 
 
 def losses(text: str) -> dict[int, float]:
