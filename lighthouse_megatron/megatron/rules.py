@@ -68,8 +68,9 @@ RULES = (
          "drop --experimental-attention-variant"),
     Rule("num_moe_experts", "--num-experts", _is_set,
          "the Lighthouse GPT specs build MoE-free (dense MLP) layers", "drop --num-experts"),
-    Rule("mtp_num_layers", "--mtp-num-layers", _is_set,
-         "multi-token-prediction layers would be built without Lighthouse", "drop --mtp-num-layers"),
+    Rule(None, "--mtp-num-layers", _is_set,
+         "Megatron-LM would build the multi-token-prediction layers without Lighthouse",
+         "drop --mtp-num-layers", LAUNCH),
     Rule(None, "--sft", _is_set, "packed sequences need per-document attention; Lighthouse layers "
          "are causal only", "drop --sft", LAUNCH),
     Rule(None, "--dataloader-inter-document-masking", _is_set,
@@ -112,17 +113,25 @@ def check_config(config, where: str, *, lighthouse: bool, **overrides: Any) -> N
     `overrides` are values given to a module directly (e.g. its `attention_dropout`)."""
     scopes = (CORE_ATTENTION, LIGHTHOUSE) if lighthouse else (CORE_ATTENTION,)
     for rule in RULES:
-        if rule.setting is None or rule.scope not in scopes:
-            continue
-        value = overrides.get(rule.setting, getattr(config, rule.setting, None))
-        if rule.refused(value):
-            raise ValueError(f"{where}: {rule.setting}={value!r} ({rule.flag}) is not supported: "
-                             f"{rule.reason}; {rule.fix}")
+        if rule.setting is not None and rule.scope in scopes:
+            _check(rule, overrides.get(rule.setting, getattr(config, rule.setting, None)), where)
     if lighthouse:
         tp = getattr(config, "tensor_model_parallel_size", 1) or 1
         heads = getattr(config, "num_attention_heads", None)
         groups = getattr(config, "num_query_groups", None) or heads
         check_heads(heads, groups, tp, lambda name, value: f"{name}={value}", where)
+
+
+def check_setting(config, setting: str, where: str) -> None:
+    """One rule of the table, by its TransformerConfig field."""
+    (rule,) = [r for r in RULES if r.setting == setting]
+    _check(rule, getattr(config, setting, None), where)
+
+
+def _check(rule: Rule, value: Any, where: str) -> None:
+    if rule.refused(value):
+        raise ValueError(f"{where}: {rule.setting}={value!r} ({rule.flag}) is not supported: "
+                         f"{rule.reason}; {rule.fix}")
 
 
 # The same three numbers in both vocabularies.

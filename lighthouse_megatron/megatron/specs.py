@@ -22,7 +22,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from ..backends import te_available
 from ..config import LighthouseConfig
 from .core_attention import DenseCoreAttention, LighthouseCoreAttention
-from .rules import ATTENTION_IMPLS, check_config, warn_qk_layernorm
+from .rules import ATTENTION_IMPLS, check_config, check_setting, warn_qk_layernorm
 
 
 def _use_te_default() -> bool:
@@ -78,9 +78,7 @@ def get_gpt_layer_spec(
     Dense core attention is TEDotProductAttention with TE, DenseCoreAttention without.
     """
     config, lighthouse, use_te = _common_arguments(config, attention_impl, lighthouse, use_te)
-    if getattr(config, "num_moe_experts", None):
-        raise ValueError(f"lighthouse_megatron's GPT specs build MoE-free layers: num_moe_experts="
-                         f"{config.num_moe_experts} (--num-experts) is not supported; drop --num-experts")
+    check_setting(config, "num_moe_experts", "lighthouse_megatron's GPT layer spec")
     if attention_impl == "lighthouse":
         check_lighthouse_model(config, lighthouse)
     qk_layernorm = getattr(config, "qk_layernorm", False) if qk_layernorm is None else qk_layernorm
