@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor
 
+from .backends import check_backend
 from .config import LighthouseConfig
 from .ops import SelectionPlan, score_pyramids, segment_sum, select, spill_rows, token_sum
 from .parallel import ContextParallel, causal_attention, exchange_halo
@@ -111,6 +112,7 @@ def lighthouse_attention(
     cp = context_parallel if context_parallel is not None and context_parallel.size > 1 else None
     cp_size = 1 if cp is None else cp.size
     check_inputs(q, k, v, config, cp_size=cp_size)
+    check_backend(config.backend, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     if config.levels == 1:  # nothing is pooled or selected: S = N
         return causal_attention(q, k, v, scale, config.backend, cp)

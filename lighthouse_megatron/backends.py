@@ -31,7 +31,7 @@ _SDPA_AUTO = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend
 
 
 @functools.lru_cache(maxsize=1)
-def _te_import_error() -> str | None:
+def te_import_error() -> str | None:
     """Why transformer_engine.pytorch does not import here, or None when it does."""
     try:
         import transformer_engine.pytorch  # noqa: F401
@@ -41,12 +41,13 @@ def _te_import_error() -> str | None:
 
 
 def te_available() -> bool:
-    return _te_import_error() is None
+    return te_import_error() is None
 
 
 @functools.lru_cache(maxsize=64)
-def _te_module(heads: int, groups: int, d: int, scale: float, dtype: torch.dtype, device: int):
-    # Building a DotProductAttention is slow (backend probing); one per shape and scale.
+def _te_module(heads: int, groups: int, d: int, scale: float, dtype: torch.dtype, device: int,
+               qkv_format: str):
+    # Building a DotProductAttention is slow (backend probing); one per shape, scale and layout.
     from transformer_engine.pytorch import DotProductAttention
 
     return DotProductAttention(
@@ -54,47 +55,69 @@ def _te_module(heads: int, groups: int, d: int, scale: float, dtype: torch.dtype
         kv_channels=d,
         num_gqa_groups=groups,
         attention_dropout=0.0,
-        qkv_format="bshd",
+        qkv_format=qkv_format,
         attn_mask_type="causal",
         softmax_scale=scale,
     ).to(device=torch.device("cuda", device), dtype=dtype)
 
 
-def te_layout(x: Tensor) -> Tensor:
-    """`x` with the strides of a freshly allocated tensor, size-1 dimensions included.
+def _dense_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
 
-    TE infers the qkv memory layout from strides; `.contiguous()` keeps a permuted view whose
-    size-1 dimensions carry odd strides (Megatron's [s, b, h, d] at b = 1), which TE rejects."""
-    stride, expected = 1, []
-    for size in reversed(x.shape):
-        expected.append(stride)
-        stride *= size
-    if tuple(x.stride()) == tuple(reversed(expected)):
-        return x
-    return x.clone(memory_format=torch.contiguous_format)
+
+def te_layout(q: Tensor, k: Tensor, v: Tensor) -> tuple[str, list[Tensor]]:
+    """q, k, v [b, s, H, d] as TE takes them: `(qkv_format, tensors in that format)`.
+
+    TE reads the strides literally: a size-1 batch dim with any stride, which torch calls
+    contiguous (so `.contiguous()` is a no-op), is rejected ("The provided qkv memory
+    layout is not supported!"). Megatron hands over permuted views of [s, b, h, d], so
+    "sbhd" is tried too; only tensors dense in neither layout are copied."""
+    for fmt, tensors in (("bshd", [q, k, v]), ("sbhd", [t.transpose(0, 1) for t in (q, k, v)])):
+        if all(t.stride() == _dense_strides(t.shape) for t in tensors):
+            return fmt, tensors
+    return "bshd", [t.clone(memory_format=torch.contiguous_format) for t in (q, k, v)]
 
 
 def _te_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     b, s, hq, d = q.shape
-    module = _te_module(hq, k.shape[2], d, float(scale), q.dtype, q.device.index or 0)
-    out = module(te_layout(q), te_layout(k), te_layout(v))  # [b, s, hq * d]
+    fmt, tensors = te_layout(q, k, v)
+    module = _te_module(hq, k.shape[2], d, float(scale), q.dtype, q.device.index or 0, fmt)
+    out = module(*tensors)  # [b, s, hq * d] or [s, b, hq * d]
+    if fmt == "sbhd":
+        return out.view(s, b, hq, d).transpose(0, 1)
     return out.view(b, s, hq, d)
+
+
+_GPU_ONLY = ("te", "cudnn", "flash")
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """ValueError naming the backend and the ones valid on `device`."""
+    from .config import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"lighthouse backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if device.type != "cuda" and backend in _GPU_ONLY:
+        valid = [b for b in BACKENDS if b not in _GPU_ONLY]
+        raise ValueError(f"lighthouse backend {backend!r} needs CUDA tensors, got {device.type} tensors; "
+                         f"valid on {device.type}: {valid}")
+    if backend == "te" and not te_available():
+        raise ValueError(f"lighthouse backend 'te' needs transformer_engine.pytorch, which does not "
+                         f"import here ({te_import_error()}); valid here: 'auto', 'cudnn', 'flash', 'math'")
 
 
 def dense_causal_attention(
     q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = None, backend: str = "auto"
 ) -> Tensor:
     """Causal attention, [b, s, Hq, d] x [b, s, Hkv, d] -> [b, s, Hq, d]."""
+    check_backend(backend, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     deterministic = torch.are_deterministic_algorithms_enabled()
     if backend == "te" or (backend == "auto" and q.is_cuda and te_available() and not deterministic):
-        if not te_available():
-            raise RuntimeError(
-                f"lighthouse backend 'te' needs transformer_engine.pytorch, which does not import here "
-                f"({_te_import_error()}); choose backend 'auto', 'cudnn', 'flash' or 'math'"
-            )
-        if not q.is_cuda:
-            raise RuntimeError("lighthouse backend 'te' needs CUDA tensors")
         return _te_attention(q, k, v, scale)
     if backend == "auto":
         if not q.is_cuda:
@@ -103,10 +126,8 @@ def dense_causal_attention(
             order = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
         else:
             order = _SDPA_AUTO
-    elif backend in _SDPA:
-        order = _SDPA[backend]
     else:
-        raise ValueError(f"unknown dense attention backend {backend!r}; valid: auto, te, {', '.join(_SDPA)}")
+        order = _SDPA[backend]
     gqa = q.shape[2] != k.shape[2]
     with sdpa_kernel(order, set_priority=True):
         out = F.scaled_dot_product_attention(

@@ -1,6 +1,6 @@
 """LighthouseConfig: the knobs of Lighthouse attention, their validation and derived sizes.
 
-Every size rule of ALGORITHM.md lives here, so that a bad configuration fails before a
+Every size rule of docs/algorithm.md lives here, so that a bad configuration fails before a
 job starts, with the numbers that broke it and the nearest values that would work.
 """
 
@@ -28,7 +28,7 @@ def _is_power_of_two(x: int) -> bool:
 
 @dataclass(frozen=True)
 class LighthouseConfig:
-    """Lighthouse attention settings (ALGORITHM.md notation in brackets).
+    """Lighthouse attention settings (docs/algorithm.md notation in brackets).
 
     levels          [L] pyramid levels; 1 is plain dense causal attention.
     pooling_factor  [p] block growth per level, a power of two >= 2.
@@ -51,6 +51,9 @@ class LighthouseConfig:
 
     def __post_init__(self) -> None:
         # Accept lists (YAML, argparse) but keep the frozen dataclass hashable.
+        if isinstance(self.dense_layers, (str, bytes)) or not isinstance(self.dense_layers, Iterable):
+            raise ValueError(f"lighthouse dense_layers must be a sequence of 0-based layer indices, e.g. "
+                             f"(0, -1) or (), got {self.dense_layers!r}")
         object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
         self._check_settings()
 
@@ -112,13 +115,19 @@ class LighthouseConfig:
             )
         coarse_per_tile = seq_len // block
         if self.levels > 1 and coarse_per_tile < self.tile_topk:
-            max_topk = (seq_len // self.coarsest_block) // self.tile_topk * self.tile_topk
+            # The largest smaller budget that fits, if any: k <= N / p**(L-1), a multiple of
+            # the CP step, with N divisible by p**(L-1) * k/T.
+            step = self.num_chunks(cp_size) * self.tile_topk
+            top = (seq_len // self.coarsest_block) // step * step
+            fits = [k for k in range(top, 0, -step)
+                    if seq_len % (self.coarsest_block * k // self.tile_topk) == 0]
+            hints = [f"topk={fits[0]}"] if fits else []
+            hints += ["fewer levels", f"a sequence length >= {self.tile_topk * block}"]
             raise ValueError(
                 f"lighthouse: each tile has only {coarse_per_tile} coarsest entries (sequence "
                 f"length {seq_len} / pooling_factor**(levels-1)={self.coarsest_block} / "
                 f"{self.num_tiles} tiles) but tile_topk={self.tile_topk} are selected from them; "
-                f"use topk <= {max_topk}, fewer levels, or a sequence length >= "
-                f"{self.tile_topk * block}"
+                f"use {', '.join(hints[:-1])} or {hints[-1]}"
             )
 
     def _check_cp_topk(self, cp_size: int) -> None:

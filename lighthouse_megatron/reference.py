@@ -1,4 +1,4 @@
-"""Slow, obviously-correct Lighthouse attention: ALGORITHM.md stages 1-6, one function each.
+"""Slow, obviously-correct Lighthouse attention: docs/algorithm.md stages 1-6, one function each.
 
 This is the oracle every fast kernel is tested against. It knows nothing of Megatron or
 of context parallelism beyond working on whatever sequence (or CP chunk) it is given:
@@ -39,6 +39,18 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig, cp_s
             f"lighthouse attention: query heads {q.shape[2]} must be a multiple of key/value heads "
             f"{k.shape[2]} (GQA groups)"
         )
+    if 0 in q.shape or 0 in k.shape:
+        raise ValueError(f"lighthouse attention: q {tuple(q.shape)} and k, v {tuple(k.shape)} must not "
+                         "be empty (batch size, sequence length, heads and head dim >= 1)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"lighthouse attention: q, k and v must have one dtype, got q {q.dtype}, "
+                         f"k {k.dtype}, v {v.dtype}")
+    if not q.is_floating_point():
+        raise ValueError(f"lighthouse attention: q, k and v must be floating point (float32, bfloat16, "
+                         f"float16), got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"lighthouse attention: q, k and v must be on one device, got q on {q.device}, "
+                         f"k on {k.device}, v on {v.device}")
     config.validate(q.shape[1] * cp_size, cp_size)
 
 
@@ -234,7 +246,7 @@ def scatter(
 def lighthouse_attention_reference(
     q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig, softmax_scale: float | None = None
 ) -> Tensor:
-    """Lighthouse attention, stages 1-6 as ALGORITHM.md writes them.
+    """Lighthouse attention, stages 1-6 as docs/algorithm.md writes them.
 
     q [b, s, Hq, d], k and v [b, s, Hkv, d] (after RoPE) -> [b, s, Hq, d]; differentiable in
     q, k and v (the selection itself carries no gradient).

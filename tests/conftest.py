@@ -7,6 +7,13 @@ import torch
 # is read when a kernel is defined, so it must be set before lighthouse_megatron.ops loads.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # Transformer Engine must load before torch first uses cuDNN: a TE build linking another
+    # cuDNN than torch's fails to load, or breaks torch's cuDNN, in the other order.
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # not installed or not usable: the TE tests skip with the reason
+        pass
 
 
 def pytest_collection_modifyitems(config, items):

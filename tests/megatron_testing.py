@@ -1,6 +1,6 @@
 """Helpers for the megatron-core tests: a process group, tiny GPT models, TP weight sharding.
 
-CPU notes (MEGATRON.md section 7): learned absolute position embeddings (RoPE moves its
+CPU notes (docs/megatron.md, "megatron-core on the CPU"): learned absolute position embeddings (RoPE moves its
 frequencies with torch.cuda.current_device() in megatron-core 0.16), CPU initialization,
 no dropout, no Megatron RNG tracker (not needed without dropout).
 """

@@ -42,3 +42,49 @@ def test_report_from_rows(tmp_path, capsys):
     layer.plot(rows, {65536: {"dense_fwd_ms": 14.0, "dense_fwd_bwd_ms": 55.0}}, tmp_path / "p.png", "test")
     assert (tmp_path / "p.png").stat().st_size > 0
     json.dumps(rows)  # rows stay JSON-serialisable
+
+
+def test_version(capsys):
+    from lighthouse_megatron import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"lighthouse-megatron {__version__}"
+
+
+def test_bad_settings_are_one_error_line(monkeypatch, capsys):
+    def run(args):  # what a subcommand does with a bad setting: LighthouseConfig's ValueError
+        from lighthouse_megatron import LighthouseConfig
+
+        LighthouseConfig(topk=100)
+
+    monkeypatch.setattr(layer, "run", run)
+    assert main(["bench", "layer"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: lighthouse topk must be a positive multiple of tile_topk=128, got 100; " \
+                  "nearest valid: 128\n"
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "layer", "--backend", "cuda"])
+    assert e.value.code == 2 and "invalid choice: 'cuda'" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_gpu_bench_layer_te_in_a_fresh_process(tmp_path):
+    """`--backend te` loads Transformer Engine before torch first uses cuDNN, so TE's fused
+    attention and torch's cuDNN work side by side (needs TE installed)."""
+    import subprocess
+    import sys
+
+    from lighthouse_megatron.backends import te_available
+
+    if not te_available():
+        pytest.skip("transformer_engine.pytorch does not import here")
+    argv = ["bench", "layer", "--backend", "te", "--seq-lens", "64K", "--topks", "2048",
+            "--dense-max-len", "64K", "--reps", "3", "--out", str(tmp_path)]
+    proc = subprocess.run([sys.executable, "-m", "lighthouse_megatron.cli", *argv], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "layer.json").read_text())
+    assert report["meta"]["transformer_engine"] is True and report["meta"]["backend"] == "te"
+    assert report["meta"]["check"]["out"] < 1e-2  # checked against the reference with TE in stage 5
+    assert len(report["rows"]) == 1 and report["rows"][0]["fwd_bwd_ms"] > 0

@@ -59,9 +59,29 @@ def test_too_few_coarsest_entries_per_tile():
     cfg = LighthouseConfig(levels=3, pooling_factor=4, topk=4096, tile_topk=128)
     # 32768 / 16 = 2048 coarsest entries over 32 tiles = 64 per tile < 128
     with pytest.raises(ValueError, match=r"only 64 coarsest entries .* tile_topk=128 .* "
-                                         r"topk <= 2048.*>= 65536"):
+                                         r"use topk=2048, fewer levels or a sequence length >= 65536"):
         cfg.validate(32_768)
     LighthouseConfig(levels=3, pooling_factor=4, topk=2048, tile_topk=128).validate(32_768)
+    LighthouseConfig(levels=3, pooling_factor=4, topk=4096, tile_topk=128).validate(65_536)
+    # Too short for any budget: no topk is suggested (never "topk <= 0").
+    with pytest.raises(ValueError, match=r"use fewer levels or a sequence length >= 32768$"):
+        LighthouseConfig(levels=3, pooling_factor=4, topk=2048, tile_topk=128).validate(512)
+
+
+@pytest.mark.parametrize("n,cp", [(32_768, 1), (40_960, 1), (24_576, 1), (98_304, 2), (49_152, 4)])
+def test_suggested_topk_is_valid(n, cp):
+    cfg = LighthouseConfig(levels=3, pooling_factor=4, topk=8192, tile_topk=128)
+    with pytest.raises(ValueError, match="use topk=") as e:
+        cfg.validate(n, cp_size=cp)
+    suggested = int(str(e.value).split("use topk=")[1].split(",")[0])
+    assert suggested < cfg.topk
+    LighthouseConfig(levels=3, pooling_factor=4, topk=suggested, tile_topk=128).validate(n, cp_size=cp)
+
+
+@pytest.mark.parametrize("bad", [0, 3, "0,1"])
+def test_dense_layers_must_be_a_sequence(bad):
+    with pytest.raises(ValueError, match=r"dense_layers must be a sequence of 0-based layer indices"):
+        LighthouseConfig(dense_layers=bad)
 
 
 def test_context_parallel_rules():

@@ -90,8 +90,10 @@ def test_yaml_file_and_precedence(tmp_path):
         (["--seq-length", "1000"], ValueError, r"--seq-length 1000 .*divisible"),
         (["--lighthouse-dense-layers", "8"], ValueError,
          r"--lighthouse-dense-layers with --num-layers 8.*-8 \.\. 7"),
-        (["--context-parallel-size", "32"], ValueError,
-         r"--context-parallel-size 32 .*topk=512 must be a multiple of 2\*cp_size\*tile_topk=2\*32\*16=1024"),
+        (["--context-parallel-size", "3"], ValueError,
+         r"--seq-length 16384 with .*--lighthouse-topk 512 --lighthouse-tile-topk 16 "
+         r"--context-parallel-size 3: .*multiple of 2\*cp_size\*tile_topk.*480 or 576"),
+        (["--seq-length", "1000"], ValueError, r"--seq-length 1000 with --lighthouse-levels 3 "),
         (["--tensor-model-parallel-size", "3"], ValueError,
          r"--num-attention-heads 8 .*--tensor-model-parallel-size 3.*6 or 9"),
         (["--num-query-groups", "3"], ValueError,
@@ -101,16 +103,35 @@ def test_yaml_file_and_precedence(tmp_path):
         (["--num-query-groups", "1", "--tensor-model-parallel-size", "2"],
          ValueError, r"--num-query-groups 1 must be a multiple of --tensor-model-parallel-size 2"),
         (["--attention-dropout", "0.1"], ValueError, r"--attention-dropout 0.1 .*set --attention-dropout 0"),
-        (["--sft"], ValueError, r"--sft \(packed sequences\)"),
+        (["--sft"], ValueError, r"--sft is not supported with --attention-impl lighthouse: packed"),
         (["--num-experts", "8"], ValueError, r"--num-experts 8"),
         (["--multi-latent-attention"], ValueError, r"--multi-latent-attention"),
         (["--lighthouse-until-iter", "-1"], ValueError, r"--lighthouse-until-iter"),
-        (["--mtp-num-layers", "1"], ValueError, r"--mtp-num-layers \(1\)"),
+        (["--mtp-num-layers", "1"], ValueError, r"--mtp-num-layers 1 is not supported"),
+        (["--lighthouse-dense-layers", "0", "x"], SystemExit, None),
     ],
 )
 def test_bad_combinations_name_the_setting(extra, error, match):
     with pytest.raises(error, match=match):
         validate_lighthouse_args(parse(*MODEL, *LH, *extra))
+
+
+def test_context_parallelism_is_accepted():
+    # 2 ranks = 4 chunks of 4096 tokens; k=512 is a multiple of 2*CP*T = 64.
+    assert validate_lighthouse_args(parse(*MODEL, *LH, "--context-parallel-size", "2")).topk == 512
+
+
+def test_each_bad_lighthouse_flag_is_named_alone():
+    # tile_topk is checked before topk, whose rule depends on it: the blame goes to the flag
+    # whose value breaks a rule given the flags before it.
+    with pytest.raises(ValueError, match=r"^--lighthouse-tile-topk 15: "):
+        validate_lighthouse_args(parse(*MODEL, *LH, "--lighthouse-tile-topk", "15"))
+    with pytest.raises(ValueError, match=r"^--lighthouse-topk 520: "):
+        validate_lighthouse_args(parse(*MODEL, *LH, "--lighthouse-topk", "520"))
+    with pytest.raises(ValueError, match=r"^--lighthouse-dense-layers 0 1\.5: "):
+        args = parse(*MODEL, *LH)
+        args.lighthouse_dense_layers = [0, 1.5]
+        validate_lighthouse_args(args)
 
 
 def test_norm_scorer_with_qk_layernorm_warns():

@@ -1,7 +1,8 @@
-"""The Megatron-LM entry point: its message without Megatron-LM, and its wiring into both
-Megatron-LM generations, checked against small stand-ins of `megatron.training` and
-Megatron-LM's `pretrain_gpt.py` that record what they are given (Megatron-LM is not on
-PyPI; the stand-ins follow the signatures in MEGATRON.md section 5)."""
+"""The Megatron-LM entry point: its messages without Megatron-LM or one of its
+dependencies, its clean errors against the real core_v0.16.1 tree, and its wiring into both
+Megatron-LM generations. `pretrain()` needs CUDA, so the wiring is checked against small
+stand-ins of `megatron.training` and `pretrain_gpt.py` that record what they are given
+(their signatures are those of the real trees, see docs/megatron.md)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ pytest.importorskip("megatron.core")
 from megatron.core.transformer.spec_utils import import_module  # noqa: E402
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules  # noqa: E402
 
-from lighthouse_megatron.megatron import pretrain_gpt, schedule  # noqa: E402
+from lighthouse_megatron.megatron import schedule  # noqa: E402
+from lighthouse_megatron.megatron_lm import pretrain_gpt  # noqa: E402
 
 from .megatron_testing import tiny_config  # noqa: E402
 
@@ -39,13 +41,59 @@ def _megatron_lm_parser(extra_args_provider):
     return p
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def test_missing_megatron_lm_message(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "megatron.training", None)  # import fails
     with pytest.raises(SystemExit) as e:
         pretrain_gpt.main(["--attention-impl", "lighthouse"])
-    message = str(e.value)
+    assert e.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: ") and message.count("\n") == 1
     assert "`megatron.training` is not importable" in message
     assert "PYTHONPATH" in message and "not on PyPI" in message
+
+
+def _snapshot_016() -> str:
+    from .test_patches import snapshot
+
+    return str(snapshot("core_v0.16.1"))
+
+
+def _entry(module: str, *argv: str, pythonpath: str, prelude: str = "") -> subprocess.CompletedProcess:
+    code = f"{prelude}import runpy, sys; sys.argv[1:] = {list(argv)!r}; " \
+           f"runpy.run_module({module!r}, run_name='__main__')"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([pythonpath, ROOT]),
+           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=300)
+
+
+def test_missing_dependency_of_megatron_lm_is_named():
+    """Megatron-LM on the path but one of its dependencies missing: name the dependency."""
+    proc = _entry("lighthouse_megatron.megatron_lm.pretrain_gpt", "--help", pythonpath=_snapshot_016(),
+                  prelude="import sys; sys.modules['six'] = None; ")  # as if six were not installed
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "`megatron.training` was found (" in errors[0], proc.stderr[-2000:]
+    assert "Megatron-LM-core_v0.16.1" in errors[0]  # where it was found
+    assert "needs `six`, which is not installed" in errors[0] and "pip install six" in errors[0]
+
+
+def test_bad_topk_is_one_error_line_with_the_real_megatron_lm():
+    """The alias `python -m lighthouse_megatron.megatron.pretrain_gpt` with core_v0.16.1:
+    Megatron-LM's real parser takes the flags, the bad value stops it before pretrain()."""
+    from .test_patches import TINY
+
+    proc = _entry("lighthouse_megatron.megatron.pretrain_gpt", *TINY, "--attention-impl", "lighthouse",
+                  "--lighthouse-topk", "100", pythonpath=_snapshot_016())
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --lighthouse-topk 100: lighthouse topk must be a positive multiple of "
+                      "tile_topk=128, got 100; nearest valid: 128"]
 
 
 def test_missing_megatron_lm_message_from_python_m():
@@ -57,10 +105,9 @@ def test_missing_megatron_lm_message_from_python_m():
         pytest.skip("Megatron-LM is importable here")
     except ImportError:
         pass
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-m", "lighthouse_megatron.megatron.pretrain_gpt", "--help"],
-                          capture_output=True, text=True, cwd=root, timeout=120)
-    assert proc.returncode == 1
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
     assert "is not importable" in proc.stderr and "not on PyPI" in proc.stderr
     assert "PYTHONPATH=/path/to/Megatron-LM" in proc.stderr
 
@@ -161,7 +208,7 @@ def test_core_019_generation(monkeypatch):
     assert names == ["LighthouseCoreAttention", "LighthouseCoreAttention", "DenseCoreAttention"]
 
 
-def test_bad_arguments_fail_before_pretrain(monkeypatch):
+def test_bad_arguments_fail_before_pretrain(monkeypatch, capsys):
     training = types.ModuleType("megatron.training")
     arguments = types.ModuleType("megatron.training.arguments")
     argument_utils = types.ModuleType("megatron.training.argument_utils")
@@ -175,8 +222,10 @@ def test_bad_arguments_fail_before_pretrain(monkeypatch):
     training.pretrain = pretrain
     _install(monkeypatch, training, arguments, _mlm_script({}), argument_utils)
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt", *ARGV, "--seq-length", "60"])
-    with pytest.raises(ValueError, match="--seq-length 60"):
+    with pytest.raises(SystemExit) as e:
         pretrain_gpt.main()
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --seq-length 60 with --lighthouse-levels 2 ")
 
 
 def test_real_megatron_training_019_builds_lighthouse_layers(monkeypatch):
@@ -188,8 +237,8 @@ def test_real_megatron_training_019_builds_lighthouse_layers(monkeypatch):
     from megatron.training.arguments import parse_and_validate_args
     from megatron.training.models.gpt import GPTModelBuilder
 
-    from lighthouse_megatron.megatron import validate_lighthouse_args
-    from lighthouse_megatron.megatron.megatron_lm import chain_extra_args, spec_provider_from_args
+    from lighthouse_megatron.megatron_lm import validate_lighthouse_args
+    from lighthouse_megatron.megatron_lm.launch import extra_args_provider, spec_provider_from_args
 
     from .megatron_testing import batch, init_parallel
 
@@ -203,7 +252,7 @@ def test_real_megatron_training_019_builds_lighthouse_layers(monkeypatch):
         "--transformer-impl", "local", "--vocab-size", "64", "--tokenizer-type", "NullTokenizer",
         "--use-cpu-initialization", "--no-gradient-accumulation-fusion", "--no-persist-layer-norm",
         "--train-iters", "1", "--lr", "1e-4", *ARGV[6:]])
-    args = parse_and_validate_args(extra_args_provider=chain_extra_args(),
+    args = parse_and_validate_args(extra_args_provider=extra_args_provider(),
                                    args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
     assert validate_lighthouse_args(args).dense_layers == (-1,)
     init_parallel()
@@ -216,30 +265,32 @@ def test_real_megatron_training_019_builds_lighthouse_layers(monkeypatch):
     assert model(tokens, positions, None).shape[:2] == (2, 64)
 
 
-def test_patch_names_its_tag_and_calls_existing_hooks():
-    """The patch itself is checked by hand with `git apply --check` against the tagged
-    pretrain_gpt.py (see patches/README.md); here: its header and the names it calls."""
+def test_patches_call_existing_adapter_functions():
+    """Whether each patch applies and runs is tests/test_patches.py's job (it needs the
+    snapshots); this checks, everywhere, that what a patch calls exists."""
+    import importlib
     import re
     from pathlib import Path
 
-    from lighthouse_megatron.megatron import megatron_lm
-
-    patch = Path(__file__).parent.parent / "patches" / "megatron-lm-core_v0.16.1.patch"
-    text = patch.read_text()
-    assert re.search(r"^Megatron-LM tag: core_v\d+\.\d+\.\d+$", text, re.M)
-    assert re.findall(r"^diff --git a/(\S+)", text, re.M) == ["pretrain_gpt.py"]
-    for name in re.findall(r"lighthouse\.(\w+)\(", text):
-        assert callable(getattr(megatron_lm, name)), name
+    for patch in sorted((Path(ROOT) / "patches").glob("megatron-lm-*.patch")):
+        text = patch.read_text()
+        tag = re.search(r"^Megatron-LM tag: (core_v[\d.]+) ", text, re.M).group(1)
+        assert patch.name == f"megatron-lm-{tag}.patch"
+        assert re.findall(r"^diff --git a/(\S+)", text, re.M) == ["pretrain_gpt.py"]
+        module = re.search(r"^\+\s+from (\S+) import (\w+) as lighthouse$", text, re.M)
+        adapter = getattr(importlib.import_module(module.group(1)), module.group(2))
+        names = re.findall(r"lighthouse\.(\w+)\(", text)
+        assert names and all(callable(getattr(adapter, name)) for name in names), (patch.name, names)
 
 
 def test_no_patch_spec_route_019(monkeypatch, tmp_path):
-    """`--spec lighthouse_megatron.megatron.specs lighthouse_spec_from_env`: Megatron-LM >= 0.19
+    """`--spec lighthouse_megatron.megatron_lm.core_v0_19 lighthouse_spec_from_env`: Megatron-LM >= 0.19
     imports the name and calls it with its GPTModelConfig (the TransformerConfig in
     `.transformer`); settings come from $LIGHTHOUSE_CONFIG."""
     f = tmp_path / "lh.yaml"
     f.write_text("levels: 2\npooling_factor: 2\ntopk: 8\ntile_topk: 2\ndense_layers: [0]\nuntil_iter: 9\n")
     monkeypatch.setenv("LIGHTHOUSE_CONFIG", str(f))
-    provider = import_module(["lighthouse_megatron.megatron.specs", "lighthouse_spec_from_env"])
+    provider = import_module(["lighthouse_megatron.megatron_lm.core_v0_19", "lighthouse_spec_from_env"])
     model_cfg = types.SimpleNamespace(transformer=tiny_config(transformer_impl="local"))
     spec = provider(model_cfg, vp_stage=None)
     attn = [s.submodules.self_attention.submodules.core_attention for s in spec.layer_specs]

@@ -289,7 +289,7 @@ def test_gpu_fast_path_matches_reference_bf16(hq, hkv):
     q, k, v = _gpu_qkv(16384, hq, hkv, seed=hq + hkv, grad=True)
     ours, ref = plan_selection(q, k, cfg).to_reference(), plan(q, k, cfg)
     assert torch.equal(ours.level, ref.level) and torch.equal(ours.index, ref.index)
-    # bf16 operands (METHOD.md: 1e-3 .. 1e-2); the reference attends in fp32.
+    # bf16 operands (docs/performance.md, numerical tolerance: 1e-3 .. 1e-2); the reference attends in fp32.
     _compare_with_reference(cfg, q, k, v, 1e-2, 2e-2)
 
 

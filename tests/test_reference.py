@@ -23,7 +23,7 @@ def sdpa(q, k, v, scale=None):
 
 
 def literal(q, k, v, cfg, scale):
-    """ALGORITHM.md read aloud: Python loops per selection unit, tile, level and token.
+    """docs/algorithm.md read aloud: Python loops per selection unit, tile, level and token.
 
     Returns the output and, per (batch, kv head), the gathered (level, index) list.
     """
@@ -203,7 +203,7 @@ def test_future_changes_that_keep_norms_leave_the_past_bitwise_unchanged():
 
 
 def test_future_norms_may_change_past_selection():
-    """The selection looks at the whole tile (ALGORITHM.md): measured, not hidden."""
+    """The selection looks at the whole tile (docs/algorithm.md): measured, not hidden."""
     cfg = LighthouseConfig(levels=2, pooling_factor=4, topk=4, tile_topk=4)
     q, k, v = random_qkv(1, 64, 1, 1, 8, seed=2)
     base_plan = R.plan(q, k, cfg)
@@ -259,6 +259,21 @@ def test_input_shape_errors():
     q, k, v = random_qkv(1, 30, 2, 2, 8)
     with pytest.raises(ValueError, match="sequence length 30 must be divisible"):
         lighthouse_attention(q, k, v, cfg)
+
+
+@pytest.mark.parametrize("attention", [lighthouse_attention, R.lighthouse_attention_reference],
+                         ids=["fast", "reference"])
+def test_input_type_and_device_errors(attention):
+    cfg = LighthouseConfig(levels=2, pooling_factor=2, topk=4, tile_topk=2)
+    q, k, v = random_qkv(1, 32, 2, 2, 8)
+    with pytest.raises(ValueError, match=r"one dtype, got q torch.float32, k torch.bfloat16"):
+        attention(q, k.bfloat16(), v, cfg)
+    with pytest.raises(ValueError, match=r"floating point .*got torch.int64"):
+        attention(*(torch.ones(1, 32, 2, 8, dtype=torch.long) for _ in range(3)), cfg)
+    with pytest.raises(ValueError, match=r"must not be empty .*batch size"):
+        attention(q[:0], k[:0], v[:0], cfg)
+    with pytest.raises(ValueError, match=r"one device, got q on cpu, k on meta"):
+        attention(q, k.to("meta"), v, cfg)
 
 
 @st.composite

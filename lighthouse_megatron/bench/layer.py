@@ -3,7 +3,7 @@
 For every sequence length N and top-k budget k: forward and forward+backward latency of
 `lighthouse_attention`, a per-stage breakdown (scores, selection, gather, attention,
 scatter and the backward of gather, attention and scatter), peak memory, and the floor of
-PERFORMANCE.md measured in the same process: cuDNN SDPA forward+backward on the gathered
+docs/performance.md measured in the same process: cuDNN SDPA forward+backward on the gathered
 length S plus the memory passes (9 passes over one [N, H, d] tensor for forward+backward,
 4 for the forward) at the copy bandwidth measured here. Dense cuDNN SDPA on N tokens runs
 in the same process (up to --dense-max-len). Before timing anything, the fast path is
@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from ..attention import lighthouse_attention, plan_selection
-from ..backends import dense_causal_attention
-from ..config import LighthouseConfig
+from ..backends import dense_causal_attention, te_import_error
+from ..config import BACKENDS, LighthouseConfig
 from ..ops import score_pyramids, segment_sum, select, token_sum
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,7 +48,7 @@ def add_layer_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--levels", type=int, default=3)
     p.add_argument("--pooling-factor", type=int, default=4)
     p.add_argument("--tile-topk", type=int, default=128)
-    p.add_argument("--backend", default="auto", help="stage-5 kernel (auto, te, cudnn, flash, math)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="stage-5 kernel (default auto)")
     p.add_argument("--dense-max-len", type=_int, default=512 * K,
                    help="run dense SDPA only up to this length (0: never)")
     p.add_argument("--warmup", type=int, default=3)
@@ -130,7 +130,7 @@ def check_against_reference(args) -> dict:
     """Fast path vs the reference at a small size, forward and gradients; raises if off.
 
     Random normal inputs: the selection of both sides must agree exactly (checked first);
-    then the bf16 output and gradients within METHOD.md's bf16 tolerance."""
+    then the bf16 output and gradients within the bf16 tolerance of docs/performance.md."""
     from ..reference import lighthouse_attention_reference, plan
 
     n, topk = 16 * K, 512
@@ -264,7 +264,7 @@ def bench_lighthouse(args, n: int, topk: int, bandwidth: float) -> dict:
     res["around_attention_fwd_bwd_ms"] = around_fwd + st["scatter_bwd"] + st["gather_bwd"]
     res["around_attention_frac"] = res["around_attention_fwd_bwd_ms"] / res["fwd_bwd_ms"]
 
-    # Floor (PERFORMANCE.md): dense attention on S fresh tokens, same shapes and kernel, plus
+    # Floor (docs/performance.md): dense attention on S fresh tokens, same shapes and kernel, plus
     # the memory passes at this card's copy rate.
     one_pass = args.batch * n * args.heads * args.head_dim * DTYPES[args.dtype].itemsize / bandwidth
     res["pass_ms"] = one_pass
@@ -343,8 +343,18 @@ def run(args: argparse.Namespace) -> int:
 
         return run_cp(args)
     if not torch.cuda.is_available():
-        print("bench layer needs a CUDA GPU", file=sys.stderr)
+        print("error: bench layer needs a CUDA GPU", file=sys.stderr)
         return 2
+    te_error = "not tried"
+    if args.backend in ("te", "auto"):
+        # Transformer Engine must load before torch first uses cuDNN (below: the cuDNN
+        # version, the reference check): TE builds that link another cuDNN than torch's
+        # fail to load, or break torch's cuDNN, in the other order.
+        te_error = te_import_error()
+        if args.backend == "te" and te_error is not None:
+            print(f"error: --backend te needs transformer_engine.pytorch, which does not import here "
+                  f"({te_error})", file=sys.stderr)
+            return 2
     import triton
 
     device = torch.cuda.get_device_name()
@@ -360,6 +370,8 @@ def run(args: argparse.Namespace) -> int:
         "head_dim": args.head_dim, "dtype": args.dtype, "levels": args.levels,
         "pooling_factor": args.pooling_factor, "tile_topk": args.tile_topk, "backend": args.backend,
         "warmup": args.warmup, "reps": args.reps, "dense_reps": args.dense_reps,
+        # Stage 5 runs TE's fused attention with "te", and with "auto" where TE imports.
+        "transformer_engine": te_error is None, "transformer_engine_error": te_error,
     }
     print(f"device {device}, torch {torch.__version__}, triton {triton.__version__}, "
           f"cudnn {meta['cudnn']}", flush=True)

@@ -1,36 +1,35 @@
-"""The Megatron face of Lighthouse attention: a megatron-core core attention, GPT layer
-and block specs, launch arguments, and a Megatron-LM entry point (`pretrain_gpt`).
+"""The Megatron face of Lighthouse attention for megatron-core users: a core attention,
+GPT layer and block specs, and the table of supported settings (`rules`).
 
-Needs megatron-core; Megatron-LM (`megatron.training`) only for the entry point.
+Launch code for Megatron-LM users (flags, entry point, patches' adapters) lives in
+`lighthouse_megatron.megatron_lm`; its argument functions are re-exported here.
 """
 
-from .arguments import (
-    add_lighthouse_args,
-    lighthouse_config_from_args,
-    resolve_lighthouse_args,
-    validate_lighthouse_args,
-)
 from .core_attention import DenseCoreAttention, LighthouseCoreAttention
 from .schedule import get_iteration, set_iteration, set_iteration_source
-from .specs import (
-    LighthouseBlockSpecProvider,
-    get_gpt_decoder_block_spec,
-    get_gpt_layer_spec,
-    lighthouse_spec_from_env,
-)
+from .specs import LighthouseBlockSpecProvider, get_gpt_decoder_block_spec, get_gpt_layer_spec
+
+_LAUNCH_NAMES = ("add_lighthouse_args", "lighthouse_config_from_args", "resolve_lighthouse_args",
+                 "validate_lighthouse_args")
+
+
+def __getattr__(name):
+    # Lazy: megatron_lm builds on this package, so it cannot be imported while this one is.
+    if name in _LAUNCH_NAMES:
+        from ..megatron_lm import arguments
+
+        return getattr(arguments, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DenseCoreAttention",
     "LighthouseBlockSpecProvider",
     "LighthouseCoreAttention",
-    "add_lighthouse_args",
     "get_gpt_decoder_block_spec",
     "get_gpt_layer_spec",
     "get_iteration",
-    "lighthouse_config_from_args",
-    "lighthouse_spec_from_env",
-    "resolve_lighthouse_args",
     "set_iteration",
     "set_iteration_source",
-    "validate_lighthouse_args",
+    *_LAUNCH_NAMES,
 ]

@@ -20,6 +20,7 @@ from torch import Tensor
 from ..attention import lighthouse_attention
 from ..config import LighthouseConfig
 from ..parallel import ContextParallel, causal_attention
+from .rules import check_config
 from .schedule import get_iteration
 
 
@@ -44,31 +45,11 @@ def _context_parallel(config, pg_collection, cp_comm_type: str | None) -> Contex
     return ContextParallel(group, comm_type, te_group)
 
 
-def check_model_settings(config, where: str, dropout: float) -> None:
-    """Model settings these core attentions do not support: checked when a spec is built
-    (configuration time) and again when a module is built from a hand-made spec."""
-    if dropout:
-        # Megatron's TransformerConfig defaults to attention_dropout=0.1; long-context
-        # pretraining runs without it, and the fused kernels here do not implement it.
-        raise ValueError(
-            f"{where}: attention dropout is not supported (attention_dropout={dropout}, Megatron's "
-            "default is 0.1); set --attention-dropout 0 (TransformerConfig(attention_dropout=0.0))"
-        )
-    if getattr(config, "softmax_type", "vanilla") != "vanilla":
-        raise ValueError(f"{where}: softmax_type={config.softmax_type!r} is not supported; valid: 'vanilla'")
-    if getattr(config, "qk_clip", False) or getattr(config, "log_max_attention_logit", False):
-        # Attention would read current_max_attn_logits, which needs the full score matrix.
-        raise ValueError(f"{where}: qk_clip / log_max_attention_logit are not supported; drop "
-                         "--qk-clip and --log-max-attention-logit")
-    if getattr(config, "window_size", None) is not None:
-        raise ValueError(f"{where}: sliding-window attention (window_size={config.window_size}) is "
-                         "not supported")
-
-
 class _CausalCoreAttention(MegatronModule):
     """Shared checks and layout changes; subclasses attend on `[b, s, h, d]`."""
 
     name = "core attention"
+    lighthouse_layer = False  # which rules of rules.py apply
 
     def __init__(
         self,
@@ -102,9 +83,8 @@ class _CausalCoreAttention(MegatronModule):
             )
         if kwargs.get("k_channels") not in (None, kwargs.get("v_channels")):
             raise ValueError(f"{where}: multi-latent attention (k_channels != v_channels) is not supported")
-        check_model_settings(
-            config, where, config.attention_dropout if attention_dropout is None else attention_dropout
-        )
+        overrides = {} if attention_dropout is None else {"attention_dropout": attention_dropout}
+        check_config(config, where, lighthouse=self.lighthouse_layer, **overrides)
         # Megatron gives a custom core attention no CP guard: each module attends across the
         # CP group itself (attending only within the local shard would be silently wrong).
         self.context_parallel = _context_parallel(config, pg_collection, cp_comm_type)
@@ -177,6 +157,7 @@ class LighthouseCoreAttention(_CausalCoreAttention):
     """
 
     name = "LighthouseCoreAttention"
+    lighthouse_layer = True
 
     def __init__(
         self,

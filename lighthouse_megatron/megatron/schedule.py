@@ -4,7 +4,8 @@ Lighthouse layers switch to dense attention from a given iteration on (the in-ru
 recovery stage). The switch must be the same on every rank and in every microbatch of
 an iteration, so the modules do not count calls themselves: they read the trainer's
 iteration. Megatron-LM keeps it in `get_args().curr_iteration`; the entry point and the
-patch install that as the source. Other loops call `set_iteration(i)` before each step.
+patches install that as the source (megatron_lm/launch.py). Other loops call
+`set_iteration(i)` before each step.
 """
 
 from __future__ import annotations
@@ -34,13 +35,3 @@ def get_iteration() -> int:
         return _iteration if value is None else int(value)
     return _iteration
 
-
-def megatron_lm_iteration_source() -> Callable[[], int]:
-    """`get_args().curr_iteration`, which Megatron-LM's train() sets before each step."""
-
-    def source():
-        from megatron.training import get_args  # Megatron-LM only; imported when read
-
-        return getattr(get_args(), "curr_iteration", None)
-
-    return source

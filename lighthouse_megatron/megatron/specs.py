@@ -10,8 +10,6 @@ slices it to this pipeline stage, like megatron-core's `get_gpt_decoder_block_sp
 from __future__ import annotations
 
 import copy
-import os
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +21,8 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from ..backends import te_available
 from ..config import LighthouseConfig
-from .arguments import ATTENTION_IMPLS
-from .core_attention import DenseCoreAttention, LighthouseCoreAttention, check_model_settings
+from .core_attention import DenseCoreAttention, LighthouseCoreAttention
+from .rules import ATTENTION_IMPLS, check_config, check_setting, warn_qk_layernorm
 
 
 def _use_te_default() -> bool:
@@ -51,31 +49,9 @@ def _common_arguments(config, attention_impl, lighthouse, use_te):
 
 def check_lighthouse_model(config, lighthouse: LighthouseConfig) -> None:
     """Fail at build time on model settings Lighthouse layers do not support."""
-    if getattr(config, "multi_latent_attention", False):
-        raise ValueError("Lighthouse attention does not support multi-latent attention "
-                         "(multi_latent_attention=True, --multi-latent-attention)")
-    if getattr(config, "experimental_attention_variant", None) is not None:
-        raise ValueError(
-            "Lighthouse attention replaces the core attention of standard self-attention; "
-            f"experimental_attention_variant={config.experimental_attention_variant!r} is not supported"
-        )
-    tp = getattr(config, "tensor_model_parallel_size", 1) or 1
-    groups = getattr(config, "num_query_groups", None) or getattr(config, "num_attention_heads", tp)
-    if groups % tp:
-        # The selection pools query norms over each GQA group; with fewer groups than TP
-        # ranks megatron-core splits a group across ranks, and the selection would change.
-        raise ValueError(
-            f"Lighthouse attention needs num_query_groups={groups} to be a multiple of "
-            f"tensor_model_parallel_size={tp} (each rank must hold whole GQA groups); "
-            "set --num-query-groups to a multiple of --tensor-model-parallel-size"
-        )
-    check_model_settings(config, "Lighthouse attention", getattr(config, "attention_dropout", 0.0))
-    if lighthouse.scorer == "norm" and getattr(config, "qk_layernorm", False):
-        warnings.warn(
-            "Lighthouse with scorer='norm' and qk_layernorm=True: QK layer-norm flattens the query "
-            "and key norms that the scorer ranks, so the selection carries less signal",
-            stacklevel=3,
-        )
+    check_config(config, "Lighthouse attention", lighthouse=True)
+    warn_qk_layernorm(lighthouse.scorer, getattr(config, "qk_layernorm", False),
+                      "Lighthouse with scorer='norm' and qk_layernorm=True", stacklevel=4)
 
 
 def get_gpt_layer_spec(
@@ -102,11 +78,7 @@ def get_gpt_layer_spec(
     Dense core attention is TEDotProductAttention with TE, DenseCoreAttention without.
     """
     config, lighthouse, use_te = _common_arguments(config, attention_impl, lighthouse, use_te)
-    if getattr(config, "num_moe_experts", None):
-        raise ValueError(
-            f"lighthouse_megatron's GPT specs build MoE-free layers; num_moe_experts="
-            f"{config.num_moe_experts} is not supported"
-        )
+    check_setting(config, "num_moe_experts", "lighthouse_megatron's GPT layer spec")
     if attention_impl == "lighthouse":
         check_lighthouse_model(config, lighthouse)
     qk_layernorm = getattr(config, "qk_layernorm", False) if qk_layernorm is None else qk_layernorm
@@ -215,29 +187,3 @@ class LighthouseBlockSpecProvider:
             until_iteration=self.until_iteration,
             vp_stage=vp_stage,
         )
-
-
-LIGHTHOUSE_CONFIG_ENV = "LIGHTHOUSE_CONFIG"
-
-
-def lighthouse_spec_from_env(config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
-    """No-patch route for Megatron-LM >= 0.19: `--spec lighthouse_megatron.megatron.specs
-    lighthouse_spec_from_env`, settings from the YAML file named by $LIGHTHOUSE_CONFIG
-    (the `--lighthouse-config` format; argparse rejects new flags without a patch)."""
-    from .arguments import load_lighthouse_yaml
-
-    path = os.environ.get(LIGHTHOUSE_CONFIG_ENV)
-    settings = load_lighthouse_yaml(path) if path else {}
-    impl = settings.pop("attention_impl", "lighthouse")
-    until = settings.pop("until_iter", None)
-    transformer_impl = getattr(_transformer_config(config), "transformer_impl", None)
-    use_te = None if transformer_impl is None else transformer_impl == "transformer_engine"
-    provider = LighthouseBlockSpecProvider(
-        LighthouseConfig.from_dict(settings), attention_impl=impl, use_te=use_te, until_iteration=until
-    )
-    return provider(config, vp_stage=vp_stage)
-
-
-# Megatron-LM 0.16's `--spec MODULE NAME` reads a module attribute, never calls it; the
-# Megatron-LM hooks (megatron_lm.py) place each stage's block spec here for its gpt_builder.
-_megatron_lm_block_spec: TransformerBlockSubmodules | None = None

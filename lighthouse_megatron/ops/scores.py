@@ -3,7 +3,7 @@
 Output layout (shared by the selection, gather and scatter kernels): one flat fp32 buffer
 per score kind, [b * Hkv, total] with total = sum over levels of n / p**l, level l starting
 at `level_offsets(n, p, L)[l]`. Level 0 holds the base scores s[t]; level l holds the max
-of s over each block of p**l tokens (ALGORITHM.md: max-pooling of the base norms).
+of s over each block of p**l tokens (docs/algorithm.md: max-pooling of the base norms).
 """
 
 from __future__ import annotations

@@ -53,12 +53,12 @@ def causal_attention(
 
 
 @functools.lru_cache(maxsize=64)
-def _te_cp_module(heads, groups, d, scale, dtype, device, cp: ContextParallel):
+def _te_cp_module(heads, groups, d, scale, dtype, device, fmt, cp: ContextParallel):
     from transformer_engine.pytorch import DotProductAttention
 
     module = DotProductAttention(
         num_attention_heads=heads, kv_channels=d, num_gqa_groups=groups, attention_dropout=0.0,
-        qkv_format="bshd", attn_mask_type="causal", softmax_scale=scale,
+        qkv_format=fmt, attn_mask_type="causal", softmax_scale=scale,
     ).to(device=device, dtype=dtype)
     module.set_context_parallel_group(
         cp.te_group if cp.te_group is not None else cp.group, cp.global_ranks, cp.stream(device),
@@ -69,8 +69,10 @@ def _te_cp_module(heads, groups, d, scale, dtype, device, cp: ContextParallel):
 
 def _te_cp_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, cp: ContextParallel) -> Tensor:
     b, s, hq, d = q.shape
-    module = _te_cp_module(hq, k.shape[2], d, float(scale), q.dtype, q.device, cp)
-    return module(te_layout(q), te_layout(k), te_layout(v)).view(b, s, hq, d)
+    fmt, tensors = te_layout(q, k, v)
+    module = _te_cp_module(hq, k.shape[2], d, float(scale), q.dtype, q.device, fmt, cp)
+    out = module(*tensors)
+    return out.view(s, b, hq, d).transpose(0, 1) if fmt == "sbhd" else out.view(b, s, hq, d)
 
 
 # -------------------------------------------------------------------------- built-in

@@ -9,12 +9,11 @@ plain-typed values back, so checkpoints store what actually ran.
 from __future__ import annotations
 
 import argparse
-import warnings
 from typing import Any
 
-from ..config import BACKENDS, SCORERS, LighthouseConfig, nearest_multiples
-
-ATTENTION_IMPLS = ("dense", "lighthouse")
+from ..config import BACKENDS, SCORERS, LighthouseConfig
+from ..megatron import rules
+from ..megatron.rules import ATTENTION_IMPLS
 
 # LighthouseConfig field -> flag (dest is the flag with '-' -> '_').
 _FLAGS = {
@@ -103,15 +102,31 @@ def resolve_lighthouse_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+# Field order of LighthouseConfig's own checks: tile_topk before topk, whose rule needs it.
+_CHECK_ORDER = ("levels", "pooling_factor", "tile_topk", "topk", "dense_layers", "scorer", "backend")
+
+
 def lighthouse_config_from_args(args: argparse.Namespace) -> LighthouseConfig:
     """The LighthouseConfig the (resolved) arguments describe; errors name the flag."""
     resolve_lighthouse_args(args)
-    values = {key: getattr(args, _dest(flag)) for key, flag in _FLAGS.items()}
-    try:
-        return LighthouseConfig(**values)
-    except ValueError as e:
-        flags = [flag for key, flag in _FLAGS.items() if f"lighthouse {key}" in str(e)]
-        raise ValueError(f"{' / '.join(flags) or 'Lighthouse arguments'}: {e}") from e
+    values: dict[str, Any] = {}
+    # Add one setting at a time: the first one that fails is the flag to blame.
+    for key in _CHECK_ORDER:
+        values[key] = getattr(args, _dest(_FLAGS[key]))
+        try:
+            config = LighthouseConfig(**values)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{_FLAGS[key]} {_shown(values[key])}: {e}") from e
+    return config
+
+
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _lighthouse_flags(args: argparse.Namespace) -> str:
+    return " ".join(f"{_FLAGS[key]} {getattr(args, _dest(_FLAGS[key]))}"
+                    for key in ("levels", "pooling_factor", "topk", "tile_topk"))
 
 
 def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | None:
@@ -128,77 +143,26 @@ def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | Non
     if args.attention_impl == "dense":
         return None
     config = lighthouse_config_from_args(args)
+    rules.check_args(args)
 
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
-    if get("yaml_cfg") is not None:
-        raise ValueError("--yaml-cfg replaces every command-line argument, the Lighthouse flags too; "
-                         "pass the model as flags and Lighthouse settings with --lighthouse-config")
     cp = get("context_parallel_size", 1) or 1
     seq = get("seq_length")
     if seq is not None:
         try:
             config.validate(seq, cp_size=cp)
         except ValueError as e:
-            raise ValueError(f"--seq-length {seq} with --context-parallel-size {cp} does not fit the "
-                             f"Lighthouse settings (--lighthouse-levels/-pooling-factor/-topk/-tile-topk): "
-                             f"{e}") from e
+            cp_flag = f" --context-parallel-size {cp}" if cp > 1 else ""
+            raise ValueError(f"--seq-length {seq} with {_lighthouse_flags(args)}{cp_flag}: {e}") from e
     num_layers = get("num_layers")
     if num_layers is not None:
         try:
             config.resolve_dense_layers(num_layers)
         except ValueError as e:
             raise ValueError(f"--lighthouse-dense-layers with --num-layers {num_layers}: {e}") from e
-
-    tp = get("tensor_model_parallel_size", 1) or 1
-    heads = get("num_attention_heads")
-    if heads is not None and heads % tp:
-        raise ValueError(
-            f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size {tp}; "
-            f"nearest valid head counts: {nearest_multiples(heads, tp)}"
-        )
     groups = get("num_query_groups") if get("group_query_attention", True) else None
-    if groups is not None and heads is not None:
-        if heads % groups:
-            raise ValueError(f"--num-attention-heads {heads} is not a multiple of --num-query-groups "
-                             f"{groups}")
-        if groups % tp:
-            # The selection pools query norms over each GQA group; megatron-core splits a
-            # group across ranks when groups < TP, which would change the selection.
-            raise ValueError(
-                f"--num-query-groups {groups} must be a multiple of --tensor-model-parallel-size {tp} "
-                f"with --attention-impl lighthouse (each rank must hold whole GQA groups); nearest "
-                f"valid group counts: {nearest_multiples(groups, tp)}"
-            )
-
-    dropout = get("attention_dropout", 0.0)
-    if dropout:
-        raise ValueError(f"--attention-dropout {dropout} is not supported with --attention-impl "
-                         "lighthouse (Megatron's default is 0.1); set --attention-dropout 0")
-    for flag, what in (("sft", "packed sequences"),
-                       ("dataloader_inter_document_masking", "packed sequences"),
-                       ("reset_attention_mask", "per-document (non-causal) masks")):
-        if get(flag):
-            raise ValueError(f"--{flag.replace('_', '-')} ({what}) is not supported with "
-                                      "--attention-impl lighthouse yet; Lighthouse layers are causal only")
-    if get("multi_latent_attention"):
-        raise ValueError("--multi-latent-attention is not supported with --attention-impl lighthouse")
-    if get("num_experts"):
-        raise ValueError(f"--num-experts {get('num_experts')} is not supported with --attention-impl "
-                         "lighthouse: its layer specs have a dense (MoE-free) MLP")
-    if get("experimental_attention_variant") is not None:
-        raise ValueError(f"--experimental-attention-variant {get('experimental_attention_variant')} "
-                         "cannot be combined with --attention-impl lighthouse")
-    for flag in ("mtp_num_layers", "use_legacy_models", "heterogeneous_layers_config_path", "qk_clip",
-                 "log_max_attention_logit"):
-        if get(flag):
-            raise ValueError(f"--{flag.replace('_', '-')} ({get(flag)}) cannot be combined with "
-                             "--attention-impl lighthouse")
-    backend = get("attention_backend")
-    if backend is not None and str(getattr(backend, "name", backend)).split(".")[-1] == "local":
-        raise ValueError("--attention-backend local replaces every core attention with Megatron's "
-                         "DotProductAttention; use another --attention-backend (e.g. auto)")
-    if config.scorer == "norm" and get("qk_layernorm"):
-        warnings.warn("--lighthouse-scorer norm with --qk-layernorm: QK layer-norm flattens the query "
-                      "and key norms that the scorer ranks, so the selection carries less signal",
-                      stacklevel=2)
+    rules.check_heads(get("num_attention_heads"), groups, get("tensor_model_parallel_size", 1) or 1,
+                      rules.flag_named)
+    rules.warn_qk_layernorm(config.scorer, get("qk_layernorm", False),
+                            "--lighthouse-scorer norm with --qk-layernorm")
     return config

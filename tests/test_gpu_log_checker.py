@@ -1,0 +1,65 @@
+"""tests/gpu/check_megatron_lm_logs.py on log lines in Megatron-LM's format: it passes a
+good two-stage run and fails each way a run can go wrong."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location(
+    "check_megatron_lm_logs", Path(__file__).parent / "gpu" / "check_megatron_lm_logs.py")
+checker = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(checker)
+
+
+def log(iters, loss, extra=""):
+    lines = [extra]
+    for i in iters:
+        lines.append(f" [2026-11-28 02:00:00] iteration {i:8d}/      40 | consumed samples: {4 * i} | "
+                     f"elapsed time per iteration (ms): 50.0 | learning rate: 1.0E-03 | "
+                     f"lm loss: {loss(i):.6E} | loss scale: 1.0 | grad norm: 1.000 |")
+    return "\n".join(lines)
+
+
+LH = "lighthouse-megatron: model of this stage (vp_stage=None), core attention: LighthouseCoreAttention x5"
+SAVED = "  [2026] successfully saved checkpoint from iteration      20 to /ckpt [ t 1/1, p 1/1 ]"
+LOADED = "  successfully loaded checkpoint from /ckpt [ t 1/1, p 1/1 ] at iteration 20"
+
+
+def falling(i):
+    return 5.5 - 0.05 * i
+
+
+def test_good_run_passes():
+    assert checker.check(log(range(1, 21), falling, LH + "\n" + SAVED),
+                         log(range(21, 41), falling, LOADED), 20, 40) == []
+
+
+@pytest.mark.parametrize("case, match", [
+    ("restart", "did not carry over"),
+    ("nan", "non-finite"),
+    ("not_loaded", "did not load"),
+    ("no_lighthouse", "did not announce Lighthouse"),
+    ("short", "expected 1..20"),
+    ("flat", "did not fall"),
+])
+def test_bad_runs_fail(case, match):
+    s1 = log(range(1, 21), falling, LH + "\n" + SAVED)
+    s2 = log(range(21, 41), falling, LOADED)
+    if case == "restart":
+        s2 = log(range(21, 41), lambda i: falling(i - 20), LOADED)
+    elif case == "nan":
+        s2 = log(range(21, 41), lambda i: float("nan") if i == 30 else falling(i), LOADED)
+    elif case == "not_loaded":
+        s2 = log(range(21, 41), falling)
+    elif case == "no_lighthouse":
+        s1 = log(range(1, 21), falling, SAVED)
+    elif case == "short":
+        s1 = log(range(1, 11), falling, LH + "\n" + SAVED)
+    elif case == "flat":
+        s1 = log(range(1, 21), lambda i: 5.0, LH + "\n" + SAVED)
+        s2 = log(range(21, 41), lambda i: 5.0, LOADED)
+    problems = checker.check(s1, s2, 20, 40)
+    assert any(match in p for p in problems), problems
