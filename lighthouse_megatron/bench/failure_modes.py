@@ -59,7 +59,8 @@ def add_failure_modes_parser(sub: argparse._SubParsersAction) -> None:
                        help="budgets tried at each short length (invalid pairs are recorded and skipped)")
     layer.add_argument("--memory-lens", type=_int_list, default=[1024 * K, 2048 * K])
     layer.add_argument("--memory-topk", type=int, default=4096)
-    layer.add_argument("--topk-len", type=_int, default=32 * K, help="length of the timed k sweep")
+    layer.add_argument("--topk-len", type=_int, default=32 * K,
+                       help="length of the timed k sweep (0: untimed)")
     layer.add_argument("--warmup", type=int, default=2)
     layer.add_argument("--reps", type=int, default=5)
     probe = p.add_argument_group("probes (qknorm, causality, topk errors): exact fp32")
@@ -264,6 +265,8 @@ def part_topk(args, device, probe_device) -> dict:
               f"{errors[-1]['rel_err_vs_dense']:.3f}", flush=True)
     timings = []
     n = args.topk_len
+    if n == 0:
+        return {"errors": errors, "timings": timings}
     dense_ms = _fwd_bwd_ms(_dense_fn(device), args, n, device, n)
     for topk in budgets(n, args.tile_topk):
         try:
@@ -368,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
     if not parts or any(x not in PARTS for x in parts):
         raise UsageError(f"--parts {args.parts!r}: valid parts are {', '.join(PARTS)}")
     device, probe_device = torch.device(args.device), torch.device(args.probe_device)
-    timed = {"short", "memory", "topk"} & set(parts)
+    timed = {"short", "memory"} & set(parts) or ("topk" in parts and args.topk_len > 0)
     for d, flag, needed in ((device, "--device", timed), (probe_device, "--probe-device", True)):
         if needed and d.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"{flag} cuda: no CUDA GPU here; use {flag} cpu")
