@@ -11,7 +11,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     from .e2e import add_e2e_parser
     from .failure_modes import add_failure_modes_parser
     from .layer import add_layer_parser
+    from .report import add_report_parser
 
     add_layer_parser(kinds)
     add_e2e_parser(kinds)
     add_failure_modes_parser(kinds)
+    add_report_parser(kinds)

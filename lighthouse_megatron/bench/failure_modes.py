@@ -294,6 +294,9 @@ def part_qknorm(args, probe_device) -> dict:
         noise = [torch.rand(q.shape, generator=g).to(probe_device) for _ in range(2)]
         random_plan = reference.plan(*noise, cfg)  # scores of random tensors: a random selection
         raw_plan, normed_plan = reference.plan(q, k, cfg), reference.plan(qn, kn, cfg)
+        # In fp32 LayerNorm's epsilon leaves norms that differ by ~1e-6 and still rank by each
+        # token's spread; a bf16 model's q and k round those differences away.
+        bf16_plan = reference.plan(qn.bfloat16(), kn.bfloat16(), cfg)
         dense_raw = reference.causal_attention(q, k, v, scale)
         dense_normed = reference.causal_attention(qn, kn, v, scale)
 
@@ -309,7 +312,9 @@ def part_qknorm(args, probe_device) -> dict:
             "overlap_raw_vs_random": _jaccard(_base_tokens(raw_plan), _base_tokens(random_plan)),
             "rel_err_raw": _rel(_with_plan(q, k, v, raw_plan, cfg), dense_raw),
             "rel_err_raw_random_selection": _rel(_with_plan(q, k, v, random_plan, cfg), dense_raw),
+            "overlap_raw_vs_layernormed_bf16": _jaccard(_base_tokens(raw_plan), _base_tokens(bf16_plan)),
             "rel_err_layernormed": _rel(_with_plan(qn, kn, v, normed_plan, cfg), dense_normed),
+            "rel_err_layernormed_bf16": _rel(_with_plan(qn, kn, v, bf16_plan, cfg), dense_normed),
             "rel_err_layernormed_random_selection":
                 _rel(_with_plan(qn, kn, v, random_plan, cfg), dense_normed),
         })
