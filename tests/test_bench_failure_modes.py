@@ -65,3 +65,16 @@ def test_bad_parts_and_probe_sizes(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: --parts 'short,speed': valid parts are short")
     assert main(["bench", "failure-modes", *TINY, "--probe-len", "500", "--out", str(tmp_path)]) == 2
     assert "error: --probe-len" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_gpu_timed_parts(tmp_path):
+    """On a GPU: the timed parts at small sizes, peak memory recorded."""
+    args = ["bench", "failure-modes", "--parts", "short,memory,topk", "--short-lens", "8K,16K",
+            "--memory-lens", "64K", "--topk-len", "16K", "--reps", "3", "--out", str(tmp_path)]
+    assert main(args) == 0
+    data = json.loads((tmp_path / "failure_modes.json").read_text())
+    assert data["meta"]["nvidia_smi"] and {r["N"] for r in data["short"]["rows"]} == {8192, 16384}
+    mem = data["memory"]["rows"][0]
+    assert mem["peak_mem_gib"] > mem["inputs_gib"] > 0
+    assert [r["topk"] for r in data["topk"]["timings"]] == [128, 256, 512, 1024]

@@ -386,9 +386,15 @@ def run(args: argparse.Namespace) -> int:
           flush=True)
 
     start = time.perf_counter()
+    rows = []
+
+    def save():
+        meta["parameters"] = next((r["parameters"] for r in rows if "parameters" in r), None)
+        meta["wall_s"] = time.perf_counter() - start
+        write_json(out_path, {"meta": meta, "rows": rows, "summary": summarize(rows)})
+
     deadline = start + args.time_budget if args.time_budget > 0 else None
     dense_max = args.dense_max_len
-    rows = []
     for n in args.seq_lens:
         cfg = configs[n]
         args.gathered = cfg.gathered_length(n)
@@ -407,17 +413,15 @@ def run(args: argparse.Namespace) -> int:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             rows.append(row)
+            save()  # after every row: a run cut short by a time limit keeps what it measured
             if "step_ms" in row:
                 peak = row.get("peak_mem_gib", float("nan"))
                 print(f"N={_fmt_len(n)} {mode}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:.0f} "
                       f"tok/s, peak {peak:.1f} GiB, loss {row['losses'][-1]:.3f}", flush=True)
             else:
                 print(f"N={_fmt_len(n)} {mode}: {row['error']}", flush=True)
-    meta["parameters"] = next((r["parameters"] for r in rows if "parameters" in r), None)
-    meta["wall_s"] = time.perf_counter() - start
-    summary = summarize(rows)
-    write_json(out_path, {"meta": meta, "rows": rows, "summary": summary})
-    print_table(rows, summary, meta["device"])
+    save()
+    print_table(rows, summarize(rows), meta["device"])
     print(f"\nwrote {out_path}")
     measured = [r for r in rows if "step_ms" in r]
     return 0 if measured and all(r["finite"] for r in measured) else 1

@@ -408,7 +408,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             results[part] = part_causality(args, probe_device)
         results[part]["seconds"] = time.perf_counter() - t0
-    meta["wall_s"] = time.perf_counter() - start
-    write_json(out_path, {"meta": meta, **results})
+        meta["wall_s"] = time.perf_counter() - start
+        # After every part: a run cut short by a time limit keeps what it measured.
+        write_json(out_path, {"meta": meta, **results})
     print(f"\nwrote {out_path}")
     return 0
