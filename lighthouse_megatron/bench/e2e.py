@@ -297,7 +297,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     for n in sorted({r["N"] for r in rows}):
         by = {r["mode"]: r for r in rows if r["N"] == n and "step_ms" in r}
         s = {"N": n}
-        lh, dense, ceil, none = (by.get(m) for m in MODES[1:2] + MODES[:1] + MODES[2:])
+        dense, lh, ceil, none = (by.get(m) for m in MODES)
         if lh and dense:
             s["speedup_vs_dense"] = dense["step_ms"] / lh["step_ms"]
         if ceil and dense:
@@ -322,7 +322,7 @@ def print_table(rows: list[dict], summary: list[dict], device: str) -> None:
             continue
         sm = next(s for s in summary if s["N"] == r["N"])
         share = sm.get(f"attention_share_{r['mode']}")
-        print(f"{_fmt_len(r['N']):>6} {r['mode']:>10} {r.get('topk', 0):>5} {r.get('S', 0):>7} | "
+        print(f"{_fmt_len(r['N']):>6} {r['mode']:>10} {r.get('topk', 0):>5} {r.get('S') or '-':>7} | "
               f"{r['step_ms']:9.1f} {r['tokens_per_s']:9.0f} {r.get('peak_mem_gib', float('nan')):8.1f} "
               f"{'' if share is None else f'{100 * share:5.1f}%':>6} | {r['losses'][-1]:7.3f}")
     for s in summary:
@@ -399,7 +399,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = configs[n]
         args.gathered = cfg.gathered_length(n)
         for mode in modes:
-            row = {"N": n, "mode": mode, "topk": cfg.topk, "S": args.gathered if mode != "dense" else n}
+            s_len = {"dense": n, "none": None}.get(mode, args.gathered)  # attended length
+            row = {"N": n, "mode": mode, "topk": cfg.topk, "S": s_len}
             if mode == "dense" and dense_max and n > dense_max:
                 row["error"] = f"skipped: dense runs only up to --dense-max-len {dense_max}"
             elif deadline is not None and time.perf_counter() > deadline:
