@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements behind benchmarks/REPORT.md, in priority order, each under a time limit,
-# for one call of at most 10 minutes on one GPU:
+# for one call of at most 10 minutes on one GPU (limits add up to 510 s, plus start-up):
 #
 #   1. e2e at 98,304 tokens, the paper's 530M model (vocab 128,256): dense, Lighthouse, ceiling, none
 #   2. the same with vocab 256 (268M): the gap between the two is the cost outside attention
@@ -57,15 +57,15 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 
 E2E_COMMON=(--seq-lens 98304 --warmup 1 --steps 2 --recompute full --loss-chunk 8192)
 
-step e2e_98k_vocab128256 "${LIMIT_E2E_BIG:-150}" "${LH[@]}" e2e "${E2E_COMMON[@]}" --vocab 128256 \
-    --time-budget "${BUDGET_E2E_BIG:-120}" --out "$OUT/e2e" --name e2e_98k_vocab128256
-step e2e_98k_vocab256 "${LIMIT_E2E_SMALL:-130}" "${LH[@]}" e2e "${E2E_COMMON[@]}" --vocab 256 \
-    --time-budget "${BUDGET_E2E_SMALL:-100}" --out "$OUT/e2e" --name e2e_98k_vocab256
-step failure_modes "${LIMIT_FAILURE:-100}" "${LH[@]}" failure-modes --parts short,memory,topk \
+step e2e_98k_vocab128256 "${LIMIT_E2E_BIG:-140}" "${LH[@]}" e2e "${E2E_COMMON[@]}" --vocab 128256 \
+    --time-budget "${BUDGET_E2E_BIG:-110}" --out "$OUT/e2e" --name e2e_98k_vocab128256
+step e2e_98k_vocab256 "${LIMIT_E2E_SMALL:-120}" "${LH[@]}" e2e "${E2E_COMMON[@]}" --vocab 256 \
+    --time-budget "${BUDGET_E2E_SMALL:-90}" --out "$OUT/e2e" --name e2e_98k_vocab256
+step failure_modes "${LIMIT_FAILURE:-90}" "${LH[@]}" failure-modes --parts short,memory,topk \
     --topk-len 32K --out "$OUT/failure_modes" --name failure_modes_gpu
-step e2e_sweep "${LIMIT_SWEEP:-170}" "${LH[@]}" e2e --seq-lens 8K,16K,32K,64K,128K,256K --fit-topk \
+step e2e_sweep "${LIMIT_SWEEP:-160}" "${LH[@]}" e2e --seq-lens 8K,16K,32K,64K,128K,256K --fit-topk \
     --vocab 256 --modes dense,lighthouse,ceiling --dense-max-len 128K --warmup 1 --steps 1 \
-    --time-budget "${BUDGET_SWEEP:-140}" --out "$OUT/e2e" --name e2e_sweep_vocab256
+    --time-budget "${BUDGET_SWEEP:-130}" --out "$OUT/e2e" --name e2e_sweep_vocab256
 
 echo "]" >> "$MANIFEST"
 mv "$MANIFEST" "$OUT/run_evidence.json"
