@@ -69,6 +69,9 @@ def test_bad_settings_are_one_error_line(tmp_path, capsys):
     assert err.startswith("error: --modes") and "ceiling" in err and "\n" not in err
     assert main(["bench", "e2e", *TINY, "--seq-lens", "100", "--out", str(tmp_path)]) == 2
     assert "--seq-lens 100" in capsys.readouterr().err
+    bad_layers = ["--seq-lens", "64", "--dense-layers", "0,7", "--out", str(tmp_path)]
+    assert main(["bench", "e2e", *TINY, *bad_layers]) == 2
+    assert capsys.readouterr().err.startswith("error: --dense-layers")
     assert not list(tmp_path.iterdir())
 
 

@@ -364,6 +364,10 @@ def run(args: argparse.Namespace) -> int:
             configs[n] = lighthouse_for(args, n)
         except ValueError as e:
             raise UsageError(f"--seq-lens {n} with --topk {args.topk}: {e}") from None
+    try:
+        configs[args.seq_lens[0]].resolve_dense_layers(args.layers)
+    except ValueError as e:
+        raise UsageError(f"--dense-layers: {e}") from None
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
     _init_parallel(device, args.seed)
