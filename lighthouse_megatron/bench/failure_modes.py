@@ -386,6 +386,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--probe-len/--probe-topk/--probe-tile-topk: {e}") from None
     out_path = args.out / f"{args.name}.json"
     check_writable(out_path, args.force)
+    if device.type == "cuda":
+        # Transformer Engine (stage 5 under "auto") must load before torch first uses cuDNN.
+        from ..backends import te_available
+
+        te_available()
     meta = run_meta(device if timed else probe_device)
     meta.update(parts=parts, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype, levels=args.levels,
                 pooling_factor=args.pooling_factor, tile_topk=args.tile_topk, probe_device=args.probe_device,
