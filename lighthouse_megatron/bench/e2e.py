@@ -354,7 +354,8 @@ def run(args: argparse.Namespace) -> int:
     # Transformer Engine must load before torch first uses cuDNN (TE links its own cuDNN).
     from ..backends import _te_import_error, te_available
 
-    use_te = device.type == "cuda" and args.spec != "local" and te_available()
+    te_ok = device.type == "cuda" and te_available()  # imported now, whatever the spec
+    use_te = te_ok and args.spec != "local"
     if args.spec == "te" and not use_te:
         why = _te_import_error() or "no GPU"
         raise UsageError(f"--spec te: Transformer Engine is not usable here ({why})")
@@ -380,7 +381,9 @@ def run(args: argparse.Namespace) -> int:
                "tied_output": False, "batch": args.batch, "dtype": args.dtype},
         lighthouse=dataclasses.asdict(configs[args.seq_lens[0]]) | {"topk_per_length": {
             str(n): c.topk for n, c in configs.items()}},
-        spec="te" if use_te else "local", recompute=args.recompute, loss_chunk=args.loss_chunk,
+        spec="te" if use_te else "local",
+        stage5_kernel=args.backend if args.backend != "auto" else ("te" if te_ok else "sdpa"),
+        recompute=args.recompute, loss_chunk=args.loss_chunk,
         optimizer="torch.optim.Adam (fused on CUDA), bf16 parameters" if args.dtype == "bf16"
         else "torch.optim.Adam", warmup=args.warmup, steps=args.steps, time_budget_s=args.time_budget,
     )

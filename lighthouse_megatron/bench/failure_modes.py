@@ -179,6 +179,15 @@ def _lighthouse_fn(cfg):
     return lambda q, k, v: lighthouse_attention(q, k, v, cfg)
 
 
+def _stage5(device) -> str:
+    """What backend "auto" runs stage 5 with here."""
+    from ..backends import te_available
+
+    if device.type != "cuda":
+        return "sdpa"
+    return "te" if te_available() else "sdpa (cudnn first)"
+
+
 def _layer_config(args, n: int, topk: int) -> LighthouseConfig:
     cfg = LighthouseConfig(levels=args.levels, pooling_factor=args.pooling_factor, topk=topk,
                            tile_topk=args.tile_topk)
@@ -392,6 +401,7 @@ def run(args: argparse.Namespace) -> int:
 
         te_available()
     meta = run_meta(device if timed else probe_device)
+    meta["stage5_kernel"] = _stage5(device)
     meta.update(parts=parts, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype, levels=args.levels,
                 pooling_factor=args.pooling_factor, tile_topk=args.tile_topk, probe_device=args.probe_device,
                 probe={"N": args.probe_len, "heads": args.probe_heads, "head_dim": args.probe_head_dim,
