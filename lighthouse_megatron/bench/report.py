@@ -404,7 +404,8 @@ def e2e_section(results: dict) -> list[str]:
             f"### {r.path.as_posix()}",
             "",
             f"{r.card} ({m.get('nvidia_smi')}), megatron-core {m.get('megatron_core')}, TE "
-            f"{m.get('transformer_engine')}, {m.get('spec')} spec, recompute {m.get('recompute')}, "
+            f"{m.get('transformer_engine')}, {m.get('spec')} spec, stage 5 {m.get('stage5_kernel')}, "
+                f"recompute {m.get('recompute')}, "
             f"{model.get('layers')} layers, hidden {model.get('hidden')}, vocab {model.get('vocab')}, "
             f"{m.get('parameters') or 0:,} parameters, {m.get('date')}. Command: `{r.command}`",
             "",
