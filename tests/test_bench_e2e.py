@@ -89,8 +89,7 @@ def test_fit_topk_takes_the_largest_valid_budget():
 def _model(mode, args, seq=64):
     config = e2e.transformer_config(args, torch.device("cpu"))
     cfg = e2e.lighthouse_for(args, seq)
-    args.gathered = cfg.gathered_length(seq)
-    spec = e2e.block_spec(args, config, mode, cfg, use_te=False)
+    spec = e2e.block_spec(config, mode, cfg, use_te=False, gathered=cfg.gathered_length(seq))
     return e2e.build_model(args, config, spec, seq, torch.device("cpu"))
 
 

@@ -130,8 +130,9 @@ def _stand_in_modules():
         name = "ValueCopyCoreAttention"
 
         def _attend(self, q, k, v):
-            return v.repeat_interleave(q.shape[2] // v.shape[2], dim=2) if q.shape[2] != v.shape[2] \
-                else v.clone()
+            if q.shape[2] != v.shape[2]:
+                return v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
+            return v.clone()
 
     return SampledCoreAttention, ValueCopyCoreAttention
 
@@ -173,7 +174,8 @@ def transformer_config(args, device: torch.device):
     return TransformerConfig(**kw)
 
 
-def block_spec(args, config, mode: str, lighthouse: LighthouseConfig, use_te: bool):
+def block_spec(config, mode: str, lighthouse: LighthouseConfig, use_te: bool, gathered: int):
+    """The package's block spec for this mode; `gathered` tokens per sampled layer (ceiling)."""
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     from ..megatron import LighthouseCoreAttention, get_gpt_decoder_block_spec
@@ -187,7 +189,7 @@ def block_spec(args, config, mode: str, lighthouse: LighthouseConfig, use_te: bo
             attention.core_attention = ModuleSpec(module=value_copy)
         elif mode == "ceiling" and attention.core_attention.module is LighthouseCoreAttention:
             attention.core_attention = ModuleSpec(
-                module=sampled, params={"gathered": args.gathered, "backend": lighthouse.backend})
+                module=sampled, params={"gathered": gathered, "backend": lighthouse.backend})
     return spec
 
 
@@ -235,7 +237,8 @@ def chunked_loss(model, tokens, positions, labels, chunk: int):
 def measure(args, mode: str, seq_len: int, lighthouse: LighthouseConfig, use_te: bool,
             device: torch.device, deadline: float | None) -> dict:
     config = transformer_config(args, device)
-    model = build_model(args, config, block_spec(args, config, mode, lighthouse, use_te), seq_len, device)
+    spec = block_spec(config, mode, lighthouse, use_te, lighthouse.gathered_length(seq_len))
+    model = build_model(args, config, spec, seq_len, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, **({"fused": True} if device.type == "cuda"
                                                                  else {}))
     g = torch.Generator().manual_seed(args.seed)
@@ -404,9 +407,8 @@ def run(args: argparse.Namespace) -> int:
     dense_max = args.dense_max_len
     for n in args.seq_lens:
         cfg = configs[n]
-        args.gathered = cfg.gathered_length(n)
         for mode in modes:
-            s_len = {"dense": n, "none": None}.get(mode, args.gathered)  # attended length
+            s_len = {"dense": n, "none": None}.get(mode, cfg.gathered_length(n))  # attended length
             row = {"N": n, "mode": mode, "topk": cfg.topk, "S": s_len}
             if mode == "dense" and dense_max and n > dense_max:
                 row["error"] = f"skipped: dense runs only up to --dense-max-len {dense_max}"
