@@ -1,0 +1,596 @@
+"""`lighthouse-megatron bench report`: benchmarks/REPORT.md from the committed JSON files.
+
+Every figure in the report comes from a JSON file under --root (written by `bench layer`,
+`bench e2e` and `bench failure-modes`), with the card and the command recorded in that
+file. A claim without a measurement is listed as not yet measured; nothing is filled in
+by hand. Plots go to <root>/report/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._common import UsageError, check_writable, error
+from .layer import K, _fmt_len
+
+PAPER = "Peng, Ghosh, Quesnelle, arXiv 2605.06554, on B200"
+E2E_LEN = 98_304
+
+
+def add_report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="regenerate benchmarks/REPORT.md from the committed benchmark JSON")
+    p.add_argument("--root", type=Path, default=Path("benchmarks"), help="folder holding the results")
+    p.add_argument("--out", type=Path, default=None, help="report path (default ROOT/REPORT.md)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing report")
+    p.set_defaults(func=run_cli)
+
+
+# ----------------------------------------------------------------------- loading
+
+
+@dataclass
+class Result:
+    path: Path  # relative to the root
+    data: dict
+
+    @property
+    def meta(self) -> dict:
+        return self.data.get("meta", {})
+
+    @property
+    def card(self) -> str:
+        return self.meta.get("device") or "?"
+
+    @property
+    def command(self) -> str:
+        return self.meta.get("command") or "?"
+
+
+def load(root: Path) -> dict[str, list[Result]]:
+    """JSON results by kind (the folder they sit in); unreadable files are an error."""
+    found: dict[str, list[Result]] = {}
+    for kind in ("layer", "e2e", "failure_modes", "quality", "retrieval"):
+        for path in sorted((root / kind).glob("*.json")):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise UsageError(f"{path}: not a readable JSON result ({e})") from None
+            found.setdefault(kind, []).append(Result(path.relative_to(root), data))
+    return found
+
+
+# ------------------------------------------------------------------------ claims
+
+
+@dataclass
+class Measured:
+    value: float | None
+    text: str
+    result: Result
+
+
+@dataclass
+class Claim:
+    claim: str
+    paper: str
+    target: str  # what counts as reproduced
+    measure: Callable[[dict], list[Measured]]
+    passes: Callable[[float], bool] | None
+    how: str  # the command that measures it, for claims without a measurement
+
+
+def _layer_row(results: dict, n: int, topk: int):
+    for r in results.get("layer", []):
+        for row in r.data.get("rows", []):
+            if row.get("N") == n and row.get("topk") == topk:
+                yield r, row
+
+
+def _layer_speedup(key: str, n: int, topk: int):
+    def measure(results):
+        return [
+            Measured(
+                row[key], f"{row[key]:.1f}x ({row['fwd_bwd_ms' if 'bwd' in key else 'fwd_ms']:.1f} ms)", r
+            )
+            for r, row in _layer_row(results, n, topk)
+            if key in row
+        ]
+
+    return measure
+
+
+def _layer_million(results):
+    out = [
+        Measured(
+            row["fwd_bwd_ms"], f"{row['fwd_bwd_ms']:.0f} ms fwd+bwd, peak {row['peak_mem_gib']:.0f} GiB", r
+        )
+        for r, row in _layer_row(results, 1024 * K, 4096)
+    ]
+    for r in results.get("failure_modes", []):
+        for row in r.data.get("memory", {}).get("rows", []):
+            if "peak_mem_gib" in row:
+                out.append(
+                    Measured(
+                        row["peak_mem_gib"],
+                        f"{_fmt_len(row['N'])}: peak {row['peak_mem_gib']:.1f} GiB (k={row['topk']})",
+                        r,
+                    )
+                )
+    return out
+
+
+def _e2e_summaries(results, n: int, vocab: int | None = None):
+    for r in results.get("e2e", []):
+        model = r.meta.get("model", {})
+        if vocab is not None and model.get("vocab") != vocab:
+            continue
+        rows = {row["mode"]: row for row in r.data.get("rows", []) if row.get("N") == n and "step_ms" in row}
+        for s in r.data.get("summary", []):
+            if s.get("N") == n:
+                yield r, s, rows
+
+
+def _e2e_speedup(vocab: int):
+    def measure(results):
+        out = []
+        for r, s, rows in _e2e_summaries(results, E2E_LEN, vocab):
+            if "speedup_vs_dense" in s:
+                lh, dense = (rows[m]["tokens_per_s"] / 1e3 for m in ("lighthouse", "dense"))
+                tok = f"{lh:.1f}k vs {dense:.1f}k"
+                layers = r.meta.get("model", {}).get("layers")
+                out.append(
+                    Measured(
+                        s["speedup_vs_dense"],
+                        f"{s['speedup_vs_dense']:.2f}x ({tok} tok/s, "
+                        f"{layers} layers, {r.meta.get('spec')} spec)",
+                        r,
+                    )
+                )
+        return out
+
+    return measure
+
+
+def _e2e_ceiling(results):
+    out = []
+    for r, s, _ in _e2e_summaries(results, E2E_LEN):
+        if "lighthouse_of_ceiling" in s:
+            v = r.meta.get("model", {}).get("vocab")
+            out.append(
+                Measured(
+                    s["lighthouse_of_ceiling"],
+                    f"{100 * s['lighthouse_of_ceiling']:.1f}% of the "
+                    f"ceiling (vocab {v}; ceiling {s.get('ceiling_speedup_vs_dense', float('nan')):.2f}x "
+                    "dense)",
+                    r,
+                )
+            )
+    return out
+
+
+def _attention_share(results):
+    out = []
+    for r, s, _ in _e2e_summaries(results, E2E_LEN):
+        if "attention_share_dense" in s:
+            v = r.meta.get("model", {}).get("vocab")
+            out.append(
+                Measured(
+                    s["attention_share_dense"],
+                    f"{100 * s['attention_share_dense']:.0f}% of the dense "
+                    f"step, {100 * s.get('attention_share_lighthouse', float('nan')):.0f}% of the "
+                    f"Lighthouse step (vocab {v})",
+                    r,
+                )
+            )
+    return out
+
+
+def _break_even(results):
+    """Shortest sequence at which Lighthouse beats dense: one layer and end to end."""
+    out = []
+    for r in results.get("failure_modes", []):
+        rows = r.data.get("short", {}).get("rows", [])
+        if rows:
+            best = {}
+            for row in rows:
+                best[row["N"]] = max(best.get(row["N"], 0), row["speedup"])
+            wins = [n for n, s in sorted(best.items()) if s > 1]
+            text = ", ".join(f"{_fmt_len(n)} {s:.2f}x" for n, s in sorted(best.items()))
+            out.append(Measured(min(wins) if wins else None, f"one layer (best k): {text}", r))
+    for r in results.get("e2e", []):
+        summ = [s for s in r.data.get("summary", []) if "speedup_vs_dense" in s]
+        if len(summ) > 1:
+            wins = [s["N"] for s in summ if s["speedup_vs_dense"] > 1]
+            text = ", ".join(f"{_fmt_len(s['N'])} {s['speedup_vs_dense']:.2f}x" for s in summ)
+            out.append(Measured(min(wins) if wins else None, f"end to end: {text}", r))
+    return out
+
+
+def _from_kind(kind: str, key: str, fmt: str):
+    def measure(results):
+        return [
+            Measured(r.data[key], fmt.format(r.data[key]), r) for r in results.get(kind, []) if key in r.data
+        ]
+
+    return measure
+
+
+CLAIMS = [
+    Claim(
+        "One layer fwd+bwd at 512K tokens (k=4096) against cuDNN SDPA",
+        "17.3x",
+        "paper's figure or better",
+        _layer_speedup("speedup_fwd_bwd", 512 * K, 4096),
+        lambda v: v >= 17.3,
+        "bench layer",
+    ),
+    Claim(
+        "One layer forward at 512K tokens (k=4096) against cuDNN SDPA",
+        "about 21x",
+        "paper's figure or better",
+        _layer_speedup("speedup_fwd", 512 * K, 4096),
+        lambda v: v >= 21,
+        "bench layer",
+    ),
+    Claim(
+        "End to end, 530M model (vocab 128,256), 98K tokens: stage-1 tokens/s over dense",
+        "1.40-1.69x (84-126k vs about 46k tok/s)",
+        ">= 3.3x on one H100 with TE (project target)",
+        _e2e_speedup(128_256),
+        lambda v: v >= 3.3,
+        "bench e2e --vocab 128256",
+    ),
+    Claim(
+        "End to end, 268M model (vocab 256), 98K tokens: stage-1 tokens/s over dense",
+        "not reported",
+        ">= 3.3x on one H100 with TE (project target)",
+        _e2e_speedup(256),
+        lambda v: v >= 3.3,
+        "bench e2e --vocab 256",
+    ),
+    Claim(
+        "Lighthouse stage 1 against free selection (random S tokens, index gather/scatter)",
+        "not reported",
+        "within 5% of the ceiling",
+        _e2e_ceiling,
+        lambda v: v >= 0.95,
+        "bench e2e",
+    ),
+    Claim(
+        "Attention's share of the dense step at 98K",
+        "not reported",
+        "(context for the speed-up)",
+        _attention_share,
+        None,
+        "bench e2e",
+    ),
+    Claim(
+        "Shortest sequence where Lighthouse is faster than dense",
+        "not reported",
+        "(where it pays off)",
+        _break_even,
+        None,
+        "bench failure-modes --parts short; bench e2e sweep",
+    ),
+    Claim(
+        "Long sequences on one GPU: 1M and 2M tokens, one layer fwd+bwd",
+        "1M trained on 32 B200 (CP=8)",
+        "runs on one 80 GB card",
+        _layer_million,
+        lambda v: True,
+        "bench layer; bench failure-modes --parts memory",
+    ),
+    Claim(
+        "Recovered model (Lighthouse, then dense) against dense from scratch: final loss",
+        "0.68-0.71 vs 0.724",
+        "matches or beats dense",
+        _from_kind("quality", "final_loss_gap", "{:+.3f} (recovered - dense)"),
+        lambda v: v <= 0,
+        "no command yet: `bench quality` (on the trainer) is not built",
+    ),
+    Claim(
+        "Needle-in-a-haystack retrieval: recovered model against dense",
+        "not reported",
+        "no worse than dense",
+        _from_kind("retrieval", "accuracy_gap", "{:+.3f} (recovered - dense)"),
+        lambda v: v >= 0,
+        "no command yet: `bench retrieval` (on the trainer) is not built",
+    ),
+]
+
+
+# ------------------------------------------------------------------------- plots
+
+
+def _plot_layer(results, out_dir: Path) -> Path | None:
+    from .layer import plot
+
+    runs = results.get("layer", [])
+    if not runs:
+        return None
+    r = runs[0]
+    rows = r.data["rows"]
+    dense = {row["N"]: row for row in rows if "dense_fwd_bwd_ms" in row}
+    path = out_dir / "layer_latency.png"
+    plot(rows, dense, path, r.card)
+    return path
+
+
+def _plot_e2e(results, out_dir: Path) -> Path | None:
+    series = []
+    for r in results.get("e2e", []):
+        summ = [s for s in r.data.get("summary", []) if "speedup_vs_dense" in s]
+        if summ:
+            m = r.meta.get("model", {})
+            series.append((f"{r.path.stem}: vocab {m.get('vocab')}, {m.get('layers')} layers", summ, r.card))
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, summ, _ in series:
+        line = ax.plot([s["N"] for s in summ], [s["speedup_vs_dense"] for s in summ], "-o", label=label)
+        ceil = [s for s in summ if "ceiling_speedup_vs_dense" in s]
+        if ceil:
+            ax.plot(
+                [s["N"] for s in ceil],
+                [s["ceiling_speedup_vs_dense"] for s in ceil],
+                ":",
+                color=line[0].get_color(),
+                label=f"{label} (free-selection ceiling)",
+            )
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length N (tokens)")
+    ax.set_ylabel("training step speed-up over dense")
+    ax.set_title(f"End to end, {', '.join(sorted({c for _, _, c in series}))}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "e2e_speedup.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------ report
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _how(how: str) -> str:
+    return f"run `lighthouse-megatron {how}`" if how.startswith("bench") else how
+
+
+def claims_section(results: dict) -> tuple[list[str], list[str]]:
+    """The claims table, and the lines of the 'did not reproduce / not measured' section."""
+    lines = ["| claim | paper | target | ours | card | command |", "|---|---|---|---|---|---|"]
+    gaps = []
+    for c in CLAIMS:
+        measured = c.measure(results)
+        if not measured:
+            how = f"`{c.how}`" if c.how.startswith("bench") else c.how
+            lines.append(f"| {_cell(c.claim)} | {c.paper} | {c.target} | not yet measured | | {_cell(how)} |")
+            gaps.append(f"- **Not yet measured**: {c.claim} ({_how(c.how)}).")
+            continue
+        for m in measured:
+            lines.append(
+                f"| {_cell(c.claim)} | {c.paper} | {c.target} | {_cell(m.text)} | {m.result.card} | "
+                f"`{_cell(m.result.command)}` ([json]({m.result.path.as_posix()})) |"
+            )
+            if c.passes is not None and m.value is not None and not c.passes(m.value):
+                gaps.append(
+                    f"- **Did not reproduce**: {c.claim}: {m.text} on {m.result.card}; target: {c.target}"
+                    f" ([json]({m.result.path.as_posix()}))."
+                )
+    return lines, gaps
+
+
+def e2e_section(results: dict) -> list[str]:
+    lines = []
+    for r in results.get("e2e", []):
+        m = r.meta
+        model = m.get("model", {})
+        lines += [
+            f"### {r.path.as_posix()}",
+            "",
+            f"{r.card} ({m.get('nvidia_smi')}), megatron-core {m.get('megatron_core')}, TE "
+            f"{m.get('transformer_engine')}, {m.get('spec')} spec, stage 5 {m.get('stage5_kernel')}, "
+                f"recompute {m.get('recompute')}, "
+            f"{model.get('layers')} layers, hidden {model.get('hidden')}, vocab {model.get('vocab')}, "
+            f"{m.get('parameters') or 0:,} parameters, {m.get('date')}. Command: `{r.command}`",
+            "",
+            "| N | mode | k | S | step ms | tok/s | peak GiB |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in r.data.get("rows", []):
+            if "step_ms" in row:
+                lines.append(
+                    f"| {_fmt_len(row['N'])} | {row['mode']} | {row.get('topk')} | {row.get('S')} | "
+                    f"{row['step_ms']:.0f} | {row['tokens_per_s']:,.0f} | "
+                    f"{row.get('peak_mem_gib', float('nan')):.1f} |"
+                )
+            else:
+                lines.append(
+                    f"| {_fmt_len(row['N'])} | {row['mode']} | | | {_cell(row.get('error', ''))} | | |"
+                )
+        lines.append("")
+    return lines
+
+
+def failure_section(results: dict) -> list[str]:
+    lines = []
+    for r in results.get("failure_modes", []):
+        d = r.data
+        lines += [f"### {r.path.as_posix()} ({r.card})", "", f"Command: `{r.command}`", ""]
+        if "short" in d:
+            lines += [
+                "Short sequences, one layer fwd+bwd (ms):",
+                "",
+                "| N | k | S | Lighthouse | dense | speed-up |",
+                "|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {_fmt_len(x['N'])} | {x['topk']} | {x['S']} | {x['fwd_bwd_ms']:.2f} | "
+                f"{x['dense_fwd_bwd_ms']:.2f} | {x['speedup']:.2f}x |"
+                for x in d["short"]["rows"]
+            ]
+            lines.append("")
+        if "memory" in d:
+            lines += ["Peak memory, one layer fwd+bwd:", ""]
+            lines += [
+                f"- {_fmt_len(x['N'])}, k={x['topk']}: "
+                + (
+                    x.get("error")
+                    or (
+                        f"peak {x.get('peak_mem_gib', float('nan')):.1f} GiB "
+                        f"({x['inputs_gib']:.1f} GiB of q, k, v and "
+                        "the output gradient)"
+                    )
+                )
+                for x in d["memory"]["rows"]
+            ]
+            lines.append("")
+        if "topk" in d:
+            lines += [
+                "k up to its largest valid value N/p^(L-1) (output error: exact fp32, probe inputs):",
+                "",
+                "| N | k | S/N | rel. error vs dense |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {x['N']} | {x['topk']} | {x['S_over_N']:.2f} | {x['rel_err_vs_dense']:.3f} |"
+                for x in d["topk"]["errors"]
+            ]
+            if d["topk"]["timings"]:
+                lines += [
+                    "",
+                    "| N | k | S/N | Lighthouse ms | dense ms | speed-up |",
+                    "|---|---|---|---|---|---|",
+                ]
+                lines += [
+                    f"| {_fmt_len(x['N'])} | {x['topk']} | {x['S_over_N']:.2f} | {x['fwd_bwd_ms']:.2f} | "
+                    f"{x['dense_fwd_bwd_ms']:.2f} | {x['speedup']:.2f}x |"
+                    for x in d["topk"]["timings"]
+                ]
+            lines += [
+                "",
+                "Each token sums one output per level, so Lighthouse's output is not an approximation "
+                "of dense attention's that improves with k: the error is a distance, not a quality score.",
+                "",
+            ]
+        if "qknorm" in d:
+            m = d["qknorm"]["mean"]
+            lines += [
+                f"QK layer-norm (N={d['qknorm']['N']}, mean of {len(d['qknorm']['draws'])} draws): the "
+                f"spread (std/mean) of the query norms is {m['norm_cv_q']:.3f} raw and "
+                f"{m['norm_cv_q_layernormed']:.1e} after layer-norm, of the key norms "
+                f"{m['norm_cv_k']:.3f} and "
+                f"{m['norm_cv_k_layernormed']:.1e}. Tokens attended at full resolution: overlap (Jaccard) "
+                f"{m['overlap_raw_vs_layernormed']:.2f} between raw and layer-normed scoring in fp32 "
+                f"({m.get('overlap_raw_vs_layernormed_bf16', float('nan')):.2f} with bf16 q and k, whose "
+                "rounding erases the tiny norm differences LayerNorm's epsilon leaves), "
+                f"{m['overlap_raw_vs_random']:.2f} between raw scoring and a random selection. "
+                "Output distance "
+                f"against dense: raw {m['rel_err_raw']:.3f} "
+                f"(random selection {m['rel_err_raw_random_selection']:.3f}),"
+                f" layer-normed {m['rel_err_layernormed']:.3f} (random selection "
+                f"{m['rel_err_layernormed_random_selection']:.3f}).",
+                "",
+            ]
+        if "causality" in d:
+            c = d["causality"]
+            lines += [
+                f"Non-causal selection (N={c['N']}, q and k of the tokens after t scaled by {c['factor']}):",
+                "",
+                "| t | offset in tile | out[..t] rel. change | tokens changed | earliest changed | dense |",
+                "|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {x['t']} | {x['position_in_tile']} / {x['tile_length']} | "
+                f"{x['rel_change_out_upto_t']:.2e} | "
+                f"{100 * x['tokens_changed_frac']:.1f}% | {x['earliest_changed_token']} | "
+                f"{x['dense_rel_change_out_upto_t']:.1e} |"
+                for x in c["rows"]
+            ]
+            lines.append("")
+    return lines
+
+
+def build_report(root: Path) -> str:
+    results = load(root)
+    plots_dir = root / "report"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    claims, gaps = claims_section(results)
+    out = [
+        "# Evidence: the paper's claims checked on our GPUs",
+        "",
+        "Generated by `lighthouse-megatron bench report` from the JSON files under `benchmarks/` "
+        "(do not edit by hand: rerun the command). Each row names the card and the command that produced it; "
+        f"paper figures are from {PAPER}.",
+        "",
+        "## Claims",
+        "",
+        *claims,
+        "",
+        "## What did not reproduce, and what is not yet measured",
+        "",
+        *(gaps or ["Every claim listed above is measured and meets its target."]),
+        "",
+        "## Plots",
+        "",
+    ]
+    for title, path, missing in (
+        ("One attention layer, latency against length", _plot_layer(results, plots_dir), "no `layer/*.json`"),
+        (
+            "End-to-end speed-up against length",
+            _plot_e2e(results, plots_dir),
+            "no `e2e/*.json` with dense and Lighthouse rows",
+        ),
+        (
+            "Loss curves with the switch to dense marked",
+            None,
+            "not yet measured (`bench quality` is not built)",
+        ),
+        ("Retrieval heat map (depth x length)", None, "not yet measured (`bench retrieval` is not built)"),
+    ):
+        out += [
+            f"### {title}",
+            "",
+            f"![{title}]({path.relative_to(root).as_posix()})" if path else missing,
+            "",
+        ]
+    out += [
+        "## End-to-end runs",
+        "",
+        *(e2e_section(results) or ["No end-to-end results yet.", ""]),
+        "## Failure modes",
+        "",
+        *(failure_section(results) or ["No failure-mode results yet.", ""]),
+    ]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    try:
+        out = args.out or args.root / "REPORT.md"
+        if not args.root.is_dir():
+            raise UsageError(f"--root {args.root}: no such folder")
+        check_writable(out, args.force)
+        text = build_report(args.root)
+    except UsageError as e:
+        return error(str(e))
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0

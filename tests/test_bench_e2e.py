@@ -1,0 +1,150 @@
+"""`lighthouse-megatron bench e2e` on CPU at tiny sizes: the whole code path, its JSON, and
+the pieces it relies on checked against megatron-core's own computations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from lighthouse_megatron import LighthouseConfig  # noqa: E402
+from lighthouse_megatron.backends import dense_causal_attention  # noqa: E402
+from lighthouse_megatron.bench import e2e  # noqa: E402
+from lighthouse_megatron.cli import main  # noqa: E402
+
+from .megatron_testing import init_parallel  # noqa: E402
+
+TINY = ["--device", "cpu", "--layers", "3", "--hidden", "32", "--heads", "2", "--ffn", "64",
+        "--vocab", "64", "--levels", "2", "--pooling-factor", "2", "--topk", "8", "--tile-topk", "2",
+        "--dense-layers", "0", "--recompute", "none", "--dtype", "fp32", "--loss-chunk", "24",
+        "--warmup", "0", "--steps", "1"]
+
+
+@pytest.fixture(autouse=True)
+def cpu_rope(monkeypatch, request):
+    if request.node.get_closest_marker("gpu"):
+        return  # the benchmark sets up its own NCCL group
+    # megatron-core 0.16's RotaryEmbedding moves its frequencies to torch.cuda.current_device().
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    # The PyTorch twins, not the Triton interpreter: the kernels have their own tests.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    init_parallel()
+
+
+def _args(*extra):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    e2e.add_e2e_parser(parser.add_subparsers())
+    return parser.parse_args(["e2e", *TINY, *extra])
+
+
+def test_cpu_run_writes_every_mode(tmp_path):
+    assert main(["bench", "e2e", *TINY, "--seq-lens", "64", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "e2e.json").read_text())
+    rows = {r["mode"]: r for r in data["rows"]}
+    assert list(rows) == list(e2e.MODES)
+    s = LighthouseConfig(levels=2, pooling_factor=2, topk=8, tile_topk=2).gathered_length(64)
+    assert rows["lighthouse"]["S"] == rows["ceiling"]["S"] == s == 48 and rows["dense"]["S"] == 64
+    for r in rows.values():
+        assert r["finite"] and r["step_ms"] > 0 and r["tokens_per_s"] == pytest.approx(64e3 / r["step_ms"])
+        # Random tokens over 64 symbols at initialization: the loss is near ln(64) = 4.16.
+        assert abs(r["losses"][0] - 4.159) < 0.1
+    # Same initial weights in every mode: the parameter count is the attention-free model's.
+    assert len({r["parameters"] for r in rows.values()}) == 1
+    summary, ms = data["summary"][0], {m: r["step_ms"] for m, r in rows.items()}
+    assert summary["speedup_vs_dense"] == pytest.approx(ms["dense"] / ms["lighthouse"])
+    assert summary["attention_share_dense"] == pytest.approx(1 - ms["none"] / ms["dense"])
+    assert data["meta"]["model"]["layers"] == 3 and data["meta"]["command"].startswith("lighthouse-megatron")
+    # Written once; a second run refuses to overwrite.
+    assert main(["bench", "e2e", *TINY, "--seq-lens", "64", "--out", str(tmp_path)]) == 2
+
+
+def test_bad_settings_are_one_error_line(tmp_path, capsys):
+    assert main(["bench", "e2e", *TINY, "--modes", "dense,fast", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --modes") and "ceiling" in err and "\n" not in err
+    assert main(["bench", "e2e", *TINY, "--seq-lens", "100", "--out", str(tmp_path)]) == 2
+    assert "--seq-lens 100" in capsys.readouterr().err
+    bad_layers = ["--seq-lens", "64", "--dense-layers", "0,7", "--out", str(tmp_path)]
+    assert main(["bench", "e2e", *TINY, *bad_layers]) == 2
+    assert capsys.readouterr().err.startswith("error: --dense-layers")
+    assert not list(tmp_path.iterdir())
+
+
+def test_fit_topk_takes_the_largest_valid_budget():
+    args = _args("--topk", "1536", "--levels", "3", "--pooling-factor", "4", "--tile-topk", "128",
+                 "--fit-topk")
+    # 1536 needs N divisible by 16 * 12 = 192: fine at 98,304, not at 128K (1024 is).
+    assert e2e.lighthouse_for(args, 98_304).topk == 1536
+    assert e2e.lighthouse_for(args, 131_072).topk == 1024
+    args.fit_topk = False
+    with pytest.raises(ValueError):
+        e2e.lighthouse_for(args, 131_072)
+
+
+def _model(mode, args, seq=64):
+    config = e2e.transformer_config(args, torch.device("cpu"))
+    cfg = e2e.lighthouse_for(args, seq)
+    spec = e2e.block_spec(config, mode, cfg, use_te=False, gathered=cfg.gathered_length(seq))
+    return e2e.build_model(args, config, spec, seq, torch.device("cpu"))
+
+
+def test_chunked_loss_matches_megatron_loss():
+    """Loss and gradients of the chunked cross-entropy equal GPTModel's own loss."""
+    args = _args()
+    model = _model("dense", args)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 64, (2, 64), generator=g)
+    labels = torch.randint(0, 64, (2, 64), generator=g)
+    positions = torch.arange(64).expand(2, -1)
+    ours = e2e.chunked_loss(model, tokens, positions, labels, chunk=24)
+    ours.backward()
+    ours_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    theirs = model(tokens, positions, None, labels=labels).mean()
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(ours_grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_stand_in_attentions():
+    """The ceiling's layers sample S tokens (all of them: dense attention), 'none' copies V."""
+    args = _args()
+    ceiling = _model("ceiling", args)
+    kinds = [type(layer.self_attention.core_attention).__name__ for layer in ceiling.decoder.layers]
+    assert kinds == ["DenseCoreAttention", "SampledCoreAttention", "SampledCoreAttention"]
+    sampled = ceiling.decoder.layers[1].self_attention.core_attention
+    q, k, v = (torch.randn(64, 2, 2, 16) for _ in range(3))
+    sampled.gathered = 64
+    dense = dense_causal_attention(*(x.transpose(0, 1) for x in (q, k, v))).transpose(0, 1).reshape(64, 2, -1)
+    torch.testing.assert_close(sampled(q, k, v, None), dense)
+    sampled.gathered, sampled._index = 16, None
+    out = sampled(q, k, v, None).reshape(64, 2, 2, 16)
+    assert int((out.abs().sum(dim=(1, 2, 3)) > 0).sum()) == 16  # only the sampled rows get output
+
+    none = _model("none", _args("--kv-heads", "1"))
+    copy = none.decoder.layers[0].self_attention.core_attention
+    assert all(type(layer.self_attention.core_attention) is type(copy) for layer in none.decoder.layers)
+    v1 = torch.randn(64, 2, 1, 16)
+    torch.testing.assert_close(copy(q, v1, v1, None), v1.expand(64, 2, 2, 16).reshape(64, 2, -1))
+
+
+@pytest.mark.gpu
+def test_gpu_small_model_every_mode_with_recompute(tmp_path):
+    """On a GPU: the TE spec where TE imports, full recompute, fused Adam, peak memory."""
+    args = ["bench", "e2e", "--layers", "4", "--hidden", "256", "--heads", "2", "--ffn", "512",
+            "--vocab", "1024", "--seq-lens", "16K", "--topk", "512", "--dense-layers", "0",
+            "--loss-chunk", "4096", "--warmup", "1", "--steps", "2", "--out", str(tmp_path)]
+    assert main(args) == 0
+    data = json.loads((tmp_path / "e2e.json").read_text())
+    assert data["meta"]["recompute"] == "full" and data["meta"]["nvidia_smi"]
+    rows = {r["mode"]: r for r in data["rows"]}
+    assert set(rows) == set(e2e.MODES)
+    for r in rows.values():
+        assert r["finite"] and r["peak_mem_gib"] > 0 and r["timed_steps"] == 2
+        assert abs(r["losses"][0] - 6.93) < 0.2  # ln(1024) at initialization
