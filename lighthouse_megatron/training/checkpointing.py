@@ -187,11 +187,13 @@ def check_checkpoint_args(args, ckpt_args, root: str) -> None:
     """Fail before building anything when `--load` holds a different model or schedule."""
     if ckpt_args is None:
         return
+    hints = {"model": "", "schedule": " (keep the run's schedule; stop early with --exit-interval)"}
     for names, what in ((SHAPE_ARGS, "model"), (SCHEDULE_ARGS, "schedule")):
         diff = [f"--{n.replace('_', '-')} {getattr(args, n)} (checkpoint: {getattr(ckpt_args, n)})"
                 for n in names if hasattr(ckpt_args, n) and getattr(ckpt_args, n) != getattr(args, n)]
         if diff:
-            raise ValueError(f"--load {root}: the checkpoint's {what} differs: {'; '.join(diff)}")
+            raise ValueError(f"--load {root}: the checkpoint's {what} differs: {'; '.join(diff)}"
+                             + hints[what])
 
 
 def load_checkpoint(args, model, optimizer, scheduler) -> int:
