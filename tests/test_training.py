@@ -271,3 +271,58 @@ def test_cli_registers_train(capsys):
     assert e.value.code == 0 and "--lighthouse-until-iter" in capsys.readouterr().out
     assert main(["train", "--mock-data", "--split", "x"]) == 2
     assert capsys.readouterr().err.startswith("error: --split")
+
+
+def _lighthouse_cp_supported() -> bool:
+    try:
+        training.parse_args([*MODEL, *LIGHTHOUSE, "--context-parallel-size", "2"], world_size=2)
+    except ValueError as e:
+        return "context" not in str(e)
+    return True
+
+
+LIGHTHOUSE_CP = ("--attention-impl lighthouse --lighthouse-levels 2 --lighthouse-pooling-factor 4 "
+                 "--lighthouse-topk 32 --lighthouse-tile-topk 8").split()  # k: a multiple of 2*CP*T
+
+
+@pytest.mark.skipif(not _lighthouse_cp_supported(), reason="context parallelism is not in this checkout yet")
+def test_two_context_parallel_ranks(tmp_path):
+    """CP = 2 (torchrun, gloo), each rank fed get_batch_on_this_cp_rank's layout: dense
+    attention trains the CP = 1 model; Lighthouse trains (its selection is planned per chunk)."""
+    dense = _train("--exit-interval", 3)
+    metrics = tmp_path / "dense.jsonl"
+    _torchrun(2, *MODEL, "--context-parallel-size", 2, "--exit-interval", 3, "--metrics-file", metrics)
+    assert _losses(training.read_metrics(metrics)) == pytest.approx(_losses(dense.train), rel=1e-5, abs=0)
+    single = _train(*LIGHTHOUSE_CP)
+    metrics = tmp_path / "lighthouse.jsonl"
+    _torchrun(2, *MODEL, *LIGHTHOUSE_CP, "--context-parallel-size", 2, "--metrics-file", metrics)
+    records = training.read_metrics(metrics)
+    losses = _losses(records)
+    assert len(losses) == 6 and min(losses[-2:]) < losses[0] - 0.3, losses
+    assert {r["attention"] for r in records if r["kind"] == "eval"} == {"lighthouse", "dense"}
+    # Same weights at the start, same data: the first step's loss is the same model's.
+    assert losses[0] == pytest.approx(_losses(single.train)[0], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_two_tensor_parallel_ranks_match_one(reference, tmp_path):
+    """TP = 2 (torchrun, gloo): megatron-core's CPU initialisation splits the same full weights,
+    and heads (whole GQA groups per rank) are independent, so the run is the TP = 1 run."""
+    _, single = reference
+    metrics = tmp_path / "m.jsonl"
+    _torchrun(2, *MODEL, *LIGHTHOUSE, "--tensor-model-parallel-size", 2, "--exit-interval", 3,
+              "--metrics-file", metrics)
+    losses = _losses(training.read_metrics(metrics))
+    assert losses == pytest.approx(_losses(single.train)[:3], rel=1e-5, abs=0)
+
+
+def test_megatron_lm_args_name_the_same_settings():
+    """The Megatron-LM command line carries the trainer's settings under the flags both share."""
+    args = training.parse_args([*MODEL, *LIGHTHOUSE, "--lighthouse-until-iter", "4", "--eval-interval", "3"])
+    mlm = training.megatron_lm_args(args)
+    megatron_only = {"--group-query-attention", "--calculate-per-token-loss"}
+    shared = [a for a in mlm if a not in megatron_only]
+    i = shared.index("--ckpt-format")
+    shared = shared[:i] + shared[i + 2:]
+    again = training.parse_args(shared)
+    assert vars(again) == vars(args)

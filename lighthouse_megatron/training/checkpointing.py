@@ -104,7 +104,7 @@ def checkpoint_args(args: argparse.Namespace) -> argparse.Namespace:
     out.ckpt_format, out.use_dist_ckpt, out.use_distributed_optimizer = "torch_dist", True, False
     out.no_save_optim, out.no_save_rng = False, False
     out.group_query_attention = args.num_query_groups != args.num_attention_heads
-    out.add_position_embedding = args.position_embedding_type == "learned_absolute"
+    out.add_position_embedding = True  # Megatron-LM's default (it compares it on load), unused with RoPE
     out.add_qkv_bias = args.add_bias_linear
     out.layernorm_epsilon = args.norm_epsilon
     out.skipped_train_samples = 0
