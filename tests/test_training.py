@@ -314,8 +314,10 @@ def test_two_tensor_parallel_ranks_match_one(tmp_path):
     single = _train(*argv)
     metrics = tmp_path / "m.jsonl"
     _torchrun(2, *argv, "--tensor-model-parallel-size", 2, "--metrics-file", metrics)
-    losses = _losses(training.read_metrics(metrics))
-    assert losses == pytest.approx(_losses(single.train), rel=1e-5, abs=0)
+    losses, expected = _losses(training.read_metrics(metrics)), _losses(single.train)
+    assert losses[0] == pytest.approx(expected[0], rel=1e-6, abs=0)  # the same initial weights
+    # Then sums in another order; Adam's normalisation lets that grow a little.
+    assert losses == pytest.approx(expected, rel=2e-4, abs=0)
 
 
 def test_megatron_lm_args_name_the_same_settings():
