@@ -355,12 +355,12 @@ def run(args: argparse.Namespace) -> int:
     out_path = args.out / f"{args.name}.json"
     check_writable(out_path, args.force)
     # Transformer Engine must load before torch first uses cuDNN (TE links its own cuDNN).
-    from ..backends import _te_import_error, te_available
+    from ..backends import te_import_error, te_available
 
     te_ok = device.type == "cuda" and te_available()  # imported now, whatever the spec
     use_te = te_ok and args.spec != "local"
     if args.spec == "te" and not use_te:
-        why = _te_import_error() or "no GPU"
+        why = te_import_error() or "no GPU"
         raise UsageError(f"--spec te: Transformer Engine is not usable here ({why})")
     configs = {}
     for n in args.seq_lens:

@@ -113,7 +113,8 @@ class _CausalCoreAttention(MegatronModule):
             raise ValueError(f"{where}: only causal masks are supported, got attn_mask_type={mask_type}")
         if attention_bias is not None:
             raise ValueError(f"{where}: attention_bias is not supported")
-        if attention_mask is not None and not _is_causal_mask(attention_mask, query.shape[0], key.shape[0]):
+        if attention_mask is not None and not _is_causal_mask(attention_mask, query.shape[0],
+                                                              self.context_parallel):
             raise ValueError(
                 f"{where}: the attention mask is not the causal mask (per-document masks from "
                 "--reset-attention-mask are not supported); drop --create-attention-mask-in-dataloader "
@@ -129,10 +130,18 @@ class _CausalCoreAttention(MegatronModule):
         return out.transpose(0, 1).reshape(s, b, -1)
 
 
-def _is_causal_mask(mask: Tensor, sq: int, sk: int) -> bool:
-    """Megatron masks are bool, True = masked; causal is the strict upper triangle."""
-    causal = torch.triu(torch.ones(sq, sk, dtype=torch.bool, device=mask.device), diagonal=1)
-    return bool((mask.to(torch.bool) == causal).all())
+def _is_causal_mask(mask: Tensor, sq: int, cp: ContextParallel | None) -> bool:
+    """Megatron masks are bool, True = masked; causal masks key positions after the query's.
+    Under CP the rows are this rank's queries (chunks r and 2*CP-1-r) and the columns the
+    whole sequence (`get_batch_on_this_cp_rank` splits only the query dimension)."""
+    sk = mask.shape[-1]
+    rows = torch.arange(sq, device=mask.device)
+    if cp is not None:
+        c = sq // 2
+        first, second = cp.chunk_ids()
+        rows = torch.where(rows < c, first * c + rows, second * c + rows - c)
+    causal = torch.arange(sk, device=mask.device)[None, :] > rows[:, None]
+    return mask.shape[-2] == sq and bool((mask.to(torch.bool) == causal).all())
 
 
 class DenseCoreAttention(_CausalCoreAttention):

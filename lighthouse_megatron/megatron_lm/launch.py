@@ -106,7 +106,7 @@ class AnnouncingSpecProvider:
 
     def __call__(self, config, vp_stage: int | None = None):
         spec = self.provider(config, vp_stage=vp_stage)
-        names = [layer.submodules.self_attention.submodules.core_attention.module.__name__
+        names = [layer.submodules.self_attention.submodules.core_attention.module.__name__ if hasattr(layer.submodules.self_attention.submodules.core_attention, "module") else layer.submodules.self_attention.submodules.core_attention.__name__
                  for layer in spec.layer_specs]
         announce(f"layer specs of this stage (vp_stage={vp_stage})", names)
         return spec

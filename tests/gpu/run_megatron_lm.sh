@@ -76,10 +76,11 @@ args=(
     --eval-iters 0 --eval-interval 1000 --log-interval 1 --save-interval 20 --ckpt-format torch_dist
     --transformer-impl $transformer_impl --context-parallel-size "$cp_size"
     --distributed-backend nccl
+    --no-gradient-accumulation-fusion  # needs apex's fused_weight_gradient_mlp_cuda
 )
 if [ "$impl" = local ]; then
     # Megatron-LM's fused kernels need TE or apex; without them its own code stops.
-    args+=(--no-persist-layer-norm --no-gradient-accumulation-fusion --no-masked-softmax-fusion
+    args+=(--no-persist-layer-norm --no-masked-softmax-fusion
            --no-rope-fusion)
 fi
 lighthouse=(--attention-impl lighthouse --lighthouse-levels 3 --lighthouse-pooling-factor 4
