@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     from .bench import add_bench_parser
 
     add_bench_parser(sub)
+    from .slurm import add_slurm_parser
+
+    add_slurm_parser(sub)
 
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
