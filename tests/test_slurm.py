@@ -266,12 +266,15 @@ def test_values_reach_bash_verbatim(tmp_path):
 
 @pytest.mark.parametrize("template, args, message", [
     ("stage1", ["--nodes", "1", "--data-parallel-size", "16"],
-     "TP x CP x PP x DP = 1 x 2 x 1 x 16 = 32, but the job has 1 node x 8 GPUs = 8 GPUs; use DP = 4 or 4 nodes"),
+     "TP x CP x PP x DP = 1 x 2 x 1 x 16 = 32, but the job has 1 node x 8 GPUs = 8 GPUs; "
+     "use DP = 4 or 4 nodes"),
     ("stage1", ["--nodes", "2", "--tensor-model-parallel-size", "3"],
      "TP x CP x PP = 3 x 2 x 1 = 6 does not divide the job's 2 nodes x 8 GPUs = 16 GPUs"),
     ("stage1", ["--set", "global_batch_size=20"],
-     "global_batch_size 20 must be a multiple of micro_batch_size x DP = 1 x 16 = 16; nearest valid: 16 or 32"),
-    ("1m", ["--set", "lighthouse_topk=1536"], "topk=1536 must be a multiple of 2*cp_size*tile_topk=2*8*128=2048"),
+     "global_batch_size 20 must be a multiple of micro_batch_size x DP = 1 x 16 = 16; "
+     "nearest valid: 16 or 32"),
+    ("1m", ["--set", "lighthouse_topk=1536"],
+     "topk=1536 must be a multiple of 2*cp_size*tile_topk=2*8*128=2048"),
     ("stage1", ["--seq-length", "98305"], "seq_length 98305 must be a multiple of 2 x CP = 4"),
     ("stage1", ["--seq-length", "98560"], "sequence length 98560 must be divisible by"),
     ("stage1", ["--set", "lighthouse_dense_layers=0 30"], "dense_layers entry 30 is out of range"),
@@ -279,7 +282,8 @@ def test_values_reach_bash_verbatim(tmp_path):
      "num_query_groups 8 (and num_attention_heads 8) must be multiples of TP = 16"),
     ("stage1", ["--engine", "trainer"], "engine trainer runs on one node without pipeline parallelism"),
     ("stage1", ["--engine", "deepspeed"], "engine must be one of megatron-lm, trainer, got 'deepspeed'"),
-    ("stage1", ["--gpus-per-node", "0", "--nproc-per-node", "2"], "a CPU job (gpus_per_node 0) needs engine trainer"),
+    ("stage1", ["--gpus-per-node", "0", "--nproc-per-node", "2"],
+     "a CPU job (gpus_per_node 0) needs engine trainer"),
     ("stage1", ["--nproc-per-node", "4"], "nproc_per_node 4 != gpus_per_node 8"),
     ("stage1", ["--set", "num_layer=2"], "unknown setting 'num_layer'"),
     ("stage1", ["--set", "input=x"], "stage1 has no setting(s) input"),
@@ -382,6 +386,7 @@ def test_submit_dry_run_and_failing_sbatch(tmp_path, capsys, monkeypatch):
 def test_submit_refuses_an_inconsistent_chain(tmp_path, capsys, config, message):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(config)
-    assert main(["slurm", "submit", "--output-dir", str(tmp_path / "o"), "--config", str(cfg), "--dry-run"]) == 2
+    out = tmp_path / "o"
+    assert main(["slurm", "submit", "--output-dir", str(out), "--config", str(cfg), "--dry-run"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
