@@ -47,9 +47,9 @@ ATTENTION_IMPLS = ("dense", "lighthouse")
 # Keys that set `#SBATCH` options; nodes and GPUs only exist for the training templates.
 SBATCH_OPTIONS = {"job_name": "job-name", "time": "time", "partition": "partition", "account": "account"}
 LAYOUT_OPTIONS = {"nodes": "nodes", "gpus_per_node": "gpus-per-node"}
-# Stage 2 continues stage 1's model: these must agree between them.
-MODEL_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-              "seq_length", "lr_decay_iters")
+# Stage 2 continues stage 1's model and schedule: these must agree between them.
+CONTINUED_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                  "seq_length", "train_iters", "lr", "min_lr", "lr_warmup_iters", "global_batch_size")
 
 _SETTING = re.compile(r"^([A-Z][A-Z0-9_]*)=(.*)$")
 _SBATCH = re.compile(r"^#(#?)SBATCH --([a-z-]+)=(.*)$")
@@ -208,7 +208,9 @@ def _check_training(name: str, v: dict[str, str], given: Mapping[str, Any]) -> N
                 dense_layers=[int(i) for i in v["lighthouse_dense_layers"].split()])
             cfg.validate(seq, cp)
             cfg.resolve_dense_layers(layers)
-        _int(v, "train_iters")
+        train_iters = _int(v, "train_iters")
+        if v["exit_interval"] and _int(v, "exit_interval") > train_iters:
+            raise ValueError(f"exit_interval {v['exit_interval']} must be <= train_iters {train_iters}")
         _int(v, "exit_duration_mins", minimum=0)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
@@ -338,12 +340,16 @@ def _check_chain(resolved: dict[str, dict[str, str]]) -> None:
     if _path(s2, "init_checkpoint") != _path(conv, "output"):
         raise ValueError(f"stage2 init_checkpoint {_path(s2, 'init_checkpoint')!r} is not convert's output "
                          f"{_path(conv, 'output')!r}")
-    for key in MODEL_KEYS:
+    for key in CONTINUED_KEYS:
         if s1[key] != s2[key]:
-            raise ValueError(f"stage2 continues stage1's model: {key} differs ({s1[key]} vs {s2[key]})")
-    if int(s2["train_iters"]) <= int(s1["train_iters"]):
-        raise ValueError(f"stage2 train_iters {s2['train_iters']} must exceed stage1's "
-                         f"{s1['train_iters']} (stage 2 continues from stage 1's last iteration)")
+            raise ValueError(f"stage2 continues stage1's model and schedule: {key} differs "
+                             f"({s1[key]} vs {s2[key]})")
+    stop = s1["exit_interval"]
+    if not stop or int(stop) >= int(s1["train_iters"]):
+        raise ValueError(f"stage1 exit_interval must be set below train_iters {s1['train_iters']} (got "
+                         f"{stop or 'none'}): stage 1 stops there and stage 2 trains the rest")
+    if s2["exit_interval"] and int(s2["exit_interval"]) <= int(stop):
+        raise ValueError(f"stage2 exit_interval {s2['exit_interval']} must be empty or above stage1's {stop}")
 
 
 def render_chain(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, str]:
