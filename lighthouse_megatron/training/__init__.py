@@ -43,11 +43,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .arguments import build_parser, parse_args, resolve_args
+from .arguments import build_parser, megatron_lm_args, parse_args, resolve_args
 from .logger import read_metrics
 from .trainer import TrainResult, run
 
-__all__ = ["TrainResult", "add_train_parser", "main", "parse_args", "read_metrics", "run"]
+__all__ = ["TrainResult", "add_train_parser", "main", "megatron_lm_args", "parse_args", "read_metrics", "run"]
 
 
 def _run_cli(cli: argparse.Namespace) -> int:
