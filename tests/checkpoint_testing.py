@@ -176,7 +176,7 @@ def save_legacy(state_dicts: dict[int, dict], args, root: Path, iteration: int =
     for tp, state in state_dicts.items():
         file = root / f"iter_{iteration:07d}" / f"mp_rank_{tp:02d}" / "model_optim_rng.pt"
         file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"args": args, "checkpoint_version": 3.0, "iteration": iteration, **state}, file)
+        torch.save({**state, "args": args, "checkpoint_version": 3.0, "iteration": iteration}, file)
     (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     return root
 
