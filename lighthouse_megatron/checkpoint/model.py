@@ -269,8 +269,8 @@ def _te_ready() -> bool:
 def verify_dense(ckpt: Checkpoint, args: dict, state: dict | None = None) -> dict[str, Any]:
     """Load `ckpt` into a dense-spec GPTModel with strict key checks and run a forward pass.
 
-    torch_dist with `common.pt`: megatron-core's own dist_checkpointing.load, which must
-    report no missing and no unexpected model keys. Otherwise the merged TP = 1 state
+    torch_dist (the >= 0.19 layout needs megatron-core >= 0.19): megatron-core's own
+    dist_checkpointing.load, which must report no missing and no unexpected model keys. Otherwise the merged TP = 1 state
     dict goes through `load_state_dict(strict=True)`. Transformer Engine checkpoints are
     loaded into a TE model where TE runs (a GPU); elsewhere into the local spec with TE's
     norm names mapped, and TE's `core_attention._extra_state` checked by name.
@@ -280,7 +280,7 @@ def verify_dense(ckpt: Checkpoint, args: dict, state: dict | None = None) -> dic
     use_te = te_checkpoint and _te_ready()
     device = "cuda" if use_te else "cpu"
     with single_process_megatron(), cpu_rope():
-        if ckpt.format == "torch_dist" and ckpt.layout == "common.pt" and state is None:
+        if ckpt.format == "torch_dist" and state is None and (ckpt.layout == "common.pt" or _core_reads_common_state()):
             model, how = _load_with_dist_checkpointing(ckpt, args, use_te, device)
         else:
             state = model_state(ckpt, args) if state is None else state
@@ -296,6 +296,14 @@ def verify_dense(ckpt: Checkpoint, args: dict, state: dict | None = None) -> dic
             "forward": f"logits {tuple(logits.shape)} finite"}
 
 
+def _core_reads_common_state() -> bool:
+    """megatron-core >= 0.19 reads the common state from the distcp files."""
+    import megatron.core
+
+    major, minor = (int(x) for x in megatron.core.__version__.split(".")[:2])
+    return (major, minor) >= (0, 19)
+
+
 def _load_with_dist_checkpointing(ckpt, args, use_te, device):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -306,14 +314,17 @@ def _load_with_dist_checkpointing(ckpt, args, use_te, device):
     vocab = items["embedding.word_embeddings.weight"].size[0] if "embedding.word_embeddings.weight" in items \
         else vocab_size(args)
     model = build_dense_model(args, vocab, use_te=use_te, device=device)
-    loaded, missing, unexpected = dist_checkpointing.load(
-        model.sharded_state_dict(), str(ckpt.directory), strict=StrictHandling.RETURN_ALL
+    # megatron-core's names: "missing" = stored but not requested by the model,
+    # "unexpected" = requested by the model but not stored.
+    request = model.sharded_state_dict()
+    loaded, not_requested, not_stored = dist_checkpointing.load(
+        request, str(ckpt.directory), strict=StrictHandling.RETURN_ALL
     )
-    unexpected = {k for k in unexpected if not k.startswith(_NOT_MODEL)}
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt.directory} does not match the dense model: missing keys "
-                              f"{sorted(missing)}, unexpected keys {sorted(unexpected)}")
-    model.load_state_dict(loaded, strict=True)
+    not_requested = {k for k in not_requested if not k.startswith(_NOT_MODEL)}
+    if not_requested or not_stored:
+        raise CheckpointError(f"{ckpt.directory} does not match the dense model: keys the model lacks "
+                              f"{sorted(not_requested)}, keys the checkpoint lacks {sorted(not_stored)}")
+    model.load_state_dict({k: loaded[k] for k in request}, strict=True)  # loaded holds the common state too
     return model, "megatron-core dist_checkpointing.load (strict)"
 
 
