@@ -487,7 +487,8 @@ def _run_submit(args: argparse.Namespace) -> int:
             raise ValueError(f"{', '.join(existing)} exist(s); pass --force to overwrite")
         for name, text in scripts.items():
             write_script(text, paths[name], force=True)
-            _make_log_dir(text)
+            if not args.dry_run:
+                _make_log_dir(text)
         if args.dry_run:
             print(f"sbatch --parsable {paths['stage1']}")
             for prev, name in zip(CHAIN, CHAIN[1:], strict=False):

@@ -407,3 +407,16 @@ def test_submit_refuses_an_inconsistent_chain(tmp_path, capsys, config, message)
     assert main(["slurm", "submit", "--output-dir", str(out), "--config", str(cfg), "--dry-run"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_example_recipe_submits(tmp_path, capsys):
+    recipe = slurm.TEMPLATE_DIR / "recipe-98k.yaml"
+    out = tmp_path / "jobs"
+    assert main(["slurm", "submit", "--config", str(recipe), "--output-dir", str(out), "--dry-run",
+                 "--log-dir", str(tmp_path / "logs")]) == 0
+    s1, s2 = out / "stage1.sbatch", out / "stage2.sbatch"
+    assert sbatch_option(s1, "nodes") == "4" and sbatch_option(s1, "partition") == "gpu"
+    assert settings(s1, "TRAIN_ITERS", "EXIT_INTERVAL", "DATA_PARALLEL_SIZE") == {
+        "TRAIN_ITERS": "16000", "EXIT_INTERVAL": "14000", "DATA_PARALLEL_SIZE": "16"}
+    assert settings(s2, "TRAIN_ITERS", "EXIT_INTERVAL") == {"TRAIN_ITERS": "16000", "EXIT_INTERVAL": ""}
+    assert not (tmp_path / "logs").exists()  # a dry run creates nothing but the scripts
