@@ -8,9 +8,11 @@ chain under a real Slurm.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -270,6 +272,43 @@ def test_values_reach_bash_verbatim(tmp_path):
     script = render(tmp_path, "stage1", "--data-path", odd, "--set", "lighthouse_dense_layers=0 -1")
     assert settings(script, "DATA_PATH", "LIGHTHOUSE_DENSE_LAYERS", "NPROC_PER_NODE") == {
         "DATA_PATH": odd, "LIGHTHOUSE_DENSE_LAYERS": "0 -1", "NPROC_PER_NODE": "8"}
+
+
+MEGATRON_LM = os.environ.get("MEGATRON_LM")
+
+
+@pytest.mark.skipif(not MEGATRON_LM, reason="set MEGATRON_LM=/path/to/Megatron-LM (a checkout or an unpacked "
+                    "release snapshot) to parse the templates' commands with Megatron-LM's own parser")
+@pytest.mark.parametrize("template", TRAINING)
+def test_megatron_lm_parses_the_command(tmp_path, template):
+    """Every flag the templates pass exists in Megatron-LM (plus the plugin's) and parses."""
+    script = render(tmp_path, template, "--checkpoint-root", str(tmp_path / "ckpt"),
+                    "--tensor-model-parallel-size", "2", "--set", "init_checkpoint=",
+                    "--set", "exit_duration_mins=60")
+    _, srun, _ = run_job(script, tmp_path, end_iter=20000)
+    argv = srun[srun.index("lighthouse_megatron.megatron.pretrain_gpt") + 1:]
+    prog = (
+        "import json, sys\n"
+        "from megatron.training.arguments import parse_args\n"
+        "from lighthouse_megatron.megatron import add_lighthouse_args\n"
+        "sys.argv = ['pretrain_gpt.py'] + json.loads(sys.argv[1])\n"
+        "a = parse_args(add_lighthouse_args)\n"
+        "print(json.dumps(vars(a), default=str))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{MEGATRON_LM}{os.pathsep}{slurm.TEMPLATE_DIR.parent}"}
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", prog, json.dumps(argv)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = json.loads(proc.stdout.splitlines()[-1])
+    v = settings(script, "CONTEXT_PARALLEL_SIZE", "SEQ_LENGTH", "ATTENTION_IMPL", "TRAIN_ITERS")
+    assert args["context_parallel_size"] == int(v["CONTEXT_PARALLEL_SIZE"])
+    assert args["tensor_model_parallel_size"] == 2 and args["sequence_parallel"] is True
+    assert args["seq_length"] == int(v["SEQ_LENGTH"]) and args["train_iters"] == int(v["TRAIN_ITERS"])
+    assert args["attention_impl"] == v["ATTENTION_IMPL"]
+    assert args["bf16"] and args["use_distributed_optimizer"] and args["exit_signal_handler"]
+    assert args["exit_duration_in_mins"] == 60 and args["save"] == after(argv, "--save")[0]
+    if v["ATTENTION_IMPL"] == "lighthouse":
+        assert args["lighthouse_dense_layers"] == [0, 1, -2, -1]
 
 
 # -------------------------------------------------------------------------- refusals
