@@ -14,8 +14,10 @@ settings' names in lower case plus `nodes`, `gpus_per_node` (0: a CPU job of
 `nproc_per_node` processes per node), `partition`, `account`, `time`, `job_name` and
 `log_dir` (the `#SBATCH` header).
 
-Python API: `load_template(name_or_path)`, `resolve(template, values)`, `render(template,
-values)`, `submit_chain(values_by_template, out_dir, force=False)`.
+Python API: `load_template(name_or_path) -> Template`; `resolve(template, values) -> dict`
+(the checked values); `render(template, values) -> str` (the script); `render_chain(config,
+overrides) -> {stage: script}` (stage1, convert, stage2, also checked as a chain);
+`write_script(text, path, force)`; `submit_chain({stage: path}) -> {stage: job id}`.
 """
 
 from __future__ import annotations
