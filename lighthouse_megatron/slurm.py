@@ -213,9 +213,29 @@ def _check_training(name: str, v: dict[str, str], given: Mapping[str, Any]) -> N
         train_iters = _int(v, "train_iters")
         if v["exit_interval"] and _int(v, "exit_interval") > train_iters:
             raise ValueError(f"exit_interval {v['exit_interval']} must be <= train_iters {train_iters}")
-        _int(v, "exit_duration_mins", minimum=0)
+        limit = _minutes(v.get("time", ""))
+        if limit and "time" in given and "exit_duration_mins" not in given:
+            # Room to save a checkpoint and exit before Slurm kills the job.
+            v["exit_duration_mins"] = str(max(limit - max(10, limit // 20), 1))
+        exit_after = _int(v, "exit_duration_mins", minimum=0)
+        if limit and exit_after >= limit:
+            raise ValueError(f"exit_duration_mins {exit_after} must be below the time limit ({v['time']} = "
+                             f"{limit} min): Megatron-LM saves and exits then, before Slurm kills the job")
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
+
+
+def _minutes(time_limit: str) -> int | None:
+    """Slurm's --time (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in whole minutes; None if not one."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", time_limit.strip())
+    if not m:
+        return None
+    days, a, b, c = (int(x) if x else None for x in m.groups())
+    if days is not None:  # D-H[:M[:S]]
+        return days * 1440 + a * 60 + (b or 0)
+    if c is not None:  # H:M:S
+        return a * 60 + b
+    return a  # M or M:S
 
 
 def _check_layout(nodes: int, nproc: int, tp: int, cp: int, pp: int, dp_setting: str, unit: str) -> int:
@@ -244,10 +264,12 @@ def _check_layout(nodes: int, nproc: int, tp: int, cp: int, pp: int, dp_setting:
 def render(template: Template, values: Mapping[str, Any]) -> str:
     """The script: the template with `values` (checked by `resolve`) in its header and settings."""
     v = resolve(template, values)
+    defaults = template.defaults()
     lines = list(template.lines)
     for name, i in template.settings.items():
-        if name.lower() in values or name == "NPROC_PER_NODE":
-            lines[i] = f"{name}={shlex.quote(v[name.lower()]) if v[name.lower()] else ''}"
+        key = name.lower()
+        if key in values or v[key] != defaults[key]:  # given, or derived (processes, clean exit)
+            lines[i] = f"{name}={shlex.quote(v[key]) if v[key] else ''}"
     options = {**SBATCH_OPTIONS, **(LAYOUT_OPTIONS if template.is_training else {})}
     for key, option in options.items():
         if key in values and option in template.sbatch:

@@ -33,7 +33,14 @@ def needs_shellcheck():
 
 
 def render(tmp_path, template, *args, name=None):
+    """Render into tmp_path; training templates get a data path and a (stand-in) Megatron-LM
+    checkout unless `args` set them: the scripts refuse the templates' placeholders."""
     out = tmp_path / (name or f"{template}.sbatch")
+    if template != "convert":
+        if not any(a in ("--data-path", "--megatron-lm") or a.startswith("data_path") for a in args):
+            mlm = tmp_path / "Megatron-LM"
+            (mlm / "megatron" / "training").mkdir(parents=True, exist_ok=True)
+            args = ("--data-path", "/data/corpus_text_document", "--megatron-lm", str(mlm), *args)
     rc = main(["slurm", "render", template, "-o", str(out), *args])
     assert rc == 0
     return out
@@ -157,8 +164,10 @@ def test_unrendered_templates_pass_shellcheck():
 
 
 def test_stage1_launches_torchrun_on_every_node(tmp_path):
+    mlm = tmp_path / "Megatron-LM"
+    (mlm / "megatron" / "training").mkdir(parents=True)
     script = render(tmp_path, "stage1", "--checkpoint-root", str(tmp_path / "ckpt"),
-                    "--data-path", "/data/corpus_text_document", "--megatron-lm", "/opt/Megatron-LM")
+                    "--data-path", "/data/corpus_text_document", "--megatron-lm", str(mlm))
     proc, srun, _ = run_job(script, tmp_path, nodes=4, end_iter=14000)
     assert proc.returncode == 0, proc.stderr
     assert "starting from a random initialisation" in proc.stdout
@@ -267,6 +276,25 @@ def test_script_checks_an_edited_layout_itself(tmp_path):
     assert "TP x CP x PP x DP = 1 x 2 x 1 x 16 = 32 but the job has 16 processes; DP = 8 fits" in proc.stderr
 
 
+def test_unedited_template_refuses_to_start(tmp_path):
+    for template, setting in (("stage1", "DATA_PATH"), ("convert", "CHECKPOINT_ROOT")):
+        proc, srun, _ = run_job(slurm.load_template(template).path, tmp_path)
+        assert proc.returncode == 2 and srun is None
+        assert f"{setting} is still the template's placeholder /path/to/" in proc.stderr
+    script = render(tmp_path, "stage1", "--checkpoint-root", str(tmp_path / "c"), "--data-path", "/d",
+                    "--megatron-lm", str(tmp_path / "nothing"))
+    proc, srun, _ = run_job(script, tmp_path)
+    assert proc.returncode == 2 and srun is None
+    assert f"MEGATRON_LM={tmp_path}/nothing is not a Megatron-LM checkout" in proc.stderr
+
+
+@pytest.mark.parametrize("time, expected", [("04:00:00", "228"), ("1-00:00:00", "1368"), ("30", "20")])
+def test_time_limit_sets_the_clean_exit(tmp_path, time, expected):
+    script = render(tmp_path, "stage1", "--time", time)
+    assert settings(script, "EXIT_DURATION_MINS") == {"EXIT_DURATION_MINS": expected}
+    assert sbatch_option(script, "time") == time
+
+
 def test_values_reach_bash_verbatim(tmp_path):
     odd = "/data/my corpus/$HOME 'quoted'"
     script = render(tmp_path, "stage1", "--data-path", odd, "--set", "lighthouse_dense_layers=0 -1")
@@ -337,6 +365,8 @@ def test_megatron_lm_parses_the_command(tmp_path, template):
     ("stage1", ["--nproc-per-node", "4"], "nproc_per_node 4 != gpus_per_node 8"),
     ("stage1", ["--set", "num_layer=2"], "unknown setting 'num_layer'"),
     ("stage1", ["--set", "exit_interval=20000"], "exit_interval 20000 must be <= train_iters 16000"),
+    ("stage1", ["--time", "02:00:00", "--set", "exit_duration_mins=120"],
+     "exit_duration_mins 120 must be below the time limit (02:00:00 = 120 min)"),
     ("stage1", ["--set", "input=x"], "stage1 has no setting(s) input"),
     ("convert", ["--nodes", "2"], "convert has no setting(s) nodes"),
     ("stage3", [], "unknown template 'stage3'; valid: stage1, convert, stage2, 1m"),
@@ -374,12 +404,12 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
 
 def test_yaml_config_top_level_and_sections(tmp_path, capsys):
     cfg = tmp_path / "recipe.yaml"
-    cfg.write_text("nodes: 2\ntrain_iters: 100\ninput: /elsewhere\nstage1:\n  train_iters: 50\n"
+    cfg.write_text("nodes: 2\ntrain_iters: 20000\ninput: /elsewhere\nstage1:\n  train_iters: 18000\n"
                    "  time: '02:00:00'\n")
     s1 = render(tmp_path, "stage1", "--config", str(cfg), "--seq-length", "49152")
     s2 = render(tmp_path, "stage2", "--config", str(cfg))
-    assert settings(s1, "TRAIN_ITERS", "SEQ_LENGTH") == {"TRAIN_ITERS": "50", "SEQ_LENGTH": "49152"}
-    assert settings(s2, "TRAIN_ITERS") == {"TRAIN_ITERS": "100"}
+    assert settings(s1, "TRAIN_ITERS", "SEQ_LENGTH") == {"TRAIN_ITERS": "18000", "SEQ_LENGTH": "49152"}
+    assert settings(s2, "TRAIN_ITERS") == {"TRAIN_ITERS": "20000"}
     assert sbatch_option(s1, "time") == "02:00:00" and sbatch_option(s2, "time") == "06:00:00"
     assert sbatch_option(s1, "nodes") == sbatch_option(s2, "nodes") == "2"
 
