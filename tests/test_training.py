@@ -201,6 +201,8 @@ def test_indexed_dataset(tmp_path):
     losses = _losses(result.train)
     assert len(losses) == 6 and min(losses[-2:]) < losses[0] - 0.3, losses
     assert os.listdir(tmp_path / "cache")  # megatron-core's index cache went where we said
+    # 40 documents split 969,30,1 leave the test split empty (megatron-core would hang).
+    assert training.main([*argv, "--data-path", prefix]) == 2
 
 
 BAD = [
@@ -305,15 +307,19 @@ def test_two_context_parallel_ranks(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_tensor_parallel_ranks_match_one(reference, tmp_path):
+def test_two_tensor_parallel_ranks_match_one(tmp_path):
     """TP = 2 (torchrun, gloo): megatron-core's CPU initialisation splits the same full weights,
     and heads (whole GQA groups per rank) are independent, so the run is the TP = 1 run."""
-    _, single = reference
+    # Megatron pads the vocabulary to a multiple of 128 x TP: 255 + end-of-document = 256
+    # ids makes TP = 1 and TP = 2 the same model.
+    argv = [*MODEL, *LIGHTHOUSE, "--vocab-size", 255, "--exit-interval", 3]
+    single = _train(*argv)
     metrics = tmp_path / "m.jsonl"
-    _torchrun(2, *MODEL, *LIGHTHOUSE, "--tensor-model-parallel-size", 2, "--exit-interval", 3,
-              "--metrics-file", metrics)
-    losses = _losses(training.read_metrics(metrics))
-    assert losses == pytest.approx(_losses(single.train)[:3], rel=1e-5, abs=0)
+    _torchrun(2, *argv, "--tensor-model-parallel-size", 2, "--metrics-file", metrics)
+    losses, expected = _losses(training.read_metrics(metrics)), _losses(single.train)
+    assert losses[0] == pytest.approx(expected[0], rel=1e-6, abs=0)  # the same initial weights
+    # Then sums in another order; Adam's normalisation lets that grow a little.
+    assert losses == pytest.approx(expected, rel=2e-4, abs=0)
 
 
 def test_megatron_lm_args_name_the_same_settings():
