@@ -74,7 +74,8 @@ def lighthouse_model(tp: int = 1, dense: bool = False, seed: int = 0, parallel_o
     from lighthouse_megatron.megatron import get_gpt_decoder_block_spec
 
     config = transformer_config(tp)
-    spec = get_gpt_decoder_block_spec(config, lighthouse=LH, use_te=False, until_iteration=0 if dense else None)
+    spec = get_gpt_decoder_block_spec(config, lighthouse=LH, use_te=False,
+                                      until_iteration=0 if dense else None)
     torch.manual_seed(seed)
     return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
                     parallel_output=parallel_output, position_embedding_type="rope",
