@@ -66,7 +66,8 @@ def transformer_config(tp: int = 1):
     )
 
 
-def lighthouse_model(tp: int = 1, dense: bool = False, seed: int = 0, parallel_output: bool = False):
+def lighthouse_model(tp: int = 1, dense: bool = False, seed: int = 0, parallel_output: bool = False,
+                     tied: bool = False):
     """The stage-1 model; `dense=True` runs the same layers densely (until_iteration=0),
     the independent reference for a converted checkpoint's logits."""
     from megatron.core.models.gpt import GPTModel
@@ -79,7 +80,7 @@ def lighthouse_model(tp: int = 1, dense: bool = False, seed: int = 0, parallel_o
     torch.manual_seed(seed)
     return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
                     parallel_output=parallel_output, position_embedding_type="rope",
-                    share_embeddings_and_output_weights=False).eval()
+                    share_embeddings_and_output_weights=tied).eval()
 
 
 def tokens(b: int = 2, seed: int = 3):

@@ -184,6 +184,27 @@ def test_hf_export_matches_megatron_core_dense_logits(source, stage1, tp2, tmp_p
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_hf_export_with_tied_embeddings(tmp_path):
+    pytest.importorskip("transformers")
+    from safetensors import safe_open
+    from transformers import LlamaForCausalLM
+
+    init_parallel()
+    model = ct.lighthouse_model(tied=True)
+    dense = ct.lighthouse_model(dense=True, tied=True)
+    dense.load_state_dict(model.state_dict())
+    args = ct.megatron_args(ckpt_format="torch", untie_embeddings_and_output_weights=False)
+    ct.save_legacy({0: {"model": model.state_dict_for_save_checkpoint()}}, args, tmp_path / "ckpt")
+    convert(tmp_path / "ckpt", tmp_path / "hf", to="hf")
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    hf = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), torch_dtype=torch.float32).eval()
+    assert hf.config.tie_word_embeddings
+    with torch.no_grad():
+        logits = hf(ct.tokens()[0]).logits
+    torch.testing.assert_close(logits, ct.logits(dense), rtol=1e-4, atol=1e-4)
+
+
 def test_legacy_te_checkpoint_gets_core_attention_extra_state(stage1, tmp_path):
     """Transformer Engine layers: the dense TEDotProductAttention has an `_extra_state`
     entry in plain state dicts, the Lighthouse layers none; the converter adds it to

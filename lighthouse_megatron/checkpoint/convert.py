@@ -18,6 +18,7 @@ Lighthouse has no parameters, so the tensors need no change. What does:
 from __future__ import annotations
 
 import io
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -26,7 +27,16 @@ from typing import Any
 
 import torch
 
-from .model import _LAYER, _NOT_MODEL, CORE_ATTENTION_EXTRA, arg, model_state, uses_te, verify_dense
+from .model import (
+    _LAYER,
+    _NOT_MODEL,
+    CORE_ATTENTION_EXTRA,
+    arg,
+    dist_model_shapes,
+    model_state,
+    uses_te,
+    verify_dense,
+)
 from .reader import (
     COMMON_PT,
     COMMON_STATE_KEY,
@@ -153,9 +163,11 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     if ckpt.iteration is not None and iteration is not None and iteration != ckpt.iteration:
         raise CheckpointError(f"{ckpt.directory}: the directory says iteration {ckpt.iteration}, the "
                               f"checkpoint says {iteration} (mismatched or partly replaced checkpoint)")
-    state = model_state(ckpt, args)
-    tensors = {k: v for k, v in state.items()
-               if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    if ckpt.format == "torch_dist":  # shapes from the metadata: no tensor is read
+        shapes = dist_model_shapes(ckpt)
+    else:
+        shapes = {k: tuple(v.shape) for k, v in model_state(ckpt, args).items()
+                  if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
     tp, pp = (arg(args, "tensor_model_parallel_size", 1), arg(args, "pipeline_model_parallel_size", 1))
     cp = arg(args, "context_parallel_size", 1)
     world = args.get("world_size")
@@ -181,7 +193,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "parallel": {"tp": tp, "pp": pp, "cp": cp,
                      "dp": world // (tp * pp * cp) if world else None, "world_size": world},
         "contents": contents,
-        "tensors": {"count": len(tensors), "parameters": sum(t.numel() for t in tensors.values())},
+        "tensors": {"count": len(shapes), "parameters": sum(math.prod(s) for s in shapes.values())},
     }
 
 

@@ -263,6 +263,24 @@ def dist_model_state(ckpt: Checkpoint) -> dict:
     return state
 
 
+def dist_model_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
+    """Model tensor shapes of a torch_dist checkpoint from its metadata alone, layers unstacked."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from .reader import dcp_items
+
+    shapes = {}
+    for key, meta in dcp_items(ckpt.directory).items():
+        if not isinstance(meta, TensorStorageMetadata) or key.startswith(_NOT_MODEL):
+            continue
+        if key.startswith("decoder.layers.") and not _LAYER.match(key):
+            rest = key[len("decoder.layers."):]
+            shapes.update({f"decoder.layers.{i}.{rest}": tuple(meta.size[1:]) for i in range(meta.size[0])})
+        else:
+            shapes[key] = tuple(meta.size)
+    return shapes
+
+
 def model_state(ckpt: Checkpoint, args: dict) -> dict:
     if ckpt.format == "torch":
         return legacy_model_state(ckpt, args)
