@@ -44,7 +44,7 @@ def uses_te(args: dict, keys=()) -> bool:
     return any(k.endswith("._extra_state") and "core_attention" in k for k in keys)
 
 
-def transformer_config(args: dict, *, dtype=torch.float32):
+def transformer_config(args: dict, *, dtype=torch.float32, cpu_init: bool = True):
     """megatron-core TransformerConfig for the stored Megatron-LM arguments (TP = PP = 1)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -80,7 +80,7 @@ def transformer_config(args: dict, *, dtype=torch.float32):
         attention_dropout=0.0,
         hidden_dropout=0.0,
         params_dtype=dtype,
-        use_cpu_initialization=True,
+        use_cpu_initialization=cpu_init,
         tensor_model_parallel_size=1,
         pipeline_model_parallel_size=1,
     )
@@ -101,7 +101,7 @@ def build_dense_model(args: dict, vocab: int, *, use_te: bool = False, device="c
 
     from ..megatron import get_gpt_decoder_block_spec
 
-    config = transformer_config(args, dtype=dtype)
+    config = transformer_config(args, dtype=dtype, cpu_init=device == "cpu")
     if device != "cpu":
         _seed_cuda_rng_tracker()
     spec = get_gpt_decoder_block_spec(config, attention_impl="dense", use_te=use_te)
@@ -336,6 +336,11 @@ def _core_reads_common_state() -> bool:
     return (major, minor) >= (0, 19)
 
 
+def _dtype(device: str) -> torch.dtype:
+    # Transformer Engine's fused attention runs bf16, not fp32; the check is load + finite logits.
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
 def _load_with_dist_checkpointing(ckpt, args, use_te, device):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -345,7 +350,7 @@ def _load_with_dist_checkpointing(ckpt, args, use_te, device):
     items = dcp_items(ckpt.directory)
     vocab = items["embedding.word_embeddings.weight"].size[0] if "embedding.word_embeddings.weight" in items \
         else vocab_size(args)
-    model = build_dense_model(args, vocab, use_te=use_te, device=device)
+    model = build_dense_model(args, vocab, use_te=use_te, device=device, dtype=_dtype(device))
     # megatron-core's names: "missing" = stored but not requested by the model,
     # "unexpected" = requested by the model but not stored.
     request = model.sharded_state_dict()
@@ -365,7 +370,8 @@ def _load_with_dist_checkpointing(ckpt, args, use_te, device):
 
 
 def _load_state_dict(state, args, use_te, te_checkpoint, device):
-    model = build_dense_model(args, vocab_size(args, state), use_te=use_te, device=device)
+    model = build_dense_model(args, vocab_size(args, state), use_te=use_te, device=device,
+                              dtype=_dtype(device))
     expected = model.state_dict()
     if te_checkpoint and not use_te:
         # No TE here: its extra state has no local counterpart, so check by name that every
