@@ -54,14 +54,14 @@ def megatron_args(tp: int = 1, ckpt_format: str = "torch_dist", **overrides) -> 
     return argparse.Namespace(**values)
 
 
-def transformer_config(tp: int = 1):
+def transformer_config(tp: int = 1, cpu_init: bool = True):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
         num_layers=3, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
         kv_channels=16, normalization="RMSNorm", gated_linear_unit=True,
         activation_func=torch.nn.functional.silu, add_bias_linear=False, attention_dropout=0.0,
-        hidden_dropout=0.0, use_cpu_initialization=True, params_dtype=torch.float32,
+        hidden_dropout=0.0, use_cpu_initialization=cpu_init, params_dtype=torch.float32,
         tensor_model_parallel_size=tp,
     )
 
