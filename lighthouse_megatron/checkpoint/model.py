@@ -157,11 +157,9 @@ def single_process_megatron():
 
 @contextlib.contextmanager
 def cpu_rope():
-    """megatron-core 0.16's RotaryEmbedding moves its frequencies to
-    torch.cuda.current_device() in forward; without CUDA, let that mean the CPU."""
-    if torch.cuda.is_available():
-        yield
-        return
+    """For models on the CPU: megatron-core 0.16's RotaryEmbedding moves its frequencies to
+    torch.cuda.current_device() in forward (and its checkpoint writer puts a status tensor
+    there); let that mean the CPU while the block runs, also on machines with a GPU."""
     original = torch.cuda.current_device
     torch.cuda.current_device = lambda: "cpu"
     try:
@@ -309,7 +307,7 @@ def verify_dense(ckpt: Checkpoint, args: dict) -> dict[str, Any]:
     te_checkpoint = uses_te(args)
     use_te = te_checkpoint and _te_ready()
     device = "cuda" if use_te else "cpu"
-    with single_process_megatron(), cpu_rope():
+    with single_process_megatron(), cpu_rope() if device == "cpu" else contextlib.nullcontext():
         readable = ckpt.layout == "common.pt" or _core_reads_common_state()
         if ckpt.format == "torch_dist" and readable:
             model, how = _load_with_dist_checkpointing(ckpt, args, use_te, device)
