@@ -39,8 +39,10 @@ def stage1(tmp_path_factory):
     dense = ct.lighthouse_model(dense=True)
     dense.load_state_dict(model.state_dict())
     ct.save_torch_dist(model, opt, ct.megatron_args(), root / "dist")
-    ct.save_legacy({0: ct.legacy_rank_state(model, opt)}, ct.megatron_args(ckpt_format="torch"), root / "legacy")
-    return {"root": root, "model": model, "dense_logits": ct.logits(dense), "lighthouse_logits": ct.logits(model)}
+    ct.save_legacy({0: ct.legacy_rank_state(model, opt)}, ct.megatron_args(ckpt_format="torch"),
+                   root / "legacy")
+    return {"root": root, "model": model, "dense_logits": ct.logits(dense),
+            "lighthouse_logits": ct.logits(model)}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +58,10 @@ def tp2(tmp_path_factory):
     ct.save_legacy({r: ranks[r]["rank_state"] for r in range(2)},
                    ct.megatron_args(tp=2, ckpt_format="torch"), root / "ckpt")
     return {"path": root / "ckpt", "dense_logits": ranks[0]["logits"]}
+
+
+def exact(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
 def dense_model_logits(state: dict):
@@ -97,8 +103,9 @@ def test_torch_dist_converts_to_dense_keeping_training_state(stage1, tmp_path):
 
     # Independently: megatron-core loads it into a dense-spec model, nothing missing, and
     # the model computes what the stage-1 weights compute densely.
-    from lighthouse_megatron.megatron import get_gpt_decoder_block_spec
     from megatron.core.models.gpt import GPTModel
+
+    from lighthouse_megatron.megatron import get_gpt_decoder_block_spec
 
     config = ct.transformer_config()
     model = GPTModel(config=config, transformer_layer_spec=get_gpt_decoder_block_spec(
@@ -123,7 +130,7 @@ def test_weights_only_is_a_release_checkpoint_without_training_state(stage1, tmp
     assert not any(c.startswith(("optimizer", "rng_state", "opt_param_scheduler")) for c in info["contents"])
     assert report["verified"]["forward"].endswith("finite")
     state = model_state(locate(out), {})
-    torch.testing.assert_close(dense_model_logits(to_local_names(state)), stage1["dense_logits"], rtol=0, atol=0)
+    exact(dense_model_logits(to_local_names(state)), stage1["dense_logits"])
 
 
 def test_common_state_layout_round_trip(stage1, tmp_path):
@@ -139,7 +146,7 @@ def test_common_state_layout_round_trip(stage1, tmp_path):
     assert args_dict(common["args"])["attention_impl"] == "dense" and common["iteration"] == ct.ITERATION
     assert inspect_checkpoint(tmp_path / "out")["contents"].count("optimizer") == 1
     state = model_state(written, {})
-    torch.testing.assert_close(dense_model_logits(to_local_names(state)), stage1["dense_logits"], rtol=0, atol=0)
+    exact(dense_model_logits(to_local_names(state)), stage1["dense_logits"])
 
 
 def test_legacy_tp2_shards_merge_to_the_tp2_models_logits(tp2, tmp_path):
@@ -150,7 +157,8 @@ def test_legacy_tp2_shards_merge_to_the_tp2_models_logits(tp2, tmp_path):
     written = locate(tmp_path / "out")
     assert sorted(written.shards) == [(0, 0), (1, 0)]
     rank1 = torch.load(written.shards[(1, 0)], weights_only=True)
-    assert rank1["args"].attention_impl == "dense" and "optimizer" in rank1 and rank1["iteration"] == ct.ITERATION
+    assert rank1["args"].attention_impl == "dense" and "optimizer" in rank1
+    assert rank1["iteration"] == ct.ITERATION
     merged = model_state(written, args_dict(rank1["args"]))
     state = {k: v for k, v in to_local_names(merged).items() if not k.endswith("_extra_state")}
     torch.testing.assert_close(dense_model_logits(state), tp2["dense_logits"], rtol=1e-5, atol=1e-5)
@@ -174,6 +182,27 @@ def test_hf_export_matches_megatron_core_dense_logits(source, stage1, tp2, tmp_p
     with torch.no_grad():
         logits = hf(tok).logits
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_hf_export_with_tied_embeddings(tmp_path):
+    pytest.importorskip("transformers")
+    from safetensors import safe_open
+    from transformers import LlamaForCausalLM
+
+    init_parallel()
+    model = ct.lighthouse_model(tied=True)
+    dense = ct.lighthouse_model(dense=True, tied=True)
+    dense.load_state_dict(model.state_dict())
+    args = ct.megatron_args(ckpt_format="torch", untie_embeddings_and_output_weights=False)
+    ct.save_legacy({0: {"model": model.state_dict_for_save_checkpoint()}}, args, tmp_path / "ckpt")
+    convert(tmp_path / "ckpt", tmp_path / "hf", to="hf")
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    hf = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), torch_dtype=torch.float32).eval()
+    assert hf.config.tie_word_embeddings
+    with torch.no_grad():
+        logits = hf(ct.tokens()[0]).logits
+    torch.testing.assert_close(logits, ct.logits(dense), rtol=1e-4, atol=1e-4)
 
 
 def test_legacy_te_checkpoint_gets_core_attention_extra_state(stage1, tmp_path):
