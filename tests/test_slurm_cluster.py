@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Stage 1 trains to STOP, stage 2 from there to TOTAL. Stage 1 is requeued at its first
 # checkpoint (iteration 2); it keeps training while Slurm kills it (SIGTERM, then torchrun
 # stops its workers), so STOP leaves room for that.
-STOP, TOTAL = 24, 28
+STOP, TOTAL = 40, 44
 
 
 def _unavailable(why: str):
@@ -124,7 +124,7 @@ def test_chain_with_requeue_under_slurm(cluster, tmp_path, monkeypatch, capsys):
     # Requeue stage 1 mid-run, and let it start again at once (Slurm delays a requeued job
     # by two minutes).
     s1 = ids["stage1"]
-    wait_for("stage 1's first checkpoint", lambda: tracker(stage1_dir) >= 2, 150, cluster, interval=0.05)
+    wait_for("stage 1's first checkpoint", lambda: tracker(stage1_dir) >= 2, 300, cluster, interval=0.05)
     cluster.run("scontrol", "requeue", s1)
     wait_for("stage 1 back in the queue", lambda: cluster.job(s1)["JobState"] == "PENDING", 60, cluster)
     cluster.run("scontrol", "update", f"JobId={s1}", "StartTime=now")
@@ -136,7 +136,7 @@ def test_chain_with_requeue_under_slurm(cluster, tmp_path, monkeypatch, capsys):
         assert not bad, f"jobs ended badly: {bad}\n{_job_logs(cluster)}"
         return jobs if all(j["JobState"] == "COMPLETED" for j in jobs.values()) else None
 
-    jobs = wait_for("the chain to complete", finished, 400, cluster, interval=1)
+    jobs = wait_for("the chain to complete", finished, 600, cluster, interval=1)
 
     # In order: each stage started after the one it depends on ended (seconds resolution).
     assert when(jobs["stage1"], "EndTime") <= when(jobs["convert"], "StartTime")
