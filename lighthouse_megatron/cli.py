@@ -19,9 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     from .bench import add_bench_parser
 
     add_bench_parser(sub)
+    from .slurm import add_slurm_parser
+
+    add_slurm_parser(sub)
     from .training import add_train_parser
 
     add_train_parser(sub)
+    from .checkpoint.cli import add_convert_parser, add_inspect_parser
+
+    add_convert_parser(sub)
+    add_inspect_parser(sub)
 
     args = parser.parse_args(argv)
     try:
