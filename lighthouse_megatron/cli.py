@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     from .bench import add_bench_parser
 
     add_bench_parser(sub)
+    from .training import add_train_parser
+
+    add_train_parser(sub)
 
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

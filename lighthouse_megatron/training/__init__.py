@@ -1,0 +1,76 @@
+"""A compact single-machine trainer on megatron-core: `lighthouse-megatron train`.
+
+It trains a megatron-core GPTModel built with this package's layer specs (Lighthouse or
+dense core attention) on megatron-core's GPT datasets, with AdamW, linear warm-up and
+cosine decay, gradient clipping, bf16 on CUDA (fp32 on CPU), and data, tensor and
+context parallelism over the processes torchrun starts (gloo on CPU, NCCL on CUDA).
+Checkpoints are Megatron-LM's torch_dist checkpoints (see `checkpointing`), so
+Megatron-LM can `--load` them and this trainer can `--load` Megatron-LM's. It is the
+engine for one machine and CI; clusters use Megatron-LM with the plugin.
+
+Python API (stable):
+
+    from lighthouse_megatron import training
+
+    training.main(argv) -> int
+        The `lighthouse-megatron train` command: parses `argv` (flags as below), trains,
+        returns the exit code; bad settings print one `error: ...` line and return 2.
+
+    args = training.parse_args(argv)            # argparse.Namespace, validated
+        Flags named like Megatron-LM's (--num-layers, --hidden-size, --seq-length,
+        --micro-batch-size, --global-batch-size, --lr, --train-iters, --data-path,
+        --mock-data, --save, --load, --tensor-model-parallel-size,
+        --context-parallel-size, --attention-impl, --lighthouse-*, ...; `--help`
+        lists them), a YAML `--config FILE` with the same settings (flags win).
+        Raises ValueError naming the setting and the valid values.
+
+    result = training.run(args)                 # TrainResult
+        result.train: one dict per logged iteration: iteration, loss, lr, grad_norm,
+                      tokens_per_s, time_per_iter_s, attention ("lighthouse"/"dense")
+        result.evals: one dict per evaluation: iteration, attention, loss (held-out
+                      split, with the training attention and with dense attention)
+        result.checkpoints: the iter_NNNNNNN directories written
+        result.start_iteration, result.iteration: where it started (after --load) and stopped
+
+    training.read_metrics(path) -> list[dict]   # the JSONL file (train and eval records)
+
+`run` creates (and afterwards destroys) a one-process group when none exists, or uses
+torchrun's. Under torchrun every rank calls it; rank 0 writes logs and metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .arguments import build_parser, parse_args, resolve_args
+from .logger import read_metrics
+from .trainer import TrainResult, run
+
+__all__ = ["TrainResult", "add_train_parser", "main", "parse_args", "read_metrics", "run"]
+
+
+def _run_cli(cli: argparse.Namespace) -> int:
+    from .trainer import launch, prepare
+
+    try:
+        args = resolve_args(cli)
+        prepare(args)  # file-system checks (checkpoints), before anything is built
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    launch(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`lighthouse-megatron train ARGS`; returns the exit code."""
+    cli = build_parser().parse_args(argv)
+    return _run_cli(cli)
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a GPT model with Lighthouse attention on this machine "
+                       "(megatron-core; torchrun for several processes)")
+    build_parser(p)
+    p.set_defaults(func=_run_cli)

@@ -1,0 +1,309 @@
+"""`lighthouse-megatron train` arguments: Megatron-LM's flag names, a YAML file, validation.
+
+Precedence: a flag on the command line > the `--config` YAML file > the defaults below.
+YAML keys are the flags' destinations (`num_layers`, `lighthouse_topk`, ...; dashes are
+accepted too). Everything is checked here, before a process group, a model or a dataset
+is built; errors are ValueErrors naming the flag, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from ..megatron import add_lighthouse_args, validate_lighthouse_args
+
+# The trainer's defaults; a model close to the paper's (Llama-like: RMSNorm, SwiGLU, RoPE,
+# no biases, untied embeddings) at a size that trains on a laptop.
+DEFAULTS: dict[str, Any] = dict(
+    # model
+    num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=None, ffn_hidden_size=None,
+    kv_channels=None, seq_length=256, max_position_embeddings=None, vocab_size=256,
+    make_vocab_size_divisible_by=128, position_embedding_type="rope", rotary_base=10000,
+    normalization="RMSNorm", norm_epsilon=1e-5, swiglu=True, add_bias_linear=False,
+    untie_embeddings_and_output_weights=True, qk_layernorm=False, init_method_std=0.02,
+    hidden_dropout=0.0, attention_dropout=0.0,
+    # optimisation
+    micro_batch_size=1, global_batch_size=None, train_iters=100, lr=3e-4, min_lr=0.0, lr_warmup_iters=0,
+    lr_warmup_init=0.0, lr_decay_iters=None, lr_decay_style="cosine", weight_decay=0.01, adam_beta1=0.9,
+    adam_beta2=0.999, adam_eps=1e-8, clip_grad=1.0, seed=1234, bf16=None, device="auto",
+    # data
+    data_path=None, mock_data=False, split="969,30,1", tokenizer_type="NullTokenizer", data_cache_path=None,
+    # evaluation, checkpoints, logging
+    eval_interval=None, eval_iters=2, save=None, save_interval=None, load=None, exit_interval=None,
+    force=False, log_interval=1, tensorboard_dir=None, metrics_file=None, progress=None,
+    # parallelism
+    tensor_model_parallel_size=1, context_parallel_size=1,
+)
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The trainer's flags (every default None: the merge fills them, see module doc)."""
+    p = parser or argparse.ArgumentParser(prog="lighthouse-megatron train")
+    p.add_argument("--config", metavar="FILE", help="YAML file with any of the settings below "
+                   "(keys: the flag names with '_', e.g. num_layers); flags override it")
+    bool_flag = dict(action=argparse.BooleanOptionalAction, default=None)
+
+    m = p.add_argument_group("model (Megatron-LM names)")
+    for flag, typ in [("--num-layers", int), ("--hidden-size", int), ("--num-attention-heads", int),
+                      ("--num-query-groups", int), ("--ffn-hidden-size", int), ("--kv-channels", int),
+                      ("--seq-length", int), ("--max-position-embeddings", int), ("--vocab-size", int),
+                      ("--make-vocab-size-divisible-by", int), ("--rotary-base", int),
+                      ("--norm-epsilon", float), ("--init-method-std", float), ("--hidden-dropout", float),
+                      ("--attention-dropout", float)]:
+        m.add_argument(flag, type=typ, default=None)
+    m.add_argument("--position-embedding-type", choices=POSITION_EMBEDDINGS, default=None)
+    m.add_argument("--normalization", choices=NORMALIZATIONS, default=None)
+    m.add_argument("--swiglu", **bool_flag)
+    m.add_argument("--untie-embeddings-and-output-weights", **bool_flag)
+    m.add_argument("--add-bias-linear", **bool_flag)
+    m.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false", default=None,
+                   help="Megatron-LM's spelling of --no-add-bias-linear")
+    m.add_argument("--qk-layernorm", **bool_flag)
+
+    t = p.add_argument_group("training")
+    for flag, typ in [("--micro-batch-size", int), ("--global-batch-size", int), ("--train-iters", int),
+                      ("--lr", float), ("--min-lr", float), ("--lr-warmup-iters", int),
+                      ("--lr-warmup-init", float), ("--lr-decay-iters", int), ("--weight-decay", float),
+                      ("--adam-beta1", float), ("--adam-beta2", float), ("--adam-eps", float),
+                      ("--clip-grad", float), ("--seed", int)]:
+        t.add_argument(flag, type=typ, default=None)
+    t.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default=None)
+    t.add_argument("--bf16", **bool_flag, help="bf16 weights with fp32 master weights (default: on with "
+                   "CUDA, off on CPU)")
+    t.add_argument("--device", choices=DEVICES, default=None)
+    t.add_argument("--tensor-model-parallel-size", type=int, default=None)
+    t.add_argument("--context-parallel-size", type=int, default=None)
+
+    d = p.add_argument_group("data")
+    d.add_argument("--data-path", nargs="+", default=None, metavar="PREFIX",
+                   help="Megatron indexed dataset prefix(es) (PREFIX.bin/.idx), optionally weighted: "
+                        "'0.7 A 0.3 B'")
+    d.add_argument("--mock-data", action="store_true", default=None,
+                   help="megatron-core's MockGPTDataset instead of --data-path")
+    d.add_argument("--split", default=None, help="train,valid,test weights (default 969,30,1)")
+    d.add_argument("--tokenizer-type", choices=("NullTokenizer",), default=None,
+                   help="token ids are used as they are; --vocab-size ids plus an end-of-document id")
+    d.add_argument("--data-cache-path", default=None, metavar="DIR")
+
+    c = p.add_argument_group("evaluation, checkpoints, logging")
+    for flag in ("--eval-interval", "--eval-iters", "--save-interval", "--exit-interval", "--log-interval"):
+        c.add_argument(flag, type=int, default=None)
+    c.add_argument("--save", default=None, metavar="DIR")
+    c.add_argument("--load", default=None, metavar="DIR")
+    c.add_argument("--force", action="store_true", default=None,
+                   help="replace checkpoints of the same iteration that already exist in --save")
+    c.add_argument("--tensorboard-dir", default=None, metavar="DIR", help="default: SAVE/tensorboard")
+    c.add_argument("--metrics-file", default=None, metavar="FILE", help="JSONL; default: SAVE/metrics.jsonl")
+    c.add_argument("--progress", **bool_flag, help="progress bar (default: when stderr is a terminal)")
+
+    add_lighthouse_args(p)
+    return p
+
+
+def _lighthouse_dests() -> list[str]:
+    return [a.dest for a in add_lighthouse_args(argparse.ArgumentParser())._actions if a.dest != "help"]
+
+
+def _read_yaml(path: str, valid: list[str]) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot read it ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ValueError(f"--config {path}: unknown settings {unknown}; valid: {sorted(valid)}")
+    return data
+
+
+def parse_args(argv: list[str] | None = None, *, world_size: int | None = None) -> argparse.Namespace:
+    """Parse, merge (flags > YAML > defaults), validate. Raises ValueError on bad settings
+    (argparse itself exits with code 2 on malformed flags)."""
+    return resolve_args(build_parser().parse_args(argv), world_size=world_size)
+
+
+def resolve_args(cli: argparse.Namespace, *, world_size: int | None = None) -> argparse.Namespace:
+    """Merge parsed flags (None: not given) with the `--config` file and the defaults, validate."""
+    lighthouse = _lighthouse_dests()
+    valid = [*DEFAULTS, *lighthouse]
+    settings = _read_yaml(cli.config, valid) if cli.config else {}
+    args = argparse.Namespace(config=cli.config)
+    for key in valid:
+        value = getattr(cli, key, None)
+        if value is None:
+            value = settings.get(key, DEFAULTS.get(key))
+        setattr(args, key, value)
+    if isinstance(args.data_path, str):
+        args.data_path = args.data_path.split()
+    validate_args(args, world_size=world_size)
+    return args
+
+
+def _check_type(args, name, typ, minimum=None):
+    value = getattr(args, name)
+    flag = "--" + name.replace("_", "-")
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+        setattr(args, name, value)
+    if not isinstance(value, typ) or isinstance(value, bool) and typ is not bool:
+        raise ValueError(f"{flag} must be {'an integer' if typ is int else 'a number'}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{flag} must be >= {minimum}, got {value}")
+
+
+def validate_args(args: argparse.Namespace, world_size: int | None = None) -> None:
+    """Check every setting and fill the derived ones (Megatron-LM's names) in place."""
+    ints = dict(num_layers=1, hidden_size=1, num_attention_heads=1, seq_length=1, vocab_size=1,
+                make_vocab_size_divisible_by=1, rotary_base=1, micro_batch_size=1, train_iters=1,
+                lr_warmup_iters=0, eval_iters=0, log_interval=1, seed=0, tensor_model_parallel_size=1,
+                context_parallel_size=1)
+    for name, low in ints.items():
+        _check_type(args, name, int, low)
+    for name in ("num_query_groups", "ffn_hidden_size", "kv_channels", "max_position_embeddings",
+                 "global_batch_size", "lr_decay_iters", "eval_interval", "save_interval", "exit_interval"):
+        if getattr(args, name) is not None:
+            _check_type(args, name, int, 1)
+    for name in ("lr", "min_lr", "lr_warmup_init", "weight_decay", "clip_grad", "adam_eps", "init_method_std",
+                 "norm_epsilon", "hidden_dropout", "attention_dropout"):
+        _check_type(args, name, float, 0.0)
+    for name in ("adam_beta1", "adam_beta2"):
+        _check_type(args, name, float, 0.0)
+        if getattr(args, name) >= 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    for name, choices in (("lr_decay_style", LR_DECAY_STYLES), ("normalization", NORMALIZATIONS),
+                          ("position_embedding_type", POSITION_EMBEDDINGS), ("device", DEVICES)):
+        if getattr(args, name) not in choices:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {list(choices)}, "
+                             f"got {getattr(args, name)!r}")
+    if args.min_lr > args.lr:
+        raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
+
+    # Model shape.
+    heads = args.num_attention_heads
+    if args.num_query_groups is None:
+        args.num_query_groups = heads
+    if heads % args.num_query_groups:
+        raise ValueError(f"--num-attention-heads {heads} is not a multiple of --num-query-groups "
+                         f"{args.num_query_groups}")
+    if args.kv_channels is None:
+        if args.hidden_size % heads:
+            raise ValueError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
+                             f"{heads}; set --kv-channels or use a multiple of {heads}")
+        args.kv_channels = args.hidden_size // heads
+    if args.ffn_hidden_size is None:
+        # Megatron-LM's default; with SwiGLU it keeps the MLP's parameter count.
+        args.ffn_hidden_size = 4 * args.hidden_size
+        if args.swiglu:
+            args.ffn_hidden_size = int((4 * args.hidden_size * 2 / 3) / 64) * 64 or 64
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.seq_length > args.max_position_embeddings:
+        raise ValueError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
+                         f"{args.max_position_embeddings}")
+
+    # Parallel layout.
+    args.padded_vocab_size = padded_vocab_size(args)
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    if world % (tp * cp):
+        raise ValueError(f"{world} processes are not divisible by --tensor-model-parallel-size {tp} x "
+                         f"--context-parallel-size {cp}; launch a multiple of {tp * cp} processes")
+    dp = world // (tp * cp)
+    args.world_size, args.data_parallel_size, args.pipeline_model_parallel_size = world, dp, 1
+    if heads % tp:
+        raise ValueError(f"--num-attention-heads {heads} is not divisible by "
+                         f"--tensor-model-parallel-size {tp}")
+    if args.num_query_groups % tp and tp % args.num_query_groups:
+        raise ValueError(f"--num-query-groups {args.num_query_groups} and --tensor-model-parallel-size {tp}: "
+                         "one must divide the other")
+    if cp > 1 and args.seq_length % (2 * cp):
+        raise ValueError(f"--seq-length {args.seq_length} must be divisible by 2 x --context-parallel-size "
+                         f"= {2 * cp} (each rank holds two chunks)")
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by "
+                         f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
+
+    # Schedule.
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_iters > args.lr_decay_iters:
+        raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} exceeds --lr-decay-iters "
+                         f"{args.lr_decay_iters}")
+
+    # Data.
+    if bool(args.mock_data) == bool(args.data_path):
+        raise ValueError("give exactly one of --data-path PREFIX and --mock-data")
+    if args.data_path:
+        _check_data_path(args.data_path)
+    weights = args.split.split(",") if isinstance(args.split, str) else []
+    try:
+        parsed = [float(w) for w in weights]
+    except ValueError:
+        parsed = []
+    if len(parsed) != 3 or min(parsed) < 0 or sum(parsed) <= 0:
+        raise ValueError(f"--split must be three non-negative weights 'train,valid,test', got {args.split!r}")
+    if parsed[1] == 0 and args.eval_iters > 0:
+        raise ValueError(f"--split {args.split} leaves no validation data; give it a valid weight or "
+                         "set --eval-iters 0")
+
+    # Device and precision.
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
+    if args.bf16 is None:
+        args.bf16 = args.device == "cuda"
+    if args.bf16 and args.device != "cuda":
+        raise ValueError("--bf16 needs --device cuda (CPU training runs in fp32); drop --bf16")
+    args.fp16 = False
+
+    # Checkpoints.
+    if args.save_interval is not None and not args.save:
+        raise ValueError("--save-interval needs --save DIR")
+    if args.load and os.path.exists(args.load) and not os.path.isdir(args.load):
+        raise ValueError(f"--load {args.load} is not a directory")
+
+    # Lighthouse (its own flags, --lighthouse-config, and the model and parallel sizes).
+    validate_lighthouse_args(args)
+
+
+def _check_data_path(data_path: list[str]) -> None:
+    prefixes = data_path
+    if len(data_path) > 1:
+        if len(data_path) % 2:
+            raise ValueError(f"--data-path takes one PREFIX or weight/PREFIX pairs, got {data_path}")
+        try:
+            [float(w) for w in data_path[0::2]]
+        except ValueError:
+            raise ValueError(f"--data-path pairs must be 'weight PREFIX', got {data_path}") from None
+        prefixes = data_path[1::2]
+    for prefix in prefixes:
+        missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+        if missing:
+            raise ValueError(f"--data-path {prefix}: missing {', '.join(missing)} (a Megatron indexed "
+                             "dataset is PREFIX.bin + PREFIX.idx, e.g. from "
+                             "`lighthouse-megatron prepare-data`)")
+
+
+def padded_vocab_size(args: argparse.Namespace) -> int:
+    """Megatron-LM's `_vocab_size_with_padding` for its NullTokenizer (vocab + end-of-document)."""
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    return -(-(args.vocab_size + 1) // multiple) * multiple

@@ -1,0 +1,437 @@
+"""The training loop: megatron-core's GPTModel, datasets, optimizer and scheduler on one machine.
+
+Loss: the mean cross-entropy over every target token of the global batch, whatever the
+data-parallel (DP), context-parallel (CP) and micro-batch split: each rank backpropagates
+its token-loss sum divided by the global token count, and gradients are summed over the
+DP x CP group (megatron-core's `calculate_per_token_loss` mode). DP = 2 and DP = 1 with
+the same global batch therefore train the same model, up to summation order.
+
+Two engines, one checkpoint format:
+- CUDA: megatron-core's DistributedDataParallel and `get_megatron_optimizer` (bf16 weights,
+  fp32 master weights, like Megatron-LM's `--bf16`), Transformer Engine layers when TE imports.
+- CPU: megatron-core's FP32Optimizer around torch AdamW with megatron-core's parameter
+  groups (what `get_megatron_optimizer` builds without TE/apex; see `cpu.py` for why
+  it is not called directly), gradients summed with one all-reduce per iteration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from ..megatron import LighthouseCoreAttention, get_gpt_decoder_block_spec, lighthouse_config_from_args
+from ..megatron.schedule import set_iteration
+from . import checkpointing
+from .arguments import padded_vocab_size
+from .cpu import cpu_rotary_embedding, make_cpu_optimizer
+from .logger import MetricsLogger
+
+
+@dataclass
+class TrainResult:
+    """What a run did. `train` and `evals` hold the records also written as JSONL."""
+
+    start_iteration: int
+    iteration: int
+    train: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(args) -> bool:
+    """Process group (torchrun's env://, else a one-process group) and megatron-core's
+    parallel state. Returns True when this call created the process group."""
+    created = False
+    if not dist.is_initialized():
+        backend = "nccl" if args.device == "cuda" else "gloo"
+        if args.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                    world_size=1)
+        created = True
+    if dist.get_world_size() != args.world_size:
+        raise ValueError(f"the process group has {dist.get_world_size()} ranks, the settings expect "
+                         f"{args.world_size} (WORLD_SIZE)")
+    sizes = (args.tensor_model_parallel_size, args.context_parallel_size)
+    if parallel_state.model_parallel_is_initialized():
+        current = (parallel_state.get_tensor_model_parallel_world_size(),
+                   parallel_state.get_context_parallel_world_size())
+        if current != sizes:
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=sizes[0],
+                                                 context_parallel_size=sizes[1])
+    return created
+
+
+def set_seed(args) -> None:
+    """Megatron-LM's _set_random_seed (one pipeline stage, no per-DP-rank init)."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if args.device == "cuda":
+        tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+
+
+def transformer_config(args):
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+        ffn_hidden_size=args.ffn_hidden_size,
+        kv_channels=args.kv_channels, tensor_model_parallel_size=args.tensor_model_parallel_size,
+        context_parallel_size=args.context_parallel_size, hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout, init_method_std=args.init_method_std,
+        layernorm_epsilon=args.norm_epsilon, normalization=args.normalization,
+        gated_linear_unit=args.swiglu, activation_func=F.silu if args.swiglu else F.gelu,
+        add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_bias_linear,
+        qk_layernorm=args.qk_layernorm,
+        use_cpu_initialization=args.device == "cpu", params_dtype=dtype, bf16=args.bf16,
+        pipeline_dtype=dtype, calculate_per_token_loss=True, bias_activation_fusion=False,
+        masked_softmax_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
+        apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        cp_comm_type="p2p" if args.context_parallel_size > 1 else None,
+    )
+
+
+def build_model(args, config):
+    """GPTModel with this package's block spec (unwrapped: the module checkpoints hold)."""
+    from megatron.core.models.gpt import GPTModel
+
+    lighthouse = lighthouse_config_from_args(args) if args.attention_impl == "lighthouse" else None
+    spec = get_gpt_decoder_block_spec(
+        config, attention_impl=args.attention_impl, lighthouse=lighthouse,
+        use_te=None if args.device == "cuda" else False, until_iteration=args.lighthouse_until_iter,
+    )
+    model = GPTModel(
+        config=config, transformer_layer_spec=spec, vocab_size=padded_vocab_size(args),
+        max_sequence_length=args.max_position_embeddings, parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
+    )
+    if args.device == "cpu":
+        cpu_rotary_embedding(model)
+    else:
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def optimizer_config(args):
+    from megatron.core.optimizer import OptimizerConfig
+
+    return OptimizerConfig(
+        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=False,
+    )
+
+
+def scheduler_for(args, optimizer):
+    """Megatron-LM's get_optimizer_param_scheduler for iteration-based training (steps are samples)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    gbs = args.global_batch_size
+    return OptimizerParamScheduler(
+        optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters * gbs, lr_decay_steps=args.lr_decay_iters * gbs,
+        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=False,
+    )
+
+
+class Engine:
+    """Model, optimizer and the gradient reduction for one device type."""
+
+    def __init__(self, args, config):
+        self.args = args
+        self.model = build_model(args, config)  # unwrapped
+        opt_config = optimizer_config(args)
+        if args.device == "cuda":
+            from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+            from megatron.core.optimizer import get_megatron_optimizer
+            from megatron.core.transformer.module import Float16Module
+
+            wrapped = Float16Module(config, self.model) if args.bf16 else self.model
+            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                       use_distributed_optimizer=False)
+            self.runner = DistributedDataParallel(config=config, ddp_config=ddp_config, module=wrapped)
+            self.optimizer = get_megatron_optimizer(opt_config, [self.runner])
+        else:
+            self.runner = self.model
+            self.optimizer = make_cpu_optimizer(self.model, opt_config)
+        self.scheduler = scheduler_for(args, self.optimizer)
+
+    def zero_grad(self):
+        if self.args.device == "cuda":
+            self.runner.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def reduce_grads(self):
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        if self.args.device == "cuda":
+            from megatron.core.distributed import finalize_model_grads
+
+            finalize_model_grads([self.runner])  # DDP sums (per-token-loss mode: no scaling)
+        elif group.size() > 1:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=group)
+            for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+                g.copy_(reduced)
+
+    def step(self) -> float | None:
+        """Clip, step, advance the schedule; returns the grad norm."""
+        self.reduce_grads()
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=self.args.global_batch_size)
+        return grad_norm
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def build_datasets(args):
+    """(train, valid) GPT datasets, sized as Megatron-LM's provider sizes them."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+    from megatron.core.datasets.utils import get_blend_from_list
+    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+    config = GPTDatasetConfig(
+        random_seed=args.seed, sequence_length=args.seq_length,
+        blend=get_blend_from_list(args.data_path) if args.data_path else None, split=args.split,
+        path_to_cache=args.data_cache_path, tokenizer=NullTokenizer(args.vocab_size),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        create_attention_mask=False, mmap_bin_files=True,
+    )
+    gbs = args.global_batch_size
+    evals = args.eval_iters * (args.train_iters // args.eval_interval + 1 if args.eval_interval else 1)
+    sizes = [args.train_iters * gbs, evals * gbs, args.eval_iters * gbs]
+    cls = MockGPTDataset if args.mock_data else GPTDataset
+    train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+    return train, valid
+
+
+def microbatches(dataset, args, consumed: int, device: str):
+    """This rank's micro-batches of one global batch starting at sample `consumed`, in
+    Megatron's MegatronPretrainingSampler order, sliced for context parallelism."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    mbs, dp = args.micro_batch_size, args.data_parallel_size
+    rank = parallel_state.get_data_parallel_rank()
+    for j in range(args.global_batch_size // (mbs * dp)):
+        start = consumed + j * mbs * dp + rank * mbs
+        samples = [dataset[i] for i in range(start, start + mbs)]
+        batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(device)
+                 for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        if args.context_parallel_size > 1:
+            cp_group = parallel_state.get_context_parallel_group()
+            if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:  # core >= 0.19
+                batch = get_batch_on_this_cp_rank(batch, False, cp_group=cp_group)
+            else:
+                batch = get_batch_on_this_cp_rank(batch, cp_group=cp_group)
+        yield batch
+
+
+def _token_losses(runner, batch):
+    return runner(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None,
+                  labels=batch["labels"]).float()
+
+
+def _all_reduce(values: list[float], device: str) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    return t.tolist()
+
+
+def train_step(engine: Engine, dataset, args, consumed: int) -> tuple[float, float | None]:
+    """One iteration; returns (mean token loss over the global batch, grad norm)."""
+    batches = list(microbatches(dataset, args, consumed, args.device))
+    (tokens,) = _all_reduce([float(sum(b["loss_mask"].sum().item() for b in batches))], args.device)
+    engine.zero_grad()
+    local = 0.0
+    for batch in batches:
+        loss_sum = (_token_losses(engine.runner, batch) * batch["loss_mask"]).sum()
+        (loss_sum / tokens).backward()
+        local += loss_sum.item()
+    grad_norm = engine.step()
+    (total,) = _all_reduce([local], args.device)
+    return total / tokens, grad_norm
+
+
+@contextlib.contextmanager
+def dense_attention(model):
+    """Every Lighthouse layer computes dense causal attention inside the block (the same
+    switch as --lighthouse-until-iter)."""
+    layers = [m for m in model.modules() if isinstance(m, LighthouseCoreAttention)]
+    saved = [m.until_iteration for m in layers]
+    for m in layers:
+        m.until_iteration = 0
+    try:
+        yield
+    finally:
+        for m, until in zip(layers, saved, strict=True):
+            m.until_iteration = until
+
+
+@torch.no_grad()
+def evaluate(engine: Engine, dataset, args, dense: bool) -> float:
+    """Mean token loss over the first `eval_iters` global batches of the held-out split
+    (the same batches at every evaluation, so the numbers compare across a run)."""
+    engine.runner.eval()
+    total = tokens = 0.0
+    with dense_attention(engine.model) if dense else contextlib.nullcontext():
+        for i in range(args.eval_iters):
+            for batch in microbatches(dataset, args, i * args.global_batch_size, args.device):
+                total += (_token_losses(engine.runner, batch) * batch["loss_mask"]).sum().item()
+                tokens += batch["loss_mask"].sum().item()
+    engine.runner.train()
+    total, tokens = _all_reduce([total, tokens], args.device)
+    return total / tokens
+
+
+# ------------------------------------------------------------------------------ loop
+
+
+def planned_saves(args, start: int) -> list[int]:
+    stop = args.train_iters
+    if args.exit_interval:
+        stop = next(i for i in range(start + 1, stop + 1) if i % args.exit_interval == 0 or i == stop)
+    saves = {i for i in range(start + 1, stop + 1) if args.save_interval and i % args.save_interval == 0}
+    return sorted(saves | {stop}) if args.save else []
+
+
+def prepare(args) -> int:
+    """Checks that need the file system (checkpoints); returns the starting iteration."""
+    start = 0
+    if args.load:
+        if checkpointing.read_tracker(args.load) is None:
+            print(f"note: --load {args.load} holds no checkpoint yet; starting from scratch", flush=True)
+        else:
+            start, ckpt_args = checkpointing.read_checkpoint_args(args.load)
+            checkpointing.check_checkpoint_args(args, ckpt_args, args.load)
+    if start >= args.train_iters:
+        raise ValueError(f"--load {args.load} is at iteration {start}, already >= --train-iters "
+                         f"{args.train_iters}")
+    if args.save and not args.force:
+        existing = [checkpointing.iteration_dir(args.save, i) for i in planned_saves(args, start)
+                    if os.path.exists(checkpointing.iteration_dir(args.save, i))]
+        if existing:
+            raise ValueError(f"--save {args.save}: {existing[0]} already exists; pass --force to replace it, "
+                             "or --load the run to continue it")
+    return start
+
+
+def _attention_now(args, iteration: int) -> str:
+    until = args.lighthouse_until_iter
+    if args.attention_impl == "dense" or (until is not None and iteration >= until):
+        return "dense"
+    return "lighthouse"
+
+
+def run(args) -> TrainResult:
+    """Train as `args` (from `parse_args`) says; see the package docstring."""
+    prepare(args)
+    return launch(args)
+
+
+def launch(args) -> TrainResult:
+    """`run` after `prepare`."""
+    created = init_distributed(args)
+    try:
+        return _run(args)
+    finally:
+        set_iteration(0)
+        if created:
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
+
+
+def _run(args) -> TrainResult:
+    set_seed(args)
+    config = transformer_config(args)
+    engine = Engine(args, config)
+    start = 0
+    args.consumed_train_samples = args.consumed_valid_samples = 0
+    if args.load and checkpointing.read_tracker(args.load) is not None:
+        start = checkpointing.load_checkpoint(args, engine.model, engine.optimizer, engine.scheduler)
+    train_ds, valid_ds = build_datasets(args)
+    first = dist.get_rank() == 0
+    log = MetricsLogger(args, start, enabled=first)
+    result = TrainResult(start_iteration=start, iteration=start)
+
+    def do_eval(iteration):
+        set_iteration(iteration)
+        kinds = ["dense"] if _attention_now(args, iteration) == "dense" else ["lighthouse", "dense"]
+        for kind in kinds:
+            rec = {"kind": "eval", "iteration": iteration, "attention": kind,
+                   "loss": evaluate(engine, valid_ds, args, dense=kind == "dense")}
+            log.log(rec)
+            result.evals.append(rec)
+
+    tokens_per_iter = args.global_batch_size * args.seq_length
+    iteration = start
+    try:
+        while iteration < args.train_iters:
+            set_iteration(iteration)
+            attention = _attention_now(args, iteration)
+            lr = engine.lr()  # the rate this iteration uses; the scheduler then moves on
+            t0 = time.perf_counter()
+            loss, grad_norm = train_step(engine, train_ds, args, iteration * args.global_batch_size)
+            elapsed = time.perf_counter() - t0
+            iteration += 1
+            args.consumed_train_samples = iteration * args.global_batch_size
+            result.iteration = iteration
+            log.advance()
+            if iteration % args.log_interval == 0 or iteration == args.train_iters:
+                rec = {"kind": "train", "iteration": iteration, "loss": loss, "lr": lr,
+                       "grad_norm": None if grad_norm is None else float(grad_norm),
+                       "tokens_per_s": tokens_per_iter / elapsed, "time_per_iter_s": elapsed,
+                       "attention": attention}
+                log.log(rec)
+                result.train.append(rec)
+            done = iteration == args.train_iters
+            exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
+            if args.eval_iters and (done or (args.eval_interval and iteration % args.eval_interval == 0)):
+                do_eval(iteration)
+            periodic = bool(args.save_interval) and iteration % args.save_interval == 0
+            if args.save and (done or exiting or periodic):
+                path = checkpointing.save_checkpoint(args, iteration, engine.model, engine.optimizer,
+                                                     engine.scheduler)
+                result.checkpoints.append(path)
+            if exiting:
+                break
+    finally:
+        log.close()
+    return result
