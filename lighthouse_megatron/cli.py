@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     from .training import add_train_parser
 
     add_train_parser(sub)
+    from .checkpoint.cli import add_convert_parser, add_inspect_parser
+
+    add_convert_parser(sub)
+    add_inspect_parser(sub)
 
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

@@ -1,0 +1,16 @@
+"""Checkpoint tools for the dense recovery stage (`lighthouse-megatron convert` / `inspect`).
+
+- `convert(input, output, *, to="megatron", weights_only=False, dry_run=False, force=False)`:
+  a stage-1 Megatron-LM checkpoint (torch_dist or torch format) into one that loads
+  under the dense spec, or (`to="hf"`) a Hugging Face Llama checkpoint; verified after
+  writing; returns a report dict.
+- `inspect_checkpoint(path) -> dict`: format, iteration, arguments, layers, attention per
+  layer, parallel layout.
+
+Both raise `CheckpointError` (a ValueError) naming the problem.
+"""
+
+from .convert import convert, inspect_checkpoint
+from .reader import CheckpointError
+
+__all__ = ["CheckpointError", "convert", "inspect_checkpoint"]

@@ -1,0 +1,87 @@
+"""`lighthouse-megatron convert` and `lighthouse-megatron inspect`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert", help="make a stage-1 (Lighthouse) checkpoint load under the dense spec, or export it "
+                        "to Hugging Face Llama",
+        description="Rewrite a Megatron-LM checkpoint (torch_dist or torch format) for dense attention, "
+                    "then load it under the dense spec and run a forward pass to verify it.")
+    p.add_argument("--input", required=True, metavar="CKPT", help="a --save directory or its iter_NNNNNNN/")
+    p.add_argument("--output", required=True, metavar="CKPT", help="directory to create")
+    p.add_argument("--to", choices=("megatron", "hf"), default="megatron",
+                   help="megatron: a dense Megatron-LM checkpoint (default); hf: a Llama checkpoint "
+                        "(config.json + model.safetensors)")
+    p.add_argument("--weights-only", action="store_true",
+                   help="drop optimizer, scheduler and RNG state (written as a 'release' checkpoint)")
+    p.add_argument("--dry-run", action="store_true", help="report what would change, write nothing")
+    p.add_argument("--force", action="store_true", help="replace an existing --output")
+    p.set_defaults(func=run_convert)
+
+
+def add_inspect_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="summarise a Megatron-LM checkpoint")
+    p.add_argument("checkpoint", metavar="CKPT", help="a --save directory or its iter_NNNNNNN/")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run_inspect)
+
+
+def _fail(error: Exception) -> int:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    try:
+        report = convert(args.input, args.output, to=args.to, weights_only=args.weights_only,
+                         dry_run=args.dry_run, force=args.force, log=lambda msg: print(f"  {msg}"))
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        return _fail(e)
+    if args.dry_run:
+        print(f"dry run: nothing written; {args.output} would be created")
+    else:
+        print(f"wrote {report['output']}")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from .convert import inspect_checkpoint
+
+    try:
+        info = inspect_checkpoint(args.checkpoint)
+    except (ValueError, OSError) as e:
+        return _fail(e)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['directory']}")
+    print(f"  format      {info['format']} ({info['layout']})")
+    print(f"  iteration   {'release' if info['release'] else info['iteration']}, "
+          f"checkpoint_version {info['checkpoint_version']}")
+    par = info["parallel"]
+    print(f"  parallel    TP {par['tp']}, PP {par['pp']}, CP {par['cp']}, DP {par['dp'] or '?'}")
+    a = info["args"]
+    model = ", ".join(f"{k}={a[k]}" for k in ("num_layers", "hidden_size", "ffn_hidden_size",
+                                               "num_attention_heads", "num_query_groups", "seq_length",
+                                               "padded_vocab_size") if k in a)
+    print(f"  model       {model}")
+    print(f"  tensors     {info['tensors']['count']}, {info['tensors']['parameters']:,} parameters")
+    runs = []
+    for i, kind in enumerate(info["attention"]):
+        if runs and runs[-1][2] == kind:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i, kind])
+    print("  attention   " + "; ".join(f"layer {a}" + (f"-{b}" if b > a else "") + f" {k}" for a, b, k in runs))
+    if info["lighthouse"]:
+        print("  lighthouse  " + ", ".join(f"{k[len('lighthouse_'):]}={v}" for k, v in info["lighthouse"].items()))
+    print(f"  contents    {', '.join(info['contents'])}")
+    return 0

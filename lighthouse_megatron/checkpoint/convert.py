@@ -1,0 +1,381 @@
+"""`convert`: a stage-1 (Lighthouse) checkpoint into one that loads under the dense spec;
+`inspect_checkpoint`: what a checkpoint holds.
+
+Lighthouse has no parameters, so the tensors need no change. What does:
+
+- the stored arguments: `attention_impl="dense"`, `spec=None` when it named this
+  package's spec, the `lighthouse_*` arguments dropped (Megatron-LM's
+  `--use-checkpoint-args` force-restores `spec`);
+- torch format only: Transformer Engine's dense core attention
+  (`TEDotProductAttention`) has an `_extra_state` entry in plain state dicts, which the
+  Lighthouse layers lack, so each layer gets one (torch_dist leaves core-attention extra
+  state out: megatron-core's TEDotProductAttention.sharded_state_dict emits only the
+  learnable softmax offset);
+- `--weights-only`: optimizer, scheduler and RNG state dropped, written as Megatron-LM's
+  `release` checkpoint (iteration 0, loads without optimizer state).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .model import CORE_ATTENTION_EXTRA, _LAYER, _NOT_MODEL, arg, model_state, uses_te, verify_dense
+from .reader import (
+    COMMON_PT,
+    COMMON_STATE_KEY,
+    TRACKER,
+    Checkpoint,
+    CheckpointError,
+    args_dict,
+    dcp_read_all,
+    locate,
+    read_common,
+    read_dcp_metadata,
+    read_shard,
+    torch_load,
+)
+
+TARGETS = ("megatron", "hf")
+_TRAINING_STATE = ("optimizer", "opt_param_scheduler", "rng_state", "rerun_state_machine",
+                   "num_floating_point_operations_so_far")
+
+
+def _is_lighthouse_spec(spec) -> bool:
+    return spec is not None and any("lighthouse" in str(s) for s in (spec if isinstance(spec, list | tuple)
+                                                                      else [spec]))
+
+
+def dense_args(args) -> tuple[Any, list[str]]:
+    """A copy of the stored arguments for the dense model, and what changed."""
+    import argparse
+
+    values = args_dict(args)
+    changes = []
+    if values.get("attention_impl") != "dense":
+        changes.append(f"args.attention_impl: {values.get('attention_impl')!r} -> 'dense'")
+        values["attention_impl"] = "dense"
+    if _is_lighthouse_spec(values.get("spec")):
+        changes.append(f"args.spec: {values['spec']!r} -> None")
+        values["spec"] = None
+    for key in sorted(k for k in values if k.startswith("lighthouse_")):
+        changes.append(f"args.{key}: {values.pop(key)!r} dropped")
+    if isinstance(args, dict):
+        return values, changes
+    copy = argparse.Namespace() if isinstance(args, argparse.Namespace) else type(args)()
+    for key, value in values.items():
+        setattr(copy, key, value)
+    return copy, changes
+
+
+def attention_per_layer(args: dict, iteration: int | None) -> list[str]:
+    """'lighthouse' or 'dense' for each layer, as the stored arguments built them."""
+    n = arg(args, "num_layers", 0)
+    impl = args.get("attention_impl")
+    if impl != "lighthouse" and not _is_lighthouse_spec(args.get("spec")):
+        return ["dense"] * n
+    until = args.get("lighthouse_until_iter")
+    if until is not None and iteration is not None and iteration >= until:
+        return ["dense"] * n
+    if impl != "lighthouse":  # the --spec route keeps its settings in $LIGHTHOUSE_CONFIG
+        return ["lighthouse (settings not stored)"] * n
+    from ..config import LighthouseConfig
+
+    try:
+        dense = LighthouseConfig(dense_layers=tuple(args.get("lighthouse_dense_layers") or ())) \
+            .resolve_dense_layers(n)
+    except ValueError as e:
+        raise CheckpointError(f"stored lighthouse_dense_layers: {e}") from e
+    return ["dense" if i in dense else "lighthouse" for i in range(n)]
+
+
+def _te_extra_state_changes(model: dict, args: dict, num_layers: int) -> tuple[dict, list[str]]:
+    """Add TE's core-attention `_extra_state` to layers without it (TE models) or drop it
+    (local-spec models, whose DotProductAttention has none)."""
+    keys = [k for k in model if _LAYER.match(k)]
+    layers = sorted({int(_LAYER.match(k).group(1)) for k in keys})
+    present = {i for i in layers if f"decoder.layers.{i}.{CORE_ATTENTION_EXTRA}" in model}
+    te = uses_te(args, model) or any(k.endswith("linear_qkv._extra_state") and isinstance(model[k], torch.Tensor)
+                                     for k in keys)
+    if te:
+        lacking = [i for i in layers if i not in present]
+        if not lacking:
+            return model, []
+        # A dense layer's entry where one exists; else TE's "no FP8 state" (an empty uint8 tensor).
+        template = model[f"decoder.layers.{min(present)}.{CORE_ATTENTION_EXTRA}"] if present \
+            else torch.empty(0, dtype=torch.uint8)
+        model = dict(model)
+        for i in lacking:
+            model[f"decoder.layers.{i}.{CORE_ATTENTION_EXTRA}"] = template
+        return model, [f"model: added {CORE_ATTENTION_EXTRA} (TE dense core attention) to layers {lacking}"]
+    if present:
+        model = {k: v for k, v in model.items() if not k.endswith(CORE_ATTENTION_EXTRA)}
+        return model, [f"model: dropped {CORE_ATTENTION_EXTRA} from layers {sorted(present)} (local spec)"]
+    return model, []
+
+
+# --- inspect --------------------------------------------------------------------------------
+
+_ARG_NAMES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+              "kv_channels", "seq_length", "max_position_embeddings", "padded_vocab_size", "normalization",
+              "swiglu", "position_embedding_type", "untie_embeddings_and_output_weights", "add_bias_linear",
+              "transformer_impl", "params_dtype", "bf16", "fp16", "ckpt_format", "attention_impl", "spec",
+              "train_iters", "lr", "micro_batch_size", "global_batch_size")
+
+
+def _plain(value):
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Summarise a Megatron-LM checkpoint (torch_dist, either on-disk layout, or torch).
+
+    Returns plain types: path, format, layout, iteration, release, checkpoint_version,
+    args (the model and parallel arguments), lighthouse (the stored Lighthouse settings),
+    attention (per layer: "lighthouse" or "dense"), parallel (tp, pp, cp, dp, world_size),
+    contents (which top-level entries are present), tensors (count and parameter count).
+    Raises CheckpointError for anything that is not a readable checkpoint.
+    """
+    ckpt = locate(path)
+    common = read_common(ckpt)
+    args = args_dict(common.get("args"))
+    iteration = common.get("iteration", ckpt.iteration)
+    if ckpt.iteration is not None and iteration is not None and iteration != ckpt.iteration:
+        raise CheckpointError(f"{ckpt.directory}: the directory says iteration {ckpt.iteration}, the checkpoint "
+                              f"says {iteration} (mismatched or partly replaced checkpoint)")
+    state = model_state(ckpt, args)
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    tp, pp = (arg(args, "tensor_model_parallel_size", 1), arg(args, "pipeline_model_parallel_size", 1))
+    cp = arg(args, "context_parallel_size", 1)
+    world = args.get("world_size")
+    if ckpt.format == "torch":
+        tp, pp = 1 + max(t for t, _ in ckpt.shards), 1 + max(p for _, p in ckpt.shards)
+    if ckpt.format == "torch_dist":
+        contents = sorted({k.split(".")[0].split("/")[0] for k in _dist_keys(ckpt)} | set(common))
+    else:
+        contents = sorted(common)
+    return {
+        "path": str(ckpt.path),
+        "directory": str(ckpt.directory),
+        "format": ckpt.format,
+        "layout": {"common.pt": "torch_dist with common.pt (megatron-core <= 0.18)",
+                   "common_state": "torch_dist with a common_state item (megatron-core >= 0.19)",
+                   "mp_rank": f"torch, {len(ckpt.shards)} mp_rank files"}[ckpt.layout],
+        "iteration": iteration,
+        "release": ckpt.release,
+        "checkpoint_version": common.get("checkpoint_version"),
+        "args": {k: _plain(args[k]) for k in _ARG_NAMES if k in args},
+        "lighthouse": {k: _plain(v) for k, v in sorted(args.items()) if k.startswith("lighthouse_")},
+        "attention": attention_per_layer(args, iteration),
+        "parallel": {"tp": tp, "pp": pp, "cp": cp,
+                     "dp": world // (tp * pp * cp) if world else None, "world_size": world},
+        "contents": contents,
+        "tensors": {"count": len(tensors), "parameters": sum(t.numel() for t in tensors.values())},
+    }
+
+
+def _dist_keys(ckpt):
+    from .reader import dcp_items
+
+    return list(dcp_items(ckpt.directory))
+
+
+# --- convert --------------------------------------------------------------------------------
+
+def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weights_only: bool = False,
+            dry_run: bool = False, force: bool = False, log: Callable[[str], None] | None = None) -> dict:
+    """Convert a stage-1 checkpoint for the dense recovery stage, or export it.
+
+    to="megatron": a Megatron-LM checkpoint (same format and layout as the input) that
+    loads under the dense spec; optimizer state and iteration kept unless `weights_only`.
+    to="hf": a Hugging Face Llama checkpoint (config.json + model.safetensors).
+    The output is written under a temporary name next to it and renamed at the end, then
+    verified (dense load with strict key checks and a forward pass; for "hf", logits
+    against transformers' LlamaForCausalLM when transformers is installed). An existing
+    output is refused unless `force`. The input is only read.
+    Returns a report: {"input", "output", "format", "changes", "verified", ...}.
+    """
+    log = log or (lambda msg: None)
+    if to not in TARGETS:
+        raise ValueError(f"to must be one of {list(TARGETS)}, got {to!r}")
+    ckpt = locate(input)
+    output = Path(output)
+    if output.resolve() == ckpt.path.resolve() or ckpt.path.resolve() in output.resolve().parents \
+            or output.resolve() in ckpt.directory.resolve().parents:
+        raise CheckpointError(f"--output {output} overlaps --input {input}; choose another directory")
+    if output.exists() and not force and not dry_run:
+        raise CheckpointError(f"--output {output} exists; pass --force to replace it")
+    if not dry_run:
+        _check_writable(output.parent)
+    common = read_common(ckpt)
+    args = args_dict(common.get("args"))
+    if not args:
+        raise CheckpointError(f"{ckpt.directory}: no stored arguments ('args'); cannot tell the model it holds")
+    report = {"input": str(ckpt.path), "output": str(output), "to": to, "format": ckpt.format,
+              "layout": ckpt.layout, "iteration": ckpt.iteration, "dry_run": dry_run}
+    if to == "hf":
+        from .hf import export_hf
+
+        return export_hf(ckpt, args, output, report, dry_run=dry_run, force=force, log=log)
+
+    new_args, changes = dense_args(common.get("args"))
+    if weights_only:
+        dropped = [k for k in _TRAINING_STATE if k in common]
+        changes.append(f"weights only: dropped {dropped or 'no training state'}; written as the "
+                       f"'release' checkpoint (iteration 0)")
+    else:
+        changes.append(f"kept: iteration {ckpt.tracker_text}, "
+                       f"{[k for k in _TRAINING_STATE if k in common] or 'no training state'}")
+    if ckpt.format == "torch":
+        shards = {rank: read_shard(ckpt, *rank) for rank in ckpt.shards}
+        extra_changes = _legacy_extra_state(shards, args)
+        changes[1:1] = extra_changes
+    report["changes"] = changes
+    for change in changes:
+        log(change)
+    if dry_run:
+        return report
+
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        out_dir_name = "release" if weights_only else ckpt.directory.name
+        out_dir = tmp / out_dir_name
+        out_dir.mkdir(parents=True)
+        if ckpt.format == "torch":
+            _write_legacy(ckpt, shards, new_args, out_dir, weights_only)
+        else:
+            _write_dist(ckpt, common, new_args, out_dir, weights_only)
+        (tmp / TRACKER).write_text("release" if weights_only else ckpt.tracker_text)
+        written = locate(tmp)
+        written_args = args_dict(read_common(written).get("args"))
+        report["verified"] = verify_dense(written, written_args)
+        log(f"verified: {report['verified']['loaded_with']}, {report['verified']['forward']}")
+        _replace(tmp, output, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _check_writable(parent: Path) -> None:
+    if not parent.exists():
+        raise CheckpointError(f"--output: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"--output: cannot write to {parent} (permission denied)")
+
+
+def _replace(tmp: Path, output: Path, force: bool) -> None:
+    if output.exists():
+        if not force:
+            raise CheckpointError(f"--output {output} appeared meanwhile; pass --force to replace it")
+        old = output.parent / f".{output.name}.old-{os.getpid()}"
+        output.rename(old)
+        tmp.rename(output)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        tmp.rename(output)
+
+
+def _legacy_extra_state(shards: dict, args: dict) -> list[str]:
+    changes = []
+    for rank, state in shards.items():
+        state["model"], rank_changes = _te_extra_state_changes(state["model"], args, arg(args, "num_layers", 0))
+        if rank == (0, 0):
+            changes = rank_changes
+    if len(shards) > 1 and changes:
+        changes = [f"{c} (each of the {len(shards)} mp_rank files)" for c in changes]
+    return changes
+
+
+def _write_legacy(ckpt: Checkpoint, shards: dict, new_args, out_dir: Path, weights_only: bool) -> None:
+    for (tp, pp), state in shards.items():
+        state = dict(state)
+        state["args"] = new_args
+        if weights_only:
+            for key in _TRAINING_STATE:
+                state.pop(key, None)
+            state["iteration"] = 0
+        source = ckpt.shards[(tp, pp)]
+        target = out_dir / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, target)
+        if not weights_only:  # e.g. distrib_optim.pt of the distributed optimizer
+            for other in source.parent.iterdir():
+                if other.name != source.name:
+                    _copy(other, target.parent / other.name)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def _common_for_output(common: dict, new_args, weights_only: bool) -> dict:
+    common = dict(common)
+    common["args"] = new_args
+    if weights_only:
+        for key in _TRAINING_STATE:
+            common.pop(key, None)
+        common["iteration"] = 0
+    return common
+
+
+def _write_dist(ckpt: Checkpoint, common: dict, new_args, out_dir: Path, weights_only: bool) -> None:
+    common = _common_for_output(common, new_args, weights_only)
+    if ckpt.layout == "common.pt" and not weights_only:
+        # The tensors stay byte for byte; only the common state changes.
+        for item in ckpt.directory.iterdir():
+            if item.name != COMMON_PT:
+                _copy(item, out_dir / item.name)
+        torch.save(common, out_dir / COMMON_PT)
+        return
+    keep = (lambda k: not k.startswith(_NOT_MODEL)) if weights_only else (lambda k: k != COMMON_STATE_KEY)
+    items = dcp_read_all(ckpt.directory, keep)
+    if ckpt.layout == "common_state":
+        buffer = io.BytesIO()
+        torch.save([common], buffer)  # megatron-core >= 0.19 stores the common state this way
+        items[COMMON_STATE_KEY] = buffer.getvalue()
+    else:
+        torch.save(common, out_dir / COMMON_PT)
+    _dcp_write(items, out_dir, read_dcp_metadata(ckpt.directory))
+    for name in ("metadata.json",):
+        shutil.copy2(ckpt.directory / name, out_dir / name)
+
+
+def _dcp_write(items: dict, out_dir: Path, source_metadata) -> None:
+    """Write plain tensors and byte items as a torch_dist directory, keeping megatron-core's
+    extra metadata (`mcore_data`) of the source."""
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemWriter, save
+
+    state = {k: io.BytesIO(v) if isinstance(v, bytes) else v for k, v in items.items()}
+    save(state, storage_writer=FileSystemWriter(str(out_dir), single_file_per_rank=True), no_dist=True)
+    mcore = getattr(source_metadata, "mcore_data", None)
+    if mcore:
+        metadata = read_dcp_metadata(out_dir)
+        metadata.mcore_data = mcore
+        with open(out_dir / ".metadata", "wb") as f:
+            pickle.dump(metadata, f)
+
+
+def load_args(path: str | Path) -> dict:
+    """The stored arguments of a checkpoint, as a dict (for callers that only need them)."""
+    return args_dict(read_common(locate(path)).get("args"))
+
+
+__all__ = ["CheckpointError", "convert", "dense_args", "inspect_checkpoint", "load_args", "torch_load"]

@@ -1,0 +1,177 @@
+"""`convert --to hf`: the dense model as a Hugging Face Llama checkpoint.
+
+Llama expresses RMSNorm, SwiGLU, RoPE (rotate-half, as megatron-core without
+--rotary-interleaved), GQA and bias-free linears, with tied or untied embeddings;
+anything else is refused by name. megatron-core's fused QKV weight holds, per query
+group, that group's query heads, then its key head, then its value head; `linear_fc1`
+holds the gate rows, then the up rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .model import arg, model_state
+from .reader import CheckpointError
+
+HF_EXTRA = "pip install 'lighthouse-megatron[hf]' (safetensors, transformers)"
+
+
+def check_llama(args: dict) -> None:
+    """Refuse, by name, what LlamaForCausalLM cannot express."""
+    problems = []
+    if arg(args, "normalization", "LayerNorm") != "RMSNorm":
+        problems.append(f"normalization={arg(args, 'normalization', 'LayerNorm')!r} (Llama uses RMSNorm)")
+    if not arg(args, "swiglu", False):
+        act = "squared ReLU" if arg(args, "squared_relu", False) else "GELU"
+        problems.append(f"a {act} MLP (Llama uses SwiGLU: --swiglu)")
+    position = arg(args, "position_embedding_type", "learned_absolute")
+    if position != "rope":
+        problems.append(f"position_embedding_type={position!r} (learned absolute positions have no Llama "
+                        "equivalent; Llama uses RoPE)")
+    if arg(args, "add_bias_linear", True):
+        problems.append("linear biases (add_bias_linear=True; Llama has none: --disable-bias-linear)")
+    if arg(args, "add_qkv_bias", False):
+        problems.append("QKV biases (add_qkv_bias=True)")
+    for flag, what in (("qk_layernorm", "QK layer-norm"), ("apply_layernorm_1p", "zero-centred norms"),
+                       ("rotary_interleaved", "interleaved RoPE"), ("use_rope_scaling", "RoPE scaling"),
+                       ("multi_latent_attention", "multi-latent attention"), ("num_experts", "MoE layers")):
+        if arg(args, flag, False):
+            problems.append(f"{what} ({flag}={args[flag]!r})")
+    if arg(args, "rotary_percent", 1.0) != 1.0:
+        problems.append(f"partial RoPE (rotary_percent={args['rotary_percent']})")
+    if problems:
+        raise CheckpointError("--to hf writes Llama checkpoints; this model has " + "; ".join(problems))
+
+
+def llama_config(args: dict, vocab: int, dtype: torch.dtype) -> dict:
+    heads = args["num_attention_heads"]
+    groups = args.get("num_query_groups") if arg(args, "group_query_attention", False) else heads
+    head_dim = arg(args, "kv_channels", args["hidden_size"] // heads)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": args["hidden_size"],
+        "intermediate_size": arg(args, "ffn_hidden_size", 4 * args["hidden_size"]),
+        "num_hidden_layers": args["num_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": groups or heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": arg(args, "max_position_embeddings", arg(args, "seq_length", 2048)),
+        "rms_norm_eps": arg(args, "norm_epsilon", 1e-5),
+        "rope_theta": float(arg(args, "rotary_base", 10000)),
+        "tie_word_embeddings": not arg(args, "untie_embeddings_and_output_weights", False),
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def llama_state(state: dict, args: dict) -> dict[str, torch.Tensor]:
+    """Megatron TP = 1 state dict (TE norm names) -> Llama's parameter names."""
+    heads = args["num_attention_heads"]
+    groups = (args.get("num_query_groups") if arg(args, "group_query_attention", False) else None) or heads
+    hidden = args["hidden_size"]
+    head_dim = arg(args, "kv_channels", hidden // heads)
+    per_group = heads // groups
+    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
+           "model.norm.weight": state["decoder.final_layernorm.weight"]}
+    if arg(args, "untie_embeddings_and_output_weights", False):
+        out["lm_head.weight"] = state["output_layer.weight"]
+    for i in range(args["num_layers"]):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        qkv = state[src + "self_attention.linear_qkv.weight"].reshape(groups, (per_group + 2) * head_dim, hidden)
+        q, k, v = qkv.split([per_group * head_dim, head_dim, head_dim], dim=1)
+        fc1 = state[src + "mlp.linear_fc1.weight"]
+        gate, up = fc1.chunk(2, dim=0)
+        out.update({
+            dst + "input_layernorm.weight": state[src + "self_attention.linear_qkv.layer_norm_weight"],
+            dst + "self_attn.q_proj.weight": q.reshape(heads * head_dim, hidden),
+            dst + "self_attn.k_proj.weight": k.reshape(groups * head_dim, hidden),
+            dst + "self_attn.v_proj.weight": v.reshape(groups * head_dim, hidden),
+            dst + "self_attn.o_proj.weight": state[src + "self_attention.linear_proj.weight"],
+            dst + "post_attention_layernorm.weight": state[src + "mlp.linear_fc1.layer_norm_weight"],
+            dst + "mlp.gate_proj.weight": gate,
+            dst + "mlp.up_proj.weight": up,
+            dst + "mlp.down_proj.weight": state[src + "mlp.linear_fc2.weight"],
+        })
+    return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def export_hf(ckpt, args: dict, output: Path, report: dict, *, dry_run: bool, force: bool, log) -> dict:
+    check_llama(args)
+    try:
+        from safetensors.torch import save_file
+    except ImportError as e:
+        raise CheckpointError(f"--to hf needs safetensors: {HF_EXTRA}") from e
+    state = model_state(ckpt, args)
+    missing = [k for k in ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight") if k not in state]
+    if missing:
+        raise CheckpointError(f"{ckpt.directory}: the model state lacks {missing} (truncated checkpoint?)")
+    weights = llama_state(state, args)
+    dtype = weights["model.embed_tokens.weight"].dtype
+    config = llama_config(args, weights["model.embed_tokens.weight"].shape[0], dtype)
+    tp = 1 + max((t for t, _ in ckpt.shards), default=0)
+    report["changes"] = [f"Llama checkpoint: {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
+                         f"{config['num_attention_heads']} heads / {config['num_key_value_heads']} KV heads, "
+                         f"{'tied' if config['tie_word_embeddings'] else 'untied'} embeddings, {dtype}"
+                         + (f", {tp} TP shards merged" if tp > 1 else "")]
+    for change in report["changes"]:
+        log(change)
+    if dry_run:
+        return report
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        report["verified"] = verify_hf(tmp, state, args)
+        log(f"verified: {report['verified']}")
+        from .convert import _replace
+
+        _replace(tmp, output, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def verify_hf(directory: Path, state: dict, args: dict) -> dict | str:
+    """Logits of transformers' LlamaForCausalLM from `directory` against megatron-core's
+    dense GPTModel with the same weights (fp32, CPU, a short sequence)."""
+    try:
+        from transformers import LlamaForCausalLM
+    except ImportError:
+        return f"not verified: transformers is not installed ({HF_EXTRA})"
+    from .model import build_dense_model, cpu_rope, single_process_megatron, to_local_names
+
+    seq = min(32, arg(args, "seq_length", 32), arg(args, "max_position_embeddings", 32))
+    vocab = state["embedding.word_embeddings.weight"].shape[0]
+    tokens = (torch.arange(seq) * 7 % vocab).unsqueeze(0)
+    hf = LlamaForCausalLM.from_pretrained(str(directory), torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf_logits = hf(tokens).logits
+    with single_process_megatron(), cpu_rope():
+        model = build_dense_model(args, vocab)
+        weights = {k: v.float() for k, v in to_local_names(state).items()
+                   if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+        result = model.load_state_dict(weights, strict=False)
+        if result.unexpected_keys or any(not k.endswith("_extra_state") for k in result.missing_keys):
+            raise CheckpointError(f"megatron-core reference model: missing {result.missing_keys}, "
+                                  f"unexpected {result.unexpected_keys}")
+        with torch.no_grad():
+            mc_logits = model(tokens, torch.arange(seq).unsqueeze(0), None)
+    diff = (hf_logits - mc_logits).abs().max().item()
+    scale = mc_logits.abs().max().item()
+    if not diff <= 1e-4 * max(1.0, scale):
+        raise CheckpointError(f"LlamaForCausalLM logits differ from megatron-core's by {diff:.3g} "
+                              f"(largest logit {scale:.3g}): the export is wrong for this model")
+    return {"logits_max_abs_diff": diff, "against": "megatron-core dense GPTModel, fp32"}

@@ -1,0 +1,294 @@
+"""Reading Megatron-LM checkpoints without running code from them.
+
+Layouts (what `Checkpoint.layout` names):
+
+- torch_dist, megatron-core <= 0.18: `iter_NNNNNNN/{.metadata, __*.distcp, common.pt,
+  metadata.json}`; the common state (args, iteration, scheduler...) is `common.pt`.
+- torch_dist, megatron-core >= 0.19: no `common.pt`; the common state is the byte item
+  `common_state/shard_0_1` of the distcp files (a torch-saved one-element list).
+- torch (legacy): `iter_NNNNNNN/mp_rank_TT[_PPP]/model_optim_rng.pt`, one file per TP/PP rank.
+
+The root may hold `latest_checkpointed_iteration.txt` (an iteration or `release`) naming
+the directory to read; an iteration directory can also be given directly.
+
+Safety: torch files load with `weights_only=True` (megatron-core's allow-list of plain
+classes, e.g. argparse.Namespace), and the distcp `.metadata` pickle, which torch itself
+unpickles unrestricted, goes through an unpickler that only builds torch's checkpoint
+metadata classes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TRACKER = "latest_checkpointed_iteration.txt"
+COMMON_PT = "common.pt"
+COMMON_STATE_KEY = "common_state/shard_0_1"  # ShardedObject("common_state", ..., (1,), (0,)).unique_key
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
+LEGACY_FILE = "model_optim_rng.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, foreign or inconsistent (the message says which)."""
+
+
+@dataclass
+class Checkpoint:
+    """Where a checkpoint's pieces are, found by `locate`."""
+
+    path: Path                 # what the user named
+    root: Path | None          # the directory with the tracker file, if any
+    directory: Path            # iter_NNNNNNN/ or release/
+    format: str                # "torch_dist" or "torch"
+    layout: str                # "common.pt", "common_state" or "mp_rank"
+    iteration: int | None      # from the directory name (None for release)
+    release: bool
+    shards: dict[tuple[int, int], Path] = field(default_factory=dict)  # (tp, pp) -> file, torch format
+
+    @property
+    def tracker_text(self) -> str:
+        return "release" if self.release else str(self.iteration)
+
+
+def locate(path: str | Path) -> Checkpoint:
+    """Find the checkpoint at `path` (a save directory or one iteration's directory)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path}: expected a checkpoint directory (a Megatron-LM --save directory or its "
+            "iter_NNNNNNN/), got a file"
+        )
+    root = None
+    tracker = path / TRACKER
+    if tracker.is_file():
+        root = path
+        text = tracker.read_text().strip()
+        if text == "release":
+            directory = path / "release"
+        elif text.isdigit():
+            directory = path / f"iter_{int(text):07d}"
+        else:
+            raise CheckpointError(f"{tracker}: expected an iteration number or 'release', got {text!r}")
+        if not directory.is_dir():
+            raise CheckpointError(
+                f"{tracker} names {text} but {directory} is missing (partly copied or deleted checkpoint)"
+            )
+    elif _ITER_DIR.match(path.name) or path.name == "release":
+        directory = path
+    else:
+        iters = sorted(p.name for p in path.iterdir() if _ITER_DIR.match(p.name))
+        if iters:
+            raise CheckpointError(
+                f"{path}: no {TRACKER}; pass one iteration directory, e.g. {path / iters[-1]} "
+                f"(found {', '.join(iters)})"
+            )
+        directory = path
+    match = _ITER_DIR.match(directory.name)
+    iteration = int(match.group(1)) if match else None
+    release = directory.name == "release"
+
+    names = {p.name for p in directory.iterdir()}
+    if "metadata.json" in names or ".metadata" in names:
+        return _locate_dist(path, root, directory, iteration, release, names)
+    shards = {}
+    for name in names:
+        m = _RANK_DIR.match(name)
+        if m and m.group(3) is None:  # expert-parallel shards (_EEE) are not supported
+            file = directory / name / LEGACY_FILE
+            if not file.is_file():
+                raise CheckpointError(f"{directory / name}: {LEGACY_FILE} is missing (truncated checkpoint)")
+            shards[(int(m.group(1)), int(m.group(2) or 0))] = file
+        elif m:
+            raise CheckpointError(f"{directory / name}: expert-parallel shards are not supported")
+    if not shards:
+        raise CheckpointError(
+            f"{directory}: not a Megatron checkpoint (expected metadata.json + .metadata + *.distcp "
+            f"for torch_dist, or mp_rank_TT/{LEGACY_FILE} for the torch format)"
+        )
+    tps = sorted({tp for tp, _ in shards})
+    pps = sorted({pp for _, pp in shards})
+    missing = [(tp, pp) for tp in range(len(tps)) for pp in range(len(pps)) if (tp, pp) not in shards]
+    if tps != list(range(len(tps))) or pps != list(range(len(pps))) or missing:
+        raise CheckpointError(
+            f"{directory}: incomplete set of mp_rank shards {sorted(shards)} (missing {missing or 'ranks'})"
+        )
+    return Checkpoint(path, root, directory, "torch", "mp_rank", iteration, release, shards)
+
+
+def _locate_dist(path, root, directory, iteration, release, names) -> Checkpoint:
+    for needed in ("metadata.json", ".metadata"):
+        if needed not in names:
+            raise CheckpointError(f"{directory}: {needed} is missing (truncated torch_dist checkpoint)")
+    try:
+        config = json.loads((directory / "metadata.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{directory / 'metadata.json'}: unreadable ({e})") from e
+    backend = config.get("sharded_backend") if isinstance(config, dict) else None
+    if backend != "torch_dist":
+        raise CheckpointError(
+            f"{directory}: sharded_backend {backend!r} in metadata.json; only 'torch_dist' is supported"
+        )
+    layout = "common.pt" if COMMON_PT in names else "common_state"
+    return Checkpoint(path, root, directory, "torch_dist", layout, iteration, release)
+
+
+# --- safe loading -------------------------------------------------------------------------
+
+def torch_load(source, what: str | Path) -> Any:
+    """torch.load with weights_only=True and megatron-core's allow-list of plain classes."""
+    import megatron.core  # noqa: F401  (registers megatron-core's safe globals)
+
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{what}: refused to load: it needs more than plain types and tensors, and loading it "
+            f"would run code from the checkpoint ({str(e).splitlines()[0]})"
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{what}: cannot read it: truncated or not a torch file ({e})") from e
+
+
+_DCP_MODULES = {
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.filesystem",
+    "torch.distributed.checkpoint.planner",
+    "torch.distributed.checkpoint._extension",
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds torch.distributed.checkpoint's metadata classes and nothing else."""
+
+    def find_class(self, module, name):
+        import importlib
+
+        if module in _DCP_MODULES:
+            obj = getattr(importlib.import_module(module), name, None)
+            if isinstance(obj, type):
+                return obj
+        if module == "torch" and name == "Size":
+            return torch.Size
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module == "torch.serialization" and name == "_get_layout":
+            return torch.serialization._get_layout
+        if module == "collections" and name == "OrderedDict":
+            import collections
+
+            return collections.OrderedDict
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+def read_dcp_metadata(directory: Path):
+    """The `.metadata` of a torch_dist directory, unpickled with the allow-list above."""
+    path = directory / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            return _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused to load ({e}); loading it would run code") from e
+    except (EOFError, OSError, ValueError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot read it: truncated or not torch_dist metadata ({e})") from e
+
+
+def _reader(directory: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata = read_dcp_metadata(directory)
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(directory))
+
+
+def dcp_load(directory: Path, state_dict: dict) -> dict:
+    """Fill `state_dict` (tensors of the stored shapes, BytesIO for byte items) in place."""
+    from torch.distributed.checkpoint import load
+
+    try:
+        load(state_dict, storage_reader=_reader(directory), no_dist=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # torch wraps per-item failures in CheckpointException
+        raise CheckpointError(f"{directory}: cannot read the distcp files: truncated or damaged ({e})") from e
+    return state_dict
+
+
+def dcp_items(directory: Path) -> dict[str, Any]:
+    """Key -> TensorStorageMetadata or BytesStorageMetadata of a torch_dist directory."""
+    return dict(read_dcp_metadata(directory).state_dict_metadata)
+
+
+def dcp_read_all(directory: Path, keep=lambda key: True) -> dict[str, Any]:
+    """Every stored item whose key passes `keep`: tensors whole (global shape), bytes as bytes."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    state = {}
+    for key, meta in dcp_items(directory).items():
+        if not keep(key):
+            continue
+        if isinstance(meta, TensorStorageMetadata):
+            state[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
+        else:
+            state[key] = io.BytesIO()
+    dcp_load(directory, state)
+    return {k: v.getvalue() if isinstance(v, io.BytesIO) else v for k, v in state.items()}
+
+
+def read_common(ckpt: Checkpoint) -> dict:
+    """The common state: args, iteration, checkpoint_version, scheduler, ... (torch format:
+    rank 0's file, whole)."""
+    if ckpt.format == "torch":
+        return read_shard(ckpt, 0, 0)
+    if ckpt.layout == "common.pt":
+        common = torch_load(ckpt.directory / COMMON_PT, ckpt.directory / COMMON_PT)
+    else:
+        items = dcp_items(ckpt.directory)
+        if COMMON_STATE_KEY not in items:
+            raise CheckpointError(
+                f"{ckpt.directory}: neither {COMMON_PT} nor a 'common_state' item: not a Megatron "
+                "torch_dist checkpoint, or a truncated one"
+            )
+        data = dcp_read_all(ckpt.directory, lambda k: k == COMMON_STATE_KEY)[COMMON_STATE_KEY]
+        loaded = torch_load(io.BytesIO(data), f"{ckpt.directory} (common_state)")
+        common = loaded[0] if isinstance(loaded, list) and loaded else loaded
+    if not isinstance(common, dict):
+        raise CheckpointError(f"{ckpt.directory}: the common state is a {type(common).__name__}, not a dict")
+    return common
+
+
+def read_shard(ckpt: Checkpoint, tp: int, pp: int) -> dict:
+    file = ckpt.shards[(tp, pp)]
+    state = torch_load(file, file)
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{file}: not a Megatron-LM checkpoint file (no 'model' entry)")
+    return state
+
+
+def args_dict(args) -> dict[str, Any]:
+    """Stored arguments as a dict (Megatron-LM stores an argparse.Namespace, others a dict)."""
+    if args is None:
+        return {}
+    if isinstance(args, dict):
+        return dict(args)
+    if hasattr(args, "__dict__"):
+        return dict(vars(args))
+    raise CheckpointError(f"stored args are a {type(args).__name__}, expected a Namespace or a dict")
