@@ -66,16 +66,18 @@ PRESETS = {
 # --------------------------------------------------- the trainer's and converter's APIs
 
 
-def _train(config_path: Path) -> None:
-    from ..training import parse_args, train
+def _train(config_path: Path) -> list[dict]:
+    """Train in this process; the trainer's train and eval records."""
+    from ..training import parse_args, run
 
-    train(parse_args(["--config", str(config_path)], world_size=1))
+    result = run(parse_args(["--config", str(config_path)], world_size=1))
+    return result.train + result.evals
 
 
-def _convert(source: Path, target: Path) -> None:
+def _convert(source: Path, target: Path) -> dict:
     from ..checkpoint import convert
 
-    convert(str(source), str(target))
+    return convert(source, target, log=lambda line: print(f"  {line}", flush=True))
 
 
 # ---------------------------------------------------------------------------- stages
@@ -100,14 +102,6 @@ def _prepare_out(out: Path, force: bool) -> None:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
-
-
-def _read_metrics(stage_dir: Path) -> list[dict]:
-    path = stage_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise DemoError(f"the trainer wrote no metrics to {path}")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _stage(title: str) -> float:
@@ -139,7 +133,7 @@ def _run(out: Path, preset: Preset, device: str, force: bool) -> dict:
     # One learning-rate schedule over all `total` iterations for every run, the same seed
     # (same initial weights: Lighthouse has no parameters) and the same data order, so the
     # runs differ only in attention.
-    common = {**preset.config(), "data_path": [data.prefix], "device": device, "log_interval": 10}
+    common = {**preset.config(), "data_path": [data.prefix], "device": device, "log_interval": 1}
     stages = {
         "stage1": {**common, "save": str(out / "stage1"), "save_interval": n1, "exit_interval": n1},
         "stage2": {**common, "attention_impl": "dense", "load": str(out / "stage1-dense"),
@@ -148,7 +142,7 @@ def _run(out: Path, preset: Preset, device: str, force: bool) -> dict:
     }
 
     t = _stage(f"2/5 stage 1: Lighthouse attention, iterations 1-{n1}")
-    _train(_write_yaml(out / "stage1" / "config.yaml", stages["stage1"]))
+    metrics = {"stage1": _train(_write_yaml(out / "stage1" / "config.yaml", stages["stage1"]))}
     seconds["stage1"] = time.perf_counter() - t
 
     t = _stage("3/5 convert: the stage-1 checkpoint into the dense model's")
@@ -156,14 +150,13 @@ def _run(out: Path, preset: Preset, device: str, force: bool) -> dict:
     seconds["convert"] = time.perf_counter() - t
 
     t = _stage(f"4/5 stage 2: dense recovery, iterations {n1 + 1}-{total}")
-    _train(_write_yaml(out / "stage2" / "config.yaml", stages["stage2"]))
+    metrics["stage2"] = _train(_write_yaml(out / "stage2" / "config.yaml", stages["stage2"]))
     seconds["stage2"] = time.perf_counter() - t
 
     t = _stage(f"5/5 control: dense attention from scratch, iterations 1-{total}")
-    _train(_write_yaml(out / "control" / "config.yaml", stages["control"]))
+    metrics["control"] = _train(_write_yaml(out / "control" / "config.yaml", stages["control"]))
     seconds["control"] = time.perf_counter() - t
 
-    metrics = {name: _read_metrics(out / name) for name in stages}
     rows = summarize(metrics, seconds, n1, total, common)
     checks = check_results(rows)
     print_table(rows)
