@@ -247,9 +247,8 @@ def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weig
         return report
 
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
         out_dir_name = "release" if weights_only else ckpt.directory.name
         out_dir = tmp / out_dir_name
         out_dir.mkdir(parents=True)
@@ -263,6 +262,9 @@ def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weig
         report["verified"] = verify_dense(written, written_args)
         log(f"verified: {report['verified']['loaded_with']}, {report['verified']['forward']}")
         _replace(tmp, output, force)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"--output {output}: cannot write ({e.strerror or e}: {e.filename})") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -128,8 +128,8 @@ def export_hf(ckpt, args: dict, output: Path, report: dict, *, dry_run: bool, fo
     if dry_run:
         return report
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -138,6 +138,9 @@ def export_hf(ckpt, args: dict, output: Path, report: dict, *, dry_run: bool, fo
         from .convert import _replace
 
         _replace(tmp, output, force)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"--output {output}: cannot write ({e.strerror or e}: {e.filename})") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

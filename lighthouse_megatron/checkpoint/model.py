@@ -306,14 +306,17 @@ def _load_with_dist_checkpointing(ckpt, args, use_te, device):
     vocab = items["embedding.word_embeddings.weight"].size[0] if "embedding.word_embeddings.weight" in items \
         else vocab_size(args)
     model = build_dense_model(args, vocab, use_te=use_te, device=device)
-    loaded, missing, unexpected = dist_checkpointing.load(
-        model.sharded_state_dict(), str(ckpt.directory), strict=StrictHandling.RETURN_ALL
+    # megatron-core's names: "missing" = stored but not requested by the model,
+    # "unexpected" = requested by the model but not stored.
+    request = model.sharded_state_dict()
+    loaded, not_requested, not_stored = dist_checkpointing.load(
+        request, str(ckpt.directory), strict=StrictHandling.RETURN_ALL
     )
-    unexpected = {k for k in unexpected if not k.startswith(_NOT_MODEL)}
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt.directory} does not match the dense model: missing keys "
-                              f"{sorted(missing)}, unexpected keys {sorted(unexpected)}")
-    model.load_state_dict(loaded, strict=True)
+    not_requested = {k for k in not_requested if not k.startswith(_NOT_MODEL)}
+    if not_requested or not_stored:
+        raise CheckpointError(f"{ckpt.directory} does not match the dense model: keys the model lacks "
+                              f"{sorted(not_requested)}, keys the checkpoint lacks {sorted(not_stored)}")
+    model.load_state_dict({k: loaded[k] for k in request}, strict=True)  # loaded holds the common state too
     return model, "megatron-core dist_checkpointing.load (strict)"
 
 

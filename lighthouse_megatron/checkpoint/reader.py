@@ -184,6 +184,10 @@ class _MetadataUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if module == "torch.serialization" and name == "_get_layout":
             return torch.serialization._get_layout
+        if module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"):
+            import pathlib
+
+            return getattr(pathlib, name)  # torch records the checkpoint id as a path
         if module == "collections" and name == "OrderedDict":
             import collections
 
