@@ -38,7 +38,8 @@ def _stats(name, label, records, lo, hi, seconds, tokens_per_iter, eval_attentio
     speeds = [r["tokens_per_s"] for r in train[1:] or train if r.get("tokens_per_s")]
     row = {
         "stage": name, "label": label, "iterations": f"{lo}-{hi}", "tokens": (hi - lo + 1) * tokens_per_iter,
-        "start_loss": train[0]["loss"], "train_loss": statistics.fmean(r["loss"] for r in tail),
+        "start_loss": train[0]["loss"], "end_loss": train[-1]["loss"],
+        "train_loss": statistics.fmean(r["loss"] for r in tail),
         "tokens_per_s": statistics.median(speeds) if speeds else None, "seconds": seconds,
     }
     for attention in eval_attentions:
@@ -95,14 +96,15 @@ def check_results(rows: list[dict]) -> list[dict]:
     by = {r["stage"]: r for r in rows}
     s1, s2, ctl = by["stage1"], by["stage2"], by["control"]
     start, final = s1["start_loss"], s2["eval_dense"]
-    before = s1["eval_dense"]
     finite = final is not None and math.isfinite(final)
+    # A stage 2 that silently started from fresh weights would begin near the starting loss.
+    resumed = (start + s1["end_loss"]) / 2
     return [
+        {"name": "stage 2 continued from the converted stage-1 checkpoint: its first train loss is below "
+                 "the midpoint of stage 1's first and last", "value": s2["start_loss"],
+         "threshold": f"< {resumed:.3f}", "ok": s2["start_loss"] < resumed},
         {"name": "the recovered dense model learned: its dense eval loss is finite and below the starting "
                  "train loss", "value": final, "threshold": f"< {start:.3f}", "ok": finite and final < start},
-        {"name": "the recovery stage helped: dense eval loss after stage 2 below stage 1's, evaluated dense "
-                 "at the switch", "value": final, "threshold": f"< {_fmt(before, '.3f')}",
-         "ok": finite and before is not None and final < before},
         {"name": f"the recovered model matches dense training: dense eval loss at most {MATCH_TOLERANCE} "
                  "above the dense control's", "value": final,
          "threshold": f"<= {_fmt(ctl['eval_dense'], '.3f')} + {MATCH_TOLERANCE}",
@@ -120,14 +122,18 @@ def print_checks(checks: list[dict], rows: list[dict], config: dict[str, Any]) -
                           pooling_factor=config["lighthouse_pooling_factor"],
                           topk=config["lighthouse_topk"], tile_topk=config["lighthouse_tile_topk"])
     n = config["seq_length"]
+    s1 = by["stage1"]
+    lh_eval, dense_eval = _fmt(s1["eval_lighthouse"], ".3f"), _fmt(s1["eval_dense"], ".3f")
+    print(f"info   stage-1 weights at the switch, held-out loss: {lh_eval} with Lighthouse attention, "
+          f"{dense_eval} with dense attention (the gap the recovery stage closes)")
     print(f"info   Lighthouse layers attend over S = {lh.gathered_length(n)} gathered entries instead of "
           f"N = {n} tokens ({lh.attention_flops_ratio(n):.1f}x fewer attention FLOPs)")
-    s1, ctl = by["stage1"]["tokens_per_s"], by["control"]["tokens_per_s"]
-    if s1 and ctl:
-        print(f"info   stage 1 trained at {s1 / ctl:.2f}x the dense control's tokens/s on this machine; at "
-              f"{n} tokens attention is a small part of the work and selecting costs more than it saves: "
-              "the speed-up is a long-context effect (benchmarks/layer: 25x for one layer at 128K tokens, "
-              "H100)")
+    speed, ctl = s1["tokens_per_s"], by["control"]["tokens_per_s"]
+    if speed and ctl:
+        note = ("at this length attention is a small part of the work and the selection costs more than "
+                "it saves; the speed-up grows with the context (benchmarks/layer: 25x for one layer at "
+                "128K tokens on an H100)") if speed < ctl else "Lighthouse's saving in attention shows"
+        print(f"info   stage 1 ran at {speed / ctl:.2f}x the dense control's tokens/s here: {note}")
 
 
 def plot_losses(metrics: dict[str, list[dict]], n1: int, path: Path) -> bool:
