@@ -99,3 +99,15 @@ def test_layer_mode_bad_sizes(capsys, argv, needle):
     assert main(["demo", "--layer", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lighthouse-megatron demo: error:") and needle in err[0]
+
+
+@pytest.mark.gpu
+def test_two_stage_workflow_on_gpu(tmp_path, capsys):
+    """The default demo on a GPU (bf16): all checks pass, stage 2 resumed stage 1."""
+    out = tmp_path / "demo"
+    rc = main(["demo", "--out", str(out), "--device", "cuda"])
+    stdout = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["device"] == "cuda"
+    assert rc == 0 and all(c["ok"] for c in summary["checks"]), stdout[-3000:]
+    assert (out / "loss.png").is_file()
