@@ -66,11 +66,17 @@ PRESETS = {
 # --------------------------------------------------- the trainer's and converter's APIs
 
 
-def _train(config_path: Path) -> list[dict]:
-    """Train in this process; the trainer's train and eval records."""
-    from ..training import parse_args, run
+def _parse(config_path: Path):
+    from ..training import parse_args
 
-    result = run(parse_args(["--config", str(config_path)], world_size=1))
+    return parse_args(["--config", str(config_path)], world_size=1)
+
+
+def _train(args) -> list[dict]:
+    """Train in this process; the trainer's train and eval records."""
+    from ..training import run
+
+    result = run(args)
     return result.train + result.evals
 
 
@@ -141,8 +147,12 @@ def _run(out: Path, preset: Preset, device: str, force: bool) -> dict:
         "control": {**common, "attention_impl": "dense", "save": str(out / "control")},
     }
 
+    # Every stage's settings are checked before the first one trains.
+    parsed = {name: _parse(_write_yaml(out / name / "config.yaml", settings))
+              for name, settings in stages.items()}
+
     t = _stage(f"2/5 stage 1: Lighthouse attention, iterations 1-{n1}")
-    metrics = {"stage1": _train(_write_yaml(out / "stage1" / "config.yaml", stages["stage1"]))}
+    metrics = {"stage1": _train(parsed["stage1"])}
     seconds["stage1"] = time.perf_counter() - t
 
     t = _stage("3/5 convert: the stage-1 checkpoint into the dense model's")
@@ -150,11 +160,11 @@ def _run(out: Path, preset: Preset, device: str, force: bool) -> dict:
     seconds["convert"] = time.perf_counter() - t
 
     t = _stage(f"4/5 stage 2: dense recovery, iterations {n1 + 1}-{total}")
-    metrics["stage2"] = _train(_write_yaml(out / "stage2" / "config.yaml", stages["stage2"]))
+    metrics["stage2"] = _train(parsed["stage2"])
     seconds["stage2"] = time.perf_counter() - t
 
     t = _stage(f"5/5 control: dense attention from scratch, iterations 1-{total}")
-    metrics["control"] = _train(_write_yaml(out / "control" / "config.yaml", stages["control"]))
+    metrics["control"] = _train(parsed["control"])
     seconds["control"] = time.perf_counter() - t
 
     rows = summarize(metrics, seconds, n1, total, common)
