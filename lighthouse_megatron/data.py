@@ -107,28 +107,38 @@ def _is_jsonl(path: Path) -> bool:
     return path.name.endswith(".jsonl")
 
 
-def _read(path: Path) -> bytes:
+def _documents(path: Path, json_key: str, summary: Summary) -> Iterator[bytes]:
+    """The documents of one input file, as UTF-8 bytes; counts the bytes read."""
     try:
-        return path.read_bytes()
+        if not _is_jsonl(path):
+            data = path.read_bytes()
+            summary.input_bytes += len(data)
+            if b"\0" in data[:8192]:
+                summary.binary_skipped.append(str(path))
+            else:
+                yield data
+            return
+        # Line by line: a JSONL corpus may be far larger than memory.
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                summary.input_bytes += len(line)
+                if line.strip():
+                    yield _jsonl_text(line, json_key, f"{path}, line {number}").encode("utf-8")
     except OSError as e:
         raise DataError(f"--input {path}: cannot read it ({e.strerror})") from e
 
 
-def _jsonl_texts(path: Path, data: bytes, key: str) -> Iterator[str]:
-    for number, line in enumerate(data.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{where}: not valid JSON ({e})") from None
-        if not isinstance(record, dict) or key not in record:
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise DataError(f"{where}: no {key!r} field (found: {keys}); choose the field with --json-key")
-        if not isinstance(record[key], str):
-            raise DataError(f"{where}: field {key!r} is a {type(record[key]).__name__}, not a string")
-        yield record[key]
+def _jsonl_text(line: bytes, key: str, where: str) -> str:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(record, dict) or key not in record:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise DataError(f"{where}: no {key!r} field (found: {keys}); choose the field with --json-key")
+    if not isinstance(record[key], str):
+        raise DataError(f"{where}: field {key!r} is a {type(record[key]).__name__}, not a string")
+    return record[key]
 
 
 # -------------------------------------------------------------------- tokenizers
@@ -258,17 +268,8 @@ def prepare_data(
     try:
         builder = IndexedDatasetBuilder(get_bin_path(str(tmp / "data")), dtype=dtype)
         for path in files:
-            data = _read(path)
             summary.files += 1
-            summary.input_bytes += len(data)
-            if _is_jsonl(path):
-                docs = (t.encode("utf-8") for t in _jsonl_texts(path, data, json_key))
-            elif b"\0" in data[:8192]:
-                summary.binary_skipped.append(str(path))
-                docs = iter(())
-            else:
-                docs = iter((data,))
-            for doc in docs:
+            for doc in _documents(path, json_key, summary):
                 ids = tok.encode(doc, path)
                 if ids.size == 0:
                     summary.empty_skipped += 1
@@ -277,7 +278,7 @@ def prepare_data(
                                      [ids.size + 1])
                 summary.documents += 1
                 summary.tokens += ids.size + 1
-            bar.update(summary.input_bytes, summary.documents, summary.tokens)
+                bar.update(summary.input_bytes, summary.documents, summary.tokens)
         builder.finalize(get_idx_path(str(tmp / "data")))
         if summary.documents == 0:
             raise DataError(f"the input has no documents ({summary.files} files, {summary.empty_skipped} "

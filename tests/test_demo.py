@@ -17,7 +17,10 @@ from lighthouse_megatron.demo.workflow import MODEL, PRESETS
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_two_stage_workflow_tiny(tmp_path, capsys):
+def test_two_stage_workflow_tiny(tmp_path, capsys, monkeypatch):
+    # The PyTorch twins, not the Triton interpreter the kernel tests run on CPU: this test
+    # trains, and the interpreter is a hundred times slower.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     out = tmp_path / "demo"
     rc = main(["demo", "--tiny", "--out", str(out), "--device", "cpu"])
     stdout, stderr = capsys.readouterr()
@@ -85,7 +88,8 @@ def test_demo_model_is_examples_tiny():
     assert PRESETS["default"].config() == MODEL
 
 
-def test_layer_mode(capsys):
+def test_layer_mode(capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the twins: test_ops covers the kernels
     rc = main(["demo", "--layer", "--seq-len", "1024", "--topk", "64", "--tile-topk", "16"])
     out = capsys.readouterr().out
     assert rc == 0
