@@ -42,12 +42,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
-from .arguments import build_parser, parse_args, resolve_args
-from .logger import read_metrics
-from .trainer import TrainResult, run
+# megatron-core warns on import that apex/TE are absent (expected on CPU, where the
+# fallbacks are what runs) and about a TransformerConfig default it deprecates itself.
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine and Apex) (is|are) not installed")
+warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 
-__all__ = ["TrainResult", "add_train_parser", "main", "parse_args", "read_metrics", "run"]
+from .arguments import build_parser, megatron_lm_args, parse_args, resolve_args  # noqa: E402
+from .logger import read_metrics  # noqa: E402
+from .trainer import TrainResult, run  # noqa: E402
+
+__all__ = ["TrainResult", "add_train_parser", "main", "megatron_lm_args", "parse_args", "read_metrics", "run"]
 
 
 def _run_cli(cli: argparse.Namespace) -> int:

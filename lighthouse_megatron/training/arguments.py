@@ -307,3 +307,43 @@ def padded_vocab_size(args: argparse.Namespace) -> int:
     """Megatron-LM's `_vocab_size_with_padding` for its NullTokenizer (vocab + end-of-document)."""
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
     return -(-(args.vocab_size + 1) // multiple) * multiple
+
+
+def megatron_lm_args(args: argparse.Namespace) -> list[str]:
+    """Megatron-LM `pretrain_gpt.py` flags (with the plugin's entry point) that build the same
+    model, data order, loss and schedule as these trainer settings, so Megatron-LM can
+    continue a trainer checkpoint (add `--load DIR`, and `--no-load-rng` for a CPU one)."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    out: list[str] = []
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "kv_channels",
+                 "seq_length", "max_position_embeddings", "position_embedding_type", "normalization",
+                 "norm_epsilon", "init_method_std", "hidden_dropout", "attention_dropout", "micro_batch_size",
+                 "global_batch_size", "train_iters", "lr", "min_lr", "lr_warmup_iters", "lr_warmup_init",
+                 "lr_decay_iters", "lr_decay_style", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+                 "clip_grad", "seed", "tensor_model_parallel_size", "context_parallel_size", "tokenizer_type",
+                 "vocab_size", "make_vocab_size_divisible_by", "split", "eval_iters"):
+        out += [flag(name), str(getattr(args, name))]
+    if args.position_embedding_type == "rope":
+        out += ["--rotary-base", str(args.rotary_base)]
+    if args.num_query_groups != args.num_attention_heads:
+        out += ["--group-query-attention", "--num-query-groups", str(args.num_query_groups)]
+    for name, on in (("swiglu", args.swiglu), ("untie_embeddings_and_output_weights",
+                                                args.untie_embeddings_and_output_weights),
+                     ("disable_bias_linear", not args.add_bias_linear), ("qk_layernorm", args.qk_layernorm),
+                     ("bf16", args.bf16), ("mock_data", args.mock_data)):
+        if on:
+            out.append(flag(name))
+    if args.data_path:
+        out += ["--data-path", *args.data_path]
+    # The trainer's loss is the per-token mean over the global batch; its held-out batches
+    # are the first eval_iters of the validation split.
+    out += ["--eval-interval", str(args.eval_interval or args.train_iters), "--calculate-per-token-loss",
+            "--ckpt-format", "torch_dist", "--attention-impl", args.attention_impl]
+    if args.attention_impl == "lighthouse":
+        for name in ("levels", "pooling_factor", "topk", "tile_topk", "scorer", "backend"):
+            out += [flag("lighthouse_" + name), str(getattr(args, "lighthouse_" + name))]
+        if args.lighthouse_dense_layers:
+            out += ["--lighthouse-dense-layers", *map(str, args.lighthouse_dense_layers)]
+        if args.lighthouse_until_iter is not None:
+            out += ["--lighthouse-until-iter", str(args.lighthouse_until_iter)]
+    return out

@@ -104,7 +104,7 @@ def checkpoint_args(args: argparse.Namespace) -> argparse.Namespace:
     out.ckpt_format, out.use_dist_ckpt, out.use_distributed_optimizer = "torch_dist", True, False
     out.no_save_optim, out.no_save_rng = False, False
     out.group_query_attention = args.num_query_groups != args.num_attention_heads
-    out.add_position_embedding = args.position_embedding_type == "learned_absolute"
+    out.add_position_embedding = True  # Megatron-LM's default (it compares it on load), unused with RoPE
     out.add_qkv_bias = args.add_bias_linear
     out.layernorm_epsilon = args.norm_epsilon
     out.skipped_train_samples = 0
@@ -187,11 +187,13 @@ def check_checkpoint_args(args, ckpt_args, root: str) -> None:
     """Fail before building anything when `--load` holds a different model or schedule."""
     if ckpt_args is None:
         return
+    hints = {"model": "", "schedule": " (keep the run's schedule; stop early with --exit-interval)"}
     for names, what in ((SHAPE_ARGS, "model"), (SCHEDULE_ARGS, "schedule")):
         diff = [f"--{n.replace('_', '-')} {getattr(args, n)} (checkpoint: {getattr(ckpt_args, n)})"
                 for n in names if hasattr(ckpt_args, n) and getattr(ckpt_args, n) != getattr(args, n)]
         if diff:
-            raise ValueError(f"--load {root}: the checkpoint's {what} differs: {'; '.join(diff)}")
+            raise ValueError(f"--load {root}: the checkpoint's {what} differs: {'; '.join(diff)}"
+                             + hints[what])
 
 
 def load_checkpoint(args, model, optimizer, scheduler) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 import random
 import socket
@@ -239,6 +240,8 @@ def build_datasets(args):
     evals = args.eval_iters * (args.train_iters // args.eval_interval + 1 if args.eval_interval else 1)
     sizes = [args.train_iters * gbs, evals * gbs, args.eval_iters * gbs]
     cls = MockGPTDataset if args.mock_data else GPTDataset
+    if args.mock_data:  # mock indices are rebuilt each run; megatron-core warns it cannot cache them
+        logging.getLogger("megatron.core.datasets.gpt_dataset").setLevel(logging.ERROR)
     train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
     return train, valid
 
