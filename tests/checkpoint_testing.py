@@ -54,19 +54,20 @@ def megatron_args(tp: int = 1, ckpt_format: str = "torch_dist", **overrides) -> 
     return argparse.Namespace(**values)
 
 
-def transformer_config(tp: int = 1):
+def transformer_config(tp: int = 1, cpu_init: bool = True):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
         num_layers=3, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
         kv_channels=16, normalization="RMSNorm", gated_linear_unit=True,
         activation_func=torch.nn.functional.silu, add_bias_linear=False, attention_dropout=0.0,
-        hidden_dropout=0.0, use_cpu_initialization=True, params_dtype=torch.float32,
+        hidden_dropout=0.0, use_cpu_initialization=cpu_init, params_dtype=torch.float32,
         tensor_model_parallel_size=tp,
     )
 
 
-def lighthouse_model(tp: int = 1, dense: bool = False, seed: int = 0, parallel_output: bool = False):
+def lighthouse_model(tp: int = 1, dense: bool = False, seed: int = 0, parallel_output: bool = False,
+                     tied: bool = False):
     """The stage-1 model; `dense=True` runs the same layers densely (until_iteration=0),
     the independent reference for a converted checkpoint's logits."""
     from megatron.core.models.gpt import GPTModel
@@ -74,11 +75,12 @@ def lighthouse_model(tp: int = 1, dense: bool = False, seed: int = 0, parallel_o
     from lighthouse_megatron.megatron import get_gpt_decoder_block_spec
 
     config = transformer_config(tp)
-    spec = get_gpt_decoder_block_spec(config, lighthouse=LH, use_te=False, until_iteration=0 if dense else None)
+    spec = get_gpt_decoder_block_spec(config, lighthouse=LH, use_te=False,
+                                      until_iteration=0 if dense else None)
     torch.manual_seed(seed)
     return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
                     parallel_output=parallel_output, position_embedding_type="rope",
-                    share_embeddings_and_output_weights=False).eval()
+                    share_embeddings_and_output_weights=tied).eval()
 
 
 def tokens(b: int = 2, seed: int = 3):
@@ -176,7 +178,7 @@ def save_legacy(state_dicts: dict[int, dict], args, root: Path, iteration: int =
     for tp, state in state_dicts.items():
         file = root / f"iter_{iteration:07d}" / f"mp_rank_{tp:02d}" / "model_optim_rng.pt"
         file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"args": args, "checkpoint_version": 3.0, "iteration": iteration, **state}, file)
+        torch.save({**state, "args": args, "checkpoint_version": 3.0, "iteration": iteration}, file)
     (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     return root
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 
 def add_convert_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,11 +33,23 @@ def add_inspect_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_inspect)
 
 
+def _quiet(fn):
+    """megatron-core and torch warn on import and load (missing apex, deprecations); the
+    tool's own output says what happened."""
+    def run(args):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn(args)
+
+    return run
+
+
 def _fail(error: Exception) -> int:
     print(f"error: {error}", file=sys.stderr)
     return 2
 
 
+@_quiet
 def run_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
@@ -52,6 +65,7 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+@_quiet
 def run_inspect(args: argparse.Namespace) -> int:
     from .convert import inspect_checkpoint
 
@@ -80,8 +94,10 @@ def run_inspect(args: argparse.Namespace) -> int:
             runs[-1][1] = i
         else:
             runs.append([i, i, kind])
-    print("  attention   " + "; ".join(f"layer {a}" + (f"-{b}" if b > a else "") + f" {k}" for a, b, k in runs))
+    spans = (f"layer {a}" + (f"-{b}" if b > a else "") + f" {k}" for a, b, k in runs)
+    print("  attention   " + "; ".join(spans))
     if info["lighthouse"]:
-        print("  lighthouse  " + ", ".join(f"{k[len('lighthouse_'):]}={v}" for k, v in info["lighthouse"].items()))
+        settings = (f"{k.removeprefix('lighthouse_')}={v}" for k, v in info["lighthouse"].items())
+        print("  lighthouse  " + ", ".join(settings))
     print(f"  contents    {', '.join(info['contents'])}")
     return 0

@@ -18,6 +18,7 @@ Lighthouse has no parameters, so the tensors need no change. What does:
 from __future__ import annotations
 
 import io
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -26,7 +27,16 @@ from typing import Any
 
 import torch
 
-from .model import CORE_ATTENTION_EXTRA, _LAYER, _NOT_MODEL, arg, model_state, uses_te, verify_dense
+from .model import (
+    _LAYER,
+    _NOT_MODEL,
+    CORE_ATTENTION_EXTRA,
+    arg,
+    dist_model_shapes,
+    model_state,
+    uses_te,
+    verify_dense,
+)
 from .reader import (
     COMMON_PT,
     COMMON_STATE_KEY,
@@ -95,14 +105,14 @@ def attention_per_layer(args: dict, iteration: int | None) -> list[str]:
     return ["dense" if i in dense else "lighthouse" for i in range(n)]
 
 
-def _te_extra_state_changes(model: dict, args: dict, num_layers: int) -> tuple[dict, list[str]]:
+def _te_extra_state_changes(model: dict, args: dict) -> tuple[dict, list[str]]:
     """Add TE's core-attention `_extra_state` to layers without it (TE models) or drop it
     (local-spec models, whose DotProductAttention has none)."""
     keys = [k for k in model if _LAYER.match(k)]
     layers = sorted({int(_LAYER.match(k).group(1)) for k in keys})
     present = {i for i in layers if f"decoder.layers.{i}.{CORE_ATTENTION_EXTRA}" in model}
-    te = uses_te(args, model) or any(k.endswith("linear_qkv._extra_state") and isinstance(model[k], torch.Tensor)
-                                     for k in keys)
+    te = uses_te(args, model) or any(
+        k.endswith("linear_qkv._extra_state") and isinstance(model[k], torch.Tensor) for k in keys)
     if te:
         lacking = [i for i in layers if i not in present]
         if not lacking:
@@ -151,10 +161,13 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     args = args_dict(common.get("args"))
     iteration = common.get("iteration", ckpt.iteration)
     if ckpt.iteration is not None and iteration is not None and iteration != ckpt.iteration:
-        raise CheckpointError(f"{ckpt.directory}: the directory says iteration {ckpt.iteration}, the checkpoint "
-                              f"says {iteration} (mismatched or partly replaced checkpoint)")
-    state = model_state(ckpt, args)
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+        raise CheckpointError(f"{ckpt.directory}: the directory says iteration {ckpt.iteration}, the "
+                              f"checkpoint says {iteration} (mismatched or partly replaced checkpoint)")
+    if ckpt.format == "torch_dist":  # shapes from the metadata: no tensor is read
+        shapes = dist_model_shapes(ckpt)
+    else:
+        shapes = {k: tuple(v.shape) for k, v in model_state(ckpt, args).items()
+                  if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
     tp, pp = (arg(args, "tensor_model_parallel_size", 1), arg(args, "pipeline_model_parallel_size", 1))
     cp = arg(args, "context_parallel_size", 1)
     world = args.get("world_size")
@@ -180,7 +193,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "parallel": {"tp": tp, "pp": pp, "cp": cp,
                      "dp": world // (tp * pp * cp) if world else None, "world_size": world},
         "contents": contents,
-        "tensors": {"count": len(tensors), "parameters": sum(t.numel() for t in tensors.values())},
+        "tensors": {"count": len(shapes), "parameters": sum(math.prod(s) for s in shapes.values())},
     }
 
 
@@ -220,7 +233,8 @@ def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weig
     common = read_common(ckpt)
     args = args_dict(common.get("args"))
     if not args:
-        raise CheckpointError(f"{ckpt.directory}: no stored arguments ('args'); cannot tell the model it holds")
+        raise CheckpointError(f"{ckpt.directory}: no stored arguments ('args'); cannot tell which model "
+                              "it holds")
     report = {"input": str(ckpt.path), "output": str(output), "to": to, "format": ckpt.format,
               "layout": ckpt.layout, "iteration": ckpt.iteration, "dry_run": dry_run}
     if to == "hf":
@@ -293,7 +307,7 @@ def _replace(tmp: Path, output: Path, force: bool) -> None:
 def _legacy_extra_state(shards: dict, args: dict) -> list[str]:
     changes = []
     for rank, state in shards.items():
-        state["model"], rank_changes = _te_extra_state_changes(state["model"], args, arg(args, "num_layers", 0))
+        state["model"], rank_changes = _te_extra_state_changes(state["model"], args)
         if rank == (0, 0):
             changes = rank_changes
     if len(shards) > 1 and changes:

@@ -87,7 +87,8 @@ def llama_state(state: dict, args: dict) -> dict[str, torch.Tensor]:
         out["lm_head.weight"] = state["output_layer.weight"]
     for i in range(args["num_layers"]):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        qkv = state[src + "self_attention.linear_qkv.weight"].reshape(groups, (per_group + 2) * head_dim, hidden)
+        qkv = state[src + "self_attention.linear_qkv.weight"]
+        qkv = qkv.reshape(groups, (per_group + 2) * head_dim, hidden)
         q, k, v = qkv.split([per_group * head_dim, head_dim, head_dim], dim=1)
         fc1 = state[src + "mlp.linear_fc1.weight"]
         gate, up = fc1.chunk(2, dim=0)
@@ -112,14 +113,16 @@ def export_hf(ckpt, args: dict, output: Path, report: dict, *, dry_run: bool, fo
     except ImportError as e:
         raise CheckpointError(f"--to hf needs safetensors: {HF_EXTRA}") from e
     state = model_state(ckpt, args)
-    missing = [k for k in ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight") if k not in state]
+    needed = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight")
+    missing = [k for k in needed if k not in state]
     if missing:
         raise CheckpointError(f"{ckpt.directory}: the model state lacks {missing} (truncated checkpoint?)")
     weights = llama_state(state, args)
     dtype = weights["model.embed_tokens.weight"].dtype
     config = llama_config(args, weights["model.embed_tokens.weight"].shape[0], dtype)
     tp = 1 + max((t for t, _ in ckpt.shards), default=0)
-    report["changes"] = [f"Llama checkpoint: {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
+    report["changes"] = [f"Llama checkpoint: {config['num_hidden_layers']} layers, "
+                         f"hidden {config['hidden_size']}, "
                          f"{config['num_attention_heads']} heads / {config['num_key_value_heads']} KV heads, "
                          f"{'tied' if config['tie_word_embeddings'] else 'untied'} embeddings, {dtype}"
                          + (f", {tp} TP shards merged" if tp > 1 else "")]

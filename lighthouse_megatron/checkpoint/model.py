@@ -44,7 +44,7 @@ def uses_te(args: dict, keys=()) -> bool:
     return any(k.endswith("._extra_state") and "core_attention" in k for k in keys)
 
 
-def transformer_config(args: dict, *, dtype=torch.float32):
+def transformer_config(args: dict, *, dtype=torch.float32, cpu_init: bool = True):
     """megatron-core TransformerConfig for the stored Megatron-LM arguments (TP = PP = 1)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -80,7 +80,7 @@ def transformer_config(args: dict, *, dtype=torch.float32):
         attention_dropout=0.0,
         hidden_dropout=0.0,
         params_dtype=dtype,
-        use_cpu_initialization=True,
+        use_cpu_initialization=cpu_init,
         tensor_model_parallel_size=1,
         pipeline_model_parallel_size=1,
     )
@@ -101,7 +101,9 @@ def build_dense_model(args: dict, vocab: int, *, use_te: bool = False, device="c
 
     from ..megatron import get_gpt_decoder_block_spec
 
-    config = transformer_config(args, dtype=dtype)
+    config = transformer_config(args, dtype=dtype, cpu_init=device == "cpu")
+    if device != "cpu":
+        _seed_cuda_rng_tracker()
     spec = get_gpt_decoder_block_spec(config, attention_impl="dense", use_te=use_te)
     position = arg(args, "position_embedding_type", "learned_absolute")
     model = GPTModel(
@@ -117,6 +119,15 @@ def build_dense_model(args: dict, vocab: int, *, use_te: bool = False, device="c
         rope_scaling=arg(args, "use_rope_scaling", False),
     )
     return model.to(device).eval()
+
+
+def _seed_cuda_rng_tracker() -> None:
+    # Transformer Engine layers initialise their weights under megatron-core's CUDA RNG
+    # tracker; the values are overwritten by the checkpoint's.
+    from megatron.core import tensor_parallel
+
+    if not tensor_parallel.get_cuda_rng_tracker().get_states():
+        tensor_parallel.model_parallel_cuda_manual_seed(0)
 
 
 @contextlib.contextmanager
@@ -146,11 +157,9 @@ def single_process_megatron():
 
 @contextlib.contextmanager
 def cpu_rope():
-    """megatron-core 0.16's RotaryEmbedding moves its frequencies to
-    torch.cuda.current_device() in forward; without CUDA, let that mean the CPU."""
-    if torch.cuda.is_available():
-        yield
-        return
+    """For models on the CPU: megatron-core 0.16's RotaryEmbedding moves its frequencies to
+    torch.cuda.current_device() in forward (and its checkpoint writer puts a status tensor
+    there); let that mean the CPU while the block runs, also on machines with a GPU."""
     original = torch.cuda.current_device
     torch.cuda.current_device = lambda: "cpu"
     try:
@@ -252,6 +261,24 @@ def dist_model_state(ckpt: Checkpoint) -> dict:
     return state
 
 
+def dist_model_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
+    """Model tensor shapes of a torch_dist checkpoint from its metadata alone, layers unstacked."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from .reader import dcp_items
+
+    shapes = {}
+    for key, meta in dcp_items(ckpt.directory).items():
+        if not isinstance(meta, TensorStorageMetadata) or key.startswith(_NOT_MODEL):
+            continue
+        if key.startswith("decoder.layers.") and not _LAYER.match(key):
+            rest = key[len("decoder.layers."):]
+            shapes.update({f"decoder.layers.{i}.{rest}": tuple(meta.size[1:]) for i in range(meta.size[0])})
+        else:
+            shapes[key] = tuple(meta.size)
+    return shapes
+
+
 def model_state(ckpt: Checkpoint, args: dict) -> dict:
     if ckpt.format == "torch":
         return legacy_model_state(ckpt, args)
@@ -266,24 +293,27 @@ def _te_ready() -> bool:
     return torch.cuda.is_available() and te_available()
 
 
-def verify_dense(ckpt: Checkpoint, args: dict, state: dict | None = None) -> dict[str, Any]:
+def verify_dense(ckpt: Checkpoint, args: dict) -> dict[str, Any]:
     """Load `ckpt` into a dense-spec GPTModel with strict key checks and run a forward pass.
 
-    torch_dist with `common.pt`: megatron-core's own dist_checkpointing.load, which must
-    report no missing and no unexpected model keys. Otherwise the merged TP = 1 state
-    dict goes through `load_state_dict(strict=True)`. Transformer Engine checkpoints are
-    loaded into a TE model where TE runs (a GPU); elsewhere into the local spec with TE's
-    norm names mapped, and TE's `core_attention._extra_state` checked by name.
+    torch_dist (the >= 0.19 layout needs megatron-core >= 0.19): megatron-core's own
+    dist_checkpointing.load, which must report no missing and no unexpected model keys.
+    Otherwise the merged TP = 1 state dict is compared key by key with the model's and
+    loaded. Transformer Engine checkpoints are loaded into a TE model where TE runs (a GPU);
+    elsewhere into the local spec with TE's norm names mapped, TE's
+    `core_attention._extra_state` checked by name.
     Returns a summary; raises CheckpointError on any mismatch.
     """
-    te_checkpoint = uses_te(args, state or ())
+    te_checkpoint = uses_te(args)
     use_te = te_checkpoint and _te_ready()
     device = "cuda" if use_te else "cpu"
-    with single_process_megatron(), cpu_rope():
-        if ckpt.format == "torch_dist" and ckpt.layout == "common.pt" and state is None:
+    with single_process_megatron(), cpu_rope() if device == "cpu" else contextlib.nullcontext():
+        readable = ckpt.layout == "common.pt" or _core_reads_common_state()
+        if ckpt.format == "torch_dist" and readable:
             model, how = _load_with_dist_checkpointing(ckpt, args, use_te, device)
         else:
-            state = model_state(ckpt, args) if state is None else state
+            state = model_state(ckpt, args)
+            te_checkpoint = te_checkpoint or uses_te(args, state)
             model, how = _load_state_dict(state, args, use_te, te_checkpoint, device)
         seq = min(64, arg(args, "seq_length", 64), arg(args, "max_position_embeddings", 64))
         tokens = (torch.arange(seq, device=device) * 7 % model.vocab_size).unsqueeze(0)
@@ -296,6 +326,19 @@ def verify_dense(ckpt: Checkpoint, args: dict, state: dict | None = None) -> dic
             "forward": f"logits {tuple(logits.shape)} finite"}
 
 
+def _core_reads_common_state() -> bool:
+    """megatron-core >= 0.19 reads the common state from the distcp files."""
+    import megatron.core
+
+    major, minor = (int(x) for x in megatron.core.__version__.split(".")[:2])
+    return (major, minor) >= (0, 19)
+
+
+def _dtype(device: str) -> torch.dtype:
+    # Transformer Engine's fused attention runs bf16, not fp32; the check is load + finite logits.
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
 def _load_with_dist_checkpointing(ckpt, args, use_te, device):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -305,13 +348,17 @@ def _load_with_dist_checkpointing(ckpt, args, use_te, device):
     items = dcp_items(ckpt.directory)
     vocab = items["embedding.word_embeddings.weight"].size[0] if "embedding.word_embeddings.weight" in items \
         else vocab_size(args)
-    model = build_dense_model(args, vocab, use_te=use_te, device=device)
+    model = build_dense_model(args, vocab, use_te=use_te, device=device, dtype=_dtype(device))
     # megatron-core's names: "missing" = stored but not requested by the model,
     # "unexpected" = requested by the model but not stored.
     request = model.sharded_state_dict()
-    loaded, not_requested, not_stored = dist_checkpointing.load(
-        request, str(ckpt.directory), strict=StrictHandling.RETURN_ALL
-    )
+    try:
+        loaded, not_requested, not_stored = dist_checkpointing.load(
+            request, str(ckpt.directory), strict=StrictHandling.RETURN_ALL
+        )
+    except Exception as e:  # megatron-core and torch raise their own exception types
+        raise CheckpointError(f"{ckpt.directory}: megatron-core cannot load it under the dense spec "
+                              f"({str(e).strip().splitlines()[-1][:300]})") from e
     not_requested = {k for k in not_requested if not k.startswith(_NOT_MODEL)}
     if not_requested or not_stored:
         raise CheckpointError(f"{ckpt.directory} does not match the dense model: keys the model lacks "
@@ -321,28 +368,30 @@ def _load_with_dist_checkpointing(ckpt, args, use_te, device):
 
 
 def _load_state_dict(state, args, use_te, te_checkpoint, device):
-    model = build_dense_model(args, vocab_size(args, state), use_te=use_te, device=device)
+    model = build_dense_model(args, vocab_size(args, state), use_te=use_te, device=device,
+                              dtype=_dtype(device))
     expected = model.state_dict()
-    if use_te or not te_checkpoint:
-        candidate = state if use_te else to_local_names(state)
-    else:
-        # TE checkpoint, local model: TE extra state has no local counterpart; check that
-        # every layer has the core-attention entry TE's DotProductAttention expects.
-        lacking = [i for i in range(args["num_layers"]) if f"decoder.layers.{i}.{CORE_ATTENTION_EXTRA}" not in state]
+    if te_checkpoint and not use_te:
+        # No TE here: its extra state has no local counterpart, so check by name that every
+        # layer has the entry TEDotProductAttention loads.
+        lacking = [i for i in range(args["num_layers"])
+                   if f"decoder.layers.{i}.{CORE_ATTENTION_EXTRA}" not in state]
         if lacking:
-            raise CheckpointError(f"layers {lacking} lack {CORE_ATTENTION_EXTRA}, which Transformer Engine's "
-                                  "dense core attention loads")
-        candidate = {k: v for k, v in to_local_names(state).items()
-                     if not k.endswith("._extra_state") or k in expected}
-    if not use_te and not te_checkpoint:
-        candidate = {k: v for k, v in candidate.items() if not k.endswith("._extra_state") or k in expected}
-    missing = sorted(set(expected) - set(candidate) - {k for k in expected if k.endswith("._extra_state")})
+            raise CheckpointError(f"layers {lacking} lack {CORE_ATTENTION_EXTRA}, which Transformer "
+                                  "Engine's dense core attention loads")
+    candidate = state if use_te else to_local_names(state)
+
+    def extra(key):  # TE's FP8 metadata, None for local layers: not a weight
+        return key.endswith("._extra_state")
+
+    if not use_te:
+        candidate = {k: v for k, v in candidate.items() if not extra(k) or k in expected}
+    missing = sorted(k for k in set(expected) - set(candidate) if use_te or not extra(k))
     unexpected = sorted(set(candidate) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"the model state does not match the dense model: missing keys {missing}, "
                               f"unexpected keys {unexpected}")
-    candidate = {k: v.to(torch.float32) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                 for k, v in candidate.items()}
-    model.load_state_dict(candidate, strict=not any(k.endswith("._extra_state") for k in expected
-                                                    if k not in candidate))
+    weights = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+               for k, v in candidate.items()}
+    model.load_state_dict(weights, strict=use_te)  # the key sets were compared above
     return model, "load_state_dict (strict keys)"

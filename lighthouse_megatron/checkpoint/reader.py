@@ -140,6 +140,7 @@ def _locate_dist(path, root, directory, iteration, release, names) -> Checkpoint
             f"{directory}: sharded_backend {backend!r} in metadata.json; only 'torch_dist' is supported"
         )
     layout = "common.pt" if COMMON_PT in names else "common_state"
+    check_dist_files(directory)
     return Checkpoint(path, root, directory, "torch_dist", layout, iteration, release)
 
 
@@ -152,9 +153,12 @@ def torch_load(source, what: str | Path) -> Any:
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        lines = str(e).splitlines()
+        reason = next((ln.strip() for ln in lines if "Unsupported" in ln or "WeightsUnpickler" in ln),
+                      lines[0])
         raise CheckpointError(
             f"{what}: refused to load: it needs more than plain types and tensors, and loading it "
-            f"would run code from the checkpoint ({str(e).splitlines()[0]})"
+            f"would run code from the checkpoint ({reason[:200]})"
         ) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{what}: cannot read it: truncated or not a torch file ({e})") from e
@@ -234,6 +238,22 @@ def dcp_load(directory: Path, state_dict: dict) -> dict:
     except Exception as e:  # torch wraps per-item failures in CheckpointException
         raise CheckpointError(f"{directory}: cannot read the distcp files: truncated or damaged ({e})") from e
     return state_dict
+
+
+def check_dist_files(directory: Path) -> None:
+    """Every byte range `.metadata` points at exists: catches truncated or missing distcp files
+    before anything is written."""
+    needed: dict[str, int] = {}
+    for info in read_dcp_metadata(directory).storage_data.values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, end in sorted(needed.items()):
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (truncated torch_dist checkpoint)")
+        size = file.stat().st_size
+        if size < end:
+            raise CheckpointError(f"{file}: truncated ({size} bytes, the metadata needs {end})")
 
 
 def dcp_items(directory: Path) -> dict[str, Any]:
