@@ -215,9 +215,9 @@ def _indexed_dataset():
 
 
 def _check_output(prefix: str, force: bool) -> Path:
-    get_bin_path, get_idx_path = _indexed_dataset().get_bin_path, _indexed_dataset().get_idx_path
+    idx = _indexed_dataset()
     out_dir = Path(prefix).parent
-    for path in (get_bin_path(prefix), get_idx_path(prefix)):
+    for path in (idx.get_bin_path(prefix), idx.get_idx_path(prefix)):
         if Path(path).is_dir():
             raise DataError(f"--output {prefix}: {path} is a directory")
         if Path(path).exists() and not force:
