@@ -261,6 +261,8 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> No
     if parsed[1] == 0 and args.eval_iters > 0:
         raise ValueError(f"--split {args.split} leaves no validation data; give it a valid weight or "
                          "set --eval-iters 0")
+    if args.data_path:
+        _check_splits(args)
 
     # Device and precision.
     import torch
@@ -301,6 +303,26 @@ def _check_data_path(data_path: list[str]) -> None:
             raise ValueError(f"--data-path {prefix}: missing {', '.join(missing)} (a Megatron indexed "
                              "dataset is PREFIX.bin + PREFIX.idx, e.g. from "
                              "`lighthouse-megatron prepare-data`)")
+
+
+def _check_splits(args: argparse.Namespace) -> None:
+    """Every split that samples are drawn from must hold documents: megatron-core's GPTDataset
+    loops forever counting epochs over an empty split."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(args.split))
+    used = ("train", "valid", "test") if args.eval_iters else ("train",)
+    prefixes = args.data_path if len(args.data_path) == 1 else args.data_path[1::2]
+    for prefix in prefixes:
+        n = IndexedDataset(prefix, mmap=True).sequence_lengths.shape[0]
+        for name, bounds in zip(("train", "valid", "test"), matrix, strict=True):
+            if name in used and bounds is not None and round(bounds[1] * n) - round(bounds[0] * n) == 0:
+                raise ValueError(f"--data-path {prefix} has {n} documents: --split {args.split} gives its "
+                                 f"{name} split none; use a larger dataset or another --split (e.g. 90,10,0)")
 
 
 def padded_vocab_size(args: argparse.Namespace) -> int:
