@@ -45,13 +45,20 @@ def test_config_sizes_are_valid(path):
     assert lh.gathered_length(s["seq_length"]) < s["seq_length"]
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A small real dataset: the parser opens it to check every split gets documents."""
+    from lighthouse_megatron.data import prepare_data
+
+    root = tmp_path_factory.mktemp("examples-data")
+    (root / "docs.jsonl").write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(2000)))
+    return prepare_data([root / "docs.jsonl"], root / "data").prefix
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_config_passes_the_trainer_parser(path, tmp_path):
+def test_config_passes_the_trainer_parser(path, data):
     from lighthouse_megatron.training import parse_args
 
-    data = tmp_path / "data"
-    for ext in (".bin", ".idx"):
-        (tmp_path / f"data{ext}").write_bytes(b"")  # the parser checks the files exist
     # The GPU recipes ask for bf16, which the parser refuses without CUDA: validate them as
     # fp32 CPU runs, everything else unchanged.
     argv = ["--config", str(path), "--data-path", str(data), "--device", "cpu", "--no-bf16"]
