@@ -286,6 +286,16 @@ def test_bad_inputs_fail_with_one_error_line(stage1, tmp_path, capsys):
     for shard in (bad / f"iter_{ct.ITERATION:07d}").glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:100])
     assert "truncated" in _cli_error(conv(bad, tmp_path / "o"), capsys)
+    # Mismatches: the stored TP size against the mp_rank files, the directory against the iteration.
+    bad = tmp_path / "bad_tp"
+    state = torch.load(legacy / f"iter_{ct.ITERATION:07d}" / "mp_rank_00" / "model_optim_rng.pt",
+                       weights_only=True)
+    ct.save_legacy({0: state}, ct.megatron_args(tp=2, ckpt_format="torch"), bad)
+    assert "tensor_model_parallel_size=2" in _cli_error(conv(bad, tmp_path / "o"), capsys)
+    (bad / f"iter_{ct.ITERATION:07d}").rename(bad / "iter_0000003")
+    (bad / "latest_checkpointed_iteration.txt").write_text("3")
+    assert "says iteration 3" in _cli_error(["inspect", str(bad)], capsys)
+    bad = tmp_path / "bad_dist"
     # The tracker names an iteration that is not there.
     (bad / "latest_checkpointed_iteration.txt").write_text("9")
     assert "iter_0000009 is missing" in _cli_error(["inspect", str(bad)], capsys)

@@ -159,10 +159,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     ckpt = locate(path)
     common = read_common(ckpt)
     args = args_dict(common.get("args"))
-    iteration = common.get("iteration", ckpt.iteration)
-    if ckpt.iteration is not None and iteration is not None and iteration != ckpt.iteration:
-        raise CheckpointError(f"{ckpt.directory}: the directory says iteration {ckpt.iteration}, the "
-                              f"checkpoint says {iteration} (mismatched or partly replaced checkpoint)")
+    iteration = _check_consistency(ckpt, common, args)
     if ckpt.format == "torch_dist":  # shapes from the metadata: no tensor is read
         shapes = dist_model_shapes(ckpt)
     else:
@@ -195,6 +192,22 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "contents": contents,
         "tensors": {"count": len(shapes), "parameters": sum(math.prod(s) for s in shapes.values())},
     }
+
+
+def _check_consistency(ckpt: Checkpoint, common: dict, args: dict) -> int | None:
+    """The directory, the common state and the shards must tell the same story."""
+    iteration = common.get("iteration", ckpt.iteration)
+    if ckpt.iteration is not None and iteration is not None and iteration != ckpt.iteration:
+        raise CheckpointError(f"{ckpt.directory}: the directory says iteration {ckpt.iteration}, the "
+                              f"checkpoint says {iteration} (mismatched or partly replaced checkpoint)")
+    if ckpt.format == "torch":
+        for name, found in (("tensor_model_parallel_size", 1 + max(t for t, _ in ckpt.shards)),
+                            ("pipeline_model_parallel_size", 1 + max(p for _, p in ckpt.shards))):
+            stored = args.get(name)
+            if stored is not None and stored != found:
+                raise CheckpointError(f"{ckpt.directory}: the stored arguments say {name}={stored}, but "
+                                      f"there are {found} rank(s) of mp_rank files (mismatched checkpoint)")
+    return iteration
 
 
 def _dist_keys(ckpt):
@@ -235,6 +248,7 @@ def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weig
     if not args:
         raise CheckpointError(f"{ckpt.directory}: no stored arguments ('args'); cannot tell which model "
                               "it holds")
+    _check_consistency(ckpt, common, args)
     report = {"input": str(ckpt.path), "output": str(output), "to": to, "format": ckpt.format,
               "layout": ckpt.layout, "iteration": ckpt.iteration, "dry_run": dry_run}
     if to == "hf":
