@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     from .demo import add_demo_parser
 
     add_demo_parser(sub)
+    from .data import add_prepare_data_parser
+
+    add_prepare_data_parser(sub)
     from .bench import add_bench_parser
 
     add_bench_parser(sub)

@@ -1,0 +1,46 @@
+"""`lighthouse-megatron demo`: the two-stage workflow end to end, small enough for a CPU.
+
+Prepares byte-level data from this Python's standard library, trains a tiny GPT with
+Lighthouse attention (stage 1), converts the checkpoint to the dense model, trains on with
+dense attention (stage 2, the recovery), and trains the same model dense from scratch for
+the same tokens (the control). Prints a table and checks with stated thresholds and writes
+a loss-curve PNG. `--layer` runs the single-layer demo instead (one attention layer against
+dense attention, no training).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .layer import add_layer_arguments, run_layer_demo
+from .workflow import PRESETS
+
+
+def add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", help="the two-stage workflow on a tiny model: data, Lighthouse, convert, dense recovery",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, default=Path("lighthouse-demo"),
+                   help="folder for the data, checkpoints, metrics, summary.json and loss.png "
+                        "(default: ./lighthouse-demo)")
+    p.add_argument("--force", action="store_true", help="replace the results of an earlier demo in --out")
+    p.add_argument("--tiny", action="store_true",
+                   help=f"a smaller, faster run ({PRESETS['tiny'].describe()}) instead of the default "
+                        f"({PRESETS['default'].describe()})")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: the GPU when there is one")
+    p.add_argument("--layer", action="store_true",
+                   help="run the single-layer demo: one Lighthouse attention layer against dense attention")
+    add_layer_arguments(p)
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    if args.layer:
+        return run_layer_demo(args)
+    from .workflow import run_workflow
+
+    return run_workflow(args.out, PRESETS["tiny" if args.tiny else "default"], device=args.device,
+                        force=args.force)

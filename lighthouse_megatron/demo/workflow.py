@@ -1,0 +1,192 @@
+"""The demo's stages: prepare-data, stage 1 (Lighthouse), convert, stage 2 (dense), dense control.
+
+Every stage goes through the package's own tools (`prepare_data`, the trainer, the
+converter) with a YAML config written next to its checkpoint, so each stage can be rerun
+by hand with `lighthouse-megatron train --config OUT/STAGE/config.yaml`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .report import check_results, plot_losses, print_checks, print_table, summarize
+
+# The demo's model and schedule; examples/tiny.yaml holds the same settings (a test keeps
+# them equal). Byte-level: 256 byte ids plus the end-of-document id 256.
+MODEL: dict[str, Any] = dict(
+    num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, seq_length=512,
+    vocab_size=256, position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
+    micro_batch_size=4, global_batch_size=4, train_iters=200, lr=3.0e-3, min_lr=3.0e-4,
+    lr_warmup_iters=20, lr_decay_style="cosine", weight_decay=0.01, clip_grad=1.0,
+    eval_interval=50, eval_iters=4,
+    attention_impl="lighthouse", lighthouse_levels=3, lighthouse_pooling_factor=4,
+    lighthouse_topk=16, lighthouse_tile_topk=8, lighthouse_dense_layers=[0],
+)
+
+# Folders and files the demo owns inside --out (--force replaces these and nothing else).
+OUTPUTS = ("data", "stage1", "stage1-dense", "stage2", "control", "summary.json", "loss.png")
+
+
+class DemoError(RuntimeError):
+    """The demo cannot run or a stage failed; the message says which."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    stage1_iters: int
+    stage2_iters: int
+    overrides: dict[str, Any]
+
+    def config(self) -> dict[str, Any]:
+        return {**MODEL, **self.overrides, "train_iters": self.stage1_iters + self.stage2_iters}
+
+    def describe(self) -> str:
+        c = self.config()
+        return (f"{c['num_layers']} layers x {c['hidden_size']}, {c['seq_length']} tokens, "
+                f"{self.stage1_iters} Lighthouse + {self.stage2_iters} dense iterations")
+
+
+PRESETS = {
+    "default": Preset(stage1_iters=150, stage2_iters=50, overrides={}),
+    # The end-to-end test's size: seconds, not minutes. 256 tokens, L=3, p=4: 16 coarsest
+    # entries, 2 tiles of 8 each, S = 16 + 2*4*16 = 144.
+    "tiny": Preset(stage1_iters=20, stage2_iters=10, overrides=dict(
+        num_layers=2, hidden_size=32, seq_length=256, micro_batch_size=2, global_batch_size=2,
+        lr_warmup_iters=3, eval_interval=10, eval_iters=2)),
+}
+
+
+# --------------------------------------------------- the trainer's and converter's APIs
+
+
+def _parse(config_path: Path):
+    from ..training import parse_args
+
+    return parse_args(["--config", str(config_path)], world_size=1)
+
+
+def _train(args) -> list[dict]:
+    """Train in this process; the trainer's train and eval records."""
+    from ..training import run
+
+    result = run(args)
+    return result.train + result.evals
+
+
+def _convert(source: Path, target: Path) -> dict:
+    from ..checkpoint import convert
+
+    # torch's distributed-checkpoint deprecation warnings, as `lighthouse-megatron convert`
+    # silences them: the converter's own lines say what it changed and verified.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert(source, target, log=lambda line: print(f"  {line}", flush=True))
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+def _write_yaml(path: Path, settings: dict[str, Any]) -> Path:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return path
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"--out {out} is a file, not a folder")
+    present = [name for name in OUTPUTS if (out / name).exists()]
+    if present and not force:
+        raise DemoError(f"--out {out} holds the results of an earlier demo ({', '.join(present)}); "
+                        "pass --force to replace them or choose another --out")
+    for name in present:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _stage(title: str) -> float:
+    print(f"\n== {title}", flush=True)
+    return time.perf_counter()
+
+
+def run_workflow(out: Path, preset: Preset, device: str = "auto", force: bool = False) -> int:
+    try:
+        with warnings.catch_warnings():
+            # torch's distributed-checkpoint deprecations, raised inside megatron-core's
+            # checkpoint loading: nothing a demo user can act on.
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            summary = _run(Path(out), preset, device, force)
+    except (DemoError, ValueError, OSError) as e:
+        print(f"lighthouse-megatron demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if all(c["ok"] for c in summary["checks"]) else 1
+
+
+def _run(out: Path, preset: Preset, device: str, force: bool) -> dict:
+    from ..data import format_summary, prepare_data
+
+    _prepare_out(out, force)
+    n1, total = preset.stage1_iters, preset.stage1_iters + preset.stage2_iters
+    seconds: dict[str, float] = {}
+
+    t = _stage("1/5 prepare-data: this Python's standard library as bytes")
+    data = prepare_data(None, out / "data" / "stdlib")
+    print(format_summary(data))
+    seconds["prepare-data"] = time.perf_counter() - t
+
+    # One learning-rate schedule over all `total` iterations for every run, the same seed
+    # (same initial weights: Lighthouse has no parameters) and the same data order, so the
+    # runs differ only in attention.
+    common = {**preset.config(), "data_path": [data.prefix], "device": device, "log_interval": 1}
+    stages = {
+        "stage1": {**common, "save": str(out / "stage1"), "save_interval": n1, "exit_interval": n1},
+        "stage2": {**common, "attention_impl": "dense", "load": str(out / "stage1-dense"),
+                   "save": str(out / "stage2")},
+        "control": {**common, "attention_impl": "dense", "save": str(out / "control")},
+    }
+
+    # Every stage's settings are checked before the first one trains.
+    parsed = {name: _parse(_write_yaml(out / name / "config.yaml", settings))
+              for name, settings in stages.items()}
+
+    t = _stage(f"2/5 stage 1: Lighthouse attention, iterations 1-{n1}")
+    metrics = {"stage1": _train(parsed["stage1"])}
+    seconds["stage1"] = time.perf_counter() - t
+
+    t = _stage("3/5 convert: the stage-1 checkpoint into the dense model's")
+    _convert(out / "stage1", out / "stage1-dense")
+    seconds["convert"] = time.perf_counter() - t
+
+    t = _stage(f"4/5 stage 2: dense recovery, iterations {n1 + 1}-{total}")
+    metrics["stage2"] = _train(parsed["stage2"])
+    seconds["stage2"] = time.perf_counter() - t
+
+    t = _stage(f"5/5 control: dense attention from scratch, iterations 1-{total}")
+    metrics["control"] = _train(parsed["control"])
+    seconds["control"] = time.perf_counter() - t
+
+    rows = summarize(metrics, seconds, n1, total, common)
+    checks = check_results(rows)
+    print_table(rows)
+    print_checks(checks, rows, common)
+    plot = out / "loss.png"
+    plotted = plot_losses(metrics, n1, plot)
+    summary = {"config": common, "stage1_iters": n1, "total_iters": total, "rows": rows, "checks": checks,
+               "prepare_data": {"documents": data.documents, "tokens": data.tokens}}
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, out / "summary.json")
+    print(f"\nwrote {out / 'summary.json'}" + (f" and {plot}" if plotted else
+          " (no loss.png: matplotlib is not installed; pip install matplotlib)"))
+    return summary
