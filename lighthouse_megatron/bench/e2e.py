@@ -355,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
     out_path = args.out / f"{args.name}.json"
     check_writable(out_path, args.force)
     # Transformer Engine must load before torch first uses cuDNN (TE links its own cuDNN).
-    from ..backends import te_import_error, te_available
+    from ..backends import te_available, te_import_error
 
     te_ok = device.type == "cuda" and te_available()  # imported now, whatever the spec
     use_te = te_ok and args.spec != "local"

@@ -106,8 +106,9 @@ class AnnouncingSpecProvider:
 
     def __call__(self, config, vp_stage: int | None = None):
         spec = self.provider(config, vp_stage=vp_stage)
-        names = [layer.submodules.self_attention.submodules.core_attention.module.__name__ if hasattr(layer.submodules.self_attention.submodules.core_attention, "module") else layer.submodules.self_attention.submodules.core_attention.__name__
-                 for layer in spec.layer_specs]
+        # A spec's core_attention is a ModuleSpec or, as in megatron-core's TE specs, a class.
+        attentions = [layer.submodules.self_attention.submodules.core_attention for layer in spec.layer_specs]
+        names = [getattr(a, "module", a).__name__ for a in attentions]
         announce(f"layer specs of this stage (vp_stage={vp_stage})", names)
         return spec
 
