@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core.models.gpt import gpt_layer_specs as mcore_specs
+from megatron.core.transformer import transformer_block
 from megatron.core.transformer.enums import LayerType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -144,7 +145,10 @@ def get_gpt_decoder_block_spec(
         copy.deepcopy(dense_spec if i in dense_layers else sparse_spec) for i in range(config.num_layers)
     ]
     layer_specs = _layers_of_this_stage(config, layer_specs, vp_stage, pp_rank)
-    layer_norm = mcore_specs.TENorm if use_te else mcore_specs.LNImpl
+    # The final norm Megatron-LM's own dense model gets from a layer spec (TransformerBlock's
+    # LayerNormImpl: TENorm wherever TE imports, even with --transformer-impl local), so that
+    # checkpoints move between this spec and Megatron-LM's dense one with the same keys.
+    layer_norm = mcore_specs.TENorm if use_te else transformer_block.LayerNormImpl
     return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=layer_norm)
 
 
