@@ -34,34 +34,7 @@ case $tag in core_v0.16.1|core_v0.19.0) ;; *) echo "error: TAG must be core_v0.1
 case $impl in te) transformer_impl=transformer_engine;; local) transformer_impl=local;; *)
     echo "error: IMPL must be te or local, got $impl" >&2; exit 2;; esac
 case $format in torch_dist|torch) ;; *) echo "error: FORMAT must be torch_dist or torch, got $format" >&2; exit 2;; esac
-root=$(pwd)
-[ -f "$root/lighthouse_megatron/__init__.py" ] || { echo "error: run from the repository root" >&2; exit 2; }
-
-archive=""
-for dir in "${MEGATRON_LM_ARCHIVES:-}" .whl/megatron-lm ../shared/megatron-lm; do
-    if [ -n "$dir" ] && [ -f "$dir/megatron-lm-$tag.tgz" ]; then archive=$dir/megatron-lm-$tag.tgz; break; fi
-done
-[ -n "$archive" ] || { echo "error: megatron-lm-$tag.tgz not found (set MEGATRON_LM_ARCHIVES)" >&2; exit 2; }
-
-want=${tag#core_v}; want=${want%.*}  # 0.16 / 0.19
-have=$(python -c "import importlib.metadata as m; print(m.version('megatron-core'))" 2>/dev/null || true)
-if [[ "$have" != "$want".* ]] && [ -d ".whl/$tag" ]; then
-    python -m pip install -q --no-deps --no-index --force-reinstall .whl/"$tag"/*.whl
-fi
-python -c "import pydantic, six, regex, pybind11" 2>/dev/null || \
-    python -m pip install -q --no-deps --no-index .whl/common/*.whl
-
-run=${RUN_DIR:-$(mktemp -d)}
-mkdir -p "$run"
-src=$run/src
-if [ ! -f "$src/Megatron-LM-$tag/pretrain_gpt.py" ]; then
-    mkdir -p "$src" && tar xzf "$archive" -C "$src"
-fi
-mlm=$src/Megatron-LM-$tag
-make -s -C "$mlm/megatron/core/datasets" >/dev/null 2>&1 || \
-    echo "note: building the dataset helpers failed; Megatron-LM will try at start-up"
-export PYTHONPATH=$mlm:$root${PYTHONPATH:+:$PYTHONPATH}
-export CUDA_DEVICE_MAX_CONNECTIONS=1
+. "$(dirname "$0")/megatron_lm_setup.sh"
 
 # The plugin's Megatron-LM entry point (its module moved between versions of this package).
 entry=lighthouse_megatron.megatron_lm.pretrain_gpt
@@ -81,9 +54,10 @@ args=(
     --mock-data --tokenizer-type NullTokenizer --vocab-size 256 --split 100,0,0
     --eval-iters 0 --eval-interval 1000 --log-interval 1 --save-interval 10 --ckpt-format "$format"
     --transformer-impl $transformer_impl --distributed-backend nccl
+    --no-gradient-accumulation-fusion  # needs apex's fused_weight_gradient_mlp_cuda
 )
 if [ "$impl" = local ]; then
-    args+=(--no-persist-layer-norm --no-gradient-accumulation-fusion --no-masked-softmax-fusion
+    args+=(--no-persist-layer-norm --no-masked-softmax-fusion
            --no-rope-fusion)
 fi
 lighthouse=(--attention-impl lighthouse --lighthouse-levels 3 --lighthouse-pooling-factor 4
