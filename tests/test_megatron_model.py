@@ -225,3 +225,21 @@ def test_tensor_parallel_two_ranks_same_logits(tmp_path):
     mp.spawn(tp_worker, args=(2, free_port(), path), nprocs=2, join=True)
     logits = torch.load(path + ".out")["logits"]
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_mask_check_reads_the_cp_layout():
+    """Under CP Megatron splits only the mask's query rows (chunks r and 2*CP-1-r)."""
+    from lighthouse_megatron.megatron.core_attention import _is_causal_mask
+    from lighthouse_megatron.parallel import split_chunks
+
+    class Rank1Of2:  # what ContextParallel.chunk_ids() gives CP rank 1 of 2
+        def chunk_ids(self):
+            return 1, 2
+
+    n = 64
+    causal = torch.triu(torch.ones(n, n, dtype=torch.bool), 1)[None, None]
+    assert _is_causal_mask(split_chunks(causal, 2, 2, 1), n // 2, Rank1Of2())
+    assert not _is_causal_mask(split_chunks(causal, 2, 2, 0), n // 2, Rank1Of2())  # rank 0's rows
+    documents = causal.clone()
+    documents[..., n // 2:, : n // 2] = True  # two documents: the second sees nothing of the first
+    assert not _is_causal_mask(split_chunks(documents, 2, 2, 1), n // 2, Rank1Of2())
