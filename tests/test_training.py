@@ -219,7 +219,7 @@ BAD = [
     (["--mock-data", "--tensor-model-parallel-size", "2"], "1 processes are not divisible"),
     (["--mock-data", "--lr", "1e-4", "--min-lr", "1e-3"], "--min-lr 0.001 is above --lr 0.0001"),
     (["--mock-data", "--lr-warmup-iters", "20", "--train-iters", "10"], "--lr-warmup-iters 20 exceeds"),
-    (["--mock-data", "--seq-length", "100", *LIGHTHOUSE], "--seq-length 100 does not fit"),
+    (["--mock-data", "--seq-length", "100", *LIGHTHOUSE], "--seq-length 100 with --lighthouse-levels 2"),
     (["--mock-data", *LIGHTHOUSE, "--attention-dropout", "0.1"],
      "--attention-dropout 0.1 is not supported"),
     (["--mock-data", "--save-interval", "5"], "--save-interval needs --save"),

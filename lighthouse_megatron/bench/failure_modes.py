@@ -338,7 +338,8 @@ def part_causality(args, probe_device, factor: float = 3.0) -> dict:
     does) and measure the change of out[..t], for Lighthouse and, as control, dense attention."""
     cfg = _probe_config(args)
     cfg.validate(args.probe_len)
-    n, tile = args.probe_len, cfg.tile_length(args.probe_len)
+    n = args.probe_len
+    tile = n // cfg.num_tiles  # base tokens per tile
     ts = sorted({tile // 2, tile - 1, n // 2 + tile // 3, n - tile // 4})
     rows = []
     q, k, v = text_qkv(args, 0, probe_device)
