@@ -23,6 +23,18 @@ def error(message: str) -> int:
     return 2
 
 
+def usage_errors_as_exit_2(run):
+    """`run(args)` for the CLI: a UsageError becomes one `error:` line and exit code 2."""
+
+    def run_cli(args) -> int:
+        try:
+            return run(args)
+        except UsageError as e:
+            return error(str(e))
+
+    return run_cli
+
+
 def nvidia_smi() -> str | None:
     """The card as nvidia-smi names it (name, memory, driver), or None without nvidia-smi."""
     exe = shutil.which("nvidia-smi")

@@ -35,7 +35,16 @@ import torch
 import torch.nn.functional as F
 
 from ..config import LighthouseConfig
-from ._common import UsageError, check_writable, error, median, run_meta, sync, time_ms, write_json
+from ._common import (
+    UsageError,
+    check_writable,
+    median,
+    run_meta,
+    sync,
+    time_ms,
+    usage_errors_as_exit_2,
+    write_json,
+)
 from .layer import K, _fmt_len, _int, _int_list
 
 MODES = ("dense", "lighthouse", "ceiling", "none")
@@ -333,13 +342,6 @@ def print_table(rows: list[dict], summary: list[dict], device: str) -> None:
         print(f"{_fmt_len(s['N'])}: " + ", ".join(parts))
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    try:
-        return run(args)
-    except UsageError as e:
-        return error(str(e))
-
-
 def run(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
@@ -436,3 +438,6 @@ def run(args: argparse.Namespace) -> int:
     measured = [r for r in rows if "step_ms" in r]
     return 0 if measured and all(r["finite"] for r in measured) else 1
 
+
+
+run_cli = usage_errors_as_exit_2(run)

@@ -36,7 +36,16 @@ from .. import reference
 from ..attention import lighthouse_attention
 from ..backends import dense_causal_attention
 from ..config import LighthouseConfig
-from ._common import UsageError, check_writable, error, median, run_meta, sync, time_ms, write_json
+from ._common import (
+    UsageError,
+    check_writable,
+    median,
+    run_meta,
+    sync,
+    time_ms,
+    usage_errors_as_exit_2,
+    write_json,
+)
 from .layer import K, _fmt_len, _int, _int_list
 
 PARTS = ("short", "memory", "topk", "qknorm", "causality")
@@ -374,13 +383,6 @@ def part_causality(args, probe_device, factor: float = 3.0) -> dict:
 # ------------------------------------------------------------------------ run
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    try:
-        return run(args)
-    except UsageError as e:
-        return error(str(e))
-
-
 def run(args: argparse.Namespace) -> int:
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     if not parts or any(x not in PARTS for x in parts):
@@ -429,3 +431,6 @@ def run(args: argparse.Namespace) -> int:
         write_json(out_path, {"meta": meta, **results})
     print(f"\nwrote {out_path}")
     return 0
+
+
+run_cli = usage_errors_as_exit_2(run)

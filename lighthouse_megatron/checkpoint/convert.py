@@ -17,6 +17,7 @@ Lighthouse has no parameters, so the tensors need no change. What does:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -274,9 +275,7 @@ def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weig
     if dry_run:
         return report
 
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with staged_output(output, force) as tmp:
         out_dir_name = "release" if weights_only else ckpt.directory.name
         out_dir = tmp / out_dir_name
         out_dir.mkdir(parents=True)
@@ -289,13 +288,6 @@ def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weig
         written_args = args_dict(read_common(written).get("args"))
         report["verified"] = verify_dense(written, written_args)
         log(f"verified: {report['verified']['loaded_with']}, {report['verified']['forward']}")
-        _replace(tmp, output, force)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"--output {output}: cannot write ({e.strerror or e}: {e.filename})") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
@@ -304,6 +296,23 @@ def _check_writable(parent: Path) -> None:
         raise CheckpointError(f"--output: the directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CheckpointError(f"--output: cannot write to {parent} (permission denied)")
+
+
+@contextlib.contextmanager
+def staged_output(output: Path, force: bool):
+    """Yield an empty temporary path beside `output` to write into; on success rename it to
+    `output` (replacing it only with `force`), on any failure remove it."""
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        _replace(tmp, output, force)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"--output {output}: cannot write ({e.strerror or e}: {e.filename})") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _replace(tmp: Path, output: Path, force: bool) -> None:

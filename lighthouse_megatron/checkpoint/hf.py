@@ -10,8 +10,6 @@ holds the gate rows, then the up rows.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -130,23 +128,14 @@ def export_hf(ckpt, args: dict, output: Path, report: dict, *, dry_run: bool, fo
         log(change)
     if dry_run:
         return report
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
+    from .convert import staged_output
+
+    with staged_output(output, force) as tmp:
         tmp.mkdir()
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         report["verified"] = verify_hf(tmp, state, args)
         log(f"verified: {report['verified']}")
-        from .convert import _replace
-
-        _replace(tmp, output, force)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"--output {output}: cannot write ({e.strerror or e}: {e.filename})") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
