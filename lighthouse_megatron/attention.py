@@ -6,9 +6,9 @@ Functions whose backward passes are the matching deterministic kernels; the dens
 its own backward. On CUDA the stages are Triton kernels (ops/), elsewhere their PyTorch twins.
 
 Under context parallelism the rank's sequence is two chunks (Megatron's load-balanced layout):
-each is planned on its own with topk / (2*CP), the gathered chunks keep that layout for the
-attention across the CP group (parallel/), and each chunk's scatter also adds the halo that
-the chunk before it feeds (parallel/halo.py).
+each is planned on its own with topk / (2*CP) (the two chunks are the batch of one plan), the
+gathered chunks keep that layout for the attention across the CP group (parallel/), and each
+chunk's scatter also adds the halo that the chunk before it feeds (parallel/halo.py).
 """
 
 from __future__ import annotations
@@ -25,42 +25,18 @@ from .parallel import ContextParallel, causal_attention, exchange_halo
 from .reference import check_inputs
 
 
-def _spans(plans: list[SelectionPlan], length) -> list[slice]:
-    """Consecutive slices of a dimension, one per plan, of `length(plan)` each."""
-    out, start = [], 0
-    for plan in plans:
-        out.append(slice(start, start + length(plan)))
-        start += length(plan)
-    return out
-
-
-def _tokens(plan: SelectionPlan) -> int:
-    return plan.seq_len
-
-
-def _slots(plan: SelectionPlan) -> int:
-    return plan.length
-
-
 class _PooledGather(torch.autograd.Function):
-    """[b, n, H, d] -> [b, S, H, d]: mean of each planned entry's block, chunk by chunk."""
+    """[b, n, H, d] -> [b, S, H, d]: the mean of each planned entry's block."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, plans: list[SelectionPlan]) -> Tensor:
-        ctx.plans = plans
-        out = x.new_empty(x.shape[0], sum(map(_slots, plans)), *x.shape[2:])
-        for plan, tok, slot in zip(plans, _spans(plans, _tokens), _spans(plans, _slots), strict=True):
-            segment_sum(x[:, tok], plan, "pool", out=out[:, slot])
-        return out
+    def forward(ctx, x: Tensor, plan: SelectionPlan) -> Tensor:
+        ctx.plan = plan
+        return segment_sum(x, plan, "pool")
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         # Each base token receives grad / c_l from the entry pooling it at every level.
-        plans = ctx.plans
-        out = grad.new_empty(grad.shape[0], sum(map(_tokens, plans)), *grad.shape[2:])
-        for plan, tok, slot in zip(plans, _spans(plans, _tokens), _spans(plans, _slots), strict=True):
-            token_sum(grad[:, slot], plan, "pool", out=out[:, tok])
-        return out, None
+        return token_sum(grad, ctx.plan, "pool"), None
 
 
 class _ScatterBack(torch.autograd.Function):
@@ -68,27 +44,17 @@ class _ScatterBack(torch.autograd.Function):
     halo fed by the chunk before (context parallelism)."""
 
     @staticmethod
-    def forward(ctx, o: Tensor, plans: list[SelectionPlan], *halos: Tensor | None) -> Tensor:
-        ctx.plans = plans
-        ctx.halo_rows = [None if h is None else h.shape[1] for h in halos]
-        out = o.new_empty(o.shape[0], sum(map(_tokens, plans)), *o.shape[2:])
-        for plan, tok, slot, halo in zip(plans, _spans(plans, _tokens), _spans(plans, _slots), halos,
-                                         strict=True):
-            token_sum(o[:, slot], plan, "feed", out=out[:, tok], halo=halo)
-        return out
+    def forward(ctx, o: Tensor, plan: SelectionPlan, halo: Tensor | None) -> Tensor:
+        ctx.plan = plan
+        ctx.halo_rows = None if halo is None else halo.shape[1]
+        return token_sum(o, plan, "feed", halo=halo)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         # An entry's gradient is the sum of the output gradient over the range it fed; a
         # halo row's is the gradient of the tokens it fed.
-        plans = ctx.plans
-        grad_o = grad.new_empty(grad.shape[0], sum(map(_slots, plans)), *grad.shape[2:])
-        grad_halos = []
-        for plan, tok, slot, rows in zip(plans, _spans(plans, _tokens), _spans(plans, _slots),
-                                         ctx.halo_rows, strict=True):
-            segment_sum(grad[:, tok], plan, "feed", out=grad_o[:, slot])
-            grad_halos.append(None if rows is None else grad[:, tok][:, :rows].float())
-        return grad_o, None, *grad_halos
+        rows = ctx.halo_rows
+        return segment_sum(grad, ctx.plan, "feed"), None, None if rows is None else grad[:, :rows].float()
 
 
 @torch.no_grad()
@@ -110,18 +76,21 @@ def lighthouse_attention(
     `parallel.split_chunks`), and the result is this rank's part of the CP = 1 result.
     """
     cp = context_parallel if context_parallel is not None and context_parallel.size > 1 else None
-    cp_size = 1 if cp is None else cp.size
-    check_inputs(q, k, v, config, cp_size=cp_size)
+    check_inputs(q, k, v, config, cp_size=1 if cp is None else cp.size)
     check_backend(config.backend, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     if config.levels == 1:  # nothing is pooled or selected: S = N
         return causal_attention(q, k, v, scale, config.backend, cp)
-    chunk_config = config.chunk_config(cp_size)
-    chunks = [slice(None)] if cp is None else [slice(0, q.shape[1] // 2), slice(q.shape[1] // 2, None)]
-    plans = [plan_selection(q[:, c], k[:, c], chunk_config) for c in chunks]
-    o = causal_attention(*(_PooledGather.apply(x, plans) for x in (q, k, v)), scale, config.backend, cp)
     if cp is None:
-        return _ScatterBack.apply(o, plans, None)
-    first, second = o.split([plans[0].length, plans[1].length], dim=1)
-    halos = exchange_halo(spill_rows(first, plans[0]), spill_rows(second, plans[1]), cp)
-    return _ScatterBack.apply(o, plans, *halos)
+        plan = plan_selection(q, k, config)
+        o = causal_attention(*(_PooledGather.apply(x, plan) for x in (q, k, v)), scale, config.backend)
+        return _ScatterBack.apply(o, plan, None)
+    # The rank's two chunks are the batch of one plan, [b, 2c, H, d] -> [2b, c, H, d]: a view
+    # for b = 1 (a copy otherwise), so that every stage is one launch for both chunks.
+    b, n = q.shape[:2]
+    q2, k2, v2 = (x.reshape(2 * b, n // 2, *x.shape[2:]) for x in (q, k, v))
+    plan = plan_selection(q2, k2, config.chunk_config(cp.size))
+    gathered = (_PooledGather.apply(x, plan).view(b, 2 * plan.length, *x.shape[2:]) for x in (q2, k2, v2))
+    o = causal_attention(*gathered, scale, config.backend, cp).reshape(2 * b, plan.length, *q.shape[2:])
+    halo = exchange_halo(spill_rows(o, plan), cp)
+    return _ScatterBack.apply(o, plan, halo).view(b, n, *q.shape[2:])

@@ -4,7 +4,9 @@ Starts N processes on the first N GPUs (NCCL). For each sequence length and top-
 one session: fwd+bwd of the whole sequence on one GPU (CP = 1, while the others wait, up to
 --cp1-max-len), then fwd+bwd of each rank's load-balanced half-chunks with the CP group
 (the time of the slowest rank), per-rank peak memory, the stage-5 attention alone on the
-gathered length (CP = 1 and CP = N), and the halo exchange (spill, all-gather, backward) alone.
+gathered length (CP = 1 and CP = N), and the layer once more with the halo exchange replaced by
+zeros (the halo's cost inside the layer). CP overhead = CP = N time - its attention - (CP = 1
+time - its attention) / N: the halo, the two-chunk bookkeeping and waiting for the slowest rank.
 Before timing, a small configuration is checked: the CP = N output and input gradients,
 gathered, against CP = 1 on the same inputs. JSON goes to --out/cp{N}.json.
 """
@@ -15,13 +17,14 @@ import datetime
 import json
 import os
 import sys
+from unittest import mock
 
 import torch
 import torch.distributed as dist
 
-from ..attention import lighthouse_attention, plan_selection
-from ..ops import spill_rows
-from ..parallel import ContextParallel, causal_attention, exchange_halo, merge_chunks, split_chunks
+from .. import attention
+from ..attention import lighthouse_attention
+from ..parallel import ContextParallel, causal_attention, merge_chunks, split_chunks
 from .layer import DTYPES, _config, _fmt_len, time_ms
 
 
@@ -119,7 +122,7 @@ def _worker(rank: int, args, port: int) -> None:
             if "cp1_fwd_bwd_ms" in row:
                 row["ratio_fwd_bwd"] = row["fwd_bwd_ms"] / row["cp1_fwd_bwd_ms"]
                 row["ratio_attention"] = row["attention_fwd_bwd_ms"] / row["cp1_attention_fwd_bwd_ms"]
-            row["halo_share"] = row["halo_fwd_bwd_ms"] / row["fwd_bwd_ms"]
+            row.update(_overheads(row, args.cp))
             rows.append(row)
             if rank == 0:
                 print(json.dumps(row), flush=True)
@@ -129,7 +132,7 @@ def _worker(rank: int, args, port: int) -> None:
     dist.destroy_process_group()
 
 
-def _fwd_bwd(args, cfg, n, cp=None, rank=0):
+def _fwd_bwd(args, cfg, n, cp=None):
     sets = []
     for s in range(2):
         q, k, v = _inputs(args, n, seed=10 + s, grad=True)
@@ -150,7 +153,7 @@ def _fwd_bwd(args, cfg, n, cp=None, rank=0):
     og = torch.randn_like(qg)
     attn = time_ms(lambda i: torch.autograd.backward(
         causal_attention(qg, kg, vg, None, cfg.backend, cp), og), args.warmup, args.reps)
-    return ms, peak, attn, sets
+    return ms, peak, attn, step
 
 
 def _one_gpu(args, cfg, n) -> dict:
@@ -159,25 +162,27 @@ def _one_gpu(args, cfg, n) -> dict:
 
 
 def _with_cp(args, cfg, cp, n, rank) -> dict:
-    ms, peak, attn, sets = _fwd_bwd(args, cfg, n // args.cp, cp, rank)
-    # The halo alone: spill rows of both chunks, the exchange and its backward.
-    q, k = sets[0][0].detach(), sets[0][1].detach()
-    half = q.shape[1] // 2
-    chunk = cfg.chunk_config(args.cp)
-    plans = [plan_selection(q[:, :half], k[:, :half], chunk), plan_selection(q[:, half:], k[:, half:], chunk)]
-    o = torch.randn(q.shape[0], plans[0].length + plans[1].length, q.shape[2], q.shape[3], device="cuda",
-                    dtype=q.dtype, requires_grad=True)
-
-    def halo(i):
-        a, b = o.split([plans[0].length, plans[1].length], dim=1)
-        h = exchange_halo(spill_rows(a, plans[0]), spill_rows(b, plans[1]), cp)
-        torch.autograd.backward(h, [torch.ones_like(x) for x in h])
-
-    halo_ms = time_ms(halo, args.warmup, args.reps)
+    ms, peak, attn, step = _fwd_bwd(args, cfg, n // args.cp, cp)
+    # The halo's cost inside the layer: the same steps with the exchange replaced by zeros
+    # (wrong numbers, every other launch the same), timed in the same session.
+    with mock.patch.object(attention, "exchange_halo", lambda spill, cp: torch.zeros_like(spill)):
+        no_halo = time_ms(step, args.warmup, args.reps)
     peaks = [torch.zeros(1, device="cuda") for _ in range(args.cp)]
     dist.all_gather(peaks, torch.tensor([peak], device="cuda"))
     return {"fwd_bwd_ms": _slowest(ms), "attention_fwd_bwd_ms": _slowest(attn),
-            "halo_fwd_bwd_ms": _slowest(halo_ms), "peak_gib_per_rank": [float(p) for p in peaks]}
+            "no_halo_fwd_bwd_ms": _slowest(no_halo), "peak_gib_per_rank": [float(p) for p in peaks]}
+
+
+def _overheads(row: dict, cp: int) -> dict:
+    """The halo's share of the layer, and what CP adds beyond the attention across ranks and a
+    1/CP share of everything else (halo, two-chunk bookkeeping, waiting for the slowest rank)."""
+    out = {"halo_ms": row["fwd_bwd_ms"] - row["no_halo_fwd_bwd_ms"]}
+    out["halo_share"] = out["halo_ms"] / row["fwd_bwd_ms"]
+    if "cp1_fwd_bwd_ms" in row:
+        rest_cp1 = row["cp1_fwd_bwd_ms"] - row["cp1_attention_fwd_bwd_ms"]
+        out["cp_overhead_ms"] = row["fwd_bwd_ms"] - row["attention_fwd_bwd_ms"] - rest_cp1 / cp
+        out["cp_overhead_share"] = out["cp_overhead_ms"] / row["fwd_bwd_ms"]
+    return out
 
 
 def _report(args, meta, rows) -> None:
@@ -188,11 +193,12 @@ def _report(args, meta, rows) -> None:
     tmp.replace(path)
     print(f"\n{meta['device']} x{args.cp}, CP={args.cp} ({args.cp_comm_type}), fwd+bwd of one layer, ms")
     print(f"{'N':>6} {'k':>5} {'S':>7} {'CP=1':>8} {'CP=' + str(args.cp):>8} {'ratio':>6} "
-          f"{'attn1':>7} {'attnN':>7} {'halo%':>6} {'peak GiB':>9}")
+          f"{'attn1':>7} {'attnN':>7} {'halo%':>6} {'CP+%':>6} {'peak GiB':>9}")
     for r in rows:
         nan = float("nan")
         print(f"{_fmt_len(r['N']):>6} {r['topk']:>5} {r['S']:>7} {r.get('cp1_fwd_bwd_ms', nan):8.2f} "
               f"{r['fwd_bwd_ms']:8.2f} {r.get('ratio_fwd_bwd', nan):6.3f} "
               f"{r.get('cp1_attention_fwd_bwd_ms', nan):7.2f} {r['attention_fwd_bwd_ms']:7.2f} "
-              f"{100 * r['halo_share']:6.2f} {max(r['peak_gib_per_rank']):9.1f}")
+              f"{100 * r['halo_share']:6.2f} {100 * r.get('cp_overhead_share', nan):6.2f} "
+              f"{max(r['peak_gib_per_rank']):9.1f}")
     print(f"\nwrote {path}")

@@ -154,17 +154,19 @@ def spill_rows(o: Tensor, plan: SelectionPlan) -> Tensor:
     """What a chunk's scatter feeds past its end: [b, p**(L-1) - 1, Hq, d], the rows its last
     entry of each level l >= 1 feeds in the next chunk's first p**l - 1 tokens (zero where that
     entry was not emitted). Differentiable in `o`; fp32, so that the receiving chunk's sum is
-that of the unsplit sequence up to fp32 rounding."""
+    that of the unsplit sequence up to fp32 rounding. A handful of launches for every level at
+    once, and no host synchronisation (it runs while the attention before it is queued)."""
     b, _, heads, d = o.shape
-    n, p = plan.seq_len, plan.pooling_factor
+    n, p, levels = plan.seq_len, plan.pooling_factor, plan.levels
+    offsets = level_offsets(n, p, levels)
+    # The slot of the last entry of each level l >= 1: [b, L-1, Hq] (-1: not emitted).
+    slot = torch.stack([plan.inverse[:, offsets[lv] + n // p**lv - 1] for lv in range(1, levels)], dim=1)
     group = heads // plan.kv_heads
-    offsets = level_offsets(n, p, plan.levels)
-    spill = o.new_zeros(b, p ** (plan.levels - 1) - 1, heads, d, dtype=torch.float32)
-    for level in range(1, plan.levels):
-        c = p**level
-        slot = plan.inverse[:, offsets[level] + n // c - 1].long()  # [b * Hkv], the last entry
-        slot = slot.reshape(b, plan.kv_heads).repeat_interleave(group, dim=1)  # [b, H]
-        row = o.gather(1, slot.clamp(min=0)[:, None, :, None].expand(-1, 1, -1, d)).float()
-        row = torch.where((slot >= 0)[:, None, :, None], row, 0.0)
-        spill[:, : c - 1] = spill[:, : c - 1] + row
-    return spill
+    slot = slot.view(b, plan.kv_heads, levels - 1).transpose(1, 2).repeat_interleave(group, dim=2)
+    rows = o.gather(1, slot.clamp(min=0).long().unsqueeze(-1).expand(-1, -1, -1, d)).float()
+    rows = torch.where((slot >= 0).unsqueeze(-1), rows, 0.0)
+    # Level l's row feeds spill row t when t < p**l - 1.
+    t = torch.arange(p ** (levels - 1) - 1, device=o.device)
+    reach = p ** torch.arange(1, levels, device=o.device) - 1
+    feeds = (t[:, None] < reach[None, :]).to(rows.dtype)
+    return torch.einsum("tl,blhd->bthd", feeds, rows)

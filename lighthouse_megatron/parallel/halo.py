@@ -16,34 +16,38 @@ from torch import Tensor
 from .context import ContextParallel
 
 
-def _all_chunks(pair: Tensor, cp: ContextParallel) -> list[Tensor]:
-    """[2, ...] per rank (its two chunks) -> a list indexed by global chunk id."""
-    parts = [torch.empty_like(pair) for _ in range(cp.size)]
-    dist.all_gather(parts, pair.contiguous(), group=cp.group)
-    chunks: list[Tensor] = [pair[0]] * (2 * cp.size)
-    for r, part in enumerate(parts):
-        first, second = cp.chunk_ids(r)
-        chunks[first], chunks[second] = part[0], part[1]
-    return chunks
+def _take(pairs: Tensor, cp: ContextParallel, step: int) -> Tensor:
+    """[2b, ...] of this rank's chunks (batch-major: b, then chunk) -> for each of its chunks j,
+    the rows of chunk j - step from the rank holding it (zeros past either end)."""
+    parts = [torch.empty_like(pairs) for _ in range(cp.size)]
+    dist.all_gather(parts, pairs.contiguous(), group=cp.group)
+    where = {}  # chunk id -> (rank, position)
+    for r in range(cp.size):
+        for pos, j in enumerate(cp.chunk_ids(r)):
+            where[j] = (r, pos)
+    out = []
+    for j in cp.chunk_ids():
+        if j - step not in where:
+            out.append(torch.zeros_like(pairs[0::2]))
+        else:
+            r, pos = where[j - step]
+            out.append(parts[r][pos::2])
+    return torch.stack(out, dim=1).flatten(0, 1)
 
 
 class _HaloExchange(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spill_first: Tensor, spill_second: Tensor, cp: ContextParallel):
+    def forward(ctx, spill: Tensor, cp: ContextParallel):
         ctx.cp = cp
-        spills = _all_chunks(torch.stack([spill_first, spill_second]), cp)
-        # The first chunk of the sequence has nothing before it.
-        return tuple(spills[j - 1] if j > 0 else torch.zeros_like(spill_first) for j in cp.chunk_ids())
+        return _take(spill, cp, 1)
 
     @staticmethod
-    def backward(ctx, grad_first: Tensor, grad_second: Tensor):
-        cp = ctx.cp
-        grads = _all_chunks(torch.stack([grad_first, grad_second]), cp)
-        last = 2 * cp.size - 1  # the last chunk's spill feeds nothing
-        out = [grads[j + 1] if j < last else torch.zeros_like(grad_first) for j in cp.chunk_ids()]
-        return out[0], out[1], None
+    def backward(ctx, grad: Tensor):
+        return _take(grad, ctx.cp, -1), None
 
 
-def exchange_halo(spill_first: Tensor, spill_second: Tensor, cp: ContextParallel) -> tuple[Tensor, Tensor]:
-    """Halos of this rank's two chunks (the spills of the chunks before them), differentiable."""
-    return _HaloExchange.apply(spill_first, spill_second, cp)
+def exchange_halo(spill: Tensor, cp: ContextParallel) -> Tensor:
+    """Halos of this rank's two chunks, differentiable: `spill` [2b, rows, H, d] holds what each
+    chunk (batch-major: b, then the rank's chunk r and 2*CP-1-r) feeds past its end; the result,
+    in the same layout, what the chunk before each feeds into it (zeros for the first chunk)."""
+    return _HaloExchange.apply(spill, cp)
