@@ -151,23 +151,19 @@ def to_common_state_layout(src: Path, dst: Path) -> Path:
     and no common.pt. Uses torch.distributed.checkpoint directly."""
     import shutil
 
-    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter, load, save
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter, save
+
+    from lighthouse_megatron.checkpoint.reader import dcp_read_all
 
     (it,) = [p for p in src.iterdir() if p.name.startswith("iter_")]
-    metadata = FileSystemReader(str(it)).read_metadata()  # test-made, trusted
-    state = {k: torch.empty(m.size, dtype=m.properties.dtype) if isinstance(m, TensorStorageMetadata)
-             else io.BytesIO() for k, m in metadata.state_dict_metadata.items()}
-    load(state, storage_reader=FileSystemReader(str(it)), no_dist=True)
-    state = {k: io.BytesIO(v.getvalue()) if isinstance(v, io.BytesIO) else v for k, v in state.items()}
-    common = torch.load(it / "common.pt", weights_only=False)
-    buffer = io.BytesIO()
-    torch.save([common], buffer)
-    buffer.seek(0)
-    state["common_state/shard_0_1"] = buffer
+    # Byte items as megatron-core hands them to torch: the objects, which torch.save()s.
+    state = {k: torch.load(io.BytesIO(v), weights_only=False) if isinstance(v, bytes) else v  # test-made
+             for k, v in dcp_read_all(it).items()}
+    state["common_state/shard_0_1"] = [torch.load(it / "common.pt", weights_only=False)]
     out = dst / it.name
     out.mkdir(parents=True)
-    save(state, storage_writer=FileSystemWriter(str(out)), no_dist=True)
+    save(state, storage_writer=FileSystemWriter(str(out)), planner=DefaultSavePlanner(flatten_state_dict=False),
+         no_dist=True)
     shutil.copy2(it / "metadata.json", out / "metadata.json")
     shutil.copy2(src / "latest_checkpointed_iteration.txt", dst / "latest_checkpointed_iteration.txt")
     return dst

@@ -36,6 +36,7 @@ def _megatron_lm_parser(extra_args_provider):
         p.add_argument(flag, type=int)
     p.add_argument("--spec", nargs="*", default=None)
     p.add_argument("--transformer-impl", default="local")
+    p.add_argument("--context-parallel-size", type=int, default=1)
     if extra_args_provider is not None:
         p = extra_args_provider(p)
     return p
@@ -177,7 +178,18 @@ def test_core_016_generation(monkeypatch):
         schedule.set_iteration(0)
 
 
-def test_core_019_generation(monkeypatch):
+LH, DENSE = "LighthouseCoreAttention", "DenseCoreAttention"
+
+
+@pytest.mark.parametrize("extra,want", [
+    ([], [LH, LH, DENSE]),
+    # Megatron-LM's local DotProductAttention has no CP: dense models under CP get ours.
+    (["--attention-impl", "dense", "--context-parallel-size", "2"], [DENSE] * 3),
+    (["--attention-impl", "dense"], None),  # Megatron-LM's own spec
+    (["--attention-impl", "dense", "--context-parallel-size", "2", "--transformer-impl", "transformer_engine"],
+     None),
+])
+def test_core_019_generation(monkeypatch, extra, want):
     """parse_and_validate_args, a config container, and a callable transformer_layer_spec."""
     seen = {}
     training = types.ModuleType("megatron.training")
@@ -194,18 +206,22 @@ def test_core_019_generation(monkeypatch):
                  model_provider=None, store=None, get_embedding_ranks=None):
         model_cfg = cfg_container["model"]
         # Megatron-LM 0.19's GPTModelBuilder: a callable spec is called per stage.
-        seen["spec"] = model_cfg.transformer_layer_spec(model_cfg, vp_stage=None)
+        spec = model_cfg.transformer_layer_spec
+        seen["spec"] = None if spec is None else spec(model_cfg, vp_stage=None)
 
     training.pretrain = pretrain
     _install(monkeypatch, training, arguments, _mlm_script(seen), argument_utils)
-    monkeypatch.setattr(sys, "argv", ["pretrain_gpt", *ARGV])
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt", *ARGV, *extra])
     try:
         pretrain_gpt.main()
     finally:
         schedule.set_iteration(0)
+    if want is None:
+        assert seen["spec"] is None
+        return
     names = [s.submodules.self_attention.submodules.core_attention.module.__name__
              for s in seen["spec"].layer_specs]
-    assert names == ["LighthouseCoreAttention", "LighthouseCoreAttention", "DenseCoreAttention"]
+    assert names == want
 
 
 def test_bad_arguments_fail_before_pretrain(monkeypatch, capsys):

@@ -69,7 +69,7 @@ def run_meta(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "cudnn": cudnn_version() if cuda else None,
         "megatron_core": _version("megatron-core"),
         "transformer_engine": _version("transformer-engine") or _version("transformer_engine"),
     }
@@ -116,3 +116,12 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     tmp.replace(path)
+
+
+def cudnn_version():
+    """torch's cuDNN version, or why torch's own cuDNN check refuses (with Transformer Engine
+    loaded first against another cuDNN, torch's cuDNN check raises, while attention works)."""
+    try:
+        return torch.backends.cudnn.version()
+    except RuntimeError as e:
+        return f"unavailable: {str(e).splitlines()[0][:120]}"

@@ -183,6 +183,11 @@ def transformer_config(args, device: torch.device):
     return TransformerConfig(**kw)
 
 
+def _module(spec):
+    """The class a submodule spec builds (TE specs hold some classes bare, not in a ModuleSpec)."""
+    return getattr(spec, "module", spec)
+
+
 def block_spec(config, mode: str, lighthouse: LighthouseConfig, use_te: bool, gathered: int):
     """The package's block spec for this mode; `gathered` tokens per sampled layer (ceiling)."""
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -196,7 +201,7 @@ def block_spec(config, mode: str, lighthouse: LighthouseConfig, use_te: bool, ga
         attention = layer.submodules.self_attention.submodules
         if mode == "none":
             attention.core_attention = ModuleSpec(module=value_copy)
-        elif mode == "ceiling" and attention.core_attention.module is LighthouseCoreAttention:
+        elif mode == "ceiling" and _module(attention.core_attention) is LighthouseCoreAttention:
             attention.core_attention = ModuleSpec(
                 module=sampled, params={"gathered": gathered, "backend": lighthouse.backend})
     return spec

@@ -29,6 +29,7 @@ from ..attention import lighthouse_attention, plan_selection
 from ..backends import dense_causal_attention, te_import_error
 from ..config import BACKENDS, LighthouseConfig
 from ..ops import score_pyramids, segment_sum, select, token_sum
+from ._common import cudnn_version
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 K = 1024
@@ -364,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
+        "cudnn": cudnn_version(),
         "triton": triton.__version__,
         "batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads or args.heads,
         "head_dim": args.head_dim, "dtype": args.dtype, "levels": args.levels,

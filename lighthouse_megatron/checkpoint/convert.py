@@ -400,10 +400,18 @@ def _dcp_write(items: dict, out_dir: Path, source_metadata) -> None:
     extra metadata (`mcore_data`) of the source."""
     import pickle
 
-    from torch.distributed.checkpoint import FileSystemWriter, save
+    from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter, save
+
+    class RawBytesPlanner(DefaultSavePlanner):
+        """Byte items are written as the bytes they were read as (already torch-saved objects;
+        the default planner would torch.save the BytesIO holding them)."""
+
+        def transform_object(self, write_item, object):
+            return object if isinstance(object, io.BytesIO) else super().transform_object(write_item, object)
 
     state = {k: io.BytesIO(v) if isinstance(v, bytes) else v for k, v in items.items()}
-    save(state, storage_writer=FileSystemWriter(str(out_dir), single_file_per_rank=True), no_dist=True)
+    save(state, storage_writer=FileSystemWriter(str(out_dir), single_file_per_rank=True),
+         planner=RawBytesPlanner(flatten_state_dict=False), no_dist=True)
     mcore = getattr(source_metadata, "mcore_data", None)
     if mcore:
         metadata = read_dcp_metadata(out_dir)

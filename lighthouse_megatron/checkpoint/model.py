@@ -301,12 +301,15 @@ def verify_dense(ckpt: Checkpoint, args: dict) -> dict[str, Any]:
     Otherwise the merged TP = 1 state dict is compared key by key with the model's and
     loaded. Transformer Engine checkpoints are loaded into a TE model where TE runs (a GPU);
     elsewhere into the local spec with TE's norm names mapped, TE's
-    `core_attention._extra_state` checked by name.
+    `core_attention._extra_state` checked by name. The forward pass runs on the GPU where TE
+    runs, on the CPU elsewhere.
     Returns a summary; raises CheckpointError on any mismatch.
     """
     te_checkpoint = uses_te(args)
     use_te = te_checkpoint and _te_ready()
-    device = "cuda" if use_te else "cpu"
+    # Where TE runs, megatron-core builds even the local spec's final norm from TE
+    # (transformer_block.LayerNormImpl), which has no CPU kernels: verify on the GPU there.
+    device = "cuda" if _te_ready() else "cpu"
     with single_process_megatron(), cpu_rope() if device == "cpu" else contextlib.nullcontext():
         readable = ckpt.layout == "common.pt" or _core_reads_common_state()
         if ckpt.format == "torch_dist" and readable:

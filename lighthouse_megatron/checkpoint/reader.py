@@ -229,10 +229,18 @@ def _reader(directory: Path):
 
 def dcp_load(directory: Path, state_dict: dict) -> dict:
     """Fill `state_dict` (tensors of the stored shapes, BytesIO for byte items) in place."""
-    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint import DefaultLoadPlanner, load
+
+    class RawBytesPlanner(DefaultLoadPlanner):
+        """Byte items come back as the stored bytes, never unpickled here: torch's default
+        planner unpickles them with weights_only=False, which can run code from the file."""
+
+        def load_bytes(self, read_item, value) -> None:
+            self.state_dict[read_item.dest_index.fqn].write(value.read())
 
     try:
-        load(state_dict, storage_reader=_reader(directory), no_dist=True)
+        load(state_dict, storage_reader=_reader(directory), planner=RawBytesPlanner(flatten_state_dict=False),
+             no_dist=True)
     except CheckpointError:
         raise
     except Exception as e:  # torch wraps per-item failures in CheckpointException

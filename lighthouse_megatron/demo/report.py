@@ -36,11 +36,15 @@ def _stats(name, label, records, lo, hi, seconds, tokens_per_iter, eval_attentio
         raise ValueError(f"{name}: the trainer logged no training iterations between {lo} and {hi}")
     tail = train[-max(1, math.ceil(TAIL * len(train))):]
     speeds = [r["tokens_per_s"] for r in train[1:] or train if r.get("tokens_per_s")]
+    steps = [r.get("time_per_iter_s") for r in train]
     row = {
         "stage": name, "label": label, "iterations": f"{lo}-{hi}", "tokens": (hi - lo + 1) * tokens_per_iter,
         "start_loss": train[0]["loss"], "end_loss": train[-1]["loss"],
         "train_loss": statistics.fmean(r["loss"] for r in tail),
         "tokens_per_s": statistics.median(speeds) if speeds else None, "seconds": seconds,
+        # The training iterations alone (no start-up, evaluation or checkpoints): the cost
+        # that grows with the run.
+        "step_seconds": None if None in steps else sum(steps),
     }
     for attention in eval_attentions:
         row[f"eval_{attention}"] = _last_eval(records, attention, hi)
@@ -61,6 +65,8 @@ def summarize(metrics: dict[str, list[dict]], seconds: dict[str, float], n1: int
         "tokens": s1["tokens"] + s2["tokens"], "start_loss": s1["start_loss"], "train_loss": s2["train_loss"],
         "eval_dense": s2["eval_dense"], "tokens_per_s": None,
         "seconds": seconds["stage1"] + seconds["convert"] + seconds["stage2"],
+        "step_seconds": None if None in (s1["step_seconds"], s2["step_seconds"])
+        else s1["step_seconds"] + s2["step_seconds"],
     }
     convert = {"stage": "convert", "label": "convert", "seconds": seconds["convert"]}
     return [s1, convert, s2, both, ctl]
@@ -137,7 +143,8 @@ def print_checks(checks: list[dict], rows: list[dict], config: dict[str, Any]) -
               f"iterations; noisy on a busy machine){note}")
 
 
-def plot_losses(metrics: dict[str, list[dict]], n1: int, path: Path) -> bool:
+def plot_losses(metrics: dict[str, list[dict]], n1: int, path: Path,
+                title: str = "Lighthouse then dense recovery vs dense from scratch") -> bool:
     """Training loss of the two-stage run and of the control, the switch marked; False
     without matplotlib."""
     try:
@@ -165,7 +172,7 @@ def plot_losses(metrics: dict[str, list[dict]], n1: int, path: Path) -> bool:
     ax.plot([], [], "o", color="white", markeredgecolor="black", label="held-out loss, dense attention")
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (nats per byte)")
-    ax.set_title("Lighthouse then dense recovery vs dense from scratch")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,12 +102,13 @@ def _write_yaml(path: Path, settings: dict[str, Any]) -> Path:
     return path
 
 
-def _prepare_out(out: Path, force: bool) -> None:
+def prepare_out(out: Path, force: bool, outputs: tuple[str, ...] = OUTPUTS) -> None:
+    """Make `out`; refuse (or with `force`, remove) the `outputs` an earlier run left there."""
     if out.exists() and not out.is_dir():
         raise DemoError(f"--out {out} is a file, not a folder")
-    present = [name for name in OUTPUTS if (out / name).exists()]
+    present = [name for name in outputs if (out / name).exists()]
     if present and not force:
-        raise DemoError(f"--out {out} holds the results of an earlier demo ({', '.join(present)}); "
+        raise DemoError(f"--out {out} holds the results of an earlier run ({', '.join(present)}); "
                         "pass --force to replace them or choose another --out")
     for name in present:
         path = out / name
@@ -122,33 +123,50 @@ def _stage(title: str) -> float:
 
 def run_workflow(out: Path, preset: Preset, device: str = "auto", force: bool = False) -> int:
     try:
-        with warnings.catch_warnings():
-            # torch's distributed-checkpoint deprecations, raised inside megatron-core's
-            # checkpoint loading: nothing a demo user can act on.
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            summary = _run(Path(out), preset, device, force)
+        summary = _run(Path(out), preset, device, force)
     except (DemoError, ValueError, OSError) as e:
         print(f"lighthouse-megatron demo: error: {e}", file=sys.stderr)
         return 2
     return 0 if all(c["ok"] for c in summary["checks"]) else 1
 
 
-def _run(out: Path, preset: Preset, device: str, force: bool) -> dict:
+@dataclass
+class TwoStageRun:
+    """What `run_two_stage` did: each run's metrics records (stage1, stage2, control), the
+    seconds of each step (prepare-data, stage1, convert, stage2, control), the settings
+    every run shares, the dataset, and the steps skipped for a spent time budget."""
+
+    config: dict[str, Any]
+    data_prefix: str
+    metrics: dict[str, list[dict]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    data: Any = None  # data.Summary when this run prepared the data
+
+
+def run_two_stage(out: Path, config: dict[str, Any], stage1_iters: int, device: str = "auto",
+                  data_prefix: str | None = None, deadline: float | None = None) -> TwoStageRun:
+    """Stage 1 (Lighthouse, iterations 1..stage1_iters), convert, stage 2 (dense, to
+    config["train_iters"]) and the dense control from scratch, under `out`. Without
+    `data_prefix`, the standard library's sources are prepared into OUT/data first. A step
+    that would start after `deadline` (time.perf_counter()) is skipped with the steps
+    after it."""
     from ..data import format_summary, prepare_data
 
-    _prepare_out(out, force)
-    n1, total = preset.stage1_iters, preset.stage1_iters + preset.stage2_iters
+    n1, total = stage1_iters, config["train_iters"]
     seconds: dict[str, float] = {}
-
-    t = _stage("1/5 prepare-data: this Python's standard library as bytes")
-    data = prepare_data(None, out / "data" / "stdlib")
-    print(format_summary(data))
-    seconds["prepare-data"] = time.perf_counter() - t
+    data = None
+    if data_prefix is None:
+        t = _stage("1/5 prepare-data: this Python's standard library as bytes")
+        data = prepare_data(None, out / "data" / "stdlib")
+        print(format_summary(data))
+        seconds["prepare-data"] = time.perf_counter() - t
+        data_prefix = data.prefix
 
     # One learning-rate schedule over all `total` iterations for every run, the same seed
     # (same initial weights: Lighthouse has no parameters) and the same data order, so the
     # runs differ only in attention.
-    common = {**preset.config(), "data_path": [data.prefix], "device": device, "log_interval": 1}
+    common = {**config, "data_path": [data_prefix], "device": device, "log_interval": 1}
     stages = {
         "stage1": {**common, "save": str(out / "stage1"), "save_interval": n1, "exit_interval": n1},
         "stage2": {**common, "attention_impl": "dense", "load": str(out / "stage1-dense"),
@@ -159,22 +177,37 @@ def _run(out: Path, preset: Preset, device: str, force: bool) -> dict:
     # Every stage's settings are checked before the first one trains.
     parsed = {name: _parse(_write_yaml(out / name / "config.yaml", settings))
               for name, settings in stages.items()}
+    run = TwoStageRun(config=common, data_prefix=data_prefix, seconds=seconds, data=data)
+    steps = [
+        ("stage1", f"2/5 stage 1: Lighthouse attention, iterations 1-{n1}", lambda: _train(parsed["stage1"])),
+        ("convert", "3/5 convert: the stage-1 checkpoint into the dense model's",
+         lambda: _convert(out / "stage1", out / "stage1-dense")),
+        ("stage2", f"4/5 stage 2: dense recovery, iterations {n1 + 1}-{total}", lambda: _train(parsed["stage2"])),
+        ("control", f"5/5 control: dense attention from scratch, iterations 1-{total}",
+         lambda: _train(parsed["control"])),
+    ]
+    with warnings.catch_warnings():
+        # torch's distributed-checkpoint deprecations, raised inside megatron-core's
+        # checkpoint loading: nothing a user can act on.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        for i, (name, title, step) in enumerate(steps):
+            if deadline is not None and time.perf_counter() > deadline:
+                run.skipped = [later[0] for later in steps[i:]]
+                print(f"\n== time budget spent: skipping {', '.join(run.skipped)}", flush=True)
+                break
+            t = _stage(title)
+            records = step()
+            seconds[name] = time.perf_counter() - t
+            if name != "convert":
+                run.metrics[name] = records
+    return run
 
-    t = _stage(f"2/5 stage 1: Lighthouse attention, iterations 1-{n1}")
-    metrics = {"stage1": _train(parsed["stage1"])}
-    seconds["stage1"] = time.perf_counter() - t
 
-    t = _stage("3/5 convert: the stage-1 checkpoint into the dense model's")
-    _convert(out / "stage1", out / "stage1-dense")
-    seconds["convert"] = time.perf_counter() - t
-
-    t = _stage(f"4/5 stage 2: dense recovery, iterations {n1 + 1}-{total}")
-    metrics["stage2"] = _train(parsed["stage2"])
-    seconds["stage2"] = time.perf_counter() - t
-
-    t = _stage(f"5/5 control: dense attention from scratch, iterations 1-{total}")
-    metrics["control"] = _train(parsed["control"])
-    seconds["control"] = time.perf_counter() - t
+def _run(out: Path, preset: Preset, device: str, force: bool) -> dict:
+    prepare_out(out, force)
+    n1, total = preset.stage1_iters, preset.stage1_iters + preset.stage2_iters
+    run = run_two_stage(out, preset.config(), n1, device)
+    metrics, seconds, common, data = run.metrics, run.seconds, run.config, run.data
 
     rows = summarize(metrics, seconds, n1, total, common)
     checks = check_results(rows)

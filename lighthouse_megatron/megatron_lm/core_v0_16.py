@@ -19,6 +19,7 @@ from .launch import (
     extra_args_provider,
     spec_provider_from_args,
     use_megatron_lm_iteration,
+    uses_package_spec,
 )
 
 __all__ = ["extra_args_provider", "run", "wrap_gpt_builder"]
@@ -48,7 +49,7 @@ def wrap_gpt_builder(gpt_builder: Callable) -> Callable:
         use_megatron_lm_iteration()
         call = partial(gpt_builder, args, pre_process, post_process, vp_stage=vp_stage, config=config,
                        pg_collection=pg_collection)
-        if args.attention_impl != "lighthouse":
+        if not uses_package_spec(args):
             return _announced(call(), vp_stage)
         if config is None:
             from megatron.training.arguments import core_transformer_config_from_args

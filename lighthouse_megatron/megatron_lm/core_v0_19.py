@@ -25,6 +25,7 @@ from .launch import (
     extra_args_provider,
     spec_provider_from_args,
     use_megatron_lm_iteration,
+    uses_package_spec,
 )
 
 __all__ = ["configure_model", "extra_args_provider", "lighthouse_spec_from_env", "run"]
@@ -41,7 +42,7 @@ def configure_model(args, model_cfg) -> None:
         if args.attention_impl == "lighthouse" and getattr(args, "spec", None) is not None:
             raise ValueError(f"--attention-impl lighthouse builds its own layer spec; drop --spec "
                              f"{' '.join(args.spec)}")
-    if args.attention_impl == "lighthouse":
+    if uses_package_spec(args):
         model_cfg.transformer_layer_spec = AnnouncingSpecProvider(spec_provider_from_args(args))
     else:
         announce("--attention-impl dense: Megatron-LM's own layer specs")

@@ -74,6 +74,18 @@ def extra_args_provider(other: Callable | None = None) -> Callable:
     return provider
 
 
+def uses_package_spec(args) -> bool:
+    """Whether the model gets this package's block spec: with `--attention-impl lighthouse`,
+    and for dense models that Megatron-LM's own local spec cannot run (its local
+    DotProductAttention has no context parallelism; this package's dense core attention has),
+    unless the user names a `--spec` of their own."""
+    if args.attention_impl == "lighthouse":
+        return True
+    local = getattr(args, "transformer_impl", "transformer_engine") == "local"
+    cp = getattr(args, "context_parallel_size", 1) or 1
+    return local and cp > 1 and getattr(args, "spec", None) is None
+
+
 def spec_provider_from_args(args) -> LighthouseBlockSpecProvider:
     """The callable block spec the (validated) arguments describe."""
     return LighthouseBlockSpecProvider(

@@ -23,6 +23,7 @@ Python API (stable):
         --context-parallel-size, --attention-impl, --lighthouse-*, ...; `--help`
         lists them), a YAML `--config FILE` with the same settings (flags win).
         Raises ValueError naming the setting and the valid values.
+    args = training.settings_args({"num_layers": 2, ...})   # the same from a mapping (YAML keys)
 
     result = training.run(args)                 # TrainResult
         result.train: one dict per logged iteration: iteration, loss, lr, grad_norm,
@@ -33,6 +34,10 @@ Python API (stable):
         result.start_iteration, result.iteration: where it started (after --load) and stopped
 
     training.read_metrics(path) -> list[dict]   # the JSONL file (train and eval records)
+
+    with training.checkpoint_model(root, device="auto") as (model, args, iteration):
+        The model of a checkpoint this trainer wrote, weights loaded, in eval mode, wrapped
+        as training runs it; `training.dense_attention(model)` makes Lighthouse layers dense.
 
 `run` creates (and afterwards destroys) a one-process group when none exists, or uses
 torchrun's. Under torchrun every rank calls it; rank 0 writes logs and metrics.
@@ -49,11 +54,12 @@ import warnings
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine and Apex) (is|are) not installed")
 warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 
-from .arguments import build_parser, megatron_lm_args, parse_args, resolve_args  # noqa: E402
+from .arguments import build_parser, megatron_lm_args, parse_args, resolve_args, settings_args  # noqa: E402
 from .logger import read_metrics  # noqa: E402
-from .trainer import TrainResult, run  # noqa: E402
+from .trainer import TrainResult, checkpoint_model, dense_attention, run  # noqa: E402
 
-__all__ = ["TrainResult", "add_train_parser", "main", "megatron_lm_args", "parse_args", "read_metrics", "run"]
+__all__ = ["TrainResult", "add_train_parser", "checkpoint_model", "dense_attention", "main", "megatron_lm_args",
+           "parse_args", "read_metrics", "run", "settings_args"]
 
 
 def _run_cli(cli: argparse.Namespace) -> int:

@@ -153,6 +153,17 @@ def resolve_args(cli: argparse.Namespace, *, world_size: int | None = None) -> a
     return args
 
 
+def settings_args(settings: dict[str, Any], *, world_size: int | None = None) -> argparse.Namespace:
+    """Validated arguments from a mapping of settings (the YAML keys; None: the default), as
+    `--config` would give them; other keys are ignored."""
+    cli = build_parser().parse_args([])
+    for key in vars(cli):
+        if key in settings:
+            setattr(cli, key, settings[key])
+    cli.config = None
+    return resolve_args(cli, world_size=world_size)
+
+
 def _check_type(args, name, typ, minimum=None):
     value = getattr(args, name)
     flag = "--" + name.replace("_", "-")

@@ -198,21 +198,23 @@ def check_checkpoint_args(args, ckpt_args, root: str) -> None:
 
 def load_checkpoint(args, model, optimizer, scheduler) -> int:
     """Load `args.load` into model, optimizer, scheduler and RNGs; returns the iteration and
-    sets args.consumed_train_samples / consumed_valid_samples from the checkpoint."""
+    sets args.consumed_train_samples / consumed_valid_samples from the checkpoint. With
+    `optimizer` None only the model's weights are read (evaluation)."""
     root = args.load
     iteration, ckpt_args = read_checkpoint_args(root)
     path = iteration_dir(root, iteration)
     layout = (getattr(ckpt_args, "tensor_model_parallel_size", 1), getattr(ckpt_args, "world_size", 1))
     # Megatron-LM restores RNG states only for an unchanged TP/PP layout; so do we.
     restore_rng = layout == (args.tensor_model_parallel_size, args.world_size) and not getattr(
-        ckpt_args, "no_save_rng", False)
+        ckpt_args, "no_save_rng", False) and optimizer is not None
     rng = _rng_state(args.device) if restore_rng else None
     state = _state_dict(args, model, optimizer, scheduler, iteration, rng, is_loading=True)
     with cuda_free_checkpointing(args.device):
         loaded = dist_checkpointing.load(state, path)
     model.load_state_dict(loaded["model"], strict=True)
-    optimizer.load_state_dict(loaded["optimizer"])
-    scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if rng is not None and "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"][0], args.device)
     args.consumed_train_samples = getattr(ckpt_args, "consumed_train_samples", 0)

@@ -36,7 +36,9 @@ class CpuFP32Optimizer(FP32Optimizer):
     def get_grad_norm(self):
         # Megatron's filter: no shared or TP-duplicated grads counted twice; fp32 sum of
         # squares reduced over the model-parallel group, like get_grad_norm_fp32.
-        grads = self.get_main_grads_for_grad_norm()
+        # megatron-core <= 0.18: get_main_grads_for_grad_norm; >= 0.19: get_grads_for_grad_norm.
+        grads = getattr(self, "get_main_grads_for_grad_norm", None) or self.get_grads_for_grad_norm
+        grads = grads()
         total = torch.zeros(1, dtype=torch.float32)
         for g in grads:
             total += g.detach().float().pow(2).sum()

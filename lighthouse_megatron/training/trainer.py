@@ -33,7 +33,7 @@ from megatron.core import parallel_state, tensor_parallel
 from ..megatron import LighthouseCoreAttention, get_gpt_decoder_block_spec, lighthouse_config_from_args
 from ..megatron.schedule import set_iteration
 from . import checkpointing
-from .arguments import padded_vocab_size
+from .arguments import padded_vocab_size, settings_args
 from .cpu import cpu_rotary_embedding, make_cpu_optimizer
 from .logger import MetricsLogger
 
@@ -322,6 +322,49 @@ def evaluate(engine: Engine, dataset, args, dense: bool) -> float:
     engine.runner.train()
     total, tokens = _all_reduce([total, tokens], args.device)
     return total / tokens
+
+
+# ------------------------------------------------------------------- trained models
+
+
+def checkpoint_eval_args(root: str, device: str = "auto"):
+    """The settings stored in trainer checkpoint `root`, validated again for evaluating its
+    model here: one process (TP = CP = 1: torch_dist checkpoints reshard), `device`, bf16 as
+    the device implies, no data and nothing written."""
+    _, stored = checkpointing.read_checkpoint_args(root)
+    if stored is None:
+        raise ValueError(f"{root}: the checkpoint stores no arguments to rebuild its model from")
+    here = dict(lighthouse_config=None, device=device, bf16=None, load=None, save=None, data_path=None,
+                mock_data=True, tensor_model_parallel_size=1, context_parallel_size=1, metrics_file=None,
+                tensorboard_dir=None, save_interval=None, exit_interval=None)
+    return settings_args({**vars(stored), **here}, world_size=1)
+
+
+@contextlib.contextmanager
+def checkpoint_model(root: str, device: str = "auto"):
+    """`with checkpoint_model(root) as (model, args, iteration)`: the model of trainer
+    checkpoint `root`, weights loaded, in eval mode, wrapped as training runs it (bf16 under
+    Float16Module), so `model(input_ids=..., position_ids=..., attention_mask=None)` gives
+    the logits the trainer's evaluation sees (`labels=...`: the per-token losses). A
+    one-process group lives for the block when none exists."""
+    args = checkpoint_eval_args(root, device)
+    created = init_distributed(args)
+    try:
+        set_seed(args)
+        config = transformer_config(args)
+        model = build_model(args, config)
+        args.load = root
+        iteration = checkpointing.load_checkpoint(args, model, None, None)
+        if args.bf16:
+            from megatron.core.transformer.module import Float16Module
+
+            model = Float16Module(config, model)
+        model.eval()
+        yield model, args, iteration
+    finally:
+        if created:
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------ loop
