@@ -144,11 +144,12 @@ def save_torch_dist(model, opt, args, root: Path, iteration: int = ITERATION) ->
     return root
 
 
-def to_common_state_layout(src: Path, dst: Path) -> Path:
+def to_common_state_layout(src: Path, dst: Path, common: dict | None = None) -> Path:
     """Rewrite a megatron-core 0.16 torch_dist checkpoint in the >= 0.19 layout: every item
     kept, the common state stored as the byte item `common_state/shard_0_1` holding
     torch.save([common]) (megatron-core 0.19's ShardedObject("common_state") serialisation),
-    and no common.pt. Uses torch.distributed.checkpoint directly."""
+    and no common.pt; `common` replaces the common state. Uses torch.distributed.checkpoint
+    directly."""
     import shutil
 
     from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter, save
@@ -159,7 +160,11 @@ def to_common_state_layout(src: Path, dst: Path) -> Path:
     # Byte items as megatron-core hands them to torch: the objects, which torch.save()s.
     state = {k: torch.load(io.BytesIO(v), weights_only=False) if isinstance(v, bytes) else v  # test-made
              for k, v in dcp_read_all(it).items()}
-    state["common_state/shard_0_1"] = [torch.load(it / "common.pt", weights_only=False)]
+    if common is None:  # the source's (megatron-core >= 0.19 writes no common.pt)
+        from lighthouse_megatron.checkpoint.reader import locate, read_common
+
+        common = read_common(locate(src))
+    state["common_state/shard_0_1"] = [common]
     out = dst / it.name
     out.mkdir(parents=True)
     save(state, storage_writer=FileSystemWriter(str(out)), planner=DefaultSavePlanner(flatten_state_dict=False),

@@ -33,6 +33,10 @@ def _split_batch(batch):
 
     params = inspect.signature(get_batch_on_this_cp_rank).parameters
     kwargs = {"is_hybrid_cp": False} if "is_hybrid_cp" in params else {}
+    if "cp_group" in params:  # megatron-core 0.19 splits over the whole world without it
+        from megatron.core import parallel_state
+
+        kwargs["cp_group"] = parallel_state.get_context_parallel_group()
     return get_batch_on_this_cp_rank(dict(batch), **kwargs)
 
 

@@ -88,9 +88,13 @@ def test_checkpoint_layout_is_megatron_lms(reference):
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == "6"
     assert not [p for p in os.listdir(save) if p.endswith(".tmp")]
     ckpt = os.path.join(save, "iter_0000006")
-    assert {".metadata", "common.pt", "metadata.json"} <= set(os.listdir(ckpt))
-    # The common part loads with weights_only=True: plain types and megatron-core's safe classes.
-    common = torch.load(os.path.join(ckpt, "common.pt"), weights_only=True)
+    assert {".metadata", "metadata.json"} <= set(os.listdir(ckpt))
+    # The common part (common.pt up to megatron-core 0.18, a distcp byte item from 0.19, as
+    # megatron-core itself writes it) loads with weights_only=True: plain types and
+    # megatron-core's safe classes.
+    from lighthouse_megatron.checkpoint.reader import locate, read_common
+
+    common = read_common(locate(save))
     assert {"args", "checkpoint_version", "iteration", "opt_param_scheduler"} <= set(common)
     assert common["checkpoint_version"] == 3.0 and common["iteration"] == 6
     args = common["args"]

@@ -56,7 +56,7 @@ class Result:
 def load(root: Path) -> dict[str, list[Result]]:
     """JSON results by kind (the folder they sit in); unreadable files are an error."""
     found: dict[str, list[Result]] = {}
-    for kind in ("layer", "e2e", "failure_modes", "quality", "retrieval"):
+    for kind in ("layer", "cp", "e2e", "failure_modes", "quality", "retrieval"):
         for path in sorted((root / kind).glob("*.json")):
             try:
                 data = json.loads(path.read_text())
@@ -237,6 +237,23 @@ def _quality(key: str):
     return measure
 
 
+def _cp(key: str, n: int):
+    def measure(results):
+        out = []
+        for r in results.get("cp", []):
+            for row in r.data.get("rows", []):
+                # The targets are set for TE's p2p ring (Megatron's default); the other
+                # cp_comm_types are in benchmarks/cp/README.md.
+                if row.get("N") != n or key not in row or r.meta.get("cp_comm_type") != "p2p":
+                    continue
+                text = (f"{row[key]:.3f}x ({row['fwd_bwd_ms']:.1f} vs {row['cp1_fwd_bwd_ms']:.1f} ms, p2p)"
+                        if key == "ratio_fwd_bwd" else f"{100 * row[key]:.1f}% ({row['cp_overhead_ms']:.2f} ms)")
+                out.append(Measured(row[key], text, r))
+        return out
+
+    return measure
+
+
 def _retrieval(results):
     out = []
     for r in results.get("retrieval", []):
@@ -312,6 +329,22 @@ CLAIMS = [
         _layer_million,
         lambda v: True,
         "bench layer; bench failure-modes --parts memory",
+    ),
+    Claim(
+        "Context parallelism, CP = 2 at 512K tokens (k=4096): one layer's fwd+bwd over CP = 1",
+        "about 10% per-rank overhead (0.55x at CP = 2)",
+        "<= 0.55x (project target)",
+        _cp("ratio_fwd_bwd", 512 * K),
+        lambda v: v <= 0.55,
+        "bench layer --cp 2",
+    ),
+    Claim(
+        "CP = 2 at 512K: halo exchange and CP bookkeeping, share of the layer",
+        "not reported",
+        "< 3% (project target)",
+        _cp("cp_overhead_share", 512 * K),
+        lambda v: v < 0.03,
+        "bench layer --cp 2",
     ),
     Claim(
         "Recovered model (Lighthouse, then dense) against dense from scratch, same tokens: final dense eval loss",
