@@ -167,8 +167,8 @@ def to_common_state_layout(src: Path, dst: Path, common: dict | None = None) -> 
     state["common_state/shard_0_1"] = [common]
     out = dst / it.name
     out.mkdir(parents=True)
-    save(state, storage_writer=FileSystemWriter(str(out)), planner=DefaultSavePlanner(flatten_state_dict=False),
-         no_dist=True)
+    save(state, storage_writer=FileSystemWriter(str(out)),
+         planner=DefaultSavePlanner(flatten_state_dict=False), no_dist=True)
     shutil.copy2(it / "metadata.json", out / "metadata.json")
     shutil.copy2(src / "latest_checkpointed_iteration.txt", dst / "latest_checkpointed_iteration.txt")
     return dst

@@ -186,8 +186,8 @@ LH, DENSE = "LighthouseCoreAttention", "DenseCoreAttention"
     # Megatron-LM's local DotProductAttention has no CP: dense models under CP get ours.
     (["--attention-impl", "dense", "--context-parallel-size", "2"], [DENSE] * 3),
     (["--attention-impl", "dense"], None),  # Megatron-LM's own spec
-    (["--attention-impl", "dense", "--context-parallel-size", "2", "--transformer-impl", "transformer_engine"],
-     None),
+    (["--attention-impl", "dense", "--context-parallel-size", "2",
+      "--transformer-impl", "transformer_engine"], None),
 ])
 def test_core_019_generation(monkeypatch, extra, want):
     """parse_and_validate_args, a config container, and a callable transformer_layer_spec."""

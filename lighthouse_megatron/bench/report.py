@@ -1,9 +1,9 @@
 """`lighthouse-megatron bench report`: benchmarks/REPORT.md from the committed JSON files.
 
 Every figure in the report comes from a JSON file under --root (written by `bench layer`,
-`bench e2e`, `bench failure-modes`, `bench quality` and `bench retrieval`), with the card and the command recorded in that
-file. A claim without a measurement is listed as not yet measured; nothing is filled in
-by hand. Plots go to <root>/report/.
+`bench e2e`, `bench failure-modes`, `bench quality` and `bench retrieval`), with the card and
+the command recorded in that file. A claim without a measurement is listed as not yet measured;
+nothing is filled in by hand. Plots go to <root>/report/.
 """
 
 from __future__ import annotations
@@ -226,12 +226,13 @@ def _quality(key: str):
                    f"{m['stage1_iters'] + 1}")
             if key == "loss":
                 f = d["final_dense_eval"]
-                out.append(Measured(d["final_loss_gap"], f"{d['final_loss_gap']:+.3f} (recovered {f['recovered']:.3f}"
-                                    f" vs dense {f['dense']:.3f} nats/byte; {run})", r))
+                out.append(Measured(d["final_loss_gap"], f"{d['final_loss_gap']:+.3f} (recovered "
+                                    f"{f['recovered']:.3f} vs dense {f['dense']:.3f} nats/byte; {run})", r))
             else:
                 c = d["cost"]
-                out.append(Measured(c["step_s_ratio"], f"{c['step_s_ratio']:.2f}x ({c['two_stage_step_s']:.0f} s vs "
-                                    f"{c['dense_step_s']:.0f} s of training steps; {run})", r))
+                text = (f"{c['step_s_ratio']:.2f}x ({c['two_stage_step_s']:.0f} s vs "
+                        f"{c['dense_step_s']:.0f} s of training steps; {run})")
+                out.append(Measured(c["step_s_ratio"], text, r))
         return out
 
     return measure
@@ -246,8 +247,10 @@ def _cp(key: str, n: int):
                 # cp_comm_types are in benchmarks/cp/README.md.
                 if row.get("N") != n or key not in row or r.meta.get("cp_comm_type") != "p2p":
                     continue
-                text = (f"{row[key]:.3f}x ({row['fwd_bwd_ms']:.1f} vs {row['cp1_fwd_bwd_ms']:.1f} ms, p2p)"
-                        if key == "ratio_fwd_bwd" else f"{100 * row[key]:.1f}% ({row['cp_overhead_ms']:.2f} ms)")
+                if key == "ratio_fwd_bwd":
+                    text = f"{row[key]:.3f}x ({row['fwd_bwd_ms']:.1f} vs {row['cp1_fwd_bwd_ms']:.1f} ms, p2p)"
+                else:
+                    text = f"{100 * row[key]:.1f}% ({row['cp_overhead_ms']:.2f} ms)"
                 out.append(Measured(row[key], text, r))
         return out
 
@@ -347,7 +350,8 @@ CLAIMS = [
         "bench layer --cp 2",
     ),
     Claim(
-        "Recovered model (Lighthouse, then dense) against dense from scratch, same tokens: final dense eval loss",
+        "Recovered model (Lighthouse, then dense) against dense from scratch, same tokens: "
+        "final dense eval loss",
         "0.68-0.71 vs 0.724",
         f"matches or beats dense (recovered - dense <= +{QUALITY_TOLERANCE})",
         _quality("loss"),
@@ -437,7 +441,8 @@ def _plot_quality(results, out_dir: Path) -> Path | None:
         if "final_loss_gap" in r.data:
             path = out_dir / "quality_loss.png"
             c = r.meta["config"]
-            title = f"{r.path.stem}: {c['seq_length']:,} tokens, {c['num_layers']} layers x {c['hidden_size']} ({r.card})"
+            title = (f"{r.path.stem}: {c['seq_length']:,} tokens, {c['num_layers']} layers x "
+                     f"{c['hidden_size']} ({r.card})")
             return path if plot_losses(r.data["curves"], r.meta["stage1_iters"], path, title) else None
     return None
 
@@ -623,12 +628,14 @@ def quality_section(results: dict) -> list[str]:
         d, m = r.data, r.meta
         c = m["config"]
         lines += [f"### {r.path.as_posix()}", "",
-                  f"{r.card} ({m.get('nvidia_smi')}), megatron-core {m.get('megatron_core')}, {m.get('date')}. "
-                  f"Command: `{r.command}`. {c['num_layers']} layers x {c['hidden_size']}, {c['seq_length']:,} "
+                  f"{r.card} ({m.get('nvidia_smi')}), megatron-core {m.get('megatron_core')}, "
+                  f"{m.get('date')}. Command: `{r.command}`. {c['num_layers']} layers x {c['hidden_size']}, "
+                  f"{c['seq_length']:,} "
                   f"tokens, batch {c['global_batch_size']}, L={c['lighthouse_levels']}, "
                   f"p={c['lighthouse_pooling_factor']}, k={c['lighthouse_topk']}, dense layers "
                   f"{c['lighthouse_dense_layers']}; {m['stage1_iters']} Lighthouse + "
-                  f"{m['total_iters'] - m['stage1_iters']} dense iterations against {m['total_iters']} dense.", ""]
+                  f"{m['total_iters'] - m['stage1_iters']} dense iterations against {m['total_iters']} "
+                  "dense.", ""]
         if "final_loss_gap" not in d:
             lines += [f"Cut short by its time budget: {', '.join(m.get('skipped', []))} did not run.", ""]
             continue
@@ -642,9 +649,11 @@ def quality_section(results: dict) -> list[str]:
                          f"{row['step_seconds']:.1f} | {row['seconds']:.1f} | {speed} |")
         sw, rec = d["switch"], d["recovery"]
         steps = f"after {rec['steps']} dense iterations" if rec["steps"] is not None else "not within the run"
-        lines += ["", f"At the switch the stage-1 weights score {sw['eval_lighthouse']:.4f} with Lighthouse and "
+        lines += ["", f"At the switch the stage-1 weights score {sw['eval_lighthouse']:.4f} with Lighthouse "
+                  "and "
                   f"{sw['eval_dense']:.4f} with dense attention (jump {sw['eval_jump']:+.4f}; train loss "
-                  f"{sw['train_jump']:+.4f}); the dense arm is at {sw['dense_arm_eval']:.4f}. The recovered model is "
+                  f"{sw['train_jump']:+.4f}); the dense arm is at {sw['dense_arm_eval']:.4f}. The recovered "
+                  "model is "
                   f"within {rec['tolerance']} of the dense arm {steps}. Paper's claim: "
                   f"{'held' if d['claim']['held'] else 'did not hold'} here.", ""]
     for r in results.get("retrieval", []):
@@ -657,8 +666,8 @@ def quality_section(results: dict) -> list[str]:
                   "|---|---|---|---|---|"]
         for name, model in d["models"].items():
             sm = model["summary"]
-            lines.append(f"| {name} | {model['iteration']} | {sm['token_accuracy']:.3f} | {sm['exact']:.3f} | "
-                         f"{sm['loss']:.3f} |")
+            lines.append(f"| {name} | {model['iteration']} | {sm['token_accuracy']:.3f} | "
+                         f"{sm['exact']:.3f} | {sm['loss']:.3f} |")
         lines.append("")
     return lines
 

@@ -125,7 +125,8 @@ def make_sample(text: np.ndarray, length: int, depth: float, trial: int, seed: i
 
 
 def held_out_tokens(prefix: str, split: str) -> np.ndarray:
-    """The validation split's documents of dataset `prefix` (megatron-core's split by document), end to end."""
+    """The validation split's documents of dataset `prefix` (megatron-core's split by document),
+    end to end."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix,
         parse_and_normalize_split,
@@ -327,8 +328,8 @@ def run(args: argparse.Namespace) -> int:
             with checkpoint_model(root, args.device) as (model, margs, iteration):
                 device = margs.device
                 print(
-                    f"{name}: {root} (iteration {iteration}), {len(lengths)} lengths x {len(depths)} depths x "
-                    f"{args.trials} trials on {device}",
+                    f"{name}: {root} (iteration {iteration}), {len(lengths)} lengths x {len(depths)} "
+                    f"depths x {args.trials} trials on {device}",
                     flush=True,
                 )
                 cells = probe(model, text, lengths, depths, args, device)

@@ -168,25 +168,22 @@ def cpu_rope():
         torch.cuda.current_device = original
 
 
-def to_te_names(state: dict) -> dict:
+def _rename_layers(state: dict, names: dict[str, str]) -> dict:
     out = {}
     for key, value in state.items():
         m = _LAYER.match(key)
-        if m and m.group(2) in _LOCAL_TO_TE:
-            key = f"decoder.layers.{m.group(1)}.{_LOCAL_TO_TE[m.group(2)]}"
+        if m and m.group(2) in names:
+            key = f"decoder.layers.{m.group(1)}.{names[m.group(2)]}"
         out[key] = value
     return out
+
+
+def to_te_names(state: dict) -> dict:
+    return _rename_layers(state, _LOCAL_TO_TE)
 
 
 def to_local_names(state: dict) -> dict:
-    back = {te: local for local, te in _LOCAL_TO_TE.items()}
-    out = {}
-    for key, value in state.items():
-        m = _LAYER.match(key)
-        if m and m.group(2) in back:
-            key = f"decoder.layers.{m.group(1)}.{back[m.group(2)]}"
-        out[key] = value
-    return out
+    return _rename_layers(state, {te: local for local, te in _LOCAL_TO_TE.items()})
 
 
 # --- tensor-parallel merge (torch format) ---------------------------------------------------

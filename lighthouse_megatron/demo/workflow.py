@@ -182,7 +182,8 @@ def run_two_stage(out: Path, config: dict[str, Any], stage1_iters: int, device: 
         ("stage1", f"2/5 stage 1: Lighthouse attention, iterations 1-{n1}", lambda: _train(parsed["stage1"])),
         ("convert", "3/5 convert: the stage-1 checkpoint into the dense model's",
          lambda: _convert(out / "stage1", out / "stage1-dense")),
-        ("stage2", f"4/5 stage 2: dense recovery, iterations {n1 + 1}-{total}", lambda: _train(parsed["stage2"])),
+        ("stage2", f"4/5 stage 2: dense recovery, iterations {n1 + 1}-{total}",
+         lambda: _train(parsed["stage2"])),
         ("control", f"5/5 control: dense attention from scratch, iterations 1-{total}",
          lambda: _train(parsed["control"])),
     ]

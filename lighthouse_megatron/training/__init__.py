@@ -58,8 +58,8 @@ from .arguments import build_parser, megatron_lm_args, parse_args, resolve_args,
 from .logger import read_metrics  # noqa: E402
 from .trainer import TrainResult, checkpoint_model, dense_attention, run  # noqa: E402
 
-__all__ = ["TrainResult", "add_train_parser", "checkpoint_model", "dense_attention", "main", "megatron_lm_args",
-           "parse_args", "read_metrics", "run", "settings_args"]
+__all__ = ["TrainResult", "add_train_parser", "checkpoint_model", "dense_attention", "main",
+           "megatron_lm_args", "parse_args", "read_metrics", "run", "settings_args"]
 
 
 def _run_cli(cli: argparse.Namespace) -> int:
