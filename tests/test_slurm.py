@@ -392,8 +392,9 @@ def test_existing_script_needs_force(tmp_path, capsys):
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     proc = subprocess.run(
-        ["python", "-m", "lighthouse_megatron.cli", "slurm", "render", "stage1", "-o", str(tmp_path / "x"),
-         "--nodes", "3", "--data-parallel-size", "16"], capture_output=True, text=True)
+        [sys.executable, "-m", "lighthouse_megatron.cli", "slurm", "render", "stage1",
+         "-o", str(tmp_path / "x"), "--nodes", "3", "--data-parallel-size", "16"],
+        capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     # (Importing megatron-core may print warnings first; the error itself is one line.)
