@@ -12,7 +12,6 @@
 # Everything goes under OUT_DIR: e2e/ and failure_modes/ (each step's JSON and .log),
 # evidence_run/ (nvidia-smi.txt; run_evidence.json: each step's command, exit code, seconds). Then
 #     cp -r OUT_DIR/* benchmarks/ && lighthouse-megatron bench report --force
-# The sweep runs 8K-512K (dense up to 128K) as far as its time budget allows.
 # Each benchmark rewrites its JSON after every row, so a step cut off by its limit keeps what it
 # measured. Limits in seconds can be changed through the environment (LIMIT_E2E_BIG, ...).
 # Transformer Engine is used where it imports (each step is a fresh process that imports it
@@ -35,25 +34,8 @@ PY=${PYTHON:-python3}
 LH=("$PY" -m lighthouse_megatron.cli bench)
 
 nvidia-smi > "$OUT/evidence_run/nvidia-smi.txt" 2>&1
-MANIFEST="$OUT/evidence_run/run_evidence.json.tmp"
-echo "[" > "$MANIFEST"
-FIRST=1
-
-step() {  # step DIR NAME LIMIT_SECONDS COMMAND...: the log goes beside the step's JSON
-    local log="$OUT/$1/$2.log" name=$2 limit=$3
-    shift 3
-    echo "=== $name (limit ${limit}s): $*" | tee "$log"
-    local t0=$SECONDS rc
-    timeout --kill-after=15 "$limit" "$@" >> "$log" 2>&1
-    rc=$?
-    tail -n 25 "$log"
-    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
-    [ $FIRST -eq 1 ] || echo "," >> "$MANIFEST"
-    FIRST=0
-    "$PY" -c 'import json, sys; print(json.dumps({"step": sys.argv[1], "rc": int(sys.argv[2]),
-        "seconds": int(sys.argv[3]), "limit_s": int(sys.argv[4]), "command": sys.argv[5:]}))' \
-        "$name" "$rc" "$((SECONDS - t0))" "$limit" "$@" >> "$MANIFEST"
-}
+. benchmarks/steps.sh
+manifest_open "$OUT/evidence_run/run_evidence.json"
 
 E2E_COMMON=(--seq-lens 98304 --warmup 1 --steps 2 --recompute full --loss-chunk 8192)
 
@@ -67,6 +49,5 @@ step e2e e2e_sweep_vocab256 "${LIMIT_SWEEP:-160}" "${LH[@]}" e2e --seq-lens 8K,1
     --vocab 256 --modes dense,lighthouse,ceiling --dense-max-len 128K --warmup 1 --steps 1 \
     --time-budget "${BUDGET_SWEEP:-130}" --out "$OUT/e2e" --name e2e_sweep_vocab256
 
-echo "]" >> "$MANIFEST"
-mv "$MANIFEST" "$OUT/evidence_run/run_evidence.json"
+manifest_close
 echo "results under $OUT"

@@ -1,28 +1,48 @@
 #!/usr/bin/env bash
-# The quality study and the retrieval probe behind benchmarks/REPORT.md, on one GPU (the default
-# preset: about 5 minutes on an H100), each under a time limit:
+# The quality study and the retrieval probe behind benchmarks/REPORT.md's quality rows, on one
+# GPU, each under a time limit (limits add up to 540 s, plus start-up):
 #
-#   1. bench quality: dense from scratch against Lighthouse + dense recovery (16K tokens)
-#   2. bench retrieval: needle-in-a-haystack on the two models it trained
+#   1. bench quality (default preset): a 6-layer byte-level model, hidden 512, at 16,384 tokens,
+#      trained on this Python's standard library; dense from scratch for 1,000 iterations
+#      against Lighthouse for 800 (L=3, p=4, k=256, layers 0 and 5 dense), convert, and dense
+#      recovery for 200. Stages that would start after --time-budget are skipped.
+#   2. bench retrieval: needle in a haystack on both final models at 2K, 4K, 8K and 16K tokens,
+#      5 depths, 4 samples each, dense attention.
 #
 # Usage, from the repository root on the GPU machine:
 #     bash benchmarks/run_quality.sh OUT_DIR
-# Writes OUT_DIR/quality/ and OUT_DIR/retrieval/ (JSON + PNG; the runs' checkpoints stay in
-# OUT_DIR/quality-run/). Then
+# OUT_DIR/quality/ and OUT_DIR/retrieval/ get each step's JSON, PNG and .log; OUT_DIR/quality_run/
+# the data, checkpoints and metrics of the training runs (the probe reads the checkpoints from
+# there; not for committing); OUT_DIR/evidence_run/run_quality.json the commands, exit codes and
+# seconds. Then
 #     cp -r OUT_DIR/quality OUT_DIR/retrieval benchmarks/ && lighthouse-megatron bench report --force
+# Limits in seconds can be changed through the environment (LIMIT_QUALITY, BUDGET_QUALITY,
+# LIMIT_RETRIEVAL).
 set -u -o pipefail
 
 if [ $# -ne 1 ]; then
     echo "error: usage: bash benchmarks/run_quality.sh OUT_DIR" >&2
     exit 2
 fi
-OUT=$1
+OUT=$(realpath -m "$1")
+if [ -e "$OUT/evidence_run/run_quality.json" ] || [ -e "$OUT/quality_run" ]; then
+    echo "error: $OUT already holds a quality run; choose a new folder" >&2
+    exit 2
+fi
+mkdir -p "$OUT/quality" "$OUT/retrieval" "$OUT/evidence_run" || exit 2
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 LH=("$PY" -m lighthouse_megatron.cli bench)
 
-timeout --kill-after=15 "${LIMIT_QUALITY:-480}" "${LH[@]}" quality --work-dir "$OUT/quality-run" \
-    --out "$OUT/quality" --time-budget "${BUDGET_QUALITY:-420}" || exit $?
-timeout --kill-after=15 "${LIMIT_RETRIEVAL:-120}" "${LH[@]}" retrieval --quality "$OUT/quality/quality.json" \
-    --out "$OUT/retrieval"
+nvidia-smi > "$OUT/evidence_run/nvidia-smi-quality.txt" 2>&1
+. benchmarks/steps.sh
+manifest_open "$OUT/evidence_run/run_quality.json"
+
+step quality quality "${LIMIT_QUALITY:-420}" "${LH[@]}" quality --device cuda --time-budget "${BUDGET_QUALITY:-330}" \
+    --work-dir "$OUT/quality_run" --out "$OUT/quality" --name quality
+step retrieval retrieval "${LIMIT_RETRIEVAL:-120}" "${LH[@]}" retrieval --device cuda \
+    --quality "$OUT/quality/quality.json" --out "$OUT/retrieval" --name retrieval
+
+manifest_close
+echo "results under $OUT"

@@ -1,9 +1,9 @@
 """`lighthouse-megatron bench report`: benchmarks/REPORT.md from the committed JSON files.
 
 Every figure in the report comes from a JSON file under --root (written by `bench layer`,
-`bench e2e`, `bench failure-modes`, `bench quality` and `bench retrieval`), with the card and
-the command recorded in that file. A claim without a measurement is listed as not yet measured;
-nothing is filled in by hand. Plots go to <root>/report/.
+`bench e2e`, `bench failure-modes`, `bench quality` and `bench retrieval`), with the card
+and the command recorded in that file. A claim without a measurement is listed as not yet
+measured; nothing is filled in by hand. Plots go to <root>/report/.
 """
 
 from __future__ import annotations
@@ -226,12 +226,13 @@ def _quality(key: str):
                    f"{m['stage1_iters'] + 1}")
             if key == "loss":
                 f = d["final_dense_eval"]
-                out.append(Measured(d["final_loss_gap"], f"{d['final_loss_gap']:+.3f} (recovered "
-                                    f"{f['recovered']:.3f} vs dense {f['dense']:.3f} nats/byte; {run})", r))
+                text = (f"{d['final_loss_gap']:+.3f} (recovered {f['recovered']:.3f} vs dense "
+                        f"{f['dense']:.3f} nats/byte; {run})")
+                out.append(Measured(d["final_loss_gap"], text, r))
             else:
                 c = d["cost"]
-                text = (f"{c['step_s_ratio']:.2f}x ({c['two_stage_step_s']:.0f} s vs "
-                        f"{c['dense_step_s']:.0f} s of training steps; {run})")
+                text = (f"{c['step_s_ratio']:.2f}x ({c['two_stage_step_s']:.1f} s vs "
+                        f"{c['dense_step_s']:.1f} s of training steps; {run})")
                 out.append(Measured(c["step_s_ratio"], text, r))
         return out
 
@@ -627,10 +628,10 @@ def quality_section(results: dict) -> list[str]:
     for r in results.get("quality", []):
         d, m = r.data, r.meta
         c = m["config"]
+        smi = f" ({m['nvidia_smi']})" if m.get("nvidia_smi") else ""
         lines += [f"### {r.path.as_posix()}", "",
-                  f"{r.card} ({m.get('nvidia_smi')}), megatron-core {m.get('megatron_core')}, "
-                  f"{m.get('date')}. Command: `{r.command}`. {c['num_layers']} layers x {c['hidden_size']}, "
-                  f"{c['seq_length']:,} "
+                  f"{r.card}{smi}, megatron-core {m.get('megatron_core')}, {m.get('date')}. Command: "
+                  f"`{r.command}`. {c['num_layers']} layers x {c['hidden_size']}, {c['seq_length']:,} "
                   f"tokens, batch {c['global_batch_size']}, L={c['lighthouse_levels']}, "
                   f"p={c['lighthouse_pooling_factor']}, k={c['lighthouse_topk']}, dense layers "
                   f"{c['lighthouse_dense_layers']}; {m['stage1_iters']} Lighthouse + "
@@ -650,11 +651,9 @@ def quality_section(results: dict) -> list[str]:
         sw, rec = d["switch"], d["recovery"]
         steps = f"after {rec['steps']} dense iterations" if rec["steps"] is not None else "not within the run"
         lines += ["", f"At the switch the stage-1 weights score {sw['eval_lighthouse']:.4f} with Lighthouse "
-                  "and "
-                  f"{sw['eval_dense']:.4f} with dense attention (jump {sw['eval_jump']:+.4f}; train loss "
+                  f"and {sw['eval_dense']:.4f} with dense attention (jump {sw['eval_jump']:+.4f}; train loss "
                   f"{sw['train_jump']:+.4f}); the dense arm is at {sw['dense_arm_eval']:.4f}. The recovered "
-                  "model is "
-                  f"within {rec['tolerance']} of the dense arm {steps}. Paper's claim: "
+                  f"model is within {rec['tolerance']} of the dense arm {steps}. Paper's claim: "
                   f"{'held' if d['claim']['held'] else 'did not hold'} here.", ""]
     for r in results.get("retrieval", []):
         d, m = r.data, r.meta

@@ -45,33 +45,21 @@ MODELS = ("dense", "recovered")  # the keys of bench quality's "checkpoints"
 
 
 def add_retrieval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "retrieval",
-        help="needle-in-a-haystack probe of bench quality's dense and recovered models",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--quality",
-        type=Path,
-        default=Path("benchmarks/quality/quality.json"),
-        help="bench quality's JSON: the checkpoints and data it names are probed",
-    )
-    p.add_argument(
-        "--lengths",
-        default=None,
-        help="comma-separated context lengths ('K' suffix), at most the trained length "
-        "(default: 1/8, 1/4, 1/2 and all of it)",
-    )
+    p = sub.add_parser("retrieval", help="needle-in-a-haystack probe of bench quality's dense and recovered "
+                       "models", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quality", type=Path, default=Path("benchmarks/quality/quality.json"),
+                   help="bench quality's JSON: the checkpoints and data it names are probed")
+    p.add_argument("--lengths", default=None,
+                   help="comma-separated context lengths ('K' suffix), at most the trained length "
+                        "(default: 1/8, 1/4, 1/2 and all of it)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths, fractions in [0, 1]")
     p.add_argument("--trials", type=int, default=4, help="samples per length and depth")
     p.add_argument("--digits", type=int, default=6, help="digits of the value")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-tokens", type=int, default=65536, help="tokens per forward pass")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument(
-        "--out", type=Path, default=Path("benchmarks/retrieval"), help="folder for NAME.json and NAME.png"
-    )
+    p.add_argument("--out", type=Path, default=Path("benchmarks/retrieval"),
+                   help="folder for NAME.json and NAME.png")
     p.add_argument("--name", default="retrieval", help="output file stem (default retrieval)")
     p.add_argument("--force", action="store_true", help="overwrite an existing NAME.json")
     p.set_defaults(func=run_cli)
@@ -88,9 +76,8 @@ def encode(text: str) -> np.ndarray:
 def fixed_tokens(digits: int) -> int:
     """Tokens of a sample besides the haystack (the word is 6 letters)."""
     word, value = "x" * 6, "0" * digits
-    return sum(
-        len(encode(t)) for t in (NEEDLE.format(word=word, value=value), QUERY.format(word=word), value)
-    )
+    texts = (NEEDLE.format(word=word, value=value), QUERY.format(word=word), value)
+    return sum(len(encode(t)) for t in texts)
 
 
 @dataclass(frozen=True)
@@ -104,11 +91,8 @@ class Sample:
 
 def plant(haystack: np.ndarray, depth: float, word: str, value: str) -> Sample:
     """The needle at round(depth * len(haystack)) of the haystack, the question and the value after it."""
-    needle, query, val = (
-        encode(NEEDLE.format(word=word, value=value)),
-        encode(QUERY.format(word=word)),
-        encode(value),
-    )
+    needle = encode(NEEDLE.format(word=word, value=value))
+    query, val = encode(QUERY.format(word=word)), encode(value)
     d = round(depth * len(haystack))
     tokens = np.concatenate([haystack[:d], needle, haystack[d:], query, val])
     return Sample(tokens, d, len(tokens) - len(val), word, value)
@@ -121,12 +105,12 @@ def make_sample(text: np.ndarray, length: int, depth: float, trial: int, seed: i
     value = "".join(str(d) for d in rng.integers(0, 10, size=digits))
     room = length - fixed_tokens(digits)
     start = int(rng.integers(0, len(text) - room + 1))
-    return plant(text[start : start + room], depth, word, value)
+    return plant(text[start:start + room], depth, word, value)
 
 
 def held_out_tokens(prefix: str, split: str) -> np.ndarray:
-    """The validation split's documents of dataset `prefix` (megatron-core's split by document),
-    end to end."""
+    """The validation split's documents of dataset `prefix` (megatron-core's split by
+    document), end to end."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix,
         parse_and_normalize_split,
@@ -151,20 +135,15 @@ def score(model, samples: list[Sample], device: str, batch_size: int) -> list[di
     and exact match, from the model's logits at the positions before them."""
     out = []
     for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
+        chunk = samples[i:i + batch_size]
         tokens = torch.as_tensor(np.stack([s.tokens for s in chunk]), device=device)
         positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
         logits = model(input_ids=tokens, position_ids=positions, attention_mask=None).float()
         for row, s in enumerate(chunk):
-            pred, target = logits[row, s.value_start - 1 : -1], tokens[row, s.value_start :]
+            pred, target = logits[row, s.value_start - 1:-1], tokens[row, s.value_start:]
             correct = (pred.argmax(-1) == target).float()
-            out.append(
-                {
-                    "loss": F.cross_entropy(pred, target).item(),
-                    "token_accuracy": correct.mean().item(),
-                    "exact": bool(correct.all()),
-                }
-            )
+            out.append({"loss": F.cross_entropy(pred, target).item(), "token_accuracy": correct.mean().item(),
+                        "exact": bool(correct.all())})
     return out
 
 
@@ -176,21 +155,12 @@ def probe(model, text: np.ndarray, lengths: list[int], depths: list[float], args
     with dense_attention(model):
         for length in lengths:
             for depth in depths:
-                samples = [
-                    make_sample(text, length, depth, t, args.seed, args.digits) for t in range(args.trials)
-                ]
+                samples = [make_sample(text, length, depth, t, args.seed, args.digits)
+                           for t in range(args.trials)]
                 scores = score(model, samples, device, max(1, args.batch_tokens // length))
-                cells.append(
-                    {
-                        "length": length,
-                        "depth": depth,
-                        "trials": len(scores),
-                        **{
-                            k: statistics.fmean(float(s[k]) for s in scores)
-                            for k in ("loss", "token_accuracy", "exact")
-                        },
-                    }
-                )
+                cells.append({"length": length, "depth": depth, "trials": len(scores),
+                              **{k: statistics.fmean(float(s[k]) for s in scores)
+                                 for k in ("loss", "token_accuracy", "exact")}})
     return cells
 
 
@@ -212,9 +182,8 @@ def plot_heatmap(result: dict, path: Path) -> bool:
     except ImportError:
         return False
     names = [m for m in MODELS if m in result["models"]]
-    fig, axes = plt.subplots(
-        1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False, layout="constrained"
-    )
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False,
+                             layout="constrained")
     for ax, name in zip(axes[0], names, strict=True):
         cells = result["models"][name]["cells"]
         lengths = sorted({c["length"] for c in cells})
@@ -230,11 +199,8 @@ def plot_heatmap(result: dict, path: Path) -> bool:
         ax.set_xlabel("context length (tokens)")
         if ax is axes[0][0]:
             ax.set_ylabel("needle depth (0: start of the context)")
-        ax.set_title(
-            f"{name}: value token accuracy\n(mean {result['models'][name]['summary']['token_accuracy']:.2f}, "
-            f"chance {CHANCE})",
-            fontsize=9,
-        )
+        mean = result["models"][name]["summary"]["token_accuracy"]
+        ax.set_title(f"{name}: value token accuracy\n(mean {mean:.2f}, chance {CHANCE})", fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     tmp = path.with_name(f".{path.name}.tmp.png")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,16 +219,13 @@ def _read_quality(path: Path) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise UsageError(f"--quality {path}: not a readable bench quality JSON ({e})") from None
     missing = [k for k in ("checkpoints", "data_prefix") if k not in data] + [
-        m for m in MODELS if m not in data.get("checkpoints", {})
-    ]
+        m for m in MODELS if m not in data.get("checkpoints", {})]
     if missing:
         raise UsageError(f"--quality {path}: not a bench quality result (missing {missing})")
     for name in MODELS:
         if not Path(data["checkpoints"][name], "latest_checkpointed_iteration.txt").is_file():
-            raise UsageError(
-                f"--quality {path}: the {name} model's checkpoint {data['checkpoints'][name]} is "
-                "gone (bench quality keeps it in its --work-dir)"
-            )
+            raise UsageError(f"--quality {path}: the {name} model's checkpoint {data['checkpoints'][name]} "
+                             "is gone (bench quality keeps it in its --work-dir)")
     return data
 
 
@@ -285,33 +248,23 @@ def run(args: argparse.Namespace) -> int:
     trained = config.seq_length
     shortest = fixed_tokens(args.digits) + 1
     try:
-        lengths = (
-            _int_list(args.lengths)
-            if args.lengths
-            else [n for n in (trained // 8, trained // 4, trained // 2, trained) if n >= shortest]
-        )
+        default = [n for n in (trained // 8, trained // 4, trained // 2, trained) if n >= shortest]
+        lengths = _int_list(args.lengths) if args.lengths else default
     except ValueError:
-        raise UsageError(
-            f"--lengths {args.lengths!r}: expected comma-separated lengths such as 2K,16K"
-        ) from None
+        raise UsageError(f"--lengths {args.lengths!r}: expected comma-separated lengths such as 2K,16K") \
+            from None
     depths = _floats(args.depths, "--depths")
     if not lengths or any(not shortest <= n <= trained for n in lengths):
-        raise UsageError(
-            f"--lengths {args.lengths}: each must lie in {shortest}..{trained} (the needle, question "
-            f"and value take {shortest - 1} tokens; the models trained on {trained})"
-        )
+        raise UsageError(f"--lengths {args.lengths}: each must lie in {shortest}..{trained} (the needle, "
+                         f"question and value take {shortest - 1} tokens; the models trained on {trained})")
     if not depths or any(not 0 <= d <= 1 for d in depths):
         raise UsageError(f"--depths {args.depths}: each must lie in [0, 1]")
     if args.trials < 1 or args.digits < 1 or args.batch_tokens < 1:
-        raise UsageError(
-            f"--trials, --digits and --batch-tokens must be >= 1, got {args.trials}, {args.digits}, "
-            f"{args.batch_tokens}"
-        )
+        raise UsageError(f"--trials, --digits and --batch-tokens must be >= 1, got {args.trials}, "
+                         f"{args.digits}, {args.batch_tokens}")
     if config.vocab_size != 256:
-        raise UsageError(
-            f"--quality {args.quality}: the models read {config.vocab_size} token ids; the "
-            "needle is written in bytes (vocab 256)"
-        )
+        raise UsageError(f"--quality {args.quality}: the models read {config.vocab_size} token ids; the "
+                         "needle is written in bytes (vocab 256)")
     out_json, out_png = args.out / f"{args.name}.json", args.out / f"{args.name}.png"
     check_writable(out_json, args.force)
     text = held_out_tokens(quality["data_prefix"], config.split)
@@ -327,48 +280,25 @@ def run(args: argparse.Namespace) -> int:
             warnings.filterwarnings("ignore", category=FutureWarning)
             with checkpoint_model(root, args.device) as (model, margs, iteration):
                 device = margs.device
-                print(
-                    f"{name}: {root} (iteration {iteration}), {len(lengths)} lengths x {len(depths)} "
-                    f"depths x {args.trials} trials on {device}",
-                    flush=True,
-                )
+                print(f"{name}: {root} (iteration {iteration}), {len(lengths)} lengths x {len(depths)} "
+                      f"depths x {args.trials} trials on {device}", flush=True)
                 cells = probe(model, text, lengths, depths, args, device)
-        models[name] = {
-            "checkpoint": root,
-            "iteration": iteration,
-            "cells": cells,
-            "summary": _summary(cells),
-        }
+        models[name] = {"checkpoint": root, "iteration": iteration, "cells": cells,
+                        "summary": _summary(cells)}
 
     meta = run_meta(torch.device(device))
-    meta.update(
-        quality=str(args.quality),
-        quality_command=quality["meta"].get("command"),
-        lengths=lengths,
-        depths=depths,
-        trials=args.trials,
-        digits=args.digits,
-        seed=args.seed,
-        needle=NEEDLE,
-        query=QUERY,
-        haystack_tokens=len(text),
-        trained_length=trained,
-        wall_s=time.perf_counter() - start,
-    )
+    meta.update(quality=str(args.quality), quality_command=quality["meta"].get("command"), lengths=lengths,
+                depths=depths, trials=args.trials, digits=args.digits, seed=args.seed, needle=NEEDLE,
+                query=QUERY, haystack_tokens=len(text), trained_length=trained,
+                wall_s=time.perf_counter() - start)
     dense, rec = models["dense"]["summary"], models["recovered"]["summary"]
     gap = rec["token_accuracy"] - dense["token_accuracy"]
     result = {
-        "meta": meta,
-        "models": models,
-        "accuracy_gap": gap,
-        "exact_match_gap": rec["exact"] - dense["exact"],
+        "meta": meta, "models": models, "accuracy_gap": gap, "exact_match_gap": rec["exact"] - dense["exact"],
         "loss_gap": rec["loss"] - dense["loss"],
-        "verdict": {
-            "statement": "the recovered model retrieves no worse than the dense one",
-            "threshold": f"recovered - dense token accuracy >= -{TOLERANCE}",
-            "ok": gap >= -TOLERANCE,
-            "chance_token_accuracy": CHANCE,
-        },
+        "verdict": {"statement": "the recovered model retrieves no worse than the dense one",
+                    "threshold": f"recovered - dense token accuracy >= -{TOLERANCE}", "ok": gap >= -TOLERANCE,
+                    "chance_token_accuracy": CHANCE},
     }
     write_json(out_json, result)
     plotted = plot_heatmap(result, out_png)
@@ -377,16 +307,11 @@ def run(args: argparse.Namespace) -> int:
     for name in MODELS:
         s = models[name]["summary"]
         print(f"{name:>10} {s['token_accuracy']:9.3f} {s['exact']:6.3f} {s['loss']:10.3f}")
-    print(
-        f"check  recovered - dense token accuracy: {gap:+.3f}, {result['verdict']['threshold']}  "
-        f"{'ok' if result['verdict']['ok'] else 'did not hold'}"
-    )
-    print(
-        f"info   chance is {CHANCE} per digit; value loss of a uniform guess over digits: {math.log(10):.3f}"
-    )
-    print(
-        f"\nwrote {out_json}" + (f" and {out_png}" if plotted else " (no plot: matplotlib is not installed)")
-    )
+    print(f"check  recovered - dense token accuracy: {gap:+.3f}, {result['verdict']['threshold']}  "
+          f"{'ok' if result['verdict']['ok'] else 'did not hold'}")
+    print(f"info   chance is {CHANCE} per digit; a uniform guess over digits has value loss "
+          f"{math.log(10):.3f}")
+    print(f"\nwrote {out_json}" + (f" and {out_png}" if plotted else " (no plot: no matplotlib)"), flush=True)
     return 0 if all(math.isfinite(m["summary"]["loss"]) for m in models.values()) else 1
 
 

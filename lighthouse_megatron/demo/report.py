@@ -36,15 +36,15 @@ def _stats(name, label, records, lo, hi, seconds, tokens_per_iter, eval_attentio
         raise ValueError(f"{name}: the trainer logged no training iterations between {lo} and {hi}")
     tail = train[-max(1, math.ceil(TAIL * len(train))):]
     speeds = [r["tokens_per_s"] for r in train[1:] or train if r.get("tokens_per_s")]
-    steps = [r.get("time_per_iter_s") for r in train]
+    steps = [r["time_per_iter_s"] for r in train if r.get("time_per_iter_s") is not None]
     row = {
         "stage": name, "label": label, "iterations": f"{lo}-{hi}", "tokens": (hi - lo + 1) * tokens_per_iter,
         "start_loss": train[0]["loss"], "end_loss": train[-1]["loss"],
         "train_loss": statistics.fmean(r["loss"] for r in tail),
         "tokens_per_s": statistics.median(speeds) if speeds else None, "seconds": seconds,
-        # The training iterations alone (no start-up, evaluation or checkpoints): the cost
-        # that grows with the run.
-        "step_seconds": None if None in steps else sum(steps),
+        # The cost that grows with the run: iterations x the median time of one (no start-up,
+        # kernel compilation, evaluation or checkpoints).
+        "step_seconds": (hi - lo + 1) * statistics.median(steps) if steps else None,
     }
     for attention in eval_attentions:
         row[f"eval_{attention}"] = _last_eval(records, attention, hi)
