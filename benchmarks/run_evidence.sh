@@ -29,12 +29,8 @@ if [ -e "$OUT/evidence_run" ]; then
 fi
 mkdir -p "$OUT/e2e" "$OUT/failure_modes" "$OUT/evidence_run" || exit 2
 cd "$(dirname "$0")/.." || exit 2
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python3}
-LH=("$PY" -m lighthouse_megatron.cli bench)
-
-nvidia-smi > "$OUT/evidence_run/nvidia-smi.txt" 2>&1
 . benchmarks/steps.sh
+nvidia-smi > "$OUT/evidence_run/nvidia-smi.txt" 2>&1
 manifest_open "$OUT/evidence_run/run_evidence.json"
 
 E2E_COMMON=(--seq-lens 98304 --warmup 1 --steps 2 --recompute full --loss-chunk 8192)

@@ -31,12 +31,8 @@ if [ -e "$OUT/evidence_run/run_quality.json" ] || [ -e "$OUT/quality_run" ]; the
 fi
 mkdir -p "$OUT/quality" "$OUT/retrieval" "$OUT/evidence_run" || exit 2
 cd "$(dirname "$0")/.." || exit 2
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python3}
-LH=("$PY" -m lighthouse_megatron.cli bench)
-
-nvidia-smi > "$OUT/evidence_run/nvidia-smi-quality.txt" 2>&1
 . benchmarks/steps.sh
+nvidia-smi > "$OUT/evidence_run/nvidia-smi-quality.txt" 2>&1
 manifest_open "$OUT/evidence_run/run_quality.json"
 
 step quality quality "${LIMIT_QUALITY:-420}" "${LH[@]}" quality --device cuda --time-budget "${BUDGET_QUALITY:-330}" \

@@ -1,9 +1,16 @@
 # shellcheck shell=bash
-# Sourced by run_evidence.sh and run_quality.sh (needs OUT and PY set):
+# Sourced by run_evidence.sh and run_quality.sh from the repository root (needs OUT set). Sets
+# PYTHONPATH to the repository, PY (the interpreter, $PYTHON or python3) and LH (the bench
+# command), and defines:
 #   manifest_open FILE               start a JSON manifest of the steps (written as FILE.tmp)
 #   step DIR NAME LIMIT COMMAND...   run COMMAND under a limit of LIMIT seconds, its log in
 #                                    OUT/DIR/NAME.log, and record its exit code and seconds
 #   manifest_close                   finish the manifest and move it to FILE
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+# shellcheck disable=SC2034  # used by the scripts that source this file
+LH=("$PY" -m lighthouse_megatron.cli bench)
 
 manifest_open() {
     MANIFEST_FINAL=$1

@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ._common import UsageError, check_writable, error
 from .layer import K, _fmt_len
@@ -158,38 +159,25 @@ def _e2e_speedup(vocab: int):
     return measure
 
 
-def _e2e_ceiling(results):
-    out = []
-    for r, s, _ in _e2e_summaries(results, E2E_LEN):
-        if "lighthouse_of_ceiling" in s:
-            v = r.meta.get("model", {}).get("vocab")
-            out.append(
-                Measured(
-                    s["lighthouse_of_ceiling"],
-                    f"{100 * s['lighthouse_of_ceiling']:.1f}% of the "
-                    f"ceiling (vocab {v}; ceiling {s.get('ceiling_speedup_vs_dense', float('nan')):.2f}x "
-                    "dense)",
-                    r,
-                )
-            )
-    return out
+def _e2e_summary_value(key: str, text: Callable[[dict, Any], str]):
+    """One measurement per e2e run at 98K whose summary has `key`; `text(summary, vocab)`."""
+
+    def measure(results):
+        return [Measured(s[key], text(s, r.meta.get("model", {}).get("vocab")), r)
+                for r, s, _ in _e2e_summaries(results, E2E_LEN) if key in s]
+
+    return measure
 
 
-def _attention_share(results):
-    out = []
-    for r, s, _ in _e2e_summaries(results, E2E_LEN):
-        if "attention_share_dense" in s:
-            v = r.meta.get("model", {}).get("vocab")
-            out.append(
-                Measured(
-                    s["attention_share_dense"],
-                    f"{100 * s['attention_share_dense']:.0f}% of the dense "
-                    f"step, {100 * s.get('attention_share_lighthouse', float('nan')):.0f}% of the "
-                    f"Lighthouse step (vocab {v})",
-                    r,
-                )
-            )
-    return out
+_e2e_ceiling = _e2e_summary_value(
+    "lighthouse_of_ceiling",
+    lambda s, v: f"{100 * s['lighthouse_of_ceiling']:.1f}% of the ceiling (vocab {v}; ceiling "
+                 f"{s.get('ceiling_speedup_vs_dense', float('nan')):.2f}x dense)")
+_attention_share = _e2e_summary_value(
+    "attention_share_dense",
+    lambda s, v: f"{100 * s['attention_share_dense']:.0f}% of the dense step, "
+                 f"{100 * s.get('attention_share_lighthouse', float('nan')):.0f}% of the Lighthouse step "
+                 f"(vocab {v})")
 
 
 def _break_even(results):
