@@ -6,9 +6,10 @@ its text under `--json-key`). With no input, the Python sources of the running
 interpreter's standard library: real text that every machine has, with no download.
 
 Tokens are bytes by default, as in the paper: ids 0..255 are the UTF-8 bytes and 256 is
-the end-of-document token appended to every document. That is exactly megatron-core's
-`NullTokenizer(256)` (vocabulary 257, `eod` 256), i.e. Megatron-LM's
-`--tokenizer-type NullTokenizer --vocab-size 256`. `--tokenizer PATH` uses a Hugging Face
+the end-of-document token appended to every document: a vocabulary of 257 with `eod` 256,
+megatron-core's `NullTokenizer(256)` up to 0.16 and `NullTokenizer(257)` from 0.19 on (0.19
+counts the end-of-document id in the size). `byte_vocab_size()` gives the `--vocab-size` of
+the installed release; the summary prints the Megatron-LM flags. `--tokenizer PATH` uses a Hugging Face
 tokenizer saved on disk instead (transformers needed; its EOS token ends documents, as
 Megatron-LM's `HuggingFaceTokenizer` does).
 
@@ -36,9 +37,17 @@ from pathlib import Path
 import numpy as np
 
 BYTE_VOCAB_SIZE = 256
-BYTE_EOD = 256  # NullTokenizer(256).eod: the id right after the bytes
+BYTE_EOD = 256  # the id right after the bytes
 # Python sources ship with the interpreter; third-party packages live below these.
 _NOT_STDLIB = {"site-packages", "dist-packages", "__pycache__"}
+
+
+def byte_vocab_size() -> int:
+    """The `--vocab-size` whose megatron-core NullTokenizer has end-of-document id BYTE_EOD:
+    256 up to megatron-core 0.16 (vocabulary = size + 1), 257 from 0.19 on (vocabulary = size)."""
+    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+    return BYTE_VOCAB_SIZE if NullTokenizer(BYTE_VOCAB_SIZE).eod == BYTE_EOD else BYTE_EOD + 1
 
 
 class DataError(ValueError):
@@ -65,7 +74,7 @@ class Summary:
     def megatron_args(self) -> str:
         """The Megatron-LM flags that read this dataset with the same tokenizer."""
         if self.tokenizer == "bytes":
-            tok = f"--tokenizer-type NullTokenizer --vocab-size {BYTE_VOCAB_SIZE}"
+            tok = f"--tokenizer-type NullTokenizer --vocab-size {byte_vocab_size()}"
         else:
             tok = f"--tokenizer-type HuggingFaceTokenizer --tokenizer-model {self.tokenizer}"
         return f"--data-path {self.prefix} {tok}"

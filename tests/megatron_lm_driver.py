@@ -6,8 +6,8 @@ Megatron-LM's `pretrain()` needs CUDA and NCCL, so it is replaced by a stand-in 
 what the real one does first, with Megatron-LM's own functions: parse and validate the
 arguments (with the script's `extra_args_provider`, core 0.16) and build the model through
 the script's model provider on one gloo rank. It prints one line,
-`RESULT {"attention_impl": ..., "core_attention": [class name per layer]}` (core 0.19: of
-the layer specs its model builder would get).
+`RESULT {"attention_impl": ..., "padded_vocab_size": ..., "core_attention": [class name per
+layer]}` (core 0.19: of the layer specs its model builder would get).
 Used by tests/test_patches.py with the snapshot's folder on PYTHONPATH.
 """
 
@@ -35,7 +35,7 @@ def _build(model_provider, args) -> list[str]:
 def _report(args, layers) -> None:
     print("RESULT " + json.dumps({"attention_impl": args.attention_impl,
                                   "lighthouse_topk": args.lighthouse_topk, "spec": args.spec,
-                                  "core_attention": layers}))
+                                  "padded_vocab_size": args.padded_vocab_size, "core_attention": layers}))
 
 
 def pretrain_016(train_valid_test_dataset_provider, model_provider, model_type, forward_step_func,
@@ -49,8 +49,10 @@ def pretrain_016(train_valid_test_dataset_provider, model_provider, model_type, 
 
 def pretrain_019(cfg_container, train_valid_test_dataset_provider, model_type, forward_step_func,
                  **kwargs):
+    from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
     from megatron.training.global_vars import get_args
 
+    build_tokenizer(get_args())  # what initialize_megatron does: sets the padded vocabulary
     # Megatron-LM 0.19's GPTModelBuilder calls a callable spec with the model config.
     model_cfg = cfg_container.model
     block = model_cfg.transformer_layer_spec(model_cfg, vp_stage=None)

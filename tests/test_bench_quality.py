@@ -4,6 +4,7 @@ placement, the report rows built from them, and bad input."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
@@ -215,3 +216,17 @@ def test_quality_and_retrieval_on_gpu(tmp_path):
     assert main(["bench", "retrieval", "--quality", str(out / "quality.json"), "--trials", "1",
                  "--out", str(out)]) == 0
     assert json.loads((out / "retrieval.json").read_text())["meta"]["device"] != "cpu"
+
+
+@pytest.mark.parametrize("preset", sorted(quality.PRESETS))
+def test_the_preset_sets_the_switch(preset):
+    """Without --steps or --switch, stage 1 runs the preset's Lighthouse iterations; with
+    --steps, the same share of them, on an evaluation."""
+    p = quality.PRESETS[preset]
+    flags = dict(preset=preset, steps=None, eval_interval=None, switch=None, tolerance=0.02, seq_length=None)
+    config, switch = quality.settings(argparse.Namespace(**flags))
+    assert (switch, config["train_iters"]) == (p.stage1_iters, p.stage1_iters + p.stage2_iters)
+    steps = 3 * (p.stage1_iters + p.stage2_iters)
+    config, switch = quality.settings(argparse.Namespace(**{**flags, "steps": steps}))
+    assert switch % config["eval_interval"] == 0
+    assert abs(switch - 3 * p.stage1_iters) < config["eval_interval"]

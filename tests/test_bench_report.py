@@ -61,3 +61,27 @@ def test_refuses_to_overwrite_and_bad_root(root, tmp_path, capsys):
     (root / "e2e" / "broken.json").write_text("{")
     assert main(["bench", "report", "--root", str(root), "--force"]) == 2
     assert "broken.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dense_accuracy, verdict", [(0.03, "not informative"), (0.9, "did not reproduce")])
+def test_retrieval_claim_needs_a_dense_model_that_retrieves(root, dense_accuracy, verdict):
+    """A recovered model far behind dense fails the retrieval claim only where dense retrieves;
+    with dense at chance the row says the probe is not informative and gives no verdict."""
+    from pathlib import Path
+
+    from lighthouse_megatron.bench.retrieval import CHANCE, RETRIEVES
+
+    real = Path(__file__).resolve().parents[1] / "benchmarks" / "retrieval" / "retrieval.json"
+    data = json.loads(real.read_text())
+    data["models"]["dense"]["summary"]["token_accuracy"] = dense_accuracy
+    data["models"]["recovered"]["summary"]["token_accuracy"] = dense_accuracy - 0.3
+    data["accuracy_gap"] = -0.3
+    data["verdict"].update(ok=False, informative=dense_accuracy >= CHANCE + RETRIEVES)
+    (root / "retrieval").mkdir()
+    (root / "retrieval" / "r.json").write_text(json.dumps(data))
+    assert main(["bench", "report", "--root", str(root)]) == 0
+    claims, gaps = (root / "REPORT.md").read_text().split("## What did not reproduce")
+    row = next(line for line in claims.splitlines() if line.startswith("| Needle"))
+    failed = "**Did not reproduce**: Needle" in gaps.split("## Plots")[0]
+    assert ("not informative" in row) == (verdict == "not informative")
+    assert failed == (verdict == "did not reproduce")

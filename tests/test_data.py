@@ -85,7 +85,7 @@ def test_directory_round_trip(corpus, tmp_path, capsys):
     tokens = sum(map(len, expected))
     assert "documents  4 from 6 files" in out and f"tokens     {tokens:,}" in out
     assert "1 binary files" in out and "1 empty documents" in out
-    assert "--tokenizer-type NullTokenizer --vocab-size 256" in out
+    assert f"--tokenizer-type NullTokenizer --vocab-size {data.byte_vocab_size()}" in out
     assert tree_hashes(root) == before
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ds.bin", "ds.idx"]
 

@@ -37,6 +37,14 @@ def test_good_run_passes():
                          log(range(21, 41), falling, LOADED), 20, 40) == []
 
 
+def test_a_jump_at_the_switch_passes():
+    """Dense attention on stage-1 weights starts higher than stage 1 ended (seen on an H200:
+    stage 1 5.515 -> 5.239, stage 2 starting at 5.448), still well below a restart."""
+    jump = lambda i: falling(i) + (0.75 * (falling(1) - falling(20)) if i > 20 else 0)  # noqa: E731
+    assert checker.check(log(range(1, 21), jump, LH + "\n" + SAVED),
+                         log(range(21, 41), jump, LOADED), 20, 40) == []
+
+
 @pytest.mark.parametrize("case, match", [
     ("restart", "did not carry over"),
     ("nan", "non-finite"),

@@ -8,6 +8,7 @@ $LIGHTHOUSE_MEGATRON_LM_SNAPSHOTS (`.ci/run` sets it)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -26,7 +27,7 @@ ENV = "LIGHTHOUSE_MEGATRON_LM_SNAPSHOTS"
 TINY = ["--num-layers", "3", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
         "--max-position-embeddings", "64", "--micro-batch-size", "1", "--global-batch-size", "1",
         "--train-iters", "1", "--lr", "1e-4", "--mock-data", "--tokenizer-type", "NullTokenizer",
-        "--vocab-size", "64", "--transformer-impl", "local", "--position-embedding-type",
+        "--vocab-size", "256", "--transformer-impl", "local", "--position-embedding-type",
         "learned_absolute", "--attention-dropout", "0", "--no-persist-layer-norm",
         "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-rope-fusion",
         "--use-cpu-initialization"]
@@ -107,6 +108,23 @@ def test_patched_script_parses_the_flags_and_builds_lighthouse_layers(patched):
     # gets. The last layer stays dense.
     assert result["core_attention"] == ["LighthouseCoreAttention"] * 2 + ["DenseCoreAttention"]
     assert result["spec"] is None  # checkpoints store the arguments: no --spec left behind
+
+
+def test_the_trainer_builds_megatron_lms_vocabulary(patched):
+    """--vocab-size 256 with the NullTokenizer: 384 rows on core 0.16 (its tokenizer adds the
+    end-of-document id), 256 on 0.19. The trainer follows the installed megatron-core, so its
+    checkpoints load into Megatron-LM of the same release."""
+    import megatron.core
+
+    tag, source, work = patched
+    installed = ".".join(megatron.core.__version__.split(".")[:2])
+    if not tag.removeprefix("core_v").startswith(installed + "."):
+        pytest.skip(f"megatron-core {megatron.core.__version__} is installed, not {tag}'s release")
+    result = _result(_run(tag, source, work, *TINY, *LIGHTHOUSE))
+    from lighthouse_megatron.training.arguments import padded_vocab_size
+
+    args = argparse.Namespace(vocab_size=256, make_vocab_size_divisible_by=128, tensor_model_parallel_size=1)
+    assert padded_vocab_size(args) == result["padded_vocab_size"] == {"0.16": 384, "0.19": 256}[installed]
 
 
 def test_patched_script_rejects_a_bad_topk(patched):

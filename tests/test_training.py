@@ -209,6 +209,32 @@ def test_indexed_dataset(tmp_path):
     assert training.main([*argv, "--data-path", prefix]) == 2
 
 
+def test_byte_data_needs_the_end_of_document_id_in_the_vocabulary(tmp_path, capsys):
+    """prepare-data's byte documents end with id 256: the default vocabulary holds it on every
+    megatron-core (NullTokenizer(256) up to 0.16, NullTokenizer(257) from 0.19 on); one less
+    fails at configuration time rather than as an out-of-range embedding lookup."""
+    from lighthouse_megatron.cli import main
+    from lighthouse_megatron.data import BYTE_EOD, byte_vocab_size
+    from lighthouse_megatron.training.arguments import null_tokenizer
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(30):
+        (docs / f"{i}.txt").write_text(f"document {i}\n" * 20)
+    prefix = str(tmp_path / "bytes")
+    assert main(["prepare-data", "--input", str(docs), "--output", prefix]) == 0
+    tok = null_tokenizer(byte_vocab_size())
+    assert (tok.eod, tok.vocab_size) == (BYTE_EOD, BYTE_EOD + 1)
+    argv = [a for a in MODEL if a != "--mock-data"]
+    argv += ["--data-path", prefix, "--split", "80,20,0"]
+    assert training.parse_args(argv).vocab_size == byte_vocab_size()
+    capsys.readouterr()
+    assert training.main([*argv, "--vocab-size", str(byte_vocab_size() - 1)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"holds token id {BYTE_EOD}" in err[0], err
+    assert f"needs --vocab-size {byte_vocab_size()}" in err[0]
+
+
 BAD = [
     ([], "exactly one of --data-path PREFIX and --mock-data"),
     (["--mock-data", "--data-path", "x"], "exactly one of --data-path"),
@@ -297,15 +323,21 @@ def test_two_context_parallel_ranks(tmp_path):
     losses = _losses(records)
     assert len(losses) == 6 and min(losses[-2:]) < losses[0] - 0.3, losses
     assert {r["attention"] for r in records if r["kind"] == "eval"} == {"lighthouse", "dense"}
-    assert losses == pytest.approx(_losses(single.train), rel=1e-5, abs=0)
+    # From the same weights, the same loss up to rounding. Later, selection being discrete,
+    # rounding differences in the weights can flip a close top-k choice and the curves part
+    # a little: two CP = 1 runs that differ only in micro-batch shape do the same (0.8% by
+    # iteration 6). One-step exactness of outputs and gradients: tests/test_megatron_cp.py.
+    expected = _losses(single.train)
+    assert losses[:2] == pytest.approx(expected[:2], rel=1e-5, abs=0)
+    assert losses == pytest.approx(expected, rel=2e-2, abs=0)
 
 
 @pytest.mark.slow
 def test_two_tensor_parallel_ranks_match_one(tmp_path):
     """TP = 2 (torchrun, gloo): megatron-core's CPU initialisation splits the same full weights,
     and heads (whole GQA groups per rank) are independent, so the run is the TP = 1 run."""
-    # Megatron pads the vocabulary to a multiple of 128 x TP: 255 + end-of-document = 256
-    # ids makes TP = 1 and TP = 2 the same model.
+    # Megatron pads the vocabulary to a multiple of 128 x TP: --vocab-size 255 (255 or 256
+    # ids, by megatron-core release) pads to 256 rows for TP = 1 and TP = 2 alike.
     argv = [*MODEL, *LIGHTHOUSE, "--vocab-size", 255, "--exit-interval", 3]
     single = _train(*argv)
     metrics = tmp_path / "m.jsonl"

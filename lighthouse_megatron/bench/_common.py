@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -124,4 +125,8 @@ def cudnn_version():
     try:
         return torch.backends.cudnn.version()
     except RuntimeError as e:
-        return f"unavailable: {str(e).splitlines()[0][:120]}"
+        found = re.search(r"against \(([\d, ]+)\) but found runtime version \(([\d, ]+)\)", str(e))
+        if found is None:
+            return f"unavailable: {str(e).splitlines()[0][:120]}"
+        built, runtime = (v.replace(", ", ".") for v in found.groups())
+        return f"runtime {runtime} (torch built against {built}; torch's own cuDNN check refuses)"

@@ -49,10 +49,10 @@ TOLERANCE = 0.02
 # gather S = 16384/16 + 2*4*256 = 3,072 of 16,384 tokens (S/N = 0.19, the paper's 98K
 # ratio); the first and last layers stay dense (the paper: 2 + 2 of 30).
 PRESETS = {
-    "default": Preset(stage1_iters=800, stage2_iters=200, overrides=dict(
+    "default": Preset(stage1_iters=1280, stage2_iters=320, overrides=dict(
         num_layers=6, hidden_size=512, num_attention_heads=8, num_query_groups=8, seq_length=16384,
         micro_batch_size=2, global_batch_size=2, lr=1.5e-3, min_lr=1.5e-4, lr_warmup_iters=50,
-        eval_interval=25, eval_iters=2, lighthouse_topk=256, lighthouse_tile_topk=64,
+        eval_interval=40, eval_iters=2, lighthouse_topk=256, lighthouse_tile_topk=64,
         lighthouse_dense_layers=[0, -1])),
     # CPU tests: seconds. 256 tokens, k=16, T=8: S = 16 + 2*4*16 = 144.
     "tiny": Preset(stage1_iters=20, stage2_iters=10, overrides=dict(
@@ -73,7 +73,8 @@ def add_quality_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: the preset's)")
     p.add_argument("--steps", type=int, default=None, help="iterations of each arm (default: the preset's)")
     p.add_argument("--switch", type=int, default=None,
-                   help="last Lighthouse iteration, a multiple of --eval-interval (default: 80%% of --steps)")
+                   help="last Lighthouse iteration, a multiple of --eval-interval (default: the preset's "
+                        "share of --steps)")
     p.add_argument("--eval-interval", type=int, default=None, help="iterations between evaluations")
     p.add_argument("--tolerance", type=float, default=TOLERANCE,
                    help=f"nats per byte the recovered model may trail dense and still match "
@@ -101,7 +102,9 @@ def settings(args: argparse.Namespace) -> tuple[dict, int]:
     interval = args.eval_interval or config["eval_interval"]
     if steps < 2 or interval < 1:
         raise UsageError(f"--steps must be >= 2 and --eval-interval >= 1, got {steps} and {interval}")
-    switch = args.switch if args.switch is not None else steps * 4 // 5 // interval * interval
+    # Default: the preset's share of Lighthouse iterations, on an evaluation.
+    n1, n = preset.stage1_iters, preset.stage1_iters + preset.stage2_iters
+    switch = args.switch if args.switch is not None else steps * n1 // n // interval * interval
     if not 0 < switch < steps or switch % interval:
         raise UsageError(f"--switch {switch} must lie in 1..{steps - 1} (--steps {steps}) and be a multiple "
                          f"of --eval-interval {interval}, so that stage 1 is evaluated where it ends")

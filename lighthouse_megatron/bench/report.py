@@ -18,7 +18,7 @@ from typing import Any
 from ._common import UsageError, check_writable, error
 from .layer import K, _fmt_len
 from .quality import TOLERANCE as QUALITY_TOLERANCE
-from .retrieval import CHANCE
+from .retrieval import CHANCE, RETRIEVES
 from .retrieval import TOLERANCE as RETRIEVAL_TOLERANCE
 
 PAPER = "Peng, Ghosh, Quesnelle, arXiv 2605.06554, on B200"
@@ -251,9 +251,12 @@ def _retrieval(results):
     for r in results.get("retrieval", []):
         d, m = r.data, r.meta
         acc = {k: v["summary"]["token_accuracy"] for k, v in d["models"].items()}
-        out.append(Measured(d["accuracy_gap"], f"{d['accuracy_gap']:+.3f} value token accuracy (recovered "
-                            f"{acc['recovered']:.2f} vs dense {acc['dense']:.2f}, chance {CHANCE}; "
-                            f"{', '.join(map(_fmt_len, m['lengths']))} tokens)", r))
+        text = (f"{d['accuracy_gap']:+.3f} value token accuracy (recovered {acc['recovered']:.2f} vs dense "
+                f"{acc['dense']:.2f}, chance {CHANCE}; {', '.join(map(_fmt_len, m['lengths']))} tokens)")
+        if d["verdict"].get("informative", True):
+            out.append(Measured(d["accuracy_gap"], text, r))
+        else:  # no verdict: a gap between two models at chance says nothing about retrieval
+            out.append(Measured(None, f"not informative: neither model retrieves at this scale, {text}", r))
     return out
 
 
@@ -655,6 +658,11 @@ def quality_section(results: dict) -> list[str]:
             sm = model["summary"]
             lines.append(f"| {name} | {model['iteration']} | {sm['token_accuracy']:.3f} | "
                          f"{sm['exact']:.3f} | {sm['loss']:.3f} |")
+        if not d["verdict"].get("informative", True):
+            lines += ["", f"Neither model retrieves: the dense model's value token accuracy is below "
+                      f"chance ({CHANCE}) + {RETRIEVES}, so this probe says nothing about the recovered "
+                      "model's retrieval at this scale (a model this small and briefly trained has not "
+                      "learned to copy a value from far back)."]
         lines.append("")
     return lines
 

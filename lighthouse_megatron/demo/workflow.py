@@ -23,7 +23,7 @@ from .report import check_results, plot_losses, print_checks, print_table, summa
 # them equal). Byte-level: 256 byte ids plus the end-of-document id 256.
 MODEL: dict[str, Any] = dict(
     num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, seq_length=512,
-    vocab_size=256, position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
+    position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
     micro_batch_size=4, global_batch_size=4, train_iters=200, lr=3.0e-3, min_lr=3.0e-4,
     lr_warmup_iters=20, lr_decay_style="cosine", weight_decay=0.01, clip_grad=1.0,
     eval_interval=50, eval_iters=4,

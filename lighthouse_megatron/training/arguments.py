@@ -12,6 +12,7 @@ import argparse
 import os
 from typing import Any
 
+from ..data import byte_vocab_size
 from ..megatron import add_lighthouse_args, validate_lighthouse_args
 
 # The trainer's defaults; a model close to the paper's (Llama-like: RMSNorm, SwiGLU, RoPE,
@@ -19,7 +20,7 @@ from ..megatron import add_lighthouse_args, validate_lighthouse_args
 DEFAULTS: dict[str, Any] = dict(
     # model
     num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=None, ffn_hidden_size=None,
-    kv_channels=None, seq_length=256, max_position_embeddings=None, vocab_size=256,
+    kv_channels=None, seq_length=256, max_position_embeddings=None, vocab_size=None,
     make_vocab_size_divisible_by=128, position_embedding_type="rope", rotary_base=10000,
     normalization="RMSNorm", norm_epsilon=1e-5, swiglu=True, add_bias_linear=False,
     untie_embeddings_and_output_weights=True, qk_layernorm=False, init_method_std=0.02,
@@ -178,6 +179,8 @@ def _check_type(args, name, typ, minimum=None):
 
 def validate_args(args: argparse.Namespace, world_size: int | None = None) -> None:
     """Check every setting and fill the derived ones (Megatron-LM's names) in place."""
+    if args.vocab_size is None:  # bytes and end-of-document, as prepare-data writes them
+        args.vocab_size = byte_vocab_size()
     ints = dict(num_layers=1, hidden_size=1, num_attention_heads=1, seq_length=1, vocab_size=1,
                 make_vocab_size_divisible_by=1, rotary_base=1, micro_batch_size=1, train_iters=1,
                 lr_warmup_iters=0, eval_iters=0, log_interval=1, seed=0, tensor_model_parallel_size=1,
@@ -328,18 +331,37 @@ def _check_splits(args: argparse.Namespace) -> None:
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(args.split))
     used = ("train", "valid", "test") if args.eval_iters else ("train",)
     prefixes = args.data_path if len(args.data_path) == 1 else args.data_path[1::2]
+    vocab = null_tokenizer(args.vocab_size).vocab_size
     for prefix in prefixes:
-        n = IndexedDataset(prefix, mmap=True).sequence_lengths.shape[0]
+        ds = IndexedDataset(prefix, mmap=True)
+        n = ds.sequence_lengths.shape[0]
+        # Documents end with the end-of-document id, the largest id of byte-level data.
+        top = max(int(ds[i].max()) for i in {0, n - 1}) if n else 0
+        if top >= vocab:
+            raise ValueError(
+                f"--data-path {prefix} holds token id {top}, outside --vocab-size {args.vocab_size} "
+                f"(megatron-core's NullTokenizer({args.vocab_size}) has {vocab} ids); byte-level data from "
+                f"`lighthouse-megatron prepare-data` needs --vocab-size {byte_vocab_size()} with this "
+                "megatron-core")
         for name, bounds in zip(("train", "valid", "test"), matrix, strict=True):
             if name in used and bounds is not None and round(bounds[1] * n) - round(bounds[0] * n) == 0:
                 raise ValueError(f"--data-path {prefix} has {n} documents: --split {args.split} gives its "
                                  f"{name} split none; use a larger dataset or another --split (e.g. 90,10,0)")
 
 
+def null_tokenizer(vocab_size: int):
+    """megatron-core's NullTokenizer for `--vocab-size`, the one Megatron-LM of the same release
+    builds: its vocabulary is vocab_size + 1 (end-of-document id vocab_size) up to 0.16 and
+    vocab_size (end-of-document id vocab_size - 1) from 0.19 on."""
+    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+    return NullTokenizer(vocab_size)
+
+
 def padded_vocab_size(args: argparse.Namespace) -> int:
-    """Megatron-LM's `_vocab_size_with_padding` for its NullTokenizer (vocab + end-of-document)."""
+    """Megatron-LM's vocabulary padding of its NullTokenizer's vocabulary (the model's rows)."""
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
-    return -(-(args.vocab_size + 1) // multiple) * multiple
+    return -(-null_tokenizer(args.vocab_size).vocab_size // multiple) * multiple
 
 
 def megatron_lm_args(args: argparse.Namespace) -> list[str]:

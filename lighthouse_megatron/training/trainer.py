@@ -33,7 +33,7 @@ from megatron.core import parallel_state, tensor_parallel
 from ..megatron import LighthouseCoreAttention, get_gpt_decoder_block_spec, lighthouse_config_from_args
 from ..megatron.schedule import set_iteration
 from . import checkpointing
-from .arguments import padded_vocab_size, settings_args
+from .arguments import null_tokenizer, padded_vocab_size, settings_args
 from .cpu import cpu_rotary_embedding, make_cpu_optimizer
 from .logger import MetricsLogger
 
@@ -227,12 +227,11 @@ def build_datasets(args):
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
     from megatron.core.datasets.utils import get_blend_from_list
-    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
 
     config = GPTDatasetConfig(
         random_seed=args.seed, sequence_length=args.seq_length,
         blend=get_blend_from_list(args.data_path) if args.data_path else None, split=args.split,
-        path_to_cache=args.data_cache_path, tokenizer=NullTokenizer(args.vocab_size),
+        path_to_cache=args.data_cache_path, tokenizer=null_tokenizer(args.vocab_size),
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
         create_attention_mask=False, mmap_bin_files=True,
     )

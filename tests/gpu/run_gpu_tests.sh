@@ -8,15 +8,20 @@
 # Needs what tests/gpu/run_megatron_lm.sh needs (the Megatron-LM archives and wheels) and, for
 # the trainer-checkpoint test, MEGATRON_LM=/path/to/an/unpacked/Megatron-LM (set here to the
 # core_v0.19.0 snapshot when unset). Each stream stops after LIMIT_S seconds (default 540). Prints
-# every test's outcome; exit 1 if any failed or a stream ran out of time.
+# every test's outcome; exit 1 if any failed or a stream ran out of time. OUT_DIR gets one log per
+# stream; the tests' temporary folders (checkpoints, Megatron-LM runs) go to a scratch folder,
+# $LIGHTHOUSE_GPU_SCRATCH or a new one under $TMPDIR, whose path the script prints.
 set -u -o pipefail
 if [ $# -lt 1 ]; then
     echo "error: usage: bash tests/gpu/run_gpu_tests.sh OUT_DIR [LIMIT_S]" >&2
     exit 2
 fi
-OUT=$1
+OUT=$(realpath -m "$1")
 LIMIT=${2:-540}
 mkdir -p "$OUT" || exit 2
+SCRATCH=${LIGHTHOUSE_GPU_SCRATCH:-$(mktemp -d)}
+mkdir -p "$SCRATCH" || exit 2
+echo "scratch: $SCRATCH"
 cd "$(dirname "$0")/../.." || exit 2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PYT=(python -m pytest -m gpu -q -rA -p no:cacheprovider)
@@ -25,8 +30,8 @@ if [ -z "${MEGATRON_LM:-}" ]; then
     for dir in "${MEGATRON_LM_ARCHIVES:-}" .whl/megatron-lm ../shared/megatron-lm; do
         archive=$dir/megatron-lm-core_v0.19.0.tgz
         if [ -n "$dir" ] && [ -f "$archive" ]; then
-            mkdir -p "$OUT/mlm" && tar xzf "$archive" -C "$OUT/mlm"
-            export MEGATRON_LM=$OUT/mlm/Megatron-LM-core_v0.19.0
+            mkdir -p "$SCRATCH/mlm" && tar xzf "$archive" -C "$SCRATCH/mlm"
+            export MEGATRON_LM=$SCRATCH/mlm/Megatron-LM-core_v0.19.0
             make -s -C "$MEGATRON_LM/megatron/core/datasets" > /dev/null 2>&1
             break
         fi
@@ -37,7 +42,7 @@ stream() {  # stream NAME GPUS TEST...
     local name=$1 gpus=$2
     shift 2
     (
-        export CUDA_VISIBLE_DEVICES=$gpus PYTEST_ADDOPTS="--basetemp=$OUT/tmp-$name"
+        export CUDA_VISIBLE_DEVICES=$gpus PYTEST_ADDOPTS="--basetemp=$SCRATCH/tmp-$name"
         timeout --kill-after=10 "$LIMIT" "${PYT[@]}" "$@" > "$OUT/$name.log" 2>&1
         echo "[$name] exit $?"
     ) &
