@@ -22,7 +22,7 @@ if [ $# -ne 1 ]; then
     echo "error: usage: bash benchmarks/run_evidence.sh OUT_DIR" >&2
     exit 2
 fi
-OUT=$1
+OUT=$(realpath -m "$1")
 if [ -e "$OUT/evidence_run" ]; then
     echo "error: $OUT already holds a run ($OUT/evidence_run); choose a new folder" >&2
     exit 2
