@@ -10,7 +10,7 @@
 # Usage, from the repository root on the GPU machine:
 #     bash benchmarks/run_evidence.sh OUT_DIR
 # Everything goes under OUT_DIR: e2e/ and failure_modes/ (each step's JSON and .log),
-# evidence_run/ (nvidia-smi.txt; run_evidence.json: each step's command, exit code, seconds). Then
+# evidence_run/ (nvidia-smi-run_evidence.txt; run_evidence.json: each step's command, exit code, seconds). Then
 #     cp -r OUT_DIR/* benchmarks/ && lighthouse-megatron bench report --force
 # Each benchmark rewrites its JSON after every row, so a step cut off by its limit keeps what it
 # measured. Limits in seconds can be changed through the environment (LIMIT_E2E_BIG, ...).
@@ -18,20 +18,9 @@
 # before torch touches cuDNN); the JSON says which spec ran.
 set -u -o pipefail
 
-if [ $# -ne 1 ]; then
-    echo "error: usage: bash benchmarks/run_evidence.sh OUT_DIR" >&2
-    exit 2
-fi
-OUT=$(realpath -m "$1")
-if [ -e "$OUT/evidence_run" ]; then
-    echo "error: $OUT already holds a run ($OUT/evidence_run); choose a new folder" >&2
-    exit 2
-fi
-mkdir -p "$OUT/e2e" "$OUT/failure_modes" "$OUT/evidence_run" || exit 2
-cd "$(dirname "$0")/.." || exit 2
-. benchmarks/steps.sh
-nvidia-smi > "$OUT/evidence_run/nvidia-smi.txt" 2>&1
-manifest_open "$OUT/evidence_run/run_evidence.json"
+# shellcheck source=benchmarks/steps.sh
+. "$(dirname "$0")/steps.sh"
+start_run run_evidence $# "$@" e2e failure_modes
 
 E2E_COMMON=(--seq-lens 98304 --warmup 1 --steps 2 --recompute full --loss-chunk 8192)
 

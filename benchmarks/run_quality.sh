@@ -21,20 +21,9 @@
 # LIMIT_RETRIEVAL).
 set -u -o pipefail
 
-if [ $# -ne 1 ]; then
-    echo "error: usage: bash benchmarks/run_quality.sh OUT_DIR" >&2
-    exit 2
-fi
-OUT=$(realpath -m "$1")
-if [ -e "$OUT/evidence_run/run_quality.json" ] || [ -e "$OUT/quality_run" ]; then
-    echo "error: $OUT already holds a quality run; choose a new folder" >&2
-    exit 2
-fi
-mkdir -p "$OUT/quality" "$OUT/retrieval" "$OUT/evidence_run" || exit 2
-cd "$(dirname "$0")/.." || exit 2
-. benchmarks/steps.sh
-nvidia-smi > "$OUT/evidence_run/nvidia-smi-quality.txt" 2>&1
-manifest_open "$OUT/evidence_run/run_quality.json"
+# shellcheck source=benchmarks/steps.sh
+. "$(dirname "$0")/steps.sh"
+start_run run_quality $# "$@" quality retrieval
 
 step quality quality "${LIMIT_QUALITY:-420}" "${LH[@]}" quality --device cuda --time-budget "${BUDGET_QUALITY:-330}" \
     --work-dir "$OUT/quality_run" --out "$OUT/quality" --name quality

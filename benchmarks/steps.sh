@@ -1,20 +1,42 @@
 # shellcheck shell=bash
-# Sourced by run_evidence.sh and run_quality.sh from the repository root (needs OUT set). Sets
-# PYTHONPATH to the repository, PY (the interpreter, $PYTHON or python3) and LH (the bench
-# command), and defines:
-#   manifest_open FILE               start a JSON manifest of the steps (written as FILE.tmp)
+# Sourced first by run_evidence.sh and run_quality.sh. Defines:
+#   start_run NAME OUT_DIR SUBDIR...  check the command line (one OUT_DIR; "$#" passed first),
+#                                    refuse an OUT_DIR that already holds this run, create
+#                                    OUT_DIR/SUBDIR... and OUT_DIR/evidence_run, go to the
+#                                    repository root, set PYTHONPATH, PY (the interpreter,
+#                                    $PYTHON or python3) and LH (the bench command), save
+#                                    nvidia-smi's output and open the JSON manifest
+#                                    OUT_DIR/evidence_run/NAME.json (written as NAME.json.tmp)
 #   step DIR NAME LIMIT COMMAND...   run COMMAND under a limit of LIMIT seconds, its log in
 #                                    OUT/DIR/NAME.log, and record its exit code and seconds
-#   manifest_close                   finish the manifest and move it to FILE
+#   manifest_close                   finish the manifest and move it into place
 
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python3}
-# shellcheck disable=SC2034  # used by the scripts that source this file
-LH=("$PY" -m lighthouse_megatron.cli bench)
-
-manifest_open() {
-    MANIFEST_FINAL=$1
-    MANIFEST="$1.tmp"
+start_run() {
+    local name=$1 nargs=$2 dir
+    shift 2
+    if [ "$nargs" -ne 1 ]; then
+        echo "error: usage: bash benchmarks/$name.sh OUT_DIR" >&2
+        exit 2
+    fi
+    OUT=$(realpath -m "$1")
+    shift
+    MANIFEST_FINAL="$OUT/evidence_run/$name.json"
+    MANIFEST="$MANIFEST_FINAL.tmp"
+    for dir in "$@"; do
+        if [ -e "$MANIFEST_FINAL" ] || [ -e "$MANIFEST" ] || [ -n "$(ls -A "$OUT/$dir" 2>/dev/null)" ]; then
+            echo "error: $OUT already holds a $name run ($OUT/$dir); choose a new folder" >&2
+            exit 2
+        fi
+    done
+    for dir in "$@" evidence_run; do
+        mkdir -p "$OUT/$dir" || exit 2
+    done
+    cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    PY=${PYTHON:-python3}
+    # shellcheck disable=SC2034  # used by the scripts that source this file
+    LH=("$PY" -m lighthouse_megatron.cli bench)
+    nvidia-smi > "$OUT/evidence_run/nvidia-smi-$name.txt" 2>&1
     echo "[" > "$MANIFEST"
     FIRST=1
 }
