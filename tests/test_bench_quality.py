@@ -209,8 +209,8 @@ def test_bad_input_is_one_error_line(runs, tmp_path, capsys, argv, needle):
 def test_quality_and_retrieval_on_gpu(tmp_path):
     """A short run of the default model on the GPU (bf16, TE where it imports), then the probe."""
     out = tmp_path / "out"
-    assert main(["bench", "quality", "--steps", "100", "--switch", "75", "--device", "cuda", "--work-dir",
-                 str(tmp_path / "work"), "--out", str(out)]) == 0
+    assert main(["bench", "quality", "--steps", "100", "--eval-interval", "25", "--switch", "75",
+                 "--device", "cuda", "--work-dir", str(tmp_path / "work"), "--out", str(out)]) == 0
     data = json.loads((out / "quality.json").read_text())
     assert data["meta"]["config"]["device"] == "cuda" and math.isfinite(data["final_loss_gap"])
     assert main(["bench", "retrieval", "--quality", str(out / "quality.json"), "--trials", "1",

@@ -21,7 +21,6 @@ import inspect
 import logging
 import os
 import random
-import socket
 import time
 from dataclasses import dataclass, field
 
@@ -52,12 +51,6 @@ class TrainResult:
 # ----------------------------------------------------------------------------- setup
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(args) -> bool:
     """Process group (torchrun's env://, else a one-process group) and megatron-core's
     parallel state. Returns True when this call created the process group."""
@@ -69,8 +62,8 @@ def init_distributed(args) -> bool:
         if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend)
         else:
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
-                                    world_size=1)
+            # One process: an in-process store, no port that another job could take first.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         created = True
     if dist.get_world_size() != args.world_size:
         raise ValueError(f"the process group has {dist.get_world_size()} ranks, the settings expect "

@@ -52,6 +52,8 @@ M=tests/test_megatron_lm_gpu.py::test_megatron_lm_two_stages
 C=tests/test_checkpoint_gpu.py::test_megatron_lm_resumes_converted_checkpoint_dense
 stream unit 0 tests/test_ops.py tests/test_reference.py tests/test_backends.py tests/test_megatron_gpu.py \
     tests/test_bench_layer.py tests/test_training_gpu.py
+stream bench 1 tests/test_bench_e2e.py tests/test_bench_failure_modes.py tests/test_bench_quality.py \
+    tests/test_demo.py
 stream cp 0,1 tests/test_parallel_gpu.py
 stream cp19 0,1 "${M}_context_parallel[core_v0.19.0-local]" "${M}_context_parallel[core_v0.19.0-te]"
 stream cp16 1,0 "${M}_context_parallel[core_v0.16.1-local]" "${M}_context_parallel[core_v0.16.1-te]"
