@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test (`pytest -m gpu`) on one machine with two GPUs, in parallel streams of their own
-# (one pytest process each, own temporary folder and log), about 9 minutes with Transformer
+# (one pytest process each, own temporary folder and log), about 7 minutes with Transformer
 # Engine on 2x H100/H200; the Megatron-LM runs are small and share the GPUs.
 #
 #   bash tests/gpu/run_gpu_tests.sh OUT_DIR [LIMIT_S]
