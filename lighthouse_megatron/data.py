@@ -42,12 +42,19 @@ BYTE_EOD = 256  # the id right after the bytes
 _NOT_STDLIB = {"site-packages", "dist-packages", "__pycache__"}
 
 
+def null_tokenizer(vocab_size: int):
+    """megatron-core's NullTokenizer for `--vocab-size`, the one Megatron-LM of the same release
+    builds: its vocabulary is vocab_size + 1 (end-of-document id vocab_size) up to 0.16 and
+    vocab_size (end-of-document id vocab_size - 1) from 0.19 on."""
+    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+    return NullTokenizer(vocab_size)
+
+
 def byte_vocab_size() -> int:
     """The `--vocab-size` whose megatron-core NullTokenizer has end-of-document id BYTE_EOD:
     256 up to megatron-core 0.16 (vocabulary = size + 1), 257 from 0.19 on (vocabulary = size)."""
-    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
-
-    return BYTE_VOCAB_SIZE if NullTokenizer(BYTE_VOCAB_SIZE).eod == BYTE_EOD else BYTE_EOD + 1
+    return BYTE_VOCAB_SIZE if null_tokenizer(BYTE_VOCAB_SIZE).eod == BYTE_EOD else BYTE_EOD + 1
 
 
 class DataError(ValueError):

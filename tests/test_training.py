@@ -214,8 +214,7 @@ def test_byte_data_needs_the_end_of_document_id_in_the_vocabulary(tmp_path, caps
     megatron-core (NullTokenizer(256) up to 0.16, NullTokenizer(257) from 0.19 on); one less
     fails at configuration time rather than as an out-of-range embedding lookup."""
     from lighthouse_megatron.cli import main
-    from lighthouse_megatron.data import BYTE_EOD, byte_vocab_size
-    from lighthouse_megatron.training.arguments import null_tokenizer
+    from lighthouse_megatron.data import BYTE_EOD, byte_vocab_size, null_tokenizer
 
     docs = tmp_path / "docs"
     docs.mkdir()

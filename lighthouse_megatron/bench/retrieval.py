@@ -240,9 +240,8 @@ def _floats(text: str, flag: str) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import BYTE_EOD
+    from ..data import BYTE_EOD, null_tokenizer
     from ..training import checkpoint_model
-    from ..training.arguments import null_tokenizer
     from ..training.trainer import checkpoint_eval_args
 
     quality = _read_quality(args.quality)

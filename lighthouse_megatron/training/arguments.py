@@ -12,7 +12,7 @@ import argparse
 import os
 from typing import Any
 
-from ..data import byte_vocab_size
+from ..data import byte_vocab_size, null_tokenizer
 from ..megatron import add_lighthouse_args, validate_lighthouse_args
 
 # The trainer's defaults; a model close to the paper's (Llama-like: RMSNorm, SwiGLU, RoPE,
@@ -347,15 +347,6 @@ def _check_splits(args: argparse.Namespace) -> None:
             if name in used and bounds is not None and round(bounds[1] * n) - round(bounds[0] * n) == 0:
                 raise ValueError(f"--data-path {prefix} has {n} documents: --split {args.split} gives its "
                                  f"{name} split none; use a larger dataset or another --split (e.g. 90,10,0)")
-
-
-def null_tokenizer(vocab_size: int):
-    """megatron-core's NullTokenizer for `--vocab-size`, the one Megatron-LM of the same release
-    builds: its vocabulary is vocab_size + 1 (end-of-document id vocab_size) up to 0.16 and
-    vocab_size (end-of-document id vocab_size - 1) from 0.19 on."""
-    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
-
-    return NullTokenizer(vocab_size)
 
 
 def padded_vocab_size(args: argparse.Namespace) -> int:

@@ -29,10 +29,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from ..data import null_tokenizer
 from ..megatron import LighthouseCoreAttention, get_gpt_decoder_block_spec, lighthouse_config_from_args
 from ..megatron.schedule import set_iteration
 from . import checkpointing
-from .arguments import null_tokenizer, padded_vocab_size, settings_args
+from .arguments import padded_vocab_size, settings_args
 from .cpu import cpu_rotary_embedding, make_cpu_optimizer
 from .logger import MetricsLogger
 
