@@ -27,7 +27,8 @@ DEFAULTS: dict[str, Any] = dict(
     hidden_dropout=0.0, attention_dropout=0.0,
     # optimisation
     micro_batch_size=1, global_batch_size=None, train_iters=100, lr=3e-4, min_lr=0.0, lr_warmup_iters=0,
-    lr_warmup_init=0.0, lr_decay_iters=None, lr_decay_style="cosine", weight_decay=0.01, adam_beta1=0.9,
+    lr_warmup_init=0.0, lr_decay_iters=None, lr_decay_style="cosine", lr_wsd_decay_style="exponential",
+    lr_wsd_decay_iters=None, override_opt_param_scheduler=False, weight_decay=0.01, adam_beta1=0.9,
     adam_beta2=0.999, adam_eps=1e-8, clip_grad=1.0, seed=1234, bf16=None, device="auto",
     # data
     data_path=None, mock_data=False, split="969,30,1", tokenizer_type="NullTokenizer", data_cache_path=None,
@@ -38,7 +39,10 @@ DEFAULTS: dict[str, Any] = dict(
     tensor_model_parallel_size=1, context_parallel_size=1,
 )
 
-LR_DECAY_STYLES = ("constant", "linear", "cosine")
+# Megatron-LM's --lr-decay-style and --lr-wsd-decay-style choices (megatron-core's
+# OptimizerParamScheduler computes them).
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+LR_WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 DEVICES = ("auto", "cpu", "cuda")
@@ -71,11 +75,20 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     t = p.add_argument_group("training")
     for flag, typ in [("--micro-batch-size", int), ("--global-batch-size", int), ("--train-iters", int),
                       ("--lr", float), ("--min-lr", float), ("--lr-warmup-iters", int),
-                      ("--lr-warmup-init", float), ("--lr-decay-iters", int), ("--weight-decay", float),
+                      ("--lr-warmup-init", float), ("--lr-decay-iters", int), ("--lr-wsd-decay-iters", int),
+                      ("--weight-decay", float),
                       ("--adam-beta1", float), ("--adam-beta2", float), ("--adam-eps", float),
                       ("--clip-grad", float), ("--seed", int)]:
         t.add_argument(flag, type=typ, default=None)
-    t.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default=None)
+    t.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default=None,
+                   help="WSD: constant after warm-up, then --lr-wsd-decay-style over the last "
+                        "--lr-wsd-decay-iters iterations before --lr-decay-iters")
+    t.add_argument("--lr-wsd-decay-style", choices=LR_WSD_DECAY_STYLES, default=None,
+                   help="the WSD anneal's shape (default exponential, as Megatron-LM)")
+    t.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler",
+                   dest="override_opt_param_scheduler", action="store_true", default=None,
+                   help="with --load: take the learning-rate and weight-decay schedule from these "
+                        "settings, not from the checkpoint (without it a different schedule is refused)")
     t.add_argument("--bf16", **bool_flag, help="bf16 weights with fp32 master weights (default: on with "
                    "CUDA, off on CPU)")
     t.add_argument("--device", choices=DEVICES, default=None)
@@ -188,7 +201,8 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> No
     for name, low in ints.items():
         _check_type(args, name, int, low)
     for name in ("num_query_groups", "ffn_hidden_size", "kv_channels", "max_position_embeddings",
-                 "global_batch_size", "lr_decay_iters", "eval_interval", "save_interval", "exit_interval"):
+                 "global_batch_size", "lr_decay_iters", "lr_wsd_decay_iters", "eval_interval", "save_interval",
+                 "exit_interval"):
         if getattr(args, name) is not None:
             _check_type(args, name, int, 1)
     for name in ("lr", "min_lr", "lr_warmup_init", "weight_decay", "clip_grad", "adam_eps", "init_method_std",
@@ -198,7 +212,8 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> No
         _check_type(args, name, float, 0.0)
         if getattr(args, name) >= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
-    for name, choices in (("lr_decay_style", LR_DECAY_STYLES), ("normalization", NORMALIZATIONS),
+    for name, choices in (("lr_decay_style", LR_DECAY_STYLES), ("lr_wsd_decay_style", LR_WSD_DECAY_STYLES),
+                          ("normalization", NORMALIZATIONS),
                           ("position_embedding_type", POSITION_EMBEDDINGS), ("device", DEVICES)):
         if getattr(args, name) not in choices:
             raise ValueError(f"--{name.replace('_', '-')} must be one of {list(choices)}, "
@@ -256,9 +271,16 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> No
     # Schedule.
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
-    if args.lr_warmup_iters > args.lr_decay_iters:
-        raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} exceeds --lr-decay-iters "
+    if args.lr_warmup_iters >= args.lr_decay_iters:  # megatron-core's scheduler asserts it
+        raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --lr-decay-iters "
                          f"{args.lr_decay_iters}")
+    if args.lr_decay_style == "WSD":
+        room = args.lr_decay_iters - args.lr_warmup_iters
+        if args.lr_wsd_decay_iters is None or args.lr_wsd_decay_iters > room:
+            raise ValueError(f"--lr-decay-style WSD needs --lr-wsd-decay-iters in 1..{room} (the anneal "
+                             f"ends at --lr-decay-iters {args.lr_decay_iters}, after --lr-warmup-iters "
+                             f"{args.lr_warmup_iters}), got {args.lr_wsd_decay_iters}")
+    args.override_opt_param_scheduler = bool(args.override_opt_param_scheduler)
 
     # Data.
     if bool(args.mock_data) == bool(args.data_path):
@@ -365,12 +387,17 @@ def megatron_lm_args(args: argparse.Namespace) -> list[str]:
                  "seq_length", "max_position_embeddings", "position_embedding_type", "normalization",
                  "norm_epsilon", "init_method_std", "hidden_dropout", "attention_dropout", "micro_batch_size",
                  "global_batch_size", "train_iters", "lr", "min_lr", "lr_warmup_iters", "lr_warmup_init",
-                 "lr_decay_iters", "lr_decay_style", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+                 "lr_decay_iters", "lr_decay_style", "lr_wsd_decay_style", "weight_decay", "adam_beta1",
+                 "adam_beta2", "adam_eps",
                  "clip_grad", "seed", "tensor_model_parallel_size", "context_parallel_size", "tokenizer_type",
                  "vocab_size", "make_vocab_size_divisible_by", "split", "eval_iters"):
         out += [flag(name), str(getattr(args, name))]
     if args.position_embedding_type == "rope":
         out += ["--rotary-base", str(args.rotary_base)]
+    if args.lr_wsd_decay_iters is not None:
+        out += ["--lr-wsd-decay-iters", str(args.lr_wsd_decay_iters)]
+    if args.override_opt_param_scheduler:  # the spelling every Megatron-LM release accepts
+        out.append("--override-opt_param-scheduler")
     if args.num_query_groups != args.num_attention_heads:
         out += ["--group-query-attention", "--num-query-groups", str(args.num_query_groups)]
     for name, on in (("swiglu", args.swiglu), ("untie_embeddings_and_output_weights",

@@ -179,16 +179,21 @@ SHAPE_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_gro
               "kv_channels", "padded_vocab_size", "swiglu", "add_bias_linear", "normalization",
               "position_embedding_type", "untie_embeddings_and_output_weights", "qk_layernorm")
 # Settings that Megatron's optimizer-parameter scheduler refuses to change on resume.
-SCHEDULE_ARGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style", "train_iters",
-                 "global_batch_size", "weight_decay")
+# megatron-core does not store the WSD anneal in its state; the stored arguments hold it.
+SCHEDULE_ARGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style", "lr_wsd_decay_style",
+                 "lr_wsd_decay_iters", "train_iters", "global_batch_size", "weight_decay")
 
 
 def check_checkpoint_args(args, ckpt_args, root: str) -> None:
     """Fail before building anything when `--load` holds a different model or schedule."""
     if ckpt_args is None:
         return
-    hints = {"model": "", "schedule": " (keep the run's schedule; stop early with --exit-interval)"}
-    for names, what in ((SHAPE_ARGS, "model"), (SCHEDULE_ARGS, "schedule")):
+    hints = {"model": "", "schedule": " (keep the run's schedule and stop early with --exit-interval, or "
+             "change it on purpose with --override-opt_param-scheduler)"}
+    checks = [(SHAPE_ARGS, "model")]
+    if not args.override_opt_param_scheduler:  # Megatron-LM's flag: the new schedule wins
+        checks.append((SCHEDULE_ARGS, "schedule"))
+    for names, what in checks:
         diff = [f"--{n.replace('_', '-')} {getattr(args, n)} (checkpoint: {getattr(ckpt_args, n)})"
                 for n in names if hasattr(ckpt_args, n) and getattr(ckpt_args, n) != getattr(args, n)]
         if diff:
