@@ -14,6 +14,29 @@ from pathlib import Path
 
 import torch
 
+K = 1024
+
+
+def parse_length(text: str) -> int:
+    """'32K' -> 32768, '1M' -> 1048576, '100' -> 100."""
+    text = text.strip().upper()
+    if text.endswith("M"):
+        return int(text[:-1]) * K * K
+    if text.endswith("K"):
+        return int(text[:-1]) * K
+    return int(text)
+
+
+def parse_lengths(text: str) -> list[int]:
+    """Comma-separated `parse_length`s."""
+    return [parse_length(x) for x in text.split(",") if x.strip()]
+
+
+def format_length(n: int) -> str:
+    if n % (K * K) == 0:
+        return f"{n // (K * K)}M"
+    return f"{n // K}K" if n % K == 0 else str(n)
+
 
 class UsageError(Exception):
     """A bad setting: the CLI prints one `error: ...` line and exits with 2."""

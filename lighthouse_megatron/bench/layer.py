@@ -29,10 +29,12 @@ from ..attention import lighthouse_attention, plan_selection
 from ..backends import dense_causal_attention, te_import_error
 from ..config import BACKENDS, LighthouseConfig
 from ..ops import score_pyramids, segment_sum, select, token_sum
-from ._common import cudnn_version
+from ._common import K, cudnn_version
+from ._common import format_length as _fmt_len
+from ._common import parse_length as _int
+from ._common import parse_lengths as _int_list
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-K = 1024
 
 
 def add_layer_parser(sub: argparse._SubParsersAction) -> None:
@@ -65,25 +67,6 @@ def add_layer_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/layer"),
                    help="folder for layer.json and layer.png")
     p.set_defaults(func=run)
-
-
-def _int(text: str) -> int:
-    text = text.strip().upper()
-    if text.endswith("M"):
-        return int(text[:-1]) * K * K
-    if text.endswith("K"):
-        return int(text[:-1]) * K
-    return int(text)
-
-
-def _int_list(text: str) -> list[int]:
-    return [_int(x) for x in text.split(",") if x.strip()]
-
-
-def _fmt_len(n: int) -> str:
-    if n % (K * K) == 0:
-        return f"{n // (K * K)}M"
-    return f"{n // K}K" if n % K == 0 else str(n)
 
 
 # ----------------------------------------------------------------------- timing

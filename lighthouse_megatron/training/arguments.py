@@ -201,8 +201,8 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> No
     for name, low in ints.items():
         _check_type(args, name, int, low)
     for name in ("num_query_groups", "ffn_hidden_size", "kv_channels", "max_position_embeddings",
-                 "global_batch_size", "lr_decay_iters", "lr_wsd_decay_iters", "eval_interval", "save_interval",
-                 "exit_interval"):
+                 "global_batch_size", "lr_decay_iters", "lr_wsd_decay_iters", "eval_interval",
+                 "save_interval", "exit_interval"):
         if getattr(args, name) is not None:
             _check_type(args, name, int, 1)
     for name in ("lr", "min_lr", "lr_warmup_init", "weight_decay", "clip_grad", "adam_eps", "init_method_std",

@@ -1,4 +1,4 @@
-"""`lighthouse-megatron bench failure-modes`: where Lighthouse attention is weak, measured.
+"""`python -m benchmarks.failure_modes`: where Lighthouse attention is weak, measured.
 
 Parts (--parts, any subset, in this order):
 
@@ -27,18 +27,22 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .. import reference
-from ..attention import lighthouse_attention
-from ..backends import dense_causal_attention
-from ..config import LighthouseConfig
+from lighthouse_megatron import reference
+from lighthouse_megatron.attention import lighthouse_attention
+from lighthouse_megatron.backends import dense_causal_attention
+from lighthouse_megatron.config import LighthouseConfig
+
 from ._common import (
+    K,
     UsageError,
     check_writable,
+    main,
     median,
     run_meta,
     sync,
@@ -46,7 +50,9 @@ from ._common import (
     usage_errors_as_exit_2,
     write_json,
 )
-from .layer import K, _fmt_len, _int, _int_list
+from ._common import format_length as _fmt_len
+from ._common import parse_length as _int
+from ._common import parse_lengths as _int_list
 
 PARTS = ("short", "memory", "topk", "qknorm", "causality")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -190,7 +196,7 @@ def _lighthouse_fn(cfg):
 
 def _stage5(device) -> str:
     """What backend "auto" runs stage 5 with here."""
-    from ..backends import te_available
+    from lighthouse_megatron.backends import te_available
 
     if device.type != "cuda":
         return "sdpa"
@@ -400,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(out_path, args.force)
     if device.type == "cuda":
         # Transformer Engine (stage 5 under "auto") must load before torch first uses cuDNN.
-        from ..backends import te_available
+        from lighthouse_megatron.backends import te_available
 
         te_available()
     meta = run_meta(device if timed else probe_device)
@@ -434,3 +440,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 run_cli = usage_errors_as_exit_2(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main(add_failure_modes_parser, "benchmarks.failure_modes"))

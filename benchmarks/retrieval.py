@@ -1,4 +1,4 @@
-"""`lighthouse-megatron bench retrieval`: a needle-in-a-haystack probe of the dense and the
+"""`python -m benchmarks.retrieval`: a needle-in-a-haystack probe of the dense and the
 recovered model that `bench quality` trained.
 
 Each sample is `length` byte tokens: held-out text (the validation split of the data the
@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -32,8 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._common import UsageError, check_writable, run_meta, usage_errors_as_exit_2, write_json
-from .layer import _fmt_len, _int_list
+from ._common import UsageError, check_writable, main, run_meta, usage_errors_as_exit_2, write_json
+from ._common import format_length as _fmt_len
+from ._common import parse_lengths as _int_list
 
 NEEDLE = "# The secret key for {word} is {value}.\n"
 QUERY = "\n# The secret key for {word} is "
@@ -152,7 +154,7 @@ def score(model, samples: list[Sample], device: str, batch_size: int) -> list[di
 
 def probe(model, text: np.ndarray, lengths: list[int], depths: list[float], args, device: str) -> list[dict]:
     """One cell per (length, depth): the means over its trials."""
-    from ..training import dense_attention
+    from lighthouse_megatron.training import dense_attention
 
     cells = []
     with dense_attention(model):
@@ -240,9 +242,9 @@ def _floats(text: str, flag: str) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import BYTE_EOD, null_tokenizer
-    from ..training import checkpoint_model
-    from ..training.trainer import checkpoint_eval_args
+    from lighthouse_megatron.data import BYTE_EOD, null_tokenizer
+    from lighthouse_megatron.training import checkpoint_model
+    from lighthouse_megatron.training.trainer import checkpoint_eval_args
 
     quality = _read_quality(args.quality)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -327,3 +329,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 run_cli = usage_errors_as_exit_2(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main(add_retrieval_parser, "benchmarks.retrieval"))
