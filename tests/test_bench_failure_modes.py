@@ -1,4 +1,4 @@
-"""`lighthouse-megatron bench failure-modes` on CPU at tiny sizes: every part end to end, and
+"""`python -m benchmarks.failure_modes` on CPU at tiny sizes: every part end to end, and
 the properties its numbers rest on."""
 
 from __future__ import annotations
@@ -8,7 +8,12 @@ import json
 import pytest
 
 from lighthouse_megatron import LighthouseConfig
-from lighthouse_megatron.cli import main
+from benchmarks import failure_modes
+from benchmarks._common import main as study_main
+
+
+def main(argv):
+    return study_main(failure_modes.add_failure_modes_parser, "benchmarks.failure_modes", argv)
 
 TINY = ["--device", "cpu", "--heads", "2", "--head-dim", "16", "--dtype", "fp32", "--levels", "2",
         "--pooling-factor", "2", "--tile-topk", "4", "--short-lens", "256", "--short-topks", "16,24",
@@ -23,7 +28,7 @@ def result(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         # The PyTorch twins, not the Triton interpreter: the kernels have their own tests.
         mp.setenv("TRITON_INTERPRET", "0")
-        assert main(["bench", "failure-modes", *TINY, "--out", str(out)]) == 0
+        assert main([*TINY, "--out", str(out)]) == 0
     return json.loads((out / "failure_modes.json").read_text())
 
 
@@ -61,16 +66,16 @@ def test_selection_leaks_the_future_only_within_a_tile(result):
 
 
 def test_bad_parts_and_probe_sizes(tmp_path, capsys):
-    assert main(["bench", "failure-modes", *TINY, "--parts", "short,speed", "--out", str(tmp_path)]) == 2
+    assert main([*TINY, "--parts", "short,speed", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: --parts 'short,speed': valid parts are short")
-    assert main(["bench", "failure-modes", *TINY, "--probe-len", "500", "--out", str(tmp_path)]) == 2
+    assert main([*TINY, "--probe-len", "500", "--out", str(tmp_path)]) == 2
     assert "error: --probe-len" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
 def test_gpu_timed_parts(tmp_path):
     """On a GPU: the timed parts at small sizes, peak memory recorded."""
-    args = ["bench", "failure-modes", "--parts", "short,memory,topk", "--short-lens", "8K,16K",
+    args = ["--parts", "short,memory,topk", "--short-lens", "8K,16K",
             "--memory-lens", "64K", "--topk-len", "16K", "--reps", "3", "--out", str(tmp_path)]
     assert main(args) == 0
     data = json.loads((tmp_path / "failure_modes.json").read_text())

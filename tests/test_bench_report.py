@@ -1,4 +1,4 @@
-"""`lighthouse-megatron bench report`: REPORT.md from result files shaped like real runs."""
+"""`python -m benchmarks.report`: REPORT.md from result files shaped like real runs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ import json
 import pytest
 
 from lighthouse_megatron.bench.e2e import summarize
-from lighthouse_megatron.cli import main
+from benchmarks import report
+from benchmarks._common import main as study_main
+
+
+def main(argv):
+    return study_main(report.add_report_parser, "benchmarks.report", argv)
 
 
 def _e2e_result(vocab: int, ms: dict[str, float], lens=(98_304,), spec="te") -> dict:
@@ -32,7 +37,7 @@ def root(tmp_path):
 
 
 def test_claims_follow_the_files(root):
-    assert main(["bench", "report", "--root", str(root)]) == 0
+    assert main(["--root", str(root)]) == 0
     text = (root / "REPORT.md").read_text()
     claims = text.split("## What did not reproduce")[0]
     # 530M: 4600 / 1500 ms = 3.07x meets its 3x target; 268M: 4500 / 1500 = 3.00x misses 3.3x.
@@ -57,14 +62,14 @@ def test_claims_follow_the_files(root):
 
 
 def test_refuses_to_overwrite_and_bad_root(root, tmp_path, capsys):
-    assert main(["bench", "report", "--root", str(root)]) == 0
-    assert main(["bench", "report", "--root", str(root)]) == 2
+    assert main(["--root", str(root)]) == 0
+    assert main(["--root", str(root)]) == 2
     assert "--force" in capsys.readouterr().err
-    assert main(["bench", "report", "--root", str(root), "--force"]) == 0
-    assert main(["bench", "report", "--root", str(tmp_path / "nowhere")]) == 2
+    assert main(["--root", str(root), "--force"]) == 0
+    assert main(["--root", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith("error: --root")
     (root / "e2e" / "broken.json").write_text("{")
-    assert main(["bench", "report", "--root", str(root), "--force"]) == 2
+    assert main(["--root", str(root), "--force"]) == 2
     assert "broken.json" in capsys.readouterr().err
 
 
@@ -74,7 +79,7 @@ def test_retrieval_claim_needs_a_dense_model_that_retrieves(root, dense_accuracy
     with dense at chance the row says the probe is not informative and gives no verdict."""
     from pathlib import Path
 
-    from lighthouse_megatron.bench.retrieval import CHANCE, RETRIEVES
+    from benchmarks.retrieval import CHANCE, RETRIEVES
 
     real = Path(__file__).resolve().parents[1] / "benchmarks" / "retrieval" / "retrieval.json"
     data = json.loads(real.read_text())
@@ -84,7 +89,7 @@ def test_retrieval_claim_needs_a_dense_model_that_retrieves(root, dense_accuracy
     data["verdict"].update(ok=False, informative=dense_accuracy >= CHANCE + RETRIEVES)
     (root / "retrieval").mkdir()
     (root / "retrieval" / "r.json").write_text(json.dumps(data))
-    assert main(["bench", "report", "--root", str(root)]) == 0
+    assert main(["--root", str(root)]) == 0
     claims, gaps = (root / "REPORT.md").read_text().split("## What did not reproduce")
     row = next(line for line in claims.splitlines() if line.startswith("| Needle"))
     failed = "**Did not reproduce**: Needle" in gaps.split("## Plots")[0]
