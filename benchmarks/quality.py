@@ -88,6 +88,7 @@ class Preset:
     corpus_mb: float  # site-packages sources added to the standard library, up to this many MB
     passkey_lengths: tuple[int, int]
     jobs: int
+    speedup: float  # assumed aggregate speed-up of `jobs` concurrent processes on one GPU
     describe: str
 
 
@@ -115,6 +116,7 @@ PRESETS = {
         corpus_mb=0,
         passkey_lengths=(512, 4096),
         jobs=6,
+        speedup=1.75,
         describe="6 x 512, 16K tokens, batch 2, 1,000 iterations",
     ),
     # 12 x 1024 at 32K, batch 1 (32K tokens per iteration, as the default). Arithmetic: ~151M
@@ -143,6 +145,7 @@ PRESETS = {
         corpus_mb=64,
         passkey_lengths=(2048, 16384),
         jobs=4,
+        speedup=1.2,
         describe="12 x 1024, 32K tokens, batch 1, 320 iterations",
     ),
     # CPU tests: seconds. 256 tokens, k=16, T=8: S = 16 + 2*4*16 = 144.
@@ -166,6 +169,7 @@ PRESETS = {
         corpus_mb=0,
         passkey_lengths=(96, 200),
         jobs=2,
+        speedup=1.5,
         describe="3 x 32, 256 tokens, batch 2, 40 iterations",
     ),
 }
@@ -223,12 +227,13 @@ class Job:
     name: str
     argv: list[str]
     log: Path
-    est_s: float
+    est_s: float  # seconds alone: start-up (CPU) + `gpu_s`
     deps: list[str] = field(default_factory=list)
     status: str = "pending"  # pending, running, ok, failed, skipped
     rc: int | None = None
     seconds: float | None = None
     why: str = ""
+    gpu_s: float = 0.0  # of est_s, the part that keeps the GPU busy
     proc: Any = None
     started: float = 0.0
 
@@ -280,7 +285,8 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float | None, env: dict[s
 
 
 def estimate(jobs: list[Job], parallel: int, gain: float) -> dict:
-    serial = sum(j.est_s for j in jobs)
+    # Start-up (imports, data indices) overlaps other jobs' GPU work: the GPU time is what adds up.
+    serial = sum(j.gpu_s for j in jobs)
     by = {j.name: j for j in jobs}
     memo: dict[str, float] = {}
 
@@ -413,7 +419,8 @@ def build_plan(args, preset: Preset, data_prefix: str, work: Path) -> Plan:
         }
         settings[schedule] = common
         seeds = args.seeds if schedule == args.paper_schedule else args.sweep_seeds
-        switches = sorted({switch_iteration(f, iters, interval) for f in args.switches})
+        fracs = args.switches if schedule == args.paper_schedule else args.sweep_switches
+        switches = sorted({switch_iteration(f, iters, interval) for f in fracs})
         for seed in range(1, seeds + 1):
             base = work / schedule / f"seed{seed}"
             s = {**common, "seed": seed}
@@ -435,6 +442,7 @@ def build_plan(args, preset: Preset, data_prefix: str, work: Path) -> Plan:
                         d / "train.log",
                         est + startup,
                         [f"{schedule}/seed{seed}/{x}" for x in deps],
+                        gpu_s=est,
                     )
                 )
                 runs[full] = {"schedule": schedule, "seed": seed, "dir": str(d), **info}
@@ -514,6 +522,7 @@ def build_plan(args, preset: Preset, data_prefix: str, work: Path) -> Plan:
                                 f"{schedule}/seed{seed}/dense",
                                 f"{schedule}/seed{seed}/lighthouse_{paper_switch}",
                             ],
+                            gpu_s=5.0,
                         )
                     )
                     runs[f"{schedule}/seed{seed}/leak"] = {
@@ -558,6 +567,7 @@ def build_plan(args, preset: Preset, data_prefix: str, work: Path) -> Plan:
                                 f"{schedule}/seed{seed}/dense",
                                 f"{schedule}/seed{seed}/recovered_{paper_switch}",
                             ],
+                            gpu_s=10.0,
                         )
                     )
                     runs[f"{schedule}/seed{seed}/retrieval"] = {
@@ -790,6 +800,10 @@ def add_quality_parser(sub) -> None:
     p.add_argument(
         "--switches", default=None, help="sweep: comma-separated switch points, e.g. 50,62.5,75,80"
     )
+    p.add_argument(
+        "--sweep-switches", default=None,
+        help="switch points of the other schedules (default: those of --switch and --switches)",
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds of the main protocol (default 3)")
     p.add_argument(
         "--sweep-seeds", type=int, default=None, help="seeds of the other schedules (default --seeds)"
@@ -814,8 +828,8 @@ def add_quality_parser(sub) -> None:
     p.add_argument(
         "--speedup",
         type=float,
-        default=1.75,
-        help="assumed aggregate speed-up of concurrent processes, for the estimate (default 1.75)",
+        default=None,
+        help="assumed aggregate speed-up of concurrent processes, for the estimate (default: the preset's)",
     )
     p.add_argument("--leak-probe", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--retrieval", action=argparse.BooleanOptionalAction, default=True)
@@ -854,6 +868,7 @@ def resolve(args) -> Preset:
     args.iters = args.iters or preset.iters
     args.eval_interval = args.eval_interval or preset.eval_interval
     args.jobs = args.jobs or preset.jobs
+    args.speedup = args.speedup or preset.speedup
     args.sweep_seeds = args.seeds if args.sweep_seeds is None else args.sweep_seeds
     args.corpus_mb = preset.corpus_mb if args.corpus_mb is None else args.corpus_mb
     args.name = args.name or (
@@ -867,6 +882,13 @@ def resolve(args) -> Preset:
     args.switches = sorted(
         {args.main_switch, *(parse_switch(s) for s in (args.switches or "").split(",") if s.strip())}
     )
+    args.sweep_switches = (
+        sorted({parse_switch(s) for s in args.sweep_switches.split(",") if s.strip()})
+        if args.sweep_switches
+        else args.switches
+    )
+    if not args.sweep_switches:
+        raise UsageError("--sweep-switches: give at least one switch point")
     for name in ("seeds", "iters", "eval_interval", "jobs", "retrieval_trials"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -882,7 +904,7 @@ def resolve(args) -> Preset:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    for frac in args.switches:
+    for frac in [*args.switches, *args.sweep_switches]:
         switch_iteration(frac, args.iters, args.eval_interval)
     return preset
 
@@ -975,7 +997,11 @@ def analyze(args, plan: Plan, corpus: dict, preset: Preset, est: dict, wall: flo
             for m in metrics[n]
         ]
         row = seed_row(metrics[prefix + "dense"], stage1, metrics[name], sw, args.iters, args.tolerance)
-        frac = next(f for f in args.switches if switch_iteration(f, args.iters, args.eval_interval) == sw)
+        frac = next(
+            f
+            for f in [*args.switches, *args.sweep_switches]
+            if switch_iteration(f, args.iters, args.eval_interval) == sw
+        )
         rows.append({"schedule": r["schedule"], "seed": r["seed"], "switch_frac": frac, **row})
         if r["schedule"] == args.paper_schedule and sw == paper_switch:
             curves["dense"].append(_train(metrics[prefix + "dense"]))
@@ -1027,6 +1053,7 @@ def analyze(args, plan: Plan, corpus: dict, preset: Preset, est: dict, wall: flo
         paper_schedule=args.paper_schedule,
         main_switch=args.main_switch,
         switches=args.switches,
+        sweep_switches=args.sweep_switches,
         seeds=args.seeds,
         sweep_seeds=args.sweep_seeds,
         tolerance=args.tolerance,

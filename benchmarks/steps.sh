@@ -10,6 +10,8 @@
 #   step DIR NAME LIMIT COMMAND...   run COMMAND under a limit of LIMIT seconds, its log in
 #                                    OUT/DIR/NAME.log, and record its exit code and seconds
 #   manifest_close                   finish the manifest and move it into place
+#   finish_run                       manifest_close, then OUT_DIR/DONE (every step exited 0) or
+#                                    OUT_DIR/FAILED (naming the steps that did not)
 
 start_run() {
     local name=$1 nargs=$2 dir
@@ -36,6 +38,7 @@ start_run() {
     PY=${PYTHON:-python3}
     # shellcheck disable=SC2034  # used by the scripts that source this file
     LH=("$PY" -m lighthouse_megatron.cli bench)
+    FAILED_STEPS=()
     nvidia-smi > "$OUT/evidence_run/nvidia-smi-$name.txt" 2>&1
     echo "[" > "$MANIFEST"
     FIRST=1
@@ -53,6 +56,7 @@ step() {
     local t0=$SECONDS rc
     timeout --kill-after=15 "$limit" "$@" >> "$log" 2>&1
     rc=$?
+    [ "$rc" -eq 0 ] || FAILED_STEPS+=("$name (exit $rc)")
     tail -n 25 "$log"
     echo "=== $name: exit $rc after $((SECONDS - t0)) s"
     [ "$FIRST" -eq 1 ] || echo "," >> "$MANIFEST"
@@ -60,4 +64,13 @@ step() {
     "$PY" -c 'import json, sys; print(json.dumps({"step": sys.argv[1], "rc": int(sys.argv[2]),
         "seconds": int(sys.argv[3]), "limit_s": int(sys.argv[4]), "command": sys.argv[5:]}))' \
         "$name" "$rc" "$((SECONDS - t0))" "$limit" "$@" >> "$MANIFEST"
+}
+
+finish_run() {
+    [ -e "$MANIFEST" ] && manifest_close
+    if [ "${#FAILED_STEPS[@]}" -eq 0 ]; then
+        date -u +%FT%TZ > "$OUT/DONE"
+    else
+        printf '%s\n' "${FAILED_STEPS[@]}" > "$OUT/FAILED"
+    fi
 }

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from lighthouse_megatron import LighthouseConfig
 from benchmarks import failure_modes
 from benchmarks._common import main as study_main
+from lighthouse_megatron import LighthouseConfig
 
 
 def main(argv):

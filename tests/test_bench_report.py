@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from lighthouse_megatron.bench.e2e import summarize
 from benchmarks import report
 from benchmarks._common import main as study_main
+from lighthouse_megatron.bench.e2e import summarize
 
 
 def main(argv):
