@@ -1,7 +1,8 @@
 """`python -m benchmarks.report`: benchmarks/REPORT.md from the committed JSON files.
 
-Every figure in the report comes from a JSON file under --root (written by `bench layer`,
-`bench e2e`, `bench failure-modes`, `bench quality` and `bench retrieval`), with the card
+Every figure in the report comes from a JSON file under --root (written by `lighthouse-megatron
+bench layer` and `bench e2e`, and `python -m benchmarks.failure_modes`, `benchmarks.quality` and
+`benchmarks.retrieval`), with the card
 and the command recorded in that file. A claim without a measurement is listed as not yet
 measured; nothing is filled in by hand. Plots go to <root>/report/.
 """

@@ -1,5 +1,5 @@
 """`python -m benchmarks.retrieval`: a needle-in-a-haystack probe of the dense and the
-recovered model that `bench quality` trained.
+recovered model that `benchmarks.quality` trained.
 
 Each sample is `length` byte tokens: held-out text (the validation split of the data the
 models trained on) with a needle planted at a depth, a fraction of the haystack (0: at the
@@ -46,14 +46,15 @@ CHANCE = 0.1  # one digit in ten
 # The probe says something about retrieval only where the dense model retrieves: its token
 # accuracy at least this far above chance.
 RETRIEVES = 0.05
-MODELS = ("dense", "recovered")  # the keys of bench quality's "checkpoints"
+MODELS = ("dense", "recovered")  # the keys of benchmarks.quality's "checkpoints"
 
 
 def add_retrieval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("retrieval", help="needle-in-a-haystack probe of bench quality's dense and recovered "
-                       "models", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("retrieval", help="needle-in-a-haystack probe of benchmarks.quality's dense and "
+                       "recovered models", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quality", type=Path, default=Path("benchmarks/quality/quality.json"),
-                   help="bench quality's JSON: the checkpoints and data it names are probed")
+                   help="benchmarks.quality's JSON: the checkpoints and data it names are probed")
     p.add_argument("--lengths", default=None,
                    help="comma-separated context lengths ('K' suffix), at most the trained length "
                         "(default: 1/8, 1/4, 1/2 and all of it)")
@@ -226,11 +227,11 @@ def _read_quality(path: Path) -> dict:
     missing = [k for k in ("checkpoints", "data_prefix") if k not in data] + [
         m for m in MODELS if m not in data.get("checkpoints", {})]
     if missing:
-        raise UsageError(f"--quality {path}: not a bench quality result (missing {missing})")
+        raise UsageError(f"--quality {path}: not a benchmarks.quality result (missing {missing})")
     for name in MODELS:
         if not Path(data["checkpoints"][name], "latest_checkpointed_iteration.txt").is_file():
             raise UsageError(f"--quality {path}: the {name} model's checkpoint {data['checkpoints'][name]} "
-                             "is gone (bench quality keeps it in its --work-dir)")
+                             "is gone (benchmarks.quality keeps it in its --work-dir)")
     return data
 
 
