@@ -46,6 +46,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -244,6 +245,20 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float | None, env: dict[s
     `deadline` (time.monotonic()). Each job's output goes to its log."""
     by = {j.name: j for j in jobs}
     running: list[Job] = []
+    try:
+        _schedule(jobs, by, running, parallel, deadline, env)
+    finally:  # killed or interrupted: no trainer outlives the study
+        for j in running:
+            j.proc.terminate()
+        for j in running:
+            try:
+                j.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                j.proc.kill()
+            j.status, j.why = "failed", "the study was stopped"
+
+
+def _schedule(jobs, by, running, parallel, deadline, env) -> None:
     while True:
         for j in list(running):
             rc = j.proc.poll()
@@ -432,7 +447,13 @@ def build_plan(args, preset: Preset, data_prefix: str, work: Path) -> Plan:
                 import yaml
 
                 cfg.write_text(
-                    yaml.safe_dump({**settings_, "metrics_file": str(d / "metrics.jsonl")}, sort_keys=False)
+                    # Each run its own index cache: megatron-core would otherwise write the same
+                    # cache files from concurrent runs of one seed.
+                    yaml.safe_dump(
+                        {**settings_, "metrics_file": str(d / "metrics.jsonl"),
+                         "data_cache_path": str(d / "data_cache")},
+                        sort_keys=False,
+                    )
                 )
                 full = f"{schedule}/seed{seed}/{name}"
                 jobs.append(
@@ -958,6 +979,8 @@ def run(args) -> int:
             print(f"  {j.name}  ~{j.est_s:.0f} s  after {', '.join(j.deps) or '-'}")
         return 0
     deadline = t0 + args.time_budget if args.time_budget > 0 else None
+    # `timeout` and `kill` send SIGTERM: unwind, so that run_jobs stops the trainers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
