@@ -123,8 +123,9 @@ PRESETS = {
     # 12 x 1024 at 32K, batch 1 (32K tokens per iteration, as the default). Arithmetic: ~151M
     # parameters (12 x 12 x 1024^2) is 8x the default's 19M and attention per token is
     # 12 x 1024 x 32K = 8x 6 x 512 x 16K, so ~8x its time per iteration: ~0.5 s dense, about
-    # as much Lighthouse. Both arms x 2 seeds = 4 x 320 iterations x ~0.5 s = 640 GPU-s; the GPU
-    # is busy with one process at this size, so ~8 minutes wall at 4 concurrent processes.
+    # as much Lighthouse (~60 ms x 8). Per seed: dense 256 + Lighthouse 160 + dense 96 iterations
+    # = 512 x ~0.5 s; 2 seeds = 512 GPU-s; one process nearly fills the GPU at this size (assumed
+    # 1.2x from concurrency), so ~7 minutes, ~8 with start-up and the probes, at 4 processes.
     # L=3, p=4, k=512, T=64: S = 32768/16 + 2*4*512 = 6,144 (S/N = 0.1875).
     "large": Preset(
         model=dict(
@@ -140,14 +141,14 @@ PRESETS = {
             lighthouse_tile_topk=64,
             eval_iters=2,
         ),
-        iters=320,
-        eval_interval=20,
+        iters=256,
+        eval_interval=16,
         sec_per_iter=(0.5, 0.5),
         corpus_mb=64,
         passkey_lengths=(2048, 16384),
         jobs=4,
         speedup=1.2,
-        describe="12 x 1024, 32K tokens, batch 1, 320 iterations",
+        describe="12 x 1024, 32K tokens, batch 1, 256 iterations",
     ),
     # CPU tests: seconds. 256 tokens, k=16, T=8: S = 16 + 2*4*16 = 144.
     "tiny": Preset(
@@ -239,14 +240,17 @@ class Job:
     started: float = 0.0
 
 
-def run_jobs(jobs: list[Job], parallel: int, deadline: float | None, env: dict[str, str]) -> None:
+def run_jobs(
+    jobs: list[Job], parallel: int, deadline: float | None, env: dict[str, str], speedup: float = 1.0
+) -> None:
     """Run `jobs` (in list order when ready), at most `parallel` at once; a job waits for its
     dependencies, is skipped when one failed or was skipped, or when it could not finish before
-    `deadline` (time.monotonic()). Each job's output goes to its log."""
+    `deadline` (time.monotonic()) sharing the GPU with the running ones (`speedup`: the assumed
+    aggregate speed-up of `parallel` processes). Each job's output goes to its log."""
     by = {j.name: j for j in jobs}
     running: list[Job] = []
     try:
-        _schedule(jobs, by, running, parallel, deadline, env)
+        _schedule(jobs, by, running, parallel, deadline, env, speedup)
     finally:  # killed or interrupted: no trainer outlives the study
         for j in running:
             j.proc.terminate()
@@ -258,7 +262,14 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float | None, env: dict[s
             j.status, j.why = "failed", "the study was stopped"
 
 
-def _schedule(jobs, by, running, parallel, deadline, env) -> None:
+def _expected(job: Job, running: int, parallel: int, speedup: float) -> float:
+    """Seconds `job` would take started now, sharing the GPU with up to `parallel` processes
+    that together run `speedup` times faster than one."""
+    sharing = min(running + 1, parallel)
+    return job.est_s - job.gpu_s + job.gpu_s * max(1.0, sharing / speedup)
+
+
+def _schedule(jobs, by, running, parallel, deadline, env, speedup) -> None:
     while True:
         for j in list(running):
             rc = j.proc.poll()
@@ -280,7 +291,9 @@ def _schedule(jobs, by, running, parallel, deadline, env) -> None:
             if dead:
                 j.status, j.why = "skipped", f"{dead[0]} {by[dead[0]].status}"
                 print(f"skip {j.name}: {j.why}", flush=True)
-            elif deadline is not None and time.monotonic() + j.est_s > deadline:
+            elif deadline is not None and time.monotonic() + _expected(
+                j, len(running), parallel, speedup
+            ) > deadline:
                 j.status, j.why = "skipped", "time budget"
                 print(f"skip {j.name}: would not finish within the time budget", flush=True)
         ready = [j for j in jobs if j.status == "pending" and all(by[d].status == "ok" for d in j.deps)]
@@ -987,7 +1000,12 @@ def run(args) -> int:
             [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]
         ).rstrip(os.pathsep),
     }
-    run_jobs(plan.jobs, args.jobs, deadline, env)
+    try:
+        run_jobs(plan.jobs, args.jobs, deadline, env, args.speedup)
+    except SystemExit:
+        # Stopped from outside (its time limit): the trainers are stopped; what finished is
+        # still analysed and written.
+        print("stopped: writing what finished", flush=True)
     result = analyze(args, plan, corpus, preset, est, time.monotonic() - t0)
     write_json(out_json, result["json"])
     plotted = plot(result["json"], result["curves"], out_png)

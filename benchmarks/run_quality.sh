@@ -8,7 +8,7 @@
 #      same seeds and wsd, cosine x {62.5, 80}% with SWEEP_SEEDS (1) seed (cosine 80% is the old
 #      protocol's row), the leak probe and passkey retrieval; JOBS (6) concurrent processes.
 #      Estimated ~580 s at ~90 / ~60 ms per Lighthouse / dense iteration and 1.75x from concurrency.
-#   2. --preset large (12 x 1024, 32K tokens, batch 1, 320 iterations; stdlib + 64 MB of site-packages
+#   2. --preset large (12 x 1024, 32K tokens, batch 1, 256 iterations; stdlib + 64 MB of site-packages
 #      sources + passkey documents): the paper's protocol only, LARGE_SEEDS (2) seeds, LARGE_JOBS (4).
 #      Jobs that could not finish inside a part's budget are skipped (the JSON lists them).
 #
