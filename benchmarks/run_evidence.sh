@@ -11,7 +11,7 @@
 #     bash benchmarks/run_evidence.sh OUT_DIR
 # Everything goes under OUT_DIR: e2e/ and failure_modes/ (each step's JSON and .log),
 # evidence_run/ (nvidia-smi-run_evidence.txt; run_evidence.json: each step's command, exit code, seconds). Then
-#     cp -r OUT_DIR/* benchmarks/ && lighthouse-megatron bench report --force
+#     cp -r OUT_DIR/* benchmarks/ && python -m benchmarks.report --force
 # Each benchmark rewrites its JSON after every row, so a step cut off by its limit keeps what it
 # measured. Limits in seconds can be changed through the environment (LIMIT_E2E_BIG, ...).
 # Transformer Engine is used where it imports (each step is a fresh process that imports it
@@ -28,7 +28,7 @@ step e2e e2e_98k_vocab128256 "${LIMIT_E2E_BIG:-140}" "${LH[@]}" e2e "${E2E_COMMO
     --time-budget "${BUDGET_E2E_BIG:-110}" --out "$OUT/e2e" --name e2e_98k_vocab128256
 step e2e e2e_98k_vocab256 "${LIMIT_E2E_SMALL:-120}" "${LH[@]}" e2e "${E2E_COMMON[@]}" --vocab 256 \
     --time-budget "${BUDGET_E2E_SMALL:-90}" --out "$OUT/e2e" --name e2e_98k_vocab256
-step failure_modes failure_modes_gpu "${LIMIT_FAILURE:-90}" "${LH[@]}" failure-modes --parts short,memory,topk \
+step failure_modes failure_modes_gpu "${LIMIT_FAILURE:-90}" "$PY" -m benchmarks.failure_modes --parts short,memory,topk \
     --topk-len 32K --out "$OUT/failure_modes" --name failure_modes_gpu
 step e2e e2e_sweep_vocab256 "${LIMIT_SWEEP:-160}" "${LH[@]}" e2e --seq-lens 8K,16K,32K,64K,128K,256K,512K --fit-topk \
     --vocab 256 --modes dense,lighthouse,ceiling --dense-max-len 128K --warmup 1 --steps 1 \
