@@ -60,6 +60,7 @@ from ._common import (
     UsageError,
     check_writable,
     main,
+    nvidia_smi,
     nvidia_smi_name,
     run_meta,
     usage_errors_as_exit_2,
@@ -1104,7 +1105,8 @@ def analyze(args, plan: Plan, corpus: dict, preset: Preset, est: dict, wall: flo
         }
     meta = run_meta(_Cpu())
     meta.update(
-        device=nvidia_smi_name() or ("cpu" if args.device == "cpu" else args.device),
+        device=(nvidia_smi_name() or args.device) if args.device != "cpu" else "cpu",
+        nvidia_smi=nvidia_smi() if args.device != "cpu" else None,
         preset=args.preset,
         preset_describe=preset.describe,
         iters=args.iters,
