@@ -1167,7 +1167,7 @@ class _Cpu:
 def _fmt(s: dict, spec: str = "+.3f") -> str:
     if s["n"] == 0 or math.isnan(s["mean"]):
         return "-"
-    return f"{s['mean']:{spec}}" + ("" if math.isnan(s["std"]) else f" +- {s['std']:.3f}")
+    return f"{s['mean']:{spec}}" + ("" if math.isnan(s["std"]) else f" +- {s['std']:{spec.lstrip('+')}}")
 
 
 def print_summary(js: dict) -> None:
