@@ -52,7 +52,12 @@ def _entry(tag: str, *argv: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("case", list(REFUSED))
+# Two cases per tree in the default run (each start imports Megatron-LM: ~10-25 s), the rest `slow`.
+FAST = ("cuda-graph-impl", "yaml-cfg")
+
+
+@pytest.mark.parametrize("case", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in REFUSED])
 @pytest.mark.parametrize("tag", TAGS)
 def test_refused_at_argument_time_with_one_line(tag, case):
     """Before pretrain(), so before any process group: exit 2, one error line, no traceback."""
@@ -260,7 +265,8 @@ def test_package_dense_spec_has_megatron_lms_keys_and_output(one_rank, monkeypat
                         lambda shape, dtype, name: torch.empty(shape, dtype=dtype))
     import contextlib
 
-    monkeypatch.setattr(tensor_parallel.get_cuda_rng_tracker(), "fork", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(tensor_parallel.get_cuda_rng_tracker(), "fork",
+                        lambda *a, **k: contextlib.nullcontext())
     kw = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
     reference, dense = DotProductAttention(**kw), DenseCoreAttention(**kw)
     g = torch.Generator().manual_seed(0)
