@@ -277,3 +277,102 @@ def test_package_dense_spec_has_megatron_lms_keys_and_output(one_rank, monkeypat
     mask = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None]
     expected = reference(q, k, v, mask, attn_mask_type=AttnMaskType.causal)
     torch.testing.assert_close(dense(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- MoE models
+
+
+def _moe_config(**kw):
+    from .megatron_testing import tiny_config
+
+    return tiny_config(num_layers=4, num_moe_experts=4, moe_router_topk=2, moe_layer_freq=[1, 0, 1, 1],
+                       moe_token_dispatcher_type="allgather", moe_ffn_hidden_size=64,
+                       moe_aux_loss_coeff=0.0, **kw)
+
+
+def _moe_models(device="cpu", use_te=False):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec as mcore_block_spec
+
+    from lighthouse_megatron import LighthouseConfig
+    from lighthouse_megatron.megatron import get_gpt_decoder_block_spec as our_block_spec
+
+    from .megatron_testing import LH, build_gpt
+
+    config = _moe_config()
+    lh = LighthouseConfig(**{**LH.to_dict(), "dense_layers": (-1,)})
+    ours = build_gpt(config, our_block_spec(config, lighthouse=lh, use_te=use_te), device=device)
+    theirs = build_gpt(config, mcore_block_spec(config, use_transformer_engine=use_te,
+                                                normalization=config.normalization), device=device)
+    dense = build_gpt(config, our_block_spec(config, attention_impl="dense", use_te=use_te), device=device)
+    return ours, theirs, dense
+
+
+def test_moe_models_build_and_load_under_megatrons_moe_spec(one_rank):
+    """Lighthouse only replaces the core attention: a MoE model (expert and dense MLPs as
+    moe_layer_freq says) builds with Lighthouse layers, and its weights load into the model of
+    megatron-core's own MoE block spec (what Megatron-LM builds with --num-experts, e.g. for the
+    dense recovery), key for key. (megatron-core's router needs CUDA to run: see the GPU test.)"""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from lighthouse_megatron.megatron import DenseCoreAttention, LighthouseCoreAttention
+
+    ours, theirs, dense = _moe_models()
+    layers = ours.decoder.layers
+    assert [type(layer.self_attention.core_attention) for layer in layers] == \
+        [LighthouseCoreAttention] * 3 + [DenseCoreAttention]
+    assert [isinstance(layer.mlp, MoELayer) for layer in layers] == [True, False, True, True]
+    assert [type(a.mlp) for a in layers] == [type(b.mlp) for b in theirs.decoder.layers]
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == list(dense.state_dict())
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    dense.load_state_dict(ours.state_dict(), strict=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_te", [False, True], ids=["local", "te"])
+def test_moe_models_train_and_recover_dense_on_gpu(use_te):
+    """A few steps of a MoE Lighthouse model (loss falls, experts get gradients); the same
+    weights in the dense model compute what the Lighthouse model computes with dense attention."""
+    if not torch.cuda.is_available():
+        pytest.skip("megatron-core's MoE router needs CUDA")
+    if use_te:
+        from lighthouse_megatron.backends import te_available
+
+        if not te_available():
+            pytest.skip("transformer_engine.pytorch does not import here")
+    from megatron.core import tensor_parallel
+
+    from .megatron_testing import batch, init_parallel
+
+    init_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    ours, _, dense = _moe_models("cuda", use_te)
+    tokens, positions = batch(device="cuda")
+    optimizer = torch.optim.Adam(ours.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = ours(tokens, positions, None, labels=tokens).float().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0], losses
+    assert all(p.grad is not None for n, p in ours.named_parameters() if "experts" in n)
+    dense.load_state_dict(ours.state_dict(), strict=True)
+    ours.eval(), dense.eval()
+    with torch.no_grad(), forced_dense():
+        expected = ours(tokens, positions, None)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(tokens, positions, None), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_moe_pipeline_stages_get_their_layers(one_rank):
+    from lighthouse_megatron.megatron import get_gpt_decoder_block_spec as our_block_spec
+
+    from .megatron_testing import LH
+
+    config = _moe_config(pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+    stages = [our_block_spec(config, lighthouse=LH, use_te=False, pp_rank=r).layer_specs for r in (0, 1)]
+    assert [len(s) for s in stages] == [2, 2]
+    kinds = [type(spec.submodules.mlp).__name__ if not hasattr(spec.submodules.mlp, "module")
+             else spec.submodules.mlp.module.__name__ for s in stages for spec in s]
+    assert kinds == ["MoELayer", "MLP", "MoELayer", "MoELayer"]

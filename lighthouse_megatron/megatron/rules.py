@@ -70,8 +70,6 @@ RULES = (
     Rule("experimental_attention_variant", "--experimental-attention-variant", lambda v: v is not None,
          "Lighthouse replaces the core attention of standard self-attention",
          "drop --experimental-attention-variant"),
-    Rule("num_moe_experts", "--num-experts", _is_set,
-         "the Lighthouse GPT specs build MoE-free (dense MLP) layers", "drop --num-experts"),
     Rule(None, "--mtp-num-layers", _is_set,
          "Megatron-LM would build the multi-token-prediction layers without Lighthouse",
          "drop --mtp-num-layers", LAUNCH),
@@ -143,12 +141,6 @@ def check_config(config, where: str, *, lighthouse: bool, **overrides: Any) -> N
         heads = getattr(config, "num_attention_heads", None)
         groups = getattr(config, "num_query_groups", None) or heads
         check_heads(heads, groups, tp, lambda name, value: f"{name}={value}", where)
-
-
-def check_setting(config, setting: str, where: str) -> None:
-    """One rule of the table, by its TransformerConfig field."""
-    (rule,) = [r for r in RULES if r.setting == setting]
-    _check(rule, getattr(config, setting, None), where)
 
 
 def _check(rule: Rule, value: Any, where: str) -> None:
