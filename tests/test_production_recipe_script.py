@@ -77,7 +77,7 @@ def fake_env(tmp_path):
 def _run(env, out):
     proc = subprocess.run(["bash", "tests/gpu/run_production_recipe.sh", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
-    return proc, proc.stdout.strip().splitlines()[-7:]
+    return proc, proc.stdout.strip().splitlines()[-8:]
 
 
 def _te_imports() -> bool:
@@ -90,7 +90,7 @@ def test_variants_pass_and_skip_with_reasons(fake_env, tmp_path):
     proc, lines = _run(fake_env, tmp_path / "out")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     verdicts = {line.split()[1].rstrip(":"): line.split()[0] for line in lines}
-    assert verdicts["local-bf16"] == "PASS"
+    assert verdicts["local-bf16"] == verdicts["moe"] == "PASS"
     assert {verdicts[n] for n in ("tp2-sp", "pp2-vpp", "cp2-tp2")} == {"SKIP"}
     assert "needs 2 GPUs, 0 here" in "\n".join(lines)
     te = "PASS" if _te_imports() else "SKIP"

@@ -14,7 +14,8 @@
 #   bash tests/gpu/run_production_recipe.sh [OUT_DIR]
 #
 # Variants on one GPU (in parallel): te-bf16-selective, te-bf16-full, te-fp8-hybrid (need
-# Transformer Engine), local-bf16 (--transformer-impl local, no TE). With 2 GPUs also
+# Transformer Engine), local-bf16 (--transformer-impl local, no TE), moe (4 experts, top-2,
+# expert MLPs in layers 0, 2, 4; TE where it imports). With 2 GPUs also
 # tp2-sp (TP = 2 + sequence parallel) and pp2-vpp (PP = 2, virtual stages); with 4 GPUs
 # cp2-tp2. Those without enough GPUs (or TE) print SKIP with the reason. Needs what
 # run_megatron_lm.sh's header lists (.whl/, the megatron-lm-core_v0.19.0.tgz archive).
@@ -93,7 +94,7 @@ variant() {
 
 skip() { mkdir -p "$out/$1" && echo "SKIP $1: $2" > "$out/$1/verdict"; }
 
-names=(te-bf16-selective te-bf16-full te-fp8-hybrid local-bf16 tp2-sp pp2-vpp cp2-tp2)
+names=(te-bf16-selective te-bf16-full te-fp8-hybrid local-bf16 moe tp2-sp pp2-vpp cp2-tp2)
 for name in "${names[@]}"; do rm -f "$out/$name/verdict"; done
 echo "== production recipe at $tag, $gpus GPU(s), TE $([ $te = 1 ] && echo yes || echo no): logs in $out"
 if [ "$te" = 1 ]; then
@@ -108,6 +109,10 @@ fi
 variant local-bf16 1 0.02 yes "${local_flags[@]}" "${selective[@]}" &
 impl=(--transformer-impl transformer_engine)
 [ "$te" = 1 ] || impl=("${local_flags[@]}")
+# Expert routing may flip on last-bit differences: a wider tolerance for the first dense losses.
+variant moe 1 0.05 yes "${impl[@]}" "${selective[@]}" --num-experts 4 --moe-router-topk 2 \
+    --moe-layer-freq 2 --moe-ffn-hidden-size 256 --moe-token-dispatcher-type alltoall \
+    --moe-aux-loss-coeff 0 &
 if [ "$gpus" -ge 2 ]; then
     variant tp2-sp 2 0.02 yes "${impl[@]}" "${selective[@]}" --tensor-model-parallel-size 2 --sequence-parallel &
     # PP = 2 evaluates dense only (--lighthouse-eval-attention both needs one stage).
