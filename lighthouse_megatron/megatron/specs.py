@@ -135,10 +135,11 @@ def _moe_block_spec(config, attention_impl, lighthouse, use_te, normalization, q
         for i, spec in enumerate(mcore)
     ]
     layer_specs = _layers_of_this_stage(config, layer_specs, vp_stage, pp_rank)
-    # As megatron-core's get_gpt_decoder_block_spec, so that checkpoints keep its keys.
-    block = mcore_specs.get_gpt_decoder_block_spec(config, use_te, normalization, qk_l2_norm,
-                                                   vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=block.layer_norm)
+    # The final norm of megatron-core's get_gpt_decoder_block_spec (which needs the process
+    # groups to slice), so that checkpoints keep its keys.
+    inference = getattr(config, "transformer_impl", None) == "inference_optimized"
+    layer_norm = mcore_specs.TENorm if use_te or inference else mcore_specs.LNImpl
+    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=layer_norm)
 
 
 def get_gpt_decoder_block_spec(
