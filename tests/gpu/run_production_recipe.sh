@@ -72,7 +72,7 @@ variant() {
         > "$dir/dense.log" 2>&1 &
     local dense_pid=$!
     "${launch[@]}" --attention-impl lighthouse --lighthouse-until-iter 20 --load "$dir/ckpt" \
-        --train-iters 40 > "$dir/switch.log" 2>&1
+        --save "$dir/ckpt_switch" > "$dir/switch.log" 2>&1
     local switch_rc=$?
     wait "$dense_pid"
     local dense_rc=$?
