@@ -148,3 +148,47 @@ def test_gpu_small_model_every_mode_with_recompute(tmp_path):
     for r in rows.values():
         assert r["finite"] and r["peak_mem_gib"] > 0 and r["timed_steps"] == 2
         assert abs(r["losses"][0] - 6.93) < 0.2  # ln(1024) at initialization
+
+
+def test_fp8_is_refused_without_transformer_engine(tmp_path, capsys):
+    """--fp8 runs TE's linear layers: on the CPU (or with --spec local) one error line, nothing written."""
+    assert main(["bench", "e2e", *TINY, "--seq-lens", "64", "--fp8", "hybrid", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --fp8 hybrid: FP8 runs Transformer Engine's linear layers")
+    assert "\n" not in err
+    assert main(["bench", "e2e", *TINY, "--seq-lens", "64", "--fp8-attention", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: --fp8-attention needs --fp8")
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(SystemExit):
+        _args("--fp8", "e5m2")
+
+
+def test_fp8_settings_reach_megatron_cores_config():
+    """With TE (checked on the GPU), the flags become megatron-core's fp8 settings; dimensions
+    TE's FP8 GEMMs cannot take are refused before anything is built."""
+    args = _args("--fp8", "hybrid", "--fp8-recipe", "tensorwise", "--hidden", "64", "--ffn", "128")
+    config = e2e.transformer_config(args, torch.device("cpu"))
+    assert (config.fp8, config.fp8_recipe) == ("hybrid", "tensorwise")
+    assert not config.fp8_dot_product_attention
+    assert e2e.transformer_config(_args(), torch.device("cpu")).fp8 is None
+    fp8 = ["--fp8", "hybrid", "--hidden", "64", "--seq-lens", "64"]
+    e2e.check_fp8(_args(*fp8, "--ffn", "128"), use_te=True)
+    with pytest.raises(e2e.UsageError, match="--ffn 72 must be a multiple of 16"):
+        e2e.check_fp8(_args(*fp8, "--ffn", "72"), use_te=True)
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_small_model(tmp_path):
+    """FP8 (hybrid) TE linear layers, dense and Lighthouse: finite losses, the settings in the JSON."""
+    from lighthouse_megatron.backends import te_available
+
+    if not torch.cuda.is_available() or not te_available():
+        pytest.skip("needs a CUDA GPU with Transformer Engine")
+    args = ["bench", "e2e", "--layers", "4", "--hidden", "256", "--heads", "2", "--ffn", "512",
+            "--vocab", "1024", "--seq-lens", "16K", "--topk", "512", "--dense-layers", "0",
+            "--modes", "dense,lighthouse", "--fp8", "hybrid", "--loss-chunk", "4096", "--warmup", "1",
+            "--steps", "2", "--out", str(tmp_path)]
+    assert main(args) == 0
+    data = json.loads((tmp_path / "e2e.json").read_text())
+    assert data["meta"]["fp8"] == {"format": "hybrid", "recipe": "delayed", "attention": "bf16"}
+    assert all(r["finite"] and abs(r["losses"][0] - 6.93) < 0.3 for r in data["rows"])

@@ -71,3 +71,32 @@ def test_bad_runs_fail(case, match):
         s2 = log(range(21, 41), lambda i: 5.0, LOADED)
     problems = checker.check(s1, s2, 20, 40)
     assert any(match in p for p in problems), problems
+
+
+def validation(it, **values):
+    """Megatron-LM's validation line (training.py's evaluate_and_print_results)."""
+    fields = "".join(f"{k.replace('_', ' ')} value: {v:.6E} | {k.replace('_', ' ')} PPL: 1.0E+02 | "
+                     for k, v in values.items())
+    return f" validation loss at iteration {it} on validation set | {fields}"
+
+
+def test_dense_eval_lines():
+    good1 = log(range(1, 21), falling, "\n".join([LH, SAVED, validation(10, lm_loss=5.0, lm_loss_dense=6.4)]))
+    good2 = log(range(21, 41), falling, LOADED + "\n" + validation(30, lm_loss=4.0))
+    assert checker.validations(good1) == {10: {"lm loss": 5.0, "lm loss dense": 6.4}}
+    assert checker.check_dense_eval(good1, good2) == []
+    only_model = log(range(1, 21), falling, "\n".join([LH, SAVED, validation(10, lm_loss=5.0)]))
+    assert "expected finite 'lm loss' and 'lm loss dense'" in checker.check_dense_eval(only_model, good2)[0]
+    assert "logged no validation line" in checker.check_dense_eval(log(range(1, 21), falling), good2)[0]
+    nan = log(range(1, 21), falling, validation(10, lm_loss=5.0, lm_loss_dense=float("nan")))
+    assert checker.check_dense_eval(nan, good2)
+    dense_in_2 = log(range(21, 41), falling, validation(30, lm_loss=4.0, lm_loss_dense=4.0))
+    assert "expected only 'lm loss'" in checker.check_dense_eval(good1, dense_in_2)[0]
+
+
+def test_same_first_dense_losses():
+    s2 = log(range(21, 41), falling, LOADED)
+    assert checker.check_same(s2, log(range(21, 41), lambda i: falling(i) + 0.01), 21, 3, 0.02) == []
+    assert "differ by 0.0500" in checker.check_same(s2, log(range(21, 41), lambda i: falling(i) + 0.05),
+                                                    21, 3, 0.02)[0]
+    assert "missing" in checker.check_same(s2, log(range(30, 41), falling), 21, 3, 0.02)[0]

@@ -104,7 +104,6 @@ def test_yaml_file_and_precedence(tmp_path):
          ValueError, r"--num-query-groups 1 must be a multiple of --tensor-model-parallel-size 2"),
         (["--attention-dropout", "0.1"], ValueError, r"--attention-dropout 0.1 .*set --attention-dropout 0"),
         (["--sft"], ValueError, r"--sft is not supported with --attention-impl lighthouse: packed"),
-        (["--num-experts", "8"], ValueError, r"--num-experts 8"),
         (["--multi-latent-attention"], ValueError, r"--multi-latent-attention"),
         (["--lighthouse-until-iter", "-1"], ValueError, r"--lighthouse-until-iter"),
         (["--mtp-num-layers", "1"], ValueError, r"--mtp-num-layers 1 is not supported"),

@@ -172,7 +172,8 @@ def test_core_016_generation(monkeypatch):
         params = spec.layer_specs[0].submodules.self_attention.submodules.core_attention.params
         assert params["until_iteration"] == 5 and params["lighthouse"].levels == 2
         assert seen["model"]["args"].spec is None  # never left in the args a checkpoint saves
-        assert seen["forward_step"] is mlm.forward_step
+        # Megatron-LM's forward step, wrapped for --lighthouse-eval-attention (validation only).
+        assert seen["forward_step"].__wrapped__ is mlm.forward_step
         assert schedule.get_iteration() == 6  # the layers read Megatron-LM's curr_iteration
     finally:
         schedule.set_iteration(0)
@@ -185,7 +186,8 @@ LH, DENSE = "LighthouseCoreAttention", "DenseCoreAttention"
     ([], [LH, LH, DENSE]),
     # Megatron-LM's local DotProductAttention has no CP: dense models under CP get ours.
     (["--attention-impl", "dense", "--context-parallel-size", "2"], [DENSE] * 3),
-    (["--attention-impl", "dense"], None),  # Megatron-LM's own spec
+    # --transformer-impl local (this parser's default): ours too, without [b*h, s, s] scores.
+    (["--attention-impl", "dense"], [DENSE] * 3),
     (["--attention-impl", "dense", "--context-parallel-size", "2",
       "--transformer-impl", "transformer_engine"], None),
 ])
@@ -197,6 +199,9 @@ def test_core_019_generation(monkeypatch, extra, want):
     argument_utils = types.ModuleType("megatron.training.argument_utils")
     arguments.parse_and_validate_args = lambda extra_args_provider=None, ignore_unknown_args=False, \
         args_defaults={}: _megatron_lm_parser(extra_args_provider).parse_args()
+    arguments.parse_args = lambda extra_args_provider=None, ignore_unknown_args=False: \
+        _megatron_lm_parser(extra_args_provider).parse_args()
+    training.get_args = lambda: types.SimpleNamespace(curr_iteration=0)
     argument_utils.gpt_config_from_args = lambda args: types.SimpleNamespace(
         transformer=tiny_config(num_layers=args.num_layers), transformer_layer_spec=None)
     argument_utils.pretrain_cfg_container_from_args = lambda args, model_cfg: {"model": model_cfg}
@@ -230,6 +235,9 @@ def test_bad_arguments_fail_before_pretrain(monkeypatch, capsys):
     argument_utils = types.ModuleType("megatron.training.argument_utils")
     arguments.parse_and_validate_args = lambda extra_args_provider=None, ignore_unknown_args=False, \
         args_defaults={}: _megatron_lm_parser(extra_args_provider).parse_args()
+    arguments.parse_args = lambda extra_args_provider=None, ignore_unknown_args=False: \
+        _megatron_lm_parser(extra_args_provider).parse_args()
+    training.get_args = lambda: types.SimpleNamespace(curr_iteration=0)
     argument_utils.gpt_config_from_args = argument_utils.pretrain_cfg_container_from_args = None
 
     def pretrain(cfg_container, train_valid_test_dataset_provider, model_type, forward_step_func):

@@ -1,7 +1,9 @@
 """Megatron-LM's own training loop on the GPU with Lighthouse, at the real tags, through
 tests/gpu/run_megatron_lm.sh (see its header for the wheels and archives it needs):
-stage 1 Lighthouse with --exit-interval, stage 2 dense from that checkpoint, with and
-without Transformer Engine; CP = 2 on two GPUs."""
+stage 1 Lighthouse with --exit-interval (validation logs "lm loss" and "lm loss dense"),
+stage 2 dense from that checkpoint, with and without Transformer Engine; CP = 2 on two GPUs.
+And tests/gpu/run_production_recipe.sh: the production recipe (distributed optimizer with
+overlap, selective/full recompute, bf16/FP8, TP/PP/CP where the GPUs are there)."""
 
 from __future__ import annotations
 
@@ -24,3 +26,25 @@ def test_megatron_lm_two_stages(tag, impl, tmp_path):
 @pytest.mark.parametrize("tag", TAGS)
 def test_megatron_lm_two_stages_context_parallel(tag, impl, tmp_path):
     run_script("run_megatron_lm.sh", tag, impl, "2", tmp_path=tmp_path, gpus=2)
+
+
+@pytest.mark.gpu
+def test_production_recipe(tmp_path):
+    """Every variant this machine can run passes; the others print SKIP with the reason."""
+    import os
+    import subprocess
+
+    import torch
+
+    from .megatron_lm_scripts import GPU_SCRIPTS, ROOT, archive_present
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if not archive_present("core_v0.19.0"):
+        pytest.skip("megatron-lm-core_v0.19.0.tgz not found (see run_megatron_lm.sh's header)")
+    proc = subprocess.run(["bash", str(GPU_SCRIPTS / "run_production_recipe.sh"), str(tmp_path)], cwd=ROOT,
+                          env=dict(os.environ), capture_output=True, text=True, timeout=1500)
+    verdicts = [line for line in proc.stdout.splitlines()
+                if line.split(" ", 1)[0] in ("PASS", "FAIL", "SKIP")]
+    assert proc.returncode == 0 and any(v.startswith("PASS") for v in verdicts), \
+        "\n".join(verdicts) + proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -23,7 +23,7 @@ from .megatron_testing import LH, tiny_config  # noqa: E402
 
 REFUSED = {"attention_dropout": 0.1, "softmax_type": "off-by-one", "qk_clip": True,
            "log_max_attention_logit": True, "window_size": (16, 0), "multi_latent_attention": True,
-           "experimental_attention_variant": "dsa", "num_moe_experts": 4}
+           "experimental_attention_variant": "dsa"}
 MODEL_RULES = [r for r in RULES if r.scope != LAUNCH]
 
 

@@ -48,6 +48,8 @@ from .layer import K, _fmt_len, _int, _int_list
 
 MODES = ("dense", "lighthouse", "ceiling", "none")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+FP8_FORMATS = ("hybrid", "e4m3")  # megatron-core's TransformerConfig.fp8
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 
 
 def add_e2e_parser(sub: argparse._SubParsersAction) -> None:
@@ -65,6 +67,13 @@ def add_e2e_parser(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--rope-base", type=float, default=10_000.0)
     model.add_argument("--batch", type=int, default=1)
     model.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    model.add_argument("--fp8", choices=FP8_FORMATS, default=None,
+                       help="TE linear layers in FP8 (megatron-core's fp8 config: TE's fp8_autocast around "
+                            "the block); attention stays bf16 unless --fp8-attention. Needs TE")
+    model.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="delayed",
+                       help="megatron-core's fp8_recipe (default delayed)")
+    model.add_argument("--fp8-attention", action="store_true",
+                       help="TE's FP8 dot-product attention too (fp8_dot_product_attention)")
     lh = p.add_argument_group("Lighthouse")
     lh.add_argument("--levels", type=int, default=3)
     lh.add_argument("--pooling-factor", type=int, default=4)
@@ -176,6 +185,9 @@ def transformer_config(args, device: torch.device):
     )
     if args.recompute == "full":
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if getattr(args, "fp8", None):
+        kw.update(fp8=args.fp8, fp8_recipe=args.fp8_recipe,
+                  fp8_dot_product_attention=bool(getattr(args, "fp8_attention", False)))
     return TransformerConfig(**kw)
 
 
@@ -343,6 +355,26 @@ def print_table(rows: list[dict], summary: list[dict], device: str) -> None:
         print(f"{_fmt_len(s['N'])}: " + ", ".join(parts))
 
 
+def check_fp8(args, use_te: bool) -> None:
+    """FP8 runs TE's linear layers in FP8: it needs the TE spec, and TE's FP8 GEMMs need
+    dimensions that are multiples of 16."""
+    if args.fp8 is None:
+        if args.fp8_attention:
+            raise UsageError("--fp8-attention needs --fp8 (hybrid or e4m3)")
+        return
+    if not use_te:
+        from ..backends import te_import_error
+
+        why = "--spec local" if args.spec == "local" else (te_import_error() or
+                                                            "no CUDA GPU (--device cpu or none found)")
+        raise UsageError(f"--fp8 {args.fp8}: FP8 runs Transformer Engine's linear layers, which are not "
+                         f"usable here ({why}); run on a GPU with TE and --spec auto or te, or drop --fp8")
+    for flag, value in (("--hidden", args.hidden), ("--ffn", args.ffn), ("--batch x seq-len",
+                        args.batch * min(args.seq_lens))):
+        if value % 16:
+            raise UsageError(f"--fp8 {args.fp8}: {flag} {value} must be a multiple of 16 (TE's FP8 GEMMs)")
+
+
 def run(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
@@ -365,6 +397,7 @@ def run(args: argparse.Namespace) -> int:
     if args.spec == "te" and not use_te:
         why = te_import_error() or "no GPU"
         raise UsageError(f"--spec te: Transformer Engine is not usable here ({why})")
+    check_fp8(args, use_te)
     configs = {}
     for n in args.seq_lens:
         try:
@@ -390,6 +423,8 @@ def run(args: argparse.Namespace) -> int:
         spec="te" if use_te else "local",
         stage5_kernel=args.backend if args.backend != "auto" else ("te" if te_ok else "sdpa"),
         recompute=args.recompute, loss_chunk=args.loss_chunk,
+        fp8=None if args.fp8 is None else {"format": args.fp8, "recipe": args.fp8_recipe,
+                                           "attention": "fp8" if args.fp8_attention else "bf16"},
         optimizer="torch.optim.Adam (fused on CUDA), bf16 parameters" if args.dtype == "bf16"
         else "torch.optim.Adam", warmup=args.warmup, steps=args.steps, time_budget_s=args.time_budget,
     )

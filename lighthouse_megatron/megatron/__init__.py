@@ -6,7 +6,7 @@ Launch code for Megatron-LM users (flags, entry point, patches' adapters) lives 
 """
 
 from .core_attention import DenseCoreAttention, LighthouseCoreAttention
-from .schedule import get_iteration, set_iteration, set_iteration_source
+from .schedule import forced_dense, get_iteration, set_iteration, set_iteration_source
 from .specs import LighthouseBlockSpecProvider, get_gpt_decoder_block_spec, get_gpt_layer_spec
 
 _LAUNCH_NAMES = ("add_lighthouse_args", "lighthouse_config_from_args", "resolve_lighthouse_args",
@@ -27,6 +27,7 @@ __all__ = [
     "LighthouseBlockSpecProvider",
     "LighthouseCoreAttention",
     "get_gpt_decoder_block_spec",
+    "forced_dense",
     "get_gpt_layer_spec",
     "get_iteration",
     "set_iteration",

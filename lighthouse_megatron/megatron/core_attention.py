@@ -21,7 +21,7 @@ from ..attention import lighthouse_attention
 from ..config import LighthouseConfig
 from ..parallel import ContextParallel, causal_attention
 from .rules import check_config
-from .schedule import get_iteration
+from .schedule import dense_forced, get_iteration
 
 
 def _context_parallel(config, pg_collection, cp_comm_type: str | None) -> ContextParallel | None:
@@ -188,6 +188,8 @@ class LighthouseCoreAttention(_CausalCoreAttention):
         self.until_iteration = until_iteration
 
     def is_dense_now(self) -> bool:
+        if dense_forced():
+            return True
         return self.until_iteration is not None and get_iteration() >= self.until_iteration
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -27,6 +27,10 @@ def _is_set(value: Any) -> bool:
     return value is not None and value is not False and value != 0
 
 
+def _cuda_graph_impl(value: Any) -> bool:
+    return value is not None and value != "none"
+
+
 def _backend_is_local(value: Any) -> bool:
     # Megatron-LM parses --attention-backend into megatron-core's AttnBackend enum.
     return value is not None and str(getattr(value, "name", value)).split(".")[-1] == "local"
@@ -66,8 +70,6 @@ RULES = (
     Rule("experimental_attention_variant", "--experimental-attention-variant", lambda v: v is not None,
          "Lighthouse replaces the core attention of standard self-attention",
          "drop --experimental-attention-variant"),
-    Rule("num_moe_experts", "--num-experts", _is_set,
-         "the Lighthouse GPT specs build MoE-free (dense MLP) layers", "drop --num-experts"),
     Rule(None, "--mtp-num-layers", _is_set,
          "Megatron-LM would build the multi-token-prediction layers without Lighthouse",
          "drop --mtp-num-layers", LAUNCH),
@@ -87,6 +89,23 @@ RULES = (
     Rule(None, "--yaml-cfg", lambda v: v is not None,
          "it replaces every command-line argument, the Lighthouse flags too",
          "pass the model as flags and the Lighthouse settings with --lighthouse-config", LAUNCH),
+    Rule(None, "--spec", lambda v: v is not None, "--attention-impl lighthouse builds its own layer spec",
+         "drop --spec", LAUNCH),
+    Rule(None, "--cuda-graph-impl", _cuda_graph_impl,
+         "a captured graph would freeze the --lighthouse-until-iter switch and the mask check "
+         "reads a tensor on the host", "use --cuda-graph-impl none", LAUNCH),
+    Rule(None, "--enable-cuda-graph", _is_set,
+         "a captured graph would freeze the --lighthouse-until-iter switch and the mask check "
+         "reads a tensor on the host", "drop --enable-cuda-graph", LAUNCH),
+    Rule(None, "--external-cuda-graph", _is_set,
+         "a captured graph would freeze the --lighthouse-until-iter switch and the mask check "
+         "reads a tensor on the host", "drop --external-cuda-graph", LAUNCH),
+    Rule(None, "--hybrid-context-parallel", _is_set,
+         "it packs sequences of different lengths per rank; Lighthouse layers take whole causal "
+         "sequences in Megatron's load-balanced CP layout", "drop --hybrid-context-parallel", LAUNCH),
+    Rule(None, "--position-embedding-type", lambda v: v == "relative",
+         "relative position embeddings add an attention bias, which Lighthouse layers do not take",
+         "use --position-embedding-type rope (or learned_absolute, none)", LAUNCH),
     Rule(None, "--attention-backend", _backend_is_local,
          "'local' replaces every core attention with Megatron's DotProductAttention",
          "use another --attention-backend (e.g. auto)", LAUNCH),
@@ -94,6 +113,8 @@ RULES = (
 
 
 def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "".join(f" {v}" for v in value)
     return "" if value is True else f" {getattr(value, 'name', value)}"
 
 
@@ -120,12 +141,6 @@ def check_config(config, where: str, *, lighthouse: bool, **overrides: Any) -> N
         heads = getattr(config, "num_attention_heads", None)
         groups = getattr(config, "num_query_groups", None) or heads
         check_heads(heads, groups, tp, lambda name, value: f"{name}={value}", where)
-
-
-def check_setting(config, setting: str, where: str) -> None:
-    """One rule of the table, by its TransformerConfig field."""
-    (rule,) = [r for r in RULES if r.setting == setting]
-    _check(rule, getattr(config, setting, None), where)
 
 
 def _check(rule: Rule, value: Any, where: str) -> None:

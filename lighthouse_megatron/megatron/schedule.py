@@ -10,10 +10,12 @@ patches install that as the source (megatron_lm/launch.py). Other loops call
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 _iteration: int = 0
 _source: Callable[[], int] | None = None
+_dense_forced: bool = False
 
 
 def set_iteration(iteration: int) -> None:
@@ -35,3 +37,19 @@ def get_iteration() -> int:
         return _iteration if value is None else int(value)
     return _iteration
 
+
+
+@contextlib.contextmanager
+def forced_dense() -> Iterator[None]:
+    """Every Lighthouse layer computes dense causal attention inside this block, whatever the
+    iteration (evaluating the same weights with dense attention during a Lighthouse stage)."""
+    global _dense_forced
+    saved, _dense_forced = _dense_forced, True
+    try:
+        yield
+    finally:
+        _dense_forced = saved
+
+
+def dense_forced() -> bool:
+    return _dense_forced

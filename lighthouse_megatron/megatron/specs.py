@@ -23,7 +23,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from ..backends import te_available
 from ..config import LighthouseConfig
 from .core_attention import DenseCoreAttention, LighthouseCoreAttention
-from .rules import ATTENTION_IMPLS, check_config, check_setting, warn_qk_layernorm
+from .rules import ATTENTION_IMPLS, check_config, warn_qk_layernorm
 
 
 def _use_te_default() -> bool:
@@ -79,7 +79,10 @@ def get_gpt_layer_spec(
     Dense core attention is TEDotProductAttention with TE, DenseCoreAttention without.
     """
     config, lighthouse, use_te = _common_arguments(config, attention_impl, lighthouse, use_te)
-    check_setting(config, "num_moe_experts", "lighthouse_megatron's GPT layer spec")
+    if getattr(config, "num_moe_experts", None):
+        raise ValueError(f"get_gpt_layer_spec builds one MoE-free layer, got num_moe_experts="
+                         f"{config.num_moe_experts}; use get_gpt_decoder_block_spec, which follows "
+                         "moe_layer_freq as megatron-core's does")
     if attention_impl == "lighthouse":
         check_lighthouse_model(config, lighthouse)
     qk_layernorm = getattr(config, "qk_layernorm", False) if qk_layernorm is None else qk_layernorm
@@ -95,6 +98,11 @@ def get_gpt_layer_spec(
         spec = mcore_specs.get_gpt_layer_local_spec(
             qk_layernorm=qk_layernorm, normalization=normalization, qk_l2_norm=qk_l2_norm
         )
+    return _with_core_attention(spec, attention_impl, lighthouse, use_te, until_iteration)
+
+
+def _with_core_attention(spec: ModuleSpec, attention_impl, lighthouse, use_te, until_iteration) -> ModuleSpec:
+    """A deep copy of megatron-core's layer spec `spec` with only its core attention replaced."""
     # megatron-core's builders may share submodule specs between calls: never mutate theirs.
     spec = copy.deepcopy(spec)
     attention = spec.submodules.self_attention.submodules
@@ -104,9 +112,34 @@ def get_gpt_layer_spec(
             params={"lighthouse": lighthouse, "until_iteration": until_iteration},
         )
     elif not use_te:
-        # Stock DotProductAttention needs CUDA (global memory buffer, RNG tracker).
+        # Stock DotProductAttention needs CUDA (global memory buffer, RNG tracker) and
+        # materialises the [b*heads, s, s] scores.
         attention.core_attention = ModuleSpec(module=DenseCoreAttention)
     return spec
+
+
+def _moe_block_spec(config, attention_impl, lighthouse, use_te, normalization, qk_l2_norm,
+                    until_iteration, vp_stage, pp_rank) -> TransformerBlockSubmodules:
+    """MoE models: megatron-core's own per-layer specs (expert and dense MLPs as moe_layer_freq
+    says, what Megatron-LM builds with --num-experts) with only the core attention replaced."""
+    if attention_impl == "lighthouse":
+        check_lighthouse_model(config, lighthouse)
+        dense_layers = lighthouse.resolve_dense_layers(config.num_layers)
+    else:
+        dense_layers = frozenset(range(config.num_layers))
+    normalization = getattr(config, "normalization", "LayerNorm") if normalization is None else normalization
+    mcore = mcore_specs.get_gpt_decoder_layer_specs(config, use_te, normalization, qk_l2_norm)
+    layer_specs = [
+        _with_core_attention(spec, "dense" if i in dense_layers else "lighthouse", lighthouse, use_te,
+                             until_iteration)
+        for i, spec in enumerate(mcore)
+    ]
+    layer_specs = _layers_of_this_stage(config, layer_specs, vp_stage, pp_rank)
+    # The final norm of megatron-core's get_gpt_decoder_block_spec (which needs the process
+    # groups to slice), so that checkpoints keep its keys.
+    inference = getattr(config, "transformer_impl", None) == "inference_optimized"
+    layer_norm = mcore_specs.TENorm if use_te or inference else mcore_specs.LNImpl
+    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=layer_norm)
 
 
 def get_gpt_decoder_block_spec(
@@ -129,6 +162,9 @@ def get_gpt_decoder_block_spec(
     Other arguments as `get_gpt_layer_spec` and megatron-core's block spec builder.
     """
     config, lighthouse, use_te = _common_arguments(config, attention_impl, lighthouse, use_te)
+    if getattr(config, "num_moe_experts", None):
+        return _moe_block_spec(config, attention_impl, lighthouse, use_te, normalization, qk_l2_norm,
+                               until_iteration, vp_stage, pp_rank)
     common = dict(use_te=use_te, qk_layernorm=qk_layernorm, normalization=normalization,
                   qk_l2_norm=qk_l2_norm)
     dense_spec = get_gpt_layer_spec(config, attention_impl="dense", lighthouse=lighthouse, **common)

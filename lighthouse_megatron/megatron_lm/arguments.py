@@ -26,7 +26,11 @@ _FLAGS = {
     "backend": "--lighthouse-backend",
 }
 # YAML keys beyond LighthouseConfig's fields.
-_LAUNCH_KEYS = {"attention_impl": "--attention-impl", "until_iter": "--lighthouse-until-iter"}
+_LAUNCH_KEYS = {"attention_impl": "--attention-impl", "until_iter": "--lighthouse-until-iter",
+                "eval_attention": "--lighthouse-eval-attention"}
+# What Megatron-LM's validation evaluates during a Lighthouse stage: the model as it trains,
+# the same weights with dense attention, or both (each under its own name in the logs).
+EVAL_ATTENTIONS = ("model", "dense", "both")
 
 
 def _dest(flag: str) -> str:
@@ -41,6 +45,7 @@ def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        help="Core attention of the GPT layers (default: dense).")
     group.add_argument("--lighthouse-config", type=str, default=None, metavar="FILE",
                        help="YAML file with Lighthouse settings (keys: attention_impl, until_iter, "
+                            "eval_attention, "
                             f"{', '.join(LighthouseConfig.field_names())}); explicit flags override it.")
     group.add_argument("--lighthouse-levels", type=int, default=None,
                        help=f"Pyramid levels L; 1 is dense attention (default {defaults.levels}).")
@@ -60,6 +65,11 @@ def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group.add_argument("--lighthouse-until-iter", type=int, default=None, metavar="N",
                        help="From training iteration N on, every layer runs dense attention "
                             "(in-run recovery stage). Default: never.")
+    group.add_argument("--lighthouse-eval-attention", choices=EVAL_ATTENTIONS, default=None,
+                       help="Validation during a Lighthouse stage: 'model' (the attention the model "
+                            "trains with, Megatron-LM's 'lm loss'), 'dense' (the same weights with dense "
+                            "attention, logged as 'lm loss dense'), or 'both' on the same batches. "
+                            "Default: both (dense with pipeline parallelism).")
     return parser
 
 
@@ -84,6 +94,9 @@ def load_lighthouse_yaml(path: str) -> dict[str, Any]:
     if data.get("attention_impl", "dense") not in ATTENTION_IMPLS:
         raise ValueError(f"--lighthouse-config {path}: attention_impl must be one of "
                          f"{list(ATTENTION_IMPLS)}, got {data['attention_impl']!r}")
+    if data.get("eval_attention", "both") not in EVAL_ATTENTIONS:
+        raise ValueError(f"--lighthouse-config {path}: eval_attention must be one of "
+                         f"{list(EVAL_ATTENTIONS)}, got {data['eval_attention']!r}")
     return dict(data)
 
 
@@ -98,6 +111,9 @@ def resolve_lighthouse_args(args: argparse.Namespace) -> argparse.Namespace:
             value = settings.get(key, defaults.get(key))
             if key == "attention_impl" and value is None:
                 value = "dense"
+            if key == "eval_attention" and value is None:
+                pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
+                value = "both" if pp == 1 else "dense"
             setattr(args, dest, list(value) if isinstance(value, (list, tuple)) else value)
     return args
 
@@ -144,6 +160,11 @@ def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | Non
         return None
     config = lighthouse_config_from_args(args)
     rules.check_args(args)
+    pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
+    if args.lighthouse_eval_attention == "both" and pp > 1:
+        raise ValueError(f"--lighthouse-eval-attention both with --pipeline-model-parallel-size {pp}: "
+                         "both evaluations run on the same batch inside one forward step, which "
+                         "only a single pipeline stage can do; use dense or model")
 
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
     cp = get("context_parallel_size", 1) or 1

@@ -16,6 +16,7 @@ from .arguments import validate_lighthouse_args
 from .launch import (
     announce,
     clean_exit,
+    eval_attention_forward_step,
     extra_args_provider,
     spec_provider_from_args,
     use_megatron_lm_iteration,
@@ -43,9 +44,6 @@ def wrap_gpt_builder(gpt_builder: Callable) -> Callable:
         global _stage_block_spec
         with clean_exit():
             validate_lighthouse_args(args)
-            if args.attention_impl == "lighthouse" and getattr(args, "spec", None) is not None:
-                raise ValueError(f"--attention-impl lighthouse builds its own layer spec; drop --spec "
-                                 f"{' '.join(args.spec)}")
         use_megatron_lm_iteration()
         call = partial(gpt_builder, args, pre_process, post_process, vp_stage=vp_stage, config=config,
                        pg_collection=pg_collection)
@@ -77,6 +75,7 @@ def _announced(model, vp_stage):
 def run(training, mlm, pretrain, store) -> None:
     """The entry point's 0.16 path: Megatron-LM's own __main__ block, with the Lighthouse hooks."""
     from megatron.core.enums import ModelType
+    from megatron.training import get_args
     from megatron.training.arguments import parse_args
 
     modelopt = mlm.add_modelopt_args if getattr(mlm, "has_nvidia_modelopt", False) else None
@@ -95,7 +94,7 @@ def run(training, mlm, pretrain, store) -> None:
         mlm.train_valid_test_datasets_provider,
         partial(mlm.model_provider, wrap_gpt_builder(mlm.gpt_builder)),
         ModelType.encoder_or_decoder,
-        mlm.forward_step,
+        eval_attention_forward_step(mlm.forward_step, get_args),
         args_defaults=ARGS_DEFAULTS,
         extra_args_provider=provider,
         **kwargs,

@@ -22,6 +22,7 @@ from .launch import (
     AnnouncingSpecProvider,
     announce,
     clean_exit,
+    eval_attention_forward_step,
     extra_args_provider,
     spec_provider_from_args,
     use_megatron_lm_iteration,
@@ -39,9 +40,6 @@ def configure_model(args, model_cfg) -> None:
     `--attention-impl lighthouse`, put the Lighthouse block spec on the GPT model config."""
     with clean_exit():
         validate_lighthouse_args(args)
-        if args.attention_impl == "lighthouse" and getattr(args, "spec", None) is not None:
-            raise ValueError(f"--attention-impl lighthouse builds its own layer spec; drop --spec "
-                             f"{' '.join(args.spec)}")
     if uses_package_spec(args):
         model_cfg.transformer_layer_spec = AnnouncingSpecProvider(spec_provider_from_args(args))
     else:
@@ -57,6 +55,7 @@ def lighthouse_spec_from_env(config, vp_stage: int | None = None):
     settings = load_lighthouse_yaml(path) if path else {}
     impl = settings.pop("attention_impl", "lighthouse")
     until = settings.pop("until_iter", None)
+    settings.pop("eval_attention", None)  # Megatron-LM's validation is not hooked on this route
     transformer_impl = getattr(_transformer_config(config), "transformer_impl", None)
     use_te = None if transformer_impl is None else transformer_impl == "transformer_engine"
     provider = LighthouseBlockSpecProvider(
@@ -68,14 +67,17 @@ def lighthouse_spec_from_env(config, vp_stage: int | None = None):
 def run(training, mlm, pretrain, store) -> None:
     """The entry point's 0.19 path: Megatron-LM's own __main__ block, with the Lighthouse hooks."""
     from megatron.core.enums import ModelType
+    from megatron.training import get_args
     from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
-    from megatron.training.arguments import parse_and_validate_args
+    from megatron.training.arguments import parse_and_validate_args, parse_args
 
     modelopt = getattr(mlm, "has_nvidia_modelopt", False)
-    args = parse_and_validate_args(
-        extra_args_provider=extra_args_provider(mlm.add_modelopt_args if modelopt else None),
-        args_defaults=ARGS_DEFAULTS,
-    )
+    provider = extra_args_provider(mlm.add_modelopt_args if modelopt else None)
+    # Megatron-LM's validate_args asserts on some settings Lighthouse refuses anyway (with a
+    # traceback): check the plain parse first, so both generations refuse with one line.
+    with clean_exit():
+        validate_lighthouse_args(parse_args(extra_args_provider=provider))
+    args = parse_and_validate_args(extra_args_provider=provider, args_defaults=ARGS_DEFAULTS)
     with clean_exit():
         validate_lighthouse_args(args)  # before Megatron-LM turns the arguments into configs
     if modelopt:
@@ -90,4 +92,4 @@ def run(training, mlm, pretrain, store) -> None:
     if hasattr(mlm, "get_embedding_ranks"):
         kwargs["get_embedding_ranks"] = mlm.get_embedding_ranks
     pretrain(full_config, mlm.train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
-             mlm.forward_step, **kwargs)
+             eval_attention_forward_step(mlm.forward_step, get_args), **kwargs)

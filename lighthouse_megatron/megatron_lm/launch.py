@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from ..megatron.schedule import set_iteration_source
+from ..megatron.schedule import forced_dense, set_iteration_source
 from ..megatron.specs import LighthouseBlockSpecProvider
 from .arguments import add_lighthouse_args, lighthouse_config_from_args
 
@@ -64,10 +65,29 @@ def require_megatron_lm() -> tuple:
     return tuple(modules)
 
 
+YAML_CFG_REFUSED = (
+    "--yaml-cfg is not supported by lighthouse_megatron: Megatron-LM replaces the whole argument "
+    "namespace with the YAML file's, so --attention-impl and every --lighthouse-* flag would be "
+    "dropped and a dense model would train; pass the model as flags and the Lighthouse settings "
+    "with --lighthouse-config"
+)
+
+
+def refuse_yaml_cfg(argv: list[str]) -> None:
+    """Megatron-LM's `--yaml-cfg` swaps the parsed namespace for the YAML file's after parsing,
+    so it can only be caught on the command line itself."""
+    if any(a == "--yaml-cfg" or a.startswith("--yaml-cfg=") for a in argv):
+        raise ValueError(YAML_CFG_REFUSED)
+
+
 def extra_args_provider(other: Callable | None = None) -> Callable:
-    """An `extra_args_provider` adding the Lighthouse flags, then `other`'s (e.g. ModelOpt's)."""
+    """An `extra_args_provider` adding the Lighthouse flags, then `other`'s (e.g. ModelOpt's).
+
+    Megatron-LM calls it on its parser before parsing: `--yaml-cfg` is refused here."""
 
     def provider(parser):
+        with clean_exit():
+            refuse_yaml_cfg(sys.argv[1:])
         parser = add_lighthouse_args(parser)
         return other(parser) if other is not None else parser
 
@@ -76,14 +96,19 @@ def extra_args_provider(other: Callable | None = None) -> Callable:
 
 def uses_package_spec(args) -> bool:
     """Whether the model gets this package's block spec: with `--attention-impl lighthouse`,
-    and for dense models that Megatron-LM's own local spec cannot run (its local
-    DotProductAttention has no context parallelism; this package's dense core attention has),
-    unless the user names a `--spec` of their own."""
+    and for dense models with `--transformer-impl local` (unless the user names a `--spec` of
+    their own): Megatron-LM's local DotProductAttention materialises the [b*heads, s, s]
+    scores (about 155 GB at 98K tokens and 8 heads) and has no context parallelism, while
+    this package's dense core attention (SDPA, the same parameters and checkpoint keys) has
+    neither problem. It has no attention dropout, so a dense run that asks for dropout at
+    CP = 1 keeps Megatron-LM's local spec (announced)."""
     if args.attention_impl == "lighthouse":
         return True
     local = getattr(args, "transformer_impl", "transformer_engine") == "local"
+    if not local or getattr(args, "spec", None) is not None:
+        return False
     cp = getattr(args, "context_parallel_size", 1) or 1
-    return local and cp > 1 and getattr(args, "spec", None) is None
+    return cp > 1 or not getattr(args, "attention_dropout", 0)
 
 
 def spec_provider_from_args(args) -> LighthouseBlockSpecProvider:
@@ -125,12 +150,20 @@ class AnnouncingSpecProvider:
         return spec
 
 
+def megatron_lm_iteration(args) -> int | None:
+    """The iteration Megatron-LM's arguments say runs now: `curr_iteration`, which its train()
+    sets before each step, else (evaluation-only runs such as `--skip-train`, and evaluation
+    before train() starts) `iteration`, the one the checkpoint was loaded at."""
+    current = getattr(args, "curr_iteration", None)
+    return getattr(args, "iteration", None) if current is None else current
+
+
 def use_megatron_lm_iteration() -> None:
-    """Make `--lighthouse-until-iter` read Megatron-LM's `args.curr_iteration`, which its
-    train() sets before each step. Resolved here once, not on every layer's forward."""
+    """Make `--lighthouse-until-iter` read Megatron-LM's iteration (`megatron_lm_iteration`).
+    Resolved here once, not on every layer's forward."""
     from megatron.training import get_args
 
-    set_iteration_source(lambda: getattr(get_args(), "curr_iteration", None))
+    set_iteration_source(lambda: megatron_lm_iteration(get_args()))
 
 
 @contextlib.contextmanager
@@ -141,3 +174,87 @@ def clean_exit() -> Iterator[None]:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+DENSE_SUFFIX = " dense"  # Megatron-LM's "lm loss" of the same weights with dense attention: "lm loss dense"
+
+
+def eval_attention_now(args, model) -> str:
+    """What this forward step evaluates (`--lighthouse-eval-attention`): "model" while training,
+    outside a Lighthouse stage, or when asked; else "dense" or "both"."""
+    if getattr(model, "training", True) or getattr(args, "attention_impl", "dense") != "lighthouse":
+        return "model"
+    until = getattr(args, "lighthouse_until_iter", None)
+    iteration = megatron_lm_iteration(args)
+    if until is not None and iteration is not None and iteration >= until:
+        return "model"  # the layers already run dense
+    return getattr(args, "lighthouse_eval_attention", None) or "both"
+
+
+class _Replay:
+    """An iterator that hands out again, after `rewind()`, what it has handed out: the two
+    evaluations of one forward step read the same batch and consume it once."""
+
+    def __init__(self, iterator):
+        self.iterator, self.items, self.position = iterator, [], 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.position == len(self.items):
+            self.items.append(next(self.iterator))
+        self.position += 1
+        return self.items[self.position - 1]
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def _dense_report(report: dict) -> dict:
+    return {f"{key}{DENSE_SUFFIX}": value for key, value in report.items()}
+
+
+def _with_report(result, report: dict):
+    """A Megatron-LM loss-function result (`(loss, num_tokens, report)` or `(loss, report)`)
+    with its report dict replaced."""
+    return (*result[:-1], report)
+
+
+def eval_attention_forward_step(forward_step: Callable, get_args: Callable) -> Callable:
+    """Megatron-LM's `forward_step`, evaluating as `--lighthouse-eval-attention` says.
+
+    Megatron-LM sums and logs every key of the loss function's report (the log line,
+    TensorBoard and W&B, through its own writers), so the dense evaluation only adds keys:
+    "lm loss dense" beside Megatron-LM's "lm loss". With "both" the two forwards read the
+    same batch. Training steps are untouched."""
+
+    @functools.wraps(forward_step)
+    def step(data_iterator, model, *args, **kwargs):
+        mode = eval_attention_now(get_args(), model)
+        if mode == "model":
+            return forward_step(data_iterator, model, *args, **kwargs)
+        if mode == "dense":
+            with forced_dense():
+                output, loss_func = forward_step(data_iterator, model, *args, **kwargs)
+
+            def dense_loss(output_tensor, *a, **k):
+                result = loss_func(output_tensor, *a, **k)
+                return _with_report(result, _dense_report(result[-1]))
+
+            return output, dense_loss
+        replay = None if data_iterator is None else _Replay(data_iterator)
+        output, loss_func = forward_step(replay, model, *args, **kwargs)
+        if replay is not None:
+            replay.rewind()
+        with forced_dense():
+            dense_output, dense_loss_func = forward_step(replay, model, *args, **kwargs)
+
+        def both_loss(output_tensor, *a, **k):
+            result = loss_func(output_tensor, *a, **k)
+            dense = dense_loss_func(dense_output, *a, **k)
+            return _with_report(result, {**result[-1], **_dense_report(dense[-1])})
+
+        return output, both_loss
+
+    return step

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import sys
 
-from .launch import require_megatron_lm
+from .launch import clean_exit, refuse_yaml_cfg, require_megatron_lm
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
+    with clean_exit():
+        # Before Megatron-LM's in-process-restart wrapper, which parses (and loads) it already.
+        refuse_yaml_cfg(sys.argv[1:])
     mlm.train_valid_test_datasets_provider.is_distributed = True
     pretrain, store = training.pretrain, None
     if hasattr(training, "inprocess_restart"):

@@ -12,8 +12,8 @@ c tokens. Two implementations of the same function:
 
 from __future__ import annotations
 
-import functools
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,8 +52,20 @@ def causal_attention(
 # ------------------------------------------------------------------ Transformer Engine
 
 
-@functools.lru_cache(maxsize=64)
+# One TE module per shape, dtype, layout and CP group, shared by the layers (as backends.py's
+# `_te_module`): keyed by the group, not by the layer's ContextParallel, so any depth fits.
+_TE_CP_MODULES: dict[tuple, Any] = {}
+
+
+def te_cp_module_key(heads, groups, d, scale, dtype, device, fmt, cp: ContextParallel) -> tuple:
+    return heads, groups, d, float(scale), dtype, device, fmt, cp.key
+
+
 def _te_cp_module(heads, groups, d, scale, dtype, device, fmt, cp: ContextParallel):
+    key = te_cp_module_key(heads, groups, d, scale, dtype, device, fmt, cp)
+    module = _TE_CP_MODULES.get(key)
+    if module is not None:
+        return module
     from transformer_engine.pytorch import DotProductAttention
 
     module = DotProductAttention(
@@ -64,6 +76,7 @@ def _te_cp_module(heads, groups, d, scale, dtype, device, fmt, cp: ContextParall
         cp.te_group if cp.te_group is not None else cp.group, cp.global_ranks, cp.stream(device),
         cp.comm_type,
     )
+    _TE_CP_MODULES[key] = module
     return module
 
 

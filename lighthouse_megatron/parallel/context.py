@@ -35,6 +35,13 @@ class ContextParallel:
             raise ValueError("cp_comm_type 'a2a+p2p' needs te_group, the [a2a, p2p] hierarchical CP groups")
 
     @property
+    def key(self) -> tuple:
+        """What TE's CP attention depends on: the groups and the comm type. Every layer builds
+        its own ContextParallel over the same groups; they share one key."""
+        te_group = tuple(self.te_group) if isinstance(self.te_group, list) else self.te_group
+        return self.group, self.comm_type, te_group
+
+    @property
     def size(self) -> int:
         return dist.get_world_size(self.group)
 

@@ -7,7 +7,11 @@ iterations 1..switch, then saved; stage 2 built Megatron-LM's dense layers, load
 checkpoint at iteration `switch` and trained switch+1..train_iters; every loss finite;
 the loss fell (last 5 iterations of stage 2 below the first 5 of stage 1) and the switch
 did not restart training (stage 2's first losses near stage 1's last ones, far below
-the start). Prints one verdict line; exit code 1 on a failure.
+the start). With --expect-dense-eval: stage 1's validation lines carry both Megatron-LM's
+"lm loss" and the plugin's "lm loss dense" (--lighthouse-eval-attention both), stage 2's
+only "lm loss". With --same-as LOG: that run (stage 2 of the same checkpoint another way,
+e.g. the in-run switch) logged the same first losses as stage 2, within --tolerance.
+Prints one verdict line; exit code 1 on a failure.
 """
 
 from __future__ import annotations
@@ -23,8 +27,50 @@ ITERATION = re.compile(r"iteration\s+(\d+)/\s*(\d+)\s*\|.*?lm loss:\s*(-?(?:[0-9
                        re.IGNORECASE)
 
 
+# ` validation loss at iteration 10 on validation set | lm loss value: 5.1E+00 | lm loss PPL: ... |`
+VALIDATION = re.compile(r"validation loss at iteration (\d+)[^|]*\|(.*)")
+VALUE = re.compile(r"\s*(lm loss(?: dense)?) value:\s*(-?(?:[0-9.]+E[-+]\d+|NAN|INF))", re.IGNORECASE)
+
+
 def losses(text: str) -> dict[int, float]:
     return {int(m.group(1)): float(m.group(3)) for m in ITERATION.finditer(text)}
+
+
+def validations(text: str) -> dict[int, dict[str, float]]:
+    """{iteration: {"lm loss": ..., "lm loss dense": ...}} from Megatron-LM's validation lines."""
+    out = {}
+    for m in VALIDATION.finditer(text):
+        fields = {v.group(1): float(v.group(2)) for v in map(VALUE.match, m.group(2).split("|")) if v}
+        out[int(m.group(1))] = fields
+    return out
+
+
+def check_dense_eval(stage1: str, stage2: str) -> list[str]:
+    problems = []
+    v1, v2 = validations(stage1), validations(stage2)
+    if not v1:
+        problems.append("stage 1 logged no validation line")
+    for it, fields in sorted(v1.items()):
+        if set(fields) != {"lm loss", "lm loss dense"} or not all(map(math.isfinite, fields.values())):
+            problems.append(f"stage 1 validation at iteration {it} logged {fields}, expected finite "
+                            "'lm loss' and 'lm loss dense'")
+    for it, fields in sorted(v2.items()):
+        if set(fields) != {"lm loss"}:
+            problems.append(f"stage 2 (dense) validation at iteration {it} logged {sorted(fields)}, "
+                            "expected only 'lm loss'")
+    return problems
+
+
+def check_same(stage2: str, other: str, first: int, count: int, tolerance: float) -> list[str]:
+    a, b = losses(stage2), losses(other)
+    its = list(range(first, first + count))
+    if not all(i in a and i in b for i in its):
+        return [f"iterations {its} missing from one of the two stage-2 logs"]
+    worst = max(abs(a[i] - b[i]) for i in its)
+    if not worst <= tolerance:
+        return [f"first dense losses differ by {worst:.4f} > {tolerance}: "
+                f"{[a[i] for i in its]} vs {[b[i] for i in its]}"]
+    return []
 
 
 def check(stage1: str, stage2: str, switch: int, total: int) -> list[str]:
@@ -70,16 +116,33 @@ def main() -> int:
     p.add_argument("stage2")
     p.add_argument("--switch-iter", type=int, required=True)
     p.add_argument("--train-iters", type=int, required=True)
+    p.add_argument("--expect-dense-eval", action="store_true")
+    p.add_argument("--same-as", metavar="LOG")
+    p.add_argument("--same-iters", type=int, default=3)
+    p.add_argument("--tolerance", type=float, default=0.02)
     a = p.parse_args()
     with open(a.stage1) as f1, open(a.stage2) as f2:
         s1, s2 = f1.read(), f2.read()
     problems = check(s1, s2, a.switch_iter, a.train_iters)
+    if a.expect_dense_eval:
+        problems += check_dense_eval(s1, s2)
+    if a.same_as:
+        with open(a.same_as) as f:
+            problems += check_same(s2, f.read(), a.switch_iter + 1, a.same_iters, a.tolerance)
     l1, l2 = losses(s1), losses(s2)
     if problems:
         print("FAILED: " + "; ".join(problems))
         return 1
+    extra = ""
+    if a.expect_dense_eval:
+        it, fields = max(validations(s1).items())
+        extra += (f"; stage 1 validation at {it}: lm loss {fields['lm loss']:.3f}, "
+                  f"lm loss dense {fields['lm loss dense']:.3f}")
+    if a.same_as:
+        extra += f"; first {a.same_iters} dense losses match {a.same_as} within {a.tolerance}"
     print(f"OK: stage 1 (Lighthouse) loss {l1[1]:.3f} -> {l1[a.switch_iter]:.3f}, stage 2 (dense, "
-          f"loaded iteration {a.switch_iter}) {l2[a.switch_iter + 1]:.3f} -> {l2[a.train_iters]:.3f}")
+          f"loaded iteration {a.switch_iter}) {l2[a.switch_iter + 1]:.3f} -> {l2[a.train_iters]:.3f}"
+          + extra)
     return 0
 
 

@@ -2,7 +2,9 @@
 # Megatron-LM's own pretrain() with Lighthouse attention, on the GPU, at a real tag:
 # stage 1 Lighthouse until --exit-interval (checkpoint saved), stage 2 dense from that
 # checkpoint with the same schedule; then tests/gpu/check_megatron_lm_logs.py asserts that
-# both stages ran, stage 2 loaded stage 1's checkpoint, and the loss is finite and falling.
+# both stages ran, stage 2 loaded stage 1's checkpoint, the loss is finite and falling, and
+# stage 1's validation logged Megatron-LM's "lm loss" and the dense "lm loss dense"
+# (--lighthouse-eval-attention both, the default), stage 2's only "lm loss".
 #
 #   bash tests/gpu/run_megatron_lm.sh TAG IMPL [CP]
 #     TAG   core_v0.16.1 | core_v0.19.0
@@ -43,8 +45,8 @@ args=(
     --disable-bias-linear --attention-dropout 0 --hidden-dropout 0 --bf16
     --micro-batch-size 1 --global-batch-size 4 --train-iters 40 --lr 3e-3 --min-lr 3e-4
     --lr-decay-style cosine --lr-warmup-iters 4 --weight-decay 0.01 --clip-grad 1.0 --seed 1234
-    --mock-data --tokenizer-type NullTokenizer --vocab-size 256 --split 100,0,0
-    --eval-iters 0 --eval-interval 1000 --log-interval 1 --save-interval 20 --ckpt-format torch_dist
+    --mock-data --tokenizer-type NullTokenizer --vocab-size 256 --split 98,2,0
+    --eval-iters 2 --eval-interval 10 --log-interval 1 --save-interval 20 --ckpt-format torch_dist
     --transformer-impl $transformer_impl --context-parallel-size "$cp_size"
     --distributed-backend nccl
     --no-gradient-accumulation-fusion  # needs apex's fused_weight_gradient_mlp_cuda
@@ -65,4 +67,4 @@ echo "== $tag, $impl, CP=$cp_size: logs and checkpoints in $run"
 "${launch[@]}" "${args[@]}" --attention-impl dense --load "$ckpt" --save "$ckpt" \
     > "$run/stage2.log" 2>&1 || { tail -40 "$run/stage2.log"; echo "stage 2 failed"; exit 1; }
 python "$root/tests/gpu/check_megatron_lm_logs.py" "$run/stage1.log" "$run/stage2.log" \
-    --switch-iter 20 --train-iters 40
+    --switch-iter 20 --train-iters 40 --expect-dense-eval
