@@ -12,7 +12,7 @@ import argparse
 import os
 from typing import Any
 
-from ..data import byte_vocab_size, null_tokenizer
+from ..data import byte_vocab_size, null_tokenizer, open_indexed_dataset
 from ..megatron import add_lighthouse_args, validate_lighthouse_args
 
 # The trainer's defaults; a model close to the paper's (Llama-like: RMSNorm, SwiGLU, RoPE,
@@ -326,14 +326,12 @@ def _check_splits(args: argparse.Namespace) -> None:
         convert_split_vector_to_split_matrix,
         parse_and_normalize_split,
     )
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(args.split))
     used = ("train", "valid", "test") if args.eval_iters else ("train",)
     prefixes = args.data_path if len(args.data_path) == 1 else args.data_path[1::2]
     vocab = null_tokenizer(args.vocab_size).vocab_size
     for prefix in prefixes:
-        ds = IndexedDataset(prefix, mmap=True)
+        ds = open_indexed_dataset(prefix)
         n = ds.sequence_lengths.shape[0]
         # Documents end with the end-of-document id, the largest id of byte-level data.
         top = max(int(ds[i].max()) for i in {0, n - 1}) if n else 0
