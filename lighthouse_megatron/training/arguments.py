@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from ..data import byte_vocab_size, null_tokenizer, open_indexed_dataset
+from ..layout import check_layout
 from ..megatron import add_lighthouse_args, validate_lighthouse_args
 
 # The trainer's defaults; a model close to the paper's (Llama-like: RMSNorm, SwiGLU, RoPE,
@@ -233,10 +234,7 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> No
     args.padded_vocab_size = padded_vocab_size(args)
     world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
-    if world % (tp * cp):
-        raise ValueError(f"{world} processes are not divisible by --tensor-model-parallel-size {tp} x "
-                         f"--context-parallel-size {cp}; launch a multiple of {tp * cp} processes")
-    dp = world // (tp * cp)
+    dp = check_layout(world, tp, cp, 1)  # the one layout check (slurm render and the launcher use it too)
     args.world_size, args.data_parallel_size, args.pipeline_model_parallel_size = world, dp, 1
     if heads % tp:
         raise ValueError(f"--num-attention-heads {heads} is not divisible by "
