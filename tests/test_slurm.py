@@ -328,7 +328,7 @@ MEGATRON_LM = os.environ.get("MEGATRON_LM")
 def test_megatron_lm_parses_the_command(tmp_path, job):
     """Every flag the launcher passes exists in Megatron-LM (plus the plugin's) and parses."""
     script = render(tmp_path, job, "--megatron-lm", MEGATRON_LM, "--tensor-model-parallel-size", "2",
-                    "--set", "exit_duration_mins=60")
+                    "--set", "exit_duration_mins=60", "--set", "init_checkpoint=")
     _, srun, _ = run_job(script, tmp_path, end_iter=20000)
     argv = srun[srun.index("lighthouse_megatron.megatron.pretrain_gpt") + 1:]
     prog = (
