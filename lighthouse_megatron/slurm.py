@@ -48,6 +48,7 @@ SETTINGS_END = "# ---- end of settings ----"
 # The job's own keys (everything else is a training setting, by the trainer's flag names).
 LAUNCH_KEYS = {
     "job": "train or convert", "recipe": "trainer YAML with the model and schedule",
+    "stop_at_switch": "stop at the recipe's lighthouse_until_iter (stage 1 of the chain)",
     "job_name": "#SBATCH --job-name", "nodes": "#SBATCH --nodes",
     "gpus_per_node": "GPUs per node (0: a CPU job of nproc_per_node processes)",
     "nproc_per_node": "processes per node (default: gpus_per_node)", "partition": "#SBATCH --partition",
@@ -279,8 +280,10 @@ def _check_training(r: Resolved) -> None:
     if train.get("attention_impl", "dense") == "dense":
         train = r.train = {k: v for k, v in train.items() if not k.startswith("lighthouse_")}
     # The two-stage chain: stage 1 stops at the recipe's switch.
-    if train.get("attention_impl") == "lighthouse" and "exit_interval" not in train \
-            and train.get("lighthouse_until_iter") is not None and r.job.name == "stage1":
+    if launch.get("stop_at_switch") and "exit_interval" not in train:
+        if train.get("attention_impl") != "lighthouse" or train.get("lighthouse_until_iter") is None:
+            raise ValueError("stop_at_switch needs attention_impl lighthouse and lighthouse_until_iter (the "
+                             "switch) in the recipe")
         train["exit_interval"] = train["lighthouse_until_iter"]
     train.pop("tokenizer_type", None)  # the launcher passes the tokenizer's flags itself
     if tokenizer == "bytes":

@@ -389,6 +389,7 @@ def test_megatron_lm_parses_the_command(tmp_path, job):
      "data_path=/path/to/data/corpus: still a placeholder"),
     ("stage1", ["--megatron-lm", ""], "megatron_lm not set"),
     ("convert", ["--checkpoint-root", ""], "checkpoint_root not set"),
+    ("stage2", ["--set", "stop_at_switch=true"], "stop_at_switch needs attention_impl lighthouse"),
 ])
 def test_bad_settings_are_refused(tmp_path, capsys, job, args, message):
     out = tmp_path / "job.sbatch"
