@@ -3,37 +3,53 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
+# command -> (module, its parser builder, one-line help). Only the module of the command being
+# run is imported: `--help` and `--version` must not wait seconds for torch and megatron-core.
+COMMANDS = {
+    "demo": (".demo", "add_demo_parser",
+             "the two-stage workflow on a tiny model: data, Lighthouse, convert, dense recovery"),
+    "prepare-data": (".data", "add_prepare_data_parser",
+                     "text files or JSONL into a Megatron indexed dataset (.bin/.idx)"),
+    "bench": (".bench", "add_bench_parser", "benchmarks (GPU) and the evidence report"),
+    "slurm": (".slurm", "add_slurm_parser", "fill the Slurm launcher from a recipe and submit the chain"),
+    "train": (".training", "add_train_parser", "train a GPT with Lighthouse attention (megatron-core)"),
+    "convert": (".checkpoint.cli", "add_convert_parser",
+                "make a stage-1 (Lighthouse) checkpoint load under the dense spec, or export it to Hugging "
+                "Face Llama"),
+    "inspect": (".checkpoint.cli", "add_inspect_parser", "summarise a Megatron-LM checkpoint"),
+}
 
-def main(argv: list[str] | None = None) -> int:
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand argv names (its first word that is not an option), if it is one of ours."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser with the full parser of the command in `argv` and a stub for the others."""
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="lighthouse-megatron", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    chosen = _command(argv)
+    for name, (module, builder, help_text) in COMMANDS.items():
+        if name == chosen:
+            getattr(importlib.import_module(module, __package__), builder)(sub)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
+    return parser
 
-    from .demo import add_demo_parser
 
-    add_demo_parser(sub)
-    from .data import add_prepare_data_parser
-
-    add_prepare_data_parser(sub)
-    from .bench import add_bench_parser
-
-    add_bench_parser(sub)
-    from .slurm import add_slurm_parser
-
-    add_slurm_parser(sub)
-    from .training import add_train_parser
-
-    add_train_parser(sub)
-    from .checkpoint.cli import add_convert_parser, add_inspect_parser
-
-    add_convert_parser(sub)
-    add_inspect_parser(sub)
-
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ValueError as e:

@@ -16,10 +16,10 @@ BACKENDS = ("auto", "te", "cudnn", "flash", "math")
 
 
 def nearest_multiples(value: int, base: int) -> str:
-    """'a or b': the multiples of `base` nearest to `value` (one of them if value is below base)."""
+    """'a or b': the positive multiples of `base` nearest to `value`; the smallest, `base`,
+    alone when value is below it (zero and negative values are never valid)."""
     lo = (value // base) * base
-    hi = lo + base
-    return f"{hi}" if lo <= 0 else f"{lo} or {hi}"
+    return f"{base}" if lo <= 0 else f"{lo} or {lo + base}"
 
 
 def _is_power_of_two(x: int) -> bool:
@@ -34,7 +34,8 @@ class LighthouseConfig:
     pooling_factor  [p] block growth per level, a power of two >= 2.
     topk            [k] global top-k budget per selection unit, a multiple of tile_topk.
     tile_topk       [T] entries kept per refined level per tile, even (half by query norm,
-                    half by key norm).
+                    half by key norm). topk and tile_topk are unused (and unchecked) when
+                    levels is 1.
     dense_layers    0-based global layer indices that keep dense attention; negative
                     indices count from the last layer.
     scorer          "norm": parameter-free L2-norm scoring.
@@ -78,12 +79,15 @@ class LighthouseConfig:
             raise ValueError(
                 f"lighthouse pooling_factor must be a power of two >= 2, got {p}; nearest valid: {near}"
             )
-        if self.tile_topk < 2 or self.tile_topk % 2:
+        if self.levels == 1:
+            # Dense attention: nothing is selected, so topk and tile_topk are unused and not checked.
+            pass
+        elif self.tile_topk < 2 or self.tile_topk % 2:
             raise ValueError(
                 f"lighthouse tile_topk must be even and >= 2 (half by query norm, half by key norm), "
                 f"got {self.tile_topk}; nearest valid: {nearest_multiples(self.tile_topk, 2)}"
             )
-        if self.topk < self.tile_topk or self.topk % self.tile_topk:
+        elif self.topk < self.tile_topk or self.topk % self.tile_topk:
             raise ValueError(
                 f"lighthouse topk must be a positive multiple of tile_topk={self.tile_topk}, got "
                 f"{self.topk}; nearest valid: {nearest_multiples(self.topk, self.tile_topk)}"
@@ -103,6 +107,8 @@ class LighthouseConfig:
             raise ValueError(f"sequence length must be a positive integer, got {seq_len!r}")
         if not isinstance(cp_size, int) or cp_size < 1:
             raise ValueError(f"context-parallel size must be a positive integer, got {cp_size!r}")
+        if self.levels == 1:  # dense: no tiles, no budget, any length
+            return
         self._check_cp_topk(cp_size)
         # Tiles never straddle chunks (k_chunk / T tiles per chunk), so the chunk rules
         # reduce to the global ones: N divisible by p**(L-1) * (k/T).

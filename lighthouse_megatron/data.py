@@ -25,6 +25,7 @@ import fnmatch
 import json
 import os
 import shutil
+import struct
 import sys
 import sysconfig
 import tempfile
@@ -230,6 +231,61 @@ def _indexed_dataset():
     return indexed_dataset
 
 
+# The first bytes of every index file megatron-core writes (its _IndexWriter), before the version.
+INDEX_HEADER = b"MMIDIDX\x00\x00"
+# Header, version, dtype code, sequence count, document count.
+_INDEX_PREAMBLE = struct.Struct(f"<{len(INDEX_HEADER)}sQBQQ")
+
+
+def open_indexed_dataset(prefix: str, setting: str = "--data-path"):
+    """megatron-core's IndexedDataset for PREFIX.bin/.idx, or a DataError naming `setting` and
+    what is wrong with the pair (missing, not an index file, truncated) instead of the
+    reader's assertion and the AttributeError its destructor raises after it."""
+    idx = _indexed_dataset()
+    bin_path, idx_path = idx.get_bin_path(prefix), idx.get_idx_path(prefix)
+    missing = [p for p in (bin_path, idx_path) if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{setting} {prefix}: missing {', '.join(missing)} (a Megatron indexed dataset is "
+                        "PREFIX.bin + PREFIX.idx, e.g. from `lighthouse-megatron prepare-data`)")
+    try:
+        with open(idx_path, "rb") as f:
+            head = f.read(_INDEX_PREAMBLE.size)
+    except OSError as e:
+        raise DataError(f"{setting} {prefix}: cannot read {idx_path} ({e.strerror})") from None
+    if not head.startswith(INDEX_HEADER):
+        raise DataError(f"{setting} {prefix}: {idx_path} is not a Megatron indexed dataset index "
+                        f"(it does not start with {INDEX_HEADER!r}); write the dataset with "
+                        "`lighthouse-megatron prepare-data` or Megatron-LM's tools/preprocess_data.py")
+    # The reader asserts on a short file and then fails again in its destructor: check the
+    # length the header's counts imply (int32 lengths, int64 pointers, int64 document bounds).
+    if len(head) < _INDEX_PREAMBLE.size:
+        raise DataError(f"{setting} {prefix}: {idx_path} is truncated ({len(head)} bytes)")
+    _, _, code, sequences, documents = _INDEX_PREAMBLE.unpack(head)
+    needed_idx = _INDEX_PREAMBLE.size + 12 * sequences + 8 * documents
+    if os.path.getsize(idx_path) < needed_idx:
+        raise DataError(f"{setting} {prefix}: {idx_path} is truncated ({os.path.getsize(idx_path)} bytes; "
+                        f"its header counts {sequences} sequences, {needed_idx} bytes)")
+    try:
+        itemsize = idx.DType.size(code)
+    except (ValueError, KeyError):
+        raise DataError(f"{setting} {prefix}: {idx_path} names token type code {code}, which megatron-core "
+                        "does not know (a damaged index)") from None
+    needed_bin = 0
+    if sequences:
+        lengths = np.memmap(idx_path, np.int32, "r", _INDEX_PREAMBLE.size, (sequences,))
+        pointers = np.memmap(idx_path, np.int64, "r", _INDEX_PREAMBLE.size + 4 * sequences, (sequences,))
+        needed_bin = int(pointers[-1]) + int(lengths[-1]) * itemsize
+    size = os.path.getsize(bin_path)
+    if size < needed_bin or (sequences and size == 0):
+        raise DataError(f"{setting} {prefix}: {bin_path} has {size} bytes but its index needs {needed_bin} "
+                        "(truncated, or the .bin of another dataset)")
+    try:
+        ds = idx.IndexedDataset(prefix, mmap=True)
+    except (AssertionError, ValueError, IndexError, OSError, struct.error) as e:
+        raise DataError(f"{setting} {prefix}: {idx_path} is damaged ({e})") from None
+    return ds
+
+
 def _check_output(prefix: str, force: bool) -> Path:
     idx = _indexed_dataset()
     out_dir = Path(prefix).parent
@@ -238,6 +294,9 @@ def _check_output(prefix: str, force: bool) -> Path:
             raise DataError(f"--output {prefix}: {path} is a directory")
         if Path(path).exists() and not force:
             raise DataError(f"--output {prefix}: {path} exists; pass --force to overwrite it")
+    blocking = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise DataError(f"--output {prefix}: {blocking} is not a directory")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -280,7 +339,11 @@ def prepare_data(
     show = sys.stderr.isatty() if progress is None else progress
     bar = _Progress(sum(f.stat().st_size for f in files), show)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{Path(prefix).name}.", suffix=".tmp", dir=out_dir))
+    try:
+        # Special file systems (/proc, /sys) pass the access check but refuse new files.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{Path(prefix).name}.", suffix=".tmp", dir=out_dir))
+    except OSError as e:
+        raise DataError(f"--output {prefix}: cannot write in the directory {out_dir} ({e.strerror})") from e
     try:
         builder = IndexedDatasetBuilder(get_bin_path(str(tmp / "data")), dtype=dtype)
         for path in files:

@@ -1,28 +1,29 @@
-"""`lighthouse-megatron slurm`: fill the sbatch templates in slurm/ and submit the two-stage chain.
+"""`lighthouse-megatron slurm`: fill the one launcher (slurm/launch.sbatch) from a job file and submit
+the two-stage chain.
 
-The templates are sbatch scripts that run as they are: a `#SBATCH` header, a block of
-`NAME=value` settings between `# ---- settings ----` and `# ---- end of settings ----`, then
-the launch code. Rendering rewrites only header options and settings' values, so a rendered
-script is the template with other values, and it is checked before anything is written:
-TP x CP x PP x DP against the job's processes, the batch sizes against DP, the heads against
-TP and the sequence and Lighthouse settings against the CP degree.
+A job file (slurm/stage1.yaml, convert.yaml, stage2.yaml, 1m.yaml, or a copy) is YAML in the
+trainer's dialect: `job` (train or convert), `recipe` (a trainer YAML file, e.g.
+examples/98k.yaml, relative to the job file) and settings. Keys that are the trainer's flags
+with '_' (`num_layers`, `lr`, `lighthouse_topk`, ...) are training settings and override the
+recipe's; the others (LAUNCH_KEYS) describe the job: the Slurm header, the engine, the
+environment, the paths. Values come from the job file, then `--config FILE` (top-level keys
+for every job that takes them; a section named after a job for that job), then the command
+line.
 
-Values come from the template, then a YAML file, then the command line. In the YAML file,
-top-level keys apply to every template that has the setting and a section named after a
-template (`stage1:`, `convert:`, `stage2:`, `1m:`) to that template only. Keys are the
-settings' names in lower case plus `nodes`, `gpus_per_node` (0: a CPU job of
-`nproc_per_node` processes per node), `partition`, `account`, `time`, `job_name` and
-`log_dir` (the `#SBATCH` header).
+`render` checks everything it can before writing (the layout with the package's one layout
+check, the tokenizer against the dataset, placeholders and unset paths) and writes the
+launcher with a generated settings block (bash variables and arrays): bash reads the values
+as they are, nothing is parsed back.
 
-Python API: `load_template(name_or_path) -> Template`; `resolve(template, values) -> dict`
-(the checked values); `render(template, values) -> str` (the script); `render_chain(config,
-overrides) -> {stage: script}` (stage1, convert, stage2, also checked as a chain);
+Python API: `load_job(name_or_path) -> Job`; `resolve(job, values) -> Resolved`;
+`render(job, values) -> str`; `render_chain(config, overrides) -> {stage: script}`;
 `write_script(text, path, force)`; `submit_chain({stage: path}) -> {stage: job id}`.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import re
 import shlex
@@ -30,199 +31,139 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import LighthouseConfig, nearest_multiples
+from .layout import check_flags
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "slurm"
-TEMPLATES = {
-    "stage1": "stage1_lighthouse.sbatch",
-    "convert": "convert.sbatch",
-    "stage2": "stage2_dense.sbatch",
-    "1m": "lighthouse_1m.sbatch",
-}
+SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
+LAUNCHER = SLURM_DIR / "launch.sbatch"
+JOBS = ("stage1", "convert", "stage2", "1m")
 CHAIN = ("stage1", "convert", "stage2")
 ENGINES = ("megatron-lm", "trainer")
-ATTENTION_IMPLS = ("dense", "lighthouse")
-# Keys that set `#SBATCH` options; nodes and GPUs only exist for the training templates.
-SBATCH_OPTIONS = {"job_name": "job-name", "time": "time", "partition": "partition", "account": "account"}
-LAYOUT_OPTIONS = {"nodes": "nodes", "gpus_per_node": "gpus-per-node"}
-# Stage 2 continues stage 1's model and schedule: these must agree between them.
-CONTINUED_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                  "seq_length", "train_iters", "lr", "min_lr", "lr_warmup_iters", "global_batch_size")
-
-_SETTING = re.compile(r"^([A-Z][A-Z0-9_]*)=(.*)$")
-_SBATCH = re.compile(r"^#(#?)SBATCH --([a-z-]+)=(.*)$")
+KINDS = ("train", "convert")
+SETTINGS_START = "# ---- settings (written by lighthouse-megatron slurm render) ----"
+SETTINGS_END = "# ---- end of settings ----"
+# The job's own keys (everything else is a training setting, by the trainer's flag names).
+LAUNCH_KEYS = {
+    "job": "train or convert", "recipe": "trainer YAML with the model and schedule",
+    "stop_at_switch": "stop at the recipe's lighthouse_until_iter (stage 1 of the chain)",
+    "job_name": "#SBATCH --job-name", "nodes": "#SBATCH --nodes",
+    "gpus_per_node": "GPUs per node (0: a CPU job of nproc_per_node processes)",
+    "nproc_per_node": "processes per node (default: gpus_per_node)", "partition": "#SBATCH --partition",
+    "convert_partition": "the conversion's partition (default: partition)", "account": "#SBATCH --account",
+    "time": "#SBATCH --time", "log_dir": "folder of the job logs", "engine": "megatron-lm or trainer",
+    "megatron_lm": "Megatron-LM checkout", "venv": "virtual environment to activate",
+    "container_image": "pyxis/enroot image", "container_mounts": "its mounts",
+    "tokenizer": "bytes or a local Hugging Face tokenizer folder", "checkpoint_root": "checkpoint folder",
+    "save_dir": "the job's checkpoints (under checkpoint_root)",
+    "init_checkpoint": "checkpoint of a first start (under checkpoint_root)",
+    "input": "convert: stage 1's checkpoints", "output": "convert: the dense checkpoint",
+    "pipeline_model_parallel_size": "PP (Megatron-LM)", "data_parallel_size": "auto or DP, checked",
+    "exit_duration_mins": "Megatron-LM's clean exit before the time limit (0: off)",
+    "extra_args": "more training arguments", "convert_args": "more convert arguments",
+}
+PATH_KEYS = ("megatron_lm", "venv", "data_path", "checkpoint_root", "log_dir", "tokenizer")
+# Set by the launcher itself, from save_dir / init_checkpoint.
+NOT_FROM_RECIPE = ("save", "load")
+# Where Megatron-LM's defaults differ from the trainer's: written out, so that both engines
+# train the same model from the same recipe.
+SAME_MODEL_KEYS = ("position_embedding_type", "normalization", "swiglu",
+                   "untie_embeddings_and_output_weights", "add_bias_linear", "attention_dropout",
+                   "hidden_dropout", "rotary_base", "init_method_std",
+                   "norm_epsilon", "split", "eval_iters", "lr_decay_style", "weight_decay", "adam_beta1",
+                   "adam_beta2", "clip_grad", "min_lr", "micro_batch_size")
+CONTINUED = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+             "seq_length", "train_iters", "lr", "min_lr", "lr_warmup_iters", "lr_decay_style",
+             "global_batch_size", "weight_decay", "adam_beta1", "adam_beta2")
 
 
 @dataclass
-class Template:
+class Job:
     name: str
     path: Path
-    lines: list[str]
-    settings: dict[str, int]  # UPPER_NAME -> line index
-    sbatch: dict[str, int]  # option -> line index, enabled (#SBATCH) or not (##SBATCH)
-
-    @property
-    def is_training(self) -> bool:
-        return "NPROC_PER_NODE" in self.settings
-
-    def keys(self) -> list[str]:
-        keys = [name.lower() for name in self.settings]
-        options = {**SBATCH_OPTIONS, **(LAYOUT_OPTIONS if self.is_training else {})}
-        keys += [key for key, option in options.items() if option in self.sbatch]
-        return sorted(keys + ["log_dir"])
-
-    def defaults(self) -> dict[str, str]:
-        out = {}
-        for name, i in self.settings.items():
-            words = shlex.split(_SETTING.match(self.lines[i]).group(2))
-            out[name.lower()] = " ".join(words)
-        for key, option in {**SBATCH_OPTIONS, **LAYOUT_OPTIONS}.items():
-            if option in self.sbatch:
-                disabled, _, value = _SBATCH.match(self.lines[self.sbatch[option]]).groups()
-                out[key] = "" if disabled else value
-        if self.is_training and out.get("gpus_per_node", "") == "":
-            out["gpus_per_node"] = "0"
-        out["log_dir"] = ""
-        return out
+    values: dict[str, Any]
 
 
-def load_template(name_or_path: str | os.PathLike) -> Template:
-    """A template by name (stage1, convert, stage2, 1m) or by path (a copy of one)."""
-    name = str(name_or_path)
-    path = TEMPLATE_DIR / TEMPLATES[name] if name in TEMPLATES else Path(name)
-    if not path.is_file():
-        if name not in TEMPLATES and os.sep not in name and not name.endswith(".sbatch"):
-            raise ValueError(f"unknown template {name!r}; valid: {', '.join(TEMPLATES)} or a path to a file")
-        raise ValueError(f"template {path} not found (the templates are in the repository's slurm/ folder)")
-    lines = path.read_text().splitlines()
+@dataclass
+class Resolved:
+    """A job's settings after the merge and the checks."""
+
+    job: Job
+    kind: str
+    launch: dict[str, Any]
+    train: dict[str, Any] = field(default_factory=dict)  # trainer settings (recipe + overrides)
+    recipe: Path | None = None
+    dp: int | None = None
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    import yaml
+
     try:
-        start = lines.index("# ---- settings ----")
-        end = lines.index("# ---- end of settings ----")
-    except ValueError:
-        raise ValueError(
-            f"{path} is not a lighthouse-megatron template: no '# ---- settings ----' block") from None
-    settings = {}
-    for i in range(start + 1, end):
-        m = _SETTING.match(lines[i])
-        if m:
-            settings[m.group(1)] = i
-    sbatch = {}
-    for i, line in enumerate(lines[:start]):
-        m = _SBATCH.match(line)
-        if m:
-            sbatch[m.group(2)] = i
-    stem = next((k for k, v in TEMPLATES.items() if path.name == v), path.stem)
-    return Template(stem, path, lines, settings, sbatch)
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{what} {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} must be a mapping of settings, got {type(data).__name__}")
+    return data
 
 
-def _as_str(key: str, value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        raise ValueError(f"{key} must be a number or a string, got {value!r}")
-    if isinstance(value, (list, tuple)):
-        items = [str(v) for v in value]
-        if any(not v or any(c.isspace() for c in v) for v in items):
-            raise ValueError(f"{key}: list items must be single words, got {value!r}")
-        return " ".join(items)
-    if isinstance(value, Mapping):
-        raise ValueError(f"{key} must be a value, got a mapping (sections are only allowed at the top level)")
-    return str(value)
+def load_job(name_or_path: str | os.PathLike) -> Job:
+    """A job by name (stage1, convert, stage2, 1m: slurm/NAME.yaml) or by path."""
+    name = str(name_or_path)
+    path = SLURM_DIR / f"{name}.yaml" if name in JOBS else Path(name)
+    if not path.is_file():
+        if name not in JOBS and os.sep not in name and not name.endswith((".yaml", ".yml")):
+            raise ValueError(f"unknown job {name!r}; valid: {', '.join(JOBS)} or a path to a job file")
+        raise ValueError(f"job file {path} not found")
+    values = _read_yaml(path, "job file")
+    if values.get("job") not in KINDS:
+        raise ValueError(f"{path}: 'job' must be one of {', '.join(KINDS)}, got {values.get('job')!r}")
+    return Job(path.stem, path.resolve(), values)
 
 
-def resolve(template: Template, values: Mapping[str, Any]) -> dict[str, str]:
-    """The template's values with `values` applied, checked (ValueError naming what is wrong)."""
-    valid = template.keys()
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"{template.name}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
-    out = template.defaults()
-    out.update({k: _as_str(k, v) for k, v in values.items()})
-    if template.is_training:
-        _check_training(template.name, out, values)
+def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
+    return {} if path is None else _read_yaml(Path(path), "--config")
+
+
+def _trainer_keys() -> set[str]:
+    from .training.arguments import build_parser
+
+    return set(vars(build_parser().parse_args([]))) - {"config"}
+
+
+def _flags(settings: Mapping[str, Any]) -> list[str]:
+    """Training settings as flags (the trainer's names, which are Megatron-LM's)."""
+    out: list[str] = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None:
+            continue
+        if value is True:
+            out.append(flag)
+        elif value is False:
+            if key != "add_bias_linear":
+                raise ValueError(f"{key}: false is not supported in a Slurm job (leave the key out)")
+            out.append("--disable-bias-linear")
+        elif isinstance(value, (list, tuple)):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, str(value)]
     return out
 
 
-def _int(v: Mapping[str, str], key: str, minimum: int = 1) -> int:
-    try:
-        n = int(v[key])
-    except ValueError:
-        raise ValueError(f"{key} must be an integer, got {v[key]!r}") from None
-    if n < minimum:
-        raise ValueError(f"{key} must be >= {minimum}, got {n}")
-    return n
+def _is_placeholder(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("/path/to")
 
 
-def _check_training(name: str, v: dict[str, str], given: Mapping[str, Any]) -> None:
-    """Fill in processes per node, then check the layout, batch, heads and Lighthouse settings."""
-    try:
-        engine, impl = v["engine"], v["attention_impl"]
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-        if impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {impl!r}")
-        nodes, gpus = _int(v, "nodes"), _int(v, "gpus_per_node", minimum=0)
-        if gpus == 0:
-            if "nproc_per_node" not in given:
-                raise ValueError("gpus_per_node 0 (a CPU job) needs nproc_per_node, the processes per node")
-            if engine != "trainer":
-                raise ValueError("a CPU job (gpus_per_node 0) needs engine trainer: Megatron-LM's "
-                                 "pretraining needs CUDA")
-        elif "nproc_per_node" in given and str(given["nproc_per_node"]) != str(gpus):
-            raise ValueError(f"nproc_per_node {given['nproc_per_node']} != gpus_per_node {gpus}: "
-                             "the templates start one process per GPU")
-        else:
-            v["nproc_per_node"] = str(gpus)
-        nproc = _int(v, "nproc_per_node")
-        cp = _int(v, "context_parallel_size")
-        tp, pp = _int(v, "tensor_model_parallel_size"), _int(v, "pipeline_model_parallel_size")
-        if engine == "trainer" and (nodes > 1 or pp > 1):
-            raise ValueError(f"engine trainer runs on one node without pipeline parallelism (got nodes "
-                             f"{nodes}, PP {pp}); use engine megatron-lm")
-        dp = _check_layout(nodes, nproc, tp, cp, pp, v["data_parallel_size"], "GPUs" if gpus else "processes")
-
-        micro, global_batch = _int(v, "micro_batch_size"), _int(v, "global_batch_size")
-        if global_batch % (micro * dp):
-            near = nearest_multiples(global_batch, micro * dp)
-            raise ValueError(f"global_batch_size {global_batch} must be a multiple of micro_batch_size x "
-                             f"DP = {micro} x {dp} = {micro * dp}; nearest valid: {near}")
-        heads, groups = _int(v, "num_attention_heads"), _int(v, "num_query_groups")
-        if heads % groups:
-            raise ValueError(f"num_attention_heads {heads} must be a multiple of num_query_groups {groups}")
-        if groups % tp:
-            raise ValueError(f"num_query_groups {groups} (and num_attention_heads {heads}) must be "
-                             f"multiples of TP = {tp}")
-        seq, layers = _int(v, "seq_length"), _int(v, "num_layers")
-        if layers % pp:
-            raise ValueError(f"num_layers {layers} must be a multiple of PP = {pp}")
-        if cp > 1 and seq % (2 * cp):
-            raise ValueError(f"seq_length {seq} must be a multiple of 2 x CP = {2 * cp} (Megatron cuts a "
-                             f"sequence into 2 x CP chunks); nearest valid: {nearest_multiples(seq, 2 * cp)}")
-        if impl == "lighthouse":
-            cfg = LighthouseConfig(
-                levels=_int(v, "lighthouse_levels"), pooling_factor=_int(v, "lighthouse_pooling_factor"),
-                topk=_int(v, "lighthouse_topk"), tile_topk=_int(v, "lighthouse_tile_topk"),
-                dense_layers=[int(i) for i in v["lighthouse_dense_layers"].split()])
-            cfg.validate(seq, cp)
-            cfg.resolve_dense_layers(layers)
-        train_iters = _int(v, "train_iters")
-        if v["exit_interval"] and _int(v, "exit_interval") > train_iters:
-            raise ValueError(f"exit_interval {v['exit_interval']} must be <= train_iters {train_iters}")
-        limit = _minutes(v.get("time", ""))
-        if limit and "time" in given and "exit_duration_mins" not in given:
-            # Room to save a checkpoint and exit before Slurm kills the job.
-            v["exit_duration_mins"] = str(max(limit - max(10, limit // 20), 1))
-        exit_after = _int(v, "exit_duration_mins", minimum=0)
-        if limit and exit_after >= limit:
-            raise ValueError(f"exit_duration_mins {exit_after} must be below the time limit ({v['time']} = "
-                             f"{limit} min): Megatron-LM saves and exits then, before Slurm kills the job")
-    except ValueError as e:
-        raise ValueError(f"{name}: {e}") from None
+def _under(root: str, value: str) -> str:
+    return value if not value or os.path.isabs(value) else str(Path(root) / value)
 
 
 def _minutes(time_limit: str) -> int | None:
@@ -231,57 +172,285 @@ def _minutes(time_limit: str) -> int | None:
     if not m:
         return None
     days, a, b, c = (int(x) if x else None for x in m.groups())
-    if days is not None:  # D-H[:M[:S]]
+    if days is not None:
         return days * 1440 + a * 60 + (b or 0)
-    if c is not None:  # H:M:S
+    if c is not None:
         return a * 60 + b
-    return a  # M or M:S
+    return a
 
 
-def _check_layout(nodes: int, nproc: int, tp: int, cp: int, pp: int, dp_setting: str, unit: str) -> int:
-    world, mp = nodes * nproc, tp * cp * pp
-    job = f"{nodes} node{'s' if nodes > 1 else ''} x {nproc} {unit} = {world} {unit}"
-    if dp_setting == "auto":
-        if world % mp:
-            raise ValueError(f"TP x CP x PP = {tp} x {cp} x {pp} = {mp} does not divide the job's {job}")
-        return world // mp
+def resolve(job: Job, values: Mapping[str, Any] = {}, *, allow_placeholders: bool = False) -> Resolved:
+    """The job's settings with `values` applied, checked (ValueError naming what is wrong)."""
     try:
-        dp = int(dp_setting)
+        return _resolve(job, values, allow_placeholders)
+    except ValueError as e:
+        raise ValueError(f"{job.name}: {e}") from None
+
+
+def _resolve(job: Job, values: Mapping[str, Any], allow_placeholders: bool) -> Resolved:
+    merged = {**job.values, **values}
+    kind = merged.pop("job")
+    recipe_path = None
+    train: dict[str, Any] = {}
+    if kind == "train":
+        if not merged.get("recipe"):
+            raise ValueError("a train job needs 'recipe', the trainer YAML with the model and schedule")
+        recipe_path = (job.path.parent / str(merged["recipe"])).resolve()
+        train = {k: v for k, v in _read_yaml(recipe_path, "recipe").items() if k not in NOT_FROM_RECIPE}
+    merged.pop("recipe", None)
+    trainer_keys = _trainer_keys() if kind == "train" else set()
+    wrong = sorted(k for k in merged if not _takes_kind(kind, k) and (k in LAUNCH_KEYS or kind == "convert"))
+    if wrong:
+        raise ValueError(f"a {kind} job has no setting(s) {', '.join(wrong)}")
+    launch = {}
+    for key, value in merged.items():
+        if key in LAUNCH_KEYS:
+            launch[key] = value
+        elif key in trainer_keys:
+            train[key] = value
+        else:
+            valid = sorted(LAUNCH_KEYS) + sorted(trainer_keys - set(NOT_FROM_RECIPE))
+            raise ValueError(f"unknown setting {key!r}; valid: {', '.join(valid)}")
+    launch.setdefault("engine", "megatron-lm")
+    launch.setdefault("tokenizer", "bytes")
+    for key in ("venv", "container_image", "container_mounts", "megatron_lm", "partition", "account",
+                "convert_partition", "log_dir", "init_checkpoint", "extra_args", "convert_args"):
+        launch.setdefault(key, "")
+    _check_placeholders(kind, launch, train, allow_placeholders)
+    root = str(launch.get("checkpoint_root") or "")
+    for key in ("save_dir", "init_checkpoint", "input", "output"):
+        if launch.get(key):
+            launch[key] = _under(root, str(launch[key]))
+    resolved = Resolved(job, kind, launch, train, recipe_path)
+    if kind == "train":
+        _check_training(resolved)
+    return resolved
+
+
+def _check_placeholders(kind: str, launch: dict, train: dict, allowed: bool) -> None:
+    """Placeholders and unset paths fail here, not after the queue wait."""
+    if allowed:
+        return
+    bad = [f"{k}={v}" for k, v in {**launch, **train}.items() if _is_placeholder(v)]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: still a placeholder; set the real path (or pass "
+                         "--allow-placeholders to write the script anyway)")
+    needed = ["checkpoint_root"]
+    if kind == "train":
+        if not train.get("mock_data"):
+            needed.append("data_path")
+        if launch["engine"] == "megatron-lm" and not launch["container_image"]:
+            needed.append("megatron_lm")
+    unset = [k for k in needed if not (launch.get(k) or train.get(k))]
+    if unset:
+        raise ValueError(f"{', '.join(unset)} not set (a train job with mock_data: true needs no data_path); "
+                         "set them, or pass --allow-placeholders to write the script anyway")
+
+
+def _check_training(r: Resolved) -> None:
+    launch, train = r.launch, r.train
+    engine = launch["engine"]
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    nodes, gpus = _int(launch, "nodes", 1), _int(launch, "gpus_per_node", 0)
+    if gpus == 0:
+        if "nproc_per_node" not in launch:
+            raise ValueError("gpus_per_node 0 (a CPU job) needs nproc_per_node, the processes per node")
+        if engine != "trainer":
+            raise ValueError("a CPU job (gpus_per_node 0) needs engine trainer: Megatron-LM's pretraining "
+                             "needs CUDA")
+    elif "nproc_per_node" in launch and _int(launch, "nproc_per_node", 1) != gpus:
+        raise ValueError(f"nproc_per_node {launch['nproc_per_node']} != gpus_per_node {gpus}: the launcher "
+                         "starts one process per GPU")
+    nproc = _int(launch, "nproc_per_node", 1) if gpus == 0 else gpus
+    launch["nproc_per_node"] = nproc
+    pp = _int(launch, "pipeline_model_parallel_size", 1) if "pipeline_model_parallel_size" in launch else 1
+    launch["pipeline_model_parallel_size"] = pp
+    if engine == "trainer" and (nodes > 1 or pp > 1):
+        raise ValueError(f"engine trainer runs on one node without pipeline parallelism (got nodes {nodes}, "
+                         f"PP {pp}); use engine megatron-lm")
+    tokenizer = str(launch["tokenizer"])
+    if tokenizer != "bytes":
+        if engine == "trainer":
+            raise ValueError(f"tokenizer {tokenizer}: the trainer reads byte-level data only "
+                             "(tokenizer bytes)")
+        if not Path(tokenizer).is_dir():
+            raise ValueError(f"tokenizer {tokenizer!r} must be 'bytes' or a local Hugging Face tokenizer "
+                             "folder (the compute nodes cannot download a hub name)")
+    if train.get("attention_impl", "dense") == "dense":
+        train = r.train = {k: v for k, v in train.items() if not k.startswith("lighthouse_")}
+    # The two-stage chain: stage 1 stops at the recipe's switch.
+    if launch.get("stop_at_switch") and "exit_interval" not in train:
+        if train.get("attention_impl") != "lighthouse" or train.get("lighthouse_until_iter") is None:
+            raise ValueError("stop_at_switch needs attention_impl lighthouse and lighthouse_until_iter (the "
+                             "switch) in the recipe")
+        train["exit_interval"] = train["lighthouse_until_iter"]
+    train.pop("tokenizer_type", None)  # the launcher passes the tokenizer's flags itself
+    if tokenizer == "bytes":
+        train.pop("vocab_size", None)
+    from .training.arguments import DEFAULTS
+
+    for key in SAME_MODEL_KEYS:
+        if train.get(key) is None and DEFAULTS.get(key) is not None:
+            train[key] = DEFAULTS[key]
+    if train.get("max_position_embeddings") is None and train.get("seq_length") is not None:
+        train["max_position_embeddings"] = train["seq_length"]
+    if isinstance(train.get("data_path"), str):
+        train["data_path"] = [train["data_path"]]
+    unit = "GPUs" if gpus else "processes"
+    job_desc = f"{nodes} node{'s' if nodes > 1 else ''} x {nproc} {unit} = {nodes * nproc} {unit}"
+    r.dp = check_flags(["--pipeline-model-parallel-size", str(pp), *_flags(train)], nodes * nproc,
+                       launch.get("data_parallel_size", "auto"), job_desc)
+    launch.setdefault("data_parallel_size", "auto")
+    train_iters = _int(train, "train_iters", 1)
+    if train.get("exit_interval") is not None and _int(train, "exit_interval", 1) > train_iters:
+        raise ValueError(f"exit_interval {train['exit_interval']} must be <= train_iters {train_iters}")
+    launch["target_iteration"] = train.get("exit_interval") or train_iters
+    limit = _minutes(str(launch.get("time", "")))
+    if limit and "exit_duration_mins" not in launch:
+        # Room to save a checkpoint and exit before Slurm kills the job.
+        launch["exit_duration_mins"] = max(limit - max(10, limit // 20), 1)
+    launch.setdefault("exit_duration_mins", 0)
+    exit_after = _int(launch, "exit_duration_mins", 0)
+    if limit and exit_after >= limit:
+        raise ValueError(f"exit_duration_mins {exit_after} must be below the time limit ({launch['time']} = "
+                         f"{limit} min): Megatron-LM saves and exits then, before Slurm kills the job")
+    if train.get("data_path"):
+        _check_tokenizer(train["data_path"], tokenizer)
+
+
+def _int(d: Mapping[str, Any], key: str, minimum: int) -> int:
+    value = d.get(key)
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be an integer, got {value!r}") from None
+    if isinstance(value, bool) or n < minimum or str(n) != str(value).strip():
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return n
+
+
+def _check_tokenizer(data_path: list[str], tokenizer: str) -> None:
+    """The tokenizer against the dataset, where this machine can read it: byte-level data
+    (prepare-data's default) ends each document with id 256 in uint16 tokens."""
+    prefixes = [str(p) for p in data_path]
+    prefixes = prefixes[1::2] if len(prefixes) > 1 else prefixes
+    from .data import BYTE_EOD, open_indexed_dataset
+
+    for prefix in prefixes:
+        if not (os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin")):
+            continue  # on a file system this machine does not see: checked when the job starts
+        ds = open_indexed_dataset(prefix, "data_path")
+        if not len(ds):
+            continue
+        first = ds[0]
+        is_bytes = first.dtype.itemsize == 2 and int(first[-1]) == BYTE_EOD and int(first.max()) <= BYTE_EOD
+        if tokenizer == "bytes" and not is_bytes:
+            raise ValueError(f"tokenizer bytes, but data_path {prefix} was not written with byte tokens (its "
+                             f"{first.dtype} documents end with id {int(first[-1])}, not {BYTE_EOD}); pass "
+                             "the tokenizer folder it was written with (--tokenizer DIR)")
+        if tokenizer != "bytes" and is_bytes:
+            raise ValueError(f"tokenizer {tokenizer}, but data_path {prefix} holds byte-level tokens "
+                             f"(documents end with {BYTE_EOD}, as `prepare-data` writes them); "
+                             "use --tokenizer bytes")
+
+
+# --------------------------------------------------------------------------- render
+
+
+def _bash(value: Any) -> str:
+    text = str(value)
+    if "," in text and shlex.quote(text) == text:
+        return f"'{text}'"  # an unquoted comma in an array reads as a typo to shellcheck (SC2054)
+    return shlex.quote(text) if text else "''"
+
+
+def _words(key: str, value: Any) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return shlex.split(str(value or ""))
+
+
+def render(job: Job, values: Mapping[str, Any] = {}, *, allow_placeholders: bool = False) -> str:
+    """The launcher with this job's header and settings."""
+    r = resolve(job, values, allow_placeholders=allow_placeholders)
+    return _render(r)
+
+
+def _render(r: Resolved) -> str:
+    launch, train = r.launch, r.train
+    log_dir = launch["log_dir"]
+    output = f"{Path(log_dir).resolve() / '%x-%j.out'}" if log_dir else "%x-%j.out"
+    sbatch = [f"--job-name={launch.get('job_name') or 'lighthouse-' + r.job.name}"]
+    if r.kind == "train":
+        gpus = _int(launch, "gpus_per_node", 0)
+        sbatch += [f"--nodes={launch['nodes']}", "--ntasks-per-node=1"]
+        sbatch += [f"--gpus-per-node={gpus}"] if gpus else []
+        sbatch += ["--exclusive"]
+        partition = launch["partition"]
+        layout = (f"{launch['nodes']} node(s) x {gpus or launch['nproc_per_node']} "
+                  f"{'GPUs' if gpus else 'CPU processes'}, DP {r.dp}")
+        what = f"training ({launch['engine']}), {layout}, recipe {_shown_path(r.recipe)}"
+    else:
+        sbatch += ["--nodes=1", "--ntasks=1"]
+        partition = launch["convert_partition"] or launch["partition"]
+        what = "the checkpoint conversion, one process, no GPU"
+    sbatch += ["--requeue", "--open-mode=append"]
+    sbatch += [f"--time={launch['time']}"] if launch.get("time") else []
+    sbatch += [f"--output={output}"]
+    sbatch += [f"--partition={partition}"] if partition else []
+    sbatch += [f"--account={launch['account']}"] if launch["account"] else []
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    head = [f"# {r.job.name}: {what}.",
+            f"# Rendered by lighthouse-megatron slurm render from {_shown_path(r.job.path)} on {stamp}."]
+    head += [f"#SBATCH {opt}" for opt in sbatch]
+
+    s = {"JOB": r.kind, "VENV": launch["venv"], "CONTAINER_IMAGE": launch["container_image"],
+         "CONTAINER_MOUNTS": launch["container_mounts"]}
+    arrays: dict[str, list[str]] = {}
+    if r.kind == "convert":
+        s.update(CONVERT_INPUT=launch.get("input", ""), CONVERT_OUTPUT=launch.get("output", ""))
+        arrays["CONVERT_ARGS"] = _words("convert_args", launch["convert_args"])
+    else:
+        s.update(ENGINE=launch["engine"], MEGATRON_LM=launch["megatron_lm"], TOKENIZER=launch["tokenizer"],
+                 NPROC_PER_NODE=launch["nproc_per_node"],
+                 PIPELINE_MODEL_PARALLEL_SIZE=launch["pipeline_model_parallel_size"],
+                 DATA_PARALLEL_SIZE=launch["data_parallel_size"], SAVE_DIR=launch.get("save_dir", ""),
+                 INIT_CHECKPOINT=launch["init_checkpoint"], TARGET_ITERATION=launch["target_iteration"],
+                 EXIT_DURATION_MINS=launch["exit_duration_mins"])
+        arrays["TRAIN_ARGS"] = _flags(train)
+        groups, heads = train.get("num_query_groups"), train.get("num_attention_heads")
+        # Megatron-LM reads --num-query-groups only with this switch; the trainer has no such flag.
+        arrays["MEGATRON_ARGS"] = ["--group-query-attention"] if groups and groups != heads else []
+        arrays["EXTRA_ARGS"] = _words("extra_args", launch["extra_args"])
+    block = [SETTINGS_START]
+    block += [f"{k}={_bash(v)}" for k, v in s.items()]
+    for name, words in arrays.items():
+        # One flag and its values per line.
+        groups: list[list[str]] = []
+        for w in words:
+            if w.startswith("--") or not groups:
+                groups.append([])
+            groups[-1].append(_bash(w))
+        if len(groups) <= 1:
+            block.append(f"{name}=(" + " ".join(sum(groups, [])) + ")")
+        else:
+            block += [f"{name}=(", *("    " + " ".join(g) for g in groups), ")"]
+    block.append(SETTINGS_END)
+
+    lines = LAUNCHER.read_text().splitlines()
+    start, end = lines.index(SETTINGS_START), lines.index(SETTINGS_END)
+    body = [line for line in lines[1:start] if not line.startswith("#")] + lines[end + 1:]
+    return "\n".join([lines[0], *head, *block, *body]) + "\n"
+
+
+def _shown_path(path: Path | None) -> str:
+    if path is None:
+        return ""
+    try:
+        return str(path.relative_to(SLURM_DIR.parent))
     except ValueError:
-        raise ValueError(f"data_parallel_size must be auto or an integer, got {dp_setting!r}") from None
-    if dp < 1 or mp * dp != world:
-        hints = []
-        if world % mp == 0:
-            hints.append(f"DP = {world // mp}")
-        if dp >= 1 and (mp * dp) % nproc == 0:
-            hints.append(f"{mp * dp // nproc} nodes")
-        hint = f"; use {' or '.join(hints)}" if hints else ""
-        raise ValueError(f"TP x CP x PP x DP = {tp} x {cp} x {pp} x {dp} = {mp * dp}, but the job has "
-                         f"{job}{hint}")
-    return dp
-
-
-def render(template: Template, values: Mapping[str, Any]) -> str:
-    """The script: the template with `values` (checked by `resolve`) in its header and settings."""
-    v = resolve(template, values)
-    defaults = template.defaults()
-    lines = list(template.lines)
-    for name, i in template.settings.items():
-        key = name.lower()
-        if key in values or v[key] != defaults[key]:  # given, or derived (processes, clean exit)
-            lines[i] = f"{name}={shlex.quote(v[key]) if v[key] else ''}"
-    options = {**SBATCH_OPTIONS, **(LAYOUT_OPTIONS if template.is_training else {})}
-    for key, option in options.items():
-        if key in values and option in template.sbatch:
-            value = v[key]
-            off = value == "" or (key == "gpus_per_node" and value == "0")
-            prefix = "##" if off else "#"
-            lines[template.sbatch[option]] = f"{prefix}SBATCH --{option}={value or option.upper()}"
-    if v["log_dir"]:
-        i = template.sbatch["output"]
-        lines[i] = f"#SBATCH --output={Path(v['log_dir']).resolve() / '%x-%j.out'}"
-    lines.insert(1, f"# Rendered by lighthouse-megatron slurm render from {template.path.name}.")
-    return "\n".join(lines) + "\n"
+        return str(path)
 
 
 def write_script(text: str, path: Path, force: bool = False) -> None:
@@ -301,89 +470,65 @@ def write_script(text: str, path: Path, force: bool = False) -> None:
         raise
 
 
-# ------------------------------------------------------------------------- configs
+# -------------------------------------------------------------------------- configs
 
 
-def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise ValueError(f"cannot read --config {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"--config {path} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path} must be a mapping of settings, got {type(data).__name__}")
-    return data
-
-
-def values_for(template: Template, config: Mapping[str, Any], overrides: Mapping[str, Any],
-               known: set[str]) -> dict[str, Any]:
-    """What applies to `template`: top-level keys it has, its section, then command-line values
-    it has. Keys no template has are refused; `known` is the union of the templates' keys."""
-    mine = set(template.keys())
+def values_for(job: Job, config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """What applies to `job`: the config's top-level keys, its section, then the command line.
+    Top-level keys a job does not take (convert: training settings) are skipped for it."""
     out: dict[str, Any] = {}
     for key, value in config.items():
         if isinstance(value, Mapping):
-            if key not in TEMPLATES:
-                raise ValueError(f"--config: unknown section {key!r}; sections: {', '.join(TEMPLATES)}")
+            if key not in JOBS:
+                raise ValueError(f"--config: unknown section {key!r}; sections: {', '.join(JOBS)}")
             continue
-        if key not in known:
-            raise ValueError(f"--config: unknown setting {key!r}; valid: {', '.join(sorted(known))}")
-        if key in mine:
+        if _takes(job, key):
             out[key] = value
-    out.update(config.get(template.name, {}) if isinstance(config.get(template.name), Mapping) else {})
-    for key, value in overrides.items():
-        if key not in known:
-            raise ValueError(f"unknown setting {key!r}; valid: {', '.join(sorted(known))}")
-        if key in mine:
-            out[key] = value
+    section = config.get(job.name)
+    out.update(section if isinstance(section, Mapping) else {})
+    out.update({k: v for k, v in overrides.items() if _takes(job, k)})
     return out
 
 
-def _known_keys(templates: list[Template]) -> set[str]:
-    return set().union(*(t.keys() for t in templates))
+_CONVERT_KEYS = {"job_name", "partition", "convert_partition", "account", "time", "log_dir", "venv",
+                 "container_image", "container_mounts", "checkpoint_root", "input", "output", "convert_args"}
 
 
-def _path(v: Mapping[str, str], key: str) -> str:
-    """A path setting with $CHECKPOINT_ROOT, which the templates use, substituted."""
-    root = v.get("checkpoint_root", "")
-    return v[key].replace("${CHECKPOINT_ROOT}", root).replace("$CHECKPOINT_ROOT", root)
+def _takes(job: Job, key: str) -> bool:
+    return _takes_kind(job.values.get("job"), key)
 
 
-def _check_chain(resolved: dict[str, dict[str, str]]) -> None:
+def _takes_kind(kind: str, key: str) -> bool:
+    return key in _CONVERT_KEYS if kind == "convert" else key not in ("input", "output", "convert_args")
+
+
+def _check_chain(resolved: dict[str, Resolved]) -> None:
     s1, conv, s2 = (resolved[n] for n in CHAIN)
-    if _path(conv, "input") != _path(s1, "save_dir"):
-        raise ValueError(f"convert input {_path(conv, 'input')!r} is not stage1's save_dir "
-                         f"{_path(s1, 'save_dir')!r}")
-    if _path(s2, "init_checkpoint") != _path(conv, "output"):
-        raise ValueError(f"stage2 init_checkpoint {_path(s2, 'init_checkpoint')!r} is not convert's output "
-                         f"{_path(conv, 'output')!r}")
-    for key in CONTINUED_KEYS:
-        if s1[key] != s2[key]:
+    if conv.launch.get("input") != s1.launch.get("save_dir"):
+        raise ValueError(f"convert input {conv.launch.get('input')!r} is not stage1's save_dir "
+                         f"{s1.launch.get('save_dir')!r}")
+    if s2.launch.get("init_checkpoint") != conv.launch.get("output"):
+        raise ValueError(f"stage2 init_checkpoint {s2.launch.get('init_checkpoint')!r} is not convert's "
+                         f"output {conv.launch.get('output')!r}")
+    for key in CONTINUED:
+        if s1.train.get(key) != s2.train.get(key):
             raise ValueError(f"stage2 continues stage1's model and schedule: {key} differs "
-                             f"({s1[key]} vs {s2[key]})")
-    stop = s1["exit_interval"]
-    if not stop or int(stop) >= int(s1["train_iters"]):
-        raise ValueError(f"stage1 exit_interval must be set below train_iters {s1['train_iters']} (got "
-                         f"{stop or 'none'}): stage 1 stops there and stage 2 trains the rest")
-    if s2["exit_interval"] and int(s2["exit_interval"]) <= int(stop):
-        raise ValueError(f"stage2 exit_interval {s2['exit_interval']} must be empty or above stage1's {stop}")
+                             f"({s1.train.get(key)} vs {s2.train.get(key)})")
+    stop = s1.train.get("exit_interval")
+    if not stop or int(stop) >= int(s1.train["train_iters"]):
+        raise ValueError(f"stage1 must stop below train_iters {s1.train['train_iters']} (exit_interval, or "
+                         f"the recipe's lighthouse_until_iter; got {stop or 'none'}): stage 2 trains the "
+                         "rest")
 
 
-def render_chain(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, str]:
+def render_chain(config: Mapping[str, Any], overrides: Mapping[str, Any], *,
+                 allow_placeholders: bool = False) -> dict[str, str]:
     """Scripts for stage1, convert and stage2, checked alone and as a chain."""
-    templates = [load_template(n) for n in CHAIN]
-    known = _known_keys(templates)
-    values = {t.name: values_for(t, config, overrides, known) for t in templates}
-    resolved = {t.name: resolve(t, values[t.name]) for t in templates}
+    jobs = [load_job(n) for n in CHAIN]
+    resolved = {j.name: resolve(j, values_for(j, config, overrides), allow_placeholders=allow_placeholders)
+                for j in jobs}
     _check_chain(resolved)
-    return {t.name: render(t, values[t.name]) for t in templates}
+    return {name: _render(r) for name, r in resolved.items()}
 
 
 def submit_chain(scripts: Mapping[str, Path], sbatch: str = "sbatch") -> dict[str, str]:
@@ -408,37 +553,35 @@ def submit_chain(scripts: Mapping[str, Path], sbatch: str = "sbatch") -> dict[st
     return ids
 
 
-# ---------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- CLI
 
 _NAMED = [  # (flag, key, type)
-    ("--nodes", "nodes", int),
-    ("--gpus-per-node", "gpus_per_node", int),
+    ("--nodes", "nodes", int), ("--gpus-per-node", "gpus_per_node", int),
     ("--nproc-per-node", "nproc_per_node", int),
     ("--tensor-model-parallel-size", "tensor_model_parallel_size", int),
     ("--context-parallel-size", "context_parallel_size", int),
     ("--pipeline-model-parallel-size", "pipeline_model_parallel_size", int),
-    ("--data-parallel-size", "data_parallel_size", str),
-    ("--seq-length", "seq_length", int),
-    ("--engine", "engine", str),
-    ("--partition", "partition", str),
-    ("--account", "account", str),
-    ("--time", "time", str),
-    ("--log-dir", "log_dir", str),
-    ("--checkpoint-root", "checkpoint_root", str),
-    ("--data-path", "data_path", str),
+    ("--data-parallel-size", "data_parallel_size", str), ("--seq-length", "seq_length", int),
+    ("--engine", "engine", str), ("--partition", "partition", str),
+    ("--convert-partition", "convert_partition", str), ("--account", "account", str),
+    ("--time", "time", str), ("--log-dir", "log_dir", str), ("--checkpoint-root", "checkpoint_root", str),
+    ("--data-path", "data_path", str), ("--tokenizer", "tokenizer", str),
     ("--megatron-lm", "megatron_lm", str),
-    ("--venv", "venv", str),
-    ("--container-image", "container_image", str),
+    ("--venv", "venv", str), ("--container-image", "container_image", str),
 ]
 
 
 def _add_value_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file of settings (top level: every template; a section "
-                   "named after a template: that template)")
+    p.add_argument("--config", help="YAML file of settings (top level: every job; a section named after a "
+                   "job: that job)")
     for flag, key, typ in _NAMED:
-        p.add_argument(flag, dest=f"v_{key}", type=typ, metavar=key.upper())
+        p.add_argument(flag, dest=f"v_{key}", type=typ, metavar=key.upper(),
+                       help="bytes (byte-level data from prepare-data) or a local Hugging Face tokenizer "
+                            "folder" if key == "tokenizer" else None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other setting, by its name in lower case (repeatable)")
+                   help="any other setting, by its name (the trainer's flags with '_', or a job key)")
+    p.add_argument("--allow-placeholders", action="store_true",
+                   help="write scripts with /path/to/... or unset data/checkpoint paths (they fail when run)")
     p.add_argument("--force", action="store_true", help="overwrite existing scripts")
 
 
@@ -448,7 +591,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
-        out[key.strip()] = value
+        import yaml
+
+        out[key.strip()] = yaml.safe_load(value) if value else ""
     for _, key, _ in _NAMED:
         value = getattr(args, f"v_{key}")
         if value is not None:
@@ -457,10 +602,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_slurm_parser(sub: argparse._SubParsersAction) -> None:
-    slurm = sub.add_parser("slurm", help="fill the Slurm templates and submit the two-stage chain")
+    slurm = sub.add_parser("slurm", help="fill the Slurm launcher from a recipe and submit the chain")
     cmds = slurm.add_subparsers(dest="slurm_command", required=True)
     r = cmds.add_parser("render", help="write one filled, checked sbatch script")
-    r.add_argument("template", help=f"{', '.join(TEMPLATES)} or a path to a template")
+    r.add_argument("job", help=f"{', '.join(JOBS)} (slurm/JOB.yaml) or a path to a job file")
     r.add_argument("--output", "-o", required=True, help="the script to write")
     _add_value_args(r)
     r.set_defaults(func=_run_render)
@@ -485,14 +630,10 @@ def _make_log_dir(text: str) -> None:
 
 def _run_render(args: argparse.Namespace) -> int:
     try:
-        template = load_template(args.template)
-        known = _known_keys([template] + [load_template(n) for n in TEMPLATES])
-        values = values_for(template, load_config(args.config), _overrides(args), known)
-        extra = sorted(set(_overrides(args)) - set(template.keys()))
-        if extra:
-            raise ValueError(f"{template.name} has no setting(s) {', '.join(extra)}; valid: "
-                             f"{', '.join(template.keys())}")
-        text = render(template, values)
+        job = load_job(args.job)
+        values = values_for(job, load_config(args.config), {})
+        values.update(_overrides(args))
+        text = render(job, values, allow_placeholders=args.allow_placeholders)
         write_script(text, Path(args.output), args.force)
         _make_log_dir(text)
     except (ValueError, OSError) as e:
@@ -503,7 +644,8 @@ def _run_render(args: argparse.Namespace) -> int:
 
 def _run_submit(args: argparse.Namespace) -> int:
     try:
-        scripts = render_chain(load_config(args.config), _overrides(args))
+        scripts = render_chain(load_config(args.config), _overrides(args),
+                               allow_placeholders=args.allow_placeholders)
         out = Path(args.output_dir)
         paths = {name: out / f"{name}.sbatch" for name in CHAIN}
         existing = [str(p) for p in paths.values() if p.exists()]

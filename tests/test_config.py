@@ -110,3 +110,27 @@ def test_dense_layers_resolution():
     with pytest.raises(ValueError, match=r"dense_layers entry 30 is out of range .* 30 layers "
                                          r"\(valid: -30 .. 29\)"):
         LighthouseConfig(dense_layers=(30,)).resolve_dense_layers(30)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"topk": -5}, "topk"), ({"topk": 0}, "topk"), ({"topk": -300}, "topk"),
+    ({"tile_topk": -4, "topk": 128}, "tile_topk"), ({"tile_topk": 0, "topk": 128}, "tile_topk"),
+])
+def test_suggested_value_is_itself_valid(kwargs, field):
+    # "nearest valid: 0" for --lighthouse-topk -5 was itself refused.
+    with pytest.raises(ValueError, match="nearest valid: ") as e:
+        LighthouseConfig(**kwargs)
+    suggestions = str(e.value).split("nearest valid: ")[1].split(" or ")
+    for value in suggestions:
+        LighthouseConfig(**{**kwargs, field: int(value)})
+
+
+def test_levels_one_ignores_the_topk_rules():
+    # Dense attention selects nothing: topk and tile_topk are unused, so they are not checked,
+    # neither alone nor against a sequence length or a CP degree.
+    cfg = LighthouseConfig(levels=1, topk=-5, tile_topk=3)
+    cfg.validate(1000)
+    cfg.validate(1000, cp_size=4)
+    assert cfg.gathered_length(1000) == 1000
+    with pytest.raises(ValueError, match="topk must be a positive multiple"):
+        LighthouseConfig(levels=2, topk=-5)

@@ -231,3 +231,63 @@ def test_write_failure_leaves_previous_output_intact(corpus, tmp_path):
     assert tree_hashes(tmp_path) == old  # old outputs intact, no temporary files left
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert np.array_equal(read_back(prefix), [as_tokens(files["a.txt"])])
+
+
+@pytest.mark.parametrize("blocker", ["file", "proc"])
+def test_output_in_a_file_or_special_path_is_one_error(corpus, tmp_path, capsys, blocker):
+    """Unwritable for root too: a regular file where a directory should be, and /proc (the
+    access check passes there, creating a file does not)."""
+    root, _ = corpus
+    if blocker == "file":
+        (tmp_path / "plain").write_text("x")
+        out, needle = tmp_path / "plain" / "sub" / "ds", "plain is not a directory"
+    else:
+        if not Path("/proc/self").is_dir():
+            pytest.skip("needs Linux /proc")
+        out, needle = Path("/proc") / "lighthouse-ds", "cannot write in the directory /proc"
+    assert_one_error(*cli(capsys, "--input", root / "a.txt", "--output", out)[::2], needle)
+
+
+def _damaged(tmp_path, corpus, name, edit_idx=None, edit_bin=None):
+    root, _ = corpus
+    prefix = tmp_path / name
+    data.prepare_data([root], prefix)
+    for path, edit in ((Path(f"{prefix}.idx"), edit_idx), (Path(f"{prefix}.bin"), edit_bin)):
+        if edit is not None:
+            path.write_bytes(edit(path.read_bytes()))
+    return str(prefix)
+
+
+@pytest.mark.parametrize("name, edit_idx, edit_bin, needle", [
+    ("text", lambda b: b"plain text, not an index", None, "is not a Megatron indexed dataset index"),
+    ("short", lambda b: b[:20], None, "is truncated (20 bytes)"),
+    ("cut", lambda b: b[:-3], None, "is truncated"),
+    ("dtype", lambda b: b[:17] + b"\x63" + b[18:], None, "token type code 99"),
+    ("bin", None, lambda b: b[: len(b) // 2], "truncated, or the .bin of another dataset"),
+    ("empty", None, lambda b: b"", "has 0 bytes"),
+])
+def test_damaged_dataset_is_a_clear_error(tmp_path, corpus, name, edit_idx, edit_bin, needle):
+    prefix = _damaged(tmp_path, corpus, name, edit_idx, edit_bin)
+    with pytest.raises(data.DataError, match="--data-path") as e:
+        data.open_indexed_dataset(prefix)
+    assert needle in str(e.value)
+
+
+def test_damaged_dataset_in_train_is_one_line_no_traceback(tmp_path, corpus):
+    prefix = _damaged(tmp_path, corpus, "text", lambda b: b"not an index at all")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "lighthouse_megatron.cli", "train", "--data-path", prefix,
+                           "--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2",
+                           "--seq-length", "64", "--train-iters", "1"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    assert "is not a Megatron indexed dataset index" in proc.stderr
+
+
+def test_opened_dataset_reads_back(corpus, tmp_path):
+    root, files = corpus
+    prefix = tmp_path / "ok"
+    data.prepare_data([root / "a.txt"], prefix)
+    ds = data.open_indexed_dataset(str(prefix))  # alive while its tokens are read: they are views of its mmap
+    assert ds[0].tolist() == as_tokens(files["a.txt"])

@@ -112,3 +112,31 @@ def test_megatron_lm_command_lines_match_the_configs():
         assert args.attention_dropout == 0.0
         args.tensor_model_parallel_size = 1
         validate_lighthouse_args(args)
+
+
+def _shape(s: dict, switch: int) -> dict:
+    """The schedule's shape: what must agree between the recipes whatever their size."""
+    return {"warmup": s["lr_warmup_iters"] / s["train_iters"], "switch": switch / s["train_iters"],
+            "decay": s["lr_decay_style"], "betas": (s["adam_beta1"], s["adam_beta2"]),
+            "weight_decay": s["weight_decay"], "clip_grad": s["clip_grad"], "min_lr": s.get("min_lr")}
+
+
+def test_every_recipe_has_the_papers_schedule_shape():
+    """examples/98k.yaml is the paper's protocol; the other recipes (the 1M file, the demo's
+    model in tiny.yaml and both demo presets) keep its shape: warm-up 12.5%, constant learning
+    rate, dense from 62.5%, betas (0.9, 0.95), weight decay 0.1, clip 1."""
+    from lighthouse_megatron.demo.workflow import PRESETS
+
+    paper = _settings(EXAMPLES / "98k.yaml")
+    schedule = (paper["train_iters"], paper["lr_warmup_iters"], paper["lighthouse_until_iter"])
+    assert schedule == (16000, 2000, 10000)
+    assert (paper["lr"], paper["global_batch_size"], paper["lr_decay_style"]) == (2e-3, 32, "constant")
+    expected = _shape(paper, paper["lighthouse_until_iter"])
+    assert expected == {"warmup": 0.125, "switch": 0.625, "decay": "constant", "betas": (0.9, 0.95),
+                        "weight_decay": 0.1, "clip_grad": 1.0, "min_lr": None}
+    for path in CONFIGS:
+        s = _settings(path)
+        assert _shape(s, s["lighthouse_until_iter"]) == expected, path.name
+    for name, preset in PRESETS.items():
+        assert _shape(preset.config(), preset.stage1_iters) == expected, name
+        assert preset.config()["lighthouse_until_iter"] == preset.stage1_iters, name

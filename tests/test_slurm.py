@@ -1,9 +1,10 @@
-"""Slurm templates and `lighthouse-megatron slurm render/submit`, without a Slurm cluster.
+"""The Slurm launcher (slurm/launch.sbatch) and `lighthouse-megatron slurm render/submit`, without a
+Slurm cluster.
 
 The rendered scripts are run by bash with stand-ins for srun, scontrol and sbatch on PATH
-that record their arguments, so the launch logic (layout, resume, the torchrun command, the
-completion check) is checked as bash executes it. tests/test_slurm_cluster.py runs the
-chain under a real Slurm.
+that record their arguments, so the launch logic (the package's layout check, resume, the
+torchrun command, the completion check) is checked as bash executes it.
+tests/test_slurm_cluster.py runs the chain under a real Slurm.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lighthouse_megatron import slurm
 from lighthouse_megatron.cli import main
 
+REPO = Path(__file__).resolve().parents[1]
 TRAINING = ("stage1", "stage2", "1m")
 REQUIRED = os.environ.get("LIGHTHOUSE_MEGATRON_CI") == "1"  # .ci/run: tools must be there
+RECIPE = yaml.safe_load((REPO / "examples" / "98k.yaml").read_text())
 
 
 def needs_shellcheck():
@@ -32,38 +36,61 @@ def needs_shellcheck():
     pytest.skip("shellcheck is not installed (Debian: apt-get install -y shellcheck)")
 
 
-def render(tmp_path, template, *args, name=None):
-    """Render into tmp_path; training templates get a data path and a (stand-in) Megatron-LM
-    checkout unless `args` set them: the scripts refuse the templates' placeholders."""
-    out = tmp_path / (name or f"{template}.sbatch")
-    if template != "convert":
-        if not any(a in ("--data-path", "--megatron-lm") or a.startswith("data_path") for a in args):
-            mlm = tmp_path / "Megatron-LM"
-            (mlm / "megatron" / "training").mkdir(parents=True, exist_ok=True)
-            args = ("--data-path", "/data/corpus_text_document", "--megatron-lm", str(mlm), *args)
-    rc = main(["slurm", "render", template, "-o", str(out), *args])
+def mlm_checkout(tmp_path: Path) -> Path:
+    mlm = tmp_path / "Megatron-LM"
+    (mlm / "megatron" / "training").mkdir(parents=True, exist_ok=True)
+    return mlm
+
+
+def render(tmp_path, job, *args, name=None):
+    """Render into tmp_path with real-looking paths unless `args` set them (render refuses
+    unset ones)."""
+    out = tmp_path / (name or f"{job}.sbatch")
+    given = " ".join(args)
+    defaults = []
+    if "--checkpoint-root" not in given:
+        defaults += ["--checkpoint-root", str(tmp_path / "ckpt")]
+    if job != "convert":
+        if "--data-path" not in given and "mock_data" not in given:
+            defaults += ["--data-path", "/data/corpus_text_document"]
+        if "--megatron-lm" not in given:
+            defaults += ["--megatron-lm", str(mlm_checkout(tmp_path))]
+    rc = main(["slurm", "render", job, "-o", str(out), "--force", *defaults, *args])
     assert rc == 0
     return out
 
 
-def settings(script: Path, *names: str) -> dict[str, str]:
-    """The settings' values as bash sees them."""
+def settings(script: Path, *names: str) -> dict[str, str | list[str]]:
+    """The settings' values as bash sees them (arrays as lists)."""
     lines = script.read_text().splitlines()
-    block = lines[lines.index("# ---- settings ----"): lines.index("# ---- end of settings ----")]
-    prog = "\n".join(block + [f'printf "%s\\0" "${n}"' for n in names])
-    out = subprocess.run(["bash", "-c", prog], capture_output=True, text=True, check=True).stdout
-    return dict(zip(names, out.split("\0")[:-1], strict=True))
+    block = lines[lines.index(slurm.SETTINGS_START): lines.index(slurm.SETTINGS_END)]
+    prog = "\n".join(block + [f'printf "%s\\0" "${{#{n}[@]}}" "${{{n}[@]}}"' for n in names])
+    out = subprocess.run(["bash", "-c", prog], capture_output=True, text=True, check=True).stdout.split("\0")
+    values, i = {}, 0
+    for n in names:
+        count = int(out[i])
+        items = out[i + 1: i + 1 + count]
+        values[n] = items if n.endswith("_ARGS") else (items[0] if items else "")
+        i += 1 + count
+    return values
 
 
 def sbatch_option(script: Path, option: str) -> str | None:
     for line in script.read_text().splitlines():
-        if line.startswith(f"#SBATCH --{option}="):
-            return line.split("=", 1)[1]
+        if line.startswith(f"#SBATCH --{option}"):
+            return line.split("=", 1)[1] if "=" in line else ""
     return None
 
 
 STUBS = {
     "srun": r"""#!/bin/bash
+# The launcher's helper steps (python in a container) are not the training step.
+args=("$@")
+if [[ " $* " != *" torchrun "* && " $* " != *" convert "* ]]; then
+    for i in "${!args[@]}"; do
+        if [[ ${args[i]} == python ]]; then exec "${args[@]:i}"; fi
+    done
+fi
 printf '%s\n' "$@" > "$STUB_DIR/srun.args"
 # Plays the training run: leaves a checkpoint at STUB_END_ITER in the --save directory.
 prev=
@@ -81,7 +108,7 @@ echo "$*" >> "$STUB_DIR/scontrol.log"
 }
 
 
-def run_job(script: Path, tmp_path: Path, nodes: int = 4, end_iter: int | None = None):
+def run_job(script: Path, tmp_path: Path, nodes: int = 4, end_iter: int | None = None, gpus: bool = True):
     """Run a rendered script as the batch step of a job on `nodes` nodes of 8 GPUs."""
     stubs = tmp_path / "stubs"
     stubs.mkdir(exist_ok=True)
@@ -91,10 +118,13 @@ def run_job(script: Path, tmp_path: Path, nodes: int = 4, end_iter: int | None =
     for f in ("srun.args", "scontrol.log"):
         (stubs / f).unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PATH=f"{stubs}:{env['PATH']}", STUB_DIR=str(stubs), STUB_ROOT=str(tmp_path),
-               STUB_HOSTS=" ".join(f"gpu-{i:02d}" for i in range(nodes)),
-               SLURM_JOB_ID="4242", SLURM_JOB_NAME="test", SLURM_JOB_NODELIST=f"gpu-[00-{nodes - 1:02d}]",
-               SLURM_JOB_NUM_NODES=str(nodes), SLURM_CPUS_ON_NODE="64", SLURM_GPUS_PER_NODE="8")
+    env.update(PATH=f"{stubs}:{Path(sys.executable).parent}:{env['PATH']}", STUB_DIR=str(stubs),
+               STUB_ROOT=str(tmp_path), STUB_HOSTS=" ".join(f"gpu-{i:02d}" for i in range(nodes)),
+               PYTHONPATH=str(REPO), SLURM_JOB_ID="4242", SLURM_JOB_NAME="test",
+               SLURM_JOB_NODELIST=f"gpu-[00-{nodes - 1:02d}]", SLURM_JOB_NUM_NODES=str(nodes),
+               SLURM_CPUS_ON_NODE="64")
+    if gpus:
+        env["SLURM_GPUS_PER_NODE"] = "8"
     if end_iter is not None:
         env["STUB_END_ITER"] = str(end_iter)
     proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
@@ -108,139 +138,128 @@ def after(args: list[str], flag: str, n: int = 1) -> list[str]:
     return args[i + 1: i + 1 + n]
 
 
-# ------------------------------------------------------------------------- templates
+# ---------------------------------------------------------------------- the one launcher
 
 
-def test_training_templates_share_the_launch_code():
-    def launch(name):
-        text = slurm.load_template(name).path.read_text()
-        return text[text.index("# ---- launch"):]
+def test_one_launcher_and_no_second_copy_of_the_recipe():
+    """The launch logic exists once (slurm/launch.sbatch); the jobs are YAML that name the
+    recipe instead of repeating its model and schedule."""
+    assert sorted(p.name for p in slurm.SLURM_DIR.glob("*.sbatch")) == ["launch.sbatch"]
+    schedule = {"lr", "min_lr", "train_iters", "lr_warmup_iters", "lr_decay_style", "global_batch_size",
+                "weight_decay", "adam_beta1", "adam_beta2", "clip_grad", "num_layers", "hidden_size",
+                "lighthouse_until_iter", "lighthouse_topk", "seq_length"}
+    for path in slurm.SLURM_DIR.glob("*.yaml"):
+        keys = set(yaml.safe_load(path.read_text()))
+        assert not keys & schedule, (path.name, keys & schedule)
 
-    assert launch("stage1") == launch("stage2") == launch("1m")
 
-
-@pytest.mark.parametrize("template", TRAINING)
+@pytest.mark.parametrize("job", slurm.JOBS)
 @pytest.mark.parametrize("nodes", [1, 2, 4])
-def test_training_template_renders(tmp_path, template, nodes):
-    needs_shellcheck()
-    script = render(tmp_path, template, "--nodes", str(nodes), "--partition", "gpu", "--account", "proj",
-                    "--log-dir", str(tmp_path / "logs"), "--checkpoint-root", str(tmp_path / "ckpt"),
-                    "--set", "init_checkpoint=")
+def test_every_job_renders(tmp_path, job, nodes):
+    args = [] if job == "convert" else ["--nodes", str(nodes), "--data-parallel-size", "auto"]
+    if job != "convert" and nodes * 8 < (16 if job == "1m" else 2):
+        pytest.skip("layout needs more GPUs")
+    if job == "1m" and nodes == 1:
+        args += ["--set", "global_batch_size=1"]
+    script = render(tmp_path, job, *args)
     subprocess.run(["bash", "-n", str(script)], check=True)
-    subprocess.run(["shellcheck", str(script)], check=True)
-    assert sbatch_option(script, "nodes") == str(nodes)
-    assert sbatch_option(script, "partition") == "gpu"
-    assert sbatch_option(script, "account") == "proj"
-    assert sbatch_option(script, "output") == f"{tmp_path / 'logs'}/%x-%j.out"
-    assert (tmp_path / "logs").is_dir()  # Slurm would not create it
-    cp = {"stage1": 2, "stage2": 2, "1m": 8}[template]
-    proc, srun, _ = run_job(script, tmp_path, nodes=nodes)
-    assert proc.returncode == 1 and srun, proc.stderr  # the stand-in srun trained nothing
-    assert f"TP 1 x CP {cp} x PP 1 x DP {nodes * 8 // cp}" in proc.stdout
+    text = script.read_text()
+    if job == "convert":
+        assert "GPU" not in "".join(line for line in text.splitlines() if line.startswith("#SBATCH"))
+        assert sbatch_option(script, "exclusive") is None and sbatch_option(script, "ntasks") == "1"
+        assert "no GPU" in text.splitlines()[1]
+    else:
+        assert sbatch_option(script, "nodes") == str(nodes)
+        cp = 8 if job == "1m" else 2
+        # The header says what was rendered, not the default layout.
+        assert f"{nodes} node(s) x 8 GPUs, DP {nodes * 8 // cp}" in text.splitlines()[1]
+    if shutil.which("shellcheck"):
+        subprocess.run(["shellcheck", str(script)], check=True)
 
 
-def test_convert_template_renders(tmp_path):
+def test_unrendered_launcher_passes_shellcheck_and_refuses_to_run(tmp_path):
+    proc, srun, _ = run_job(slurm.LAUNCHER, tmp_path)
+    assert proc.returncode == 2 and srun is None
+    assert "unrendered launcher" in proc.stderr
     needs_shellcheck()
-    script = render(tmp_path, "convert", "--checkpoint-root", str(tmp_path / "ckpt"), "--time", "00:30:00")
-    subprocess.run(["bash", "-n", str(script)], check=True)
-    subprocess.run(["shellcheck", str(script)], check=True)
-    assert sbatch_option(script, "time") == "00:30:00"
-    proc, srun, _ = run_job(script, tmp_path, nodes=1)
-    assert proc.returncode == 0, proc.stderr
-    cmd = srun[srun.index("python"):]
-    assert cmd[:4] == ["python", "-m", "lighthouse_megatron.cli", "convert"]
-    assert after(cmd, "--input") == [f"{tmp_path}/ckpt/stage1-lighthouse"]
-    assert after(cmd, "--output") == [f"{tmp_path}/ckpt/stage1-dense"]
-    assert "--force" not in cmd
+    subprocess.run(["shellcheck", str(slurm.LAUNCHER)], check=True)
 
 
-def test_unrendered_templates_pass_shellcheck():
-    needs_shellcheck()
-    for name in slurm.TEMPLATES.values():
-        subprocess.run(["shellcheck", str(slurm.TEMPLATE_DIR / name)], check=True)
-
-
-# ------------------------------------------------------------------------ the launch
-
-
-def test_stage1_launches_torchrun_on_every_node(tmp_path):
-    mlm = tmp_path / "Megatron-LM"
-    (mlm / "megatron" / "training").mkdir(parents=True)
-    script = render(tmp_path, "stage1", "--checkpoint-root", str(tmp_path / "ckpt"),
-                    "--data-path", "/data/corpus_text_document", "--megatron-lm", str(mlm))
-    proc, srun, _ = run_job(script, tmp_path, nodes=4, end_iter=14000)
+def test_stage1_runs_the_recipe_to_its_switch_on_every_node(tmp_path):
+    script = render(tmp_path, "stage1")
+    proc, srun, _ = run_job(script, tmp_path, nodes=4, end_iter=10000)
     assert proc.returncode == 0, proc.stderr
     assert "starting from a random initialisation" in proc.stdout
-    assert after(srun, "--train-iters") == ["16000"] and after(srun, "--exit-interval") == ["14000"]
     srun_opts, torchrun = srun[:srun.index("bash")], srun[srun.index("torchrun"):]
     assert {"--nodes=4", "--ntasks-per-node=1", "--cpus-per-task=64", "--gpus-per-node=8"} <= set(srun_opts)
-    assert srun[srun.index("bash") + 1] == "-c"
     assert torchrun[1:5] == ["--nnodes=4", "--nproc-per-node=8", "--master-addr=gpu-00",
                              f"--master-port={20000 + 4242 % 20000}"]
     assert torchrun[5:7] == ["-m", "lighthouse_megatron.megatron.pretrain_gpt"]
+    # The recipe's numbers, read from examples/98k.yaml; stage 1 stops at its switch.
+    for key in ("train_iters", "lr_warmup_iters", "lr_decay_style", "global_batch_size", "seq_length",
+                "adam_beta2", "weight_decay", "lighthouse_topk"):
+        assert after(torchrun, "--" + key.replace("_", "-")) == [str(RECIPE[key])], key
+    assert after(torchrun, "--lr") == [str(RECIPE["lr"])]
+    assert after(torchrun, "--exit-interval") == [str(RECIPE["lighthouse_until_iter"])]
+    assert after(torchrun, "--lighthouse-dense-layers", 4) == ["0", "1", "28", "29"]
     assert after(torchrun, "--context-parallel-size") == ["2"]
-    assert after(torchrun, "--tensor-model-parallel-size") == ["1"]
     assert after(torchrun, "--pipeline-model-parallel-size") == ["1"]
-    assert after(torchrun, "--seq-length") == ["98304"]
-    assert after(torchrun, "--attention-impl") == ["lighthouse"]
-    assert after(torchrun, "--lighthouse-topk") == ["1536"]
-    assert after(torchrun, "--lighthouse-dense-layers", 5) == ["0", "1", "-2", "-1", "--data-path"]
+    assert after(torchrun, "--attention-dropout") == ["0.0"] and "--disable-bias-linear" in torchrun
     assert after(torchrun, "--save") == [f"{tmp_path}/ckpt/stage1-lighthouse"]
     assert after(torchrun, "--data-path") == ["/data/corpus_text_document"]
-    assert after(torchrun, "--split") == ["99,1,0"]
+    # Byte-level data: NullTokenizer with the vocabulary of the megatron-core that runs.
+    from lighthouse_megatron.data import byte_vocab_size
+
+    assert after(torchrun, "--tokenizer-type", 3) == ["NullTokenizer", "--vocab-size", str(byte_vocab_size())]
     assert "--load" not in torchrun and "--mock-data" not in torchrun
-    assert "finished: iteration 14000" in proc.stdout
+    assert "finished: iteration 10000" in proc.stdout and "DP 16" in proc.stdout
 
 
 def test_requeued_job_resumes_from_its_own_checkpoint(tmp_path):
-    script = render(tmp_path, "stage1", "--checkpoint-root", str(tmp_path / "ckpt"))
+    script = render(tmp_path, "stage1")
     save = tmp_path / "ckpt" / "stage1-lighthouse"
     save.mkdir(parents=True)
     (save / "latest_checkpointed_iteration.txt").write_text("500\n")
-    proc, srun, _ = run_job(script, tmp_path, end_iter=14000)
+    proc, srun, _ = run_job(script, tmp_path, end_iter=10000)
     assert proc.returncode == 0, proc.stderr
     assert f"resuming from {save} at iteration 500" in proc.stdout
-    assert after(srun, "--load") == [str(save)]
-    assert after(srun, "--save") == [str(save)]
+    assert after(srun, "--load") == [str(save)] and after(srun, "--save") == [str(save)]
 
 
 def test_stage2_starts_from_the_converted_checkpoint(tmp_path):
     root = tmp_path / "ckpt"
-    script = render(tmp_path, "stage2", "--checkpoint-root", str(root))
+    script = render(tmp_path, "stage2")
     proc, srun, _ = run_job(script, tmp_path)
     assert proc.returncode == 2 and srun is None
     assert f"INIT_CHECKPOINT={root}/stage1-dense holds no checkpoint" in proc.stderr
 
     (root / "stage1-dense").mkdir(parents=True)
-    (root / "stage1-dense" / "latest_checkpointed_iteration.txt").write_text("14000")
+    (root / "stage1-dense" / "latest_checkpointed_iteration.txt").write_text("10000")
     proc, srun, _ = run_job(script, tmp_path, end_iter=16000)
     assert proc.returncode == 0, proc.stderr
-    assert f"starting from {root}/stage1-dense at iteration 14000" in proc.stdout
+    assert f"starting from {root}/stage1-dense at iteration 10000" in proc.stdout
     assert after(srun, "--train-iters") == ["16000"] and "--exit-interval" not in srun
     assert after(srun, "--load") == [f"{root}/stage1-dense"]
     assert after(srun, "--save") == [f"{root}/stage2-dense"]
     assert after(srun, "--attention-impl") == ["dense"]
     assert not any(a.startswith("--lighthouse") for a in srun)
+    assert after(srun, "--lr-decay-style") == ["constant"]  # the same schedule, continued
     assert "finished: iteration 16000" in proc.stdout
-    # Requeued after a checkpoint, stage 2 resumes its own run instead.
     (root / "stage2-dense" / "latest_checkpointed_iteration.txt").write_text("15000")
     proc, srun, _ = run_job(script, tmp_path, end_iter=16000)
     assert after(srun, "--load") == [f"{root}/stage2-dense"]
-    # Requeued after it finished, it trains nothing (and still succeeds).
     proc, srun, _ = run_job(script, tmp_path, end_iter=16000)
-    assert proc.returncode == 0 and srun is None
-    assert "finished already" in proc.stdout
+    assert proc.returncode == 0 and srun is None and "finished already" in proc.stdout
 
 
 @pytest.mark.parametrize("end_iter, rc, requeued, message", [
-    (14000, 0, False, "finished: iteration 14000"),
-    (9000, 0, True, "stopped at iteration 9000 of 14000; requeueing"),
-    (16000, 0, False, "finished: iteration 16000"),
+    (10000, 0, False, "finished: iteration 10000"),
+    (9000, 0, True, "stopped at iteration 9000 of 10000; requeueing"),
     (500, 1, False, "error: training exited without progress"),
 ])
 def test_completion_check(tmp_path, end_iter, rc, requeued, message):
-    """afterok must mean trained to TRAIN_ITERS: a clean early stop requeues, no progress fails."""
-    script = render(tmp_path, "stage1", "--checkpoint-root", str(tmp_path / "ckpt"))
+    """afterok must mean trained to the target: a clean early stop requeues, no progress fails."""
+    script = render(tmp_path, "stage1")
     save = tmp_path / "ckpt" / "stage1-lighthouse"
     save.mkdir(parents=True)
     (save / "latest_checkpointed_iteration.txt").write_text("500")
@@ -252,37 +271,35 @@ def test_completion_check(tmp_path, end_iter, rc, requeued, message):
 
 def test_trainer_engine_and_cpu_job(tmp_path):
     script = render(tmp_path, "stage1", "--engine", "trainer", "--nodes", "1", "--gpus-per-node", "0",
-                    "--checkpoint-root", str(tmp_path / "ckpt"),
                     "--nproc-per-node", "2", "--context-parallel-size", "1", "--set", "global_batch_size=4",
-                    "--set", "extra_args=--seed 7", "--set", "data_path=")
+                    "--set", "extra_args=--seed 7", "--set", "mock_data=true", "--set", "bf16=null")
     assert sbatch_option(script, "gpus-per-node") is None
-    assert "##SBATCH --gpus-per-node=" in script.read_text()
-    proc, srun, _ = run_job(script, tmp_path, nodes=1, end_iter=14000)
+    proc, srun, _ = run_job(script, tmp_path, nodes=1, end_iter=10000, gpus=False)
     assert proc.returncode == 0, proc.stderr
     torchrun = srun[srun.index("torchrun"):]
     assert torchrun[1:3] == ["--nnodes=1", "--nproc-per-node=2"]
     assert torchrun[5:8] == ["-m", "lighthouse_megatron.cli", "train"]
     assert "--mock-data" in torchrun and after(torchrun, "--seed") == ["7"]
     # Megatron-LM-only arguments stay out of the trainer's command line.
-    assert "--pipeline-model-parallel-size" not in torchrun and "--bf16" not in torchrun
+    assert "--pipeline-model-parallel-size" not in torchrun and "--tokenizer-type" not in torchrun
+    # The trainer takes every training flag the launcher gives it.
+    from lighthouse_megatron.training.arguments import build_parser
+
+    build_parser().parse_args(torchrun[8:])
 
 
-def test_script_checks_an_edited_layout_itself(tmp_path):
-    script = tmp_path / "edited.sbatch"
-    text = slurm.load_template("stage1").path.read_text()
-    script.write_text(text.replace("DATA_PARALLEL_SIZE=auto", "DATA_PARALLEL_SIZE=16"))
+def test_launcher_checks_the_layout_with_the_package(tmp_path):
+    """A job that got other nodes than rendered for (or an edited script) fails before torchrun,
+    with the package's message."""
+    script = render(tmp_path, "stage1", "--data-parallel-size", "16")
     proc, srun, _ = run_job(script, tmp_path, nodes=2)
     assert proc.returncode == 2 and srun is None
-    assert "TP x CP x PP x DP = 1 x 2 x 1 x 16 = 32 but the job has 16 processes; DP = 8 fits" in proc.stderr
+    assert ("TP x CP x PP x DP = 1 x 2 x 1 x 16 = 32, but the job has 2 nodes x 8 GPUs = 16 GPUs; "
+            "DP = 8 fits") in proc.stderr
 
 
-def test_unedited_template_refuses_to_start(tmp_path):
-    for template, setting in (("stage1", "DATA_PATH"), ("convert", "CHECKPOINT_ROOT")):
-        proc, srun, _ = run_job(slurm.load_template(template).path, tmp_path)
-        assert proc.returncode == 2 and srun is None
-        assert f"{setting} is still the template's placeholder /path/to/" in proc.stderr
-    script = render(tmp_path, "stage1", "--checkpoint-root", str(tmp_path / "c"), "--data-path", "/d",
-                    "--megatron-lm", str(tmp_path / "nothing"))
+def test_missing_megatron_lm_checkout_stops_the_job(tmp_path):
+    script = render(tmp_path, "stage1", "--megatron-lm", str(tmp_path / "nothing"))
     proc, srun, _ = run_job(script, tmp_path)
     assert proc.returncode == 2 and srun is None
     assert f"MEGATRON_LM={tmp_path}/nothing is not a Megatron-LM checkout" in proc.stderr
@@ -297,22 +314,21 @@ def test_time_limit_sets_the_clean_exit(tmp_path, time, expected):
 
 def test_values_reach_bash_verbatim(tmp_path):
     odd = "/data/my corpus/$HOME 'quoted'"
-    script = render(tmp_path, "stage1", "--data-path", odd, "--set", "lighthouse_dense_layers=0 -1")
-    assert settings(script, "DATA_PATH", "LIGHTHOUSE_DENSE_LAYERS", "NPROC_PER_NODE") == {
-        "DATA_PATH": odd, "LIGHTHOUSE_DENSE_LAYERS": "0 -1", "NPROC_PER_NODE": "8"}
+    script = render(tmp_path, "stage1", "--data-path", odd, "--set", "lighthouse_dense_layers=[0, -1]")
+    args = settings(script, "TRAIN_ARGS")["TRAIN_ARGS"]
+    assert after(args, "--data-path") == [odd] and after(args, "--lighthouse-dense-layers", 2) == ["0", "-1"]
 
 
 MEGATRON_LM = os.environ.get("MEGATRON_LM")
 
 
 @pytest.mark.skipif(not MEGATRON_LM, reason="set MEGATRON_LM=/path/to/Megatron-LM (a checkout or an unpacked "
-                    "release snapshot) to parse the templates' commands with Megatron-LM's own parser")
-@pytest.mark.parametrize("template", TRAINING)
-def test_megatron_lm_parses_the_command(tmp_path, template):
-    """Every flag the templates pass exists in Megatron-LM (plus the plugin's) and parses."""
-    script = render(tmp_path, template, "--checkpoint-root", str(tmp_path / "ckpt"),
-                    "--tensor-model-parallel-size", "2", "--set", "init_checkpoint=",
-                    "--set", "exit_duration_mins=60")
+                    "release snapshot) to parse the launcher's commands with Megatron-LM's own parser")
+@pytest.mark.parametrize("job", TRAINING)
+def test_megatron_lm_parses_the_command(tmp_path, job):
+    """Every flag the launcher passes exists in Megatron-LM (plus the plugin's) and parses."""
+    script = render(tmp_path, job, "--megatron-lm", MEGATRON_LM, "--tensor-model-parallel-size", "2",
+                    "--set", "exit_duration_mins=60", "--set", "init_checkpoint=")
     _, srun, _ = run_job(script, tmp_path, end_iter=20000)
     argv = srun[srun.index("lighthouse_megatron.megatron.pretrain_gpt") + 1:]
     prog = (
@@ -323,29 +339,26 @@ def test_megatron_lm_parses_the_command(tmp_path, template):
         "a = parse_args(add_lighthouse_args)\n"
         "print(json.dumps(vars(a), default=str))\n"
     )
-    env = {**os.environ, "PYTHONPATH": f"{MEGATRON_LM}{os.pathsep}{slurm.TEMPLATE_DIR.parent}"}
+    env = {**os.environ, "PYTHONPATH": f"{MEGATRON_LM}{os.pathsep}{REPO}"}
     proc = subprocess.run([sys.executable, "-W", "ignore", "-c", prog, json.dumps(argv)],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     args = json.loads(proc.stdout.splitlines()[-1])
-    v = settings(script, "CONTEXT_PARALLEL_SIZE", "SEQ_LENGTH", "ATTENTION_IMPL", "TRAIN_ITERS")
-    assert args["context_parallel_size"] == int(v["CONTEXT_PARALLEL_SIZE"])
-    assert args["tensor_model_parallel_size"] == 2 and args["sequence_parallel"] is True
-    assert args["seq_length"] == int(v["SEQ_LENGTH"]) and args["train_iters"] == int(v["TRAIN_ITERS"])
-    assert args["attention_impl"] == v["ATTENTION_IMPL"]
+    recipe = yaml.safe_load((REPO / "examples" / ("1m-cp8.yaml" if job == "1m" else "98k.yaml")).read_text())
+    assert args["tensor_model_parallel_size"] == 2
+    for key in ("seq_length", "train_iters", "lr", "lr_warmup_iters", "lr_decay_style", "global_batch_size"):
+        assert args[key] == recipe[key], key
+    assert args["attention_impl"] == ("dense" if job == "stage2" else "lighthouse")
     assert args["bf16"] and args["use_distributed_optimizer"] and args["exit_signal_handler"]
     assert args["exit_duration_in_mins"] == 60 and args["save"] == after(argv, "--save")[0]
-    if v["ATTENTION_IMPL"] == "lighthouse":
-        assert args["lighthouse_dense_layers"] == [0, 1, -2, -1]
 
 
-# -------------------------------------------------------------------------- refusals
+# ---------------------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("template, args, message", [
+@pytest.mark.parametrize("job, args, message", [
     ("stage1", ["--nodes", "1", "--data-parallel-size", "16"],
-     "TP x CP x PP x DP = 1 x 2 x 1 x 16 = 32, but the job has 1 node x 8 GPUs = 8 GPUs; "
-     "use DP = 4 or 4 nodes"),
+     "TP x CP x PP x DP = 1 x 2 x 1 x 16 = 32, but the job has 1 node x 8 GPUs = 8 GPUs; DP = 4 fits"),
     ("stage1", ["--nodes", "2", "--tensor-model-parallel-size", "3"],
      "TP x CP x PP = 3 x 2 x 1 = 6 does not divide the job's 2 nodes x 8 GPUs = 16 GPUs"),
     ("stage1", ["--set", "global_batch_size=20"],
@@ -355,74 +368,121 @@ def test_megatron_lm_parses_the_command(tmp_path, template):
      "topk=1536 must be a multiple of 2*cp_size*tile_topk=2*8*128=2048"),
     ("stage1", ["--seq-length", "98305"], "seq_length 98305 must be a multiple of 2 x CP = 4"),
     ("stage1", ["--seq-length", "98560"], "sequence length 98560 must be divisible by"),
-    ("stage1", ["--set", "lighthouse_dense_layers=0 30"], "dense_layers entry 30 is out of range"),
+    ("stage1", ["--set", "lighthouse_dense_layers=[0, 30]"], "dense_layers entry 30 is out of range"),
     ("stage1", ["--tensor-model-parallel-size", "16", "--context-parallel-size", "1"],
      "num_query_groups 8 (and num_attention_heads 8) must be multiples of TP = 16"),
     ("stage1", ["--engine", "trainer"], "engine trainer runs on one node without pipeline parallelism"),
     ("stage1", ["--engine", "deepspeed"], "engine must be one of megatron-lm, trainer, got 'deepspeed'"),
-    ("stage1", ["--gpus-per-node", "0", "--nproc-per-node", "2"],
-     "a CPU job (gpus_per_node 0) needs engine trainer"),
+    ("stage1", ["--gpus-per-node", "0", "--nproc-per-node", "2"], "a CPU job (gpus_per_node 0) needs engine "
+                                                                   "trainer"),
     ("stage1", ["--nproc-per-node", "4"], "nproc_per_node 4 != gpus_per_node 8"),
     ("stage1", ["--set", "num_layer=2"], "unknown setting 'num_layer'"),
     ("stage1", ["--set", "exit_interval=20000"], "exit_interval 20000 must be <= train_iters 16000"),
     ("stage1", ["--time", "02:00:00", "--set", "exit_duration_mins=120"],
      "exit_duration_mins 120 must be below the time limit (02:00:00 = 120 min)"),
-    ("stage1", ["--set", "input=x"], "stage1 has no setting(s) input"),
-    ("convert", ["--nodes", "2"], "convert has no setting(s) nodes"),
-    ("stage3", [], "unknown template 'stage3'; valid: stage1, convert, stage2, 1m"),
+    ("stage1", ["--set", "input=x"], "a train job has no setting(s) input"),
+    ("convert", ["--set", "nodes=2"], "a convert job has no setting(s) nodes"),
+    ("stage3", [], "unknown job 'stage3'; valid: stage1, convert, stage2, 1m"),
+    ("stage1", ["--tokenizer", "meta-llama/Meta-Llama-3-8B"],
+     "must be 'bytes' or a local Hugging Face tokenizer folder (the compute nodes cannot download"),
+    ("stage1", ["--data-path", "/path/to/data/corpus"],
+     "data_path=/path/to/data/corpus: still a placeholder"),
+    ("stage1", ["--megatron-lm", ""], "megatron_lm not set"),
+    ("convert", ["--checkpoint-root", ""], "checkpoint_root not set"),
+    ("stage2", ["--set", "stop_at_switch=true"], "stop_at_switch needs attention_impl lighthouse"),
 ])
-def test_bad_settings_are_refused(tmp_path, capsys, template, args, message):
+def test_bad_settings_are_refused(tmp_path, capsys, job, args, message):
     out = tmp_path / "job.sbatch"
-    assert main(["slurm", "render", template, "-o", str(out), *args]) == 2
+    defaults = ["--checkpoint-root", "/c"]
+    if job != "convert":
+        defaults += ["--data-path", "/data/x", "--megatron-lm", "/m"]
+    assert main(["slurm", "render", job, "-o", str(out), *defaults, *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not out.exists()
 
 
+def test_placeholders_only_with_allow_placeholders(tmp_path, capsys):
+    out = tmp_path / "job.sbatch"
+    assert main(["slurm", "render", "stage1", "-o", str(out)]) == 2
+    assert "checkpoint_root, data_path, megatron_lm not set" in capsys.readouterr().err
+    assert main(["slurm", "render", "stage1", "-o", str(out), "--allow-placeholders"]) == 0
+    assert out.exists()
+
+
+def test_tokenizer_is_checked_against_the_dataset(tmp_path, capsys):
+    from lighthouse_megatron.data import prepare_data
+
+    (tmp_path / "doc.txt").write_text("some text\n" * 10)
+    prefix = prepare_data([tmp_path / "doc.txt"], tmp_path / "bytes").prefix
+    render(tmp_path, "stage1", "--data-path", prefix, "--tokenizer", "bytes")
+    # A dataset of other tokens (ids above 256, int32): not byte-level.
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    other = str(tmp_path / "other")
+    builder = IndexedDatasetBuilder(other + ".bin", dtype=np.int32)
+    builder.add_document(np.array([5, 70000, 2], dtype=np.int32), [3])
+    builder.finalize(other + ".idx")
+    out = tmp_path / "x.sbatch"
+    assert main(["slurm", "render", "stage1", "-o", str(out), "--data-path", other, "--megatron-lm", "/m",
+                 "--checkpoint-root", "/c"]) == 2
+    assert "not written with byte tokens" in capsys.readouterr().err
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    assert main(["slurm", "render", "stage1", "-o", str(out), "--data-path", prefix, "--megatron-lm", "/m",
+                 "--checkpoint-root", "/c", "--tokenizer", str(tok)]) == 2
+    assert "holds byte-level tokens" in capsys.readouterr().err
+    script = render(tmp_path, "stage1", "--data-path", other, "--tokenizer", str(tok), name="hf.sbatch")
+    proc, srun, _ = run_job(script, tmp_path, end_iter=10000)
+    assert after(srun, "--tokenizer-type", 3) == ["HuggingFaceTokenizer", "--tokenizer-model", str(tok)]
+
+
 def test_existing_script_needs_force(tmp_path, capsys):
     out = tmp_path / "job.sbatch"
     out.write_text("keep me")
-    assert main(["slurm", "render", "stage1", "-o", str(out)]) == 2
+    base = ["slurm", "render", "stage1", "-o", str(out), "--checkpoint-root", "/c", "--megatron-lm", "/m",
+            "--data-path", "/d"]
+    assert main(base) == 2
     assert "exists; pass --force" in capsys.readouterr().err
     assert out.read_text() == "keep me"
-    assert main(["slurm", "render", "stage1", "-o", str(out), "--force", "--nodes", "2"]) == 0
+    assert main([*base, "--force", "--nodes", "2"]) == 0
     assert sbatch_option(out, "nodes") == "2"
     assert [p.name for p in tmp_path.iterdir()] == ["job.sbatch"]  # no temporary left behind
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "lighthouse_megatron.cli", "slurm", "render", "stage1",
-         "-o", str(tmp_path / "x"), "--nodes", "3", "--data-parallel-size", "16"],
+        [sys.executable, "-m", "lighthouse_megatron.cli", "slurm", "render", "stage1", "-o",
+         str(tmp_path / "x"), "--nodes", "3", "--data-parallel-size", "16", "--checkpoint-root", "/c",
+         "--megatron-lm", "/m", "--data-path", "/d"],
         capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    # (Importing megatron-core may print warnings first; the error itself is one line.)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if "error" in line.lower()] == [
         "error: stage1: TP x CP x PP x DP = 1 x 2 x 1 x 16 = 32, but the job has 3 nodes x 8 GPUs = 24 GPUs; "
-        "use DP = 12 or 4 nodes"]
+        "DP = 12 fits"]
 
 
 def test_yaml_config_top_level_and_sections(tmp_path, capsys):
-    cfg = tmp_path / "recipe.yaml"
-    cfg.write_text("nodes: 2\ntrain_iters: 20000\ninput: /elsewhere\nstage1:\n  train_iters: 18000\n"
-                   "  time: '02:00:00'\n")
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text(f"nodes: 2\ncheckpoint_root: {tmp_path}/c\nmegatron_lm: /m\ndata_path: /d\n"
+                   "stage1:\n  train_iters: 18000\n  time: '02:00:00'\n")
     s1 = render(tmp_path, "stage1", "--config", str(cfg), "--seq-length", "49152")
     s2 = render(tmp_path, "stage2", "--config", str(cfg))
-    assert settings(s1, "TRAIN_ITERS", "SEQ_LENGTH") == {"TRAIN_ITERS": "18000", "SEQ_LENGTH": "49152"}
-    assert settings(s2, "TRAIN_ITERS") == {"TRAIN_ITERS": "20000"}
-    assert sbatch_option(s1, "time") == "02:00:00" and sbatch_option(s2, "time") == "06:00:00"
+    a1, a2 = settings(s1, "TRAIN_ARGS")["TRAIN_ARGS"], settings(s2, "TRAIN_ARGS")["TRAIN_ARGS"]
+    assert after(a1, "--train-iters") == ["18000"] and after(a1, "--seq-length") == ["49152"]
+    assert after(a2, "--train-iters") == ["16000"]
+    assert sbatch_option(s1, "time") == "02:00:00" and sbatch_option(s2, "time") == "12:00:00"
     assert sbatch_option(s1, "nodes") == sbatch_option(s2, "nodes") == "2"
-
     cfg.write_text("stage9:\n  nodes: 2\n")
     assert main(["slurm", "render", "stage1", "-o", str(tmp_path / "x"), "--config", str(cfg)]) == 2
     assert "unknown section 'stage9'" in capsys.readouterr().err
-    cfg.write_text("stage1:\n  input: x\n")
-    assert main(["slurm", "render", "stage1", "-o", str(tmp_path / "x"), "--config", str(cfg)]) == 2
-    assert "stage1: unknown setting(s) input" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------------------- submit
+# ------------------------------------------------------------------------------ submit
+
+
+SITE = ["--checkpoint-root", "/c", "--megatron-lm", "/m", "--data-path", "/d"]
 
 
 def test_submit_chains_the_stages_with_afterok(tmp_path, capsys, monkeypatch):
@@ -434,22 +494,20 @@ def test_submit_chains_the_stages_with_afterok(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PATH", f"{stubs}:{os.environ['PATH']}")
     monkeypatch.setenv("STUB_LOG", str(tmp_path / "sbatch.log"))
     out = tmp_path / "jobs"
-    assert main(["slurm", "submit", "--output-dir", str(out), "--checkpoint-root", str(tmp_path / "c")]) == 0
+    assert main(["slurm", "submit", "--output-dir", str(out), *SITE]) == 0
     assert capsys.readouterr().out.split() == ["stage1", "701", "convert", "702", "stage2", "703"]
-    calls = (tmp_path / "sbatch.log").read_text().splitlines()
-    assert calls == [
+    assert (tmp_path / "sbatch.log").read_text().splitlines() == [
         f"--parsable {out}/stage1.sbatch",
         f"--parsable --dependency=afterok:701 --kill-on-invalid-dep=yes {out}/convert.sbatch",
         f"--parsable --dependency=afterok:702 --kill-on-invalid-dep=yes {out}/stage2.sbatch",
     ]
-    assert settings(out / "convert.sbatch", "CHECKPOINT_ROOT") == {"CHECKPOINT_ROOT": f"{tmp_path}/c"}
-    # A second submit into the same folder is refused unless forced.
-    assert main(["slurm", "submit", "--output-dir", str(out)]) == 2
+    assert settings(out / "convert.sbatch", "CONVERT_INPUT") == {"CONVERT_INPUT": "/c/stage1-lighthouse"}
+    assert main(["slurm", "submit", "--output-dir", str(out), *SITE]) == 2
     assert "pass --force" in capsys.readouterr().err
 
 
 def test_submit_dry_run_and_failing_sbatch(tmp_path, capsys, monkeypatch):
-    assert main(["slurm", "submit", "--output-dir", str(tmp_path / "a"), "--dry-run"]) == 0
+    assert main(["slurm", "submit", "--output-dir", str(tmp_path / "a"), "--dry-run", *SITE]) == 0
     assert "--dependency=afterok:<stage1 job id>" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["convert.sbatch", "stage1.sbatch",
                                                                    "stage2.sbatch"]
@@ -458,35 +516,36 @@ def test_submit_dry_run_and_failing_sbatch(tmp_path, capsys, monkeypatch):
     (stubs / "sbatch").write_text('#!/bin/bash\necho "sbatch: error: invalid partition" >&2\nexit 1\n')
     (stubs / "sbatch").chmod(0o755)
     monkeypatch.setenv("PATH", f"{stubs}:{os.environ['PATH']}")
-    assert main(["slurm", "submit", "--output-dir", str(tmp_path / "b")]) == 2
+    assert main(["slurm", "submit", "--output-dir", str(tmp_path / "b"), *SITE]) == 2
     assert "sbatch: error: invalid partition" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("config, message", [
     ("stage2:\n  train_iters: 18000\n", "train_iters differs (16000 vs 18000)"),
-    ("stage1:\n  exit_interval:\n", "stage1 exit_interval must be set below train_iters 16000 (got none)"),
-    ("stage2:\n  exit_interval: 9000\n", "stage2 exit_interval 9000 must be empty or above stage1's 14000"),
+    ("stage2:\n  lr: 1.0e-3\n", "lr differs (0.002 vs 0.001)"),
+    ("stage1:\n  exit_interval: 16000\n", "stage1 must stop below train_iters 16000"),
     ("convert:\n  input: /other\n", "convert input '/other' is not stage1's save_dir"),
-    ("stage2:\n  checkpoint_root: /other\n", "stage2 init_checkpoint '/other/stage1-dense' is not convert's"),
+    ("stage2:\n  init_checkpoint: /other/stage1-dense\n",
+     "stage2 init_checkpoint '/other/stage1-dense' is not convert's"),
     ("stage2:\n  num_layers: 24\n", "stage1's model and schedule: num_layers differs (30 vs 24)"),
 ])
 def test_submit_refuses_an_inconsistent_chain(tmp_path, capsys, config, message):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(config)
     out = tmp_path / "o"
-    assert main(["slurm", "submit", "--output-dir", str(out), "--config", str(cfg), "--dry-run"]) == 2
+    assert main(["slurm", "submit", "--output-dir", str(out), "--config", str(cfg), "--dry-run", *SITE]) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
+    assert not out.exists()
 
 
-def test_example_recipe_submits(tmp_path, capsys):
-    recipe = slurm.TEMPLATE_DIR / "recipe-98k.yaml"
+def test_example_chain_submits(tmp_path, capsys):
     out = tmp_path / "jobs"
-    assert main(["slurm", "submit", "--config", str(recipe), "--output-dir", str(out), "--dry-run",
-                 "--log-dir", str(tmp_path / "logs")]) == 0
-    s1, s2 = out / "stage1.sbatch", out / "stage2.sbatch"
+    assert main(["slurm", "submit", "--config", str(slurm.SLURM_DIR / "chain-98k.yaml"), "--output-dir",
+                 str(out), "--dry-run", "--log-dir", str(tmp_path / "logs")]) == 0
+    s1, conv, s2 = out / "stage1.sbatch", out / "convert.sbatch", out / "stage2.sbatch"
     assert sbatch_option(s1, "nodes") == "4" and sbatch_option(s1, "partition") == "gpu"
-    assert settings(s1, "TRAIN_ITERS", "EXIT_INTERVAL", "DATA_PARALLEL_SIZE") == {
-        "TRAIN_ITERS": "16000", "EXIT_INTERVAL": "14000", "DATA_PARALLEL_SIZE": "16"}
-    assert settings(s2, "TRAIN_ITERS", "EXIT_INTERVAL") == {"TRAIN_ITERS": "16000", "EXIT_INTERVAL": ""}
+    assert sbatch_option(conv, "partition") == "cpu" and sbatch_option(conv, "exclusive") is None
+    a1, a2 = settings(s1, "TRAIN_ARGS")["TRAIN_ARGS"], settings(s2, "TRAIN_ARGS")["TRAIN_ARGS"]
+    assert after(a1, "--exit-interval") == ["10000"] and after(a1, "--train-iters") == ["16000"]
+    assert "--exit-interval" not in a2 and after(a2, "--train-iters") == ["16000"]
     assert not (tmp_path / "logs").exists()  # a dry run creates nothing but the scripts

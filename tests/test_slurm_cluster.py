@@ -58,20 +58,20 @@ def cluster():
 
 
 def tiny_recipe(root: Path) -> dict:
-    """The 98K recipe shrunk to a CPU: 2 layers, 256 tokens, two processes (DP 2, gloo)."""
+    """Site settings for the chain of slurm/stage1.yaml, convert.yaml, stage2.yaml, with the
+    98K recipe shrunk to a CPU: 2 layers, 256 tokens, two processes (DP 2, gloo)."""
     venv = sys.prefix if sys.prefix != sys.base_prefix else ""
     return {
         "engine": "trainer", "nodes": 1, "gpus_per_node": 0, "nproc_per_node": 2,
-        "tensor_model_parallel_size": 1, "context_parallel_size": 1, "pipeline_model_parallel_size": 1,
+        "tensor_model_parallel_size": 1, "context_parallel_size": 1,
         "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4,
         "num_query_groups": 2, "seq_length": 256, "micro_batch_size": 1, "global_batch_size": 2,
-        "train_iters": TOTAL, "lr": 1e-3, "min_lr": 1e-4, "lr_warmup_iters": 2, "save_interval": 2,
-        "eval_interval": 100, "eval_iters": 0,
+        "train_iters": TOTAL, "lr": 1e-3, "lr_warmup_iters": 2, "save_interval": 2,
+        "eval_interval": 100, "eval_iters": 0, "bf16": None, "mock_data": True,
         "lighthouse_levels": 2, "lighthouse_pooling_factor": 4, "lighthouse_topk": 32,
-        "lighthouse_tile_topk": 8, "lighthouse_dense_layers": [0],
-        "data_path": "", "checkpoint_root": str(root / "ckpt"), "log_dir": str(root / "logs"),
-        "venv": venv, "time": "00:15:00", "extra_args": "--vocab-size 256 --log-interval 1",
-        "stage1": {"exit_interval": STOP},
+        "lighthouse_tile_topk": 8, "lighthouse_dense_layers": [0], "lighthouse_until_iter": STOP,
+        "checkpoint_root": str(root / "ckpt"), "log_dir": str(root / "logs"),
+        "venv": venv, "time": "00:15:00", "extra_args": "--log-interval 1",
     }
 
 

@@ -12,10 +12,6 @@ import argparse
 import sys
 import time
 
-import torch
-
-from ..attention import lighthouse_attention
-from ..backends import dense_causal_attention
 from ..config import LighthouseConfig
 
 
@@ -40,6 +36,12 @@ def _timed(fn):
 
 
 def run_layer_demo(args: argparse.Namespace) -> int:
+    # Here, not at the top: `lighthouse-megatron demo --help` must not wait for torch.
+    import torch
+
+    from ..attention import lighthouse_attention
+    from ..backends import dense_causal_attention
+
     cfg = LighthouseConfig(
         levels=args.levels, pooling_factor=args.pooling_factor, topk=args.topk, tile_topk=args.tile_topk
     )

@@ -24,11 +24,11 @@ from .report import check_results, plot_losses, print_checks, print_table, summa
 MODEL: dict[str, Any] = dict(
     num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, seq_length=512,
     position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
-    micro_batch_size=4, global_batch_size=4, train_iters=200, lr=3.0e-3, min_lr=3.0e-4,
-    lr_warmup_iters=20, lr_decay_style="cosine", weight_decay=0.01, clip_grad=1.0,
+    micro_batch_size=4, global_batch_size=4, train_iters=200, lr=3.0e-3, lr_warmup_iters=25,
+    lr_decay_style="constant", weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, clip_grad=1.0,
     eval_interval=50, eval_iters=4,
     attention_impl="lighthouse", lighthouse_levels=3, lighthouse_pooling_factor=4,
-    lighthouse_topk=16, lighthouse_tile_topk=8, lighthouse_dense_layers=[0],
+    lighthouse_topk=16, lighthouse_tile_topk=8, lighthouse_dense_layers=[0], lighthouse_until_iter=125,
 )
 
 # Folders and files the demo owns inside --out (--force replaces these and nothing else).
@@ -55,12 +55,13 @@ class Preset:
 
 
 PRESETS = {
-    "default": Preset(stage1_iters=150, stage2_iters=50, overrides={}),
+    # The switch at 62.5% of the schedule, as in examples/98k.yaml.
+    "default": Preset(stage1_iters=125, stage2_iters=75, overrides={}),
     # The end-to-end test's size: seconds, not minutes. 256 tokens, L=3, p=4: 16 coarsest
     # entries, 2 tiles of 8 each, S = 16 + 2*4*16 = 144.
-    "tiny": Preset(stage1_iters=20, stage2_iters=10, overrides=dict(
+    "tiny": Preset(stage1_iters=20, stage2_iters=12, overrides=dict(
         num_layers=2, hidden_size=32, seq_length=256, micro_batch_size=2, global_batch_size=2,
-        lr_warmup_iters=3, eval_interval=10, eval_iters=2)),
+        lr_warmup_iters=4, lighthouse_until_iter=20, eval_interval=10, eval_iters=2)),
 }
 
 

@@ -12,7 +12,8 @@ import argparse
 import os
 from typing import Any
 
-from ..data import byte_vocab_size, null_tokenizer
+from ..data import byte_vocab_size, null_tokenizer, open_indexed_dataset
+from ..layout import check_layout
 from ..megatron import add_lighthouse_args, validate_lighthouse_args
 
 # The trainer's defaults; a model close to the paper's (Llama-like: RMSNorm, SwiGLU, RoPE,
@@ -248,10 +249,7 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> No
     args.padded_vocab_size = padded_vocab_size(args)
     world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
-    if world % (tp * cp):
-        raise ValueError(f"{world} processes are not divisible by --tensor-model-parallel-size {tp} x "
-                         f"--context-parallel-size {cp}; launch a multiple of {tp * cp} processes")
-    dp = world // (tp * cp)
+    dp = check_layout(world, tp, cp, 1)  # the one layout check (slurm render and the launcher use it too)
     args.world_size, args.data_parallel_size, args.pipeline_model_parallel_size = world, dp, 1
     if heads % tp:
         raise ValueError(f"--num-attention-heads {heads} is not divisible by "
@@ -348,14 +346,12 @@ def _check_splits(args: argparse.Namespace) -> None:
         convert_split_vector_to_split_matrix,
         parse_and_normalize_split,
     )
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(args.split))
     used = ("train", "valid", "test") if args.eval_iters else ("train",)
     prefixes = args.data_path if len(args.data_path) == 1 else args.data_path[1::2]
     vocab = null_tokenizer(args.vocab_size).vocab_size
     for prefix in prefixes:
-        ds = IndexedDataset(prefix, mmap=True)
+        ds = open_indexed_dataset(prefix)
         n = ds.sequence_lengths.shape[0]
         # Documents end with the end-of-document id, the largest id of byte-level data.
         top = max(int(ds[i].max()) for i in {0, n - 1}) if n else 0
