@@ -410,11 +410,11 @@ def startup_summary(args, model) -> list[str]:
     """What rank 0 prints before training: the settings that differ from the defaults, the
     parameter count and which attention each layer runs."""
     from ..checkpoint.convert import attention_spans
-    from .arguments import DEFAULTS
+    from .arguments import DEFAULTS, _lighthouse_dests
 
     # Settings whose default is derived from others (ffn_hidden_size, global_batch_size, ...)
     # count as changed only when they differ from what these settings derive.
-    lighthouse = {k: v for k, v in vars(args).items() if k.startswith("lighthouse_")}
+    lighthouse = {k: getattr(args, k) for k in _lighthouse_dests()}
     given = {k: getattr(args, k) for k, v in DEFAULTS.items() if v is not None}
     derived = settings_args({**given, **lighthouse, "mock_data": True}, world_size=args.world_size)
     defaults = settings_args({"mock_data": True}, world_size=args.world_size)
