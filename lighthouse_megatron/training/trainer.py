@@ -16,6 +16,7 @@ Two engines, one checkpoint format:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import inspect
 import logging
@@ -416,8 +417,11 @@ def startup_summary(args, model) -> list[str]:
     # count as changed only when they differ from what these settings derive.
     lighthouse = {k: getattr(args, k) for k in _lighthouse_dests()}
     given = {k: getattr(args, k) for k, v in DEFAULTS.items() if v is not None}
-    derived = settings_args({**given, **lighthouse, "mock_data": True}, world_size=args.world_size)
-    defaults = settings_args({"mock_data": True}, world_size=args.world_size)
+    try:
+        derived = settings_args({**given, **lighthouse, "mock_data": True}, world_size=args.world_size)
+        defaults = settings_args({"mock_data": True}, world_size=args.world_size)
+    except ValueError:  # the defaults do not fit this world size: compare with the raw defaults
+        derived = defaults = argparse.Namespace(**{k: DEFAULTS.get(k) for k in (*DEFAULTS, *lighthouse)})
     changed = [f"{k}={getattr(args, k)}" for k in vars(defaults)
                if (k in DEFAULTS or k in lighthouse) and k != "mock_data"
                and getattr(args, k) != getattr(derived if DEFAULTS.get(k, 0) is None else defaults, k)]
