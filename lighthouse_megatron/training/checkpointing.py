@@ -146,16 +146,18 @@ def _barrier():
         dist.barrier()
 
 
-_saving = False
+_saver: int | None = None  # the pid of the process saving, while it saves
 
 
 def _die_with_parent() -> None:
     """In a process forked during a save (megatron-core <= 0.18 forks one writer per file):
     the kernel kills it when the trainer dies (Linux), so a killed save leaves no orphans."""
-    if _saving and sys.platform.startswith("linux"):
+    global _saver
+    if _saver is not None and sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before prctl took effect
+        if os.getppid() != _saver:  # the parent died before prctl took effect
             os._exit(1)
+        _saver = os.getpid()  # for a process this one forks
 
 
 if hasattr(os, "register_at_fork"):
@@ -170,16 +172,16 @@ def in_process_save():
     spawned, re-imports the caller's `__main__` (a script without an
     `if __name__ == "__main__":` guard crashes there). A synchronous save puts and gets in the
     calling process, so a plain queue does the same job with no process."""
-    global _saving
+    global _saver
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     saved = getattr(filesystem_async, "_results_queue", None)
     filesystem_async._results_queue = queue.Queue()
-    _saving = True
+    _saver = os.getpid()
     try:
         yield
     finally:
-        _saving = False
+        _saver = None
         filesystem_async._results_queue = saved
 
 
@@ -227,7 +229,8 @@ def save_checkpoint(args, iteration: int, model, optimizer, scheduler) -> str:
         if old:
             shutil.rmtree(old)
         if args.save_retain:
-            retain(root, args.save_retain, protect=_loaded_dir(args))
+            for path in retain(root, args.save_retain, protect=_loaded_dir(args)):
+                print(f"removed {path} (--save-retain {args.save_retain})", flush=True)
     _barrier()
     return final
 
