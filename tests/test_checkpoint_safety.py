@@ -219,9 +219,11 @@ def test_startup_summary_and_one_line_per_save(tmp_path, capsys):
 def test_save_retain_keeps_the_last_n_and_the_loaded_one(tmp_path, capsys):
     save = tmp_path / "s"
     _train("--save", save, "--save-interval", 1, "--exit-interval", 1)
+    capsys.readouterr()
     _train("--save", save, "--load", save, "--save-interval", 1, "--save-retain", 2)
     # 1: the checkpoint this run loaded; 3, 4: the last two.
     assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000001", "iter_0000003", "iter_0000004"]
+    assert f"removed {save / 'iter_0000002'} (--save-retain 2)" in capsys.readouterr().out
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "4"
     assert not [p for p in save.iterdir() if p.name.startswith(".")]
     capsys.readouterr()
