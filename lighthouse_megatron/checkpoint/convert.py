@@ -281,8 +281,6 @@ def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weig
         raise CheckpointError(f"--output {output} exists; pass --force to replace it")
     input_verified = check_input(ckpt, verify)
     log(input_verified)
-    if not dry_run:
-        _make_parent(output.parent)
     common = read_common(ckpt)
     args = args_dict(common.get("args"))
     if not args:
@@ -348,8 +346,10 @@ def _make_parent(parent: Path) -> None:
 
 @contextlib.contextmanager
 def staged_output(output: Path, force: bool):
-    """Yield an empty temporary path beside `output` to write into; on success rename it to
-    `output` (replacing it only with `force`), on any failure remove it."""
+    """Yield an empty temporary path beside `output` to write into (its missing parents
+    created); on success rename it to `output` (replacing it only with `force`), on any
+    failure remove it."""
+    _make_parent(output.parent)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
