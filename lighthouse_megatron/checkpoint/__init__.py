@@ -1,11 +1,12 @@
 """Checkpoint tools for the dense recovery stage (`lighthouse-megatron convert` / `inspect`).
 
-- `convert(input, output, *, to="megatron", weights_only=False, dry_run=False, force=False)`:
-  a stage-1 Megatron-LM checkpoint (torch_dist or torch format) into one that loads
-  under the dense spec, or (`to="hf"`) a Hugging Face Llama checkpoint; verified after
-  writing; returns a report dict.
-- `inspect_checkpoint(path) -> dict`: format, iteration, arguments, layers, attention per
-  layer, parallel layout.
+- `convert(input, output, *, to="megatron", weights_only=False, dry_run=False, force=False,
+  verify=True)`: a stage-1 Megatron-LM checkpoint (torch_dist or torch format) into one that
+  loads under the dense spec, or (`to="hf"`) a Hugging Face Llama checkpoint (with its
+  tokenizer); the input checked against its manifest first, the output verified after
+  writing and given a manifest; returns a report dict.
+- `inspect_checkpoint(path, verify=True) -> dict`: format, iteration, arguments, layers,
+  attention per layer, parallel layout, and the manifest check (`manifest.py`).
 
 Both raise `CheckpointError` (a ValueError) naming the problem.
 """

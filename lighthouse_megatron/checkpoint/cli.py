@@ -23,6 +23,8 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
                    help="drop optimizer, scheduler and RNG state (written as a 'release' checkpoint)")
     p.add_argument("--dry-run", action="store_true", help="report what would change, write nothing")
     p.add_argument("--force", action="store_true", help="replace an existing --output")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the input's files against its manifest (lighthouse-manifest.json)")
     p.set_defaults(func=run_convert)
 
 
@@ -30,6 +32,9 @@ def add_inspect_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="summarise a Megatron-LM checkpoint")
     p.add_argument("checkpoint", metavar="CKPT", help="a --save directory or its iter_NNNNNNN/")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the files against the checkpoint's manifest "
+                        "(lighthouse-manifest.json)")
     p.set_defaults(func=run_inspect)
 
 
@@ -55,7 +60,8 @@ def run_convert(args: argparse.Namespace) -> int:
 
     try:
         report = convert(args.input, args.output, to=args.to, weights_only=args.weights_only,
-                         dry_run=args.dry_run, force=args.force, log=lambda msg: print(f"  {msg}"))
+                         dry_run=args.dry_run, force=args.force, verify=not args.no_verify,
+                         log=lambda msg: print(f"  {msg}"))
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         return _fail(e)
     if args.dry_run:
@@ -67,10 +73,10 @@ def run_convert(args: argparse.Namespace) -> int:
 
 @_quiet
 def run_inspect(args: argparse.Namespace) -> int:
-    from .convert import inspect_checkpoint
+    from .convert import attention_spans, inspect_checkpoint
 
     try:
-        info = inspect_checkpoint(args.checkpoint)
+        info = inspect_checkpoint(args.checkpoint, verify=not args.no_verify)
     except (ValueError, OSError) as e:
         return _fail(e)
     if args.json:
@@ -88,16 +94,10 @@ def run_inspect(args: argparse.Namespace) -> int:
                                                "padded_vocab_size") if k in a)
     print(f"  model       {model}")
     print(f"  tensors     {info['tensors']['count']}, {info['tensors']['parameters']:,} parameters")
-    runs = []
-    for i, kind in enumerate(info["attention"]):
-        if runs and runs[-1][2] == kind:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i, kind])
-    spans = (f"layer {a}" + (f"-{b}" if b > a else "") + f" {k}" for a, b, k in runs)
-    print("  attention   " + "; ".join(spans))
+    print("  attention   " + attention_spans(info["attention"]))
     if info["lighthouse"]:
         settings = (f"{k.removeprefix('lighthouse_')}={v}" for k, v in info["lighthouse"].items())
         print("  lighthouse  " + ", ".join(settings))
     print(f"  contents    {', '.join(info['contents'])}")
+    print(f"  files       {info['verified']}")
     return 0

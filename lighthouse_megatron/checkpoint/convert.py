@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .manifest import verification_line, verify_manifest, write_manifest
 from .model import (
     _LAYER,
     _NOT_MODEL,
@@ -106,6 +107,17 @@ def attention_per_layer(args: dict, iteration: int | None) -> list[str]:
     return ["dense" if i in dense else "lighthouse" for i in range(n)]
 
 
+def attention_spans(kinds: list[str]) -> str:
+    """['dense', 'lighthouse', 'lighthouse'] -> 'layer 0 dense; layer 1-2 lighthouse'."""
+    runs: list[list] = []
+    for i, kind in enumerate(kinds):
+        if runs and runs[-1][2] == kind:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i, kind])
+    return "; ".join(f"layer {a}" + (f"-{b}" if b > a else "") + f" {k}" for a, b, k in runs)
+
+
 def _te_extra_state_changes(model: dict, args: dict) -> tuple[dict, list[str]]:
     """Add TE's core-attention `_extra_state` to layers without it (TE models) or drop it
     (local-spec models, whose DotProductAttention has none)."""
@@ -148,16 +160,36 @@ def _plain(value):
     return str(value)
 
 
-def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
+def check_input(ckpt: Checkpoint, verify: bool) -> str:
+    """Check `ckpt`'s files against its manifest (unless `verify` is False); returns what was
+    verified, as one line. Raises CheckpointError naming a damaged file."""
+    if not verify:
+        return f"not verified: {ckpt.directory} (--no-verify)"
+    return verification_line(ckpt.directory, verify_manifest(ckpt.directory))
+
+
+def check_finite(state: dict) -> None:
+    """Refuse weights with NaN or infinite values, naming the first such tensor."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            bad = (~torch.isfinite(value)).sum().item()
+            raise CheckpointError(f"{key}: {bad} of {value.numel()} values are NaN or infinite; refusing to "
+                                  "convert a diverged or damaged checkpoint")
+
+
+def inspect_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
     """Summarise a Megatron-LM checkpoint (torch_dist, either on-disk layout, or torch).
 
     Returns plain types: path, format, layout, iteration, release, checkpoint_version,
     args (the model and parallel arguments), lighthouse (the stored Lighthouse settings),
     attention (per layer: "lighthouse" or "dense"), parallel (tp, pp, cp, dp, world_size),
-    contents (which top-level entries are present), tensors (count and parameter count).
-    Raises CheckpointError for anything that is not a readable checkpoint.
+    contents (which top-level entries are present), tensors (count and parameter count),
+    verified (one line: the files checked against the manifest, or why they were not).
+    Raises CheckpointError for anything that is not a readable checkpoint or whose files
+    differ from its manifest.
     """
     ckpt = locate(path)
+    verified = check_input(ckpt, verify)
     common = read_common(ckpt)
     args = args_dict(common.get("args"))
     iteration = _check_consistency(ckpt, common, args)
@@ -192,6 +224,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
                      "dp": world // (tp * pp * cp) if world else None, "world_size": world},
         "contents": contents,
         "tensors": {"count": len(shapes), "parameters": sum(math.prod(s) for s in shapes.values())},
+        "verified": verified,
     }
 
 
@@ -220,7 +253,8 @@ def _dist_keys(ckpt):
 # --- convert --------------------------------------------------------------------------------
 
 def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weights_only: bool = False,
-            dry_run: bool = False, force: bool = False, log: Callable[[str], None] | None = None) -> dict:
+            dry_run: bool = False, force: bool = False, verify: bool = True,
+            log: Callable[[str], None] | None = None) -> dict:
     """Convert a stage-1 checkpoint for the dense recovery stage, or export it.
 
     to="megatron": a Megatron-LM checkpoint (same format and layout as the input) that
@@ -229,8 +263,11 @@ def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weig
     The output is written under a temporary name next to it and renamed at the end, then
     verified (dense load with strict key checks and a forward pass; for "hf", logits
     against transformers' LlamaForCausalLM when transformers is installed). An existing
-    output is refused unless `force`. The input is only read.
-    Returns a report: {"input", "output", "format", "changes", "verified", ...}.
+    output is refused unless `force`. The input is only read: first checked against its
+    manifest (unless `verify` is False; a checkpoint without one is reported unverified), its
+    weights must be finite. The output gets a manifest of its own. Missing parents of the
+    output are created.
+    Returns a report: {"input", "output", "format", "changes", "input_verified", "verified", ...}.
     """
     log = log or (lambda msg: None)
     if to not in TARGETS:
@@ -242,8 +279,8 @@ def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weig
         raise CheckpointError(f"--output {output} overlaps --input {input}; choose another directory")
     if output.exists() and not force and not dry_run:
         raise CheckpointError(f"--output {output} exists; pass --force to replace it")
-    if not dry_run:
-        _check_writable(output.parent)
+    input_verified = check_input(ckpt, verify)
+    log(input_verified)
     common = read_common(ckpt)
     args = args_dict(common.get("args"))
     if not args:
@@ -251,7 +288,8 @@ def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weig
                               "it holds")
     _check_consistency(ckpt, common, args)
     report = {"input": str(ckpt.path), "output": str(output), "to": to, "format": ckpt.format,
-              "layout": ckpt.layout, "iteration": ckpt.iteration, "dry_run": dry_run}
+              "layout": ckpt.layout, "iteration": ckpt.iteration, "dry_run": dry_run,
+              "input_verified": input_verified}
     if to == "hf":
         from .hf import export_hf
 
@@ -265,6 +303,7 @@ def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weig
     else:
         changes.append(f"kept: iteration {ckpt.tracker_text}, "
                        f"{[k for k in _TRAINING_STATE if k in common] or 'no training state'}")
+    check_finite(model_state(ckpt, args))
     if ckpt.format == "torch":
         shards = {rank: read_shard(ckpt, *rank) for rank in ckpt.shards}
         extra_changes = _legacy_extra_state(shards, args)
@@ -284,24 +323,33 @@ def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weig
         else:
             _write_dist(ckpt, common, new_args, out_dir, weights_only)
         (tmp / TRACKER).write_text("release" if weights_only else ckpt.tracker_text)
+        write_manifest(out_dir)
         written = locate(tmp)
         written_args = args_dict(read_common(written).get("args"))
         report["verified"] = verify_dense(written, written_args)
-        log(f"verified: {report['verified']['loaded_with']}, {report['verified']['forward']}")
+        log(f"output verified: loads under the dense spec ({report['verified']['loaded_with']}), "
+            f"{report['verified']['forward']}")
     return report
 
 
-def _check_writable(parent: Path) -> None:
-    if not parent.exists():
-        raise CheckpointError(f"--output: the directory {parent} does not exist")
+def _make_parent(parent: Path) -> None:
+    """Create the output's missing parents (as prepare-data does); refuse an unwritable one."""
+    if parent.exists() and not parent.is_dir():
+        raise CheckpointError(f"--output: {parent} is a file, not a directory")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"--output: cannot create {parent} ({e.strerror or e})") from e
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CheckpointError(f"--output: cannot write to {parent} (permission denied)")
 
 
 @contextlib.contextmanager
 def staged_output(output: Path, force: bool):
-    """Yield an empty temporary path beside `output` to write into; on success rename it to
-    `output` (replacing it only with `force`), on any failure remove it."""
+    """Yield an empty temporary path beside `output` to write into (its missing parents
+    created); on success rename it to `output` (replacing it only with `force`), on any
+    failure remove it."""
+    _make_parent(output.parent)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

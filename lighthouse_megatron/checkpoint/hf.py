@@ -10,6 +10,8 @@ holds the gate rows, then the up rows.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -111,6 +113,9 @@ def export_hf(ckpt, args: dict, output: Path, report: dict, *, dry_run: bool, fo
     except ImportError as e:
         raise CheckpointError(f"--to hf needs safetensors: {HF_EXTRA}") from e
     state = model_state(ckpt, args)
+    from .convert import check_finite
+
+    check_finite(state)
     needed = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight")
     missing = [k for k in needed if k not in state]
     if missing:
@@ -129,14 +134,94 @@ def export_hf(ckpt, args: dict, output: Path, report: dict, *, dry_run: bool, fo
     if dry_run:
         return report
     from .convert import staged_output
+    from .manifest import write_manifest
 
     with staged_output(output, force) as tmp:
         tmp.mkdir()
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # safetensors creates the file 0600; the other outputs follow the umask.
+        os.chmod(tmp / "model.safetensors", 0o666 & ~_umask())
+        report["tokenizer"] = export_tokenizer(args, tmp)
+        log(report["tokenizer"])
+        write_manifest(tmp)
         report["verified"] = verify_hf(tmp, state, args)
-        log(f"verified: {report['verified']}")
+        log(f"output verified: {report['verified']}" if isinstance(report["verified"], dict)
+            else report["verified"])
     return report
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+EOD_TOKEN = "<|endoftext|>"
+
+
+def byte_tokenizer(eod: int):
+    """A transformers tokenizer with the trainer's byte-level ids: byte b is id b (UTF-8
+    bytes of the text, as `prepare-data` writes them), the end-of-document token is `eod`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: b for b, c in _byte_characters().items()}  # one token per byte, id = the byte
+    vocab[EOD_TOKEN] = eod
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOD_TOKEN])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOD_TOKEN, bos_token=None,
+                                   unk_token=None, pad_token=None, clean_up_tokenization_spaces=False)
+
+
+def _byte_characters() -> dict[int, str]:
+    """Byte -> the character the ByteLevel pre-tokenizer writes for it (GPT-2's table): the
+    printable bytes stand for themselves, the others take the alphabet's characters from
+    U+0100 on in byte order."""
+    from tokenizers import pre_tokenizers
+
+    codes = sorted(ord(c) for c in pre_tokenizers.ByteLevel.alphabet())
+    direct = [c for c in codes if c < 256]
+    rest = [b for b in range(256) if b not in set(direct)]
+    shifted = (chr(c) for c in codes if c >= 256)
+    return {**{b: chr(b) for b in direct}, **dict(zip(rest, shifted, strict=True))}
+
+
+def export_tokenizer(args: dict, directory: Path) -> str:
+    """Write the checkpoint's tokenizer beside the model; returns what was done (one line).
+    NullTokenizer with a byte vocabulary: a byte-level tokenizer with the same ids. A Hugging
+    Face tokenizer the checkpoint names by a local directory: its files. Otherwise nothing,
+    and the line says why."""
+    kind = args.get("tokenizer_type")
+    if kind == "NullTokenizer":
+        from ..data import BYTE_EOD, null_tokenizer
+
+        vocab = args.get("vocab_size")
+        null = null_tokenizer(vocab) if isinstance(vocab, int) else None
+        if null is None or null.vocab_size != BYTE_EOD + 1 or null.eod != BYTE_EOD:
+            return (f"tokenizer not exported: NullTokenizer with --vocab-size {vocab} does not number bytes "
+                    "(byte-level data has 256 byte ids and the end-of-document id 256)")
+        try:
+            byte_tokenizer(null.eod).save_pretrained(str(directory))
+        except ImportError:
+            return f"tokenizer not exported: transformers is not installed ({HF_EXTRA})"
+        return (f"tokenizer: byte-level (ids 0-255 = bytes, {EOD_TOKEN} = {null.eod}), as the trainer "
+                "numbers them")
+    if kind == "HuggingFaceTokenizer":
+        source = args.get("tokenizer_model")
+        if source and Path(source).is_dir():
+            names = [p.name for p in sorted(Path(source).iterdir())
+                     if p.is_file() and (p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges"))
+                                         or p.name in ("added_tokens.json", "spiece.model"))]
+            if names:
+                for name in names:
+                    shutil.copy(Path(source) / name, directory / name)
+                return f"tokenizer: copied {', '.join(names)} from {source}"
+        return (f"tokenizer not exported: the checkpoint names {source!r}, which is not a local tokenizer "
+                "directory here; copy its files next to config.json")
+    return f"tokenizer not exported: the checkpoint's tokenizer_type {kind!r} has no Hugging Face export here"
 
 
 def verify_hf(directory: Path, state: dict, args: dict) -> dict | str:

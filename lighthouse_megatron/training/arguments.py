@@ -35,7 +35,8 @@ DEFAULTS: dict[str, Any] = dict(
     data_path=None, mock_data=False, split="969,30,1", tokenizer_type="NullTokenizer", data_cache_path=None,
     # evaluation, checkpoints, logging
     eval_interval=None, eval_iters=2, save=None, save_interval=None, load=None, exit_interval=None,
-    force=False, log_interval=1, tensorboard_dir=None, metrics_file=None, progress=None,
+    force=False, no_verify=False, save_retain=None, log_interval=1, tensorboard_dir=None, metrics_file=None,
+    progress=None,
     # parallelism
     tensor_model_parallel_size=1, context_parallel_size=1,
 )
@@ -114,6 +115,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     c.add_argument("--load", default=None, metavar="DIR")
     c.add_argument("--force", action="store_true", default=None,
                    help="replace checkpoints of the same iteration that already exist in --save")
+    c.add_argument("--save-retain", type=int, default=None, metavar="N",
+                   help="keep the last N checkpoints in --save (and the one --load read); remove older ones")
+    c.add_argument("--no-verify", action="store_true", default=None,
+                   help="skip checking the --load checkpoint's files against its manifest")
     c.add_argument("--tensorboard-dir", default=None, metavar="DIR", help="default: SAVE/tensorboard")
     c.add_argument("--metrics-file", default=None, metavar="FILE", help="JSONL; default: SAVE/metrics.jsonl")
     c.add_argument("--progress", **bool_flag, help="progress bar (default: when stderr is a terminal)")
@@ -314,6 +319,13 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> No
     # Checkpoints.
     if args.save_interval is not None and not args.save:
         raise ValueError("--save-interval needs --save DIR")
+    if args.save_retain is not None:
+        _check_type(args, "save_retain", int)
+        if args.save_retain < 1:
+            raise ValueError(f"--save-retain must be >= 1 (the number of checkpoints to keep), got "
+                             f"{args.save_retain}; leave it out to keep every checkpoint")
+        if not args.save:
+            raise ValueError("--save-retain needs --save DIR")
     if args.load and os.path.exists(args.load) and not os.path.isdir(args.load):
         raise ValueError(f"--load {args.load} is not a directory")
 

@@ -12,8 +12,11 @@ for the data position), `checkpoint_version` (3.0), `iteration`, `model` (the mo
 holding Python, NumPy, torch, CUDA and Megatron RNG-tracker states). Megatron-LM's
 `--load` reads it, and ours reads Megatron-LM's.
 
-Saves are atomic: every rank writes into `SAVE/.iter_NNNNNNN.tmp`, then rank 0 renames it
-to `iter_NNNNNNN` and rewrites the tracker file through a temporary name. Loads go
+Saves are atomic: every rank writes into `SAVE/.iter_NNNNNNN.tmp`, rank 0 adds the manifest
+(`lighthouse-manifest.json`: each file's size and hash) once every file is complete, renames
+the folder to `iter_NNNNNNN` and rewrites the tracker file through a temporary name. The
+save runs in the training processes (`in_process_save`): megatron-core would otherwise
+start a results-queue server process that outlives a killed trainer. Loads go
 through `torch.load(weights_only=True)` only (megatron-core registers the few safe
 classes, argparse.Namespace and NumPy arrays): nothing in a checkpoint runs code.
 """
@@ -21,9 +24,15 @@ classes, argparse.Namespace and NumPy arrays): nothing in a checkpoint runs code
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import os
+import queue
 import random
+import re
 import shutil
+import signal
+import sys
 
 import numpy as np
 import torch
@@ -31,12 +40,19 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from ..checkpoint.manifest import verification_line, verify_manifest, write_manifest
+from ..checkpoint.reader import locate
 from .cpu import cuda_free_checkpointing
 
 CHECKPOINT_VERSION = 3.0
 TRACKER = "latest_checkpointed_iteration.txt"
 # What Megatron-LM's _build_sharded_state_dict_metadata stores for a non-distributed optimizer.
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+
+
+# What a save killed half-way leaves in SAVE (ours only): the save folder, a folder being
+# removed by --save-retain, the tracker's temporary name.
+_LEFTOVER = re.compile(r"^(\.iter_\d{7,}\.(tmp|del)|" + re.escape(TRACKER) + r"\.tmp)$")
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -130,8 +146,62 @@ def _barrier():
         dist.barrier()
 
 
+_saver: int | None = None  # the pid of the process saving, while it saves
+
+
+def _die_with_parent() -> None:
+    """In a process forked during a save (megatron-core <= 0.18 forks one writer per file):
+    the kernel kills it when the trainer dies (Linux), so a killed save leaves no orphans."""
+    global _saver
+    if _saver is not None and sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        if os.getppid() != _saver:  # the parent died before prctl took effect
+            os._exit(1)
+        _saver = os.getpid()  # for a process this one forks
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_die_with_parent)
+
+
+@contextlib.contextmanager
+def in_process_save():
+    """megatron-core 0.16-0.19's torch_dist writer collects its results through a queue it
+    creates once per process with `multiprocessing.get_context("spawn").Manager()`: a server
+    process that survives a SIGKILLed trainer (it never watches its parent) and, being
+    spawned, re-imports the caller's `__main__` (a script without an
+    `if __name__ == "__main__":` guard crashes there). A synchronous save puts and gets in the
+    calling process, so a plain queue does the same job with no process."""
+    global _saver
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    saved = getattr(filesystem_async, "_results_queue", None)
+    filesystem_async._results_queue = queue.Queue()
+    _saver = os.getpid()
+    try:
+        yield
+    finally:
+        _saver = None
+        filesystem_async._results_queue = saved
+
+
+def remove_leftovers(root: str | None) -> list[str]:
+    """Remove what a killed save left in `root` (only this trainer's temporary names);
+    returns what was removed."""
+    if not root or not os.path.isdir(root):
+        return []
+    removed = []
+    for name in sorted(os.listdir(root)):
+        if _LEFTOVER.match(name):
+            path = os.path.join(root, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+            removed.append(path)
+    return removed
+
+
 def save_checkpoint(args, iteration: int, model, optimizer, scheduler) -> str:
-    """Write SAVE/iter_NNNNNNN atomically and point the tracker at it; returns its path."""
+    """Write SAVE/iter_NNNNNNN atomically (files, then their manifest) and point the tracker
+    at it; returns its path."""
     root = args.save
     final = iteration_dir(root, iteration)
     tmp = os.path.join(root, f".iter_{iteration:07d}.tmp")
@@ -141,10 +211,11 @@ def save_checkpoint(args, iteration: int, model, optimizer, scheduler) -> str:
         os.makedirs(tmp)
     _barrier()
     state = _state_dict(args, model, optimizer, scheduler, iteration, _rng_state(args.device))
-    with cuda_free_checkpointing(args.device):
+    with cuda_free_checkpointing(args.device), in_process_save():
         dist_checkpointing.save(state, tmp, content_metadata=dict(CONTENT_METADATA))
     _barrier()
     if dist.get_rank() == 0:
+        write_manifest(tmp)  # every rank's files are complete (the barrier above)
         old = None
         if os.path.exists(final):  # allowed by --force (checked before training)
             old = final + ".old"
@@ -157,8 +228,38 @@ def save_checkpoint(args, iteration: int, model, optimizer, scheduler) -> str:
         os.replace(tracker_tmp, os.path.join(root, TRACKER))
         if old:
             shutil.rmtree(old)
+        if args.save_retain:
+            for path in retain(root, args.save_retain, protect=_loaded_dir(args)):
+                print(f"removed {path} (--save-retain {args.save_retain})", flush=True)
     _barrier()
     return final
+
+
+def _loaded_dir(args) -> str | None:
+    if not args.load or getattr(args, "loaded_iteration", None) is None:
+        return None
+    return iteration_dir(args.load, args.loaded_iteration)
+
+
+def retain(root: str, keep: int, protect: str | None = None) -> list[str]:
+    """Keep the last `keep` iter_NNNNNNN folders of `root` (by iteration), the tracker's and
+    `protect` (the checkpoint this run loaded); remove the others, each renamed out of the
+    way first so that a kill mid-removal leaves no half iter_ folder. Returns the removed."""
+    iters = sorted((int(m.group(1)), name) for name in os.listdir(root)
+                   if (m := re.match(r"^iter_(\d{7,})$", name)))
+    tracker = read_tracker(root)
+    keep_names = {name for _, name in iters[-keep:]}
+    keep_names |= {name for i, name in iters if i == tracker}
+    if protect and os.path.realpath(os.path.dirname(protect)) == os.path.realpath(root):
+        keep_names.add(os.path.basename(protect))
+    removed = []
+    for _, name in iters:
+        if name not in keep_names:
+            doomed = os.path.join(root, f".{name}.del")
+            os.rename(os.path.join(root, name), doomed)
+            shutil.rmtree(doomed)
+            removed.append(os.path.join(root, name))
+    return removed
 
 
 def read_checkpoint_args(root: str) -> tuple[int, argparse.Namespace | None]:
@@ -166,6 +267,7 @@ def read_checkpoint_args(root: str) -> tuple[int, argparse.Namespace | None]:
     iteration = read_tracker(root)
     if iteration is None:
         raise ValueError(f"--load {root}: no {TRACKER} there")
+    locate(root)  # a tracker naming a missing iteration, a truncated checkpoint: said plainly
     path = iteration_dir(root, iteration)
     if not dist_checkpointing.check_is_distributed_checkpoint(path):
         raise ValueError(f"--load {root}: {path} is not a torch_dist checkpoint (a legacy 'torch' "
@@ -182,6 +284,14 @@ SHAPE_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_gro
 # megatron-core does not store the WSD anneal in its state; the stored arguments hold it.
 SCHEDULE_ARGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style", "lr_wsd_decay_style",
                  "lr_wsd_decay_iters", "train_iters", "global_batch_size", "weight_decay")
+
+
+def verify_checkpoint(root: str) -> str:
+    """Check the files of the checkpoint `root`'s tracker names against its manifest; returns
+    the line to print (what was verified, or that it could not be). Raises ValueError
+    naming a damaged file."""
+    directory = locate(root).directory
+    return verification_line(directory, verify_manifest(directory))
 
 
 def check_checkpoint_args(args, ckpt_args, root: str) -> None:

@@ -3,7 +3,9 @@
 Only the first rank writes. JSONL records: {"kind": "train", "iteration", "loss", "lr",
 "grad_norm", "tokens_per_s", "time_per_iter_s", "attention"} after each logged
 iteration, and {"kind": "eval", "iteration", "loss", "attention"} for each evaluation
-(attention "lighthouse" or "dense"). A resumed run appends to the same file.
+(attention "lighthouse" or "dense"). A resumed run appends to the same file after dropping
+the records past the iteration it resumed from (the run that wrote them did not reach a
+checkpoint after them), as TensorBoard's `purge_step` drops its events.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ class MetricsLogger:
         tb_dir = args.tensorboard_dir or (os.path.join(args.save, "tensorboard") if args.save else None)
         if metrics_file:
             os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+            if start_iteration and os.path.exists(metrics_file):
+                _truncate_after(metrics_file, start_iteration)
             self._jsonl = open(metrics_file, "a")
         if tb_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(tb_dir)
+            self._tb = SummaryWriter(tb_dir, purge_step=start_iteration + 1 if start_iteration else None)
         show = sys.stderr.isatty() if args.progress is None else args.progress
         self._bar = tqdm(total=args.train_iters, initial=start_iteration, disable=not show, unit="it",
                          dynamic_ncols=True, file=sys.stderr)
@@ -60,6 +64,15 @@ class MetricsLogger:
         else:
             print(f"[{record['kind']}] {line}", flush=True)
 
+    def note(self, line: str) -> None:
+        """A line of text for the user (through the progress bar when it shows)."""
+        if not self.enabled:
+            return
+        if self._bar is not None and not self._bar.disable:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
     def advance(self) -> None:
         if self._bar is not None:
             self._bar.update(1)
@@ -77,6 +90,28 @@ def _fmt(v):
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def _truncate_after(path: str, iteration: int) -> None:
+    """Drop the records of iterations after `iteration`, and a line a killed run left half
+    written (the file is rewritten through a temporary name)."""
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line).get("iteration", 0) <= iteration
+        except ValueError:
+            return False
+
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    kept = [ln for ln in lines if keep(ln)]
+    if len(kept) == len(lines):
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+    print(f"{path}: dropped {len(lines) - len(kept)} records after iteration {iteration} (not in the "
+          "checkpoint resumed from)", flush=True)
 
 
 def read_metrics(path: str) -> list[dict]:

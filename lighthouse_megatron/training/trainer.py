@@ -16,6 +16,7 @@ Two engines, one checkpoint format:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import inspect
 import logging
@@ -374,15 +375,29 @@ def planned_saves(args, start: int) -> list[int]:
     return sorted(saves | {stop}) if args.save else []
 
 
+def _first_rank() -> bool:
+    """Rank 0, before a process group exists (torchrun's RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def prepare(args) -> int:
-    """Checks that need the file system (checkpoints); returns the starting iteration."""
+    """Checks that need the file system (checkpoints); returns the starting iteration.
+    Rank 0 also removes what a killed save left in --save and checks the --load checkpoint's
+    files against its manifest (torchrun stops the other ranks if that fails)."""
     start = 0
+    if args.save and _first_rank():
+        for path in checkpointing.remove_leftovers(args.save):
+            print(f"removed {path}: left by a save that did not finish", flush=True)
     if args.load:
         if checkpointing.read_tracker(args.load) is None:
             print(f"note: --load {args.load} holds no checkpoint yet; starting from scratch", flush=True)
         else:
             start, ckpt_args = checkpointing.read_checkpoint_args(args.load)
             checkpointing.check_checkpoint_args(args, ckpt_args, args.load)
+            if _first_rank():
+                line = ("not verified: --no-verify" if args.no_verify
+                        else checkpointing.verify_checkpoint(args.load))
+                print(f"--load {args.load}: {line}", flush=True)
     if start >= args.train_iters:
         raise ValueError(f"--load {args.load} is at iteration {start}, already >= --train-iters "
                          f"{args.train_iters}")
@@ -393,6 +408,37 @@ def prepare(args) -> int:
             raise ValueError(f"--save {args.save}: {existing[0]} already exists; pass --force to replace it, "
                              "or --load the run to continue it")
     return start
+
+
+def startup_summary(args, model) -> list[str]:
+    """What rank 0 prints before training: the settings that differ from the defaults, the
+    parameter count and which attention each layer runs."""
+    from ..checkpoint.convert import attention_spans
+    from .arguments import DEFAULTS, _lighthouse_dests
+
+    # Settings whose default is derived from others (ffn_hidden_size, global_batch_size, ...)
+    # count as changed only when they differ from what these settings derive.
+    lighthouse = {k: getattr(args, k) for k in _lighthouse_dests()}
+    given = {k: getattr(args, k) for k, v in DEFAULTS.items() if v is not None}
+    try:
+        derived = settings_args({**given, **lighthouse, "mock_data": True}, world_size=args.world_size)
+        defaults = settings_args({"mock_data": True}, world_size=args.world_size)
+    except ValueError:  # the defaults do not fit this world size: compare with the raw defaults
+        derived = defaults = argparse.Namespace(**{k: DEFAULTS.get(k) for k in (*DEFAULTS, *lighthouse)})
+    changed = [f"{k}={getattr(args, k)}" for k in vars(defaults)
+               if (k in DEFAULTS or k in lighthouse) and k != "mock_data"
+               and getattr(args, k) != getattr(derived if DEFAULTS.get(k, 0) is None else defaults, k)]
+    if args.mock_data:
+        changed.append("mock_data=True")
+    params = sum(p.numel() for p in model.parameters())
+    per_rank = " per tensor-parallel rank" if args.tensor_model_parallel_size > 1 else ""
+    kinds = ["lighthouse" if isinstance(layer.self_attention.core_attention, LighthouseCoreAttention)
+             else "dense" for layer in model.decoder.layers]
+    until = f" (dense from iteration {args.lighthouse_until_iter})" \
+        if args.lighthouse_until_iter is not None and "lighthouse" in kinds else ""
+    return [f"settings (not the defaults): {', '.join(changed) or 'none'}",
+            f"model: {params:,} parameters{per_rank}, {args.world_size} process(es), device {args.device}",
+            f"attention: {attention_spans(kinds)}{until}"]
 
 
 def _attention_now(args, iteration: int) -> str:
@@ -428,9 +474,14 @@ def _run(args) -> TrainResult:
     args.consumed_train_samples = args.consumed_valid_samples = 0
     if args.load and checkpointing.read_tracker(args.load) is not None:
         start = checkpointing.load_checkpoint(args, engine.model, engine.optimizer, engine.scheduler)
-    train_ds, valid_ds = build_datasets(args)
+        args.loaded_iteration = start
     first = dist.get_rank() == 0
+    if first:
+        print("\n".join(startup_summary(args, engine.model)), flush=True)
+    train_ds, valid_ds = build_datasets(args)
     log = MetricsLogger(args, start, enabled=first)
+    if start and first:
+        log.note(f"resumed from iteration {start} of {args.load}")
     result = TrainResult(start_iteration=start, iteration=start)
 
     def do_eval(iteration):
@@ -472,6 +523,8 @@ def _run(args) -> TrainResult:
                 path = checkpointing.save_checkpoint(args, iteration, engine.model, engine.optimizer,
                                                      engine.scheduler)
                 result.checkpoints.append(path)
+                if first:
+                    log.note(f"saved checkpoint {path} (iteration {iteration}, with its manifest)")
             if exiting:
                 break
     finally:
