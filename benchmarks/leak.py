@@ -142,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
                 }
             }
             # The control's weights in the Lighthouse model (Lighthouse has no parameters).
-            missing, unexpected = model.load_state_dict(control.state_dict(), strict=False)
+            # Unwrapped: Megatron's Float16Module (bf16 on the GPU) returns nothing from load_state_dict.
+            target, source = getattr(model, "module", model), getattr(control, "module", control)
+            missing, unexpected = target.load_state_dict(source.state_dict(), strict=False)
             bad = [k for k in [*missing, *unexpected] if not k.endswith("_extra_state")]
             if bad:
                 raise UsageError(
