@@ -141,3 +141,32 @@ def test_chunk_batch_gather_and_scatter_kernels_match_twins(monkeypatch):
         results.append([g, out, *grads])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _large_logits_worker(rank, world):
+    # The case: norm-ladder q and k scaled so that the logits are large. CP = 1 runs
+    # SDPA's math kernel on CPU; CP = 2 must run the same kernel (the CPU flash kernel's fp32
+    # backward lost precision here: dv error 3e-2 against 8e-6).
+    cfg = LighthouseConfig(levels=3, pooling_factor=4, topk=16, tile_topk=2)
+    q, k, v = random_qkv(1, 512, 4, 2, 8, seed=0)
+    q, k = q * 256, k * 256
+    grad = torch.randn(1, 512, 4, 8, generator=torch.Generator().manual_seed(1))
+    full = [x.double().requires_grad_(True) for x in (q, k, v)]
+    R.lighthouse_attention_reference(*full, cfg).backward(grad.double())
+    cp1 = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    lighthouse_attention(*cp1, cfg).backward(grad)
+    local = [split_chunks(x, 1, world, rank).requires_grad_(True) for x in (q, k, v)]
+    cp = ContextParallel(dist.group.WORLD)
+    # The backend setting holds under CP too (it was ignored there).
+    with pytest.raises(ValueError, match=r"backend 'flash' needs CUDA tensors, got cpu tensors"):
+        causal_attention(*local, backend="flash", context_parallel=cp)
+    lighthouse_attention(*local, cfg, context_parallel=cp).backward(
+        split_chunks(grad, 1, world, rank))
+    for x, x1, x_full, label in zip(local, cp1, full, "qkv", strict=True):
+        err1 = (x1.grad.double() - x_full.grad).abs().max().item()
+        err2 = (_gather_parts(x.grad, world).double() - x_full.grad).abs().max().item()
+        assert err2 <= 4 * err1 + 1e-6, f"d{label}: error {err2:.2e} at CP = 2, {err1:.2e} at CP = 1"
+
+
+def test_cp_backward_keeps_fp32_precision_at_large_logits():
+    run_workers(_large_logits_worker, 2)
