@@ -76,6 +76,8 @@ def lighthouse_attention(
     `parallel.split_chunks`), and the result is this rank's part of the CP = 1 result.
     """
     cp = context_parallel if context_parallel is not None and context_parallel.size > 1 else None
+    if cp is not None:
+        cp.check_local_shape(q)  # first: the local checks below must not pass on some ranks only
     check_inputs(q, k, v, config, cp_size=1 if cp is None else cp.size)
     check_backend(config.backend, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale

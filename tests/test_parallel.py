@@ -170,3 +170,19 @@ def _large_logits_worker(rank, world):
 
 def test_cp_backward_keeps_fp32_precision_at_large_logits():
     run_workers(_large_logits_worker, 2)
+
+
+def _unequal_lengths_worker(rank, world):
+    cfg = LighthouseConfig(levels=3, pooling_factor=2, topk=32, tile_topk=4)
+    n = 128 if rank == 0 else 64  # local lengths: a caller's mistake, which gloo answered with SIGABRT
+    q, k, v = random_qkv(1, n, 4, 2, 8, seed=rank)
+    cp = ContextParallel(dist.group.WORLD)
+    expected = r"CP ranks must hold equal local sequences: local lengths \[128, 64\], batch sizes \[1, 1\]"
+    for call in (lambda: lighthouse_attention(q, k, v, cfg, context_parallel=cp),
+                 lambda: causal_attention(q, k, v, context_parallel=cp)):
+        with pytest.raises(ValueError, match=expected):
+            call()
+
+
+def test_cp_ranks_with_different_local_lengths_get_a_clear_error():
+    run_workers(_unequal_lengths_worker, 2)

@@ -38,6 +38,7 @@ def causal_attention(
     cp = context_parallel
     if cp is None or cp.size == 1:
         return dense_causal_attention(q, k, v, softmax_scale, backend)
+    cp.check_local_shape(q)  # first: the local checks below must not pass on some ranks only
     if q.shape[1] % 2:
         raise ValueError(
             f"a context-parallel rank holds two equal chunks; its local length {q.shape[1]} is odd"

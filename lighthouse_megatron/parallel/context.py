@@ -27,6 +27,7 @@ class ContextParallel:
     comm_type: str = "p2p"
     te_group: Any = None
     _streams: dict = field(default_factory=dict, repr=False)
+    _checked_shapes: set = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         if self.comm_type not in CP_COMM_TYPES:
@@ -50,6 +51,27 @@ class ContextParallel:
         """The two chunks (of 2*size) that `rank` (default: this rank) holds, in order."""
         r = self.rank if rank is None else rank
         return r, 2 * self.size - 1 - r
+
+    def check_local_shape(self, x: Tensor) -> None:
+        """ValueError naming every rank's local length and batch size unless the ranks of the
+        group hold equal ones (the collectives that follow need equal sizes: gloo aborts the
+        process, NCCL may hang). Collective: one all-gather of two integers, at the first call
+        with each local shape. Every rank changes shape together (Megatron's CP split), so a
+        shape already checked needs no new exchange, and a steady run pays for it once."""
+        key = (tuple(x.shape) + (0, 0))[:2]
+        if key in self._checked_shapes:
+            return
+        mine = torch.tensor(key, dtype=torch.int64, device=x.device)
+        parts = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(parts, mine, group=self.group)
+        batches, lengths = zip(*(p.tolist() for p in parts), strict=True)
+        if len(set(zip(batches, lengths, strict=True))) > 1:
+            raise ValueError(
+                f"CP ranks must hold equal local sequences: local lengths {list(lengths)}, batch sizes "
+                f"{list(batches)} on CP ranks 0..{self.size - 1} (Megatron's split gives every rank "
+                "2 chunks of seq_length / (2*CP) tokens)"
+            )
+        self._checked_shapes.add(key)
 
     def stream(self, device: torch.device) -> torch.cuda.Stream:
         """A side stream for TE's CP communication, one per device (as Megatron's)."""
