@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .backends import check_backend
@@ -57,6 +58,24 @@ class _ScatterBack(torch.autograd.Function):
         return segment_sum(grad, ctx.plan, "feed"), None, None if rows is None else grad[:, :rows].float()
 
 
+def _nan_where_not_finite(out: Tensor, q: Tensor, k: Tensor, v: Tensor, cp: ContextParallel | None) -> Tensor:
+    """docs/algorithm.md's rule for non-finite inputs: a NaN or inf anywhere in a selection
+    unit's q, k or v (one sequence, one GQA group) makes that unit's whole output NaN, on every
+    path. Without it the pattern would be the kernel's: a masked NaN key or value reaches earlier
+    queries through the math kernel's additive mask and 0 * NaN, not through flash kernels that
+    skip masked tiles, nor across CP chunks. q, k, v may be the gathered rows: every token is in
+    a coarsest entry, and every coarsest entry is gathered."""
+    hkv = k.shape[2]
+    with torch.no_grad():
+        bad = torch.stack([(~x.isfinite()).unflatten(2, (hkv, -1)).flatten(3).any(-1).any(1)
+                           for x in (q, k, v)]).any(0)  # [b, Hkv]
+        if cp is not None:  # the unit spans the CP group
+            bad = bad.to(torch.int32)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=cp.group)
+        bad = bad.bool()[:, None, :, None, None]
+    return out.unflatten(2, (hkv, -1)).masked_fill(bad, float("nan")).flatten(2, 3)
+
+
 @torch.no_grad()
 def plan_selection(q: Tensor, k: Tensor, config: LighthouseConfig) -> SelectionPlan:
     """Stages 2-4: scores, the per-tile cascade, causal order (no gradient)."""
@@ -82,17 +101,18 @@ def lighthouse_attention(
     check_backend(config.backend, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     if config.levels == 1:  # nothing is pooled or selected: S = N
-        return causal_attention(q, k, v, scale, config.backend, cp)
+        return _nan_where_not_finite(causal_attention(q, k, v, scale, config.backend, cp), q, k, v, cp)
     if cp is None:
         plan = plan_selection(q, k, config)
-        o = causal_attention(*(_PooledGather.apply(x, plan) for x in (q, k, v)), scale, config.backend)
-        return _ScatterBack.apply(o, plan, None)
+        gathered = [_PooledGather.apply(x, plan) for x in (q, k, v)]
+        o = causal_attention(*gathered, scale, config.backend)
+        return _nan_where_not_finite(_ScatterBack.apply(o, plan, None), *gathered, None)
     # The rank's two chunks are the batch of one plan, [b, 2c, H, d] -> [2b, c, H, d]: a view
     # for b = 1 (a copy otherwise), so that every stage is one launch for both chunks.
     b, n = q.shape[:2]
     q2, k2, v2 = (x.reshape(2 * b, n // 2, *x.shape[2:]) for x in (q, k, v))
     plan = plan_selection(q2, k2, config.chunk_config(cp.size))
-    gathered = (_PooledGather.apply(x, plan).view(b, 2 * plan.length, *x.shape[2:]) for x in (q2, k2, v2))
+    gathered = [_PooledGather.apply(x, plan).view(b, 2 * plan.length, *x.shape[2:]) for x in (q2, k2, v2)]
     o = causal_attention(*gathered, scale, config.backend, cp).reshape(2 * b, plan.length, *q.shape[2:])
     halo = exchange_halo(spill_rows(o, plan), cp)
-    return _ScatterBack.apply(o, plan, halo).view(b, n, *q.shape[2:])
+    return _nan_where_not_finite(_ScatterBack.apply(o, plan, halo).view(b, n, *q.shape[2:]), *gathered, cp)
