@@ -231,3 +231,18 @@ def test_write_failure_leaves_previous_output_intact(corpus, tmp_path):
     assert tree_hashes(tmp_path) == old  # old outputs intact, no temporary files left
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert np.array_equal(read_back(prefix), [as_tokens(files["a.txt"])])
+
+
+def test_destination_under_a_file(corpus, tmp_path, capsys):
+    """Unwritable for root too (CI runs as root, so the read-only-directory test skips there):
+    the output's parent is a file."""
+    root, _ = corpus
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"a file where the output directory should be")
+    before = tree_hashes(tmp_path)
+    assert_one_error(*cli(capsys, "--input", root, "--output", blocker / "ds")[::2], "not-a-dir",
+                     "cannot create the directory")
+    assert tree_hashes(tmp_path) == before
+    assert_one_error(*cli(capsys, "--input", root, "--output", blocker / "sub" / "ds")[::2], "not-a-dir",
+                     "cannot create the directory")
+    assert tree_hashes(tmp_path) == before
