@@ -81,6 +81,33 @@ class ContextParallel:
         return self._streams[key]
 
 
+@dataclass(frozen=True, eq=False)
+class SplitGroups:
+    """Tensor-parallel ranks that share GQA groups: megatron-core's layout when there are fewer
+    query groups than TP ranks (each rank computes one replicated KV head and its share of
+    that group's query heads).
+
+    group    the TP process group;
+    groups   the number of GQA groups across it (fewer than its ranks, dividing their count);
+    index    this rank's group, tp_rank // (tp_size / groups).
+
+    A group's query score is the max over all its query heads, so the ranks sharing a group
+    max-reduce their scores (`max`): then every one of them selects as TP = 1 would.
+    """
+
+    group: Any
+    groups: int
+    index: int
+
+    def max(self, x: Tensor) -> Tensor:
+        """Elementwise max of `x` (non-negative, e.g. norms) over the ranks holding this rank's
+        group: one all-reduce over the TP group of `groups` slots, ours filled, the others 0."""
+        slots = x.new_zeros(self.groups, *x.shape)
+        slots[self.index] = x
+        dist.all_reduce(slots, op=dist.ReduceOp.MAX, group=self.group)
+        return slots[self.index]
+
+
 def split_chunks(x: Tensor, dim: int, cp_size: int, cp_rank: int) -> Tensor:
     """The part of a full sequence that CP rank `cp_rank` holds: chunks r and 2*CP-1-r of 2*CP."""
     chunks = x.chunk(2 * cp_size, dim=dim)
