@@ -16,12 +16,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .backends import check_backend
 from .config import LighthouseConfig
 from .ops import SelectionPlan, score_pyramids, segment_sum, select, spill_rows, token_sum
-from .parallel import ContextParallel, causal_attention, exchange_halo
+from .parallel import ContextParallel, SplitGroups, causal_attention, exchange_halo
 from .reference import check_inputs
 
 
@@ -57,40 +58,74 @@ class _ScatterBack(torch.autograd.Function):
         return segment_sum(grad, ctx.plan, "feed"), None, None if rows is None else grad[:, :rows].float()
 
 
+def _nan_where_not_finite(out: Tensor, q: Tensor, k: Tensor, v: Tensor, cp: ContextParallel | None,
+                          split: SplitGroups | None) -> Tensor:
+    """docs/algorithm.md's rule for non-finite inputs: a NaN or inf anywhere in a selection
+    unit's q, k or v (one sequence, one GQA group) makes that unit's whole output NaN, on every
+    path. Without it the pattern would be the kernel's: a masked NaN key or value reaches earlier
+    queries through the math kernel's additive mask and 0 * NaN, not through flash kernels that
+    skip masked tiles, nor across CP chunks. q, k, v may be the gathered rows: every token is in
+    a coarsest entry, and every coarsest entry is gathered."""
+    hkv = k.shape[2]
+    with torch.no_grad():
+        bad = torch.stack([(~x.isfinite()).unflatten(2, (hkv, -1)).flatten(3).any(-1).any(1)
+                           for x in (q, k, v)]).any(0)  # [b, Hkv]
+        bad = bad.to(torch.int32)
+        if cp is not None:  # the unit spans the CP group
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=cp.group)
+        if split is not None:  # and the TP ranks holding the group's other query heads
+            bad = split.max(bad)
+        bad = bad.bool()[:, None, :, None, None]
+    return out.unflatten(2, (hkv, -1)).masked_fill(bad, float("nan")).flatten(2, 3)
+
+
 @torch.no_grad()
-def plan_selection(q: Tensor, k: Tensor, config: LighthouseConfig) -> SelectionPlan:
-    """Stages 2-4: scores, the per-tile cascade, causal order (no gradient)."""
+def plan_selection(q: Tensor, k: Tensor, config: LighthouseConfig, split: SplitGroups | None = None
+                   ) -> SelectionPlan:
+    """Stages 2-4: scores, the per-tile cascade, causal order (no gradient). With `split`, the
+    query scores are max-reduced over the ranks holding the group's other query heads (max
+    pooling commutes with the max over ranks, so the pyramids can be reduced whole)."""
     sq, sk = score_pyramids(q, k, config)
+    if split is not None:
+        sq = split.max(sq)
     return select(sq, sk, q.shape[0], k.shape[2], q.shape[1], config)
 
 
 def lighthouse_attention(
     q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig, softmax_scale: float | None = None,
-    *, context_parallel: ContextParallel | None = None,
+    *, context_parallel: ContextParallel | None = None, split_groups: SplitGroups | None = None,
 ) -> Tensor:
     """Lighthouse attention. q [b, s, Hq, d], k and v [b, s, Hkv, d] -> [b, s, Hq, d].
 
     Causal; GQA when Hq > Hkv; `softmax_scale` defaults to 1/sqrt(d). Differentiable in q, k, v.
     With `context_parallel` (a group of CP > 1 ranks), q, k, v are this rank's part of the
     sequence in Megatron's load-balanced layout (chunks r and 2*CP-1-r of 2*CP, see
-    `parallel.split_chunks`), and the result is this rank's part of the CP = 1 result.
+    `parallel.split_chunks`), and the result is this rank's part of the CP = 1 result. With
+    `split_groups` (fewer GQA groups than TP ranks), k and v are this rank's replica of its
+    group's KV head and q its share of the group's query heads; the result is those heads' part
+    of the TP = 1 result.
     """
     cp = context_parallel if context_parallel is not None and context_parallel.size > 1 else None
+    if cp is not None:
+        cp.check_local_shape(q)  # first: the local checks below must not pass on some ranks only
     check_inputs(q, k, v, config, cp_size=1 if cp is None else cp.size)
     check_backend(config.backend, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     if config.levels == 1:  # nothing is pooled or selected: S = N
-        return causal_attention(q, k, v, scale, config.backend, cp)
+        out = causal_attention(q, k, v, scale, config.backend, cp)
+        return _nan_where_not_finite(out, q, k, v, cp, split_groups)
     if cp is None:
-        plan = plan_selection(q, k, config)
-        o = causal_attention(*(_PooledGather.apply(x, plan) for x in (q, k, v)), scale, config.backend)
-        return _ScatterBack.apply(o, plan, None)
+        plan = plan_selection(q, k, config, split_groups)
+        gathered = [_PooledGather.apply(x, plan) for x in (q, k, v)]
+        o = causal_attention(*gathered, scale, config.backend)
+        return _nan_where_not_finite(_ScatterBack.apply(o, plan, None), *gathered, None, split_groups)
     # The rank's two chunks are the batch of one plan, [b, 2c, H, d] -> [2b, c, H, d]: a view
     # for b = 1 (a copy otherwise), so that every stage is one launch for both chunks.
     b, n = q.shape[:2]
     q2, k2, v2 = (x.reshape(2 * b, n // 2, *x.shape[2:]) for x in (q, k, v))
-    plan = plan_selection(q2, k2, config.chunk_config(cp.size))
-    gathered = (_PooledGather.apply(x, plan).view(b, 2 * plan.length, *x.shape[2:]) for x in (q2, k2, v2))
+    plan = plan_selection(q2, k2, config.chunk_config(cp.size), split_groups)
+    gathered = [_PooledGather.apply(x, plan).view(b, 2 * plan.length, *x.shape[2:]) for x in (q2, k2, v2)]
     o = causal_attention(*gathered, scale, config.backend, cp).reshape(2 * b, plan.length, *q.shape[2:])
     halo = exchange_halo(spill_rows(o, plan), cp)
-    return _ScatterBack.apply(o, plan, halo).view(b, n, *q.shape[2:])
+    out = _ScatterBack.apply(o, plan, halo).view(b, n, *q.shape[2:])
+    return _nan_where_not_finite(out, *gathered, cp, split_groups)

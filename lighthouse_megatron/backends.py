@@ -110,26 +110,33 @@ def check_backend(backend: str, device: torch.device) -> None:
                          f"import here ({te_import_error()}); valid here: 'auto', 'cudnn', 'flash', 'math'")
 
 
+def sdpa_kernels(backend: str, q: Tensor) -> list[SDPBackend] | None:
+    """The kernel rule of every dense attention in the package, with and without context
+    parallelism: None for Transformer Engine, else the SDPA kernels to allow, in priority order.
+    Raises ValueError (naming the valid backends) for a backend this device cannot run."""
+    check_backend(backend, q.device)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if backend == "te" or (backend == "auto" and q.is_cuda and te_available() and not deterministic):
+        return None
+    if backend != "auto":
+        return _SDPA[backend]
+    if not q.is_cuda:
+        # SDPA's own CPU choice is its flash kernel, whose fp32 backward loses precision at
+        # large logits; the math kernel is exact enough to compare CP degrees and paths.
+        return [SDPBackend.MATH]
+    return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH] if deterministic else _SDPA_AUTO
+
+
 def dense_causal_attention(
     q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = None, backend: str = "auto"
 ) -> Tensor:
     """Causal attention, [b, s, Hq, d] x [b, s, Hkv, d] -> [b, s, Hq, d]."""
-    check_backend(backend, q.device)
+    kernels = sdpa_kernels(backend, q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    if backend == "te" or (backend == "auto" and q.is_cuda and te_available() and not deterministic):
+    if kernels is None:
         return _te_attention(q, k, v, scale)
-    if backend == "auto":
-        if not q.is_cuda:
-            order = [SDPBackend.MATH]
-        elif deterministic:
-            order = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        else:
-            order = _SDPA_AUTO
-    else:
-        order = _SDPA[backend]
     gqa = q.shape[2] != k.shape[2]
-    with sdpa_kernel(order, set_priority=True):
+    with sdpa_kernel(kernels, set_priority=True):
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             is_causal=True, scale=scale, enable_gqa=gqa,

@@ -76,7 +76,8 @@ def base_scores(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     """fp32 per-token scores [b, n, Hkv]: ||q|| (max over the GQA group's heads), ||k||.
 
     A NaN norm counts as +inf (ranked first, ties to the lower index like any other score):
-    the selection stays well defined and the NaN reaches the output, as in dense attention.
+    the selection stays well defined, and `nan_where_not_finite` then makes the unit's whole
+    output NaN.
     """
     b, n, hq, d = q.shape
     hkv = k.shape[2]
@@ -240,6 +241,20 @@ def scatter(
     return out.to(o.dtype)
 
 
+# ---------------------------------------------------------- non-finite inputs
+
+
+def nan_where_not_finite(out: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """A NaN or inf anywhere in a selection unit's q, k or v makes all its outputs NaN."""
+    b, n, hkv = k.shape[0], k.shape[1], k.shape[2]
+    bad = torch.zeros(b, hkv, dtype=torch.bool, device=out.device)
+    for x in (q, k, v):
+        bad |= ~torch.isfinite(x.reshape(b, n, hkv, -1)).all(dim=-1).all(dim=1)
+    group = out.shape[2] // hkv
+    mask = bad.repeat_interleave(group, dim=1)[:, None, :, None]  # [b, 1, Hq, 1]
+    return torch.where(mask, float("nan"), out)
+
+
 # ----------------------------------------------------------------------- all
 
 
@@ -257,7 +272,7 @@ def lighthouse_attention_reference(
     o = causal_attention(
         gather(pyramid(q, config), p), gather(pyramid(k, config), p), gather(pyramid(v, config), p), scale
     )
-    return scatter(o, p, config, q.shape[1])
+    return nan_where_not_finite(scatter(o, p, config, q.shape[1]), q, k, v)
 
 
 def lighthouse_attention_chunked_reference(
@@ -291,4 +306,4 @@ def lighthouse_attention_chunked_reference(
         outs.append(scatter(oc, p, chunk, n, out_len=n + spill).float())
     for j in range(1, len(outs)):  # what chunk j-1 fed past its end lands in chunk j
         outs[j][:, :spill] += outs[j - 1][:, n:]
-    return torch.cat([x[:, :n] for x in outs], dim=1).to(q.dtype)
+    return nan_where_not_finite(torch.cat([x[:, :n] for x in outs], dim=1).to(q.dtype), q, k, v)

@@ -91,3 +91,48 @@ def _worker(rank, world):
 
 def test_gpt_model_is_cp_invariant():
     run_workers(_worker, 4)
+
+
+def _split_groups_worker(rank, world):
+    """One GQA group (num_query_groups = 1) over TP = 2: megatron-core replicates the KV head,
+    each rank holds half the query heads, and the ranks max-reduce the group's query scores."""
+    from megatron.core import parallel_state
+
+    # megatron-core's all-gather of the QKV output (its layout for fewer groups than ranks)
+    # allocates on torch.cuda.current_device(); this worker process runs on the CPU.
+    torch.cuda.current_device = lambda: "cpu"
+
+    from lighthouse_megatron.megatron import get_gpt_decoder_block_spec
+
+    from .megatron_testing import VOCAB, build_gpt, load_sharded, tiny_config
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=g)
+    positions = torch.arange(SEQ).unsqueeze(0).expand(2, -1).contiguous()
+    labels = torch.roll(tokens, -1, dims=1)
+    # Query heads with very different norms per rank: a per-rank max would select differently.
+    results = {}
+    for tp in (1, 2):
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        config = tiny_config(tensor_model_parallel_size=tp, num_query_groups=1, num_layers=2)
+        model = build_gpt(config, get_gpt_decoder_block_spec(config, lighthouse=LH, use_te=False), seq=SEQ,
+                          parallel_output=True)
+        if tp == 1:
+            state = {n: p.detach().clone() for n, p in model.named_parameters()}
+            with torch.no_grad():  # rank-dependent query norms: the second half of the heads louder
+                w = state["decoder.layers.1.self_attention.linear_qkv.weight"]
+                w[32:64] *= 3.0  # [q0 q1 q2 q3 k v] x 16 rows: heads 2 and 3
+        load_sharded(model, state, parallel_state.get_tensor_model_parallel_rank(), tp)
+        loss = model(tokens, positions, None, labels=labels)
+        loss.sum().backward()
+        layer = model.decoder.layers[1].self_attention.core_attention
+        assert (layer.split_groups is not None) == (tp == 2)
+        results[tp] = (loss.detach(), model.embedding.word_embeddings.weight.grad.clone())
+    torch.testing.assert_close(results[2][0], results[1][0], rtol=1e-5, atol=1e-5)
+    vocab_part = results[1][1].chunk(2)[parallel_state.get_tensor_model_parallel_rank()]
+    torch.testing.assert_close(results[2][1], vocab_part, rtol=1e-4, atol=1e-5)
+
+
+def test_fewer_query_groups_than_tp_ranks_equals_tp1():
+    run_workers(_split_groups_worker, 2)

@@ -173,11 +173,6 @@ def test_build_time_errors_name_the_setting():
     with pytest.raises(ValueError, match="out of range"):
         get_gpt_decoder_block_spec(tiny_config(), lighthouse=dataclasses.replace(LH, dense_layers=(5,)),
                                    use_te=False)
-    # Fewer GQA groups than TP ranks would split a group's shared selection across ranks.
-    with pytest.raises(ValueError,
-                       match="num_query_groups=1 must be a multiple of tensor_model_parallel_size=2"):
-        get_gpt_layer_spec(tiny_config(num_query_groups=1, tensor_model_parallel_size=2), lighthouse=LH,
-                           use_te=False)
     with pytest.warns(UserWarning, match="qk_layernorm"):
         get_gpt_layer_spec(tiny_config(qk_layernorm=True), lighthouse=LH, use_te=False)
 

@@ -156,6 +156,21 @@ def test_segment_sum_kernel_matches_twin(cfg, n, hq, hkv, d, mode, poisoned):
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_segment_sum_twin_sums_each_block_on_its_own(monkeypatch):
+    """One huge token must not damage the blocks after it (fp64 prefix sums did: the
+    difference of two prefixes near 1e16 loses every digit of an O(1) block sum)."""
+    cfg, n, hq, hkv, d = SMALL[0]
+    q, k, v = random_qkv(2, n, hq, hkv, d, seed=n + 8)
+    v[:, 3] *= 1e16
+    p = plan_selection(q, k, cfg)
+    expected = gather(pyramid(v, cfg), p.to_reference())  # per-block fp32 means
+    torch.testing.assert_close(segment_sum_torch(v, p, "pool"), expected, rtol=1e-5, atol=1e-6)
+    # "feed" sums the tokens an entry's output feeds: the kernel (interpreted) sums them directly.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.testing.assert_close(segment_sum_torch(v, p, "feed"), segment_sum(v, p, "feed"),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("cfg,n,hq,hkv,d", SMALL[:3], ids=SMALL_IDS[:3])
 @pytest.mark.parametrize("mode", ["pool", "feed", "feed+halo"])
 def test_token_sum_kernel_matches_twin(cfg, n, hq, hkv, d, mode, poisoned):

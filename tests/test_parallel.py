@@ -141,3 +141,97 @@ def test_chunk_batch_gather_and_scatter_kernels_match_twins(monkeypatch):
         results.append([g, out, *grads])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _large_logits_worker(rank, world):
+    # The issue's case: norm-ladder q and k scaled so that the logits are large. CP = 1 runs
+    # SDPA's math kernel on CPU; CP = 2 must run the same kernel (the CPU flash kernel's fp32
+    # backward lost precision here: dv error 3e-2 against 8e-6).
+    cfg = LighthouseConfig(levels=3, pooling_factor=4, topk=16, tile_topk=2)
+    q, k, v = random_qkv(1, 512, 4, 2, 8, seed=0)
+    q, k = q * 256, k * 256
+    grad = torch.randn(1, 512, 4, 8, generator=torch.Generator().manual_seed(1))
+    full = [x.double().requires_grad_(True) for x in (q, k, v)]
+    R.lighthouse_attention_reference(*full, cfg).backward(grad.double())
+    cp1 = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    lighthouse_attention(*cp1, cfg).backward(grad)
+    local = [split_chunks(x, 1, world, rank).requires_grad_(True) for x in (q, k, v)]
+    cp = ContextParallel(dist.group.WORLD)
+    # The backend setting holds under CP too (it was ignored there).
+    with pytest.raises(ValueError, match=r"backend 'flash' needs CUDA tensors, got cpu tensors"):
+        causal_attention(*local, backend="flash", context_parallel=cp)
+    lighthouse_attention(*local, cfg, context_parallel=cp).backward(
+        split_chunks(grad, 1, world, rank))
+    for x, x1, x_full, label in zip(local, cp1, full, "qkv", strict=True):
+        err1 = (x1.grad.double() - x_full.grad).abs().max().item()
+        err2 = (_gather_parts(x.grad, world).double() - x_full.grad).abs().max().item()
+        slack = 1e-6 * x_full.grad.abs().max().item()  # fp32 rounding of the ranks' gradient sums
+        assert err2 <= 4 * err1 + slack, f"d{label}: error {err2:.2e} at CP = 2, {err1:.2e} at CP = 1"
+
+
+def test_cp_backward_keeps_fp32_precision_at_large_logits():
+    run_workers(_large_logits_worker, 2)
+
+
+def _unequal_lengths_worker(rank, world):
+    cfg = LighthouseConfig(levels=3, pooling_factor=2, topk=32, tile_topk=4)
+    n = 128 if rank == 0 else 64  # local lengths: a caller's mistake, which gloo answered with SIGABRT
+    q, k, v = random_qkv(1, n, 4, 2, 8, seed=rank)
+    cp = ContextParallel(dist.group.WORLD)
+    expected = r"CP ranks must hold equal local sequences: local lengths \[128, 64\], batch sizes \[1, 1\]"
+    for call in (lambda: lighthouse_attention(q, k, v, cfg, context_parallel=cp),
+                 lambda: causal_attention(q, k, v, context_parallel=cp)):
+        with pytest.raises(ValueError, match=expected):
+            call()
+
+
+def test_cp_ranks_with_different_local_lengths_get_a_clear_error():
+    run_workers(_unequal_lengths_worker, 2)
+
+
+# docs/algorithm.md's rule for non-finite inputs: a NaN anywhere in a selection unit's q, k or v
+# (one sequence, one GQA group) makes that unit's whole output NaN, and nothing else, on every path.
+NAN_CONFIGS = [LighthouseConfig(levels=3, pooling_factor=2, topk=16, tile_topk=4),
+               LighthouseConfig(levels=1, pooling_factor=2, topk=16, tile_topk=4)]
+NAN_CASES = [("q", 5), ("k", 100), ("v", 40)]  # tensor, token (early, late, a chunk boundary)
+
+
+def _nan_inputs(which, pos):
+    q, k, v = random_qkv(2, 128, 4, 2, 8, seed=3)
+    x = {"q": q, "k": k, "v": v}[which]
+    x[1, pos, x.shape[2] - 1, 0] = float("nan")  # batch 1, the last head: GQA group 1
+    expected = torch.zeros(2, 128, 4, 8, dtype=torch.bool)
+    expected[1, :, 2:] = True
+    return (q, k, v), expected
+
+
+def _assert_nan_rule(out, expected, where):
+    assert torch.equal(out.isnan(), expected), (
+        f"{where}: NaN at {out.isnan().nonzero()[:5].tolist()}..., {int(out.isnan().sum())} NaNs, "
+        f"expected {int(expected.sum())} (batch 1, GQA group 1)")
+
+
+def _nan_worker(rank, world):
+    cp = ContextParallel(dist.group.WORLD)
+    for c, cfg in enumerate(NAN_CONFIGS):
+        for which, pos in NAN_CASES:
+            qkv, expected = _nan_inputs(which, pos)
+            local = [split_chunks(x, 1, world, rank) for x in qkv]
+            out = _gather_parts(lighthouse_attention(*local, cfg, context_parallel=cp), world)
+            _assert_nan_rule(out, expected, f"CP = {world}, config {c}, NaN in {which}[{pos}]")
+
+
+@pytest.mark.parametrize("which,pos", NAN_CASES)
+@pytest.mark.parametrize("c", range(len(NAN_CONFIGS)))
+def test_nan_inputs_give_one_pattern_on_every_path(which, pos, c, monkeypatch):
+    cfg = NAN_CONFIGS[c]
+    qkv, expected = _nan_inputs(which, pos)
+    _assert_nan_rule(R.lighthouse_attention_reference(*qkv, cfg), expected, "reference")
+    _assert_nan_rule(R.lighthouse_attention_chunked_reference(*qkv, cfg, 2), expected, "chunked reference")
+    for interpret, path in (("0", "PyTorch twins"), ("1", "Triton kernels (interpreted)")):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        _assert_nan_rule(lighthouse_attention(*qkv, cfg), expected, path)
+
+
+def test_nan_inputs_give_the_same_pattern_under_cp():
+    run_workers(_nan_worker, 2)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..attention import lighthouse_attention
 from ..config import LighthouseConfig
-from ..parallel import ContextParallel, causal_attention
+from ..parallel import ContextParallel, SplitGroups, causal_attention
 from .rules import check_config
 from .schedule import dense_forced, get_iteration
 
@@ -43,6 +43,21 @@ def _context_parallel(config, pg_collection, cp_comm_type: str | None) -> Contex
 
         te_group = parallel_state.get_hierarchical_context_parallel_groups()
     return ContextParallel(group, comm_type, te_group)
+
+
+def _split_groups(config, pg_collection, query_groups: int | None) -> SplitGroups | None:
+    """The TP ranks sharing GQA groups, when the model has fewer query groups than TP ranks.
+    megatron-core then hands the core attention a config copy whose num_query_groups is the TP
+    size, so the model's own count comes from the layer spec (`query_groups`)."""
+    tp = getattr(config, "tensor_model_parallel_size", 1) or 1
+    if query_groups is None or query_groups >= tp:
+        return None
+    group = getattr(pg_collection, "tp", None) if pg_collection is not None else None
+    if group is None:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_tensor_model_parallel_group()
+    return SplitGroups(group, query_groups, group.rank() // (tp // query_groups))
 
 
 class _CausalCoreAttention(MegatronModule):
@@ -165,9 +180,11 @@ class DenseCoreAttention(_CausalCoreAttention):
 class LighthouseCoreAttention(_CausalCoreAttention):
     """Lighthouse attention as a megatron-core core attention.
 
-    Extra spec params (`ModuleSpec(params=...)`): `lighthouse`, a `LighthouseConfig`, and
+    Extra spec params (`ModuleSpec(params=...)`): `lighthouse`, a `LighthouseConfig`;
     `until_iteration`: from that training iteration on (see `schedule.set_iteration`)
-    the layer computes dense causal attention, the in-run recovery stage.
+    the layer computes dense causal attention, the in-run recovery stage; `query_groups`: the
+    model's num_query_groups (megatron-core hands this module a copy with the TP size when
+    there are fewer), so that ranks sharing a GQA group select together.
     """
 
     name = "LighthouseCoreAttention"
@@ -178,10 +195,12 @@ class LighthouseCoreAttention(_CausalCoreAttention):
         *args,
         lighthouse: LighthouseConfig | None = None,
         until_iteration: int | None = None,
+        query_groups: int | None = None,
         **kwargs,
     ):
         # megatron-core's builder keywords go to the shared checks unchanged.
         super().__init__(*args, **kwargs)
+        self.split_groups = _split_groups(self.config, self.pg_collection, query_groups)
         self.lighthouse = LighthouseConfig() if lighthouse is None else lighthouse
         if until_iteration is not None and until_iteration < 0:
             raise ValueError(f"until_iteration must be >= 0 or None, got {until_iteration}")
@@ -199,7 +218,7 @@ class LighthouseCoreAttention(_CausalCoreAttention):
             return causal_attention(q, k, v, self.softmax_scale, self.lighthouse.backend,
                                     self.context_parallel)
         return lighthouse_attention(q, k, v, self.lighthouse, self.softmax_scale,
-                                    context_parallel=self.context_parallel)
+                                    context_parallel=self.context_parallel, split_groups=self.split_groups)
 
     def extra_repr(self) -> str:
         return f"layer_number={self.layer_number}, {self.lighthouse}, until_iteration={self.until_iteration}"

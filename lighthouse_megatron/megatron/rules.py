@@ -173,13 +173,11 @@ def check_heads(heads: int | None, groups: int | None, tp: int, named: Callable[
     if heads % groups:
         raise ValueError(f"{prefix}{named('num_attention_heads', heads)} is not a multiple of "
                          f"{named('num_query_groups', groups)}")
-    if groups % tp:
-        # The selection pools query norms over each GQA group; megatron-core splits a group
-        # across ranks when there are fewer groups than TP ranks, which would change it.
-        raise ValueError(f"{prefix}{named('num_query_groups', groups)} must be a multiple of "
-                         f"{named('tensor_model_parallel_size', tp)} with Lighthouse attention "
-                         f"(each rank must hold whole GQA groups); nearest valid group counts: "
-                         f"{nearest_multiples(groups, tp)}")
+    if groups % tp and tp % groups:
+        # megatron-core either splits the groups over the ranks or, with fewer groups than
+        # ranks, replicates each KV head over tp / groups ranks; anything else it cannot lay out.
+        raise ValueError(f"{prefix}{named('num_query_groups', groups)} and "
+                         f"{named('tensor_model_parallel_size', tp)}: one must divide the other")
 
 
 def warn_qk_layernorm(scorer: str, qk_layernorm: bool, names: str, stacklevel: int = 3) -> None:

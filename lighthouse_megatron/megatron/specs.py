@@ -109,7 +109,8 @@ def _with_core_attention(spec: ModuleSpec, attention_impl, lighthouse, use_te, u
     if attention_impl == "lighthouse":
         attention.core_attention = ModuleSpec(
             module=LighthouseCoreAttention,
-            params={"lighthouse": lighthouse, "until_iteration": until_iteration},
+            params={"lighthouse": lighthouse, "until_iteration": until_iteration,
+                    "query_groups": getattr(_transformer_config(config), "num_query_groups", None)},
         )
     elif not use_te:
         # Stock DotProductAttention needs CUDA (global memory buffer, RNG tracker) and

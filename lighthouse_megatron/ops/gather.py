@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ._triton import tl, triton, use_triton
+from .scores import level_offsets
 from .select import SelectionPlan
 
 
@@ -122,22 +123,21 @@ def gather_pooled(x: Tensor, plan: SelectionPlan, out: Tensor | None = None) -> 
 
 
 def segment_sum_torch(x: Tensor, plan: SelectionPlan, mode: str) -> Tensor:
-    """Plain-PyTorch twin of `segment_sum` (fp32 sums through a prefix sum over tokens)."""
+    """Plain-PyTorch twin of `segment_sum`: each range summed on its own in fp32, as the kernel
+    does (a prefix sum would let one huge token erase the digits of every later range)."""
     b, n, heads, d = x.shape
     group = heads // plan.kv_heads
     p = plan.pooling_factor
+    tables = []
+    for level in range(plan.levels):
+        c = p**level
+        # "feed" ranges start c - 1 tokens later than "pool" blocks: shift, then sum aligned blocks.
+        shift = c - 1 if mode == "feed" else 0
+        xs = torch.nn.functional.pad(x[:, shift:].float(), (0, 0, 0, 0, 0, shift))
+        sums = xs.reshape(b, n // c, c, heads, d).sum(dim=2)
+        tables.append(sums / c if mode == "pool" else sums)
+    table = torch.cat(tables, dim=1)  # [b, sum of level lengths, H, d]
     lvl = plan.level.reshape(b, plan.kv_heads, -1).repeat_interleave(group, dim=1).transpose(1, 2).long()
     idx = plan.index.reshape(b, plan.kv_heads, -1).repeat_interleave(group, dim=1).transpose(1, 2).long()
-    c = p**lvl  # [b, S, H]
-    start = (idx + 1) * c - 1 if mode == "feed" else idx * c
-    stop = torch.clamp(start + c, max=n)
-    prefix = torch.zeros(b, n + 1, heads, d, dtype=torch.float64, device=x.device)
-    prefix[:, 1:] = x.double().cumsum(dim=1)  # fp64 prefix sums: exact enough to be a twin
-
-    def at(pos):
-        return prefix.gather(1, pos.unsqueeze(-1).expand(-1, -1, -1, d))
-
-    total = at(stop) - at(torch.clamp(start, max=n))
-    if mode == "pool":
-        total = total / c.unsqueeze(-1)
-    return total.to(x.dtype)
+    row = torch.tensor(level_offsets(n, p, plan.levels)[:-1], device=x.device)[lvl] + idx  # [b, S, H]
+    return table.gather(1, row.unsqueeze(-1).expand(-1, -1, -1, d)).to(x.dtype)

@@ -11,7 +11,8 @@ gradients up to rounding. Nothing here knows Megatron: the group comes from the 
 """
 
 from .attention import causal_attention
-from .context import ContextParallel, merge_chunks, split_chunks
+from .context import ContextParallel, SplitGroups, merge_chunks, split_chunks
 from .halo import exchange_halo
 
-__all__ = ["ContextParallel", "causal_attention", "exchange_halo", "merge_chunks", "split_chunks"]
+__all__ = ["ContextParallel", "SplitGroups", "causal_attention", "exchange_halo", "merge_chunks",
+           "split_chunks"]

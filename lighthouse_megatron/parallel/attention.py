@@ -8,6 +8,9 @@ c tokens. Two implementations of the same function:
 - a built-in exact one for machines without TE (CPU, gloo, tests): all-gather K and V (the
   backward pass sums their gradients back to their owners), then each local query chunk j
   attends to the keys of chunks 0..j with a bottom-right-aligned causal mask.
+
+Which one runs, and on which SDPA kernels, is `backends.sdpa_kernels`'s rule for the backend
+setting: the same rule as without CP.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from ..backends import dense_causal_attention, te_available, te_layout
+from ..backends import dense_causal_attention, sdpa_kernels, te_layout
 from .context import ContextParallel
 
 
@@ -34,19 +38,16 @@ def causal_attention(
     cp = context_parallel
     if cp is None or cp.size == 1:
         return dense_causal_attention(q, k, v, softmax_scale, backend)
+    cp.check_local_shape(q)  # first: the local checks below must not pass on some ranks only
     if q.shape[1] % 2:
         raise ValueError(
             f"a context-parallel rank holds two equal chunks; its local length {q.shape[1]} is odd"
         )
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    use_te = backend == "te" or (backend == "auto" and q.is_cuda and te_available() and not deterministic)
-    if use_te:
-        if not q.is_cuda or not te_available():
-            raise ValueError("lighthouse backend 'te' needs CUDA tensors and transformer_engine.pytorch; "
-                             "valid backends here: 'auto', 'math'")
+    kernels = sdpa_kernels(backend, q)  # the same rule as without CP
+    if kernels is None:
         return _te_cp_attention(q, k, v, scale, cp)
-    return _builtin_cp_attention(q, k, v, scale, cp)
+    return _builtin_cp_attention(q, k, v, scale, cp, kernels)
 
 
 # ------------------------------------------------------------------ Transformer Engine
@@ -127,7 +128,9 @@ def _in_sequence_order(parts: list[Tensor], cp: ContextParallel) -> Tensor:
     return torch.cat(chunks, dim=1)
 
 
-def _builtin_cp_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, cp: ContextParallel) -> Tensor:
+def _builtin_cp_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, cp: ContextParallel, kernels: list[SDPBackend]
+) -> Tensor:
     c = q.shape[1] // 2
     k_all, v_all = _GatherSequence.apply(k, cp), _GatherSequence.apply(v, cp)
     group = q.shape[2] // k.shape[2]
@@ -138,6 +141,8 @@ def _builtin_cp_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, cp: Con
         keys = (j + 1) * c  # chunks 0..j: every earlier chunk fully, chunk j causally
         qt = half.transpose(1, 2)
         kt, vt = k_all[:, :keys].transpose(1, 2), v_all[:, :keys].transpose(1, 2)
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=causal_lower_right(c, keys), scale=scale)
+        mask = causal_lower_right(c, keys)
+        with sdpa_kernel(kernels, set_priority=True):
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
         outs.append(out.transpose(1, 2))
     return torch.cat(outs, dim=1)

@@ -27,6 +27,7 @@ class ContextParallel:
     comm_type: str = "p2p"
     te_group: Any = None
     _streams: dict = field(default_factory=dict, repr=False)
+    _checked_shapes: set = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         if self.comm_type not in CP_COMM_TYPES:
@@ -58,12 +59,60 @@ class ContextParallel:
         r = self.rank if rank is None else rank
         return r, 2 * self.size - 1 - r
 
+    def check_local_shape(self, x: Tensor) -> None:
+        """ValueError naming every rank's local length and batch size unless the ranks of the
+        group hold equal ones (the collectives that follow need equal sizes: gloo aborts the
+        process, NCCL may hang). Collective: one all-gather of two integers, at the first call
+        with each local shape. Every rank changes shape together (Megatron's CP split), so a
+        shape already checked needs no new exchange, and a steady run pays for it once."""
+        key = (tuple(x.shape) + (0, 0))[:2]
+        if key in self._checked_shapes:
+            return
+        mine = torch.tensor(key, dtype=torch.int64, device=x.device)
+        parts = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(parts, mine, group=self.group)
+        batches, lengths = zip(*(p.tolist() for p in parts), strict=True)
+        if len(set(zip(batches, lengths, strict=True))) > 1:
+            raise ValueError(
+                f"CP ranks must hold equal local sequences: local lengths {list(lengths)}, batch sizes "
+                f"{list(batches)} on CP ranks 0..{self.size - 1} (Megatron's split gives every rank "
+                "2 chunks of seq_length / (2*CP) tokens)"
+            )
+        self._checked_shapes.add(key)
+
     def stream(self, device: torch.device) -> torch.cuda.Stream:
         """A side stream for TE's CP communication, one per device (as Megatron's)."""
         key = device.index if device.index is not None else torch.cuda.current_device()
         if key not in self._streams:
             self._streams[key] = torch.cuda.Stream(device=key)
         return self._streams[key]
+
+
+@dataclass(frozen=True, eq=False)
+class SplitGroups:
+    """Tensor-parallel ranks that share GQA groups: megatron-core's layout when there are fewer
+    query groups than TP ranks (each rank computes one replicated KV head and its share of
+    that group's query heads).
+
+    group    the TP process group;
+    groups   the number of GQA groups across it (fewer than its ranks, dividing their count);
+    index    this rank's group, tp_rank // (tp_size / groups).
+
+    A group's query score is the max over all its query heads, so the ranks sharing a group
+    max-reduce their scores (`max`): then every one of them selects as TP = 1 would.
+    """
+
+    group: Any
+    groups: int
+    index: int
+
+    def max(self, x: Tensor) -> Tensor:
+        """Elementwise max of `x` (non-negative, e.g. norms) over the ranks holding this rank's
+        group: one all-reduce over the TP group of `groups` slots, ours filled, the others 0."""
+        slots = x.new_zeros(self.groups, *x.shape)
+        slots[self.index] = x
+        dist.all_reduce(slots, op=dist.ReduceOp.MAX, group=self.group)
+        return slots[self.index]
 
 
 def split_chunks(x: Tensor, dim: int, cp_size: int, cp_rank: int) -> Tensor:
