@@ -98,11 +98,15 @@ def get_gpt_layer_spec(
         spec = mcore_specs.get_gpt_layer_local_spec(
             qk_layernorm=qk_layernorm, normalization=normalization, qk_l2_norm=qk_l2_norm
         )
-    return _with_core_attention(spec, attention_impl, lighthouse, use_te, until_iteration)
+    return _with_core_attention(spec, attention_impl, lighthouse, use_te, until_iteration,
+                                getattr(config, "num_query_groups", None))
 
 
-def _with_core_attention(spec: ModuleSpec, attention_impl, lighthouse, use_te, until_iteration) -> ModuleSpec:
-    """A deep copy of megatron-core's layer spec `spec` with only its core attention replaced."""
+def _with_core_attention(spec: ModuleSpec, attention_impl, lighthouse, use_te, until_iteration,
+                         query_groups) -> ModuleSpec:
+    """A deep copy of megatron-core's layer spec `spec` with only its core attention replaced.
+    `query_groups`: the model's num_query_groups (the core attention is handed a config copy
+    whose group count is the TP size when groups < TP)."""
     # megatron-core's builders may share submodule specs between calls: never mutate theirs.
     spec = copy.deepcopy(spec)
     attention = spec.submodules.self_attention.submodules
@@ -110,7 +114,7 @@ def _with_core_attention(spec: ModuleSpec, attention_impl, lighthouse, use_te, u
         attention.core_attention = ModuleSpec(
             module=LighthouseCoreAttention,
             params={"lighthouse": lighthouse, "until_iteration": until_iteration,
-                    "query_groups": getattr(_transformer_config(config), "num_query_groups", None)},
+                    "query_groups": query_groups},
         )
     elif not use_te:
         # Stock DotProductAttention needs CUDA (global memory buffer, RNG tracker) and
@@ -132,7 +136,7 @@ def _moe_block_spec(config, attention_impl, lighthouse, use_te, normalization, q
     mcore = mcore_specs.get_gpt_decoder_layer_specs(config, use_te, normalization, qk_l2_norm)
     layer_specs = [
         _with_core_attention(spec, "dense" if i in dense_layers else "lighthouse", lighthouse, use_te,
-                             until_iteration)
+                             until_iteration, getattr(config, "num_query_groups", None))
         for i, spec in enumerate(mcore)
     ]
     layer_specs = _layers_of_this_stage(config, layer_specs, vp_stage, pp_rank)
