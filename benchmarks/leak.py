@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._common import UsageError, main, usage_errors_as_exit_2, write_json
+from ._common import UsageError, main, run_meta, usage_errors_as_exit_2, write_json
 
 MODELS = ("lighthouse_trained", "dense_trained")
 
@@ -157,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
             }
     exact = all(result[m]["dense"]["max_abs"] == 0.0 for m in MODELS)
     result.update(
+        meta=run_meta(torch.device(device)),
         seq_length=n,
         tile_length=tile,
         positions=ts,

@@ -20,6 +20,7 @@ from typing import Any
 from ._common import K, UsageError, check_writable, error, main
 from ._common import format_length as _fmt_len
 from .quality import TOLERANCE as QUALITY_TOLERANCE
+from .quality import stats
 from .retrieval import CHANCE, RETRIEVES
 from .retrieval import TOLERANCE as RETRIEVAL_TOLERANCE
 
@@ -66,6 +67,16 @@ def load(root: Path) -> dict[str, list[Result]]:
             except (OSError, json.JSONDecodeError) as e:
                 raise UsageError(f"{path}: not a readable JSON result ({e})") from None
             found.setdefault(kind, []).append(Result(path.relative_to(root), data))
+    # Leak probes rerun on a study's checkpoints (`benchmarks.leak`), listed in a manifest
+    # beside their JSON: each step names its command, seed and the study it probed.
+    for path in sorted(root.glob("quality/*/run_leak.json")):
+        manifest = json.loads(path.read_text())
+        for step in manifest["steps"]:
+            data = json.loads((path.parent / step["json"]).read_text())
+            meta = {"device": manifest["device"], "command": " ".join(step["command"]), "seed": step["seed"],
+                    "study": step["study"]}
+            found.setdefault("leak", []).append(Result((path.parent / step["json"]).relative_to(root),
+                                                        {**data, "meta": meta}))
     return found
 
 
@@ -140,13 +151,20 @@ def _e2e_summaries(results, n: int, vocab: int | None = None):
                 yield r, s, rows
 
 
-def _e2e_speedup(vocab: int | None, te: bool):
-    """Stage-1 speed-up at 98K of the runs with (te=True) or without Transformer Engine's spec."""
+def _precision(r: Result) -> str:
+    fp8 = r.meta.get("fp8")
+    return f"FP8 {fp8['format']} linear layers" if fp8 else "bf16"
+
+
+def _e2e_speedup(vocab: int | None, te: bool, fp8: bool = False):
+    """Stage-1 speed-up at 98K of the runs with (te=True) or without Transformer Engine's spec,
+    in bf16 or with FP8 linear layers (fp8=True)."""
 
     def measure(results):
         out = []
         for r, s, rows in _e2e_summaries(results, E2E_LEN, vocab):
-            if "speedup_vs_dense" in s and (r.meta.get("spec") == "te") == te:
+            wanted = (r.meta.get("spec") == "te") == te and bool(r.meta.get("fp8")) == fp8
+            if "speedup_vs_dense" in s and wanted:
                 lh, dense = (rows[m]["tokens_per_s"] / 1e3 for m in ("lighthouse", "dense"))
                 tok = f"{lh:.1f}k vs {dense:.1f}k"
                 layers = r.meta.get("model", {}).get("layers")
@@ -155,7 +173,7 @@ def _e2e_speedup(vocab: int | None, te: bool):
                         s["speedup_vs_dense"],
                         f"{s['speedup_vs_dense']:.2f}x ({tok} tok/s, "
                         f"{layers} layers, vocab {r.meta.get('model', {}).get('vocab')}, "
-                        f"{r.meta.get('spec')} spec)",
+                        f"{r.meta.get('spec')} spec, {_precision(r)})",
                         r,
                     )
                 )
@@ -168,7 +186,7 @@ def _e2e_summary_value(key: str, text: Callable[[dict, Any], str]):
     """One measurement per e2e run at 98K whose summary has `key`; `text(summary, vocab)`."""
 
     def measure(results):
-        return [Measured(s[key], text(s, r.meta.get("model", {}).get("vocab")), r)
+        return [Measured(s[key], f"{text(s, r.meta.get('model', {}).get('vocab'))}, {_precision(r)}", r)
                 for r, s, _ in _e2e_summaries(results, E2E_LEN) if key in s]
 
     return measure
@@ -264,19 +282,34 @@ def _paper_protocol(gap: str):
     return measure
 
 
+def _standalone_leak(results, study: Result) -> dict | None:
+    """The leak-probe aggregate (as `benchmarks.quality` builds it) of the probes rerun on
+    `study`'s checkpoints, or None."""
+    name = f"benchmarks/{study.path.as_posix()}"
+    rows = [r.data for r in results.get("leak", []) if r.meta["study"] == name]
+    if not rows:
+        return None
+    agg = {m: {a: stats([x[m][a]["mean"] for x in rows]) for a in ("lighthouse", "dense")}
+           for m in ("lighthouse_trained", "dense_trained")}
+    return {**agg, "dense_exactly_zero": all(x["check"]["ok"] for x in rows)}
+
+
 def _leak(results):
     out = []
     for r in _study(results):
         lp = r.data.get("leak_probe")
-        if not lp:
+        a = lp["aggregate"] if lp else _standalone_leak(results, r)
+        if a is None:
             continue
-        a = lp["aggregate"]
         lt, dt = a["lighthouse_trained"]["lighthouse"], a["dense_trained"]["lighthouse"]
         text = (f"loss change before t: Lighthouse-trained {lt['mean']:+.2e} +- {lt['se']:.1e} (se), dense-"
                 f"trained {dt['mean']:+.2e} +- {dt['se']:.1e}, both with Lighthouse attention; "
                 "dense attention "
                 f"{'exactly 0 (check ok)' if a['dense_exactly_zero'] else 'NOT 0 (check failed)'}; "
                 f"{lt['n']} seeds; {_describe(r)}")
+        if not lp:
+            text += ("; probes rerun with `python -m benchmarks.leak` on the study's checkpoints "
+                     "([manifest](quality/leak/run_leak.json))")
         out.append(Measured(0.0 if a["dense_exactly_zero"] else 1.0, text, r))
     return out
 
@@ -366,6 +399,15 @@ CLAIMS = [
         _e2e_speedup(256, te=True),
         lambda v: v >= 3.3,
         "bench e2e --vocab 256",
+    ),
+    Claim(
+        "End to end with FP8 linear layers (TE, hybrid format; attention in bf16), 98K tokens: stage-1 "
+        "tokens/s over dense",
+        "not reported",
+        ">= 4x (project target), or the measured reason it cannot be",
+        _e2e_speedup(None, te=True, fp8=True),
+        lambda v: v >= 4.0,
+        "bench e2e --fp8 hybrid",
     ),
     Claim(
         "End to end without Transformer Engine (local spec, SDPA), 98K tokens: stage-1 tokens/s over dense",

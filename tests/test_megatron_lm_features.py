@@ -290,7 +290,7 @@ def _moe_config(**kw):
                        moe_aux_loss_coeff=0.0, **kw)
 
 
-def _moe_models(device="cpu", use_te=False):
+def _moe_models(device="cpu", use_te=False, parallel_output=False):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec as mcore_block_spec
 
     from lighthouse_megatron import LighthouseConfig
@@ -300,10 +300,11 @@ def _moe_models(device="cpu", use_te=False):
 
     config = _moe_config()
     lh = LighthouseConfig(**{**LH.to_dict(), "dense_layers": (-1,)})
-    ours = build_gpt(config, our_block_spec(config, lighthouse=lh, use_te=use_te), device=device)
+    kw = dict(device=device, parallel_output=parallel_output)
+    ours = build_gpt(config, our_block_spec(config, lighthouse=lh, use_te=use_te), **kw)
     theirs = build_gpt(config, mcore_block_spec(config, use_transformer_engine=use_te,
-                                                normalization=config.normalization), device=device)
-    dense = build_gpt(config, our_block_spec(config, attention_impl="dense", use_te=use_te), device=device)
+                                                normalization=config.normalization), **kw)
+    dense = build_gpt(config, our_block_spec(config, attention_impl="dense", use_te=use_te), **kw)
     return ours, theirs, dense
 
 
@@ -345,7 +346,10 @@ def test_moe_models_train_and_recover_dense_on_gpu(use_te):
 
     init_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(0)
-    ours, _, dense = _moe_models("cuda", use_te)
+    # Vocab-parallel logits, as the trainer builds them: with parallel_output=False the logits
+    # are a view out of the TP gather, which the cross-entropy then modifies in place (an
+    # autograd error on the H200).
+    ours, _, dense = _moe_models("cuda", use_te, parallel_output=True)
     tokens, positions = batch(device="cuda")
     optimizer = torch.optim.Adam(ours.parameters(), lr=1e-2)
     losses = []
