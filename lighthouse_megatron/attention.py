@@ -20,10 +20,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .backends import check_backend
-from .config import LighthouseConfig
+from .config import LighthouseConfig, check_inputs
 from .ops import SelectionPlan, score_pyramids, segment_sum, select, spill_rows, token_sum
 from .parallel import ContextParallel, SplitGroups, causal_attention, exchange_halo
-from .reference import check_inputs
 
 
 class _PooledGather(torch.autograd.Function):

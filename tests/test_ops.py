@@ -32,9 +32,17 @@ from lighthouse_megatron.ops import (
     token_sum,
     token_sum_torch,
 )
-from lighthouse_megatron.reference import gather, lighthouse_attention_reference, plan, pyramid, scatter
+from lighthouse_megatron.reference import (
+    LighthousePlan,
+    gather,
+    lighthouse_attention_reference,
+    plan,
+    pyramid,
+    scatter,
+)
 
 from ._inputs import random_qkv
+from .test_reference import as_list, literal
 
 PLAN_FIELDS = ("level", "index", "inverse", "selected_q", "selected_k")
 
@@ -110,14 +118,19 @@ def test_select_kernel_matches_twin_bitwise(cfg, n, hq, hkv, d, kind, poisoned):
 
 @pytest.mark.parametrize("cfg,n,hq,hkv,d", SMALL, ids=SMALL_IDS)
 def test_select_twin_matches_reference_plan(cfg, n, hq, hkv, d):
-    q, k, _ = random_qkv(2, n, hq, hkv, d, seed=n + 2)
+    # The reference's plan is this twin (one CPU implementation per stage); the independent
+    # check is the literal formulation of the paper's steps in test_reference.
+    q, k, v = random_qkv(2, n, hq, hkv, d, seed=n + 2)
     sq, sk = score_pyramids_torch(q, k, cfg)
-    ours = select_torch(sq, sk, 2, hkv, n, cfg).to_reference()
+    ours = LighthousePlan.from_selection(select_torch(sq, sk, 2, hkv, n, cfg))
     ref = plan(q, k, cfg)
     assert torch.equal(ours.level, ref.level) and torch.equal(ours.index, ref.index)
     for level in ref.selected_q:
         assert torch.equal(ours.selected_q[level], ref.selected_q[level])
         assert torch.equal(ours.selected_k[level], ref.selected_k[level])
+    _, literal_plans = literal(q, k, v, cfg, 1.0)
+    for (b, g), entries in literal_plans.items():
+        assert as_list(ours, b, g) == entries
 
 
 def test_equal_scores_select_lowest_indices():
@@ -163,7 +176,7 @@ def test_segment_sum_twin_sums_each_block_on_its_own(monkeypatch):
     q, k, v = random_qkv(2, n, hq, hkv, d, seed=n + 8)
     v[:, 3] *= 1e16
     p = plan_selection(q, k, cfg)
-    expected = gather(pyramid(v, cfg), p.to_reference())  # per-block fp32 means
+    expected = gather(pyramid(v, cfg), LighthousePlan.from_selection(p))  # per-block fp32 means
     torch.testing.assert_close(segment_sum_torch(v, p, "pool"), expected, rtol=1e-5, atol=1e-6)
     # "feed" sums the tokens an entry's output feeds: the kernel (interpreted) sums them directly.
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -187,7 +200,7 @@ def test_token_sum_kernel_matches_twin(cfg, n, hq, hkv, d, mode, poisoned):
 def test_gather_and_scatter_match_reference(cfg, n, hq, hkv, d, poisoned):
     q, k, v = random_qkv(2, n, hq, hkv, d, seed=n + 6)
     p = plan_selection(q, k, cfg)
-    ref_plan = p.to_reference()
+    ref_plan = LighthousePlan.from_selection(p)
     for x in (q, k, v):
         expected = gather(pyramid(x, cfg), ref_plan)
         torch.testing.assert_close(gather_pooled(x, p), expected, rtol=1e-5, atol=1e-6)
@@ -302,7 +315,7 @@ def test_gpu_fast_path_matches_reference_bf16(hq, hkv):
     # compared with summation-order rounding, so both sides select the same entries (checked
     # first, so a near-tie would show up as such and not as an arithmetic error).
     q, k, v = _gpu_qkv(16384, hq, hkv, seed=hq + hkv, grad=True)
-    ours, ref = plan_selection(q, k, cfg).to_reference(), plan(q, k, cfg)
+    ours, ref = LighthousePlan.from_selection(plan_selection(q, k, cfg)), plan(q, k, cfg)
     assert torch.equal(ours.level, ref.level) and torch.equal(ours.index, ref.index)
     # bf16 operands (docs/performance.md, numerical tolerance: 1e-3 .. 1e-2); the reference attends in fp32.
     _compare_with_reference(cfg, q, k, v, 1e-2, 2e-2)

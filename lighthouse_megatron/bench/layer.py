@@ -115,7 +115,7 @@ def check_against_reference(args) -> dict:
 
     Random normal inputs: the selection of both sides must agree exactly (checked first);
     then the bf16 output and gradients within the bf16 tolerance of docs/performance.md."""
-    from ..reference import lighthouse_attention_reference, plan
+    from ..reference import LighthousePlan, lighthouse_attention_reference, plan
 
     n, topk = 16 * K, 512
     cfg = _config(args, topk)
@@ -123,7 +123,7 @@ def check_against_reference(args) -> dict:
     q, k, v, dout = sets[0]
     for t in (q, k, v):
         t.requires_grad_(True)
-    ours, ref_plan = plan_selection(q, k, cfg).to_reference(), plan(q, k, cfg)
+    ours, ref_plan = LighthousePlan.from_selection(plan_selection(q, k, cfg)), plan(q, k, cfg)
     if not (torch.equal(ours.level, ref_plan.level) and torch.equal(ours.index, ref_plan.index)):
         raise SystemExit("bench layer: the fast selection differs from the reference's")
     out = lighthouse_attention(q, k, v, cfg)
