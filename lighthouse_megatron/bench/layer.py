@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -27,14 +26,13 @@ import torch
 
 from ..attention import lighthouse_attention, plan_selection
 from ..backends import dense_causal_attention, te_import_error
-from ..config import BACKENDS, LighthouseConfig
+from ..config import BACKENDS
 from ..ops import score_pyramids, segment_sum, select, token_sum
-from ._common import K, cudnn_version
+from ._common import DTYPES, K, cudnn_version, layer_config
+from ._common import cuda_median_ms as time_ms
 from ._common import format_length as _fmt_len
 from ._common import parse_length as _int
 from ._common import parse_lengths as _int_list
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_layer_parser(sub: argparse._SubParsersAction) -> None:
@@ -72,22 +70,6 @@ def add_layer_parser(sub: argparse._SubParsersAction) -> None:
 # ----------------------------------------------------------------------- timing
 
 
-def time_ms(fn, warmup: int, reps: int) -> float:
-    """Median milliseconds of fn(i) (i = repetition, for rotating inputs), CUDA events."""
-    for i in range(warmup):
-        fn(i)
-    torch.cuda.synchronize()
-    times = []
-    for i in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(i)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def copy_bandwidth() -> float:
     """Device-to-device copy rate in bytes/ms, counting bytes read plus bytes written."""
     x = torch.randn(256 * K * K, device="cuda")  # 1 GiB
@@ -118,7 +100,7 @@ def check_against_reference(args) -> dict:
     from ..reference import LighthousePlan, lighthouse_attention_reference, plan
 
     n, topk = 16 * K, 512
-    cfg = _config(args, topk)
+    cfg = layer_config(args, topk)
     sets = random_inputs(args, n, 1, seed=1234)
     q, k, v, dout = sets[0]
     for t in (q, k, v):
@@ -142,11 +124,6 @@ def check_against_reference(args) -> dict:
     if bad:
         raise SystemExit(f"bench layer: fast path disagrees with the reference: {bad}")
     return errors
-
-
-def _config(args, topk: int) -> LighthouseConfig:
-    return LighthouseConfig(levels=args.levels, pooling_factor=args.pooling_factor, topk=topk,
-                            tile_topk=args.tile_topk, backend=args.backend)
 
 
 # ---------------------------------------------------------------------- timings
@@ -178,7 +155,7 @@ def bench_dense(args, n: int) -> dict:
 
 
 def bench_lighthouse(args, n: int, topk: int, bandwidth: float) -> dict:
-    cfg = _config(args, topk)
+    cfg = layer_config(args, topk)
     cfg.validate(n)
     s_len = cfg.gathered_length(n)
     sets = random_inputs(args, n, 2, seed=n + topk)
@@ -369,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
     for n in args.seq_lens:
         for topk in args.topks:
             try:
-                _config(args, topk).validate(n)
+                layer_config(args, topk).validate(n)
             except ValueError as e:
                 skipped.append({"N": n, "topk": topk, "reason": str(e)})
                 print(f"skip N={n} k={topk}: {e}", flush=True)
