@@ -20,17 +20,19 @@ from lighthouse_megatron import lighthouse_attention
 from lighthouse_megatron.attention import plan_selection
 from lighthouse_megatron.config import LighthouseConfig
 from lighthouse_megatron.ops import (
-    gather_pooled,
+    feed_segments,
+    feed_segments_torch,
+    feed_tokens,
+    feed_tokens_torch,
     level_offsets,
-    scatter_back,
+    pool_segments,
+    pool_segments_torch,
+    pool_tokens,
+    pool_tokens_torch,
     score_pyramids,
     score_pyramids_torch,
-    segment_sum,
-    segment_sum_torch,
     select,
     select_torch,
-    token_sum,
-    token_sum_torch,
 )
 from lighthouse_megatron.reference import (
     LighthousePlan,
@@ -43,6 +45,27 @@ from lighthouse_megatron.reference import (
 
 from ._inputs import random_qkv
 from .test_reference import as_list, literal
+
+# The kernel and twin pairs by the token range they sum ("pool" or "feed"), for tests
+# parametrized over both.
+SEGMENTS = {"pool": (pool_segments, pool_segments_torch), "feed": (feed_segments, feed_segments_torch)}
+
+
+def segment_sum(x, plan, mode):
+    return SEGMENTS[mode][0](x, plan)
+
+
+def segment_sum_torch(x, plan, mode):
+    return SEGMENTS[mode][1](x, plan)
+
+
+def token_sum(g, plan, mode, halo=None):
+    return feed_tokens(g, plan, halo=halo) if mode == "feed" else pool_tokens(g, plan)
+
+
+def token_sum_torch(g, plan, mode, halo=None):
+    return feed_tokens_torch(g, plan, halo) if mode == "feed" else pool_tokens_torch(g, plan)
+
 
 PLAN_FIELDS = ("level", "index", "inverse", "selected_q", "selected_k")
 
@@ -203,9 +226,9 @@ def test_gather_and_scatter_match_reference(cfg, n, hq, hkv, d, poisoned):
     ref_plan = LighthousePlan.from_selection(p)
     for x in (q, k, v):
         expected = gather(pyramid(x, cfg), ref_plan)
-        torch.testing.assert_close(gather_pooled(x, p), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pool_segments(x, p), expected, rtol=1e-5, atol=1e-6)
     o = torch.randn(2, p.length, hq, d)
-    torch.testing.assert_close(scatter_back(o, p), scatter(o, ref_plan, cfg, n), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(feed_tokens(o, p), scatter(o, ref_plan, cfg, n), rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------- the whole path
@@ -337,8 +360,8 @@ def test_gpu_kernels_bitwise_deterministic():
     runs = []
     for _ in range(2):
         p = plan_selection(q, k, GPU_CFG)
-        g = gather_pooled(q, p)
-        runs.append([p.level, p.index, p.inverse, g, scatter_back(g, p),
+        g = pool_segments(q, p)
+        runs.append([p.level, p.index, p.inverse, g, feed_tokens(g, p),
                      segment_sum(q, p, "feed"), token_sum(g, p, "pool")])
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)

@@ -27,7 +27,7 @@ import torch
 from ..attention import lighthouse_attention, plan_selection
 from ..backends import dense_causal_attention, te_import_error
 from ..config import BACKENDS
-from ..ops import score_pyramids, segment_sum, select, token_sum
+from ..ops import feed_segments, feed_tokens, pool_segments, pool_tokens, score_pyramids, select
 from ._common import DTYPES, K, cudnn_version, layer_config
 from ._common import cuda_median_ms as time_ms
 from ._common import format_length as _fmt_len
@@ -192,7 +192,7 @@ def bench_lighthouse(args, n: int, topk: int, bandwidth: float) -> dict:
     with torch.no_grad():
         for q, k, v, _ in sets:
             plans.append(plan_selection(q, k, cfg))
-            gathered.append([segment_sum(x, plans[-1], "pool").requires_grad_(True) for x in (q, k, v)])
+            gathered.append([pool_segments(x, plans[-1]).requires_grad_(True) for x in (q, k, v)])
             outs.append(dense_causal_attention(*gathered[-1], None, cfg.backend))
     scores = [score_pyramids(q, k, cfg) for q, k, _, _ in sets]
     hkv = sets[0][1].shape[2]
@@ -210,12 +210,12 @@ def bench_lighthouse(args, n: int, topk: int, bandwidth: float) -> dict:
     stages = {
         "scores": lambda i: score_pyramids(sets[i % 2][0], sets[i % 2][1], cfg),
         "select": lambda i: select(*scores[i % 2], args.batch, hkv, n, cfg),
-        "gather": lambda i: [segment_sum(x, plans[i % 2], "pool") for x in sets[i % 2][:3]],
+        "gather": lambda i: [pool_segments(x, plans[i % 2]) for x in sets[i % 2][:3]],
         "attention_fwd": attn_f,
-        "scatter": lambda i: token_sum(outs[i % 2], plans[i % 2], "feed"),
-        "scatter_bwd": lambda i: segment_sum(sets[i % 2][3], plans[i % 2], "feed"),
+        "scatter": lambda i: feed_tokens(outs[i % 2], plans[i % 2]),
+        "scatter_bwd": lambda i: feed_segments(sets[i % 2][3], plans[i % 2]),
         "attention_fwd_bwd": attn_fb,
-        "gather_bwd": lambda i: [token_sum(x, plans[i % 2], "pool") for x in gathered[i % 2]],
+        "gather_bwd": lambda i: [pool_tokens(x, plans[i % 2]) for x in gathered[i % 2]],
     }
     res["stages_ms"] = {name: time_ms(fn, w, r) for name, fn in stages.items()}
     st = res["stages_ms"]
