@@ -20,10 +20,18 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .backends import check_backend
-from .config import LighthouseConfig
-from .ops import SelectionPlan, score_pyramids, segment_sum, select, spill_rows, token_sum
+from .config import LighthouseConfig, check_inputs
+from .ops import (
+    SelectionPlan,
+    feed_segments,
+    feed_tokens,
+    pool_segments,
+    pool_tokens,
+    score_pyramids,
+    select,
+    spill_rows,
+)
 from .parallel import ContextParallel, SplitGroups, causal_attention, exchange_halo
-from .reference import check_inputs
 
 
 class _PooledGather(torch.autograd.Function):
@@ -32,12 +40,12 @@ class _PooledGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, plan: SelectionPlan) -> Tensor:
         ctx.plan = plan
-        return segment_sum(x, plan, "pool")
+        return pool_segments(x, plan)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         # Each base token receives grad / c_l from the entry pooling it at every level.
-        return token_sum(grad, ctx.plan, "pool"), None
+        return pool_tokens(grad, ctx.plan), None
 
 
 class _ScatterBack(torch.autograd.Function):
@@ -48,14 +56,14 @@ class _ScatterBack(torch.autograd.Function):
     def forward(ctx, o: Tensor, plan: SelectionPlan, halo: Tensor | None) -> Tensor:
         ctx.plan = plan
         ctx.halo_rows = None if halo is None else halo.shape[1]
-        return token_sum(o, plan, "feed", halo=halo)
+        return feed_tokens(o, plan, halo=halo)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         # An entry's gradient is the sum of the output gradient over the range it fed; a
         # halo row's is the gradient of the tokens it fed.
         rows = ctx.halo_rows
-        return segment_sum(grad, ctx.plan, "feed"), None, None if rows is None else grad[:, :rows].float()
+        return feed_segments(grad, ctx.plan), None, None if rows is None else grad[:, :rows].float()
 
 
 def _nan_where_not_finite(out: Tensor, q: Tensor, k: Tensor, v: Tensor, cp: ContextParallel | None,
@@ -126,6 +134,7 @@ def lighthouse_attention(
     plan = plan_selection(q2, k2, config.chunk_config(cp.size), split_groups)
     gathered = [_PooledGather.apply(x, plan).view(b, 2 * plan.length, *x.shape[2:]) for x in (q2, k2, v2)]
     o = causal_attention(*gathered, scale, config.backend, cp).reshape(2 * b, plan.length, *q.shape[2:])
-    halo = exchange_halo(spill_rows(o, plan), cp)
+    spill = spill_rows(o, plan)
+    halo = exchange_halo(spill, cp) if cp.halo else torch.zeros_like(spill)
     out = _ScatterBack.apply(o, plan, halo).view(b, n, *q.shape[2:])
     return _nan_where_not_finite(out, *gathered, cp, split_groups)

@@ -6,7 +6,7 @@ SDPA with cuDNN, flash, memory-efficient and math kernels (SDPA picks the first 
 the inputs). On the CPU: SDPA's math kernel.
 
 Determinism: the cuDNN and flash backward passes accumulate dQ in a run-dependent order
-(PyTorch 2.11 does not expose cuDNN's deterministic mode), so under
+(PyTorch offers no deterministic mode for them), so under
 `torch.use_deterministic_algorithms(True)` "auto" uses SDPA's memory-efficient kernel,
 whose backward PyTorch then makes deterministic, and never the others.
 """
@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .config import BACKENDS
 
 _SDPA = {
     "cudnn": [SDPBackend.CUDNN_ATTENTION],
@@ -97,8 +99,6 @@ _GPU_ONLY = ("te", "cudnn", "flash")
 
 def check_backend(backend: str, device: torch.device) -> None:
     """ValueError naming the backend and the ones valid on `device`."""
-    from .config import BACKENDS
-
     if backend not in BACKENDS:
         raise ValueError(f"lighthouse backend must be one of {list(BACKENDS)}, got {backend!r}")
     if device.type != "cuda" and backend in _GPU_ONLY:

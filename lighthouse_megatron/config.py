@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 SCORERS = ("norm",)
 BACKENDS = ("auto", "te", "cudnn", "flash", "math")
@@ -211,3 +214,36 @@ class LighthouseConfig:
     @classmethod
     def field_names(cls) -> Iterable[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig, cp_size: int = 1) -> None:
+    """Shape checks shared by every implementation, with the numbers in the message. With
+    `cp_size` > 1 the inputs are one CP rank's two chunks of a cp_size times longer sequence."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"lighthouse attention expects q [b, s, Hq, d] and k, v [b, s, Hkv, d]; got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"lighthouse attention: q {tuple(q.shape)} and k, v {tuple(k.shape)}, {tuple(v.shape)} "
+            "must agree in batch, sequence and head dim, and k, v must match"
+        )
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"lighthouse attention: query heads {q.shape[2]} must be a multiple of key/value heads "
+            f"{k.shape[2]} (GQA groups)"
+        )
+    if 0 in q.shape or 0 in k.shape:
+        raise ValueError(f"lighthouse attention: q {tuple(q.shape)} and k, v {tuple(k.shape)} must not "
+                         "be empty (batch size, sequence length, heads and head dim >= 1)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"lighthouse attention: q, k and v must have one dtype, got q {q.dtype}, "
+                         f"k {k.dtype}, v {v.dtype}")
+    if not q.is_floating_point():
+        raise ValueError(f"lighthouse attention: q, k and v must be floating point (float32, bfloat16, "
+                         f"float16), got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"lighthouse attention: q, k and v must be on one device, got q on {q.device}, "
+                         f"k on {k.device}, v on {v.device}")
+    config.validate(q.shape[1] * cp_size, cp_size)

@@ -18,41 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .config import LighthouseConfig
-
-
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, config: LighthouseConfig, cp_size: int = 1) -> None:
-    """Shape checks shared by every implementation, with the numbers in the message. With
-    `cp_size` > 1 the inputs are one CP rank's two chunks of a cp_size times longer sequence."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"lighthouse attention expects q [b, s, Hq, d] and k, v [b, s, Hkv, d]; got shapes "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"lighthouse attention: q {tuple(q.shape)} and k, v {tuple(k.shape)}, {tuple(v.shape)} "
-            "must agree in batch, sequence and head dim, and k, v must match"
-        )
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(
-            f"lighthouse attention: query heads {q.shape[2]} must be a multiple of key/value heads "
-            f"{k.shape[2]} (GQA groups)"
-        )
-    if 0 in q.shape or 0 in k.shape:
-        raise ValueError(f"lighthouse attention: q {tuple(q.shape)} and k, v {tuple(k.shape)} must not "
-                         "be empty (batch size, sequence length, heads and head dim >= 1)")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"lighthouse attention: q, k and v must have one dtype, got q {q.dtype}, "
-                         f"k {k.dtype}, v {v.dtype}")
-    if not q.is_floating_point():
-        raise ValueError(f"lighthouse attention: q, k and v must be floating point (float32, bfloat16, "
-                         f"float16), got {q.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"lighthouse attention: q, k and v must be on one device, got q on {q.device}, "
-                         f"k on {k.device}, v on {v.device}")
-    config.validate(q.shape[1] * cp_size, cp_size)
-
+from .config import LighthouseConfig, check_inputs
+from .ops.scores import score_pyramids_torch
+from .ops.select import SelectionPlan, select_torch
 
 # ---------------------------------------------------------------- stage 1: pyramid
 
@@ -71,41 +39,7 @@ def pyramid(x: Tensor, config: LighthouseConfig) -> list[Tensor]:
 # ----------------------------------------------------------------- stage 2: scores
 
 
-@torch.no_grad()
-def base_scores(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-    """fp32 per-token scores [b, n, Hkv]: ||q|| (max over the GQA group's heads), ||k||.
-
-    A NaN norm counts as +inf (ranked first, ties to the lower index like any other score):
-    the selection stays well defined, and `nan_where_not_finite` then makes the unit's whole
-    output NaN.
-    """
-    b, n, hq, d = q.shape
-    hkv = k.shape[2]
-
-    def norm(x):
-        return torch.linalg.vector_norm(x.float(), dim=-1).nan_to_num(nan=float("inf"), posinf=float("inf"))
-
-    s_q = norm(q).reshape(b, n, hkv, hq // hkv).amax(dim=-1)
-    s_k = norm(k)
-    return s_q, s_k
-
-
-def score_pyramid(s: Tensor, config: LighthouseConfig) -> list[Tensor]:
-    """Max-pool base scores [b, n, Hkv] to every level, as [b, Hkv, n / p**l]."""
-    b, n, h = s.shape
-    out = []
-    for level in range(config.levels):
-        c = config.pooling_factor**level
-        out.append(s.reshape(b, n // c, c, h).amax(dim=2).transpose(1, 2).contiguous())
-    return out
-
-
 # ------------------------------------------------------- stage 3 and 4: selection
-
-
-def topk_lower_index(scores: Tensor, count: int) -> Tensor:
-    """Positions of the `count` largest values along the last dim, ties to the lower position."""
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count]
 
 
 @dataclass
@@ -134,49 +68,27 @@ class LighthousePlan:
     def length(self) -> int:
         return self.level.shape[-1]
 
+    @classmethod
+    def from_selection(cls, sel: SelectionPlan) -> LighthousePlan:
+        """The same plan as the kernels' flat `SelectionPlan` (int32, [b * Hkv, ...])."""
+        b, h = sel.batch, sel.kv_heads
+
+        def per_level(x: Tensor) -> dict[int, Tensor]:
+            return {lv: x[:, lv - 1].reshape(b, h, -1, x.shape[-1]).long() for lv in range(1, sel.levels)}
+
+        return cls(level=sel.level.reshape(b, h, -1).long(), index=sel.index.reshape(b, h, -1).long(),
+                   selected_q=per_level(sel.selected_q), selected_k=per_level(sel.selected_k),
+                   pooling_factor=sel.pooling_factor)
+
 
 @torch.no_grad()
 def plan(q: Tensor, k: Tensor, config: LighthouseConfig) -> LighthousePlan:
-    """Stages 2-4: score, run the chunked top-k cascade per tile, order causally."""
-    s_q, s_k = base_scores(q, k)
-    sq_levels, sk_levels = score_pyramid(s_q, config), score_pyramid(s_k, config)
-    b, n, hkv = s_q.shape
-    p, levels, half = config.pooling_factor, config.levels, config.tile_topk // 2
-    tiles = config.num_tiles
-    device = q.device
-
-    top = levels - 1
-    per_tile = n // config.coarsest_block // tiles
-    cand = torch.arange(n // config.coarsest_block, device=device).reshape(tiles, per_tile)
-    cand = cand.expand(b, hkv, tiles, per_tile)  # ascending in-level indices per tile
-    emitted_level, emitted_index = [], []
-    selected_q, selected_k = {}, {}
-    for level in range(top, 0, -1):
-        flat = cand.reshape(b, hkv, -1)
-        sq = sq_levels[level].gather(-1, flat).reshape(cand.shape)
-        sk = sk_levels[level].gather(-1, flat).reshape(cand.shape)
-        pos_q = topk_lower_index(sq, half)
-        pos_k = topk_lower_index(sk.scatter(-1, pos_q, float("-inf")), half)
-        selected_q[level] = cand.gather(-1, pos_q)
-        selected_k[level] = cand.gather(-1, pos_k)
-        emitted_level.append(torch.full_like(cand, level))
-        emitted_index.append(cand)
-        chosen = torch.cat([selected_q[level], selected_k[level]], dim=-1).sort(dim=-1).values
-        cand = (chosen.unsqueeze(-1) * p + torch.arange(p, device=device)).flatten(-2)
-    emitted_level.append(torch.zeros_like(cand))
-    emitted_index.append(cand)
-
-    lvl = torch.cat(emitted_level, dim=-1).reshape(b, hkv, -1)
-    idx = torch.cat(emitted_index, dim=-1).reshape(b, hkv, -1)
-    last = (idx + 1) * p**lvl - 1
-    order = torch.argsort(last * levels + lvl, dim=-1)  # keys are unique: (e, l) order
-    return LighthousePlan(
-        level=lvl.gather(-1, order),
-        index=idx.gather(-1, order),
-        selected_q=selected_q,
-        selected_k=selected_k,
-        pooling_factor=p,
-    )
+    """Stages 2-4: score, run the chunked top-k cascade per tile, order causally. The package's
+    one CPU implementation of these stages (ops/scores.py, ops/select.py), in this module's
+    [b, Hkv, ...] layout; tests check it against a literal formulation of the paper's steps."""
+    b, hkv = q.shape[0], k.shape[2]
+    sq, sk = score_pyramids_torch(q, k, config)
+    return LighthousePlan.from_selection(select_torch(sq, sk, b, hkv, q.shape[1], config))
 
 
 # --------------------------------------------------------------- stage 5: gather

@@ -20,21 +20,52 @@ from lighthouse_megatron import lighthouse_attention
 from lighthouse_megatron.attention import plan_selection
 from lighthouse_megatron.config import LighthouseConfig
 from lighthouse_megatron.ops import (
-    gather_pooled,
+    feed_segments,
+    feed_segments_torch,
+    feed_tokens,
+    feed_tokens_torch,
     level_offsets,
-    scatter_back,
+    pool_segments,
+    pool_segments_torch,
+    pool_tokens,
+    pool_tokens_torch,
     score_pyramids,
     score_pyramids_torch,
-    segment_sum,
-    segment_sum_torch,
     select,
     select_torch,
-    token_sum,
-    token_sum_torch,
 )
-from lighthouse_megatron.reference import gather, lighthouse_attention_reference, plan, pyramid, scatter
+from lighthouse_megatron.reference import (
+    LighthousePlan,
+    gather,
+    lighthouse_attention_reference,
+    plan,
+    pyramid,
+    scatter,
+)
 
 from ._inputs import random_qkv
+from .test_reference import as_list, literal
+
+# The kernel and twin pairs by the token range they sum ("pool" or "feed"), for tests
+# parametrized over both.
+SEGMENTS = {"pool": (pool_segments, pool_segments_torch), "feed": (feed_segments, feed_segments_torch)}
+
+
+def segment_sum(x, plan, mode):
+    return SEGMENTS[mode][0](x, plan)
+
+
+def segment_sum_torch(x, plan, mode):
+    return SEGMENTS[mode][1](x, plan)
+
+
+def token_sum(g, plan, mode, halo=None):
+    return feed_tokens(g, plan, halo=halo) if mode == "feed" else pool_tokens(g, plan)
+
+
+def token_sum_torch(g, plan, mode, halo=None):
+    return feed_tokens_torch(g, plan, halo) if mode == "feed" else pool_tokens_torch(g, plan)
+
 
 PLAN_FIELDS = ("level", "index", "inverse", "selected_q", "selected_k")
 
@@ -110,14 +141,19 @@ def test_select_kernel_matches_twin_bitwise(cfg, n, hq, hkv, d, kind, poisoned):
 
 @pytest.mark.parametrize("cfg,n,hq,hkv,d", SMALL, ids=SMALL_IDS)
 def test_select_twin_matches_reference_plan(cfg, n, hq, hkv, d):
-    q, k, _ = random_qkv(2, n, hq, hkv, d, seed=n + 2)
+    # The reference's plan is this twin (one CPU implementation per stage); the independent
+    # check is the literal formulation of the paper's steps in test_reference.
+    q, k, v = random_qkv(2, n, hq, hkv, d, seed=n + 2)
     sq, sk = score_pyramids_torch(q, k, cfg)
-    ours = select_torch(sq, sk, 2, hkv, n, cfg).to_reference()
+    ours = LighthousePlan.from_selection(select_torch(sq, sk, 2, hkv, n, cfg))
     ref = plan(q, k, cfg)
     assert torch.equal(ours.level, ref.level) and torch.equal(ours.index, ref.index)
     for level in ref.selected_q:
         assert torch.equal(ours.selected_q[level], ref.selected_q[level])
         assert torch.equal(ours.selected_k[level], ref.selected_k[level])
+    _, literal_plans = literal(q, k, v, cfg, 1.0)
+    for (b, g), entries in literal_plans.items():
+        assert as_list(ours, b, g) == entries
 
 
 def test_equal_scores_select_lowest_indices():
@@ -163,7 +199,7 @@ def test_segment_sum_twin_sums_each_block_on_its_own(monkeypatch):
     q, k, v = random_qkv(2, n, hq, hkv, d, seed=n + 8)
     v[:, 3] *= 1e16
     p = plan_selection(q, k, cfg)
-    expected = gather(pyramid(v, cfg), p.to_reference())  # per-block fp32 means
+    expected = gather(pyramid(v, cfg), LighthousePlan.from_selection(p))  # per-block fp32 means
     torch.testing.assert_close(segment_sum_torch(v, p, "pool"), expected, rtol=1e-5, atol=1e-6)
     # "feed" sums the tokens an entry's output feeds: the kernel (interpreted) sums them directly.
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -187,12 +223,12 @@ def test_token_sum_kernel_matches_twin(cfg, n, hq, hkv, d, mode, poisoned):
 def test_gather_and_scatter_match_reference(cfg, n, hq, hkv, d, poisoned):
     q, k, v = random_qkv(2, n, hq, hkv, d, seed=n + 6)
     p = plan_selection(q, k, cfg)
-    ref_plan = p.to_reference()
+    ref_plan = LighthousePlan.from_selection(p)
     for x in (q, k, v):
         expected = gather(pyramid(x, cfg), ref_plan)
-        torch.testing.assert_close(gather_pooled(x, p), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pool_segments(x, p), expected, rtol=1e-5, atol=1e-6)
     o = torch.randn(2, p.length, hq, d)
-    torch.testing.assert_close(scatter_back(o, p), scatter(o, ref_plan, cfg, n), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(feed_tokens(o, p), scatter(o, ref_plan, cfg, n), rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------- the whole path
@@ -302,7 +338,7 @@ def test_gpu_fast_path_matches_reference_bf16(hq, hkv):
     # compared with summation-order rounding, so both sides select the same entries (checked
     # first, so a near-tie would show up as such and not as an arithmetic error).
     q, k, v = _gpu_qkv(16384, hq, hkv, seed=hq + hkv, grad=True)
-    ours, ref = plan_selection(q, k, cfg).to_reference(), plan(q, k, cfg)
+    ours, ref = LighthousePlan.from_selection(plan_selection(q, k, cfg)), plan(q, k, cfg)
     assert torch.equal(ours.level, ref.level) and torch.equal(ours.index, ref.index)
     # bf16 operands (docs/performance.md, numerical tolerance: 1e-3 .. 1e-2); the reference attends in fp32.
     _compare_with_reference(cfg, q, k, v, 1e-2, 2e-2)
@@ -324,8 +360,8 @@ def test_gpu_kernels_bitwise_deterministic():
     runs = []
     for _ in range(2):
         p = plan_selection(q, k, GPU_CFG)
-        g = gather_pooled(q, p)
-        runs.append([p.level, p.index, p.inverse, g, scatter_back(g, p),
+        g = pool_segments(q, p)
+        runs.append([p.level, p.index, p.inverse, g, feed_tokens(g, p),
                      segment_sum(q, p, "feed"), token_sum(g, p, "pool")])
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)

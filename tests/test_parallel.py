@@ -12,6 +12,7 @@ from lighthouse_megatron.attention import plan_selection
 from lighthouse_megatron.backends import dense_causal_attention
 from lighthouse_megatron.ops import spill_rows
 from lighthouse_megatron.parallel import ContextParallel, causal_attention, merge_chunks, split_chunks
+from lighthouse_megatron.reference import LighthousePlan
 
 from ._distributed import run_workers
 from ._inputs import random_qkv
@@ -51,7 +52,7 @@ def test_spill_rows_are_what_the_scatter_feeds_past_the_end(monkeypatch):
     plan = plan_selection(q, k, cfg)
     o = torch.randn(2, plan.length, hq, d)
     spill = cfg.coarsest_block - 1
-    beyond = R.scatter(o, plan.to_reference(), cfg, n, out_len=n + spill)[:, n:]
+    beyond = R.scatter(o, LighthousePlan.from_selection(plan), cfg, n, out_len=n + spill)[:, n:]
     assert beyond.abs().sum() > 0
     torch.testing.assert_close(spill_rows(o, plan), beyond, rtol=0, atol=1e-6)
 

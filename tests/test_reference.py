@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from lighthouse_megatron import LighthouseConfig, lighthouse_attention
 from lighthouse_megatron import reference as R
+from lighthouse_megatron.ops.scores import base_scores
+from lighthouse_megatron.ops.select import topk_lower_index
 
 from ._inputs import random_qkv
 
@@ -122,7 +124,7 @@ def check_plan_structure(plan, q, k, cfg):
     assert plan.length == cfg.gathered_length(n)
     key = plan.last_token * levels + plan.level
     assert bool((key[..., 1:] > key[..., :-1]).all()), "not strictly in (last token, level) order"
-    s_q, s_k = R.base_scores(q, k)
+    s_q, s_k = base_scores(q, k)
     tile_len = n // tiles
     for level in range(1, levels):
         c = p**level
@@ -163,7 +165,7 @@ def test_plan_structure_gqa_batch():
 
 
 def test_ties_go_to_lower_index():
-    assert R.topk_lower_index(torch.tensor([1.0, 3.0, 3.0, 2.0, 3.0]), 3).tolist() == [1, 2, 4]
+    assert topk_lower_index(torch.tensor([1.0, 3.0, 3.0, 2.0, 3.0]), 3).tolist() == [1, 2, 4]
     # All-equal norms: every tile refines its first T/2 + T/2 coarse entries.
     cfg = LighthouseConfig(levels=2, pooling_factor=2, topk=8, tile_topk=4)
     q = torch.ones(1, 64, 1, 4)

@@ -16,7 +16,14 @@ import torch
 
 from lighthouse_megatron.bench.layer import time_ms
 from lighthouse_megatron.config import LighthouseConfig
-from lighthouse_megatron.ops import score_pyramids, segment_sum, select, token_gather
+from lighthouse_megatron.ops import (
+    feed_segments,
+    feed_tokens,
+    pool_segments,
+    pool_tokens,
+    score_pyramids,
+    select,
+)
 
 
 def same(out, ref) -> bool:
@@ -53,10 +60,11 @@ def tune_at(n: int) -> None:
     sweep(f"{tag} select", lambda opts: plan_tensors(select(sq, sk, 1, 8, n, cfg, **opts)),
           {"block": [256, 512, 1024, 2048], "num_warps": [4, 8, 16]}, rows)
     for mode in (False, True):
-        sweep(f"{tag} segment_sum bwd={mode}", lambda opts, mode=mode: (segment_sum(q, plan, mode, **opts),),
+        sweep(f"{tag} segment_sum bwd={mode}",
+              lambda opts, mode=mode: ((feed_segments if mode else pool_segments)(q, plan, **opts),),
               {"block_s": [16, 32, 64], "num_warps": [2, 4, 8], "unroll": [False, True]}, rows)
         sweep(f"{tag} token_gather fwd={mode}",
-              lambda opts, mode=mode: (token_gather(o, plan, mode, **opts),),
+              lambda opts, mode=mode: ((feed_tokens if mode else pool_tokens)(o, plan, **opts),),
               {"block_t": [16, 32, 64, 128], "num_warps": [2, 4, 8]}, rows)
     print(f"\nbest at {tag}:")
     for label in dict.fromkeys(r[0] for r in rows):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import LighthouseConfig
+
 K = 1024
 
 
@@ -153,3 +155,28 @@ def cudnn_version():
             return f"unavailable: {str(e).splitlines()[0][:120]}"
         built, runtime = (v.replace(", ", ".") for v in found.groups())
         return f"runtime {runtime} (torch built against {built}; torch's own cuDNN check refuses)"
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cuda_median_ms(fn, warmup: int, reps: int) -> float:
+    """Median milliseconds of fn(i) (i = repetition, for rotating inputs), CUDA events."""
+    for i in range(warmup):
+        fn(i)
+    torch.cuda.synchronize()
+    times = []
+    for i in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(i)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def layer_config(args, topk: int) -> LighthouseConfig:
+    """The Lighthouse settings of `bench layer` (and its --cp mode) at budget `topk`."""
+    return LighthouseConfig(levels=args.levels, pooling_factor=args.pooling_factor, topk=topk,
+                            tile_topk=args.tile_topk, backend=args.backend)

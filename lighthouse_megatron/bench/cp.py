@@ -13,19 +13,19 @@ gathered, against CP = 1 on the same inputs. JSON goes to --out/cp{N}.json.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
 import sys
-from unittest import mock
 
 import torch
 import torch.distributed as dist
 
-from .. import attention
 from ..attention import lighthouse_attention
 from ..parallel import ContextParallel, causal_attention, merge_chunks, split_chunks
-from .layer import DTYPES, _config, _fmt_len, time_ms
+from ._common import DTYPES, cuda_median_ms, layer_config
+from ._common import format_length as _fmt_len
 
 
 def run_cp(args) -> int:
@@ -60,7 +60,7 @@ def _slowest(ms: float) -> float:
 
 def _check(args, cp: ContextParallel, rank: int) -> dict:
     """CP = N against CP = 1 (on every rank, same inputs) at 32K tokens per rank, k = 512."""
-    cfg = _config(args, 512 * args.cp // 2 if args.cp > 2 else 512)
+    cfg = layer_config(args, 512 * args.cp // 2 if args.cp > 2 else 512)
     n = 32768 * args.cp
     q, k, v = _inputs(args, n, seed=1, grad=True)
     grad = _inputs(args, n, seed=2)[0]
@@ -108,7 +108,7 @@ def _worker(rank: int, args, port: int) -> None:
     rows = []
     for n in args.seq_lens:
         for topk in args.topks:
-            cfg = _config(args, topk)
+            cfg = layer_config(args, topk)
             try:
                 cfg.validate(n, args.cp)
             except ValueError as e:
@@ -138,20 +138,20 @@ def _fwd_bwd(args, cfg, n, cp=None):
         q, k, v = _inputs(args, n, seed=10 + s, grad=True)
         sets.append((q, k, v, torch.randn_like(q)))
 
-    def step(i):
+    def step(i, cp=cp):
         q, k, v, g = sets[i % 2]
         out = lighthouse_attention(q, k, v, cfg, context_parallel=cp)
         torch.autograd.backward(out, g)
 
     torch.cuda.reset_peak_memory_stats()
-    ms = time_ms(step, args.warmup, args.reps)
+    ms = cuda_median_ms(step, args.warmup, args.reps)
     peak = torch.cuda.max_memory_allocated() / 2**30
     # Stage 5 alone on the gathered length this rank holds.
     s_len = cfg.gathered_length(n * (cp.size if cp else 1)) // (cp.size if cp else 1)
     qg, kg, vg = (torch.randn(args.batch, s_len, x.shape[2], x.shape[3], device="cuda", dtype=x.dtype,
                               requires_grad=True) for x in sets[0][:3])
     og = torch.randn_like(qg)
-    attn = time_ms(lambda i: torch.autograd.backward(
+    attn = cuda_median_ms(lambda i: torch.autograd.backward(
         causal_attention(qg, kg, vg, None, cfg.backend, cp), og), args.warmup, args.reps)
     return ms, peak, attn, step
 
@@ -165,8 +165,8 @@ def _with_cp(args, cfg, cp, n, rank) -> dict:
     ms, peak, attn, step = _fwd_bwd(args, cfg, n // args.cp, cp)
     # The halo's cost inside the layer: the same steps with the exchange replaced by zeros
     # (wrong numbers, every other launch the same), timed in the same session.
-    with mock.patch.object(attention, "exchange_halo", lambda spill, cp: torch.zeros_like(spill)):
-        no_halo = time_ms(step, args.warmup, args.reps)
+    no_halo_cp = dataclasses.replace(cp, halo=False)
+    no_halo = cuda_median_ms(lambda i: step(i, no_halo_cp), args.warmup, args.reps)
     peaks = [torch.zeros(1, device="cuda") for _ in range(args.cp)]
     dist.all_gather(peaks, torch.tensor([peak], device="cuda"))
     return {"fwd_bwd_ms": _slowest(ms), "attention_fwd_bwd_ms": _slowest(attn),

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..config import LighthouseConfig
 from ._common import (
+    K,
     UsageError,
     check_writable,
     median,
@@ -44,7 +45,9 @@ from ._common import (
     usage_errors_as_exit_2,
     write_json,
 )
-from .layer import K, _fmt_len, _int, _int_list
+from ._common import format_length as _fmt_len
+from ._common import parse_length as _int
+from ._common import parse_lengths as _int_list
 
 MODES = ("dense", "lighthouse", "ceiling", "none")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -118,9 +121,9 @@ def _signed_list(text: str) -> tuple[int, ...]:
 def _stand_in_modules():
     """Core attentions for the ceiling and no-attention modes (megatron-core imported lazily)."""
     from ..backends import dense_causal_attention
-    from ..megatron.core_attention import _CausalCoreAttention
+    from ..megatron.core_attention import CausalCoreAttention
 
-    class SampledCoreAttention(_CausalCoreAttention):
+    class SampledCoreAttention(CausalCoreAttention):
         """Attention over `gathered` random tokens, fixed per layer: selection costs nothing."""
 
         name = "SampledCoreAttention"
@@ -141,7 +144,7 @@ def _stand_in_modules():
                                        v.index_select(1, idx), self.softmax_scale, self.backend)
             return q.new_zeros(q.shape).index_add_(1, idx, o)
 
-    class ValueCopyCoreAttention(_CausalCoreAttention):
+    class ValueCopyCoreAttention(CausalCoreAttention):
         """No attention: each token's output is its own value vector."""
 
         name = "ValueCopyCoreAttention"

@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -27,14 +26,13 @@ import torch
 
 from ..attention import lighthouse_attention, plan_selection
 from ..backends import dense_causal_attention, te_import_error
-from ..config import BACKENDS, LighthouseConfig
-from ..ops import score_pyramids, segment_sum, select, token_sum
-from ._common import K, cudnn_version
+from ..config import BACKENDS
+from ..ops import feed_segments, feed_tokens, pool_segments, pool_tokens, score_pyramids, select
+from ._common import DTYPES, K, cudnn_version, layer_config
+from ._common import cuda_median_ms as time_ms
 from ._common import format_length as _fmt_len
 from ._common import parse_length as _int
 from ._common import parse_lengths as _int_list
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_layer_parser(sub: argparse._SubParsersAction) -> None:
@@ -72,22 +70,6 @@ def add_layer_parser(sub: argparse._SubParsersAction) -> None:
 # ----------------------------------------------------------------------- timing
 
 
-def time_ms(fn, warmup: int, reps: int) -> float:
-    """Median milliseconds of fn(i) (i = repetition, for rotating inputs), CUDA events."""
-    for i in range(warmup):
-        fn(i)
-    torch.cuda.synchronize()
-    times = []
-    for i in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(i)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def copy_bandwidth() -> float:
     """Device-to-device copy rate in bytes/ms, counting bytes read plus bytes written."""
     x = torch.randn(256 * K * K, device="cuda")  # 1 GiB
@@ -115,15 +97,15 @@ def check_against_reference(args) -> dict:
 
     Random normal inputs: the selection of both sides must agree exactly (checked first);
     then the bf16 output and gradients within the bf16 tolerance of docs/performance.md."""
-    from ..reference import lighthouse_attention_reference, plan
+    from ..reference import LighthousePlan, lighthouse_attention_reference, plan
 
     n, topk = 16 * K, 512
-    cfg = _config(args, topk)
+    cfg = layer_config(args, topk)
     sets = random_inputs(args, n, 1, seed=1234)
     q, k, v, dout = sets[0]
     for t in (q, k, v):
         t.requires_grad_(True)
-    ours, ref_plan = plan_selection(q, k, cfg).to_reference(), plan(q, k, cfg)
+    ours, ref_plan = LighthousePlan.from_selection(plan_selection(q, k, cfg)), plan(q, k, cfg)
     if not (torch.equal(ours.level, ref_plan.level) and torch.equal(ours.index, ref_plan.index)):
         raise SystemExit("bench layer: the fast selection differs from the reference's")
     out = lighthouse_attention(q, k, v, cfg)
@@ -142,11 +124,6 @@ def check_against_reference(args) -> dict:
     if bad:
         raise SystemExit(f"bench layer: fast path disagrees with the reference: {bad}")
     return errors
-
-
-def _config(args, topk: int) -> LighthouseConfig:
-    return LighthouseConfig(levels=args.levels, pooling_factor=args.pooling_factor, topk=topk,
-                            tile_topk=args.tile_topk, backend=args.backend)
 
 
 # ---------------------------------------------------------------------- timings
@@ -178,7 +155,7 @@ def bench_dense(args, n: int) -> dict:
 
 
 def bench_lighthouse(args, n: int, topk: int, bandwidth: float) -> dict:
-    cfg = _config(args, topk)
+    cfg = layer_config(args, topk)
     cfg.validate(n)
     s_len = cfg.gathered_length(n)
     sets = random_inputs(args, n, 2, seed=n + topk)
@@ -215,7 +192,7 @@ def bench_lighthouse(args, n: int, topk: int, bandwidth: float) -> dict:
     with torch.no_grad():
         for q, k, v, _ in sets:
             plans.append(plan_selection(q, k, cfg))
-            gathered.append([segment_sum(x, plans[-1], "pool").requires_grad_(True) for x in (q, k, v)])
+            gathered.append([pool_segments(x, plans[-1]).requires_grad_(True) for x in (q, k, v)])
             outs.append(dense_causal_attention(*gathered[-1], None, cfg.backend))
     scores = [score_pyramids(q, k, cfg) for q, k, _, _ in sets]
     hkv = sets[0][1].shape[2]
@@ -233,12 +210,12 @@ def bench_lighthouse(args, n: int, topk: int, bandwidth: float) -> dict:
     stages = {
         "scores": lambda i: score_pyramids(sets[i % 2][0], sets[i % 2][1], cfg),
         "select": lambda i: select(*scores[i % 2], args.batch, hkv, n, cfg),
-        "gather": lambda i: [segment_sum(x, plans[i % 2], "pool") for x in sets[i % 2][:3]],
+        "gather": lambda i: [pool_segments(x, plans[i % 2]) for x in sets[i % 2][:3]],
         "attention_fwd": attn_f,
-        "scatter": lambda i: token_sum(outs[i % 2], plans[i % 2], "feed"),
-        "scatter_bwd": lambda i: segment_sum(sets[i % 2][3], plans[i % 2], "feed"),
+        "scatter": lambda i: feed_tokens(outs[i % 2], plans[i % 2]),
+        "scatter_bwd": lambda i: feed_segments(sets[i % 2][3], plans[i % 2]),
         "attention_fwd_bwd": attn_fb,
-        "gather_bwd": lambda i: [token_sum(x, plans[i % 2], "pool") for x in gathered[i % 2]],
+        "gather_bwd": lambda i: [pool_tokens(x, plans[i % 2]) for x in gathered[i % 2]],
     }
     res["stages_ms"] = {name: time_ms(fn, w, r) for name, fn in stages.items()}
     st = res["stages_ms"]
@@ -369,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
     for n in args.seq_lens:
         for topk in args.topks:
             try:
-                _config(args, topk).validate(n)
+                layer_config(args, topk).validate(n)
             except ValueError as e:
                 skipped.append({"N": n, "topk": topk, "reason": str(e)})
                 print(f"skip N={n} k={topk}: {e}", flush=True)

@@ -60,8 +60,9 @@ def _split_groups(config, pg_collection, query_groups: int | None) -> SplitGroup
     return SplitGroups(group, query_groups, group.rank() // (tp // query_groups))
 
 
-class _CausalCoreAttention(MegatronModule):
-    """Shared checks and layout changes; subclasses attend on `[b, s, h, d]`."""
+class CausalCoreAttention(MegatronModule):
+    """Shared checks and layout changes; subclasses attend on `[b, s, h, d]` in `_attend`
+    (the extension point `bench e2e` uses for its stand-in attentions)."""
 
     name = "core attention"
     lighthouse_layer = False  # which rules of rules.py apply
@@ -164,7 +165,7 @@ def _is_causal_mask(mask: Tensor, sq: int, cp: ContextParallel | None, rows_chec
     return bool((mask[..., local, :].to(torch.bool) == causal).all())
 
 
-class DenseCoreAttention(_CausalCoreAttention):
+class DenseCoreAttention(CausalCoreAttention):
     """Ordinary causal attention (PyTorch SDPA) for machines without Transformer Engine.
 
     The dense layers of a Lighthouse model, and dense models, on CPU and in tests; on
@@ -177,7 +178,7 @@ class DenseCoreAttention(_CausalCoreAttention):
         return causal_attention(q, k, v, self.softmax_scale, context_parallel=self.context_parallel)
 
 
-class LighthouseCoreAttention(_CausalCoreAttention):
+class LighthouseCoreAttention(CausalCoreAttention):
     """Lighthouse attention as a megatron-core core attention.
 
     Extra spec params (`ModuleSpec(params=...)`): `lighthouse`, a `LighthouseConfig`;

@@ -31,7 +31,7 @@ def _use_te_default() -> bool:
     return torch.cuda.is_available() and te_available()
 
 
-def _transformer_config(config):
+def transformer_config_of(config):
     # Megatron-LM >= 0.19 hands `--spec` functions a GPTModelConfig; the
     # TransformerConfig is its `.transformer`.
     return getattr(config, "transformer", config)
@@ -42,7 +42,7 @@ def _common_arguments(config, attention_impl, lighthouse, use_te):
     if attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {list(ATTENTION_IMPLS)}, got {attention_impl!r}")
     return (
-        _transformer_config(config),
+        transformer_config_of(config),
         LighthouseConfig() if lighthouse is None else lighthouse,
         _use_te_default() if use_te is None else use_te,
     )

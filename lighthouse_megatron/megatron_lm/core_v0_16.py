@@ -12,7 +12,7 @@ import functools
 from collections.abc import Callable
 from functools import partial
 
-from .arguments import validate_lighthouse_args
+from ..megatron.arguments import validate_lighthouse_args
 from .launch import (
     announce,
     clean_exit,

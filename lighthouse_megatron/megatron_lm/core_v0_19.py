@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 
 from ..config import LighthouseConfig
-from ..megatron.specs import LighthouseBlockSpecProvider, _transformer_config
-from .arguments import load_lighthouse_yaml, validate_lighthouse_args
+from ..megatron.arguments import load_lighthouse_yaml, validate_lighthouse_args
+from ..megatron.specs import LighthouseBlockSpecProvider, transformer_config_of
 from .launch import (
     AnnouncingSpecProvider,
     announce,
@@ -56,7 +56,7 @@ def lighthouse_spec_from_env(config, vp_stage: int | None = None):
     impl = settings.pop("attention_impl", "lighthouse")
     until = settings.pop("until_iter", None)
     settings.pop("eval_attention", None)  # Megatron-LM's validation is not hooked on this route
-    transformer_impl = getattr(_transformer_config(config), "transformer_impl", None)
+    transformer_impl = getattr(transformer_config_of(config), "transformer_impl", None)
     use_te = None if transformer_impl is None else transformer_impl == "transformer_engine"
     provider = LighthouseBlockSpecProvider(
         LighthouseConfig.from_dict(settings), attention_impl=impl, use_te=use_te, until_iteration=until

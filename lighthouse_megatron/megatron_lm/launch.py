@@ -13,9 +13,9 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from ..megatron.arguments import add_lighthouse_args, lighthouse_config_from_args
 from ..megatron.schedule import forced_dense, set_iteration_source
 from ..megatron.specs import LighthouseBlockSpecProvider
-from .arguments import add_lighthouse_args, lighthouse_config_from_args
 
 # Modules of Megatron-LM itself (not of megatron-core, nor of its dependencies).
 MEGATRON_LM_MODULES = ("megatron", "megatron.training", "pretrain_gpt", "gpt_builders", "model_provider")

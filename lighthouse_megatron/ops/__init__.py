@@ -2,28 +2,32 @@
 
 scores.py   stage 2: fp32 norms and their max-pyramid, one pass over q and k
 select.py   stages 3-4: per-tile top-k cascade, entries emitted in causal order
-gather.py   stage 1 + 5 input: pooled q, k, v of the planned entries (and the scatter's backward)
-scatter.py  stage 6: per-token sum of the covering entries (and the gather's backward), and
+gather.py   stage 1 + 5 input: pooled q, k, v of the planned entries (pool_segments), and the
+            scatter's backward (feed_segments)
+scatter.py  stage 6: per-token sum of the feeding entries (feed_tokens), the gather's backward
+            (pool_tokens), and
             the rows a context-parallel chunk feeds into the next one
 """
 
-from .gather import gather_pooled, segment_sum, segment_sum_torch
-from .scatter import scatter_back, spill_rows, token_sum, token_sum_torch
+from .gather import feed_segments, feed_segments_torch, pool_segments, pool_segments_torch
+from .scatter import feed_tokens, feed_tokens_torch, pool_tokens, pool_tokens_torch, spill_rows
 from .scores import level_offsets, score_pyramids, score_pyramids_torch
 from .select import SelectionPlan, select, select_torch
 
 __all__ = [
     "SelectionPlan",
-    "gather_pooled",
+    "feed_segments",
+    "feed_segments_torch",
+    "feed_tokens",
+    "feed_tokens_torch",
     "level_offsets",
-    "scatter_back",
+    "pool_segments",
+    "pool_segments_torch",
+    "pool_tokens",
+    "pool_tokens_torch",
     "score_pyramids",
     "score_pyramids_torch",
-    "segment_sum",
-    "segment_sum_torch",
     "select",
     "select_torch",
     "spill_rows",
-    "token_sum",
-    "token_sum_torch",
 ]

@@ -1,16 +1,15 @@
 """Stages 1 and 5 input: pooled q, k, v of the planned entries, pooling on the fly.
 
 No pyramid of q, k, v is ever stored: each gathered row is the fp32 sum of its entry's
-block of base rows, read straight from the base tensor. The same "segment sum" kernel also
-serves the scatter's backward pass, so both live here. Its mode names the token range of a
-slot's entry (l, i) with block size c = p**l:
+block of base rows, read straight from the base tensor. One "segment sum" kernel serves two
+functions, each summing a token range of every slot's entry (l, i), block size c = p**l:
 
-  "pool"   [i * c, (i + 1) * c - 1], the tokens it pools: the slot gets their mean (gather);
-  "feed"   [e, e + c - 1] with e = (i + 1) * c - 1, the tokens its output feeds, clipped to
-           the sequence: the slot gets their sum (the scatter's backward).
+  pool_segments   [i * c, (i + 1) * c - 1], the tokens it pools: their mean (the gather);
+  feed_segments   [e, e + c - 1] with e = (i + 1) * c - 1, the tokens its output feeds,
+                  clipped to the sequence: their sum (the scatter's backward).
 
-The gather's backward (spread each gathered gradient over its block, divided by c_l) is the
-per-token kernel of `scatter.py` in "pool" mode.
+The gather's backward (spread each gathered gradient over its block, divided by c_l) is
+`scatter.pool_tokens`.
 """
 
 from __future__ import annotations
@@ -75,25 +74,26 @@ def _segment_sum_kernel(
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=s_ok[:, None] & d_ok)
 
 
-# Launch settings (tuned on an H100 at 128K-512K tokens, d = 128; see benchmarks/layer/NOTES.md).
+# Launch settings from the H100 sweep in benchmarks/layer/tune_kernels.log (128K-512K tokens, d = 128):
+# block and warp counts moved each kernel by under 5% there; not swept on other GPUs.
 SEGMENT_SUM_LAUNCH = {"block_s": 16, "num_warps": 4, "unroll": True}
 
 
-MODES = ("pool", "feed")
+def pool_segments(x: Tensor, plan: SelectionPlan, out: Tensor | None = None, **launch) -> Tensor:
+    """The gather: [b, n, H, d] -> [b, S, H, d], per gathered slot the mean of the tokens its
+    entry pools. `out` may be a strided view (a chunk of a larger buffer) to write into."""
+    return _segment_sum(x, plan, False, out, launch)
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"segment mode must be one of {list(MODES)}, got {mode!r}")
+def feed_segments(g: Tensor, plan: SelectionPlan, out: Tensor | None = None, **launch) -> Tensor:
+    """The scatter's backward: [b, n, H, d] -> [b, S, H, d], per gathered slot the sum of `g`
+    over the tokens its entry feeds. `out` as in `pool_segments`."""
+    return _segment_sum(g, plan, True, out, launch)
 
 
-def segment_sum(x: Tensor, plan: SelectionPlan, mode: str, out: Tensor | None = None, **launch) -> Tensor:
-    """[b, n, H, d] -> [b, S, H, d]: per gathered slot, the mean of the tokens its entry pools
-    (mode "pool") or the sum over the tokens it feeds (mode "feed"); see the module docstring.
-    `out` may be a strided view (a chunk of a larger buffer) to write into."""
-    _check_mode(mode)
+def _segment_sum(x: Tensor, plan: SelectionPlan, feed: bool, out: Tensor | None, launch: dict) -> Tensor:
     if not use_triton(x):
-        result = segment_sum_torch(x, plan, mode)
+        result = _segment_sum_torch(x, plan, feed)
         return result if out is None else out.copy_(result)
     b, n, heads, d = x.shape
     if x.stride(-1) != 1:
@@ -111,31 +111,36 @@ def segment_sum(x: Tensor, plan: SelectionPlan, mode: str, out: Tensor | None = 
         x, out, plan.level, plan.index, n, s_len, heads, plan.kv_heads,
         x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
         GROUP=heads // plan.kv_heads, D=d, BLOCK_D=block_d, BLOCK_S=block_s,
-        LOG2P=plan.pooling_factor.bit_length() - 1, C=coarsest, FEED=mode == "feed",
+        LOG2P=plan.pooling_factor.bit_length() - 1, C=coarsest, FEED=feed,
         UNROLL=opts["unroll"] and coarsest <= 64, num_warps=opts["num_warps"],
     )
     return out
 
 
-def gather_pooled(x: Tensor, plan: SelectionPlan, out: Tensor | None = None) -> Tensor:
-    """Pooled rows of the planned entries, [b, n, H, d] -> [b, S, H, d] (model dtype)."""
-    return segment_sum(x, plan, "pool", out=out)
+def pool_segments_torch(x: Tensor, plan: SelectionPlan) -> Tensor:
+    """Plain-PyTorch twin of `pool_segments`."""
+    return _segment_sum_torch(x, plan, False)
 
 
-def segment_sum_torch(x: Tensor, plan: SelectionPlan, mode: str) -> Tensor:
-    """Plain-PyTorch twin of `segment_sum`: each range summed on its own in fp32, as the kernel
-    does (a prefix sum would let one huge token erase the digits of every later range)."""
+def feed_segments_torch(g: Tensor, plan: SelectionPlan) -> Tensor:
+    """Plain-PyTorch twin of `feed_segments`."""
+    return _segment_sum_torch(g, plan, True)
+
+
+def _segment_sum_torch(x: Tensor, plan: SelectionPlan, feed: bool) -> Tensor:
+    # Each range summed on its own in fp32, as the kernel does (a prefix sum would let one
+    # huge token erase the digits of every later range).
     b, n, heads, d = x.shape
     group = heads // plan.kv_heads
     p = plan.pooling_factor
     tables = []
     for level in range(plan.levels):
         c = p**level
-        # "feed" ranges start c - 1 tokens later than "pool" blocks: shift, then sum aligned blocks.
-        shift = c - 1 if mode == "feed" else 0
+        # Fed ranges start c - 1 tokens later than pooled blocks: shift, then sum aligned blocks.
+        shift = c - 1 if feed else 0
         xs = torch.nn.functional.pad(x[:, shift:].float(), (0, 0, 0, 0, 0, shift))
         sums = xs.reshape(b, n // c, c, heads, d).sum(dim=2)
-        tables.append(sums / c if mode == "pool" else sums)
+        tables.append(sums if feed else sums / c)
     table = torch.cat(tables, dim=1)  # [b, sum of level lengths, H, d]
     lvl = plan.level.reshape(b, plan.kv_heads, -1).repeat_interleave(group, dim=1).transpose(1, 2).long()
     idx = plan.index.reshape(b, plan.kv_heads, -1).repeat_interleave(group, dim=1).transpose(1, 2).long()

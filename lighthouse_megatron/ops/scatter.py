@@ -2,17 +2,18 @@
 
 Base token t reads, at each level l, the gathered row of the entry covering it, found
 through the plan's inverse map (slot or -1), and sums them in fp32: no atomics, so the
-result is bitwise reproducible. The mode names the cover (as in `gather.py`):
+result is bitwise reproducible. One kernel serves two functions, by which entry covers t:
 
-  "feed"   entry i = floor((t + 1) / c_l) - 1 fed t (its block ended at or before t): the
-           scatter's forward, out[t] = sum of the rows;
-  "pool"   entry i = floor(t / c_l) pooled t: the gather's backward, t receives grad / c_l.
+  feed_tokens   entry i = floor((t + 1) / c_l) - 1 fed t (its block ended at or before t):
+                the scatter, out[t] = sum of the rows;
+  pool_tokens   entry i = floor(t / c_l) pooled t: the gather's backward, t receives
+                grad / c_l.
 
 Under context parallelism a chunk's first p**(L-1) - 1 tokens are also fed by the last
-entries of the chunk before it, which another rank may hold: "feed" takes those rows as a
-`halo` [b, p**(L-1) - 1, H, d] added to the first tokens (`spill_rows` computes what a chunk
-hands on). The scatter's backward (sum of the output gradient over each entry's range) is
-the segment-sum kernel of `gather.py`.
+entries of the chunk before it, which another rank may hold: `feed_tokens` takes those rows
+as a `halo` [b, p**(L-1) - 1, H, d] added to the first tokens (`spill_rows` computes what a
+chunk hands on). The scatter's backward (sum of the output gradient over each entry's range)
+is `gather.feed_segments`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import torch
 from torch import Tensor
 
 from ._triton import tl, triton, use_triton
-from .gather import _check_mode
 from .scores import level_offsets
 from .select import SelectionPlan
 
@@ -75,23 +75,30 @@ def _token_sum_kernel(
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok)
 
 
-# Launch settings (tuned on an H100 at 128K-512K tokens, d = 128; see benchmarks/layer/NOTES.md).
+# Launch settings from the H100 sweep in benchmarks/layer/tune_kernels.log (128K-512K tokens, d = 128):
+# block and warp counts moved each kernel by under 5% there; not swept on other GPUs.
 TOKEN_SUM_LAUNCH = {"block_t": 16, "num_warps": 2}
 
 
-def token_sum(
-    g: Tensor, plan: SelectionPlan, mode: str, out: Tensor | None = None, halo: Tensor | None = None,
-    **launch,
+def feed_tokens(
+    o: Tensor, plan: SelectionPlan, out: Tensor | None = None, halo: Tensor | None = None, **launch
 ) -> Tensor:
-    """[b, S, H, d] -> [b, n, H, d]: per base token, the fp32 sum over levels of the rows of
-    the entries feeding it (mode "feed", the scatter), plus `halo[:, t]` for the first tokens;
-    or of the gradients / c_l of the entries pooling it (mode "pool", the gather's backward).
+    """The scatter: [b, S, H, d] -> [b, n, H, d], per base token the fp32 sum over levels of the
+    rows of the entries feeding it, plus `halo[:, t]` for the first tokens; in `o`'s dtype.
     `out` may be a strided view (a chunk of a larger buffer) to write into."""
-    _check_mode(mode)
-    if halo is not None and mode != "feed":
-        raise ValueError("a halo only feeds tokens in mode 'feed'")
+    return _token_sum(o, plan, True, out, halo, launch)
+
+
+def pool_tokens(g: Tensor, plan: SelectionPlan, out: Tensor | None = None, **launch) -> Tensor:
+    """The gather's backward: [b, S, H, d] -> [b, n, H, d], per base token the fp32 sum over
+    levels of the gradient / c_l of the entry pooling it. `out` as in `feed_tokens`."""
+    return _token_sum(g, plan, False, out, None, launch)
+
+
+def _token_sum(g: Tensor, plan: SelectionPlan, feed: bool, out: Tensor | None, halo: Tensor | None,
+               launch: dict) -> Tensor:
     if not use_triton(g):
-        result = token_sum_torch(g, plan, mode, halo)
+        result = _token_sum_torch(g, plan, feed, halo)
         return result if out is None else out.copy_(result)
     b, s_len, heads, d = g.shape
     n = plan.seq_len
@@ -113,21 +120,23 @@ def token_sum(
         g.stride(0), g.stride(1), g.stride(2), out.stride(0), out.stride(1), out.stride(2),
         h_arg.stride(0), h_arg.stride(1), h_arg.stride(2),
         GROUP=heads // plan.kv_heads, D=d, BLOCK_D=block_d, BLOCK_T=block_t,
-        P=plan.pooling_factor, LEVELS=plan.levels, FEED=mode == "feed", HAS_HALO=halo is not None,
+        P=plan.pooling_factor, LEVELS=plan.levels, FEED=feed, HAS_HALO=halo is not None,
         num_warps=opts["num_warps"],
     )
     return out
 
 
-def scatter_back(
-    o: Tensor, plan: SelectionPlan, out: Tensor | None = None, halo: Tensor | None = None
-) -> Tensor:
-    """Stage 6: [b, S, Hq, d] attention output -> [b, n, Hq, d] in the input dtype."""
-    return token_sum(o, plan, "feed", out=out, halo=halo)
+def feed_tokens_torch(o: Tensor, plan: SelectionPlan, halo: Tensor | None = None) -> Tensor:
+    """Plain-PyTorch twin of `feed_tokens`."""
+    return _token_sum_torch(o, plan, True, halo)
 
 
-def token_sum_torch(g: Tensor, plan: SelectionPlan, mode: str, halo: Tensor | None = None) -> Tensor:
-    """Plain-PyTorch twin of `token_sum`."""
+def pool_tokens_torch(g: Tensor, plan: SelectionPlan) -> Tensor:
+    """Plain-PyTorch twin of `pool_tokens`."""
+    return _token_sum_torch(g, plan, False, None)
+
+
+def _token_sum_torch(g: Tensor, plan: SelectionPlan, feed: bool, halo: Tensor | None) -> Tensor:
     b, _, heads, d = g.shape
     n, p = plan.seq_len, plan.pooling_factor
     group = heads // plan.kv_heads
@@ -138,13 +147,13 @@ def token_sum_torch(g: Tensor, plan: SelectionPlan, mode: str, halo: Tensor | No
     out = torch.zeros(b, n, heads, d, dtype=torch.float32, device=g.device)
     for level in range(plan.levels):
         c = p**level
-        i = (t + 1) // c - 1 if mode == "feed" else t // c
+        i = (t + 1) // c - 1 if feed else t // c
         valid = i >= 0
         slot = inv[:, offsets[level] + i.clamp(min=0)].long()  # [b, n, H]
         ok = valid[None, :, None] & (slot >= 0)
         rows = g.float().gather(1, slot.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, d))
         rows = torch.where(ok.unsqueeze(-1), rows, 0.0)
-        out += rows if mode == "feed" else rows / c
+        out += rows if feed else rows / c
     if halo is not None:
         out[:, : halo.shape[1]] += halo.float()
     return out.to(g.dtype)

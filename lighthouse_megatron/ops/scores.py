@@ -25,7 +25,7 @@ def level_offsets(n: int, pooling_factor: int, levels: int) -> list[int]:
 
 @triton.jit
 def _finite_or_inf(s):
-    # NaN norms count as +inf, as in `reference.base_scores`: one rule for both paths.
+    # NaN norms count as +inf, as in `base_scores`: one rule for both paths.
     return tl.where(s != s, float("inf"), s)
 
 
@@ -83,7 +83,8 @@ def _scores_kernel(
         offset += entries
 
 
-# Launch settings (tuned on an H100, d = 128; see benchmarks/layer/NOTES.md).
+# Launch settings from the H100 sweep in benchmarks/layer/tune_kernels.log (d = 128):
+# block and warp counts moved each kernel by under 5% there; not swept on other GPUs.
 SCORES_LAUNCH = {"block_elems": 8192, "num_warps": 4}
 
 
@@ -117,10 +118,37 @@ def score_pyramids(q: Tensor, k: Tensor, config: LighthouseConfig, **launch) -> 
 
 @torch.no_grad()
 def score_pyramids_torch(q: Tensor, k: Tensor, config: LighthouseConfig) -> tuple[Tensor, Tensor]:
-    """Plain-PyTorch twin of `score_pyramids` (the reference's scores, flat layout)."""
-    from ..reference import base_scores, score_pyramid
-
+    """Plain-PyTorch twin of `score_pyramids`: `base_scores` and `score_pyramid`, flat layout."""
     b, hkv = q.shape[0], k.shape[2]
     s_q, s_k = base_scores(q, k)
     flat = [torch.cat(score_pyramid(s, config), dim=-1).reshape(b * hkv, -1) for s in (s_q, s_k)]
     return flat[0], flat[1]
+
+
+@torch.no_grad()
+def base_scores(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 per-token scores [b, n, Hkv]: ||q|| (max over the GQA group's heads), ||k||.
+
+    A NaN norm counts as +inf (ranked first, ties to the lower index like any other score):
+    the selection stays well defined, and `nan_where_not_finite` then makes the unit's whole
+    output NaN.
+    """
+    b, n, hq, d = q.shape
+    hkv = k.shape[2]
+
+    def norm(x):
+        return torch.linalg.vector_norm(x.float(), dim=-1).nan_to_num(nan=float("inf"), posinf=float("inf"))
+
+    s_q = norm(q).reshape(b, n, hkv, hq // hkv).amax(dim=-1)
+    s_k = norm(k)
+    return s_q, s_k
+
+
+def score_pyramid(s: Tensor, config: LighthouseConfig) -> list[Tensor]:
+    """Max-pool base scores [b, n, Hkv] to every level, as [b, Hkv, n / p**l]."""
+    b, n, h = s.shape
+    out = []
+    for level in range(config.levels):
+        c = config.pooling_factor**level
+        out.append(s.reshape(b, n // c, c, h).amax(dim=2).transpose(1, 2).contiguous())
+    return out

@@ -51,23 +51,6 @@ class SelectionPlan:
     def length(self) -> int:
         return self.level.shape[-1]
 
-    def to_reference(self):
-        """The same plan as a `reference.LighthousePlan` (int64, [b, Hkv, ...] views)."""
-        from ..reference import LighthousePlan
-
-        b, h = self.batch, self.kv_heads
-        sel_q = {lv: self.selected_q[:, lv - 1].reshape(b, h, -1, self.selected_q.shape[-1]).long()
-                 for lv in range(1, self.levels)}
-        sel_k = {lv: self.selected_k[:, lv - 1].reshape(b, h, -1, self.selected_k.shape[-1]).long()
-                 for lv in range(1, self.levels)}
-        return LighthousePlan(
-            level=self.level.reshape(b, h, -1).long(),
-            index=self.index.reshape(b, h, -1).long(),
-            selected_q=sel_q,
-            selected_k=sel_k,
-            pooling_factor=self.pooling_factor,
-        )
-
 
 @triton.jit
 def _level_offset(n, LEVEL: tl.constexpr, P: tl.constexpr):
@@ -268,7 +251,8 @@ def _check_sizes(n: int, config: LighthouseConfig) -> None:
         raise ValueError(f"lighthouse kernels index tokens with int32; sequence length {n} is too long")
 
 
-# Launch settings (tuned on an H100; see benchmarks/layer/NOTES.md).
+# Launch settings from the H100 sweep in benchmarks/layer/tune_kernels.log:
+# block and warp counts moved each kernel by under 5% there; not swept on other GPUs.
 SELECT_LAUNCH = {"block": 1024, "num_warps": 8}
 
 
@@ -312,7 +296,8 @@ def select(
 # ------------------------------------------------------------------ PyTorch twin
 
 
-def _topk_lower_index(scores: Tensor, count: int) -> Tensor:
+def topk_lower_index(scores: Tensor, count: int) -> Tensor:
+    """Positions of the `count` largest values along the last dim, ties to the lower position."""
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count]
 
 
@@ -339,8 +324,8 @@ def select_torch(
         lo, hi = offsets[level], offsets[level + 1]
         s_q = sq[:, lo:hi].gather(-1, flat).reshape(cand.shape)
         s_k = sk[:, lo:hi].gather(-1, flat).reshape(cand.shape)
-        pos_q = _topk_lower_index(s_q, half)
-        pos_k = _topk_lower_index(s_k.scatter(-1, pos_q, float("-inf")), half)
+        pos_q = topk_lower_index(s_q, half)
+        pos_k = topk_lower_index(s_k.scatter(-1, pos_q, float("-inf")), half)
         sel_q[:, level - 1] = cand.gather(-1, pos_q).int()
         sel_k[:, level - 1] = cand.gather(-1, pos_k).int()
         lvls.append(torch.full_like(cand, level))

@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from ..backends import dense_causal_attention, sdpa_kernels, te_layout
-from .context import ContextParallel
+from .context import ContextParallel, merge_chunks
 
 
 def causal_attention(
@@ -101,7 +101,7 @@ class _GatherSequence(torch.autograd.Function):
         ctx.cp = cp
         parts = [torch.empty_like(x) for _ in range(cp.size)]
         dist.all_gather(parts, x.contiguous(), group=cp.group)
-        return _in_sequence_order(parts, cp)
+        return merge_chunks(parts, dim=1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -118,14 +118,6 @@ class _GatherSequence(torch.autograd.Function):
             dist.all_reduce(full, group=cp.group)
             out = full[cp.rank]
         return out, None
-
-
-def _in_sequence_order(parts: list[Tensor], cp: ContextParallel) -> Tensor:
-    chunks: list[Tensor | None] = [None] * (2 * cp.size)
-    for r, part in enumerate(parts):
-        first, second = cp.chunk_ids(r)
-        chunks[first], chunks[second] = part.chunk(2, dim=1)
-    return torch.cat(chunks, dim=1)
 
 
 def _builtin_cp_attention(

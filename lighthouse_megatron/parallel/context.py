@@ -21,11 +21,14 @@ class ContextParallel:
                 K/V, overlapped with compute), "a2a", "all_gather" or "a2a+p2p".
     te_group    what TE takes as `cp_group` when it is not `group` (a2a+p2p: the list of the
                 a2a and p2p groups, Megatron's hierarchical CP groups).
+    halo        False only to time the halo's cost (`bench layer --cp`): each chunk gets zeros
+                instead of what the chunk before it feeds, so the numbers are wrong.
     """
 
     group: Any
     comm_type: str = "p2p"
     te_group: Any = None
+    halo: bool = True
     _streams: dict = field(default_factory=dict, repr=False)
     _checked_shapes: set = field(default_factory=set, repr=False)
 

@@ -12,8 +12,8 @@ import argparse
 from typing import Any
 
 from ..config import BACKENDS, SCORERS, LighthouseConfig
-from ..megatron import rules
-from ..megatron.rules import ATTENTION_IMPLS
+from . import rules
+from .rules import ATTENTION_IMPLS
 
 # LighthouseConfig field -> flag (dest is the flag with '-' -> '_').
 _FLAGS = {

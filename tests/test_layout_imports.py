@@ -1,0 +1,149 @@
+"""The package's import graph, read from the source with `ast` (module-level and function-level
+imports alike, so a function-local import cannot hide a circle): dependencies point down."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent / "lighthouse_megatron"
+PKG = "lighthouse_megatron"
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in ROOT.rglob("*.py"):
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        mods[".".join(parts)] = path
+    return mods
+
+
+MODULES = _modules()
+
+
+def _is_package(mod: str) -> bool:
+    return MODULES[mod].name == "__init__.py"
+
+
+def _package_of(mod: str) -> str:
+    """The package a module belongs to: itself for a package's `__init__`, else its parent."""
+    return mod if _is_package(mod) else mod.rsplit(".", 1)[0]
+
+
+def _resolve(mod: str, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    base = _package_of(mod).split(".")
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports(mod: str):
+    """(imported module, imported name or None, line) for every import in `mod`."""
+    tree = ast.parse(MODULES[mod].read_text(), filename=str(MODULES[mod]))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, None, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve(mod, node)
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                if sub in MODULES:  # `from pkg import submodule`
+                    yield sub, None, node.lineno
+                else:
+                    yield target, alias.name, node.lineno
+
+
+def _edges():
+    """Package-internal edges: importer -> the deepest package module the import names."""
+    edges = {mod: set() for mod in MODULES}
+    for mod in MODULES:
+        for target, _, _ in _imports(mod):
+            while target and target not in MODULES:
+                target = target.rpartition(".")[0]
+            if target.startswith(PKG) and target != mod:
+                edges[mod].add(target)
+    return edges
+
+
+def _cycles(edges) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def test_walker_sees_function_level_imports_and_relative_forms():
+    # The checks below are only as good as the walk: it must see the import inside a function,
+    # resolve `from .x import y` and `from . import x`, and find a known circle in a toy graph.
+    assert "lighthouse_megatron.attention" in _edges()["lighthouse_megatron"]  # inside __getattr__
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_between_package_modules():
+    assert _cycles(_edges()) == []
+
+
+@pytest.mark.parametrize("layer", ["lighthouse_megatron.ops", "lighthouse_megatron.parallel",
+                                   "lighthouse_megatron.attention"])
+def test_fast_path_does_not_import_the_reference(layer):
+    found = [f"{mod}:{line}" for mod in MODULES if mod == layer or mod.startswith(layer + ".")
+             for target, name, line in _imports(mod)
+             if target == f"{PKG}.reference" or (target == PKG and name == "reference")]
+    assert found == []
+
+
+def test_package_never_imports_benchmarks():
+    found = [f"{mod}:{line}" for mod in MODULES for target, _, line in _imports(mod)
+             if target == "benchmarks" or target.startswith("benchmarks.")]
+    assert found == []
+
+
+def test_no_private_names_across_packages():
+    found = []
+    for mod in MODULES:
+        here = _package_of(mod)
+        for target, name, line in _imports(mod):
+            if not target.startswith(PKG):
+                continue
+            owner = target
+            while owner not in MODULES:
+                owner = owner.rpartition(".")[0]
+            if _package_of(owner) == here:
+                continue
+            private_module = any(_is_private(part) for part in target.split("."))
+            if private_module or (name is not None and _is_private(name)):
+                found.append(f"{mod}:{line} imports {target}{'.' + name if name else ''}")
+    assert found == []
