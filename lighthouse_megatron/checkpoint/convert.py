@@ -17,10 +17,8 @@ Lighthouse has no parameters, so the tensors need no change. What does:
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .hf import export_hf
 from .manifest import verification_line, verify_manifest, write_manifest
 from .model import (
     _LAYER,
@@ -39,6 +38,7 @@ from .model import (
     uses_te,
     verify_dense,
 )
+from .output import check_finite, staged_output
 from .reader import (
     COMMON_PT,
     COMMON_STATE_KEY,
@@ -168,15 +168,6 @@ def check_input(ckpt: Checkpoint, verify: bool) -> str:
     return verification_line(ckpt.directory, verify_manifest(ckpt.directory))
 
 
-def check_finite(state: dict) -> None:
-    """Refuse weights with NaN or infinite values, naming the first such tensor."""
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-            bad = (~torch.isfinite(value)).sum().item()
-            raise CheckpointError(f"{key}: {bad} of {value.numel()} values are NaN or infinite; refusing to "
-                                  "convert a diverged or damaged checkpoint")
-
-
 def inspect_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
     """Summarise a Megatron-LM checkpoint (torch_dist, either on-disk layout, or torch).
 
@@ -291,8 +282,6 @@ def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weig
               "layout": ckpt.layout, "iteration": ckpt.iteration, "dry_run": dry_run,
               "input_verified": input_verified}
     if to == "hf":
-        from .hf import export_hf
-
         return export_hf(ckpt, args, output, report, dry_run=dry_run, force=force, log=log)
 
     new_args, changes = dense_args(common.get("args"))
@@ -330,49 +319,6 @@ def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weig
         log(f"output verified: loads under the dense spec ({report['verified']['loaded_with']}), "
             f"{report['verified']['forward']}")
     return report
-
-
-def _make_parent(parent: Path) -> None:
-    """Create the output's missing parents (as prepare-data does); refuse an unwritable one."""
-    if parent.exists() and not parent.is_dir():
-        raise CheckpointError(f"--output: {parent} is a file, not a directory")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"--output: cannot create {parent} ({e.strerror or e})") from e
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CheckpointError(f"--output: cannot write to {parent} (permission denied)")
-
-
-@contextlib.contextmanager
-def staged_output(output: Path, force: bool):
-    """Yield an empty temporary path beside `output` to write into (its missing parents
-    created); on success rename it to `output` (replacing it only with `force`), on any
-    failure remove it."""
-    _make_parent(output.parent)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        yield tmp
-        _replace(tmp, output, force)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"--output {output}: cannot write ({e.strerror or e}: {e.filename})") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace(tmp: Path, output: Path, force: bool) -> None:
-    if output.exists():
-        if not force:
-            raise CheckpointError(f"--output {output} appeared meanwhile; pass --force to replace it")
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        output.rename(old)
-        tmp.rename(output)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        tmp.rename(output)
 
 
 def _legacy_extra_state(shards: dict, args: dict) -> list[str]:

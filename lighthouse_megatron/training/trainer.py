@@ -10,7 +10,7 @@ Two engines, one checkpoint format:
 - CUDA: megatron-core's DistributedDataParallel and `get_megatron_optimizer` (bf16 weights,
   fp32 master weights, like Megatron-LM's `--bf16`), Transformer Engine layers when TE imports.
 - CPU: megatron-core's FP32Optimizer around torch AdamW with megatron-core's parameter
-  groups (what `get_megatron_optimizer` builds without TE/apex; see `cpu.py` for why
+  groups (what `get_megatron_optimizer` builds without TE/apex; see `lighthouse_megatron/cpu.py` for why
   it is not called directly), gradients summed with one all-reduce per iteration.
 """
 
@@ -30,12 +30,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from ..checkpoint.model import transformer_config as model_config
+from ..cpu import cpu_rotary_embedding, make_cpu_optimizer
 from ..data import null_tokenizer
 from ..megatron import LighthouseCoreAttention, get_gpt_decoder_block_spec, lighthouse_config_from_args
 from ..megatron.schedule import set_iteration
 from . import checkpointing
 from .arguments import padded_vocab_size, settings_args
-from .cpu import cpu_rotary_embedding, make_cpu_optimizer
 from .logger import MetricsLogger
 
 
@@ -92,26 +93,17 @@ def set_seed(args) -> None:
 
 
 def transformer_config(args):
-    import torch.nn.functional as F
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
+    """The model's TransformerConfig: the converter's builder on the arguments a checkpoint
+    of this run stores, with the trainer's layout, dropout, dtype and (off) fusions."""
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    return TransformerConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-        ffn_hidden_size=args.ffn_hidden_size,
-        kv_channels=args.kv_channels, tensor_model_parallel_size=args.tensor_model_parallel_size,
+    return model_config(
+        vars(checkpointing.checkpoint_args(args)), dtype=dtype, cpu_init=args.device == "cpu",
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
         context_parallel_size=args.context_parallel_size, hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout, init_method_std=args.init_method_std,
-        layernorm_epsilon=args.norm_epsilon, normalization=args.normalization,
-        gated_linear_unit=args.swiglu, activation_func=F.silu if args.swiglu else F.gelu,
-        add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_bias_linear,
-        qk_layernorm=args.qk_layernorm,
-        use_cpu_initialization=args.device == "cpu", params_dtype=dtype, bf16=args.bf16,
-        pipeline_dtype=dtype, calculate_per_token_loss=True, bias_activation_fusion=False,
-        masked_softmax_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False,
-        cp_comm_type="p2p" if args.context_parallel_size > 1 else None,
+        attention_dropout=args.attention_dropout, bf16=args.bf16, pipeline_dtype=dtype,
+        calculate_per_token_loss=True, bias_activation_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+        gradient_accumulation_fusion=False, cp_comm_type="p2p" if args.context_parallel_size > 1 else None,
     )
 
 
