@@ -113,6 +113,31 @@ def test_checkpoint_layout_is_megatron_lms(reference):
     assert "optimizer.state.exp_avg_sq.embedding.word_embeddings.weight" in keys
 
 
+def test_checkpoint_stores_no_kernel_backend(reference, tmp_path):
+    """--lighthouse-backend is the loading machine's choice: checkpoints do not hold it, and
+    one written when they did still loads, with this machine's default backend."""
+    import shutil
+
+    from lighthouse_megatron.checkpoint.reader import locate, read_common
+
+    save, _ = reference
+    assert not hasattr(read_common(locate(save))["args"], "lighthouse_backend")
+    old = tmp_path / "old"
+    shutil.copytree(save, old)
+    common_pt = old / "iter_0000006" / "common.pt"
+    common = torch.load(common_pt, weights_only=False)
+    common["args"].lighthouse_backend = "flash"
+    torch.save(common, common_pt)
+    with training.checkpoint_model(str(old), device="cpu") as (model, args, iteration):
+        assert iteration == 6 and args.lighthouse_backend == training.parse_args(MODEL).lighthouse_backend
+
+
+def test_importing_training_installs_no_warning_filter():
+    code = ("import warnings; before = list(warnings.filters); import lighthouse_megatron.training; "
+            "assert warnings.filters == before, warnings.filters[:len(warnings.filters) - len(before)]")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_checkpoint_loads_into_a_dense_model_strictly(reference):
     """The stage-1 checkpoint is the dense model's: no missing or unexpected keys."""
     from megatron.core import dist_checkpointing

@@ -109,7 +109,10 @@ def llama_state(state: dict, args: dict) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def export_hf(ckpt, args: dict, output: Path, report: dict, *, dry_run: bool, force: bool, log) -> dict:
+def write_hf(ckpt, args: dict, output: Path, *, dry_run: bool, force: bool, log) -> dict:
+    """Write `ckpt` (its stored `args`) to `output` as a Llama checkpoint (unless `dry_run`);
+    returns what it did: "changes" and, once written, "tokenizer" and "verified"."""
+    report: dict = {}
     check_llama(args)
     try:
         from safetensors.torch import save_file

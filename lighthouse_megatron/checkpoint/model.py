@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -88,7 +89,10 @@ def transformer_config(args: dict, *, dtype=torch.float32, cpu_init: bool = True
         tensor_model_parallel_size=1,
         pipeline_model_parallel_size=1,
     )
-    return TransformerConfig(**{**fields, **overrides})
+    with warnings.catch_warnings():
+        # megatron-core's own default cuda_graph_scope ("full") triggers its deprecation warning.
+        warnings.filterwarnings("ignore", message=r"full scope is deprecated")
+        return TransformerConfig(**{**fields, **overrides})
 
 
 def vocab_size(args: dict, state: dict | None = None) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import make_output_dir
 from .reader import CheckpointError
 
 
@@ -22,24 +23,14 @@ def check_finite(state: dict) -> None:
                                   "convert a diverged or damaged checkpoint")
 
 
-def _make_parent(parent: Path) -> None:
-    """Create the output's missing parents (as prepare-data does); refuse an unwritable one."""
-    if parent.exists() and not parent.is_dir():
-        raise CheckpointError(f"--output: {parent} is a file, not a directory")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"--output: cannot create {parent} ({e.strerror or e})") from e
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CheckpointError(f"--output: cannot write to {parent} (permission denied)")
-
-
 @contextlib.contextmanager
 def staged_output(output: Path, force: bool):
     """Yield an empty temporary path beside `output` to write into (its missing parents
     created); on success rename it to `output` (replacing it only with `force`), on any
     failure remove it."""
-    _make_parent(output.parent)
+    problem = make_output_dir(output.parent)  # missing parents created, as prepare-data does
+    if problem:
+        raise CheckpointError(f"--output {output}: {problem}")
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -45,6 +45,8 @@ from ..checkpoint.reader import TRACKER, locate
 from ..cpu import cpu_as_current_device
 
 CHECKPOINT_VERSION = 3.0
+# Settings of the machine, not of the model: whoever loads the checkpoint chooses them.
+NOT_STORED = ("lighthouse_backend",)
 # What Megatron-LM's _build_sharded_state_dict_metadata stores for a non-distributed optimizer.
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
@@ -111,6 +113,8 @@ def checkpoint_args(args: argparse.Namespace) -> argparse.Namespace:
     plain = (str, int, float, bool, type(None))
     out = argparse.Namespace()
     for key, value in sorted(vars(args).items()):
+        if key in NOT_STORED:
+            continue
         if isinstance(value, (list, tuple)) and all(isinstance(v, plain) for v in value):
             setattr(out, key, list(value))
         elif isinstance(value, plain):
