@@ -113,23 +113,21 @@ def test_checkpoint_layout_is_megatron_lms(reference):
     assert "optimizer.state.exp_avg_sq.embedding.word_embeddings.weight" in keys
 
 
-def test_checkpoint_stores_no_kernel_backend(reference, tmp_path):
+def test_checkpoint_stores_no_kernel_backend(reference, tmp_path, monkeypatch):
     """--lighthouse-backend is the loading machine's choice: checkpoints do not hold it, and
     one written when they did still loads, with this machine's default backend."""
-    import shutil
-
     from lighthouse_megatron.checkpoint.reader import locate, read_common
+    from lighthouse_megatron.training import checkpointing
 
     save, _ = reference
     assert not hasattr(read_common(locate(save))["args"], "lighthouse_backend")
-    old = tmp_path / "old"
-    shutil.copytree(save, old)
-    common_pt = old / "iter_0000006" / "common.pt"
-    common = torch.load(common_pt, weights_only=False)
-    common["args"].lighthouse_backend = "flash"
-    torch.save(common, common_pt)
-    with training.checkpoint_model(str(old), device="cpu") as (model, args, iteration):
-        assert iteration == 6 and args.lighthouse_backend == training.parse_args(MODEL).lighthouse_backend
+    with monkeypatch.context() as m:  # what checkpoints held before
+        m.setattr(checkpointing, "NOT_STORED", ())
+        _train(*LIGHTHOUSE, "--lighthouse-backend", "math", "--save", tmp_path, "--exit-interval", 1)
+    assert read_common(locate(tmp_path))["args"].lighthouse_backend == "math"
+    default = training.parse_args(MODEL).lighthouse_backend
+    with training.checkpoint_model(str(tmp_path), device="cpu") as (model, args, iteration):
+        assert iteration == 1 and args.lighthouse_backend == default != "math"
 
 
 def test_importing_training_installs_no_warning_filter():
