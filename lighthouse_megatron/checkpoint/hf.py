@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from ..cpu import cpu_as_current_device
 from .manifest import write_manifest
 from .model import arg, model_state
 from .output import check_finite, staged_output
@@ -233,6 +232,7 @@ def verify_hf(directory: Path, state: dict, args: dict) -> dict | str:
         from transformers import LlamaForCausalLM
     except ImportError:
         return f"not verified: transformers is not installed ({HF_EXTRA})"
+    from ..cpu import cpu_as_current_device  # imports megatron-core: only when a model is built
     from .model import build_dense_model, single_process_megatron, to_local_names
 
     seq = min(32, arg(args, "seq_length", 32), arg(args, "max_position_embeddings", 32))

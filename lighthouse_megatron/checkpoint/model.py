@@ -17,7 +17,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..cpu import cpu_as_current_device
 from .reader import Checkpoint, CheckpointError, dcp_read_all, read_shard
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -298,6 +297,8 @@ def verify_dense(ckpt: Checkpoint, args: dict) -> dict[str, Any]:
     runs, on the CPU elsewhere.
     Returns a summary; raises CheckpointError on any mismatch.
     """
+    from ..cpu import cpu_as_current_device  # imports megatron-core: only when a model is built
+
     te_checkpoint = uses_te(args)
     use_te = te_checkpoint and _te_ready()
     # Where TE runs, megatron-core builds even the local spec's final norm from TE
