@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import make_output_dir
+
 BYTE_VOCAB_SIZE = 256
 BYTE_EOD = 256  # the id right after the bytes
 # Python sources ship with the interpreter; third-party packages live below these.
@@ -294,15 +296,9 @@ def _check_output(prefix: str, force: bool) -> Path:
             raise DataError(f"--output {prefix}: {path} is a directory")
         if Path(path).exists() and not force:
             raise DataError(f"--output {prefix}: {path} exists; pass --force to overwrite it")
-    blocking = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise DataError(f"--output {prefix}: {blocking} is not a directory")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"--output {prefix}: cannot create the directory {out_dir} ({e.strerror})") from e
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise DataError(f"--output {prefix}: the directory {out_dir} is not writable")
+    problem = make_output_dir(out_dir)
+    if problem:
+        raise DataError(f"--output {prefix}: {problem}")
     return out_dir
 
 

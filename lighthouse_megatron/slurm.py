@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .layout import check_flags
+from .yaml_settings import read_mapping
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
 LAUNCHER = SLURM_DIR / "launch.sbatch"
@@ -98,22 +99,6 @@ class Resolved:
     dp: int | None = None
 
 
-def _read_yaml(path: Path, what: str) -> dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"{what} {path} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} {path} must be a mapping of settings, got {type(data).__name__}")
-    return data
-
-
 def load_job(name_or_path: str | os.PathLike) -> Job:
     """A job by name (stage1, convert, stage2, 1m: slurm/NAME.yaml) or by path."""
     name = str(name_or_path)
@@ -122,14 +107,14 @@ def load_job(name_or_path: str | os.PathLike) -> Job:
         if name not in JOBS and os.sep not in name and not name.endswith((".yaml", ".yml")):
             raise ValueError(f"unknown job {name!r}; valid: {', '.join(JOBS)} or a path to a job file")
         raise ValueError(f"job file {path} not found")
-    values = _read_yaml(path, "job file")
+    values = read_mapping(path, "job file")
     if values.get("job") not in KINDS:
         raise ValueError(f"{path}: 'job' must be one of {', '.join(KINDS)}, got {values.get('job')!r}")
     return Job(path.stem, path.resolve(), values)
 
 
 def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
-    return {} if path is None else _read_yaml(Path(path), "--config")
+    return {} if path is None else read_mapping(Path(path), "--config")
 
 
 def _trainer_keys() -> set[str]:
@@ -196,7 +181,7 @@ def _resolve(job: Job, values: Mapping[str, Any], allow_placeholders: bool) -> R
         if not merged.get("recipe"):
             raise ValueError("a train job needs 'recipe', the trainer YAML with the model and schedule")
         recipe_path = (job.path.parent / str(merged["recipe"])).resolve()
-        train = {k: v for k, v in _read_yaml(recipe_path, "recipe").items() if k not in NOT_FROM_RECIPE}
+        train = {k: v for k, v in read_mapping(recipe_path, "recipe").items() if k not in NOT_FROM_RECIPE}
     merged.pop("recipe", None)
     trainer_keys = _trainer_keys() if kind == "train" else set()
     wrong = sorted(k for k in merged if not _takes_kind(kind, k) and (k in LAUNCH_KEYS or kind == "convert"))

@@ -12,7 +12,7 @@ with this package's Lighthouse block spec (layer 0 dense), after one Adam step:
   from TP = 1 or from the ranks of a real TP = 2 model (two gloo processes).
 
 CPU notes: megatron-core 0.16.1's RoPE asks torch.cuda.current_device() in forward
-(`lighthouse_megatron.checkpoint.model.cpu_rope` answers "cpu"), its checkpoint writer
+(`lighthouse_megatron.cpu.cpu_as_current_device` answers "cpu"), its checkpoint writer
 calls torch.cuda.synchronize() (a no-op here while saving); Megatron-LM's RNG
 tracker needs CUDA, so rng_state holds the CPU generator's state only.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from lighthouse_megatron import LighthouseConfig
-from lighthouse_megatron.checkpoint.model import cpu_rope
+from lighthouse_megatron.cpu import cpu_as_current_device
 
 VOCAB, SEQ, ITERATION = 64, 64, 7
 LH = LighthouseConfig(levels=2, pooling_factor=2, topk=8, tile_topk=2, dense_layers=(0,))
@@ -90,7 +90,7 @@ def tokens(b: int = 2, seed: int = 3):
 
 def logits(model, b: int = 2):
     tok, pos = tokens(b)
-    with torch.no_grad(), cpu_rope():
+    with torch.no_grad(), cpu_as_current_device():
         return model(tok, pos, None)
 
 
@@ -99,7 +99,7 @@ def train_step(model):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
     tok, pos = tokens()
-    with cpu_rope():
+    with cpu_as_current_device():
         model(tok, pos, None).float().pow(2).mean().backward()
     opt.step()
     model.eval()
@@ -136,7 +136,7 @@ def save_torch_dist(model, opt, args, root: Path, iteration: int = ITERATION) ->
         # megatron-core's writer synchronises CUDA after staging tensors to host memory.
         torch.cuda.synchronize = lambda *a, **k: None
     try:
-        with cpu_rope():  # also answers the writer's torch.cuda.current_device()
+        with cpu_as_current_device():  # also answers the writer's torch.cuda.current_device()
             dist_checkpointing.save(state, str(directory))
     finally:
         torch.cuda.synchronize = synchronize

@@ -66,7 +66,7 @@ def exact(actual, expected):
 
 def dense_model_logits(state: dict):
     """Logits of a dense-spec model (this package's dense block spec) with `state`."""
-    from lighthouse_megatron.checkpoint.model import cpu_rope
+    from lighthouse_megatron.cpu import cpu_as_current_device
     from lighthouse_megatron.megatron import get_gpt_decoder_block_spec
 
     config = ct.transformer_config()
@@ -77,7 +77,7 @@ def dense_model_logits(state: dict):
         position_embedding_type="rope", share_embeddings_and_output_weights=False).eval()
     model.load_state_dict(state, strict=True)
     tok, pos = ct.tokens()
-    with torch.no_grad(), cpu_rope():
+    with torch.no_grad(), cpu_as_current_device():
         return model(tok, pos, None)
 
 

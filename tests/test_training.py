@@ -113,6 +113,29 @@ def test_checkpoint_layout_is_megatron_lms(reference):
     assert "optimizer.state.exp_avg_sq.embedding.word_embeddings.weight" in keys
 
 
+def test_checkpoint_stores_no_kernel_backend(reference, tmp_path, monkeypatch):
+    """--lighthouse-backend is the loading machine's choice: checkpoints do not hold it, and
+    one written when they did still loads, with this machine's default backend."""
+    from lighthouse_megatron.checkpoint.reader import locate, read_common
+    from lighthouse_megatron.training import checkpointing
+
+    save, _ = reference
+    assert not hasattr(read_common(locate(save))["args"], "lighthouse_backend")
+    with monkeypatch.context() as m:  # what checkpoints held before
+        m.setattr(checkpointing, "NOT_STORED", ())
+        _train(*LIGHTHOUSE, "--lighthouse-backend", "math", "--save", tmp_path, "--exit-interval", 1)
+    assert read_common(locate(tmp_path))["args"].lighthouse_backend == "math"
+    default = training.parse_args(MODEL).lighthouse_backend
+    with training.checkpoint_model(str(tmp_path), device="cpu") as (model, args, iteration):
+        assert iteration == 1 and args.lighthouse_backend == default != "math"
+
+
+def test_importing_training_installs_no_warning_filter():
+    code = ("import warnings; before = list(warnings.filters); import lighthouse_megatron.training; "
+            "assert warnings.filters == before, warnings.filters[:len(warnings.filters) - len(before)]")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_checkpoint_loads_into_a_dense_model_strictly(reference):
     """The stage-1 checkpoint is the dense model's: no missing or unexpected keys."""
     from megatron.core import dist_checkpointing

@@ -56,12 +56,15 @@ def _fail(error: Exception) -> int:
 
 @_quiet
 def run_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .convert import convert, export_hf
 
+    options = dict(dry_run=args.dry_run, force=args.force, verify=not args.no_verify,
+                   log=lambda msg: print(f"  {msg}"))
     try:
-        report = convert(args.input, args.output, to=args.to, weights_only=args.weights_only,
-                         dry_run=args.dry_run, force=args.force, verify=not args.no_verify,
-                         log=lambda msg: print(f"  {msg}"))
+        if args.to == "hf":
+            report = export_hf(args.input, args.output, **options)
+        else:
+            report = convert(args.input, args.output, weights_only=args.weights_only, **options)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         return _fail(e)
     if args.dry_run:

@@ -17,10 +17,8 @@ Lighthouse has no parameters, so the tensors need no change. What does:
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .hf import write_hf
 from .manifest import verification_line, verify_manifest, write_manifest
 from .model import (
     _LAYER,
@@ -39,6 +38,7 @@ from .model import (
     uses_te,
     verify_dense,
 )
+from .output import check_finite, staged_output
 from .reader import (
     COMMON_PT,
     COMMON_STATE_KEY,
@@ -168,15 +168,6 @@ def check_input(ckpt: Checkpoint, verify: bool) -> str:
     return verification_line(ckpt.directory, verify_manifest(ckpt.directory))
 
 
-def check_finite(state: dict) -> None:
-    """Refuse weights with NaN or infinite values, naming the first such tensor."""
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-            bad = (~torch.isfinite(value)).sum().item()
-            raise CheckpointError(f"{key}: {bad} of {value.numel()} values are NaN or infinite; refusing to "
-                                  "convert a diverged or damaged checkpoint")
-
-
 def inspect_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
     """Summarise a Megatron-LM checkpoint (torch_dist, either on-disk layout, or torch).
 
@@ -252,26 +243,10 @@ def _dist_keys(ckpt):
 
 # --- convert --------------------------------------------------------------------------------
 
-def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weights_only: bool = False,
-            dry_run: bool = False, force: bool = False, verify: bool = True,
-            log: Callable[[str], None] | None = None) -> dict:
-    """Convert a stage-1 checkpoint for the dense recovery stage, or export it.
-
-    to="megatron": a Megatron-LM checkpoint (same format and layout as the input) that
-    loads under the dense spec; optimizer state and iteration kept unless `weights_only`.
-    to="hf": a Hugging Face Llama checkpoint (config.json + model.safetensors).
-    The output is written under a temporary name next to it and renamed at the end, then
-    verified (dense load with strict key checks and a forward pass; for "hf", logits
-    against transformers' LlamaForCausalLM when transformers is installed). An existing
-    output is refused unless `force`. The input is only read: first checked against its
-    manifest (unless `verify` is False; a checkpoint without one is reported unverified), its
-    weights must be finite. The output gets a manifest of its own. Missing parents of the
-    output are created.
-    Returns a report: {"input", "output", "format", "changes", "input_verified", "verified", ...}.
-    """
-    log = log or (lambda msg: None)
-    if to not in TARGETS:
-        raise ValueError(f"to must be one of {list(TARGETS)}, got {to!r}")
+def _open(input: str | Path, output: str | Path, *, to: str, dry_run: bool, force: bool, verify: bool,
+          log: Callable[[str], None]) -> tuple[Checkpoint, Path, dict, dict, dict]:
+    """What `convert` and `export_hf` check first: (checkpoint, output, common state, stored
+    args, the report so far)."""
     ckpt = locate(input)
     output = Path(output)
     if output.resolve() == ckpt.path.resolve() or ckpt.path.resolve() in output.resolve().parents \
@@ -290,11 +265,33 @@ def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weig
     report = {"input": str(ckpt.path), "output": str(output), "to": to, "format": ckpt.format,
               "layout": ckpt.layout, "iteration": ckpt.iteration, "dry_run": dry_run,
               "input_verified": input_verified}
+    return ckpt, output, common, args, report
+
+
+def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weights_only: bool = False,
+            dry_run: bool = False, force: bool = False, verify: bool = True,
+            log: Callable[[str], None] | None = None) -> dict:
+    """Convert a stage-1 checkpoint for the dense recovery stage (`export_hf`: to Hugging Face).
+
+    to="megatron": a Megatron-LM checkpoint (same format and layout as the input) that
+    loads under the dense spec; optimizer state and iteration kept unless `weights_only`.
+    to="hf" is `export_hf(input, output, ...)` (`weights_only` does not apply).
+    The output is written under a temporary name next to it and renamed at the end, then
+    verified (dense load with strict key checks and a forward pass; for "hf", logits
+    against transformers' LlamaForCausalLM when transformers is installed). An existing
+    output is refused unless `force`. The input is only read: first checked against its
+    manifest (unless `verify` is False; a checkpoint without one is reported unverified), its
+    weights must be finite. The output gets a manifest of its own. Missing parents of the
+    output are created.
+    Returns a report: {"input", "output", "format", "changes", "input_verified", "verified", ...}.
+    """
+    if to not in TARGETS:
+        raise ValueError(f"to must be one of {list(TARGETS)}, got {to!r}")
     if to == "hf":
-        from .hf import export_hf
-
-        return export_hf(ckpt, args, output, report, dry_run=dry_run, force=force, log=log)
-
+        return export_hf(input, output, dry_run=dry_run, force=force, verify=verify, log=log)
+    log = log or (lambda msg: None)
+    ckpt, output, common, args, report = _open(input, output, to=to, dry_run=dry_run, force=force,
+                                               verify=verify, log=log)
     new_args, changes = dense_args(common.get("args"))
     if weights_only:
         dropped = [k for k in _TRAINING_STATE if k in common]
@@ -332,47 +329,16 @@ def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weig
     return report
 
 
-def _make_parent(parent: Path) -> None:
-    """Create the output's missing parents (as prepare-data does); refuse an unwritable one."""
-    if parent.exists() and not parent.is_dir():
-        raise CheckpointError(f"--output: {parent} is a file, not a directory")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"--output: cannot create {parent} ({e.strerror or e})") from e
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CheckpointError(f"--output: cannot write to {parent} (permission denied)")
-
-
-@contextlib.contextmanager
-def staged_output(output: Path, force: bool):
-    """Yield an empty temporary path beside `output` to write into (its missing parents
-    created); on success rename it to `output` (replacing it only with `force`), on any
-    failure remove it."""
-    _make_parent(output.parent)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        yield tmp
-        _replace(tmp, output, force)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"--output {output}: cannot write ({e.strerror or e}: {e.filename})") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace(tmp: Path, output: Path, force: bool) -> None:
-    if output.exists():
-        if not force:
-            raise CheckpointError(f"--output {output} appeared meanwhile; pass --force to replace it")
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        output.rename(old)
-        tmp.rename(output)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        tmp.rename(output)
+def export_hf(input: str | Path, output: str | Path, *, dry_run: bool = False, force: bool = False,
+              verify: bool = True, log: Callable[[str], None] | None = None) -> dict:
+    """Export a checkpoint of a Llama-shaped dense model as a Hugging Face Llama checkpoint
+    (config.json + model.safetensors + the tokenizer), with `convert`'s guarantees: input
+    checked, output written under a temporary name and verified (logits against
+    transformers' LlamaForCausalLM when transformers is installed), no overwrite without `force`."""
+    log = log or (lambda msg: None)
+    ckpt, output, _, args, report = _open(input, output, to="hf", dry_run=dry_run, force=force,
+                                          verify=verify, log=log)
+    return {**report, **write_hf(ckpt, args, output, dry_run=dry_run, force=force, log=log)}
 
 
 def _legacy_extra_state(shards: dict, args: dict) -> list[str]:
@@ -388,12 +354,7 @@ def _legacy_extra_state(shards: dict, args: dict) -> list[str]:
 
 def _write_legacy(ckpt: Checkpoint, shards: dict, new_args, out_dir: Path, weights_only: bool) -> None:
     for (tp, pp), state in shards.items():
-        state = dict(state)
-        state["args"] = new_args
-        if weights_only:
-            for key in _TRAINING_STATE:
-                state.pop(key, None)
-            state["iteration"] = 0
+        state = _output_state(state, new_args, weights_only)
         source = ckpt.shards[(tp, pp)]
         target = out_dir / source.parent.name / source.name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -411,7 +372,7 @@ def _copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _common_for_output(common: dict, new_args, weights_only: bool) -> dict:
+def _output_state(common: dict, new_args, weights_only: bool) -> dict:
     common = dict(common)
     common["args"] = new_args
     if weights_only:
@@ -422,7 +383,7 @@ def _common_for_output(common: dict, new_args, weights_only: bool) -> dict:
 
 
 def _write_dist(ckpt: Checkpoint, common: dict, new_args, out_dir: Path, weights_only: bool) -> None:
-    common = _common_for_output(common, new_args, weights_only)
+    common = _output_state(common, new_args, weights_only)
     if ckpt.layout == "common.pt" and not weights_only:
         # The tensors stay byte for byte; only the common state changes.
         for item in ckpt.directory.iterdir():
@@ -468,9 +429,4 @@ def _dcp_write(items: dict, out_dir: Path, source_metadata) -> None:
             pickle.dump(metadata, f)
 
 
-def load_args(path: str | Path) -> dict:
-    """The stored arguments of a checkpoint, as a dict (for callers that only need them)."""
-    return args_dict(read_common(locate(path)).get("args"))
-
-
-__all__ = ["CheckpointError", "convert", "dense_args", "inspect_checkpoint", "load_args", "torch_load"]
+__all__ = ["CheckpointError", "convert", "dense_args", "export_hf", "inspect_checkpoint", "torch_load"]

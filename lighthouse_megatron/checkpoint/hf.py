@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from .manifest import write_manifest
 from .model import arg, model_state
+from .output import check_finite, staged_output
 from .reader import CheckpointError
 
 HF_EXTRA = "pip install 'lighthouse-megatron[hf]' (safetensors, transformers)"
@@ -106,15 +108,16 @@ def llama_state(state: dict, args: dict) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def export_hf(ckpt, args: dict, output: Path, report: dict, *, dry_run: bool, force: bool, log) -> dict:
+def write_hf(ckpt, args: dict, output: Path, *, dry_run: bool, force: bool, log) -> dict:
+    """Write `ckpt` (its stored `args`) to `output` as a Llama checkpoint (unless `dry_run`);
+    returns what it did: "changes" and, once written, "tokenizer" and "verified"."""
+    report: dict = {}
     check_llama(args)
     try:
         from safetensors.torch import save_file
     except ImportError as e:
         raise CheckpointError(f"--to hf needs safetensors: {HF_EXTRA}") from e
     state = model_state(ckpt, args)
-    from .convert import check_finite
-
     check_finite(state)
     needed = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight")
     missing = [k for k in needed if k not in state]
@@ -133,8 +136,6 @@ def export_hf(ckpt, args: dict, output: Path, report: dict, *, dry_run: bool, fo
         log(change)
     if dry_run:
         return report
-    from .convert import staged_output
-    from .manifest import write_manifest
 
     with staged_output(output, force) as tmp:
         tmp.mkdir()
@@ -231,7 +232,8 @@ def verify_hf(directory: Path, state: dict, args: dict) -> dict | str:
         from transformers import LlamaForCausalLM
     except ImportError:
         return f"not verified: transformers is not installed ({HF_EXTRA})"
-    from .model import build_dense_model, cpu_rope, single_process_megatron, to_local_names
+    from ..cpu import cpu_as_current_device  # imports megatron-core: only when a model is built
+    from .model import build_dense_model, single_process_megatron, to_local_names
 
     seq = min(32, arg(args, "seq_length", 32), arg(args, "max_position_embeddings", 32))
     vocab = state["embedding.word_embeddings.weight"].shape[0]
@@ -239,7 +241,7 @@ def verify_hf(directory: Path, state: dict, args: dict) -> dict | str:
     hf = LlamaForCausalLM.from_pretrained(str(directory), torch_dtype=torch.float32).eval()
     with torch.no_grad():
         hf_logits = hf(tokens).logits
-    with single_process_megatron(), cpu_rope():
+    with single_process_megatron(), cpu_as_current_device():
         model = build_dense_model(args, vocab)
         weights = {k: v.float() for k, v in to_local_names(state).items()
                    if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}

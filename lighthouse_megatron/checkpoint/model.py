@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -44,8 +45,10 @@ def uses_te(args: dict, keys=()) -> bool:
     return any(k.endswith("._extra_state") and "core_attention" in k for k in keys)
 
 
-def transformer_config(args: dict, *, dtype=torch.float32, cpu_init: bool = True):
-    """megatron-core TransformerConfig for the stored Megatron-LM arguments (TP = PP = 1)."""
+def transformer_config(args: dict, *, dtype=torch.float32, cpu_init: bool = True, **overrides):
+    """megatron-core TransformerConfig for Megatron-LM arguments (a checkpoint's, or the
+    trainer's as it stores them): the model's architecture, with TP = PP = 1 and no dropout
+    unless `overrides` (more TransformerConfig fields) say otherwise."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     needed = [n for n in ("num_layers", "hidden_size", "num_attention_heads") if args.get(n) is None]
@@ -62,7 +65,7 @@ def transformer_config(args: dict, *, dtype=torch.float32, cpu_init: bool = True
     else:
         activation, gated = F.gelu, False
     groups = args.get("num_query_groups") if arg(args, "group_query_attention", False) else None
-    return TransformerConfig(
+    fields = dict(
         num_layers=args["num_layers"],
         hidden_size=args["hidden_size"],
         num_attention_heads=args["num_attention_heads"],
@@ -77,6 +80,7 @@ def transformer_config(args: dict, *, dtype=torch.float32, cpu_init: bool = True
         gated_linear_unit=gated,
         activation_func=activation,
         qk_layernorm=arg(args, "qk_layernorm", False),
+        init_method_std=arg(args, "init_method_std", 0.02),
         attention_dropout=0.0,
         hidden_dropout=0.0,
         params_dtype=dtype,
@@ -84,6 +88,10 @@ def transformer_config(args: dict, *, dtype=torch.float32, cpu_init: bool = True
         tensor_model_parallel_size=1,
         pipeline_model_parallel_size=1,
     )
+    with warnings.catch_warnings():
+        # megatron-core's own default cuda_graph_scope ("full") triggers its deprecation warning.
+        warnings.filterwarnings("ignore", message=r"full scope is deprecated")
+        return TransformerConfig(**{**fields, **overrides})
 
 
 def vocab_size(args: dict, state: dict | None = None) -> int:
@@ -153,19 +161,6 @@ def single_process_megatron():
             parallel_state.destroy_model_parallel()
         if made_group:
             dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def cpu_rope():
-    """For models on the CPU: megatron-core 0.16's RotaryEmbedding moves its frequencies to
-    torch.cuda.current_device() in forward (and its checkpoint writer puts a status tensor
-    there); let that mean the CPU while the block runs, also on machines with a GPU."""
-    original = torch.cuda.current_device
-    torch.cuda.current_device = lambda: "cpu"
-    try:
-        yield
-    finally:
-        torch.cuda.current_device = original
 
 
 def _rename_layers(state: dict, names: dict[str, str]) -> dict:
@@ -302,12 +297,14 @@ def verify_dense(ckpt: Checkpoint, args: dict) -> dict[str, Any]:
     runs, on the CPU elsewhere.
     Returns a summary; raises CheckpointError on any mismatch.
     """
+    from ..cpu import cpu_as_current_device  # imports megatron-core: only when a model is built
+
     te_checkpoint = uses_te(args)
     use_te = te_checkpoint and _te_ready()
     # Where TE runs, megatron-core builds even the local spec's final norm from TE
     # (transformer_block.LayerNormImpl), which has no CPU kernels: verify on the GPU there.
     device = "cuda" if _te_ready() else "cpu"
-    with single_process_megatron(), cpu_rope() if device == "cpu" else contextlib.nullcontext():
+    with single_process_megatron(), cpu_as_current_device() if device == "cpu" else contextlib.nullcontext():
         readable = ckpt.layout == "common.pt" or _core_reads_common_state()
         if ckpt.format == "torch_dist" and readable:
             model, how = _load_with_dist_checkpointing(ckpt, args, use_te, device)

@@ -31,15 +31,14 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
                         f"({PRESETS['default'].describe()})")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the GPU when there is one")
-    p.add_argument("--layer", action="store_true",
+    # The flag picks the program at parse time: the workflow and the layer demo are two functions.
+    p.add_argument("--layer", dest="func", action="store_const", const=run_layer_demo, default=run_demo,
                    help="run the single-layer demo: one Lighthouse attention layer against dense attention")
     add_layer_arguments(p)
-    p.set_defaults(func=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    if args.layer:
-        return run_layer_demo(args)
+    """The two-stage workflow."""
     from .workflow import run_workflow
 
     return run_workflow(args.out, PRESETS["tiny" if args.tiny else "default"], device=args.device,

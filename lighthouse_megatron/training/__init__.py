@@ -49,21 +49,20 @@ import argparse
 import sys
 import warnings
 
-# megatron-core warns on import that apex/TE are absent (expected on CPU, where the
-# fallbacks are what runs) and about a TransformerConfig default it deprecates itself.
-warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine and Apex) (is|are) not installed")
-warnings.filterwarnings("ignore", message=r"full scope is deprecated")
-
-from .arguments import build_parser, megatron_lm_args, parse_args, resolve_args, settings_args  # noqa: E402
-from .logger import read_metrics  # noqa: E402
-from .trainer import TrainResult, checkpoint_model, dense_attention, run  # noqa: E402
+# Importing megatron-core warns that apex/TE are absent: expected on CPU, where the fallbacks
+# are what runs. Silenced for these imports only, not for the process.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine and Apex) (is|are) not installed")
+    from .arguments import build_parser, megatron_lm_args, parse_args, resolve_args, settings_args
+    from .logger import read_metrics
+    from .trainer import TrainResult, checkpoint_model, dense_attention, run
 
 __all__ = ["TrainResult", "add_train_parser", "checkpoint_model", "dense_attention", "main",
            "megatron_lm_args", "parse_args", "read_metrics", "run", "settings_args"]
 
 
 def _run_cli(cli: argparse.Namespace) -> int:
-    from .trainer import launch, prepare
+    from .trainer import prepare, process_group, train_loop
 
     try:
         args = resolve_args(cli)
@@ -71,7 +70,8 @@ def _run_cli(cli: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    launch(args)
+    with process_group(args):
+        train_loop(args)
     return 0
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from ..data import byte_vocab_size, null_tokenizer, open_indexed_dataset
 from ..layout import check_layout
 from ..megatron import add_lighthouse_args, validate_lighthouse_args
+from ..yaml_settings import read_mapping
 
 # The trainer's defaults; a model close to the paper's (Llama-like: RMSNorm, SwiGLU, RoPE,
 # no biases, untied embeddings) at a size that trains on a laptop.
@@ -132,17 +133,7 @@ def _lighthouse_dests() -> list[str]:
 
 
 def _read_yaml(path: str, valid: list[str]) -> dict[str, Any]:
-    import yaml
-
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise ValueError(f"--config {path}: cannot read it ({e.strerror})") from e
-    except yaml.YAMLError as e:
-        raise ValueError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    data = read_mapping(path, "--config")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - set(valid))
     if unknown:

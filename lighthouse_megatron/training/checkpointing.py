@@ -41,11 +41,12 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from ..checkpoint.manifest import verification_line, verify_manifest, write_manifest
-from ..checkpoint.reader import locate
-from .cpu import cuda_free_checkpointing
+from ..checkpoint.reader import TRACKER, locate
+from ..cpu import cpu_as_current_device
 
 CHECKPOINT_VERSION = 3.0
-TRACKER = "latest_checkpointed_iteration.txt"
+# Settings of the machine, not of the model: whoever loads the checkpoint chooses them.
+NOT_STORED = ("lighthouse_backend",)
 # What Megatron-LM's _build_sharded_state_dict_metadata stores for a non-distributed optimizer.
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
@@ -112,6 +113,8 @@ def checkpoint_args(args: argparse.Namespace) -> argparse.Namespace:
     plain = (str, int, float, bool, type(None))
     out = argparse.Namespace()
     for key, value in sorted(vars(args).items()):
+        if key in NOT_STORED:
+            continue
         if isinstance(value, (list, tuple)) and all(isinstance(v, plain) for v in value):
             setattr(out, key, list(value))
         elif isinstance(value, plain):
@@ -139,6 +142,11 @@ def _state_dict(args, model, optimizer, scheduler, iteration, rng, is_loading: b
     if rng is not None:
         state["rng_state"] = rng
     return state
+
+
+def _checkpointing_on(device: str):
+    """dist_checkpointing's save/load on `device` ("cpu": no CUDA calls)."""
+    return contextlib.nullcontext() if device == "cuda" else cpu_as_current_device()
 
 
 def _barrier():
@@ -211,7 +219,7 @@ def save_checkpoint(args, iteration: int, model, optimizer, scheduler) -> str:
         os.makedirs(tmp)
     _barrier()
     state = _state_dict(args, model, optimizer, scheduler, iteration, _rng_state(args.device))
-    with cuda_free_checkpointing(args.device), in_process_save():
+    with _checkpointing_on(args.device), in_process_save():
         dist_checkpointing.save(state, tmp, content_metadata=dict(CONTENT_METADATA))
     _barrier()
     if dist.get_rank() == 0:
@@ -324,7 +332,7 @@ def load_checkpoint(args, model, optimizer, scheduler) -> int:
         ckpt_args, "no_save_rng", False) and optimizer is not None
     rng = _rng_state(args.device) if restore_rng else None
     state = _state_dict(args, model, optimizer, scheduler, iteration, rng, is_loading=True)
-    with cuda_free_checkpointing(args.device):
+    with _checkpointing_on(args.device):
         loaded = dist_checkpointing.load(state, path)
     model.load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:

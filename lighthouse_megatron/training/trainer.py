@@ -6,11 +6,11 @@ its token-loss sum divided by the global token count, and gradients are summed o
 DP x CP group (megatron-core's `calculate_per_token_loss` mode). DP = 2 and DP = 1 with
 the same global batch therefore train the same model, up to summation order.
 
-Two engines, one checkpoint format:
+Two engines (`CudaEngine`, `CpuEngine`), one checkpoint format:
 - CUDA: megatron-core's DistributedDataParallel and `get_megatron_optimizer` (bf16 weights,
   fp32 master weights, like Megatron-LM's `--bf16`), Transformer Engine layers when TE imports.
 - CPU: megatron-core's FP32Optimizer around torch AdamW with megatron-core's parameter
-  groups (what `get_megatron_optimizer` builds without TE/apex; see `cpu.py` for why
+  groups (what `get_megatron_optimizer` builds without TE/apex; see `lighthouse_megatron/cpu.py` for why
   it is not called directly), gradients summed with one all-reduce per iteration.
 """
 
@@ -30,12 +30,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from ..checkpoint.model import transformer_config as model_config
+from ..cpu import cpu_rotary_embedding, make_cpu_optimizer
 from ..data import null_tokenizer
 from ..megatron import LighthouseCoreAttention, get_gpt_decoder_block_spec, lighthouse_config_from_args
 from ..megatron.schedule import set_iteration
 from . import checkpointing
 from .arguments import padded_vocab_size, settings_args
-from .cpu import cpu_rotary_embedding, make_cpu_optimizer
 from .logger import MetricsLogger
 
 
@@ -92,26 +93,17 @@ def set_seed(args) -> None:
 
 
 def transformer_config(args):
-    import torch.nn.functional as F
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
+    """The model's TransformerConfig: the converter's builder on the arguments a checkpoint
+    of this run stores, with the trainer's layout, dropout, dtype and (off) fusions."""
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    return TransformerConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-        ffn_hidden_size=args.ffn_hidden_size,
-        kv_channels=args.kv_channels, tensor_model_parallel_size=args.tensor_model_parallel_size,
+    return model_config(
+        vars(checkpointing.checkpoint_args(args)), dtype=dtype, cpu_init=args.device == "cpu",
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
         context_parallel_size=args.context_parallel_size, hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout, init_method_std=args.init_method_std,
-        layernorm_epsilon=args.norm_epsilon, normalization=args.normalization,
-        gated_linear_unit=args.swiglu, activation_func=F.silu if args.swiglu else F.gelu,
-        add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_bias_linear,
-        qk_layernorm=args.qk_layernorm,
-        use_cpu_initialization=args.device == "cpu", params_dtype=dtype, bf16=args.bf16,
-        pipeline_dtype=dtype, calculate_per_token_loss=True, bias_activation_fusion=False,
-        masked_softmax_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False,
-        cp_comm_type="p2p" if args.context_parallel_size > 1 else None,
+        attention_dropout=args.attention_dropout, bf16=args.bf16, pipeline_dtype=dtype,
+        calculate_per_token_loss=True, bias_activation_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+        gradient_accumulation_fusion=False, cp_comm_type="p2p" if args.context_parallel_size > 1 else None,
     )
 
 
@@ -166,44 +158,21 @@ def scheduler_for(args, optimizer):
 
 
 class Engine:
-    """Model, optimizer and the gradient reduction for one device type."""
+    """Model, optimizer and scheduler; `CudaEngine` and `CpuEngine` reduce the gradients."""
 
-    def __init__(self, args, config):
+    model: torch.nn.Module  # unwrapped: what checkpoints hold
+    runner: torch.nn.Module  # what runs forward and backward
+
+    def __init__(self, args, optimizer):
         self.args = args
-        self.model = build_model(args, config)  # unwrapped
-        opt_config = optimizer_config(args)
-        if args.device == "cuda":
-            from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-            from megatron.core.optimizer import get_megatron_optimizer
-            from megatron.core.transformer.module import Float16Module
-
-            wrapped = Float16Module(config, self.model) if args.bf16 else self.model
-            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                       use_distributed_optimizer=False)
-            self.runner = DistributedDataParallel(config=config, ddp_config=ddp_config, module=wrapped)
-            self.optimizer = get_megatron_optimizer(opt_config, [self.runner])
-        else:
-            self.runner = self.model
-            self.optimizer = make_cpu_optimizer(self.model, opt_config)
-        self.scheduler = scheduler_for(args, self.optimizer)
+        self.optimizer = optimizer
+        self.scheduler = scheduler_for(args, optimizer)
 
     def zero_grad(self):
-        if self.args.device == "cuda":
-            self.runner.zero_grad_buffer()
         self.optimizer.zero_grad()
 
     def reduce_grads(self):
-        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-        if self.args.device == "cuda":
-            from megatron.core.distributed import finalize_model_grads
-
-            finalize_model_grads([self.runner])  # DDP sums (per-token-loss mode: no scaling)
-        elif group.size() > 1:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=group)
-            for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-                g.copy_(reduced)
+        raise NotImplementedError
 
     def step(self) -> float | None:
         """Clip, step, advance the schedule; returns the grad norm."""
@@ -215,6 +184,53 @@ class Engine:
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+
+class CudaEngine(Engine):
+    """megatron-core's DistributedDataParallel and `get_megatron_optimizer` (bf16 under Float16Module)."""
+
+    def __init__(self, args, config):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import get_megatron_optimizer
+        from megatron.core.transformer.module import Float16Module
+
+        self.model = build_model(args, config)
+        wrapped = Float16Module(config, self.model) if args.bf16 else self.model
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=False)
+        self.runner = DistributedDataParallel(config=config, ddp_config=ddp_config, module=wrapped)
+        super().__init__(args, get_megatron_optimizer(optimizer_config(args), [self.runner]))
+
+    def zero_grad(self):
+        self.runner.zero_grad_buffer()
+        super().zero_grad()
+
+    def reduce_grads(self):
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads([self.runner])  # DDP sums (per-token-loss mode: no scaling)
+
+
+class CpuEngine(Engine):
+    """The fp32 model itself, megatron-core's FP32Optimizer (see `lighthouse_megatron.cpu`),
+    gradients summed with one all-reduce."""
+
+    def __init__(self, args, config):
+        self.model = self.runner = build_model(args, config)
+        super().__init__(args, make_cpu_optimizer(self.model, optimizer_config(args)))
+
+    def reduce_grads(self):
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        if group.size() > 1:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=group)
+            for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+                g.copy_(reduced)
+
+
+def make_engine(args, config) -> Engine:
+    return CudaEngine(args, config) if args.device == "cuda" else CpuEngine(args, config)
 
 
 # ------------------------------------------------------------------------------ data
@@ -306,19 +322,25 @@ def dense_attention(model):
 
 
 @torch.no_grad()
-def evaluate(engine: Engine, dataset, args, dense: bool) -> float:
+def evaluate(engine: Engine, dataset, args) -> float:
     """Mean token loss over the first `eval_iters` global batches of the held-out split
-    (the same batches at every evaluation, so the numbers compare across a run)."""
+    (the same batches at every evaluation, so the numbers compare across a run), with the
+    attention the model runs at the current iteration."""
     engine.runner.eval()
     total = tokens = 0.0
-    with dense_attention(engine.model) if dense else contextlib.nullcontext():
-        for i in range(args.eval_iters):
-            for batch in microbatches(dataset, args, i * args.global_batch_size, args.device):
-                total += (_token_losses(engine.runner, batch) * batch["loss_mask"]).sum().item()
-                tokens += batch["loss_mask"].sum().item()
+    for i in range(args.eval_iters):
+        for batch in microbatches(dataset, args, i * args.global_batch_size, args.device):
+            total += (_token_losses(engine.runner, batch) * batch["loss_mask"]).sum().item()
+            tokens += batch["loss_mask"].sum().item()
     engine.runner.train()
     total, tokens = _all_reduce([total, tokens], args.device)
     return total / tokens
+
+
+def evaluate_dense(engine: Engine, dataset, args) -> float:
+    """`evaluate` with every Lighthouse layer computing dense attention."""
+    with dense_attention(engine.model):
+        return evaluate(engine, dataset, args)
 
 
 # ------------------------------------------------------------------- trained models
@@ -334,7 +356,9 @@ def checkpoint_eval_args(root: str, device: str = "auto"):
     here = dict(lighthouse_config=None, device=device, bf16=None, load=None, save=None, data_path=None,
                 mock_data=True, tensor_model_parallel_size=1, context_parallel_size=1, metrics_file=None,
                 tensorboard_dir=None, save_interval=None, exit_interval=None)
-    return settings_args({**vars(stored), **here}, world_size=1)
+    # Checkpoints written before NOT_STORED existed still hold the writer's machine settings.
+    stored = {k: v for k, v in vars(stored).items() if k not in checkpointing.NOT_STORED}
+    return settings_args({**stored, **here}, world_size=1)
 
 
 @contextlib.contextmanager
@@ -345,8 +369,7 @@ def checkpoint_model(root: str, device: str = "auto"):
     the logits the trainer's evaluation sees (`labels=...`: the per-token losses). A
     one-process group lives for the block when none exists."""
     args = checkpoint_eval_args(root, device)
-    created = init_distributed(args)
-    try:
+    with process_group(args):
         set_seed(args)
         config = transformer_config(args)
         model = build_model(args, config)
@@ -358,10 +381,6 @@ def checkpoint_model(root: str, device: str = "auto"):
             model = Float16Module(config, model)
         model.eval()
         yield model, args, iteration
-    finally:
-        if created:
-            parallel_state.destroy_model_parallel()
-            dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------ loop
@@ -451,25 +470,28 @@ def _attention_now(args, iteration: int) -> str:
 def run(args) -> TrainResult:
     """Train as `args` (from `parse_args`) says; see the package docstring."""
     prepare(args)
-    return launch(args)
+    with process_group(args):
+        return train_loop(args)
 
 
-def launch(args) -> TrainResult:
-    """`run` after `prepare`."""
+@contextlib.contextmanager
+def process_group(args):
+    """The process group and megatron-core's parallel state for the block (`init_distributed`);
+    what this call created it destroys afterwards."""
     created = init_distributed(args)
     try:
-        return _run(args)
+        yield
     finally:
-        set_iteration(0)
         if created:
             parallel_state.destroy_model_parallel()
             dist.destroy_process_group()
 
 
-def _run(args) -> TrainResult:
+def train_loop(args) -> TrainResult:
+    """The training iterations, after `prepare` and inside `process_group`."""
     set_seed(args)
     config = transformer_config(args)
-    engine = Engine(args, config)
+    engine = make_engine(args, config)
     start = 0
     args.consumed_train_samples = args.consumed_valid_samples = 0
     if args.load and checkpointing.read_tracker(args.load) is not None:
@@ -488,8 +510,8 @@ def _run(args) -> TrainResult:
         set_iteration(iteration)
         kinds = ["dense"] if _attention_now(args, iteration) == "dense" else ["lighthouse", "dense"]
         for kind in kinds:
-            rec = {"kind": "eval", "iteration": iteration, "attention": kind,
-                   "loss": evaluate(engine, valid_ds, args, dense=kind == "dense")}
+            loss = (evaluate_dense if kind == "dense" else evaluate)(engine, valid_ds, args)
+            rec = {"kind": "eval", "iteration": iteration, "attention": kind, "loss": loss}
             log.log(rec)
             result.evals.append(rec)
 
@@ -529,4 +551,5 @@ def _run(args) -> TrainResult:
                 break
     finally:
         log.close()
+        set_iteration(0)
     return result

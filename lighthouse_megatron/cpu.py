@@ -1,4 +1,5 @@
-"""What megatron-core 0.16-0.19 needs to train on a machine without CUDA.
+"""What megatron-core 0.16-0.19 needs to run on a machine without CUDA: the trainer's
+CPU engine and the checkpoint tools both use these.
 
 Each piece is scoped to one object or one call, never a process-wide patch:
 
@@ -10,9 +11,10 @@ Each piece is scoped to one object or one call, never a process-wide patch:
 - `cpu_rotary_embedding(model)`: GPTModel's RotaryEmbedding moves its frequencies to
   `torch.cuda.current_device()` and slices them per CP rank through a pinned CUDA copy;
   this instance-level subclass swap computes the same tensors on the CPU.
-- `cuda_free_checkpointing()`: around a dist_checkpointing save or load only,
-  `torch.cuda.current_device` / `synchronize` answer for the CPU (the save coordinator
-  broadcasts its status in a tensor on the "current device").
+- `cpu_as_current_device()`: for one block (a dist_checkpointing save or load, a forward
+  pass of a model on the CPU), `torch.cuda.current_device` / `synchronize` answer for the
+  CPU (the save coordinator broadcasts its status in a tensor on the "current device";
+  RotaryEmbedding moves its frequencies there), also on machines with a GPU.
 """
 
 from __future__ import annotations
@@ -101,11 +103,8 @@ def cpu_rotary_embedding(model) -> None:
 
 
 @contextlib.contextmanager
-def cuda_free_checkpointing(device: str):
-    """dist_checkpointing save/load on a machine without CUDA (a no-op with CUDA)."""
-    if device == "cuda":
-        yield
-        return
+def cpu_as_current_device():
+    """Inside the block, `torch.cuda.current_device()` is "cpu" and `torch.cuda.synchronize` a no-op."""
     saved = torch.cuda.current_device, torch.cuda.synchronize
     torch.cuda.current_device, torch.cuda.synchronize = (lambda: "cpu"), (lambda *a, **k: None)
     try:
