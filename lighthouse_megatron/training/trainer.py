@@ -16,6 +16,7 @@ Two engines (`CudaEngine`, `CpuEngine`), one checkpoint format:
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import inspect
@@ -157,7 +158,7 @@ def scheduler_for(args, optimizer):
     )
 
 
-class Engine:
+class Engine(abc.ABC):
     """Model, optimizer and scheduler; `CudaEngine` and `CpuEngine` reduce the gradients."""
 
     model: torch.nn.Module  # unwrapped: what checkpoints hold
@@ -171,8 +172,9 @@ class Engine:
     def zero_grad(self):
         self.optimizer.zero_grad()
 
+    @abc.abstractmethod
     def reduce_grads(self):
-        raise NotImplementedError
+        """Sum the gradients over the data- and context-parallel ranks."""
 
     def step(self) -> float | None:
         """Clip, step, advance the schedule; returns the grad norm."""
