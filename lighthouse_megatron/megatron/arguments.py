@@ -12,6 +12,7 @@ import argparse
 from typing import Any
 
 from ..config import BACKENDS, SCORERS, LighthouseConfig
+from ..yaml_settings import read_mapping
 from . import rules
 from .rules import ATTENTION_IMPLS
 
@@ -76,17 +77,7 @@ def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def load_lighthouse_yaml(path: str) -> dict[str, Any]:
     """Read a `--lighthouse-config` file: a mapping of LighthouseConfig fields plus
     attention_impl and until_iter. Unknown keys fail with the valid ones."""
-    import yaml
-
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise ValueError(f"--lighthouse-config {path}: cannot read it ({e.strerror})") from e
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"--lighthouse-config {path}: expected a mapping of settings, got {type(data).__name__}"
-        )
+    data = read_mapping(path, "--lighthouse-config")
     valid = [*_LAUNCH_KEYS, *LighthouseConfig.field_names()]
     unknown = sorted(set(data) - set(valid))
     if unknown:
