@@ -16,6 +16,15 @@ else:
         pass
 
 
+@pytest.fixture(scope="module")
+def pytorch_twins():
+    """Training on the CPU with the stages' plain-PyTorch twins, as on any CPU machine (this
+    conftest sends Triton kernels through the interpreter for the kernel tests)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        yield
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -31,11 +31,7 @@ MODEL = ("--mock-data --num-layers 2 --hidden-size 32 --num-attention-heads 4 --
          "--global-batch-size 2 --train-iters 4 --lr 3e-3 --eval-iters 1 --seed 3").split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def pytorch_twins():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "0")
-        yield
+pytestmark = pytest.mark.usefixtures("pytorch_twins")
 
 
 def _train(*argv) -> training.TrainResult:

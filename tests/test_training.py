@@ -29,13 +29,7 @@ LIGHTHOUSE = ("--attention-impl lighthouse --lighthouse-levels 2 --lighthouse-po
               "--lighthouse-topk 16 --lighthouse-tile-topk 8").split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def pytorch_twins():
-    # conftest runs Triton kernels through the interpreter on CPU (for the kernel tests);
-    # training uses the plain-PyTorch twins, as it does on any CPU machine.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "0")
-        yield
+pytestmark = pytest.mark.usefixtures("pytorch_twins")
 
 
 def _train(*argv) -> training.TrainResult:
