@@ -127,13 +127,18 @@ def test_chain_with_requeue_under_slurm(cluster, tmp_path, monkeypatch, capsys):
     wait_for("stage 1's first checkpoint", lambda: tracker(stage1_dir) >= 2, 300, cluster, interval=0.05)
     cluster.run("scontrol", "requeue", s1)
     wait_for("stage 1 back in the queue", lambda: cluster.job(s1)["JobState"] == "PENDING", 60, cluster)
+    # The job is pending once its batch step has ended; its srun step (torchrun stopping its
+    # workers) may still be ending. Restarted before the node is idle, the new run's step 1.0
+    # can collide with the old one and the job fails: wait for the node as Slurm's delay does.
+    wait_for("the node to end stage 1's first run",
+             lambda: cluster.run("sinfo", "-h", "-o", "%T").strip() == "idle", 100, cluster)
     cluster.run("scontrol", "update", f"JobId={s1}", "StartTime=now")
 
     def finished():
         jobs = {name: cluster.job(i) for name, i in ids.items()}
         ended_badly = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
         bad = {n: j["JobState"] for n, j in jobs.items() if j["JobState"] in ended_badly}
-        assert not bad, f"jobs ended badly: {bad}\n{_job_logs(cluster)}"
+        assert not bad, f"jobs ended badly: {bad}\n{cluster.logs()}\n{_job_logs(cluster)}"
         return jobs if all(j["JobState"] == "COMPLETED" for j in jobs.values()) else None
 
     jobs = wait_for("the chain to complete", finished, 600, cluster, interval=1)
