@@ -6,20 +6,23 @@ import argparse
 import importlib
 import sys
 
-# command -> (module, its parser builder, one-line help). Only the module of the command being
-# run is imported: `--help` and `--version` must not wait seconds for torch and megatron-core.
+# command -> (module, its parser builder, one-line help). The parser modules import no torch
+# (tests/test_cli.py): `--help` and `--version` must not wait seconds for torch and
+# megatron-core. Each parser names the function that runs its command ("module:function",
+# the `run` default); only that module is imported, and only to run it.
 COMMANDS = {
     "demo": (".demo", "add_demo_parser",
              "the two-stage workflow on a tiny model: data, Lighthouse, convert, dense recovery"),
     "prepare-data": (".data", "add_prepare_data_parser",
                      "text files or JSONL into a Megatron indexed dataset (.bin/.idx)"),
-    "bench": (".bench", "add_bench_parser", "benchmarks (GPU) and the evidence report"),
+    "bench": (".flags.bench", "add_bench_parser",
+              "benchmarks of one layer and of whole training steps (GPU)"),
     "slurm": (".slurm", "add_slurm_parser", "fill the Slurm launcher from a recipe and submit the chain"),
-    "train": (".training", "add_train_parser", "train a GPT with Lighthouse attention (megatron-core)"),
-    "convert": (".checkpoint.cli", "add_convert_parser",
+    "train": (".flags.train", "add_train_parser", "train a GPT with Lighthouse attention (megatron-core)"),
+    "convert": (".flags.checkpoint", "add_convert_parser",
                 "make a stage-1 (Lighthouse) checkpoint load under the dense spec, or export it to Hugging "
                 "Face Llama"),
-    "inspect": (".checkpoint.cli", "add_inspect_parser", "summarise a Megatron-LM checkpoint"),
+    "inspect": (".flags.checkpoint", "add_inspect_parser", "summarise a Megatron-LM checkpoint"),
 }
 
 
@@ -47,11 +50,18 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def command_function(target: str):
+    """The function a parser's `run` default names ("package.module:function")."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
+    run = command_function(args.run)
     try:
-        return int(args.func(args) or 0)
+        return int(run(args) or 0)
     except ValueError as e:
         # Bad settings (LighthouseConfig and friends raise ValueError naming them): one line
         # and exit code 2, as argparse does for the flags it checks itself.

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .flags.train import DEFAULTS, build_parser
 from .layout import check_flags
 from .yaml_settings import read_mapping
 
@@ -118,8 +119,6 @@ def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
 
 
 def _trainer_keys() -> set[str]:
-    from .training.arguments import build_parser
-
     return set(vars(build_parser().parse_args([]))) - {"config"}
 
 
@@ -273,8 +272,6 @@ def _check_training(r: Resolved) -> None:
     train.pop("tokenizer_type", None)  # the launcher passes the tokenizer's flags itself
     if tokenizer == "bytes":
         train.pop("vocab_size", None)
-    from .training.arguments import DEFAULTS
-
     for key in SAME_MODEL_KEYS:
         if train.get(key) is None and DEFAULTS.get(key) is not None:
             train[key] = DEFAULTS[key]
@@ -593,12 +590,12 @@ def add_slurm_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("job", help=f"{', '.join(JOBS)} (slurm/JOB.yaml) or a path to a job file")
     r.add_argument("--output", "-o", required=True, help="the script to write")
     _add_value_args(r)
-    r.set_defaults(func=_run_render)
+    r.set_defaults(run="lighthouse_megatron.slurm:run_render")
     s = cmds.add_parser("submit", help="render stage1, convert and stage2; submit them chained with afterok")
     s.add_argument("--output-dir", required=True, help="where the three scripts are written")
     s.add_argument("--dry-run", action="store_true", help="write the scripts, print the sbatch commands")
     _add_value_args(s)
-    s.set_defaults(func=_run_submit)
+    s.set_defaults(run="lighthouse_megatron.slurm:run_submit")
 
 
 def _error(e: Exception) -> int:
@@ -613,7 +610,7 @@ def _make_log_dir(text: str) -> None:
         Path(m.group(1)).mkdir(parents=True, exist_ok=True)
 
 
-def _run_render(args: argparse.Namespace) -> int:
+def run_render(args: argparse.Namespace) -> int:
     try:
         job = load_job(args.job)
         values = values_for(job, load_config(args.config), {})
@@ -627,7 +624,7 @@ def _run_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_submit(args: argparse.Namespace) -> int:
+def run_submit(args: argparse.Namespace) -> int:
     try:
         scripts = render_chain(load_config(args.config), _overrides(args),
                                allow_placeholders=args.allow_placeholders)

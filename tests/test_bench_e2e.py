@@ -14,6 +14,7 @@ from lighthouse_megatron import LighthouseConfig  # noqa: E402
 from lighthouse_megatron.backends import dense_causal_attention  # noqa: E402
 from lighthouse_megatron.bench import e2e  # noqa: E402
 from lighthouse_megatron.cli import main  # noqa: E402
+from lighthouse_megatron.flags.bench import add_e2e_parser  # noqa: E402
 
 from .megatron_testing import init_parallel  # noqa: E402
 
@@ -38,7 +39,7 @@ def _args(*extra):
     import argparse
 
     parser = argparse.ArgumentParser()
-    e2e.add_e2e_parser(parser.add_subparsers())
+    add_e2e_parser(parser.add_subparsers())
     return parser.parse_args(["e2e", *TINY, *extra])
 
 

@@ -9,11 +9,12 @@ import torch
 
 from lighthouse_megatron.bench import layer
 from lighthouse_megatron.cli import main
+from lighthouse_megatron.flags.bench import format_length, parse_lengths
 
 
 def test_sizes_parse_with_suffixes():
-    assert layer._int_list("32K, 1M,4096") == [32768, 1 << 20, 4096]
-    assert layer._fmt_len(1 << 20) == "1M" and layer._fmt_len(131072) == "128K"
+    assert parse_lengths("32K, 1M,4096") == [32768, 1 << 20, 4096]
+    assert format_length(1 << 20) == "1M" and format_length(131072) == "128K" and format_length(100) == "100"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

@@ -147,3 +147,34 @@ def test_no_private_names_across_packages():
             if private_module or (name is not None and _is_private(name)):
                 found.append(f"{mod}:{line} imports {target}{'.' + name if name else ''}")
     assert found == []
+
+
+def _module_level_imports(mod: str) -> set[str]:
+    """The modules `mod` imports when it is imported (not inside its functions)."""
+    out, todo = set(), list(ast.parse(MODULES[mod].read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        if isinstance(node, ast.Import):
+            out |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            out.add(_resolve(mod, node))
+        todo.extend(ast.iter_child_nodes(node))
+    return out
+
+
+def test_flags_import_nothing_heavy_and_nothing_above_them():
+    # `lighthouse-megatron CMD --help` imports `flags` only (its checks may import torch or
+    # megatron-core inside a function, when they run); the packages that run the commands import
+    # `flags`. Light modules it may build on: the settings, the YAML reader, the layout check and
+    # the data module (megatron-core inside its functions).
+    light = {f"{PKG}.{m}" for m in ("config", "yaml_settings", "layout", "data")}
+    flags = [mod for mod in MODULES if mod.startswith(f"{PKG}.flags")]
+    heavy = [f"{mod} imports {target}" for mod in flags for target in _module_level_imports(mod)
+             if target.split(".")[0] in ("torch", "megatron", "triton", "transformer_engine")]
+    above = [f"{mod}:{line} imports {target}" for mod in flags for target, _, line in _imports(mod)
+             if target.startswith(PKG) and not target.startswith(f"{PKG}.flags") and target not in light]
+    assert (heavy, above) == ([], [])
+    # The walk sees a module-level import where there is one.
+    assert "argparse" in _module_level_imports(f"{PKG}.flags.train")

@@ -15,29 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import LighthouseConfig
-
-K = 1024
-
-
-def parse_length(text: str) -> int:
-    """'32K' -> 32768, '1M' -> 1048576, '100' -> 100."""
-    text = text.strip().upper()
-    if text.endswith("M"):
-        return int(text[:-1]) * K * K
-    if text.endswith("K"):
-        return int(text[:-1]) * K
-    return int(text)
-
-
-def parse_lengths(text: str) -> list[int]:
-    """Comma-separated `parse_length`s."""
-    return [parse_length(x) for x in text.split(",") if x.strip()]
-
-
-def format_length(n: int) -> str:
-    if n % (K * K) == 0:
-        return f"{n // (K * K)}M"
-    return f"{n // K}K" if n % K == 0 else str(n)
+from ..flags.bench import LAYER_DTYPES
 
 
 class UsageError(Exception):
@@ -157,7 +135,12 @@ def cudnn_version():
         return f"runtime {runtime} (torch built against {built}; torch's own cuDNN check refuses)"
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a --dtype name (bf16, fp16, fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+DTYPES = {name: torch_dtype(name) for name in LAYER_DTYPES}
 
 
 def cuda_median_ms(fn, warmup: int, reps: int) -> float:

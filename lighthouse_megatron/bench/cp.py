@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 
 from ..attention import lighthouse_attention
+from ..flags.bench import format_length
 from ..parallel import ContextParallel, causal_attention, merge_chunks, split_chunks
 from ._common import DTYPES, cuda_median_ms, layer_config
-from ._common import format_length as _fmt_len
 
 
 def run_cp(args) -> int:
@@ -196,7 +196,7 @@ def _report(args, meta, rows) -> None:
           f"{'attn1':>7} {'attnN':>7} {'halo%':>6} {'CP+%':>6} {'peak GiB':>9}")
     for r in rows:
         nan = float("nan")
-        print(f"{_fmt_len(r['N']):>6} {r['topk']:>5} {r['S']:>7} {r.get('cp1_fwd_bwd_ms', nan):8.2f} "
+        print(f"{format_length(r['N']):>6} {r['topk']:>5} {r['S']:>7} {r.get('cp1_fwd_bwd_ms', nan):8.2f} "
               f"{r['fwd_bwd_ms']:8.2f} {r.get('ratio_fwd_bwd', nan):6.3f} "
               f"{r.get('cp1_attention_fwd_bwd_ms', nan):7.2f} {r['attention_fwd_bwd_ms']:7.2f} "
               f"{100 * r['halo_share']:6.2f} {100 * r.get('cp_overhead_share', nan):6.2f} "

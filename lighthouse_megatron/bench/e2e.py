@@ -28,91 +28,26 @@ import dataclasses
 import gc
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..config import LighthouseConfig
+from ..flags.bench import E2E_DTYPES, E2E_MODES, format_length
 from ._common import (
-    K,
     UsageError,
     check_writable,
     median,
     run_meta,
     sync,
     time_ms,
+    torch_dtype,
     usage_errors_as_exit_2,
     write_json,
 )
-from ._common import format_length as _fmt_len
-from ._common import parse_length as _int
-from ._common import parse_lengths as _int_list
 
-MODES = ("dense", "lighthouse", "ceiling", "none")
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-FP8_FORMATS = ("hybrid", "e4m3")  # megatron-core's TransformerConfig.fp8
-FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
-
-
-def add_e2e_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("e2e", help="end-to-end training steps: dense, Lighthouse, ceiling, no attention")
-    p.add_argument("--seq-lens", type=_int_list, default=[96 * K],
-                   help="comma-separated sequence lengths; several make a sweep (default 98,304; 'K' suffix)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
-    model = p.add_argument_group("model (default: the paper's 530M Llama-3-style model)")
-    model.add_argument("--layers", type=int, default=30)
-    model.add_argument("--hidden", type=int, default=1024)
-    model.add_argument("--heads", type=int, default=8)
-    model.add_argument("--kv-heads", type=int, default=None, help="GQA groups (default: --heads)")
-    model.add_argument("--ffn", type=int, default=1536, help="SwiGLU hidden size")
-    model.add_argument("--vocab", type=int, default=128_256, help="128256 (Llama 3, untied output) or 256")
-    model.add_argument("--rope-base", type=float, default=10_000.0)
-    model.add_argument("--batch", type=int, default=1)
-    model.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    model.add_argument("--fp8", choices=FP8_FORMATS, default=None,
-                       help="TE linear layers in FP8 (megatron-core's fp8 config: TE's fp8_autocast around "
-                            "the block); attention stays bf16 unless --fp8-attention. Needs TE")
-    model.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="delayed",
-                       help="megatron-core's fp8_recipe (default delayed)")
-    model.add_argument("--fp8-attention", action="store_true",
-                       help="TE's FP8 dot-product attention too (fp8_dot_product_attention)")
-    lh = p.add_argument_group("Lighthouse")
-    lh.add_argument("--levels", type=int, default=3)
-    lh.add_argument("--pooling-factor", type=int, default=4)
-    lh.add_argument("--topk", type=int, default=1536)
-    lh.add_argument("--tile-topk", type=int, default=128)
-    lh.add_argument("--dense-layers", type=_signed_list, default=(0, 1, -2, -1),
-                    help="0-based layers kept dense, negative from the end (default 0,1,-2,-1)")
-    lh.add_argument("--fit-topk", action="store_true",
-                    help="at lengths where --topk is invalid, use the largest valid k below it (sweeps)")
-    lh.add_argument("--backend", default="auto", help="stage-5 kernel (auto, te, cudnn, flash, math)")
-    run = p.add_argument_group("run")
-    run.add_argument("--spec", choices=("auto", "te", "local"), default="auto",
-                     help="Transformer Engine or local submodules (auto: TE where it imports on a GPU)")
-    run.add_argument("--recompute", choices=("full", "none"), default="full",
-                     help="activation recompute, the same for every mode (full: every layer)")
-    run.add_argument("--loss-chunk", type=int, default=8192, help="tokens per cross-entropy chunk (0: one)")
-    run.add_argument("--warmup", type=int, default=1)
-    run.add_argument("--steps", type=int, default=3, help="timed steps per mode (median reported)")
-    run.add_argument("--dense-max-len", type=_int, default=0,
-                     help="run the dense mode only up to this length (0: always)")
-    run.add_argument("--time-budget", type=float, default=0,
-                     help="seconds; modes that would start after it are skipped and recorded (0: none)")
-    run.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                     help="cpu runs the code path at tiny sizes (tests); timings then mean little")
-    run.add_argument("--seed", type=int, default=1234)
-    run.add_argument("--out", type=Path, default=Path("benchmarks/e2e"), help="folder for NAME.json")
-    run.add_argument("--name", default="e2e", help="output file stem (default e2e)")
-    run.add_argument("--force", action="store_true", help="overwrite an existing NAME.json")
-    p.set_defaults(func=run_cli)
-
-
-def _signed_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+MODES = E2E_MODES
+DTYPES = {name: torch_dtype(name) for name in E2E_DTYPES}
 
 
 # ------------------------------------------------------------ attention stand-ins
@@ -346,16 +281,16 @@ def print_table(rows: list[dict], summary: list[dict], device: str) -> None:
           f"{'share':>6} | {'loss':>7}")
     for r in rows:
         if "step_ms" not in r:
-            print(f"{_fmt_len(r['N']):>6} {r['mode']:>10}  {r.get('error', 'skipped')}")
+            print(f"{format_length(r['N']):>6} {r['mode']:>10}  {r.get('error', 'skipped')}")
             continue
         sm = next(s for s in summary if s["N"] == r["N"])
         share = sm.get(f"attention_share_{r['mode']}")
-        print(f"{_fmt_len(r['N']):>6} {r['mode']:>10} {r.get('topk', 0):>5} {r.get('S') or '-':>7} | "
+        print(f"{format_length(r['N']):>6} {r['mode']:>10} {r.get('topk', 0):>5} {r.get('S') or '-':>7} | "
               f"{r['step_ms']:9.1f} {r['tokens_per_s']:9.0f} {r.get('peak_mem_gib', float('nan')):8.1f} "
               f"{'' if share is None else f'{100 * share:5.1f}%':>6} | {r['losses'][-1]:7.3f}")
     for s in summary:
         parts = [f"{key} {val:.3f}" for key, val in s.items() if key != "N"]
-        print(f"{_fmt_len(s['N'])}: " + ", ".join(parts))
+        print(f"{format_length(s['N'])}: " + ", ".join(parts))
 
 
 def check_fp8(args, use_te: bool) -> None:
@@ -467,10 +402,10 @@ def run(args: argparse.Namespace) -> int:
             save()  # after every row: a run cut short by a time limit keeps what it measured
             if "step_ms" in row:
                 peak = row.get("peak_mem_gib", float("nan"))
-                print(f"N={_fmt_len(n)} {mode}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:.0f} "
+                print(f"N={format_length(n)} {mode}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:.0f} "
                       f"tok/s, peak {peak:.1f} GiB, loss {row['losses'][-1]:.3f}", flush=True)
             else:
-                print(f"N={_fmt_len(n)} {mode}: {row['error']}", flush=True)
+                print(f"N={format_length(n)} {mode}: {row['error']}", flush=True)
     save()
     print_table(rows, summarize(rows), meta["device"])
     print(f"\nwrote {out_path}")

@@ -26,46 +26,10 @@ import torch
 
 from ..attention import lighthouse_attention, plan_selection
 from ..backends import dense_causal_attention, te_import_error
-from ..config import BACKENDS
+from ..flags.bench import K, format_length
 from ..ops import feed_segments, feed_tokens, pool_segments, pool_tokens, score_pyramids, select
-from ._common import DTYPES, K, cudnn_version, layer_config
+from ._common import DTYPES, cudnn_version, layer_config
 from ._common import cuda_median_ms as time_ms
-from ._common import format_length as _fmt_len
-from ._common import parse_length as _int
-from ._common import parse_lengths as _int_list
-
-
-def add_layer_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("layer", help="time one Lighthouse attention layer against dense cuDNN SDPA (GPU)")
-    p.add_argument("--seq-lens", type=_int_list,
-                   default=[32 * K, 64 * K, 128 * K, 256 * K, 512 * K, 1024 * K],
-                   help="comma-separated sequence lengths (default 32K..1M; 'K' suffix allowed)")
-    p.add_argument("--topks", type=_int_list, default=[2048, 4096], help="comma-separated top-k budgets")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=None, help="GQA groups (default: --heads)")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--levels", type=int, default=3)
-    p.add_argument("--pooling-factor", type=int, default=4)
-    p.add_argument("--tile-topk", type=int, default=128)
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="stage-5 kernel (default auto)")
-    p.add_argument("--dense-max-len", type=_int, default=512 * K,
-                   help="run dense SDPA only up to this length (0: never)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--dense-reps", type=int, default=3)
-    p.add_argument("--no-check", action="store_true", help="skip the correctness check against the reference")
-    p.add_argument("--cp", type=int, default=1,
-                   help="context-parallel size: start this many processes on as many GPUs (NCCL) and "
-                        "compare with CP = 1 in the same session (writes cp{N}.json)")
-    p.add_argument("--cp-comm-type", default="p2p", help="TE's cp_comm_type with --cp (p2p, a2a, all_gather)")
-    p.add_argument("--cp1-max-len", type=_int, default=K * K,
-                   help="longest sequence also timed on one GPU for the --cp comparison")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/layer"),
-                   help="folder for layer.json and layer.png")
-    p.set_defaults(func=run)
-
 
 # ----------------------------------------------------------------------- timing
 
@@ -248,7 +212,7 @@ def print_stages(rows: list[dict]) -> None:
     print(head)
     for r in rows:
         st = r["stages_ms"]
-        print(f"{_fmt_len(r['N']):>6} {r['topk']:>5} " + " ".join(f"{st[x]:13.3f}" for x in names)
+        print(f"{format_length(r['N']):>6} {r['topk']:>5} " + " ".join(f"{st[x]:13.3f}" for x in names)
               + f" {100 * r['around_attention_frac']:7.1f}%")
 
 
@@ -263,7 +227,7 @@ def print_table(rows: list[dict], device: str) -> None:
         dense_fb = r.get("dense_fwd_bwd_ms")
         sf = f"{dense_f:10.1f} {dense_f / r['fwd_ms']:5.1f}x" if dense_f else f"{'-':>10} {'-':>6}"
         sfb = f"{dense_fb:10.1f} {dense_fb / r['fwd_bwd_ms']:5.1f}x" if dense_fb else f"{'-':>10} {'-':>6}"
-        print(f"{_fmt_len(r['N']):>6} {r['topk']:>5} {r['S']:>7} | "
+        print(f"{format_length(r['N']):>6} {r['topk']:>5} {r['S']:>7} | "
               f"{r['fwd_ms']:8.2f} {sf} {r['fwd_vs_floor']:6.2f} | "
               f"{r['fwd_bwd_ms']:8.2f} {sfb} | {r['floor_fwd_bwd_ms']:9.2f} {r['fwd_bwd_vs_floor']:6.2f} | "
               f"{100 * r['around_attention_frac']:5.1f}% | {r['peak_mem_gib']:8.1f}")
@@ -354,12 +318,12 @@ def run(args: argparse.Namespace) -> int:
             row = bench_lighthouse(args, n, topk, bandwidth)
             torch.cuda.empty_cache()  # the row's inputs are gone; hand their memory back
             rows.append(row)
-            print(f"N={_fmt_len(n)} k={topk} S={row['S']}: fwd {row['fwd_ms']:.2f} ms, fwd+bwd "
+            print(f"N={format_length(n)} k={topk} S={row['S']}: fwd {row['fwd_ms']:.2f} ms, fwd+bwd "
                   f"{row['fwd_bwd_ms']:.2f} ms, floor {row['floor_fwd_bwd_ms']:.2f} ms", flush=True)
         if 0 < n <= args.dense_max_len and any(r["N"] == n for r in rows):
             dense[n] = bench_dense(args, n)
             torch.cuda.empty_cache()
-            print(f"N={_fmt_len(n)} dense cuDNN: fwd {dense[n]['dense_fwd_ms']:.1f} ms, fwd+bwd "
+            print(f"N={format_length(n)} dense cuDNN: fwd {dense[n]['dense_fwd_ms']:.1f} ms, fwd+bwd "
                   f"{dense[n]['dense_fwd_bwd_ms']:.1f} ms", flush=True)
     for r in rows:
         if r["N"] in dense:

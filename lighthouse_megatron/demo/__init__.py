@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .layer import add_layer_arguments, run_layer_demo
+from .layer import add_layer_arguments
 from .workflow import PRESETS
 
 
@@ -32,7 +32,9 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the GPU when there is one")
     # The flag picks the program at parse time: the workflow and the layer demo are two functions.
-    p.add_argument("--layer", dest="func", action="store_const", const=run_layer_demo, default=run_demo,
+    p.add_argument("--layer", dest="run", action="store_const",
+                   const="lighthouse_megatron.demo.layer:run_layer_demo",
+                   default="lighthouse_megatron.demo:run_demo",
                    help="run the single-layer demo: one Lighthouse attention layer against dense attention")
     add_layer_arguments(p)
 

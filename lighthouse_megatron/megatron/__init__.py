@@ -1,12 +1,13 @@
 """The Megatron face of Lighthouse attention for megatron-core users: a core attention,
-GPT layer and block specs, and the table of supported settings (`rules`).
+GPT layer and block specs, and the launch flags (`add_lighthouse_args` and friends, defined
+torch-free in `lighthouse_megatron.flags.lighthouse` with the table of supported settings,
+`flags.rules`, and re-exported here).
 
-The launch flags (`arguments`) live here, shared by the trainer and by the launch code for
-Megatron-LM users (`lighthouse_megatron.megatron_lm`: entry point, patches' adapters), which
-builds on this package.
+The launch code for Megatron-LM users (`lighthouse_megatron.megatron_lm`: entry point,
+patches' adapters) builds on this package.
 """
 
-from .arguments import (
+from ..flags.lighthouse import (
     add_lighthouse_args,
     lighthouse_config_from_args,
     resolve_lighthouse_args,

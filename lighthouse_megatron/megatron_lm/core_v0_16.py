@@ -12,7 +12,7 @@ import functools
 from collections.abc import Callable
 from functools import partial
 
-from ..megatron.arguments import validate_lighthouse_args
+from ..flags.lighthouse import validate_lighthouse_args
 from .launch import (
     announce,
     clean_exit,

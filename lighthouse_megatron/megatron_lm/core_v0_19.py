@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 from ..config import LighthouseConfig
-from ..megatron.arguments import load_lighthouse_yaml, validate_lighthouse_args
+from ..flags.lighthouse import load_lighthouse_yaml, validate_lighthouse_args
 from ..megatron.specs import LighthouseBlockSpecProvider, transformer_config_of
 from .launch import (
     AnnouncingSpecProvider,

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from ..megatron.arguments import add_lighthouse_args, lighthouse_config_from_args
+from ..flags.lighthouse import add_lighthouse_args, lighthouse_config_from_args
 from ..megatron.schedule import forced_dense, set_iteration_source
 from ..megatron.specs import LighthouseBlockSpecProvider
 

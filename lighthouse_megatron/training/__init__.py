@@ -53,17 +53,24 @@ import warnings
 # are what runs. Silenced for these imports only, not for the process.
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine and Apex) (is|are) not installed")
-    from .arguments import build_parser, megatron_lm_args, parse_args, resolve_args, settings_args
+    from ..flags.train import build_parser, megatron_lm_args, parse_args, resolve_args, settings_args
     from .logger import read_metrics
-    from .trainer import TrainResult, checkpoint_model, dense_attention, run
+    from .trainer import (
+        TrainResult,
+        checkpoint_model,
+        dense_attention,
+        prepare,
+        process_group,
+        run,
+        train_loop,
+    )
 
-__all__ = ["TrainResult", "add_train_parser", "checkpoint_model", "dense_attention", "main",
+__all__ = ["TrainResult", "checkpoint_model", "dense_attention", "main",
            "megatron_lm_args", "parse_args", "read_metrics", "run", "settings_args"]
 
 
-def _run_cli(cli: argparse.Namespace) -> int:
-    from .trainer import prepare, process_group, train_loop
-
+def run_cli(cli: argparse.Namespace) -> int:
+    """Run the parsed `lighthouse-megatron train` flags (the parser: `flags.train`)."""
     try:
         args = resolve_args(cli)
         prepare(args)  # file-system checks (checkpoints), before anything is built
@@ -78,11 +85,4 @@ def _run_cli(cli: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`lighthouse-megatron train ARGS`; returns the exit code."""
     cli = build_parser().parse_args(argv)
-    return _run_cli(cli)
-
-
-def add_train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a GPT model with Lighthouse attention on this machine "
-                       "(megatron-core; torchrun for several processes)")
-    build_parser(p)
-    p.set_defaults(func=_run_cli)
+    return run_cli(cli)

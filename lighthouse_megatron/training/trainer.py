@@ -34,10 +34,10 @@ from megatron.core import parallel_state, tensor_parallel
 from ..checkpoint.model import transformer_config as model_config
 from ..cpu import cpu_rotary_embedding, make_cpu_optimizer
 from ..data import null_tokenizer
+from ..flags.train import padded_vocab_size, settings_args
 from ..megatron import LighthouseCoreAttention, get_gpt_decoder_block_spec, lighthouse_config_from_args
 from ..megatron.schedule import set_iteration
 from . import checkpointing
-from .arguments import padded_vocab_size, settings_args
 from .logger import MetricsLogger
 
 
@@ -435,11 +435,11 @@ def startup_summary(args, model) -> list[str]:
     """What rank 0 prints before training: the settings that differ from the defaults, the
     parameter count and which attention each layer runs."""
     from ..checkpoint.convert import attention_spans
-    from .arguments import DEFAULTS, _lighthouse_dests
+    from ..flags.train import DEFAULTS, lighthouse_dests
 
     # Settings whose default is derived from others (ffn_hidden_size, global_batch_size, ...)
     # count as changed only when they differ from what these settings derive.
-    lighthouse = {k: getattr(args, k) for k in _lighthouse_dests()}
+    lighthouse = {k: getattr(args, k) for k in lighthouse_dests()}
     given = {k: getattr(args, k) for k, v in DEFAULTS.items() if v is not None}
     try:
         derived = settings_args({**given, **lighthouse, "mock_data": True}, world_size=args.world_size)

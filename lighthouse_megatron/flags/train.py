@@ -14,8 +14,8 @@ from typing import Any
 
 from ..data import byte_vocab_size, null_tokenizer, open_indexed_dataset
 from ..layout import check_layout
-from ..megatron import add_lighthouse_args, validate_lighthouse_args
 from ..yaml_settings import read_mapping
+from .lighthouse import add_lighthouse_args, validate_lighthouse_args
 
 # The trainer's defaults; a model close to the paper's (Llama-like: RMSNorm, SwiGLU, RoPE,
 # no biases, untied embeddings) at a size that trains on a laptop.
@@ -128,7 +128,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
-def _lighthouse_dests() -> list[str]:
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a GPT model with Lighthouse attention on this machine "
+                       "(megatron-core; torchrun for several processes)")
+    build_parser(p)
+    p.set_defaults(run="lighthouse_megatron.training:run_cli")
+
+
+def lighthouse_dests() -> list[str]:
     return [a.dest for a in add_lighthouse_args(argparse.ArgumentParser())._actions if a.dest != "help"]
 
 
@@ -149,7 +156,7 @@ def parse_args(argv: list[str] | None = None, *, world_size: int | None = None) 
 
 def resolve_args(cli: argparse.Namespace, *, world_size: int | None = None) -> argparse.Namespace:
     """Merge parsed flags (None: not given) with the `--config` file and the defaults, validate."""
-    lighthouse = _lighthouse_dests()
+    lighthouse = lighthouse_dests()
     valid = [*DEFAULTS, *lighthouse]
     settings = _read_yaml(cli.config, valid) if cli.config else {}
     args = argparse.Namespace(config=cli.config)
