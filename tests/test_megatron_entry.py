@@ -84,11 +84,11 @@ def test_missing_dependency_of_megatron_lm_is_named():
 
 
 def test_bad_topk_is_one_error_line_with_the_real_megatron_lm():
-    """The alias `python -m lighthouse_megatron.megatron.pretrain_gpt` with core_v0.16.1:
-    Megatron-LM's real parser takes the flags, the bad value stops it before pretrain()."""
+    """`python -m lighthouse_megatron.megatron_lm.pretrain_gpt` with core_v0.16.1: Megatron-LM's
+    real parser takes the flags, the bad value stops it before pretrain()."""
     from .test_patches import TINY
 
-    proc = _entry("lighthouse_megatron.megatron.pretrain_gpt", *TINY, "--attention-impl", "lighthouse",
+    proc = _entry("lighthouse_megatron.megatron_lm.pretrain_gpt", *TINY, "--attention-impl", "lighthouse",
                   "--lighthouse-topk", "100", pythonpath=_snapshot_016())
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
@@ -106,7 +106,7 @@ def test_missing_megatron_lm_message_from_python_m():
         pytest.skip("Megatron-LM is importable here")
     except ImportError:
         pass
-    proc = subprocess.run([sys.executable, "-m", "lighthouse_megatron.megatron.pretrain_gpt", "--help"],
+    proc = subprocess.run([sys.executable, "-m", "lighthouse_megatron.megatron_lm.pretrain_gpt", "--help"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     assert "is not importable" in proc.stderr and "not on PyPI" in proc.stderr
