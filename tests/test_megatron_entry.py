@@ -170,7 +170,7 @@ def test_core_016_generation(monkeypatch):
                  for s in spec.layer_specs]
         assert names == ["LighthouseCoreAttention", "LighthouseCoreAttention", "DenseCoreAttention"]
         params = spec.layer_specs[0].submodules.self_attention.submodules.core_attention.params
-        assert params["until_iteration"] == 5 and params["lighthouse"].levels == 2
+        assert params["until_iter"] == 5 and params["lighthouse"].levels == 2
         assert seen["model"]["args"].spec is None  # never left in the args a checkpoint saves
         # Megatron-LM's forward step, wrapped for --lighthouse-eval-attention (validation only).
         assert seen["forward_step"].__wrapped__ is mlm.forward_step
@@ -320,4 +320,4 @@ def test_no_patch_spec_route_019(monkeypatch, tmp_path):
     attn = [s.submodules.self_attention.submodules.core_attention for s in spec.layer_specs]
     assert [a.module.__name__ for a in attn] == ["DenseCoreAttention", "LighthouseCoreAttention",
                                                 "LighthouseCoreAttention"]
-    assert attn[1].params["until_iteration"] == 9 and attn[1].params["lighthouse"].topk == 8
+    assert attn[1].params["until_iter"] == 9 and attn[1].params["lighthouse"].topk == 8
