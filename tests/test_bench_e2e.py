@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("megatron.core")
 
@@ -190,6 +191,58 @@ def test_fp8_is_refused_without_transformer_engine(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
     with pytest.raises(SystemExit):
         _args("--fp8", "e5m2")
+
+
+_LLAMA = dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+              layernorm_epsilon=1e-5, attention_dropout=0.0, hidden_dropout=0.0,
+              bias_activation_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False)
+_FULL_RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+
+
+@pytest.mark.parametrize("argv, device, fields", [
+    ([], "cpu", dict(num_layers=3, hidden_size=32, num_attention_heads=2, num_query_groups=2,
+                     ffn_hidden_size=64, kv_channels=16, bf16=False, params_dtype=torch.float32,
+                     use_cpu_initialization=True)),
+    (["--kv-heads", "1", "--recompute", "full", "--dtype", "bf16"], "cpu",
+     dict(num_layers=3, hidden_size=32, num_attention_heads=2, num_query_groups=1, ffn_hidden_size=64,
+          kv_channels=16, bf16=True, params_dtype=torch.bfloat16, use_cpu_initialization=True,
+          **_FULL_RECOMPUTE)),
+    (["--fp8", "e4m3", "--fp8-recipe", "tensorwise", "--fp8-attention", "--hidden", "64", "--ffn", "128",
+      "--dtype", "bf16"], "cpu",
+     dict(num_layers=3, hidden_size=64, num_attention_heads=2, num_query_groups=2, ffn_hidden_size=128,
+          kv_channels=32, bf16=True, params_dtype=torch.bfloat16, use_cpu_initialization=True, fp8="e4m3",
+          fp8_recipe="tensorwise", fp8_dot_product_attention=True)),
+    (None, "cuda", dict(num_layers=30, hidden_size=1024, num_attention_heads=8, num_query_groups=8,
+                        ffn_hidden_size=1536, kv_channels=128, bf16=True, params_dtype=torch.bfloat16,
+                        use_cpu_initialization=False, **_FULL_RECOMPUTE)),
+], ids=["tiny-fp32", "gqa-bf16-recompute", "fp8", "paper-defaults"])
+def test_config_is_megatron_cores_for_the_bench_flags(argv, device, fields):
+    """The bench's config, built through the package's one builder (checkpoint.model), equals
+    megatron-core's TransformerConfig built directly from the fields the flags name: a Llama
+    block (RMSNorm, SwiGLU, no biases, no dropout) with fusions off, every other field its
+    default. `None`: the parser's own defaults, the paper's model."""
+    import argparse
+    import dataclasses
+    import functools
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if argv is None:
+        parser = argparse.ArgumentParser()
+        e2e.add_e2e_parser(parser.add_subparsers())
+        args = parser.parse_args(["e2e"])
+    else:
+        args = _args(*argv)
+
+    def values(config):
+        # megatron-core makes its init methods as fresh partials, equal only by content.
+        return {f.name: (v.func, v.args, v.keywords) if isinstance(v, functools.partial) else v
+                for f in dataclasses.fields(config) for v in [getattr(config, f.name)]}
+
+    built = e2e.transformer_config(args, torch.device(device))
+    expected = TransformerConfig(**_LLAMA, **fields)
+    assert type(built) is TransformerConfig
+    assert values(built) == values(expected)
 
 
 def test_fp8_settings_reach_megatron_cores_config():

@@ -74,7 +74,7 @@ def _megatron_commands() -> list[list[str]]:
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     commands = []
     for block in blocks:
-        if "lighthouse_megatron.megatron.pretrain_gpt" in block:
+        if "lighthouse_megatron.megatron_lm.pretrain_gpt" in block:
             lines = [line.split("#")[0] for line in block.replace("\\\n", " ").splitlines()]
             commands.append(shlex.split(" ".join(lines)))
     return commands

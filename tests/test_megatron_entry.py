@@ -84,11 +84,11 @@ def test_missing_dependency_of_megatron_lm_is_named():
 
 
 def test_bad_topk_is_one_error_line_with_the_real_megatron_lm():
-    """The alias `python -m lighthouse_megatron.megatron.pretrain_gpt` with core_v0.16.1:
-    Megatron-LM's real parser takes the flags, the bad value stops it before pretrain()."""
+    """`python -m lighthouse_megatron.megatron_lm.pretrain_gpt` with core_v0.16.1: Megatron-LM's
+    real parser takes the flags, the bad value stops it before pretrain()."""
     from .test_patches import TINY
 
-    proc = _entry("lighthouse_megatron.megatron.pretrain_gpt", *TINY, "--attention-impl", "lighthouse",
+    proc = _entry("lighthouse_megatron.megatron_lm.pretrain_gpt", *TINY, "--attention-impl", "lighthouse",
                   "--lighthouse-topk", "100", pythonpath=_snapshot_016())
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
@@ -106,7 +106,7 @@ def test_missing_megatron_lm_message_from_python_m():
         pytest.skip("Megatron-LM is importable here")
     except ImportError:
         pass
-    proc = subprocess.run([sys.executable, "-m", "lighthouse_megatron.megatron.pretrain_gpt", "--help"],
+    proc = subprocess.run([sys.executable, "-m", "lighthouse_megatron.megatron_lm.pretrain_gpt", "--help"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     assert "is not importable" in proc.stderr and "not on PyPI" in proc.stderr
@@ -170,7 +170,7 @@ def test_core_016_generation(monkeypatch):
                  for s in spec.layer_specs]
         assert names == ["LighthouseCoreAttention", "LighthouseCoreAttention", "DenseCoreAttention"]
         params = spec.layer_specs[0].submodules.self_attention.submodules.core_attention.params
-        assert params["until_iteration"] == 5 and params["lighthouse"].levels == 2
+        assert params["until_iter"] == 5 and params["lighthouse"].levels == 2
         assert seen["model"]["args"].spec is None  # never left in the args a checkpoint saves
         # Megatron-LM's forward step, wrapped for --lighthouse-eval-attention (validation only).
         assert seen["forward_step"].__wrapped__ is mlm.forward_step
@@ -320,4 +320,4 @@ def test_no_patch_spec_route_019(monkeypatch, tmp_path):
     attn = [s.submodules.self_attention.submodules.core_attention for s in spec.layer_specs]
     assert [a.module.__name__ for a in attn] == ["DenseCoreAttention", "LighthouseCoreAttention",
                                                 "LighthouseCoreAttention"]
-    assert attn[1].params["until_iteration"] == 9 and attn[1].params["lighthouse"].topk == 8
+    assert attn[1].params["until_iter"] == 9 and attn[1].params["lighthouse"].topk == 8

@@ -105,7 +105,7 @@ def test_te_one_level_and_recovery_match_te_dense():
     torch.testing.assert_close(_logits_and_grads(one, tokens, positions)[0], ref, rtol=2e-2, atol=2e-2)
 
     recovering = build_gpt(config, get_gpt_decoder_block_spec(config, lighthouse=LH, use_te=True,
-                                                              until_iteration=10),
+                                                              until_iter=10),
                            device="cuda", position_embedding_type="rope")
     _load_ignoring_te_extra_state(recovering, dense)
     set_iteration(10)

@@ -110,7 +110,7 @@ def test_evaluation_only_runs_read_the_loaded_iteration():
     from lighthouse_megatron.megatron import LighthouseCoreAttention
 
     layer = LighthouseCoreAttention.__new__(LighthouseCoreAttention)
-    layer.until_iteration = 20
+    layer.until_iter = 20
     schedule.set_iteration_source(lambda: launch.megatron_lm_iteration(loaded))
     try:
         assert layer.is_dense_now()  # past --lighthouse-until-iter 20: dense, as the user expects

@@ -123,9 +123,9 @@ def test_dense_layers_run_dense_attention_by_behaviour():
             assert not torch.allclose(out, dense_out, atol=1e-4)
 
 
-def test_until_iteration_switches_lighthouse_layers_to_dense():
+def test_until_iter_switches_lighthouse_layers_to_dense():
     config = tiny_config(num_layers=2)
-    sparse, dense = _models(config, LH, until_iteration=3)
+    sparse, dense = _models(config, LH, until_iter=3)
     tokens, positions = batch()
     ref = _run(dense, tokens, positions)[0]
     set_iteration(2)

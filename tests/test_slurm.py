@@ -194,7 +194,7 @@ def test_stage1_runs_the_recipe_to_its_switch_on_every_node(tmp_path):
     assert {"--nodes=4", "--ntasks-per-node=1", "--cpus-per-task=64", "--gpus-per-node=8"} <= set(srun_opts)
     assert torchrun[1:5] == ["--nnodes=4", "--nproc-per-node=8", "--master-addr=gpu-00",
                              f"--master-port={20000 + 4242 % 20000}"]
-    assert torchrun[5:7] == ["-m", "lighthouse_megatron.megatron.pretrain_gpt"]
+    assert torchrun[5:7] == ["-m", "lighthouse_megatron.megatron_lm.pretrain_gpt"]
     # The recipe's numbers, read from examples/98k.yaml; stage 1 stops at its switch.
     for key in ("train_iters", "lr_warmup_iters", "lr_decay_style", "global_batch_size", "seq_length",
                 "adam_beta2", "weight_decay", "lighthouse_topk"):
@@ -330,7 +330,7 @@ def test_megatron_lm_parses_the_command(tmp_path, job):
     script = render(tmp_path, job, "--megatron-lm", MEGATRON_LM, "--tensor-model-parallel-size", "2",
                     "--set", "exit_duration_mins=60", "--set", "init_checkpoint=")
     _, srun, _ = run_job(script, tmp_path, end_iter=20000)
-    argv = srun[srun.index("lighthouse_megatron.megatron.pretrain_gpt") + 1:]
+    argv = srun[srun.index("lighthouse_megatron.megatron_lm.pretrain_gpt") + 1:]
     prog = (
         "import json, sys\n"
         "from megatron.training.arguments import parse_args\n"

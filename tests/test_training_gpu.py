@@ -88,7 +88,7 @@ def test_megatron_lm_continues_a_trainer_checkpoint(tmp_path):
         extra += ["--transformer-impl", "local", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
                   "--no-rope-fusion"]
     proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-                 "-m", "lighthouse_megatron.megatron.pretrain_gpt", *training.megatron_lm_args(args),
+                 "-m", "lighthouse_megatron.megatron_lm.pretrain_gpt", *training.megatron_lm_args(args),
                  "--load", str(save), "--log-interval", "1", *extra], env_extra=os.environ["MEGATRON_LM"])
     out = proc.stdout + proc.stderr
     (tmp_path / "megatron_lm.log").write_text(out)

@@ -32,6 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint.model import transformer_config as model_config
 from ..config import LighthouseConfig
 from ..flags.bench import E2E_DTYPES, E2E_MODES, format_length
 from ._common import (
@@ -109,24 +110,24 @@ def _init_parallel(device: torch.device, seed: int) -> None:
 
 
 def transformer_config(args, device: torch.device):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
+    """The model's TransformerConfig: the package's one builder (the trainer's and the
+    converter's) on the bench's flags under Megatron-LM's argument names, plus what only the
+    bench sets: its dtype, recompute, FP8 and (off) fusions."""
     dtype = DTYPES[args.dtype]
-    kw = dict(
+    megatron_args = dict(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        num_query_groups=args.kv_heads or args.heads, ffn_hidden_size=args.ffn,
-        kv_channels=args.hidden // args.heads,
-        normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
-        attention_dropout=0.0, hidden_dropout=0.0, layernorm_epsilon=1e-5,
-        bf16=dtype == torch.bfloat16, params_dtype=dtype, use_cpu_initialization=device.type == "cpu",
-        bias_activation_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
+        group_query_attention=True, num_query_groups=args.kv_heads or args.heads,
+        ffn_hidden_size=args.ffn, kv_channels=args.hidden // args.heads,
+        swiglu=True, normalization="RMSNorm", norm_epsilon=1e-5, add_bias_linear=False,
     )
+    overrides = dict(bf16=dtype == torch.bfloat16, bias_activation_fusion=False, masked_softmax_fusion=False,
+                     apply_rope_fusion=False)
     if args.recompute == "full":
-        kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if getattr(args, "fp8", None):
-        kw.update(fp8=args.fp8, fp8_recipe=args.fp8_recipe,
-                  fp8_dot_product_attention=bool(getattr(args, "fp8_attention", False)))
-    return TransformerConfig(**kw)
+        overrides.update(fp8=args.fp8, fp8_recipe=args.fp8_recipe,
+                         fp8_dot_product_attention=bool(getattr(args, "fp8_attention", False)))
+    return model_config(megatron_args, dtype=dtype, cpu_init=device.type == "cpu", **overrides)
 
 
 def _module(spec):

@@ -182,7 +182,7 @@ class LighthouseCoreAttention(CausalCoreAttention):
     """Lighthouse attention as a megatron-core core attention.
 
     Extra spec params (`ModuleSpec(params=...)`): `lighthouse`, a `LighthouseConfig`;
-    `until_iteration`: from that training iteration on (see `schedule.set_iteration`)
+    `until_iter`: from that training iteration on (see `schedule.set_iteration`)
     the layer computes dense causal attention, the in-run recovery stage; `query_groups`: the
     model's num_query_groups (megatron-core hands this module a copy with the TP size when
     there are fewer), so that ranks sharing a GQA group select together.
@@ -195,7 +195,7 @@ class LighthouseCoreAttention(CausalCoreAttention):
         self,
         *args,
         lighthouse: LighthouseConfig | None = None,
-        until_iteration: int | None = None,
+        until_iter: int | None = None,
         query_groups: int | None = None,
         **kwargs,
     ):
@@ -203,14 +203,14 @@ class LighthouseCoreAttention(CausalCoreAttention):
         super().__init__(*args, **kwargs)
         self.split_groups = _split_groups(self.config, self.pg_collection, query_groups)
         self.lighthouse = LighthouseConfig() if lighthouse is None else lighthouse
-        if until_iteration is not None and until_iteration < 0:
-            raise ValueError(f"until_iteration must be >= 0 or None, got {until_iteration}")
-        self.until_iteration = until_iteration
+        if until_iter is not None and until_iter < 0:
+            raise ValueError(f"until_iter must be >= 0 or None, got {until_iter}")
+        self.until_iter = until_iter
 
     def is_dense_now(self) -> bool:
         if dense_forced():
             return True
-        return self.until_iteration is not None and get_iteration() >= self.until_iteration
+        return self.until_iter is not None and get_iteration() >= self.until_iter
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if self.is_dense_now():
@@ -222,4 +222,4 @@ class LighthouseCoreAttention(CausalCoreAttention):
                                     context_parallel=self.context_parallel, split_groups=self.split_groups)
 
     def extra_repr(self) -> str:
-        return f"layer_number={self.layer_number}, {self.lighthouse}, until_iteration={self.until_iteration}"
+        return f"layer_number={self.layer_number}, {self.lighthouse}, until_iter={self.until_iter}"

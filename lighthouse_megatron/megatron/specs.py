@@ -64,7 +64,7 @@ def get_gpt_layer_spec(
     qk_layernorm: bool | None = None,
     normalization: str | None = None,
     qk_l2_norm: bool | None = False,
-    until_iteration: int | None = None,
+    until_iter: int | None = None,
 ) -> ModuleSpec:
     """A GPT layer spec (MoE-free MLP) with Lighthouse or dense core attention.
 
@@ -74,7 +74,7 @@ def get_gpt_layer_spec(
     use_te          Transformer Engine submodules; None picks TE when importable on a GPU.
     qk_layernorm, normalization  as megatron-core's builders; None reads them from config.
     qk_l2_norm      as megatron-core's builders.
-    until_iteration Lighthouse layers run dense from this training iteration on.
+    until_iter      Lighthouse layers run dense from this training iteration on.
 
     Dense core attention is TEDotProductAttention with TE, DenseCoreAttention without.
     """
@@ -98,11 +98,11 @@ def get_gpt_layer_spec(
         spec = mcore_specs.get_gpt_layer_local_spec(
             qk_layernorm=qk_layernorm, normalization=normalization, qk_l2_norm=qk_l2_norm
         )
-    return _with_core_attention(spec, attention_impl, lighthouse, use_te, until_iteration,
+    return _with_core_attention(spec, attention_impl, lighthouse, use_te, until_iter,
                                 getattr(config, "num_query_groups", None))
 
 
-def _with_core_attention(spec: ModuleSpec, attention_impl, lighthouse, use_te, until_iteration,
+def _with_core_attention(spec: ModuleSpec, attention_impl, lighthouse, use_te, until_iter,
                          query_groups) -> ModuleSpec:
     """A deep copy of megatron-core's layer spec `spec` with only its core attention replaced.
     `query_groups`: the model's num_query_groups (the core attention is handed a config copy
@@ -113,7 +113,7 @@ def _with_core_attention(spec: ModuleSpec, attention_impl, lighthouse, use_te, u
     if attention_impl == "lighthouse":
         attention.core_attention = ModuleSpec(
             module=LighthouseCoreAttention,
-            params={"lighthouse": lighthouse, "until_iteration": until_iteration,
+            params={"lighthouse": lighthouse, "until_iter": until_iter,
                     "query_groups": query_groups},
         )
     elif not use_te:
@@ -124,7 +124,7 @@ def _with_core_attention(spec: ModuleSpec, attention_impl, lighthouse, use_te, u
 
 
 def _moe_block_spec(config, attention_impl, lighthouse, use_te, normalization, qk_l2_norm,
-                    until_iteration, vp_stage, pp_rank) -> TransformerBlockSubmodules:
+                    until_iter, vp_stage, pp_rank) -> TransformerBlockSubmodules:
     """MoE models: megatron-core's own per-layer specs (expert and dense MLPs as moe_layer_freq
     says, what Megatron-LM builds with --num-experts) with only the core attention replaced."""
     if attention_impl == "lighthouse":
@@ -136,7 +136,7 @@ def _moe_block_spec(config, attention_impl, lighthouse, use_te, normalization, q
     mcore = mcore_specs.get_gpt_decoder_layer_specs(config, use_te, normalization, qk_l2_norm)
     layer_specs = [
         _with_core_attention(spec, "dense" if i in dense_layers else "lighthouse", lighthouse, use_te,
-                             until_iteration, getattr(config, "num_query_groups", None))
+                             until_iter, getattr(config, "num_query_groups", None))
         for i, spec in enumerate(mcore)
     ]
     layer_specs = _layers_of_this_stage(config, layer_specs, vp_stage, pp_rank)
@@ -156,7 +156,7 @@ def get_gpt_decoder_block_spec(
     qk_layernorm: bool | None = None,
     normalization: str | None = None,
     qk_l2_norm: bool | None = False,
-    until_iteration: int | None = None,
+    until_iter: int | None = None,
     vp_stage: int | None = None,
     pp_rank: int | None = None,
 ) -> TransformerBlockSubmodules:
@@ -169,13 +169,13 @@ def get_gpt_decoder_block_spec(
     config, lighthouse, use_te = _common_arguments(config, attention_impl, lighthouse, use_te)
     if getattr(config, "num_moe_experts", None):
         return _moe_block_spec(config, attention_impl, lighthouse, use_te, normalization, qk_l2_norm,
-                               until_iteration, vp_stage, pp_rank)
+                               until_iter, vp_stage, pp_rank)
     common = dict(use_te=use_te, qk_layernorm=qk_layernorm, normalization=normalization,
                   qk_l2_norm=qk_l2_norm)
     dense_spec = get_gpt_layer_spec(config, attention_impl="dense", lighthouse=lighthouse, **common)
     if attention_impl == "lighthouse":
         sparse_spec = get_gpt_layer_spec(
-            config, attention_impl="lighthouse", lighthouse=lighthouse, until_iteration=until_iteration,
+            config, attention_impl="lighthouse", lighthouse=lighthouse, until_iter=until_iter,
             **common,
         )
         dense_layers = lighthouse.resolve_dense_layers(config.num_layers)
@@ -219,7 +219,7 @@ class LighthouseBlockSpecProvider:
     use_te: bool | None = None
     normalization: str | None = None
     qk_l2_norm: bool | None = False
-    until_iteration: int | None = None
+    until_iter: int | None = None
 
     def __call__(self, config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
         return get_gpt_decoder_block_spec(
@@ -229,6 +229,6 @@ class LighthouseBlockSpecProvider:
             use_te=self.use_te,
             normalization=self.normalization,
             qk_l2_norm=self.qk_l2_norm,
-            until_iteration=self.until_iteration,
+            until_iter=self.until_iter,
             vp_stage=vp_stage,
         )

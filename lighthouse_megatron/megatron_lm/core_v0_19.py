@@ -59,7 +59,7 @@ def lighthouse_spec_from_env(config, vp_stage: int | None = None):
     transformer_impl = getattr(transformer_config_of(config), "transformer_impl", None)
     use_te = None if transformer_impl is None else transformer_impl == "transformer_engine"
     provider = LighthouseBlockSpecProvider(
-        LighthouseConfig.from_dict(settings), attention_impl=impl, use_te=use_te, until_iteration=until
+        LighthouseConfig.from_dict(settings), attention_impl=impl, use_te=use_te, until_iter=until
     )
     return provider(config, vp_stage=vp_stage)
 

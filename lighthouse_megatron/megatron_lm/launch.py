@@ -119,7 +119,7 @@ def spec_provider_from_args(args) -> LighthouseBlockSpecProvider:
         use_te=getattr(args, "transformer_impl", "transformer_engine") == "transformer_engine",
         normalization=getattr(args, "normalization", None),
         qk_l2_norm=getattr(args, "qk_l2_norm", False),
-        until_iteration=args.lighthouse_until_iter,
+        until_iter=args.lighthouse_until_iter,
     )
 
 

@@ -115,7 +115,7 @@ def build_model(args, config):
     lighthouse = lighthouse_config_from_args(args) if args.attention_impl == "lighthouse" else None
     spec = get_gpt_decoder_block_spec(
         config, attention_impl=args.attention_impl, lighthouse=lighthouse,
-        use_te=None if args.device == "cuda" else False, until_iteration=args.lighthouse_until_iter,
+        use_te=None if args.device == "cuda" else False, until_iter=args.lighthouse_until_iter,
     )
     model = GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=padded_vocab_size(args),
@@ -313,14 +313,14 @@ def dense_attention(model):
     """Every Lighthouse layer computes dense causal attention inside the block (the same
     switch as --lighthouse-until-iter)."""
     layers = [m for m in model.modules() if isinstance(m, LighthouseCoreAttention)]
-    saved = [m.until_iteration for m in layers]
+    saved = [m.until_iter for m in layers]
     for m in layers:
-        m.until_iteration = 0
+        m.until_iter = 0
     try:
         yield
     finally:
         for m, until in zip(layers, saved, strict=True):
-            m.until_iteration = until
+            m.until_iter = until
 
 
 @torch.no_grad()

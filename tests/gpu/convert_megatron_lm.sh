@@ -36,10 +36,6 @@ case $impl in te) transformer_impl=transformer_engine;; local) transformer_impl=
 case $format in torch_dist|torch) ;; *) echo "error: FORMAT must be torch_dist or torch, got $format" >&2; exit 2;; esac
 . "$(dirname "$0")/megatron_lm_setup.sh"
 
-# The plugin's Megatron-LM entry point (its module moved between versions of this package).
-entry=lighthouse_megatron.megatron_lm.pretrain_gpt
-python -c "import importlib.util as u, sys; sys.exit(u.find_spec('$entry') is None)" 2>/dev/null || \
-    entry=lighthouse_megatron.megatron.pretrain_gpt
 
 # A tiny Llama-shaped GPT (RoPE, RMSNorm, SwiGLU, GQA, bf16) on mock data; at 4096 tokens
 # Lighthouse gathers S = 4096/16 + 2*4*128 = 1280 entries. Layer 3 stays dense.
@@ -66,7 +62,7 @@ lighthouse=(--attention-impl lighthouse --lighthouse-levels 3 --lighthouse-pooli
 stage1=$run/stage1
 dense=$run/dense
 echo "== $tag, $impl, $format: logs and checkpoints in $run"
-torchrun --standalone --nproc-per-node 1 -m "$entry" "${args[@]}" "${lighthouse[@]}" \
+torchrun --standalone --nproc-per-node 1 -m lighthouse_megatron.megatron_lm.pretrain_gpt "${args[@]}" "${lighthouse[@]}" \
     --save "$stage1" --exit-interval 10 > "$run/stage1.log" 2>&1 \
     || { tail -40 "$run/stage1.log"; echo "FAIL: stage 1"; exit 1; }
 python -m lighthouse_megatron.cli inspect "$stage1" | tee "$run/inspect.log"
