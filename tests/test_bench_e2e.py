@@ -229,7 +229,7 @@ def test_config_is_megatron_cores_for_the_bench_flags(argv, device, fields):
 
     if argv is None:
         parser = argparse.ArgumentParser()
-        e2e.add_e2e_parser(parser.add_subparsers())
+        add_e2e_parser(parser.add_subparsers())
         args = parser.parse_args(["e2e"])
     else:
         args = _args(*argv)

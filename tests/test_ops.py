@@ -281,6 +281,28 @@ def test_package_works_without_triton():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=Path(__file__).parents[1])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks CPU tensors without a GPU driver")
+def test_interpreter_switched_on_after_import_keeps_the_twins():
+    """Triton fixes interpreted-or-compiled when a kernel is defined: TRITON_INTERPRET=1 set after
+    the ops loaded must not send CPU tensors into compiled kernels (which look for a GPU)."""
+    code = (
+        "import os, torch\n"
+        "from lighthouse_megatron import LighthouseConfig, lighthouse_attention\n"
+        "from lighthouse_megatron.ops._triton import HAS_TRITON\n"
+        "from lighthouse_megatron.reference import lighthouse_attention_reference\n"
+        "assert HAS_TRITON\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "cfg = LighthouseConfig(levels=2, pooling_factor=4, topk=8, tile_topk=4)\n"
+        "q, k, v = (torch.randn(1, 96, 2, 8) for _ in range(3))\n"
+        "out = lighthouse_attention(q, k, v, cfg)\n"
+        "assert torch.allclose(out, lighthouse_attention_reference(q, k, v, cfg), atol=1e-5)\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_fast_path_one_level_is_dense():
     cfg = LighthouseConfig(levels=1, pooling_factor=4, topk=8, tile_topk=4)
     q, k, v = random_qkv(1, 64, 4, 2, 8, seed=8, grad=True)

@@ -24,10 +24,17 @@ except ImportError:
     tl = None
 
 
-def use_triton(x: Tensor) -> bool:
-    """Kernels for CUDA tensors, and for CPU tensors under TRITON_INTERPRET=1 (the tests)."""
-    return HAS_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1")
-
-
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Triton reads TRITON_INTERPRET when a kernel is defined, i.e. when the ops modules load: only
+# kernels defined under the interpreter can take CPU tensors. Set later, the variable cannot
+# turn compiled kernels into interpreted ones (they would look for a GPU driver and fail).
+_KERNELS_INTERPRETED = interpreting()
+
+
+def use_triton(x: Tensor) -> bool:
+    """Kernels for CUDA tensors, and for CPU tensors while TRITON_INTERPRET=1 if it was already
+    set when the kernels were defined (the tests); the plain-PyTorch twins otherwise."""
+    return HAS_TRITON and (x.is_cuda or (_KERNELS_INTERPRETED and interpreting()))
