@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 COMMANDS = [["--version"], ["--help"], ["demo", "--help"], ["prepare-data", "--help"], ["bench", "--help"],
+            ["bench", "layer", "--help"], ["bench", "e2e", "--help"],
             ["slurm", "--help"], ["slurm", "render", "--help"], ["slurm", "submit", "--help"],
             ["train", "--help"], ["convert", "--help"], ["inspect", "--help"]]
 HEAVY = ("torch", "megatron.core")
