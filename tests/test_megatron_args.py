@@ -47,6 +47,14 @@ def test_defaults_are_dense():
     assert args.attention_impl == "dense"
 
 
+def test_every_config_field_has_its_flag():
+    # One spelling per setting: LighthouseConfig's field `tile_topk` is --lighthouse-tile-topk.
+    flags = {opt for a in add_lighthouse_args(argparse.ArgumentParser())._actions for opt in a.option_strings}
+    missing = [name for name in LighthouseConfig.field_names()
+               if f"--lighthouse-{name.replace('_', '-')}" not in flags]
+    assert missing == []
+
+
 def test_good_lighthouse_arguments():
     args = parse(*MODEL, *LH, "--lighthouse-dense-layers", "0", "1", "-2", "-1",
                  "--lighthouse-levels", "3", "--lighthouse-pooling-factor", "4",

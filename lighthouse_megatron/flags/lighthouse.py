@@ -16,16 +16,9 @@ from ..yaml_settings import read_mapping
 from . import rules
 from .rules import ATTENTION_IMPLS
 
-# LighthouseConfig field -> flag (dest is the flag with '-' -> '_').
-_FLAGS = {
-    "levels": "--lighthouse-levels",
-    "pooling_factor": "--lighthouse-pooling-factor",
-    "topk": "--lighthouse-topk",
-    "tile_topk": "--lighthouse-tile-topk",
-    "dense_layers": "--lighthouse-dense-layers",
-    "scorer": "--lighthouse-scorer",
-    "backend": "--lighthouse-backend",
-}
+# LighthouseConfig field -> its flag, one spelling derived from the dataclass: `topk` is
+# --lighthouse-topk, dest lighthouse_topk (the trainer's YAML key), `topk` in --lighthouse-config.
+_FLAGS = {name: f"--lighthouse-{name.replace('_', '-')}" for name in LighthouseConfig.field_names()}
 # YAML keys beyond LighthouseConfig's fields.
 _LAUNCH_KEYS = {"attention_impl": "--attention-impl", "until_iter": "--lighthouse-until-iter",
                 "eval_attention": "--lighthouse-eval-attention"}
