@@ -50,6 +50,9 @@ class Rule:
         return self.flag[2:].replace("-", "_")
 
 
+_CUDA_GRAPH = ("a captured graph would freeze the --lighthouse-until-iter switch and the mask check reads "
+               "a tensor on the host")
+
 RULES = (
     Rule("attention_dropout", "--attention-dropout", _is_set,
          "the fused attention kernels here have no dropout (Megatron's default is 0.1)",
@@ -91,15 +94,9 @@ RULES = (
          "pass the model as flags and the Lighthouse settings with --lighthouse-config", LAUNCH),
     Rule(None, "--spec", lambda v: v is not None, "--attention-impl lighthouse builds its own layer spec",
          "drop --spec", LAUNCH),
-    Rule(None, "--cuda-graph-impl", _cuda_graph_impl,
-         "a captured graph would freeze the --lighthouse-until-iter switch and the mask check "
-         "reads a tensor on the host", "use --cuda-graph-impl none", LAUNCH),
-    Rule(None, "--enable-cuda-graph", _is_set,
-         "a captured graph would freeze the --lighthouse-until-iter switch and the mask check "
-         "reads a tensor on the host", "drop --enable-cuda-graph", LAUNCH),
-    Rule(None, "--external-cuda-graph", _is_set,
-         "a captured graph would freeze the --lighthouse-until-iter switch and the mask check "
-         "reads a tensor on the host", "drop --external-cuda-graph", LAUNCH),
+    Rule(None, "--cuda-graph-impl", _cuda_graph_impl, _CUDA_GRAPH, "use --cuda-graph-impl none", LAUNCH),
+    Rule(None, "--enable-cuda-graph", _is_set, _CUDA_GRAPH, "drop --enable-cuda-graph", LAUNCH),
+    Rule(None, "--external-cuda-graph", _is_set, _CUDA_GRAPH, "drop --external-cuda-graph", LAUNCH),
     Rule(None, "--hybrid-context-parallel", _is_set,
          "it packs sequences of different lengths per rank; Lighthouse layers take whole causal "
          "sequences in Megatron's load-balanced CP layout", "drop --hybrid-context-parallel", LAUNCH),
