@@ -15,7 +15,7 @@ from lighthouse_megatron import LighthouseConfig  # noqa: E402
 from lighthouse_megatron.backends import dense_causal_attention  # noqa: E402
 from lighthouse_megatron.bench import e2e  # noqa: E402
 from lighthouse_megatron.cli import main  # noqa: E402
-from lighthouse_megatron.flags.bench import add_e2e_parser  # noqa: E402
+from lighthouse_megatron.flags.bench import E2E_MODES, add_e2e_parser  # noqa: E402
 
 from .megatron_testing import init_parallel  # noqa: E402
 
@@ -48,7 +48,7 @@ def test_cpu_run_writes_every_mode(tmp_path):
     assert main(["bench", "e2e", *TINY, "--seq-lens", "64", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "e2e.json").read_text())
     rows = {r["mode"]: r for r in data["rows"]}
-    assert list(rows) == list(e2e.MODES)
+    assert list(rows) == list(E2E_MODES)
     s = LighthouseConfig(levels=2, pooling_factor=2, topk=8, tile_topk=2).gathered_length(64)
     assert rows["lighthouse"]["S"] == rows["ceiling"]["S"] == s == 48 and rows["dense"]["S"] == 64
     for r in rows.values():  # the arithmetic on the times: test_summary_matches_step_times_known_in_advance
@@ -174,7 +174,7 @@ def test_gpu_small_model_every_mode_with_recompute(tmp_path):
     data = json.loads((tmp_path / "e2e.json").read_text())
     assert data["meta"]["recompute"] == "full" and data["meta"]["nvidia_smi"]
     rows = {r["mode"]: r for r in data["rows"]}
-    assert set(rows) == set(e2e.MODES)
+    assert set(rows) == set(E2E_MODES)
     for r in rows.values():
         assert r["finite"] and r["peak_mem_gib"] > 0 and r["timed_steps"] == 2
         assert abs(r["losses"][0] - 6.93) < 0.2  # ln(1024) at initialization

@@ -47,7 +47,6 @@ from ._common import (
     write_json,
 )
 
-MODES = E2E_MODES
 DTYPES = {name: torch_dtype(name) for name in E2E_DTYPES}
 
 
@@ -261,7 +260,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     for n in sorted({r["N"] for r in rows}):
         by = {r["mode"]: r for r in rows if r["N"] == n and "step_ms" in r}
         s = {"N": n}
-        dense, lh, ceil, none = (by.get(m) for m in MODES)
+        dense, lh, ceil, none = (by.get(m) for m in E2E_MODES)
         if lh and dense:
             s["speedup_vs_dense"] = dense["step_ms"] / lh["step_ms"]
         if ceil and dense:
@@ -316,9 +315,9 @@ def check_fp8(args, use_te: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in E2E_MODES]
     if bad or not modes:
-        raise UsageError(f"--modes {args.modes!r}: valid modes are {', '.join(MODES)}")
+        raise UsageError(f"--modes {args.modes!r}: valid modes are {', '.join(E2E_MODES)}")
     if args.steps < 1 or args.warmup < 0:
         raise UsageError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     if args.heads < 1 or args.hidden % args.heads:
