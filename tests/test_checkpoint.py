@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lighthouse_megatron.checkpoint import CheckpointError, convert, inspect_checkpoint
+from lighthouse_megatron.checkpoint import CheckpointError, convert, export_hf, inspect_checkpoint
 from lighthouse_megatron.checkpoint.model import CORE_ATTENTION_EXTRA, model_state, to_local_names
 from lighthouse_megatron.checkpoint.reader import args_dict, locate, read_common
 from lighthouse_megatron.cli import main as cli
@@ -174,7 +174,7 @@ def test_hf_export_matches_megatron_core_dense_logits(source, stage1, tp2, tmp_p
     src, expected = (stage1["root"] / "dist", stage1["dense_logits"]) if source == "dist" \
         else (tp2["path"], tp2["dense_logits"])
     before = tree_hash(src)
-    report = convert(src, tmp_path / "hf", to="hf")
+    report = export_hf(src, tmp_path / "hf")
     assert tree_hash(src) == before
     # No tokenizer: these checkpoints do not name one (report["tokenizer"] says so).
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "lighthouse-manifest.json",
@@ -200,7 +200,7 @@ def test_hf_export_with_tied_embeddings(tmp_path):
     dense.load_state_dict(model.state_dict())
     args = ct.megatron_args(ckpt_format="torch", untie_embeddings_and_output_weights=False)
     ct.save_legacy({0: {"model": model.state_dict_for_save_checkpoint()}}, args, tmp_path / "ckpt")
-    convert(tmp_path / "ckpt", tmp_path / "hf", to="hf")
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()
     hf = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), torch_dtype=torch.float32).eval()
@@ -366,7 +366,8 @@ def test_hf_export_refuses_what_llama_cannot_express(tmp_path):
             check_llama({**good, **change})
 
 
-def test_checkpoint_error_is_a_value_error():
+def test_checkpoint_error_is_a_value_error(tmp_path):
     assert issubclass(CheckpointError, ValueError)
-    with pytest.raises(ValueError, match="to must be one of"):
-        convert("x", "y", to="onnx")
+    with pytest.raises(ValueError, match="no such file or directory"):
+        convert(tmp_path / "missing", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

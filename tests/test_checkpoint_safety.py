@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 from lighthouse_megatron import training  # noqa: E402
-from lighthouse_megatron.checkpoint import CheckpointError, convert, inspect_checkpoint  # noqa: E402
+from lighthouse_megatron.checkpoint import CheckpointError, convert, export_hf, inspect_checkpoint  # noqa: E402
 from lighthouse_megatron.checkpoint.manifest import MANIFEST  # noqa: E402
 from lighthouse_megatron.checkpoint.reader import dcp_read_all, read_dcp_metadata  # noqa: E402
 from lighthouse_megatron.cli import main as cli  # noqa: E402
@@ -313,7 +313,7 @@ def test_hf_export_nested_output_permissions_and_byte_tokenizer(run, tmp_path):
     from lighthouse_megatron.data import byte_vocab_size, null_tokenizer
 
     output = tmp_path / "hf" / "98k"  # neither exists
-    report = convert(run, output, to="hf")
+    report = export_hf(run, output)
     assert isinstance(report["verified"], dict)
     mask = os.umask(0)
     os.umask(mask)

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 from lighthouse_megatron import training  # noqa: E402
-from lighthouse_megatron.checkpoint import convert, inspect_checkpoint  # noqa: E402
+from lighthouse_megatron.checkpoint import convert, export_hf, inspect_checkpoint  # noqa: E402
 from lighthouse_megatron.megatron import set_iteration  # noqa: E402
 
 MODEL = ("--mock-data --num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-query-groups 2 "
@@ -36,7 +36,7 @@ def test_trainer_checkpoint_converts_and_resumes_dense(tmp_path, monkeypatch):
     report = convert(stage1, tmp_path / "dense")
     assert report["verified"]["loaded_with"].startswith("megatron-core dist_checkpointing.load")
     assert inspect_checkpoint(tmp_path / "dense")["attention"] == ["dense", "dense"]
-    hf = convert(stage1, tmp_path / "hf", to="hf")
+    hf = export_hf(stage1, tmp_path / "hf")
     if not isinstance(hf["verified"], str):  # transformers installed
         assert hf["verified"]["logits_max_abs_diff"] < 1e-4
 

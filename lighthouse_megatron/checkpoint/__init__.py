@@ -3,7 +3,7 @@
 - `convert(input, output, *, weights_only=False, dry_run=False, force=False, verify=True)`:
   a stage-1 Megatron-LM checkpoint (torch_dist or torch format) into one that loads under
   the dense spec; the input checked against its manifest first, the output verified after
-  writing and given a manifest; returns a report dict. (`to="hf"` calls `export_hf`.)
+  writing and given a manifest; returns a report dict.
 - `export_hf(input, output, *, dry_run=False, force=False, verify=True)`: the same for a
   Hugging Face Llama checkpoint (with its tokenizer).
 - `inspect_checkpoint(path, verify=True) -> dict`: format, iteration, arguments, layers,

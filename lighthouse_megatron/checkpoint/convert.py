@@ -54,7 +54,6 @@ from .reader import (
     torch_load,
 )
 
-TARGETS = ("megatron", "hf")
 _TRAINING_STATE = ("optimizer", "opt_param_scheduler", "rng_state", "rerun_state_machine",
                    "num_floating_point_operations_so_far")
 
@@ -268,29 +267,23 @@ def _open(input: str | Path, output: str | Path, *, to: str, dry_run: bool, forc
     return ckpt, output, common, args, report
 
 
-def convert(input: str | Path, output: str | Path, *, to: str = "megatron", weights_only: bool = False,
+def convert(input: str | Path, output: str | Path, *, weights_only: bool = False,
             dry_run: bool = False, force: bool = False, verify: bool = True,
             log: Callable[[str], None] | None = None) -> dict:
     """Convert a stage-1 checkpoint for the dense recovery stage (`export_hf`: to Hugging Face).
 
-    to="megatron": a Megatron-LM checkpoint (same format and layout as the input) that
-    loads under the dense spec; optimizer state and iteration kept unless `weights_only`.
-    to="hf" is `export_hf(input, output, ...)` (`weights_only` does not apply).
-    The output is written under a temporary name next to it and renamed at the end, then
-    verified (dense load with strict key checks and a forward pass; for "hf", logits
-    against transformers' LlamaForCausalLM when transformers is installed). An existing
+    The output is a Megatron-LM checkpoint (same format and layout as the input) that loads
+    under the dense spec; optimizer state and iteration kept unless `weights_only`.
+    It is written under a temporary name next to it and renamed at the end, then
+    verified (dense load with strict key checks and a forward pass). An existing
     output is refused unless `force`. The input is only read: first checked against its
     manifest (unless `verify` is False; a checkpoint without one is reported unverified), its
     weights must be finite. The output gets a manifest of its own. Missing parents of the
     output are created.
     Returns a report: {"input", "output", "format", "changes", "input_verified", "verified", ...}.
     """
-    if to not in TARGETS:
-        raise ValueError(f"to must be one of {list(TARGETS)}, got {to!r}")
-    if to == "hf":
-        return export_hf(input, output, dry_run=dry_run, force=force, verify=verify, log=log)
     log = log or (lambda msg: None)
-    ckpt, output, common, args, report = _open(input, output, to=to, dry_run=dry_run, force=force,
+    ckpt, output, common, args, report = _open(input, output, to="megatron", dry_run=dry_run, force=force,
                                                verify=verify, log=log)
     new_args, changes = dense_args(common.get("args"))
     if weights_only:
