@@ -7,9 +7,11 @@ import json
 import sys
 import warnings
 
+from .convert import attention_spans, convert, export_hf, inspect_checkpoint
+
 
 def _quiet(fn):
-    """megatron-core and torch warn on import and load (missing apex, deprecations); the
+    """megatron-core and torch warn while loading (missing apex, deprecations); the
     tool's own output says what happened."""
     def run(args):
         with warnings.catch_warnings():
@@ -26,8 +28,6 @@ def _fail(error: Exception) -> int:
 
 @_quiet
 def run_convert(args: argparse.Namespace) -> int:
-    from .convert import convert, export_hf
-
     options = dict(dry_run=args.dry_run, force=args.force, verify=not args.no_verify,
                    log=lambda msg: print(f"  {msg}"))
     try:
@@ -46,8 +46,6 @@ def run_convert(args: argparse.Namespace) -> int:
 
 @_quiet
 def run_inspect(args: argparse.Namespace) -> int:
-    from .convert import attention_spans, inspect_checkpoint
-
     try:
         info = inspect_checkpoint(args.checkpoint, verify=not args.no_verify)
     except (ValueError, OSError) as e:
