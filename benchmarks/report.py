@@ -19,8 +19,8 @@ from typing import Any
 
 from ._common import K, UsageError, check_writable, error, main
 from ._common import format_length as _fmt_len
-from .quality import TOLERANCE as QUALITY_TOLERANCE
-from .quality import stats
+from .quality_v1 import TOLERANCE as QUALITY_TOLERANCE
+from .quality_v1 import stats
 from .retrieval import CHANCE, RETRIEVES
 from .retrieval import TOLERANCE as RETRIEVAL_TOLERANCE
 

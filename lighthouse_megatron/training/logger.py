@@ -3,7 +3,9 @@
 Only the first rank writes. JSONL records: {"kind": "train", "iteration", "loss", "lr",
 "grad_norm", "tokens_per_s", "time_per_iter_s", "attention"} after each logged
 iteration, and {"kind": "eval", "iteration", "loss", "attention"} for each evaluation
-(attention "lighthouse" or "dense"). A resumed run appends to the same file after dropping
+(attention "lighthouse" or "dense"), and at the first dense iteration of an in-run switch
+{"kind": "switch", "iteration", "loss_lighthouse", "loss_dense"}: that iteration's batch under
+both attentions, same weights, before the update. A resumed run appends to the same file after dropping
 the records past the iteration it resumed from (the run that wrote them did not reach a
 checkpoint after them), as TensorBoard's `purge_step` drops its events.
 """
@@ -52,15 +54,18 @@ class MetricsLogger:
                 for key in ("loss", "lr", "grad_norm", "tokens_per_s", "time_per_iter_s"):
                     if record.get(key) is not None:
                         self._tb.add_scalar(f"train/{key}", record[key], step)
-            else:
+            elif record["kind"] == "eval":
                 self._tb.add_scalar(f"eval/loss_{record['attention']}", record["loss"], step)
+            else:
+                for key in ("loss_lighthouse", "loss_dense"):
+                    self._tb.add_scalar(f"switch/{key}", record[key], step)
         line = " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k != "kind")
         if self._bar is not None and not self._bar.disable:
-            self._bar.set_postfix_str(line if record["kind"] == "eval" else
+            self._bar.set_postfix_str(line if record["kind"] != "train" else
                                       f"loss={_fmt(record['loss'])} lr={_fmt(record['lr'])} "
                                       f"tok/s={_fmt(record['tokens_per_s'])}")
-            if record["kind"] == "eval":
-                self._bar.write(f"[eval] {line}")
+            if record["kind"] != "train":
+                self._bar.write(f"[{record['kind']}] {line}")
         else:
             print(f"[{record['kind']}] {line}", flush=True)
 
