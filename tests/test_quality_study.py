@@ -147,8 +147,8 @@ def test_switch_probe_is_paired_and_changes_nothing(data, tmp_path):
     """The probe's dense loss is the training loss of that iteration (same batch, same weights);
     its Lighthouse loss is that batch under the stage-1 attention; and the run continues exactly as
     a dense relaunch from the same checkpoint, which has no probe."""
-    common = ["--data-path", str(data / "train"), "--valid-data-path", str(data / "held"), "--train-iters", "8",
-              "--eval-iters", "1", "--eval-interval", "4", "--seed", "5"]
+    common = ["--data-path", str(data / "train"), "--valid-data-path", str(data / "held"),
+              "--train-iters", "8", "--eval-iters", "1", "--eval-interval", "4", "--seed", "5"]
     _train([*common, *LIGHTHOUSE, "--save", str(tmp_path / "s1"), "--exit-interval", "4"])
     rec = _train([*common, *LIGHTHOUSE, "--lighthouse-until-iter", "4", "--load", str(tmp_path / "s1")])
     dense = _train([*common, "--attention-impl", "dense", "--load", str(tmp_path / "s1")])
@@ -170,8 +170,8 @@ def test_switch_probe_is_paired_and_changes_nothing(data, tmp_path):
 def _study(work: Path, iters: int, seeds: str, data_dir: Path) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "benchmarks.quality.run", "start", "--work", str(work), "--preset", "tiny",
-            "--iters", str(iters), "--seeds", seeds, "--switches", "62.5", "--jobs", "2", "--data", str(data_dir),
-            "--corpus-mb", "2", "--foreground"]
+            "--iters", str(iters), "--seeds", seeds, "--switches", "62.5", "--jobs", "2",
+            "--data", str(data_dir), "--corpus-mb", "2", "--foreground"]
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     log = (work / "serve.log").read_text() if (work / "serve.log").is_file() else ""
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + log[-3000:]
@@ -192,7 +192,8 @@ def two_batches(tmp_path_factory):
 def test_driver_writes_one_json_per_run_from_the_trainers_records(two_batches):
     tmp, runs = two_batches
     names = sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*.json"))
-    assert names == [f"tiny-16/seed{s}_{a}.json" for s in (1, 2) for a in ("dense", "lighthouse_10", "recovered_10")] \
+    arms = ("dense", "lighthouse_10", "recovered_10")
+    assert names == [f"tiny-16/seed{s}_{a}.json" for s in (1, 2) for a in arms] \
         + [f"tiny-24/seed1_{a}.json" for a in ("dense", "lighthouse_15", "recovered_15")]
     run = json.loads((runs / "tiny-16" / "seed2_recovered_10.json").read_text())
     metrics = [json.loads(x) for x in (tmp / "a" / "jobs" / "tiny-16" / "seed2" / "recovered_10" /
@@ -222,7 +223,8 @@ def test_analysis_recomputed_from_the_run_records(two_batches, tmp_path):
     from benchmarks.quality import analyze
 
     _, runs = two_batches
-    assert main(analyze.add_parser, "benchmarks.quality.analyze", ["--runs", str(runs), "--out", str(tmp_path)]) == 0
+    argv = ["--runs", str(runs), "--out", str(tmp_path)]
+    assert main(analyze.add_parser, "benchmarks.quality.analyze", argv) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     rows = {(r["batch"], r["seed"]): r for r in summary["rows"]}
     assert sorted(rows) == [("tiny-16", 1), ("tiny-16", 2), ("tiny-24", 1)]
@@ -236,7 +238,8 @@ def test_analysis_recomputed_from_the_run_records(two_batches, tmp_path):
     assert row["heldout_gap"] == pytest.approx(last3(rec) - last3(dense))
     probe = rec["switch_probe"]
     assert row["spike"] == pytest.approx(probe["loss_dense"] - probe["loss_lighthouse"])
-    assert row["stage1_gap_lighthouse"] == pytest.approx(lh["eval"]["lighthouse"][-1][1] - dense["eval"]["dense"][9][1])
+    at_switch = dense["eval"]["dense"][9][1]  # iteration 10
+    assert row["stage1_gap_lighthouse"] == pytest.approx(lh["eval"]["lighthouse"][-1][1] - at_switch)
     # Aggregates: the batch with two seeds gets a t-verdict, the one with one seed cannot tell.
     agg = {a["batch"]: a for a in summary["aggregates"]}
     assert agg["tiny-16"]["train_gap"]["n"] == 2 and agg["tiny-24"]["train_gap"]["verdict"] == "cannot tell"
