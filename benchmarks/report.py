@@ -19,10 +19,10 @@ from typing import Any
 
 from ._common import K, UsageError, check_writable, error, main
 from ._common import format_length as _fmt_len
-from .quality_v1 import TOLERANCE as QUALITY_TOLERANCE
-from .quality_v1 import stats
-from .retrieval import CHANCE, RETRIEVES
-from .retrieval import TOLERANCE as RETRIEVAL_TOLERANCE
+from .quality.stats import TOLERANCE as QUALITY_TOLERANCE
+from .quality.stats import summary as stats
+from .retrieval.needle import CHANCE, RETRIEVES
+from .retrieval.needle import TOLERANCE as RETRIEVAL_TOLERANCE
 
 PAPER = "Peng, Ghosh, Quesnelle, arXiv 2605.06554, on B200"
 E2E_LEN = 98_304
@@ -60,8 +60,11 @@ class Result:
 def load(root: Path) -> dict[str, list[Result]]:
     """JSON results by kind (the folder they sit in); unreadable files are an error."""
     found: dict[str, list[Result]] = {}
-    for kind in ("layer", "cp", "e2e", "failure_modes", "quality", "retrieval"):
-        for path in sorted((root / kind).glob("*.json")):
+    for kind, folder in (("layer", "layer"), ("cp", "cp"), ("e2e", "e2e"), ("failure_modes", "failure_modes"),
+                         ("quality", "quality/v1"), ("retrieval", "retrieval/results")):
+        for path in sorted((root / folder).glob("*.json")):
+            if path.name.startswith("run_"):  # a runner's manifest, not a result
+                continue
             try:
                 data = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError) as e:
@@ -69,7 +72,7 @@ def load(root: Path) -> dict[str, list[Result]]:
             found.setdefault(kind, []).append(Result(path.relative_to(root), data))
     # Leak probes rerun on a study's checkpoints (`benchmarks.leak`), listed in a manifest
     # beside their JSON: each step names its command, seed and the study it probed.
-    for path in sorted(root.glob("quality/*/run_leak.json")):
+    for path in sorted(root.glob("quality/v1/*/run_leak.json")):
         manifest = json.loads(path.read_text())
         for step in manifest["steps"]:
             data = json.loads((path.parent / step["json"]).read_text())
@@ -285,8 +288,7 @@ def _paper_protocol(gap: str):
 def _standalone_leak(results, study: Result) -> dict | None:
     """The leak-probe aggregate (as `benchmarks.quality` builds it) of the probes rerun on
     `study`'s checkpoints, or None."""
-    name = f"benchmarks/{study.path.as_posix()}"
-    rows = [r.data for r in results.get("leak", []) if r.meta["study"] == name]
+    rows = [r.data for r in results.get("leak", []) if Path(r.meta["study"]).name == study.path.name]
     if not rows:
         return None
     agg = {m: {a: stats([x[m][a]["mean"] for x in rows]) for a in ("lighthouse", "dense")}
@@ -598,7 +600,7 @@ def _plot_quality(results, out_dir: Path) -> Path | None:
 
 
 def _plot_retrieval(results, out_dir: Path) -> Path | None:
-    from .retrieval import plot_heatmap
+    from .retrieval.run import plot_heatmap
 
     for r in results.get("retrieval", []):
         path = out_dir / "retrieval_heatmap.png"

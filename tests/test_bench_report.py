@@ -81,16 +81,16 @@ def test_retrieval_claim_needs_a_dense_model_that_retrieves(root, dense_accuracy
     with dense at chance the row says the probe is not informative and gives no verdict."""
     from pathlib import Path
 
-    from benchmarks.retrieval import CHANCE, RETRIEVES
+    from benchmarks.retrieval.needle import CHANCE, RETRIEVES
 
-    real = Path(__file__).resolve().parents[1] / "benchmarks" / "retrieval" / "retrieval.json"
+    real = Path(__file__).resolve().parents[1] / "benchmarks" / "retrieval" / "results" / "retrieval.json"
     data = json.loads(real.read_text())
     data["models"]["dense"]["summary"]["token_accuracy"] = dense_accuracy
     data["models"]["recovered"]["summary"]["token_accuracy"] = dense_accuracy - 0.3
     data["accuracy_gap"] = -0.3
     data["verdict"].update(ok=False, informative=dense_accuracy >= CHANCE + RETRIEVES)
-    (root / "retrieval").mkdir()
-    (root / "retrieval" / "r.json").write_text(json.dumps(data))
+    (root / "retrieval" / "results").mkdir(parents=True)
+    (root / "retrieval" / "results" / "r.json").write_text(json.dumps(data))
     assert main(["--root", str(root)]) == 0
     claims, gaps = (root / "REPORT.md").read_text().split("## What did not reproduce")
     row = next(line for line in claims.splitlines() if line.startswith("| Needle"))
