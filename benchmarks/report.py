@@ -60,8 +60,9 @@ class Result:
 def load(root: Path) -> dict[str, list[Result]]:
     """JSON results by kind (the folder they sit in); unreadable files are an error."""
     found: dict[str, list[Result]] = {}
-    for kind, folder in (("layer", "layer"), ("cp", "cp"), ("e2e", "e2e"), ("failure_modes", "failure_modes"),
-                         ("quality", "quality/v1"), ("retrieval", "retrieval/results")):
+    for kind, folder in (("layer", "layer"), ("cp", "cp"), ("e2e", "e2e"),
+                         ("failure_modes", "failure_modes/results"), ("quality", "quality/v1"),
+                         ("retrieval", "retrieval/results")):
         for path in sorted((root / folder).glob("*.json")):
             if path.name.startswith("run_"):  # a runner's manifest, not a result
                 continue
