@@ -227,6 +227,8 @@ tables:
 @pytest.mark.parametrize("old, new, message", [
     ("measure: e2e_speedup", "measure: e2e_sped", "measure 'e2e_sped' is not an extractor"),
     ("args: {vocab: 256}", "args: {vocabulary: 256}", "unexpected keyword argument 'vocabulary'"),
+    ("measure: e2e_speedup\n        args: {vocab: 256}", "measure: e2e_summary\n        args: {key: speed}",
+     "measure e2e_summary: key='speed' is not one of lighthouse_of_ceiling, attention_share_dense"),
     ("paper: speed", "paper: sped", "paper figure 'sped' is not in paper.figures"),
     ('pass: ">= low"', 'pass: "at least 2"', "pass rule 'at least 2'"),
     ('pass: ">= low"', 'pass: ">= high"', "names the paper figure's 'high', which it lacks"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import operator
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,13 +120,20 @@ def _check_measure(entry: dict, where: str) -> None:
         )
     if not isinstance(args, dict):
         raise UsageError(f"{where}: args must be a mapping, got {args!r}")
+    fn = EXTRACTORS[name]
     try:
-        inspect.signature(EXTRACTORS[name]).bind(None, **args)
+        inspect.signature(fn).bind(None, **args)
     except TypeError as e:
-        params = list(inspect.signature(EXTRACTORS[name]).parameters)[1:]
+        params = list(inspect.signature(fn).parameters)[1:]
         raise UsageError(
             f"{where}: measure {name}: {e} (it takes {', '.join(params) or 'no arguments'})"
         ) from None
+    for arg, hint in typing.get_type_hints(fn).items():  # Literal[...] arguments: one of their values
+        allowed = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
+        if allowed and arg in args and args[arg] not in allowed:
+            raise UsageError(
+                f"{where}: measure {name}: {arg}={args[arg]!r} is not one of {', '.join(allowed)}"
+            )
 
 
 def parse_claim(entry, figures: dict, where: str) -> Claim:
@@ -180,8 +188,9 @@ def parse_claims(data, where: str) -> Claims:
 
 
 def load_claims(path: Path = CLAIMS_YAML) -> Claims:
-    """claims.yaml read and checked: every measure an extractor taking the given arguments, every
-    paper figure defined, every rule in the language above."""
+    """claims.yaml read and checked: every measure an extractor taking the given arguments (an
+    argument typed Literal[...] one of its values), every paper figure defined, every rule in the
+    language above."""
     import yaml
 
     try:

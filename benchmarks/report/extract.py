@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from .._common import format_length, parse_length
 from ..quality.stats import summary as stats
@@ -51,7 +51,9 @@ def _layer_rows(results, n: int, topk: int) -> Iterator[tuple[Result, dict]]:
 
 
 @extractor
-def layer_speedup(results, key: str, n: str, topk: int) -> list[Measured]:
+def layer_speedup(
+    results, key: Literal["speedup_fwd_bwd", "speedup_fwd"], n: str, topk: int
+) -> list[Measured]:
     """One layer's speed-up over dense (`key`: speedup_fwd_bwd or speedup_fwd) at length n."""
     ms = "fwd_bwd_ms" if "bwd" in key else "fwd_ms"
     return [
@@ -120,40 +122,30 @@ def e2e_speedup(results, vocab: int | None = None, te: bool = True, fp8: bool = 
     return out
 
 
-def _e2e_summary_value(key: str, text: Callable[[dict, Any], str], results) -> list[Measured]:
-    """One measurement per e2e run at 98K whose summary has `key`; `text(summary, vocab)`."""
+SUMMARY_TEXT: dict[str, Callable[[dict, Any], str]] = {
+    # Lighthouse's stage-1 throughput as a share of free selection's (the ceiling)
+    "lighthouse_of_ceiling": lambda s, v: (
+        f"{100 * s['lighthouse_of_ceiling']:.1f}% of the ceiling (vocab {v}; ceiling "
+        f"{s.get('ceiling_speedup_vs_dense', float('nan')):.2f}x dense)"
+    ),
+    # attention's share of the dense and of the Lighthouse step
+    "attention_share_dense": lambda s, v: (
+        f"{100 * s['attention_share_dense']:.0f}% of the dense step, "
+        f"{100 * s.get('attention_share_lighthouse', float('nan')):.0f}% of the Lighthouse step (vocab {v})"
+    ),
+}
+SummaryKey = Literal[tuple(SUMMARY_TEXT)]
+
+
+@extractor
+def e2e_summary(results, key: SummaryKey) -> list[Measured]:
+    """One measurement per e2e run at 98K whose summary has `key` (one of SUMMARY_TEXT)."""
+    text = SUMMARY_TEXT[key]
     return [
         Measured(s[key], f"{text(s, r.meta.get('model', {}).get('vocab'))}, {_precision(r)}", r)
         for r, s, _ in _e2e_summaries(results, E2E_LEN)
         if key in s
     ]
-
-
-@extractor
-def e2e_ceiling(results) -> list[Measured]:
-    """Lighthouse's stage-1 throughput as a share of free selection's (the ceiling)."""
-    return _e2e_summary_value(
-        "lighthouse_of_ceiling",
-        lambda s, v: (
-            f"{100 * s['lighthouse_of_ceiling']:.1f}% of the ceiling (vocab {v}; ceiling "
-            f"{s.get('ceiling_speedup_vs_dense', float('nan')):.2f}x dense)"
-        ),
-        results,
-    )
-
-
-@extractor
-def attention_share(results) -> list[Measured]:
-    """Attention's share of the dense and of the Lighthouse step."""
-    return _e2e_summary_value(
-        "attention_share_dense",
-        lambda s, v: (
-            f"{100 * s['attention_share_dense']:.0f}% of the dense step, "
-            f"{100 * s.get('attention_share_lighthouse', float('nan')):.0f}% of the Lighthouse step "
-            f"(vocab {v})"
-        ),
-        results,
-    )
 
 
 @extractor
@@ -179,7 +171,7 @@ def break_even(results) -> list[Measured]:
 
 
 @extractor
-def cp(results, key: str, n: str) -> list[Measured]:
+def cp(results, key: Literal["ratio_fwd_bwd", "cp_overhead_share"], n: str) -> list[Measured]:
     """CP = 2 against CP = 1 at length n with TE's p2p ring (Megatron's default; the other
     cp_comm_types are in benchmarks/cp/README.md): the ratio or the CP bookkeeping's share."""
     out = []
@@ -210,7 +202,7 @@ def _at_switch(rows: list[dict], switch: float) -> dict:
 
 
 @extractor
-def quality_verdict(results, metric: str, switch: float = 0.625) -> list[Measured]:
+def quality_verdict(results, metric: Literal[tuple(UNITS)], switch: float = 0.625) -> list[Measured]:
     """Per batch of the time-to-dense-quality study (preset and run length), the aggregate at the
     switch closest to `switch`: recovered - dense by the t rule (`cannot tell` gives no verdict)."""
     out = []
@@ -279,7 +271,9 @@ def describe_v1(r: Result) -> str:
 
 
 @extractor
-def v1_protocol(results, gap: str, preset: str, judged: bool = True) -> list[Measured]:
+def v1_protocol(
+    results, gap: Literal["train", "heldout"], preset: str, judged: bool = True
+) -> list[Measured]:
     """The earlier protocol's main row at `preset`: the final training ("train") or held-out
     ("heldout") gap; with judged=False the row is context and carries no verdict."""
     out = []
@@ -364,7 +358,7 @@ def v1_passkey(results) -> list[Measured]:
 
 
 @extractor
-def v1_one_seed(results, key: str) -> list[Measured]:
+def v1_one_seed(results, key: Literal["loss", "cost"]) -> list[Measured]:
     """The one-seed run before the seeded protocol (quality.json): the final dense eval loss gap
     ("loss") or the training-step cost ratio ("cost")."""
     out = []
