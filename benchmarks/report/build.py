@@ -44,6 +44,7 @@ def plots_lines(results: dict, root: Path) -> list[str]:
     out_dir = root / "report" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     quality = results.get("quality")
+    curves = root / quality[0].path.with_name("curves.png") if quality else None
     lines = []
     for title, path, missing in (
         ("One attention layer, latency against length", plot_layer(results, out_dir), "no `layer/*.json`"),
@@ -54,8 +55,8 @@ def plots_lines(results: dict, root: Path) -> list[str]:
         ),
         (
             "Time to dense quality: held-out curves and the lag per seed",
-            root / quality[0].path.with_name("curves.png") if quality else None,
-            "not yet measured: no `quality/results/summary.json` (see the quality section)",
+            curves if curves and curves.is_file() else None,
+            "no `quality/results/curves.png` (not measured yet, or drawn without matplotlib)",
         ),
         (
             "Retrieval heat map (depth x length)",

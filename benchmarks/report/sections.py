@@ -185,8 +185,6 @@ def quality_section(results: dict) -> list[str]:
         f"{r.data['runs']} runs on {r.card}; every run's JSON under [quality/runs/](quality/runs/).",
         *body,
         "",
-        f"![held-out curves and lag per seed]({r.path.with_name('curves.png').as_posix()})",
-        "",
     ]
 
 
