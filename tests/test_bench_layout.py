@@ -1,4 +1,4 @@
-"""benchmarks/ laid out as evidence (DESIGN.md, issue 29): one folder per study with its README,
+"""benchmarks/ laid out as evidence: one folder per study with its README,
 Python only in study packages and the shared helpers, and no function over 80 lines."""
 
 from __future__ import annotations
