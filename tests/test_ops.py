@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lighthouse_megatron import lighthouse_attention
 from lighthouse_megatron.attention import plan_selection
@@ -206,6 +207,96 @@ def test_gather_and_scatter_match_reference(cfg, n, hq, hkv, d, poisoned):
         torch.testing.assert_close(gather(x, p), expected, rtol=1e-5, atol=1e-6)
     o = torch.randn(2, p.length, hq, d)
     torch.testing.assert_close(scatter(o, p), reference_scatter(o, p, cfg, n), rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------- custom ops
+
+# TRITON_INTERPRET at call time: which implementation the ops run on CPU tensors.
+DISPATCH = {"kernel": "1", "twin": "0"}
+# Three levels and GQA, at a size the interpreter runs many times over in a few seconds.
+TINY = (LighthouseConfig(levels=3, pooling_factor=2, topk=4, tile_topk=2), 32, 2, 1, 4)
+
+
+def _op_inputs(cfg, n, hq, hkv, d, seed, dtype=torch.float32, b=2):
+    """q, k, their plan, an attention output o [b, S, Hq, d] and a halo (fp32, as `spill_rows`
+    makes it)."""
+    q, k, _ = random_qkv(b, n, hq, hkv, d, seed=seed, dtype=dtype)
+    p = plan_selection(q, k, cfg)
+    g = torch.Generator().manual_seed(seed)
+    o = torch.randn(b, p.length, hq, d, generator=g, dtype=dtype)
+    halo = torch.randn(b, cfg.coarsest_block - 1, hq, d, generator=g)
+    return q, k, p, o, halo
+
+
+@pytest.mark.parametrize("impl", ["kernel", "twin"])
+def test_custom_ops_pass_opcheck(impl, monkeypatch):
+    """Per op: the schema, the fake implementation (shapes, dtypes and strides against the real
+    outputs), the autograd registration and AOT dispatch with dynamic shapes."""
+    monkeypatch.setenv("TRITON_INTERPRET", DISPATCH[impl])
+    cfg, n, hq, hkv, d = TINY
+    q, k, p, o, halo = _op_inputs(cfg, n, hq, hkv, d, seed=21)
+    sel = (cfg.levels, cfg.pooling_factor, cfg.topk, cfg.tile_topk)
+    plan_args = (*p.tensors(), n, cfg.pooling_factor, cfg.levels)
+    sq, sk = torch.ops.lighthouse.score_pyramids(q, k, *sel)
+    lh = torch.ops.lighthouse
+    cases = [
+        (lh.score_pyramids, (q, k, *sel)),
+        (lh.select, (sq, sk, 2, hkv, n, *sel)),
+        (lh.gather, (q.clone().requires_grad_(True), *plan_args)),
+        (lh.gather_backward, (o, *plan_args)),
+        (lh.scatter, (o.clone().requires_grad_(True), *plan_args)),
+        (lh.scatter, (o.clone().requires_grad_(True), *plan_args, halo.clone().requires_grad_(True))),
+        (lh.scatter_backward, (q, *plan_args)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_fake_tensors_give_the_real_shapes():
+    """Under FakeTensorMode (what torch.compile traces with) the plan and the output have the
+    shapes and dtypes of the real ones."""
+    cfg, n, hq, hkv, d = TINY
+    q, k, v = random_qkv(2, n, hq, hkv, d, seed=22, dtype=torch.bfloat16)
+    real_plan, real = plan_selection(q, k, cfg), lighthouse_attention(q, k, v, cfg)
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(x) for x in (q, k, v))
+        fake_plan, fake = plan_selection(fq, fk, cfg), lighthouse_attention(fq, fk, fv, cfg)
+    for name, a, b in zip(PLAN_FIELDS, fake_plan.tensors(), real_plan.tensors(), strict=True):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype), name
+    assert (fake.shape, fake.dtype) == (real.shape, real.dtype)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "twin"])
+def test_custom_op_gradients_match_autograd_through_the_twins(impl, monkeypatch):
+    """The registered backward passes (kernels of the other index space) against PyTorch's own
+    autograd through the twins' formulas: the gather's, and the scatter's in o and the halo."""
+    monkeypatch.setenv("TRITON_INTERPRET", DISPATCH[impl])
+    cfg, n, hq, hkv, d = TINY
+    q, _, p, o, halo = _op_inputs(cfg, n, hq, hkv, d, seed=23)
+    q, o, halo = (x.requires_grad_(True) for x in (q, o, halo))
+    pairs = [(gather(q, p), twins.pool_segments(q, p), (q,)),
+             (scatter(o, p, halo), twins.feed_tokens(o, p, halo), (o, halo))]
+    for fast, slow, inputs in pairs:
+        g = torch.randn_like(fast)
+        for ours, want in zip(torch.autograd.grad(fast, inputs, g), torch.autograd.grad(slow, inputs, g),
+                              strict=True):
+            torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+
+
+def test_custom_ops_gradcheck(monkeypatch):
+    """gradcheck in float64 at a tiny size (d = 1: one column of the Jacobian per element). The
+    stages sum in fp32 whatever the input dtype, so the finite differences take a step large
+    enough for fp32 rounding to stay under the tolerance; gather and scatter are linear, so a
+    large step is exact otherwise. Full mode: fast mode let a halo gradient one row off pass.
+    The twins only: the backward formulas do not depend on the implementation, the kernels
+    equal the twins (above), and the interpreter would take 20 s over the Jacobian."""
+    monkeypatch.setenv("TRITON_INTERPRET", DISPATCH["twin"])
+    cfg, n, hq, hkv, _ = TINY
+    q, _, p, o, halo = _op_inputs(cfg, n, hq, hkv, 1, seed=24, dtype=torch.float64, b=1)
+    q, o, halo = (x.double().requires_grad_(True) for x in (q, o, halo))
+    tol = {"eps": 1e-3, "atol": 1e-4, "rtol": 1e-3}
+    assert torch.autograd.gradcheck(lambda x: gather(x, p), (q,), **tol)
+    assert torch.autograd.gradcheck(lambda x, h: scatter(x, p, h), (o, halo), **tol)
 
 
 # ---------------------------------------------------------------- the whole path
