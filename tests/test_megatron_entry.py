@@ -93,8 +93,12 @@ def test_bad_topk_is_one_error_line_with_the_real_megatron_lm():
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    # At 64 tokens no budget fits T = 128 (issue 28: "nearest valid: 128" was itself invalid).
     assert errors == ["error: --lighthouse-topk 100: lighthouse topk must be a positive multiple of "
-                      "tile_topk=128, got 100; nearest valid: 128"]
+                      "tile_topk=128, got 100; no topk is valid with sequence length 64, levels=3, "
+                      "pooling_factor=4 and tile_topk=128 (a tile keeps tile_topk=128 of the 4 coarsest "
+                      "entries); change another setting: tile_topk=4 (then topk=4), levels=1 (dense "
+                      "attention) or a sequence length that is a multiple of 2048 (then topk=128)"]
 
 
 def test_missing_megatron_lm_message_from_python_m():
