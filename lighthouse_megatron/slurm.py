@@ -37,7 +37,7 @@ from typing import Any
 
 from .flags.train import DEFAULTS, build_parser
 from .layout import check_flags
-from .yaml_settings import read_mapping
+from .yaml_settings import load_yaml, read_mapping
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
 LAUNCHER = SLURM_DIR / "launch.sbatch"
@@ -150,6 +150,10 @@ def _under(root: str, value: str) -> str:
     return value if not value or os.path.isabs(value) else str(Path(root) / value)
 
 
+TIME_FORMATS = ("MINUTES", "MINUTES:SECONDS", "HOURS:MINUTES:SECONDS", "DAYS-HOURS", "DAYS-HOURS:MINUTES",
+                "DAYS-HOURS:MINUTES:SECONDS")
+
+
 def _minutes(time_limit: str) -> int | None:
     """Slurm's --time (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in whole minutes; None if not one."""
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", time_limit.strip())
@@ -161,6 +165,15 @@ def _minutes(time_limit: str) -> int | None:
     if c is not None:
         return a * 60 + b
     return a
+
+
+def _check_time(value: Any) -> None:
+    """Slurm reads only its own formats; anything else would reach #SBATCH and fail at submission
+    (and the clean-exit margin, computed from it, would be 0)."""
+    if value in (None, "") or _minutes(str(value)) is not None:
+        return
+    raise ValueError(f"time {value!r} is not a Slurm time limit; use one of {', '.join(TIME_FORMATS)} "
+                     "(e.g. 24:00:00 or 2-00:00:00)")
 
 
 def resolve(job: Job, values: Mapping[str, Any] = {}, *, allow_placeholders: bool = False) -> Resolved:
@@ -200,6 +213,7 @@ def _resolve(job: Job, values: Mapping[str, Any], allow_placeholders: bool) -> R
     for key in ("venv", "container_image", "container_mounts", "megatron_lm", "partition", "account",
                 "convert_partition", "log_dir", "init_checkpoint", "extra_args", "convert_args"):
         launch.setdefault(key, "")
+    _check_time(launch.get("time"))
     _check_placeholders(kind, launch, train, allow_placeholders)
     root = str(launch.get("checkpoint_root") or "")
     for key in ("save_dir", "init_checkpoint", "input", "output"):
@@ -573,9 +587,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
-        import yaml
-
-        out[key.strip()] = yaml.safe_load(value) if value else ""
+        out[key.strip()] = load_yaml(value) if value else ""
     for _, key, _ in _NAMED:
         value = getattr(args, f"v_{key}")
         if value is not None:
