@@ -153,6 +153,20 @@ def _lighthouse_flags(args: argparse.Namespace) -> str:
                     for key in ("levels", "pooling_factor", "topk", "tile_topk"))
 
 
+def until_iter_warning(args: argparse.Namespace) -> str | None:
+    """The start-up warning (trainer and Megatron-LM entry point alike) when
+    --lighthouse-until-iter never switches this run to dense attention; None otherwise.
+    Iteration N is the (N+1)-th: with N >= --train-iters no iteration runs dense."""
+    until, total = getattr(args, "lighthouse_until_iter", None), getattr(args, "train_iters", None)
+    lighthouse = getattr(args, "attention_impl", None) == "lighthouse"
+    if not lighthouse or until is None or total is None or until < total:
+        return None
+    return (f"warning: --lighthouse-until-iter {until} is not below --train-iters {total}: every iteration "
+            f"runs Lighthouse attention and the dense recovery never happens in this run; set it below "
+            f"{total} (the paper switches at 62.5%: {round(0.625 * total)}), or relaunch with "
+            "--attention-impl dense from a checkpoint")
+
+
 def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | None:
     """Check the Lighthouse arguments against the model and parallel settings.
 
