@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         # and exit code 2, as argparse does for the flags it checks itself.
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C where a command has nothing to save: one line, the shell's code for SIGINT.
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
