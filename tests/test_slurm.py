@@ -337,6 +337,28 @@ def test_an_unquoted_time_in_yaml_stays_a_time(tmp_path):
     assert sbatch_option(script, "time") == "2:30:00"
 
 
+def test_recipe_values_are_typed_by_their_setting(tmp_path, capsys):
+    """A recipe's values are typed as the trainer types them: `train_iters: 1e4` (a string to
+    YAML 1.1) is 10000, and `swiglu: "false"` (which reached the job as `--swiglu false`, an
+    argparse error on the cluster) is refused at render."""
+    recipe = tmp_path / "recipe.yaml"
+    base = (REPO / "examples" / "98k.yaml").read_text()
+    recipe.write_text(base.replace("train_iters: 16000", "train_iters: 1.6e4")
+                      .replace("lr: 2.0e-3", "lr: 2e-3"))
+    job = tmp_path / "job.yaml"
+    job.write_text(f"job: train\nrecipe: {recipe}\nnodes: 4\ngpus_per_node: 8\ncontext_parallel_size: 2\n"
+                   "save_dir: s\n")
+    script = render(tmp_path, str(job))
+    args = settings(script, "TRAIN_ARGS")["TRAIN_ARGS"]
+    assert after(args, "--train-iters") == ["16000"] and after(args, "--lr") == ["0.002"]
+    recipe.write_text(base.replace("swiglu: true", 'swiglu: "false"'))
+    out = tmp_path / "x.sbatch"
+    assert main(["slurm", "render", str(job), "-o", str(out), "--checkpoint-root", "/c", "--megatron-lm",
+                 "/m", "--data-path", "/d"]) == 2
+    assert "swiglu: false is not supported in a Slurm job" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_values_reach_bash_verbatim(tmp_path):
     odd = "/data/my corpus/$HOME 'quoted'"
     script = render(tmp_path, "stage1", "--data-path", odd, "--set", "lighthouse_dense_layers=[0, -1]")
