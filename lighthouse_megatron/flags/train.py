@@ -211,7 +211,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
     add_lighthouse_args(p)
     for action in p._actions:
-        if action.dest in ("help", "config") or action.help is None:
+        if action.dest == "help" or action.help is None:
             continue
         if "default" not in action.help.lower():
             action.help += f" (default: {_default_text(action.dest)})"
