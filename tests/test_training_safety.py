@@ -284,6 +284,14 @@ def test_wandb_logs_what_tensorboard_logs(tmp_path, monkeypatch):
     assert [history[i]["train/loss"] for i in (1, 2, 3, 4)] == pytest.approx(
         [r["loss"] for r in result.train], rel=1e-9)
     assert history[4]["eval/loss_dense"] == pytest.approx(result.evals[-1]["loss"], rel=1e-9)
+    # The checkpoint stores the W&B settings as Megatron-LM does; evaluating it needs no W&B.
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    with training.checkpoint_model(str(save), device="cpu") as (_, args, iteration):
+        assert iteration == 4 and args.wandb_project is None
 
 
 def test_wandb_flags_without_a_project_or_package(tmp_path, capsys, monkeypatch):
