@@ -1,9 +1,10 @@
 """lighthouse_attention: the public entry point, composing the stages.
 
 Forward: scores and selection (no gradient) -> pooled gather of q, k, v -> dense causal
-attention on the S gathered entries -> scatter back. The gather and the scatter are autograd
-Functions whose backward passes are the matching deterministic kernels; the dense kernel brings
-its own backward. On CUDA the stages are Triton kernels (ops/), elsewhere their PyTorch twins.
+attention on the S gathered entries -> scatter back. The stages are custom ops (ops/stages.py)
+whose backward passes are the matching deterministic kernels, so torch.compile traces the whole
+function; the dense kernel brings its own backward. On CUDA the stages are Triton kernels,
+elsewhere their PyTorch twins.
 
 Under context parallelism the rank's sequence is two chunks (Megatron's load-balanced layout):
 each is planned on its own with topk / (2*CP) (the two chunks are the batch of one plan), the
@@ -21,49 +22,8 @@ from torch import Tensor
 
 from .backends import check_backend
 from .config import LighthouseConfig, check_inputs
-from .ops import (
-    SelectionPlan,
-    feed_segments,
-    feed_tokens,
-    pool_segments,
-    pool_tokens,
-    score_pyramids,
-    select,
-    spill_rows,
-)
+from .ops import SelectionPlan, gather, scatter, score_pyramids, select, spill_rows
 from .parallel import ContextParallel, SplitGroups, causal_attention, exchange_halo
-
-
-class _PooledGather(torch.autograd.Function):
-    """[b, n, H, d] -> [b, S, H, d]: the mean of each planned entry's block."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, plan: SelectionPlan) -> Tensor:
-        ctx.plan = plan
-        return pool_segments(x, plan)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        # Each base token receives grad / c_l from the entry pooling it at every level.
-        return pool_tokens(grad, ctx.plan), None
-
-
-class _ScatterBack(torch.autograd.Function):
-    """[b, S, H, d] -> [b, n, H, d]: each base token sums its covering entries' rows, plus the
-    halo fed by the chunk before (context parallelism)."""
-
-    @staticmethod
-    def forward(ctx, o: Tensor, plan: SelectionPlan, halo: Tensor | None) -> Tensor:
-        ctx.plan = plan
-        ctx.halo_rows = None if halo is None else halo.shape[1]
-        return feed_tokens(o, plan, halo=halo)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        # An entry's gradient is the sum of the output gradient over the range it fed; a
-        # halo row's is the gradient of the tokens it fed.
-        rows = ctx.halo_rows
-        return feed_segments(grad, ctx.plan), None, None if rows is None else grad[:, :rows].float()
 
 
 def _nan_where_not_finite(out: Tensor, q: Tensor, k: Tensor, v: Tensor, cp: ContextParallel | None,
@@ -124,17 +84,17 @@ def lighthouse_attention(
         return _nan_where_not_finite(out, q, k, v, cp, split_groups)
     if cp is None:
         plan = plan_selection(q, k, config, split_groups)
-        gathered = [_PooledGather.apply(x, plan) for x in (q, k, v)]
+        gathered = [gather(x, plan) for x in (q, k, v)]
         o = causal_attention(*gathered, scale, config.backend)
-        return _nan_where_not_finite(_ScatterBack.apply(o, plan, None), *gathered, None, split_groups)
+        return _nan_where_not_finite(scatter(o, plan), *gathered, None, split_groups)
     # The rank's two chunks are the batch of one plan, [b, 2c, H, d] -> [2b, c, H, d]: a view
     # for b = 1 (a copy otherwise), so that every stage is one launch for both chunks.
     b, n = q.shape[:2]
     q2, k2, v2 = (x.reshape(2 * b, n // 2, *x.shape[2:]) for x in (q, k, v))
     plan = plan_selection(q2, k2, config.chunk_config(cp.size), split_groups)
-    gathered = [_PooledGather.apply(x, plan).view(b, 2 * plan.length, *x.shape[2:]) for x in (q2, k2, v2)]
+    gathered = [gather(x, plan).view(b, 2 * plan.length, *x.shape[2:]) for x in (q2, k2, v2)]
     o = causal_attention(*gathered, scale, config.backend, cp).reshape(2 * b, plan.length, *q.shape[2:])
     spill = spill_rows(o, plan)
     halo = exchange_halo(spill, cp) if cp.halo else torch.zeros_like(spill)
-    out = _ScatterBack.apply(o, plan, halo).view(b, n, *q.shape[2:])
+    out = scatter(o, plan, halo).view(b, n, *q.shape[2:])
     return _nan_where_not_finite(out, *gathered, cp, split_groups)

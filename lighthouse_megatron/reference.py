@@ -13,14 +13,13 @@ Layouts: q [b, n, Hq, d], k and v [b, n, Hkv, d]; a selection unit is one (batch
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .config import LighthouseConfig, check_inputs
-from .ops.scores import score_pyramids_torch
-from .ops.select import SelectionPlan, select_torch
+from .ops import twins
+from .ops.plan import SelectionPlan
 
 # ---------------------------------------------------------------- stage 1: pyramid
 
@@ -36,65 +35,22 @@ def pyramid(x: Tensor, config: LighthouseConfig) -> list[Tensor]:
     return [pool(x, config.pooling_factor**level) for level in range(config.levels)]
 
 
-# ----------------------------------------------------------------- stage 2: scores
-
-
-# ------------------------------------------------------- stage 3 and 4: selection
-
-
-@dataclass
-class LighthousePlan:
-    """What the selection decided, per selection unit (batch, kv head).
-
-    level, index:  [b, Hkv, S] level and in-level index of every gathered entry, in causal
-                   (last token, level) order.
-    selected_q, selected_k: dict level -> [b, Hkv, tiles, T/2] in-level indices chosen by
-                   query norm and by key norm at that refined level (l = 1 .. L-1), in the
-                   order the top-k ranked them.
-    """
-
-    level: Tensor
-    index: Tensor
-    selected_q: dict[int, Tensor]
-    selected_k: dict[int, Tensor]
-    pooling_factor: int
-
-    @property
-    def last_token(self) -> Tensor:
-        """e(l, i) = (i + 1) * p**l - 1 for every gathered entry."""
-        return (self.index + 1) * self.pooling_factor**self.level - 1
-
-    @property
-    def length(self) -> int:
-        return self.level.shape[-1]
-
-    @classmethod
-    def from_selection(cls, sel: SelectionPlan) -> LighthousePlan:
-        """The same plan as the kernels' flat `SelectionPlan` (int32, [b * Hkv, ...])."""
-        b, h = sel.batch, sel.kv_heads
-
-        def per_level(x: Tensor) -> dict[int, Tensor]:
-            return {lv: x[:, lv - 1].reshape(b, h, -1, x.shape[-1]).long() for lv in range(1, sel.levels)}
-
-        return cls(level=sel.level.reshape(b, h, -1).long(), index=sel.index.reshape(b, h, -1).long(),
-                   selected_q=per_level(sel.selected_q), selected_k=per_level(sel.selected_k),
-                   pooling_factor=sel.pooling_factor)
+# --------------------------------------------------- stages 2, 3 and 4: the plan
 
 
 @torch.no_grad()
-def plan(q: Tensor, k: Tensor, config: LighthouseConfig) -> LighthousePlan:
+def plan(q: Tensor, k: Tensor, config: LighthouseConfig) -> SelectionPlan:
     """Stages 2-4: score, run the chunked top-k cascade per tile, order causally. The package's
-    one CPU implementation of these stages (ops/scores.py, ops/select.py), in this module's
-    [b, Hkv, ...] layout; tests check it against a literal formulation of the paper's steps."""
-    b, hkv = q.shape[0], k.shape[2]
-    sq, sk = score_pyramids_torch(q, k, config)
-    return LighthousePlan.from_selection(select_torch(sq, sk, b, hkv, q.shape[1], config))
+    one CPU implementation of these stages (ops/twins.py); tests check it against a literal
+    formulation of the paper's steps."""
+    sq, sk = twins.score_pyramids(q, k, config)
+    return twins.select(sq, sk, q.shape[0], k.shape[2], q.shape[1], config)
 
 
 # --------------------------------------------------------------- stage 5: gather
 
 
-def gather(levels: list[Tensor], plan: LighthousePlan) -> Tensor:
+def gather(levels: list[Tensor], plan: SelectionPlan) -> Tensor:
     """Pooled rows of the planned entries: [b, S, H, d] with H query or kv heads."""
     b, _, h, d = levels[0].shape
     hkv = plan.level.shape[1]
@@ -124,7 +80,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float) -> T
 
 
 def scatter(
-    o: Tensor, plan: LighthousePlan, config: LighthouseConfig, seq_len: int, out_len: int | None = None
+    o: Tensor, plan: SelectionPlan, config: LighthouseConfig, seq_len: int, out_len: int | None = None
 ) -> Tensor:
     """out[t] = sum over levels of the output of the emitted entry covering t.
 
@@ -142,7 +98,7 @@ def scatter(
         entries = seq_len // c
         # Per-level table of entry outputs; zero rows for entries that were not emitted.
         mine = (plan.level == level).repeat_interleave(group, dim=1).transpose(1, 2)  # [b, S, Hq]
-        idx = plan.index.repeat_interleave(group, dim=1).transpose(1, 2)
+        idx = plan.index.long().repeat_interleave(group, dim=1).transpose(1, 2)
         idx = torch.where(mine, idx, entries)  # dump row for other levels' entries
         table = torch.zeros(b, entries + 1, hq, d, dtype=torch.float32, device=o.device)
         table = table.scatter(1, idx.unsqueeze(-1).expand(-1, -1, -1, d), o.float())

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.failure_modes` on CPU at tiny sizes: every part end to end, and
+"""`python -m benchmarks.failure_modes.run` on CPU at tiny sizes: every part end to end, and
 the properties its numbers rest on."""
 
 from __future__ import annotations
@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-from benchmarks import failure_modes
 from benchmarks._common import main as study_main
+from benchmarks.failure_modes import run as failure_modes
 from lighthouse_megatron import LighthouseConfig
 
 
 def main(argv):
-    return study_main(failure_modes.add_failure_modes_parser, "benchmarks.failure_modes", argv)
+    return study_main(failure_modes.add_failure_modes_parser, "benchmarks.failure_modes.run", argv)
 
 TINY = ["--device", "cpu", "--heads", "2", "--head-dim", "16", "--dtype", "fp32", "--levels", "2",
         "--pooling-factor", "2", "--tile-topk", "4", "--short-lens", "256", "--short-topks", "16,24",

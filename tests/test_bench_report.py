@@ -1,19 +1,28 @@
-"""`python -m benchmarks.report`: REPORT.md from result files shaped like real runs."""
+"""`python -m benchmarks.report`: REPORT.md from result files shaped like real runs and from
+claims.yaml; the committed REPORT.md is what the committed JSON files give."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
-from benchmarks import report
 from benchmarks._common import main as study_main
+from benchmarks.quality import analyze, stats
+from benchmarks.report import add_report_parser
+from benchmarks.report.claims import CLAIMS_YAML, Rule, load_claims
+from benchmarks.report.extract import EXTRACTORS, Interval
+from benchmarks.retrieval.needle import CHANCE, RETRIEVES
 from lighthouse_megatron.bench.e2e import summarize
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def main(argv):
-    return study_main(report.add_report_parser, "benchmarks.report", argv)
+    return study_main(add_report_parser, "benchmarks.report", argv)
 
 
 def _e2e_result(vocab: int, ms: dict[str, float], lens=(98_304,), spec="te") -> dict:
@@ -37,30 +46,41 @@ def root(tmp_path):
     return tmp_path
 
 
+def _sections(root: Path) -> tuple[str, str]:
+    text = (root / "REPORT.md").read_text()
+    claims, rest = text.split("## What did not reproduce")
+    return claims, rest.split("## Plots")[0]
+
+
+def _row(claims: str, start: str) -> list[str]:
+    return [line for line in claims.splitlines() if line.startswith(f"| {start}")]
+
+
 def test_claims_follow_the_files(root):
     assert main(["--root", str(root)]) == 0
-    text = (root / "REPORT.md").read_text()
-    claims = text.split("## What did not reproduce")[0]
+    claims, gaps = _sections(root)
     # 530M: 4600 / 1500 ms = 3.07x meets its 3x target; 268M: 4500 / 1500 = 3.00x misses 3.3x.
     assert "3.07x (65.5k vs 21.4k tok/s, 30 layers, vocab 128256, te spec, bf16)" in claims
     assert "Test Card 80GB" in claims
-    gaps = text.split("## What did not reproduce")[1].split("## Plots")[0]
     assert "**Did not reproduce**: End to end, 268M model (vocab 256)" in gaps and "3.00x" in gaps
-    assert "530M model" not in gaps  # met
+    assert "Did not reproduce**: End to end, 530M" not in gaps  # met
     # A run without TE is context, in its own row, with no verdict: 4000 / 2000 ms = 2.00x.
-    row = next(line for line in claims.splitlines() if line.startswith("| End to end without"))
+    row = _row(claims, "End to end without")[0]
     assert "2.00x" in row and "local spec" in row and "2.00x" not in gaps
     # 1200 / 1500 ms = 80% of the ceiling for vocab 256; 1450 / 1500 = 96.7% for 128,256 (met).
     assert "80.0% of the ceiling (vocab 256" in gaps and "96.7% of the ceiling (vocab 128256" not in gaps
     # No layer, failure-mode, quality or retrieval file: said so, nothing filled in.
     assert "**Not yet measured**: One layer fwd+bwd at 512K" in gaps
-    assert "**Not yet measured**: Recovered model" in gaps and "**Not yet measured**: Needle" in gaps
+    assert "**Not yet measured**: Time to dense quality" in gaps and "**Not yet measured**: Needle" in gaps
+    assert "**Not yet measured** (earlier protocol): Recovered vs dense" in gaps
+    text = (root / "REPORT.md").read_text()
     assert "No failure-mode results yet." in text
+    assert "Not measured yet: no `quality/results/summary.json`" in text
     # The sweep: Lighthouse is 3x faster at every length in these files.
     assert "end to end: 16K 3.00x, 48K 3.00x, 96K 3.00x" in claims
     # The plot where matplotlib is installed (the dev extra), and no plot where it is not.
     plotted = importlib.util.find_spec("matplotlib") is not None
-    assert (root / "report" / "e2e_speedup.png").exists() == plotted
+    assert (root / "report" / "results" / "e2e_speedup.png").exists() == plotted
 
 
 def test_refuses_to_overwrite_and_bad_root(root, tmp_path, capsys):
@@ -75,25 +95,167 @@ def test_refuses_to_overwrite_and_bad_root(root, tmp_path, capsys):
     assert "broken.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("dense_accuracy, verdict", [(0.03, "not informative"), (0.9, "did not reproduce")])
+@pytest.mark.parametrize("dense_accuracy, verdict", [(0.03, "uninformative"), (0.9, "did not reproduce")])
 def test_retrieval_claim_needs_a_dense_model_that_retrieves(root, dense_accuracy, verdict):
     """A recovered model far behind dense fails the retrieval claim only where dense retrieves;
-    with dense at chance the row says the probe is not informative and gives no verdict."""
-    from pathlib import Path
-
-    from benchmarks.retrieval import CHANCE, RETRIEVES
-
-    real = Path(__file__).resolve().parents[1] / "benchmarks" / "retrieval" / "retrieval.json"
-    data = json.loads(real.read_text())
+    with dense at chance the row says the probe is uninformative and gives no verdict."""
+    data = json.loads((BENCHMARKS / "retrieval" / "results" / "retrieval.json").read_text())
     data["models"]["dense"]["summary"]["token_accuracy"] = dense_accuracy
     data["models"]["recovered"]["summary"]["token_accuracy"] = dense_accuracy - 0.3
     data["accuracy_gap"] = -0.3
     data["verdict"].update(ok=False, informative=dense_accuracy >= CHANCE + RETRIEVES)
-    (root / "retrieval").mkdir()
-    (root / "retrieval" / "r.json").write_text(json.dumps(data))
+    (root / "retrieval" / "results").mkdir(parents=True)
+    (root / "retrieval" / "results" / "r.json").write_text(json.dumps(data))
     assert main(["--root", str(root)]) == 0
-    claims, gaps = (root / "REPORT.md").read_text().split("## What did not reproduce")
-    row = next(line for line in claims.splitlines() if line.startswith("| Needle"))
-    failed = "**Did not reproduce**: Needle" in gaps.split("## Plots")[0]
-    assert ("not informative" in row) == (verdict == "not informative")
-    assert failed == (verdict == "did not reproduce")
+    claims, gaps = _sections(root)
+    row = _row(claims, "Needle")[0]
+    assert ("uninformative" in row) == (verdict == "uninformative")
+    assert ("**Did not reproduce**: Needle" in gaps) == (verdict == "did not reproduce")
+    assert "-0.300 value token accuracy" in row
+
+
+# ------------------------------------------------------------------ time to dense quality
+
+
+def _seed_row(batch: str, seed: int, switch_frac: float, gap: float, lag: float) -> dict:
+    iters = int(batch.split("-")[1])
+    return {"batch": batch, "preset": batch.split("-")[0], "iters": iters, "tokens": iters * 32_768,
+            "seed": seed, "switch": round(switch_frac * iters), "switch_frac": switch_frac, "train_gap": gap,
+            "heldout_gap": gap + 0.01, "lag_per_lh_iter": lag, "lag_interp": lag * switch_frac * iters,
+            "lag_fit": None, "spike": 0.5, "stage1_gap_lighthouse": -0.1, "stage1_gap_dense": 1.0,
+            "end_slope": -0.2}
+
+
+def _summary(rows: list[dict], ratio: float) -> dict:
+    """What `python -m benchmarks.quality.analyze` writes, from per-seed rows given here."""
+    step = {"ratio": ratio, "lighthouse_ms": 1000 * ratio, "dense_ms": 1000.0, "card": "Test Card 80GB",
+            "command": "lighthouse-megatron bench e2e", "file": "e2e.json", "parameters": 1, "N": 98_304}
+    batches = sorted({r["batch"] for r in rows})
+    return {"rule": stats.RULE.format(conf=stats.CONFIDENCE, tol=stats.TOLERANCE), "runs": 3 * len(rows),
+            "cards": ["Test Card 80GB"], "commands": [], "step_ratio": step, "rows": rows,
+            "aggregates": analyze.aggregate(rows),
+            "time_to_quality": {b: analyze.time_to_quality(rows, b, ratio) for b in batches},
+            "scale_trend": None}
+
+
+def test_quality_rows_are_recomputed_from_the_summary(root):
+    """Two batches: 'default-2560' (4 seeds, recovered clearly behind: worse, and a lag large enough
+    that the two-stage run is slower than dense) and 'wide-2560' (2 seeds: marked as fewer)."""
+    gaps_default, lags_default = [0.10, 0.12, 0.11, 0.13], [0.60, 0.62, 0.61, 0.63]
+    rows = [_seed_row("default-2560", s + 1, 0.625, g, lag)
+            for s, (g, lag) in enumerate(zip(gaps_default, lags_default, strict=True))]
+    rows += [_seed_row("wide-2560", s + 1, 0.625, g, 0.01) for s, g in enumerate([0.005, -0.004])]
+    summary = _summary(rows, ratio=0.324)
+    (root / "quality" / "results").mkdir(parents=True)
+    (root / "quality" / "results" / "summary.json").write_text(json.dumps(summary))
+    assert main(["--root", str(root)]) == 0
+    claims, gaps = _sections(root)
+
+    want = stats.verdict(gaps_default)
+    row = next(r for r in _row(claims, "Recovered vs dense: training loss") if "default-2560" in r)
+    assert f"{want['verdict']}: {want['mean']:+.3f} nats/byte" in row and want["verdict"] == "worse"
+    assert f"[{want['lower']:+.3f}, {want['upper']:+.3f}]" in row and "4 seeds;" in row
+    assert "**Did not reproduce**: Recovered vs dense: training loss" in gaps
+    wide = next(r for r in _row(claims, "Recovered vs dense: training loss") if "wide-2560" in r)
+    assert "2 seeds (fewer seeds: 2 of 4)" in wide and "cannot tell" in wide  # t with 1 dof: wide bounds
+    assert not any("wide-2560" in line for line in gaps.splitlines() if "training loss" in line)
+
+    # Time to quality at 62.5%: 1 / (1 - f (1 - r - lag)) per seed, then a two-sided 95% t interval.
+    per_seed = [stats.time_to_quality(0.625, lag, 0.324) for lag in lags_default]
+    t = stats.interval(per_seed)
+    ttq = next(r for r in _row(claims, "Time to dense quality") if "default-2560" in r)
+    assert f"{t['mean']:.2f}x [{t['lower']:.2f}, {t['upper']:.2f}]" in ttq and t["upper"] < 1.40
+    assert any("Time to dense quality" in line and "default-2560" in line for line in gaps.splitlines())
+    # The quality section quotes the analysis's own tables, from the same JSON.
+    assert analyze.markdown(summary).splitlines()[4] in (root / "REPORT.md").read_text()
+
+
+# ------------------------------------------------------------------------- claims.yaml
+
+
+def test_every_claim_resolves_to_an_extractor():
+    claims = load_claims()
+    names = [c.measure for t in claims.tables for c in t.claims]
+    assert names and all(n in EXTRACTORS for n in names)
+    # Every extractor is used by some claim: none is dead.
+    assert set(EXTRACTORS) == set(names)
+    # One paper range per figure: the final loss is quoted with one text wherever it appears.
+    quoted = {c.paper for t in claims.tables for c in t.claims if "0.724" in c.paper}
+    assert len(quoted) == 1
+
+
+def test_the_earlier_protocol_is_labelled_as_its_files_say():
+    note = next(t.note for t in load_claims().tables if t.label == "earlier protocol")
+    meta = json.loads((BENCHMARKS / "quality" / "v1" / "paper_protocol.json").read_text())["meta"]
+    s = meta["settings"][meta["paper_schedule"]]
+    reads = meta["iters"] * s["global_batch_size"] * s["seq_length"] / meta["data"]["tokens"]
+    assert f"{meta['seeds']} seeds x {meta['iters']:,} iterations" in note
+    assert round(reads) == 3 and "read about three times" in note and "max(0.02, 2 x standard error)" in note
+
+
+@pytest.mark.parametrize("rule, value, verdict", [
+    (">= 3", 3.0, True), (">= 3", 2.9, False), ("< 1", 0.5, True), ("== 0", 0.0, True),
+    (">= 1.4", Interval(1.5, 1.9), True), (">= 1.4", Interval(1.1, 1.3), False),
+    (">= 1.4", Interval(1.2, 1.6), None), (">= 1.4", Interval(None, None), None),
+    ("in beats, matches", "matches", True), ("in beats, matches", "worse", False), (">= 3", None, None),
+])
+def test_pass_rules(rule, value, verdict):
+    from benchmarks.report.claims import parse_rule
+
+    assert parse_rule(rule, None, "test").judge(value) is verdict
+    assert isinstance(parse_rule(rule, None, "test"), Rule)
+
+
+GOOD = """
+paper:
+  source: a paper
+  figures:
+    speed: {text: "2x", low: 2}
+tables:
+  - title: T
+    claims:
+      - claim: A claim
+        paper: speed
+        target: t
+        measure: e2e_speedup
+        args: {vocab: 256}
+        pass: ">= low"
+        command: lighthouse-megatron bench e2e
+"""
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("measure: e2e_speedup", "measure: e2e_sped", "measure 'e2e_sped' is not an extractor"),
+    ("args: {vocab: 256}", "args: {vocabulary: 256}", "unexpected keyword argument 'vocabulary'"),
+    ("measure: e2e_speedup\n        args: {vocab: 256}", "measure: e2e_summary\n        args: {key: speed}",
+     "measure e2e_summary: key='speed' is not one of lighthouse_of_ceiling, attention_share_dense"),
+    ("paper: speed", "paper: sped", "paper figure 'sped' is not in paper.figures"),
+    ('pass: ">= low"', 'pass: "at least 2"', "pass rule 'at least 2'"),
+    ('pass: ">= low"', 'pass: ">= high"', "names the paper figure's 'high', which it lacks"),
+    ("        target: t\n", "", "missing target"),
+    ("        command:", "        comand:", "missing command; unknown key comand"),
+    ("tables:", "tables: [", "not a readable claims file"),
+])
+def test_bad_claims_yaml_is_one_clear_error(root, tmp_path, capsys, old, new, message):
+    assert old in GOOD
+    bad = tmp_path / "claims.yaml"
+    bad.write_text(GOOD.replace(old, new))
+    capsys.readouterr()
+    assert main(["--root", str(root), "--claims", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {bad}") and message in err[0], err
+    assert not (root / "REPORT.md").exists()
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    assert main(["--root", str(root), "--claims", str(good)]) == 0
+
+
+def test_committed_report_is_what_the_committed_files_give(tmp_path):
+    """REPORT.md regenerated from a copy of the committed results equals the committed one: every
+    row comes from a JSON file (and claims.yaml), none was edited by hand or left stale."""
+    pytest.importorskip("matplotlib")
+    copy = tmp_path / "benchmarks"
+    shutil.copytree(BENCHMARKS, copy, ignore=shutil.ignore_patterns("*.py", "*.tgz", "*.log", "__pycache__"))
+    (copy / "REPORT.md").unlink()
+    assert main(["--root", str(copy), "--claims", str(CLAIMS_YAML)]) == 0
+    assert (copy / "REPORT.md").read_text() == (BENCHMARKS / "REPORT.md").read_text()

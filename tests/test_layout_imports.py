@@ -2,6 +2,8 @@
 imports alike, so a function-local import cannot hide a circle): dependencies point down."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,47 @@ def test_fast_path_does_not_import_the_reference(layer):
              for target, name, line in _imports(mod)
              if target == f"{PKG}.reference" or (target == PKG and name == "reference")]
     assert found == []
+
+
+def _package_imports(mod: str) -> set[str]:
+    """The package modules `mod` imports (the deepest module each import names)."""
+    out = set()
+    for target, _, _ in _imports(mod):
+        while target and target not in MODULES:
+            target = target.rpartition(".")[0]
+        if target.startswith(PKG):
+            out.add(target)
+    return out
+
+
+def test_reference_builds_on_config_plan_and_twins_only():
+    # The oracle must not share code with what it checks beyond the plan type and the twins.
+    allowed = {f"{PKG}.config", f"{PKG}.ops", f"{PKG}.ops.plan", f"{PKG}.ops.twins"}
+    assert _package_imports(f"{PKG}.reference") <= allowed
+    assert _package_imports(f"{PKG}.ops.twins") <= {f"{PKG}.config", f"{PKG}.ops.plan"}
+
+
+def test_kernel_or_twin_is_chosen_in_one_place():
+    choosers = sorted(mod for mod in MODULES for target, name, _ in _imports(mod)
+                      if target == f"{PKG}.ops._triton" and name == "use_triton")
+    assert choosers == [f"{PKG}.ops.stages"]
+
+
+def test_reference_loads_no_triton_module():
+    """Importing the reference (and running it) loads neither Triton nor a kernel module: a
+    fresh interpreter, so that no other test's imports count."""
+    code = (
+        "import sys, torch\n"
+        "from lighthouse_megatron import LighthouseConfig, reference\n"
+        "cfg = LighthouseConfig(levels=2, pooling_factor=4, topk=8, tile_topk=4)\n"
+        "q, k, v = (torch.randn(1, 96, 2, 8) for _ in range(3))\n"
+        "reference.lighthouse_attention_reference(q, k, v, cfg)\n"
+        "print(' '.join(m for m in sys.modules if m.split('.')[0] == 'triton'\n"
+        "               or m.startswith('lighthouse_megatron.ops.')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=ROOT.parent)
+    assert sorted(proc.stdout.split()) == ["lighthouse_megatron.ops.plan", "lighthouse_megatron.ops.twins"]
 
 
 def test_package_never_imports_benchmarks():

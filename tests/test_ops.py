@@ -1,4 +1,5 @@
-"""Fast path (lighthouse_megatron.ops + attention.py) against its twins and the reference.
+"""Fast path (lighthouse_megatron.ops + attention.py) against its twins and the reference: every
+kernel against its twin, the custom ops' fake shapes and gradients, the whole path.
 
 On the CPU the Triton kernels run through TRITON_INTERPRET=1 (set by conftest) at tiny sizes;
 the `gpu` tests repeat the checks at realistic sizes in bf16 and check bitwise determinism.
@@ -15,40 +16,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lighthouse_megatron import lighthouse_attention
 from lighthouse_megatron.attention import plan_selection
 from lighthouse_megatron.config import LighthouseConfig
-from lighthouse_megatron.ops import (
-    feed_segments,
-    feed_segments_torch,
-    feed_tokens,
-    feed_tokens_torch,
-    level_offsets,
-    pool_segments,
-    pool_segments_torch,
-    pool_tokens,
-    pool_tokens_torch,
-    score_pyramids,
-    score_pyramids_torch,
-    select,
-    select_torch,
-)
-from lighthouse_megatron.reference import (
-    LighthousePlan,
-    gather,
-    lighthouse_attention_reference,
-    plan,
-    pyramid,
-    scatter,
-)
+from lighthouse_megatron.ops import gather, scatter, scores, segments, tiles, tokens, twins
+from lighthouse_megatron.ops.plan import level_offsets
+from lighthouse_megatron.reference import gather as reference_gather
+from lighthouse_megatron.reference import lighthouse_attention_reference, plan, pyramid
+from lighthouse_megatron.reference import scatter as reference_scatter
 
 from ._inputs import random_qkv
 from .test_reference import as_list, literal
 
 # The kernel and twin pairs by the token range they sum ("pool" or "feed"), for tests
 # parametrized over both.
-SEGMENTS = {"pool": (pool_segments, pool_segments_torch), "feed": (feed_segments, feed_segments_torch)}
+SEGMENTS = {"pool": (segments.pool_segments, twins.pool_segments),
+            "feed": (segments.feed_segments, twins.feed_segments)}
 
 
 def segment_sum(x, plan, mode):
@@ -60,11 +45,11 @@ def segment_sum_torch(x, plan, mode):
 
 
 def token_sum(g, plan, mode, halo=None):
-    return feed_tokens(g, plan, halo=halo) if mode == "feed" else pool_tokens(g, plan)
+    return tokens.feed_tokens(g, plan, halo=halo) if mode == "feed" else tokens.pool_tokens(g, plan)
 
 
 def token_sum_torch(g, plan, mode, halo=None):
-    return feed_tokens_torch(g, plan, halo) if mode == "feed" else pool_tokens_torch(g, plan)
+    return twins.feed_tokens(g, plan, halo) if mode == "feed" else twins.pool_tokens(g, plan)
 
 
 PLAN_FIELDS = ("level", "index", "inverse", "selected_q", "selected_k")
@@ -108,8 +93,8 @@ def rel(a, b):
 @pytest.mark.parametrize("cfg,n,hq,hkv,d", SMALL, ids=SMALL_IDS)
 def test_scores_kernel_matches_twin(cfg, n, hq, hkv, d, poisoned):
     q, k, _ = random_qkv(2, n, hq, hkv, d, seed=n)
-    sq, sk = score_pyramids(q, k, cfg)
-    tq, tk = score_pyramids_torch(q, k, cfg)
+    sq, sk = scores.score_pyramids(q, k, cfg)
+    tq, tk = twins.score_pyramids(q, k, cfg)
     assert sq.shape == tq.shape == (2 * hkv, level_offsets(n, cfg.pooling_factor, cfg.levels)[-1])
     torch.testing.assert_close(sq, tq, rtol=1e-6, atol=0)
     torch.testing.assert_close(sk, tk, rtol=1e-6, atol=0)
@@ -128,29 +113,24 @@ def test_scores_kernel_matches_twin(cfg, n, hq, hkv, d, poisoned):
 @pytest.mark.parametrize("kind", ["random", "ties"])
 def test_select_kernel_matches_twin_bitwise(cfg, n, hq, hkv, d, kind, poisoned):
     q, k, _ = random_qkv(2, n, hq, hkv, d, seed=n + 1)
-    sq, sk = score_pyramids_torch(q, k, cfg)
+    sq, sk = twins.score_pyramids(q, k, cfg)
     if kind == "ties":  # few distinct values: most comparisons are ties, broken by index
         g = torch.Generator().manual_seed(n)
         sq = torch.randint(0, 3, sq.shape, generator=g).float()
         sk = torch.randint(0, 3, sk.shape, generator=g).float()
-    fast = select(sq, sk, 2, hkv, n, cfg)
-    twin = select_torch(sq, sk, 2, hkv, n, cfg)
+    fast = tiles.select(sq, sk, 2, hkv, n, cfg)
+    twin = twins.select(sq, sk, 2, hkv, n, cfg)
     assert_plans_equal(fast, twin)
     assert fast.length == cfg.gathered_length(n)
 
 
 @pytest.mark.parametrize("cfg,n,hq,hkv,d", SMALL, ids=SMALL_IDS)
-def test_select_twin_matches_reference_plan(cfg, n, hq, hkv, d):
-    # The reference's plan is this twin (one CPU implementation per stage); the independent
+def test_select_twin_matches_literal_plan(cfg, n, hq, hkv, d):
+    # The twin is the reference's plan (one CPU implementation per stage); the independent
     # check is the literal formulation of the paper's steps in test_reference.
     q, k, v = random_qkv(2, n, hq, hkv, d, seed=n + 2)
-    sq, sk = score_pyramids_torch(q, k, cfg)
-    ours = LighthousePlan.from_selection(select_torch(sq, sk, 2, hkv, n, cfg))
-    ref = plan(q, k, cfg)
-    assert torch.equal(ours.level, ref.level) and torch.equal(ours.index, ref.index)
-    for level in ref.selected_q:
-        assert torch.equal(ours.selected_q[level], ref.selected_q[level])
-        assert torch.equal(ours.selected_k[level], ref.selected_k[level])
+    sq, sk = twins.score_pyramids(q, k, cfg)
+    ours = twins.select(sq, sk, 2, hkv, n, cfg)
     _, literal_plans = literal(q, k, v, cfg, 1.0)
     for (b, g), entries in literal_plans.items():
         assert as_list(ours, b, g) == entries
@@ -161,11 +141,11 @@ def test_equal_scores_select_lowest_indices():
     n = 64  # 2 tiles of 16 coarsest entries
     total = level_offsets(n, 2, 2)[-1]
     ones = torch.ones(1, total)
-    fast = select(ones, ones, 1, 1, n, cfg)
-    assert_plans_equal(fast, select_torch(ones, ones, 1, 1, n, cfg))
+    fast = tiles.select(ones, ones, 1, 1, n, cfg)
+    assert_plans_equal(fast, twins.select(ones, ones, 1, 1, n, cfg))
     # All equal: A_q = the 2 lowest indices of each tile, A_k the next 2.
-    assert fast.selected_q[0, 0].tolist() == [[0, 1], [16, 17]]
-    assert fast.selected_k[0, 0].tolist() == [[2, 3], [18, 19]]
+    assert fast.selected_q[0, 0, 0].tolist() == [[0, 1], [16, 17]]
+    assert fast.selected_k[0, 0, 0].tolist() == [[2, 3], [18, 19]]
 
 
 def test_inverse_map_points_back():
@@ -175,7 +155,7 @@ def test_inverse_map_points_back():
     offs = torch.tensor(level_offsets(n, cfg.pooling_factor, cfg.levels)[:-1])
     flat = offs[p.level.long()] + p.index.long()
     slots = torch.arange(p.length).expand_as(flat)
-    assert torch.equal(p.inverse.gather(1, flat).long(), slots)
+    assert torch.equal(p.inverse.gather(-1, flat).long(), slots)
     assert int((p.inverse >= 0).sum()) == p.level.numel()
 
 
@@ -192,17 +172,16 @@ def test_segment_sum_kernel_matches_twin(cfg, n, hq, hkv, d, mode, poisoned):
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_segment_sum_twin_sums_each_block_on_its_own(monkeypatch):
+def test_segment_sum_twin_sums_each_block_on_its_own():
     """One huge token must not damage the blocks after it (fp64 prefix sums did: the
     difference of two prefixes near 1e16 loses every digit of an O(1) block sum)."""
     cfg, n, hq, hkv, d = SMALL[0]
     q, k, v = random_qkv(2, n, hq, hkv, d, seed=n + 8)
     v[:, 3] *= 1e16
     p = plan_selection(q, k, cfg)
-    expected = gather(pyramid(v, cfg), LighthousePlan.from_selection(p))  # per-block fp32 means
+    expected = reference_gather(pyramid(v, cfg), p)  # per-block fp32 means
     torch.testing.assert_close(segment_sum_torch(v, p, "pool"), expected, rtol=1e-5, atol=1e-6)
-    # "feed" sums the tokens an entry's output feeds: the kernel (interpreted) sums them directly.
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # "feed" sums the tokens an entry's output feeds: the kernel sums them directly.
     torch.testing.assert_close(segment_sum_torch(v, p, "feed"), segment_sum(v, p, "feed"),
                                rtol=1e-5, atol=1e-5)
 
@@ -223,12 +202,101 @@ def test_token_sum_kernel_matches_twin(cfg, n, hq, hkv, d, mode, poisoned):
 def test_gather_and_scatter_match_reference(cfg, n, hq, hkv, d, poisoned):
     q, k, v = random_qkv(2, n, hq, hkv, d, seed=n + 6)
     p = plan_selection(q, k, cfg)
-    ref_plan = LighthousePlan.from_selection(p)
     for x in (q, k, v):
-        expected = gather(pyramid(x, cfg), ref_plan)
-        torch.testing.assert_close(pool_segments(x, p), expected, rtol=1e-5, atol=1e-6)
+        expected = reference_gather(pyramid(x, cfg), p)
+        torch.testing.assert_close(gather(x, p), expected, rtol=1e-5, atol=1e-6)
     o = torch.randn(2, p.length, hq, d)
-    torch.testing.assert_close(feed_tokens(o, p), scatter(o, ref_plan, cfg, n), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(scatter(o, p), reference_scatter(o, p, cfg, n), rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------- custom ops
+
+# TRITON_INTERPRET at call time: which implementation the ops run on CPU tensors.
+DISPATCH = {"kernel": "1", "twin": "0"}
+# Three levels and GQA, at a size the interpreter runs many times over in a few seconds.
+TINY = (LighthouseConfig(levels=3, pooling_factor=2, topk=4, tile_topk=2), 32, 2, 1, 4)
+
+
+def _op_inputs(cfg, n, hq, hkv, d, seed, dtype=torch.float32, b=2):
+    """q, k, their plan, an attention output o [b, S, Hq, d] and a halo (fp32, as `spill_rows`
+    makes it)."""
+    q, k, _ = random_qkv(b, n, hq, hkv, d, seed=seed, dtype=dtype)
+    p = plan_selection(q, k, cfg)
+    g = torch.Generator().manual_seed(seed)
+    o = torch.randn(b, p.length, hq, d, generator=g, dtype=dtype)
+    halo = torch.randn(b, cfg.coarsest_block - 1, hq, d, generator=g)
+    return q, k, p, o, halo
+
+
+@pytest.mark.parametrize("impl", ["kernel", "twin"])
+def test_custom_ops_pass_opcheck(impl, monkeypatch):
+    """Per op: the schema, the fake implementation (shapes, dtypes and strides against the real
+    outputs), the autograd registration and AOT dispatch with dynamic shapes."""
+    monkeypatch.setenv("TRITON_INTERPRET", DISPATCH[impl])
+    cfg, n, hq, hkv, d = TINY
+    q, k, p, o, halo = _op_inputs(cfg, n, hq, hkv, d, seed=21)
+    sel = (cfg.levels, cfg.pooling_factor, cfg.topk, cfg.tile_topk)
+    plan_args = (*p.tensors(), n, cfg.pooling_factor, cfg.levels)
+    sq, sk = torch.ops.lighthouse.score_pyramids(q, k, *sel)
+    lh = torch.ops.lighthouse
+    cases = [
+        (lh.score_pyramids, (q, k, *sel)),
+        (lh.select, (sq, sk, 2, hkv, n, *sel)),
+        (lh.gather, (q.clone().requires_grad_(True), *plan_args)),
+        (lh.gather_backward, (o, *plan_args)),
+        (lh.scatter, (o.clone().requires_grad_(True), *plan_args)),
+        (lh.scatter, (o.clone().requires_grad_(True), *plan_args, halo.clone().requires_grad_(True))),
+        (lh.scatter_backward, (q, *plan_args)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_fake_tensors_give_the_real_shapes():
+    """Under FakeTensorMode (what torch.compile traces with) the plan and the output have the
+    shapes and dtypes of the real ones."""
+    cfg, n, hq, hkv, d = TINY
+    q, k, v = random_qkv(2, n, hq, hkv, d, seed=22, dtype=torch.bfloat16)
+    real_plan, real = plan_selection(q, k, cfg), lighthouse_attention(q, k, v, cfg)
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(x) for x in (q, k, v))
+        fake_plan, fake = plan_selection(fq, fk, cfg), lighthouse_attention(fq, fk, fv, cfg)
+    for name, a, b in zip(PLAN_FIELDS, fake_plan.tensors(), real_plan.tensors(), strict=True):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype), name
+    assert (fake.shape, fake.dtype) == (real.shape, real.dtype)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "twin"])
+def test_custom_op_gradients_match_autograd_through_the_twins(impl, monkeypatch):
+    """The registered backward passes (kernels of the other index space) against PyTorch's own
+    autograd through the twins' formulas: the gather's, and the scatter's in o and the halo."""
+    monkeypatch.setenv("TRITON_INTERPRET", DISPATCH[impl])
+    cfg, n, hq, hkv, d = TINY
+    q, _, p, o, halo = _op_inputs(cfg, n, hq, hkv, d, seed=23)
+    q, o, halo = (x.requires_grad_(True) for x in (q, o, halo))
+    pairs = [(gather(q, p), twins.pool_segments(q, p), (q,)),
+             (scatter(o, p, halo), twins.feed_tokens(o, p, halo), (o, halo))]
+    for fast, slow, inputs in pairs:
+        g = torch.randn_like(fast)
+        for ours, want in zip(torch.autograd.grad(fast, inputs, g), torch.autograd.grad(slow, inputs, g),
+                              strict=True):
+            torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+
+
+def test_custom_ops_gradcheck(monkeypatch):
+    """gradcheck in float64 at a tiny size (d = 1: one column of the Jacobian per element). The
+    stages sum in fp32 whatever the input dtype, so the finite differences take a step large
+    enough for fp32 rounding to stay under the tolerance; gather and scatter are linear, so a
+    large step is exact otherwise. Full mode: fast mode let a halo gradient one row off pass.
+    The twins only: the backward formulas do not depend on the implementation, the kernels
+    equal the twins (above), and the interpreter would take 20 s over the Jacobian."""
+    monkeypatch.setenv("TRITON_INTERPRET", DISPATCH["twin"])
+    cfg, n, hq, hkv, _ = TINY
+    q, _, p, o, halo = _op_inputs(cfg, n, hq, hkv, 1, seed=24, dtype=torch.float64, b=1)
+    q, o, halo = (x.double().requires_grad_(True) for x in (q, o, halo))
+    tol = {"eps": 1e-3, "atol": 1e-4, "rtol": 1e-3}
+    assert torch.autograd.gradcheck(lambda x: gather(x, p), (q,), **tol)
+    assert torch.autograd.gradcheck(lambda x, h: scatter(x, p, h), (o, halo), **tol)
 
 
 # ---------------------------------------------------------------- the whole path
@@ -337,12 +405,12 @@ def _gpu_qkv(n, hq=8, hkv=8, d=128, seed=0, separated=False, grad=False, b=1):
 def test_gpu_kernels_match_twins(n, topk, hq, hkv, poisoned):
     cfg = LighthouseConfig(levels=3, pooling_factor=4, topk=topk, tile_topk=128)
     q, k, v = _gpu_qkv(n, hq, hkv, seed=n)
-    sq, sk = score_pyramids(q, k, cfg)
-    tq, tk = score_pyramids_torch(q, k, cfg)
+    sq, sk = scores.score_pyramids(q, k, cfg)
+    tq, tk = twins.score_pyramids(q, k, cfg)
     torch.testing.assert_close(sq, tq, rtol=1e-5, atol=0)
     torch.testing.assert_close(sk, tk, rtol=1e-5, atol=0)
-    fast = select(sq, sk, 1, hkv, n, cfg)
-    assert_plans_equal(fast, select_torch(sq, sk, 1, hkv, n, cfg))
+    fast = tiles.select(sq, sk, 1, hkv, n, cfg)
+    assert_plans_equal(fast, twins.select(sq, sk, 1, hkv, n, cfg))
     for x in (q, v):
         for mode in ("pool", "feed"):
             torch.testing.assert_close(segment_sum(x, fast, mode), segment_sum_torch(x, fast, mode),
@@ -360,7 +428,7 @@ def test_gpu_fast_path_matches_reference_bf16(hq, hkv):
     # compared with summation-order rounding, so both sides select the same entries (checked
     # first, so a near-tie would show up as such and not as an arithmetic error).
     q, k, v = _gpu_qkv(16384, hq, hkv, seed=hq + hkv, grad=True)
-    ours, ref = LighthousePlan.from_selection(plan_selection(q, k, cfg)), plan(q, k, cfg)
+    ours, ref = plan_selection(q, k, cfg), plan(q, k, cfg)
     assert torch.equal(ours.level, ref.level) and torch.equal(ours.index, ref.index)
     # bf16 operands (docs/performance.md, numerical tolerance: 1e-3 .. 1e-2); the reference attends in fp32.
     _compare_with_reference(cfg, q, k, v, 1e-2, 2e-2)
@@ -382,8 +450,8 @@ def test_gpu_kernels_bitwise_deterministic():
     runs = []
     for _ in range(2):
         p = plan_selection(q, k, GPU_CFG)
-        g = pool_segments(q, p)
-        runs.append([p.level, p.index, p.inverse, g, feed_tokens(g, p),
+        g = gather(q, p)
+        runs.append([p.level, p.index, p.inverse, g, scatter(g, p),
                      segment_sum(q, p, "feed"), token_sum(g, p, "pool")])
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)

@@ -10,9 +10,8 @@ from lighthouse_megatron import LighthouseConfig, lighthouse_attention
 from lighthouse_megatron import reference as R
 from lighthouse_megatron.attention import plan_selection
 from lighthouse_megatron.backends import dense_causal_attention
-from lighthouse_megatron.ops import spill_rows
+from lighthouse_megatron.ops import gather, scatter, spill_rows
 from lighthouse_megatron.parallel import ContextParallel, causal_attention, merge_chunks, split_chunks
-from lighthouse_megatron.reference import LighthousePlan
 
 from ._distributed import run_workers
 from ._inputs import random_qkv
@@ -52,7 +51,7 @@ def test_spill_rows_are_what_the_scatter_feeds_past_the_end(monkeypatch):
     plan = plan_selection(q, k, cfg)
     o = torch.randn(2, plan.length, hq, d)
     spill = cfg.coarsest_block - 1
-    beyond = R.scatter(o, LighthousePlan.from_selection(plan), cfg, n, out_len=n + spill)[:, n:]
+    beyond = R.scatter(o, plan, cfg, n, out_len=n + spill)[:, n:]
     assert beyond.abs().sum() > 0
     torch.testing.assert_close(spill_rows(o, plan), beyond, rtol=0, atol=1e-6)
 
@@ -125,8 +124,6 @@ def test_dense_backend_on_cpu_matches_sdpa_math():
 
 def test_chunk_batch_gather_and_scatter_kernels_match_twins(monkeypatch):
     """CP's local layout: the two chunks as the batch of one plan, strided views (b = 1), a halo."""
-    from lighthouse_megatron.attention import _PooledGather, _ScatterBack
-
     cfg, n, hq, hkv, d = CASES[1]
     q, k, _ = random_qkv(1, n // 2, hq, hkv, d, seed=7)
     as_chunks = lambda x: x.reshape(2, n // 4, *x.shape[2:])  # noqa: E731
@@ -136,8 +133,8 @@ def test_chunk_batch_gather_and_scatter_kernels_match_twins(monkeypatch):
     results = []
     for interpret in ("1", "0"):  # kernels, then twins
         monkeypatch.setenv("TRITON_INTERPRET", interpret)
-        g = _PooledGather.apply(as_chunks(x), plan)
-        out = _ScatterBack.apply(g * 1.5, plan, halo)
+        g = gather(as_chunks(x), plan)
+        out = scatter(g * 1.5, plan, halo)
         grads = torch.autograd.grad(out, [x, halo], torch.full_like(out, 0.5) + as_chunks(x.detach()))
         results.append([g, out, *grads])
     for a, b in zip(*results, strict=True):

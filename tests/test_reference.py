@@ -10,8 +10,7 @@ from hypothesis import strategies as st
 
 from lighthouse_megatron import LighthouseConfig, lighthouse_attention
 from lighthouse_megatron import reference as R
-from lighthouse_megatron.ops.scores import base_scores
-from lighthouse_megatron.ops.select import topk_lower_index
+from lighthouse_megatron.ops.twins import base_scores, topk_lower_index
 
 from ._inputs import random_qkv
 
@@ -128,7 +127,7 @@ def check_plan_structure(plan, q, k, cfg):
     tile_len = n // tiles
     for level in range(1, levels):
         c = p**level
-        sel_q, sel_k = plan.selected_q[level], plan.selected_k[level]
+        sel_q, sel_k = plan.selected_q[:, :, level - 1], plan.selected_k[:, :, level - 1]
         assert sel_q.shape == sel_k.shape == (b_, hkv, tiles, t_k // 2)
         tile_of = lambda i, c=c: (i * c) // tile_len  # noqa: E731
         own_tile = torch.arange(tiles).view(1, 1, tiles, 1)
@@ -171,8 +170,8 @@ def test_ties_go_to_lower_index():
     q = torch.ones(1, 64, 1, 4)
     plan = R.plan(q, q, cfg)
     per_tile = 64 // 2 // 2
-    assert plan.selected_q[1][0, 0].tolist() == [[0, 1], [per_tile, per_tile + 1]]
-    assert plan.selected_k[1][0, 0].tolist() == [[2, 3], [per_tile + 2, per_tile + 3]]
+    assert plan.selected_q[0, 0, 0].tolist() == [[0, 1], [per_tile, per_tile + 1]]
+    assert plan.selected_k[0, 0, 0].tolist() == [[2, 3], [per_tile + 2, per_tile + 3]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -212,7 +211,10 @@ def test_future_norms_may_change_past_selection():
     q2, k2 = q.clone(), k.clone()
     q2[:, 60:], k2[:, 60:] = q2[:, 60:] * 100, k2[:, 60:] * 100  # a loud future block
     new_plan = R.plan(q2, k2, cfg)
-    refined = lambda plan: set(torch.cat([plan.selected_q[1], plan.selected_k[1]], -1).flatten().tolist())  # noqa: E731
+
+    def refined(plan):  # the level-1 entries refined by either half
+        return set(torch.cat([plan.selected_q[:, :, 0], plan.selected_k[:, :, 0]], -1).flatten().tolist())
+
     assert 15 in refined(new_plan) and 15 not in refined(base_plan)
     # The loud block took the slot of an earlier block, so tokens before t=60 see a new plan.
     assert refined(base_plan) - refined(new_plan) and min(refined(base_plan) - refined(new_plan)) < 15

@@ -4,7 +4,7 @@
 
 Times each kernel alone (CUDA events, median of 20) at B=1, 8 heads, d=128, bf16, L=3, p=4,
 k=2048 for N = 128K and 512K, over a grid of launch settings, and checks every variant's output
-against the module's default settings. The chosen settings live in the ops modules
+against the module's default settings. The chosen settings live in the kernel modules
 (*_LAUNCH dicts); NOTES.md records the outcome.
 """
 
@@ -16,14 +16,10 @@ import torch
 
 from lighthouse_megatron.bench.layer import time_ms
 from lighthouse_megatron.config import LighthouseConfig
-from lighthouse_megatron.ops import (
-    feed_segments,
-    feed_tokens,
-    pool_segments,
-    pool_tokens,
-    score_pyramids,
-    select,
-)
+from lighthouse_megatron.ops.scores import score_pyramids
+from lighthouse_megatron.ops.segments import feed_segments, pool_segments
+from lighthouse_megatron.ops.tiles import select
+from lighthouse_megatron.ops.tokens import feed_tokens, pool_tokens
 
 
 def same(out, ref) -> bool:

@@ -40,7 +40,8 @@ DEFAULTS: dict[str, Any] = dict(
     # divergence and stopping (Megatron-LM's names)
     check_for_nan_in_loss_and_grad=True, max_skipped_iters=0, exit_signal_handler=True,
     # data
-    data_path=None, mock_data=False, split="969,30,1", tokenizer_type="NullTokenizer", data_cache_path=None,
+    data_path=None, valid_data_path=None, mock_data=False, split="969,30,1", tokenizer_type="NullTokenizer",
+    data_cache_path=None,
     # evaluation, checkpoints, logging
     eval_interval=None, eval_iters=2, save=None, save_interval=None, load=None, exit_interval=None,
     force=False, no_verify=False, save_retain=None, log_interval=1, tensorboard_dir=None, metrics_file=None,
@@ -48,6 +49,9 @@ DEFAULTS: dict[str, Any] = dict(
     # parallelism
     tensor_model_parallel_size=1, context_parallel_size=1,
 )
+
+# With --valid-data-path: the training data's split (all of it), the held-out data's split.
+ALL_TRAIN, ALL_VALID = "1,0,0", "0,1,0"
 
 # Megatron-LM's --lr-decay-style and --lr-wsd-decay-style choices (megatron-core's
 # OptimizerParamScheduler computes them).
@@ -177,7 +181,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         "'0.7 A 0.3 B'")
     d.add_argument("--mock-data", action="store_true", default=None,
                    help="megatron-core's MockGPTDataset instead of --data-path")
-    d.add_argument("--split", default=None, help="train,valid,test weights")
+    d.add_argument("--valid-data-path", nargs="+", default=None, metavar="PREFIX",
+                   help="held-out data instead of --split's validation share: --data-path then trains "
+                        "on all its documents, and the held-out sequences are the same for every --seed")
+    d.add_argument("--split", default=None, help="train,valid,test weights (not used with "
+                   "--valid-data-path)")
     d.add_argument("--tokenizer-type", choices=("NullTokenizer",), default=None,
                    help="token ids are used as they are; --vocab-size ids plus an end-of-document id")
     d.add_argument("--data-cache-path", default=None, metavar="DIR",
@@ -345,8 +353,9 @@ def resolve_args(cli: argparse.Namespace, *, world_size: int | None = None) -> a
             if key in settings and settings[key] is not None:
                 from_file.append(key)
         setattr(args, key, value)
-    if isinstance(args.data_path, str):
-        args.data_path = args.data_path.split()
+    for key in ("data_path", "valid_data_path"):
+        if isinstance(getattr(args, key), str):
+            setattr(args, key, getattr(args, key).split())
     try:
         validate_args(args, world_size=world_size)
     except ValueError as e:
@@ -483,6 +492,13 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> No
         raise ValueError("give exactly one of --data-path PREFIX and --mock-data")
     if args.data_path:
         _check_data_path(args.data_path)
+    if args.valid_data_path:
+        if not args.data_path:
+            raise ValueError("--valid-data-path needs --data-path (the training data)")
+        _check_data_path(args.valid_data_path, "--valid-data-path")
+        if args.eval_iters == 0:
+            raise ValueError("--valid-data-path needs --eval-iters >= 1 (it is only read to evaluate)")
+        args.split = ALL_TRAIN
     weights = args.split.split(",") if isinstance(args.split, str) else []
     try:
         parsed = [float(w) for w in weights]
@@ -490,11 +506,14 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> No
         parsed = []
     if len(parsed) != 3 or min(parsed) < 0 or sum(parsed) <= 0:
         raise ValueError(f"--split must be three non-negative weights 'train,valid,test', got {args.split!r}")
-    if parsed[1] == 0 and args.eval_iters > 0:
+    if parsed[1] == 0 and args.eval_iters > 0 and not args.valid_data_path:
         raise ValueError(f"--split {args.split} leaves no validation data; give it a valid weight or "
                          "set --eval-iters 0")
     if args.data_path:
-        _check_splits(args)
+        used = ("train", "valid", "test") if args.eval_iters and not args.valid_data_path else ("train",)
+        _check_splits(args, args.data_path, args.split, used, "--data-path")
+    if args.valid_data_path:
+        _check_splits(args, args.valid_data_path, ALL_VALID, ("valid",), "--valid-data-path")
 
     # Device and precision.
     import torch
@@ -602,52 +621,52 @@ def _bytes(n: float) -> str:
     return f"{n} B"
 
 
-def _check_data_path(data_path: list[str]) -> None:
+def _check_data_path(data_path: list[str], flag: str = "--data-path") -> None:
     prefixes = data_path
     if len(data_path) > 1:
         if len(data_path) % 2:
-            raise ValueError(f"--data-path takes one PREFIX or weight/PREFIX pairs, got {data_path}")
+            raise ValueError(f"{flag} takes one PREFIX or weight/PREFIX pairs, got {data_path}")
         weights = [_number(str(w)) for w in data_path[0::2]]
         if None in weights:
-            raise ValueError(f"--data-path pairs must be 'weight PREFIX', got {data_path}")
+            raise ValueError(f"{flag} pairs must be 'weight PREFIX', got {data_path}")
         # megatron-core's BlendedDataset asserts this, naming neither the flag nor the value.
         if not all(math.isfinite(w) and w > 0 for w in weights):
-            raise ValueError(f"--data-path weights must be positive numbers, got "
+            raise ValueError(f"{flag} weights must be positive numbers, got "
                              f"{' '.join(map(str, data_path[0::2]))}")
         prefixes = data_path[1::2]
     for prefix in prefixes:
         missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
         if missing:
-            raise ValueError(f"--data-path {prefix}: missing {', '.join(missing)} (a Megatron indexed "
+            raise ValueError(f"{flag} {prefix}: missing {', '.join(missing)} (a Megatron indexed "
                              "dataset is PREFIX.bin + PREFIX.idx, e.g. from "
                              "`lighthouse-megatron prepare-data`)")
 
 
-def _check_splits(args: argparse.Namespace) -> None:
+def _check_splits(args: argparse.Namespace, data_path: list[str], split: str, used: tuple[str, ...],
+                  flag: str) -> None:
     """Every split that samples are drawn from must hold documents: megatron-core's GPTDataset
     loops forever counting epochs over an empty split."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix,
         parse_and_normalize_split,
     )
-    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(args.split))
-    used = ("train", "valid", "test") if args.eval_iters else ("train",)
-    prefixes = args.data_path if len(args.data_path) == 1 else args.data_path[1::2]
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    prefixes = data_path if len(data_path) == 1 else data_path[1::2]
     vocab = null_tokenizer(args.vocab_size).vocab_size
     for prefix in prefixes:
-        ds = open_indexed_dataset(prefix)
+        ds = open_indexed_dataset(prefix, flag)
         n = ds.sequence_lengths.shape[0]
         # Documents end with the end-of-document id, the largest id of byte-level data.
         top = max(int(ds[i].max()) for i in {0, n - 1}) if n else 0
         if top >= vocab:
             raise ValueError(
-                f"--data-path {prefix} holds token id {top}, outside --vocab-size {args.vocab_size} "
+                f"{flag} {prefix} holds token id {top}, outside --vocab-size {args.vocab_size} "
                 f"(megatron-core's NullTokenizer({args.vocab_size}) has {vocab} ids); byte-level data from "
                 f"`lighthouse-megatron prepare-data` needs --vocab-size {byte_vocab_size()} with this "
                 "megatron-core")
         for name, bounds in zip(("train", "valid", "test"), matrix, strict=True):
             if name in used and bounds is not None and round(bounds[1] * n) - round(bounds[0] * n) == 0:
-                raise ValueError(f"--data-path {prefix} has {n} documents: --split {args.split} gives its "
+                raise ValueError(f"{flag} {prefix} has {n} documents: --split {split} gives its "
                                  f"{name} split none; use a larger dataset or another --split (e.g. 90,10,0)")
 
 

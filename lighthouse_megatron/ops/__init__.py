@@ -1,33 +1,27 @@
-"""Fast Lighthouse stages, one module per stage; each Triton kernel has a PyTorch twin beside it.
+"""The Lighthouse stages, each a Triton kernel with a plain-PyTorch twin (flash-linear-attention's
+naive-beside-fused layout, one twins module for all stages):
 
-scores.py   stage 2: fp32 norms and their max-pyramid, one pass over q and k
-select.py   stages 3-4: per-tile top-k cascade, entries emitted in causal order
-gather.py   stage 1 + 5 input: pooled q, k, v of the planned entries (pool_segments), and the
-            scatter's backward (feed_segments)
-scatter.py  stage 6: per-token sum of the feeding entries (feed_tokens), the gather's backward
-            (pool_tokens), and
-            the rows a context-parallel chunk feeds into the next one
+plan.py      the selection plan every stage and the reference share, and its flat pyramid layout
+twins.py     every stage in plain PyTorch, in stage order: the CPU path and the kernels' oracle
+stages.py    the stages as torch.library custom ops (fake shapes, autograd): the one place that
+             picks kernel or twin
+kernels, one file per index space the grid walks:
+  scores.py    blocks of base tokens: fp32 norms and their max-pyramids (stage 2)
+  tiles.py     tiles: the top-k cascade and causal placement (stages 3-4)
+  segments.py  gathered slots: the pooled gather (stage 5 input) and the scatter's backward
+  tokens.py    base tokens: the scatter (stage 6) and the gather's backward
 """
 
-from .gather import feed_segments, feed_segments_torch, pool_segments, pool_segments_torch
-from .scatter import feed_tokens, feed_tokens_torch, pool_tokens, pool_tokens_torch, spill_rows
-from .scores import level_offsets, score_pyramids, score_pyramids_torch
-from .select import SelectionPlan, select, select_torch
+from .plan import SelectionPlan
 
-__all__ = [
-    "SelectionPlan",
-    "feed_segments",
-    "feed_segments_torch",
-    "feed_tokens",
-    "feed_tokens_torch",
-    "level_offsets",
-    "pool_segments",
-    "pool_segments_torch",
-    "pool_tokens",
-    "pool_tokens_torch",
-    "score_pyramids",
-    "score_pyramids_torch",
-    "select",
-    "select_torch",
-    "spill_rows",
-]
+__all__ = ["SelectionPlan", "gather", "scatter", "score_pyramids", "select", "spill_rows"]
+
+
+def __getattr__(name: str):
+    # The stages load Triton and register the custom ops; the reference imports `ops.plan` and
+    # `ops.twins`, which load this module first, and must not pay for (or depend on) either.
+    if name in __all__:
+        from . import stages
+
+        return getattr(stages, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

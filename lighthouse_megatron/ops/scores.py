@@ -1,8 +1,9 @@
-"""Stage 2: fp32 norm scores and their max-pyramid, in one pass over q and k.
+"""Stage 2 kernel, walking blocks of base tokens: fp32 norm scores and their max-pyramid, in
+one pass over q and k (twin: `twins.score_pyramids`).
 
 Output layout (shared by the selection, gather and scatter kernels): one flat fp32 buffer
 per score kind, [b * Hkv, total] with total = sum over levels of n / p**l, level l starting
-at `level_offsets(n, p, L)[l]`. Level 0 holds the base scores s[t]; level l holds the max
+at `plan.level_offsets(n, p, L)[l]`. Level 0 holds the base scores s[t]; level l holds the max
 of s over each block of p**l tokens (docs/algorithm.md: max-pooling of the base norms).
 """
 
@@ -12,20 +13,13 @@ import torch
 from torch import Tensor
 
 from ..config import LighthouseConfig
-from ._triton import tl, triton, use_triton
-
-
-def level_offsets(n: int, pooling_factor: int, levels: int) -> list[int]:
-    """Start of each level in a flat per-unit pyramid buffer, plus the total length last."""
-    offsets = [0]
-    for level in range(levels):
-        offsets.append(offsets[-1] + n // pooling_factor**level)
-    return offsets
+from ._triton import tl, triton
+from .plan import level_offsets
 
 
 @triton.jit
 def _finite_or_inf(s):
-    # NaN norms count as +inf, as in `base_scores`: one rule for both paths.
+    # NaN norms count as +inf, as in `twins.base_scores`: one rule for both paths.
     return tl.where(s != s, float("inf"), s)
 
 
@@ -90,8 +84,6 @@ SCORES_LAUNCH = {"block_elems": 8192, "num_warps": 4}
 
 def score_pyramids(q: Tensor, k: Tensor, config: LighthouseConfig, **launch) -> tuple[Tensor, Tensor]:
     """fp32 score pyramids ([b * Hkv, total] each) of q (max over the GQA group) and k."""
-    if not use_triton(q):
-        return score_pyramids_torch(q, k, config)
     b, n, hq, d = q.shape
     hkv = k.shape[2]
     p, levels = config.pooling_factor, config.levels
@@ -115,40 +107,3 @@ def score_pyramids(q: Tensor, k: Tensor, config: LighthouseConfig, **launch) -> 
     )
     return sq, sk
 
-
-@torch.no_grad()
-def score_pyramids_torch(q: Tensor, k: Tensor, config: LighthouseConfig) -> tuple[Tensor, Tensor]:
-    """Plain-PyTorch twin of `score_pyramids`: `base_scores` and `score_pyramid`, flat layout."""
-    b, hkv = q.shape[0], k.shape[2]
-    s_q, s_k = base_scores(q, k)
-    flat = [torch.cat(score_pyramid(s, config), dim=-1).reshape(b * hkv, -1) for s in (s_q, s_k)]
-    return flat[0], flat[1]
-
-
-@torch.no_grad()
-def base_scores(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-    """fp32 per-token scores [b, n, Hkv]: ||q|| (max over the GQA group's heads), ||k||.
-
-    A NaN norm counts as +inf (ranked first, ties to the lower index like any other score):
-    the selection stays well defined, and `nan_where_not_finite` then makes the unit's whole
-    output NaN.
-    """
-    b, n, hq, d = q.shape
-    hkv = k.shape[2]
-
-    def norm(x):
-        return torch.linalg.vector_norm(x.float(), dim=-1).nan_to_num(nan=float("inf"), posinf=float("inf"))
-
-    s_q = norm(q).reshape(b, n, hkv, hq // hkv).amax(dim=-1)
-    s_k = norm(k)
-    return s_q, s_k
-
-
-def score_pyramid(s: Tensor, config: LighthouseConfig) -> list[Tensor]:
-    """Max-pool base scores [b, n, Hkv] to every level, as [b, Hkv, n / p**l]."""
-    b, n, h = s.shape
-    out = []
-    for level in range(config.levels):
-        c = config.pooling_factor**level
-        out.append(s.reshape(b, n // c, c, h).amax(dim=2).transpose(1, 2).contiguous())
-    return out

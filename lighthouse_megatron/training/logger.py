@@ -4,11 +4,13 @@
 Only the first rank writes. JSONL records: {"kind": "train", "iteration", "loss", "lr",
 "grad_norm", "tokens_per_s", "time_per_iter_s", "attention"} after each logged
 iteration (plus "skipped": true for an iteration whose update the NaN check skipped),
-and {"kind": "eval", "iteration", "loss", "attention"} for each evaluation (attention
-"lighthouse" or "dense"). A run appends to the same file after dropping the records past
-the iteration it starts from (a resumed run: those the run that wrote them did not reach
-a checkpoint after; a run from scratch, a restart before the first save or --force: all),
-as TensorBoard's `purge_step` drops its events, so each iteration appears once.
+{"kind": "eval", "iteration", "loss", "attention"} for each evaluation (attention
+"lighthouse" or "dense"), and at the first dense iteration of an in-run switch {"kind":
+"switch", "iteration", "loss_lighthouse", "loss_dense"}: that iteration's batch under both
+attentions, same weights, before the update. A run appends to the same file after dropping
+the records past the iteration it starts from (a resumed run: those the run that wrote them
+did not reach a checkpoint after; a run from scratch, a restart before the first save or
+--force: all), as TensorBoard's `purge_step` drops its events, so each iteration appears once.
 """
 
 from __future__ import annotations
@@ -77,11 +79,11 @@ class MetricsLogger:
             self._wandb.log(_scalars(record), step=record["iteration"])
         line = " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k != "kind")
         if self._bar is not None and not self._bar.disable:
-            self._bar.set_postfix_str(line if record["kind"] == "eval" else
+            self._bar.set_postfix_str(line if record["kind"] != "train" else
                                       f"loss={_fmt(record['loss'])} lr={_fmt(record['lr'])} "
                                       f"tok/s={_fmt(record['tokens_per_s'])}")
-            if record["kind"] == "eval":
-                self._bar.write(f"[eval] {line}")
+            if record["kind"] != "train":
+                self._bar.write(f"[{record['kind']}] {line}")
         else:
             print(f"[{record['kind']}] {line}", flush=True)
 
@@ -113,9 +115,12 @@ _TRAIN_SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "time_per_iter_s")
 
 
 def _scalars(record: dict) -> dict:
-    """A record's scalars under the names TensorBoard and W&B show: train/loss, ..., eval/loss_dense."""
+    """A record's scalars under the names TensorBoard and W&B show: train/loss, ...,
+    eval/loss_dense, switch/loss_lighthouse."""
     if record["kind"] == "eval":
         return {f"eval/loss_{record['attention']}": record["loss"]}
+    if record["kind"] == "switch":
+        return {f"switch/{key}": record[key] for key in ("loss_lighthouse", "loss_dense")}
     return {f"train/{key}": record[key] for key in _TRAIN_SCALARS if record.get(key) is not None}
 
 

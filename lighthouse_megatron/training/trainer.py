@@ -39,7 +39,7 @@ from ..cpu import cpu_rotary_embedding, make_cpu_optimizer
 from ..data import null_tokenizer
 from ..files import writable_dir_problem, writable_file_problem
 from ..flags.lighthouse import until_iter_warning
-from ..flags.train import check_cpu_memory, padded_vocab_size, settings_args
+from ..flags.train import ALL_VALID, check_cpu_memory, padded_vocab_size, settings_args
 from ..megatron import LighthouseCoreAttention, get_gpt_decoder_block_spec, lighthouse_config_from_args
 from ..megatron.schedule import set_iteration
 from . import checkpointing
@@ -54,6 +54,7 @@ class TrainResult:
     iteration: int
     train: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
+    switches: list[dict] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
 
 
@@ -278,26 +279,36 @@ def make_engine(args, config) -> Engine:
 # ------------------------------------------------------------------------------ data
 
 
+# The held-out set of --valid-data-path is sampled with this seed, not --seed: every seed and
+# every run evaluates the same sequences, so their losses compare directly.
+HELDOUT_SEED = 1234
+
+
 def build_datasets(args):
     """(train, valid) GPT datasets, sized as Megatron-LM's provider sizes them."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
     from megatron.core.datasets.utils import get_blend_from_list
 
-    config = GPTDatasetConfig(
-        random_seed=args.seed, sequence_length=args.seq_length,
-        blend=get_blend_from_list(args.data_path) if args.data_path else None, split=args.split,
-        path_to_cache=args.data_cache_path, tokenizer=null_tokenizer(args.vocab_size),
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-        create_attention_mask=False, mmap_bin_files=True,
-    )
+    def config(data_path, split, seed):
+        return GPTDatasetConfig(
+            random_seed=seed, sequence_length=args.seq_length,
+            blend=get_blend_from_list(data_path) if data_path else None, split=split,
+            path_to_cache=args.data_cache_path, tokenizer=null_tokenizer(args.vocab_size),
+            reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+            create_attention_mask=False, mmap_bin_files=True,
+        )
+
     gbs = args.global_batch_size
     evals = args.eval_iters * (args.train_iters // args.eval_interval + 1 if args.eval_interval else 1)
     sizes = [args.train_iters * gbs, evals * gbs, args.eval_iters * gbs]
     cls = MockGPTDataset if args.mock_data else GPTDataset
     if args.mock_data:  # mock indices are rebuilt each run; megatron-core warns it cannot cache them
         logging.getLogger("megatron.core.datasets.gpt_dataset").setLevel(logging.ERROR)
-    train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+    build = lambda cfg, n: BlendedMegatronDatasetBuilder(cls, n, lambda: True, cfg).build()  # noqa: E731
+    train, valid, _ = build(config(args.data_path, args.split, args.seed), sizes)
+    if args.valid_data_path:  # only the first eval_iters batches are read, at every evaluation
+        _, valid, _ = build(config(args.valid_data_path, ALL_VALID, HELDOUT_SEED), [0, sizes[2], 0])
     return train, valid
 
 
@@ -371,6 +382,26 @@ def dense_attention(model):
     finally:
         for m, until in zip(layers, saved, strict=True):
             m.until_iter = until
+
+
+@torch.no_grad()
+def switch_probe(engine: Engine, dataset, args, iteration: int) -> dict:
+    """At the first dense iteration of an in-run switch: the loss of this iteration's batch
+    under Lighthouse and under dense attention, same weights, before the update, in eval mode
+    (no dropout: the probe draws no random numbers, so the run continues as without it)."""
+    batches = list(microbatches(dataset, args, iteration * args.global_batch_size, args.device))
+    engine.runner.eval()
+    losses = {}
+    for attention, clock in (("lighthouse", args.lighthouse_until_iter - 1), ("dense", iteration)):
+        set_iteration(clock)
+        total = sum((_token_losses(engine.runner, b) * b["loss_mask"]).sum().item() for b in batches)
+        losses[attention] = total
+    set_iteration(iteration)
+    engine.runner.train()
+    tokens = float(sum(b["loss_mask"].sum().item() for b in batches))
+    lighthouse, dense, tokens = _all_reduce([losses["lighthouse"], losses["dense"], tokens], args.device)
+    return {"kind": "switch", "iteration": iteration + 1, "loss_lighthouse": lighthouse / tokens,
+            "loss_dense": dense / tokens}
 
 
 @torch.no_grad()
@@ -679,6 +710,11 @@ def train_loop(args) -> TrainResult:
             while iteration < args.train_iters:
                 set_iteration(iteration)
                 attention = _attention_now(args, iteration)
+                switching = args.attention_impl == "lighthouse" and iteration == args.lighthouse_until_iter
+                if switching and iteration:
+                    rec = switch_probe(engine, train_ds, args, iteration)
+                    log.log(rec)
+                    result.switches.append(rec)
                 lr = engine.lr()  # the rate this iteration uses; the scheduler then moves on
                 t0 = time.perf_counter()
                 consumed = iteration * args.global_batch_size

@@ -78,7 +78,7 @@ MLM=tests/test_megatron_lm_gpu.py
 CKPT=tests/test_checkpoint_gpu.py
 stream unit 0 tests/test_ops.py tests/test_reference.py tests/test_backends.py tests/test_megatron_gpu.py \
     tests/test_bench_layer.py tests/test_training_gpu.py
-stream bench 1 tests/test_bench_e2e.py tests/test_bench_failure_modes.py tests/test_bench_quality.py \
+stream bench 1 tests/test_bench_e2e.py tests/test_bench_failure_modes.py tests/test_bench_probes.py \
     tests/test_demo.py
 stream cp 0,1 tests/test_parallel_gpu.py
 stream mlm-cp19 0,1 $MLM -k "context_parallel and core_v0.19.0"

@@ -1,4 +1,4 @@
-"""Does stage 1 read the future? The leak probe of `benchmarks.quality`.
+"""`python -m benchmarks.leak.run`: does stage 1 read the future? The leak probe.
 
 Lighthouse selects per tile, and the selection sees the whole tile: a token's output can move
 with later tokens of its tile. Whether training exploits that shows in the loss: on held-out
@@ -11,7 +11,8 @@ the dense-trained control (its weights in the same Lighthouse model), each evalu
 Lighthouse attention and with dense attention; under dense attention the difference must be
 exactly 0 (the check).
 
-    python -m benchmarks.leak --lighthouse STAGE1_CKPT --control DENSE_CKPT --data-path PREFIX --out X.json
+    python -m benchmarks.leak.run --lighthouse STAGE1_CKPT --control DENSE_CKPT --data-path PREFIX \
+        --out X.json
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._common import UsageError, main, run_meta, usage_errors_as_exit_2, write_json
+from .._common import UsageError, main, run_meta, usage_errors_as_exit_2, write_json
 
 MODELS = ("lighthouse_trained", "dense_trained")
 
@@ -95,15 +96,11 @@ def probe(model, dense_attention, xs, others, ts, window) -> dict:
     return res
 
 
-def _weights_only(state: dict) -> dict:
-    return {k: v for k, v in state.items() if not k.endswith("_extra_state")}
-
-
 def run(args: argparse.Namespace) -> int:
     from lighthouse_megatron.megatron import lighthouse_config_from_args
     from lighthouse_megatron.training import checkpoint_model, dense_attention
 
-    from .retrieval import held_out_tokens
+    from ..retrieval.run import held_out_tokens
 
     if args.samples < 2 or args.window < 1:
         raise UsageError(f"--samples must be >= 2 and --window >= 1, got {args.samples}, {args.window}")
@@ -181,4 +178,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(add_leak_parser, "benchmarks.leak"))
+    sys.exit(main(add_leak_parser, "benchmarks.leak.run"))

@@ -1,6 +1,6 @@
 """Start-up time of `lighthouse-megatron --help`, `--version` and every subcommand's `--help`.
 
-    python benchmarks/cli_startup.py [--repeat 3] [--out benchmarks/cli_startup/cli_startup.json]
+    python -m benchmarks.cli_startup.run [--repeat 3] [--out benchmarks/cli_startup/results/cli_startup.json]
 
 Prints one row per command: the best wall time of `--repeat` runs in a fresh interpreter and
 whether torch / megatron-core were imported (python -X importtime), and with --out writes the
@@ -63,7 +63,7 @@ def main() -> int:
     print("target (< 1 s, no torch): " + (f"MISSED by {failing}" if failing else "met by every command"))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        command = " ".join(["python", "benchmarks/cli_startup.py", *sys.argv[1:]])
+        command = " ".join(["python", "-m", "benchmarks.cli_startup.run", *sys.argv[1:]])
         args.out.write_text(json.dumps({"command": command, "repeat": args.repeat, "machine": machine,
                                         "target": "best of --repeat runs under 1 s, torch not imported",
                                         "rows": rows}, indent=2) + "\n")

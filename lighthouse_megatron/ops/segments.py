@@ -1,4 +1,6 @@
-"""Stages 1 and 5 input: pooled q, k, v of the planned entries, pooling on the fly.
+"""Kernel walking the gathered slots: stages 1 and 5 input (pooled q, k, v of the planned
+entries, pooling on the fly) and the scatter's backward. Twins: `twins.pool_segments`,
+`twins.feed_segments`.
 
 No pyramid of q, k, v is ever stored: each gathered row is the fp32 sum of its entry's
 block of base rows, read straight from the base tensor. One "segment sum" kernel serves two
@@ -8,8 +10,8 @@ functions, each summing a token range of every slot's entry (l, i), block size c
   feed_segments   [e, e + c - 1] with e = (i + 1) * c - 1, the tokens its output feeds,
                   clipped to the sequence: their sum (the scatter's backward).
 
-The gather's backward (spread each gathered gradient over its block, divided by c_l) is
-`scatter.pool_tokens`.
+The gather's backward (spread each gathered gradient over its block, divided by c_l) walks
+the base tokens: `tokens.pool_tokens`.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._triton import tl, triton, use_triton
-from .scores import level_offsets
-from .select import SelectionPlan
+from ._triton import tl, triton
+from .plan import SelectionPlan
 
 
 @triton.jit
@@ -79,29 +80,24 @@ def _segment_sum_kernel(
 SEGMENT_SUM_LAUNCH = {"block_s": 16, "num_warps": 4, "unroll": True}
 
 
-def pool_segments(x: Tensor, plan: SelectionPlan, out: Tensor | None = None, **launch) -> Tensor:
+def pool_segments(x: Tensor, plan: SelectionPlan, **launch) -> Tensor:
     """The gather: [b, n, H, d] -> [b, S, H, d], per gathered slot the mean of the tokens its
-    entry pools. `out` may be a strided view (a chunk of a larger buffer) to write into."""
-    return _segment_sum(x, plan, False, out, launch)
+    entry pools."""
+    return _segment_sum(x, plan, False, launch)
 
 
-def feed_segments(g: Tensor, plan: SelectionPlan, out: Tensor | None = None, **launch) -> Tensor:
+def feed_segments(g: Tensor, plan: SelectionPlan, **launch) -> Tensor:
     """The scatter's backward: [b, n, H, d] -> [b, S, H, d], per gathered slot the sum of `g`
-    over the tokens its entry feeds. `out` as in `pool_segments`."""
-    return _segment_sum(g, plan, True, out, launch)
+    over the tokens its entry feeds."""
+    return _segment_sum(g, plan, True, launch)
 
 
-def _segment_sum(x: Tensor, plan: SelectionPlan, feed: bool, out: Tensor | None, launch: dict) -> Tensor:
-    if not use_triton(x):
-        result = _segment_sum_torch(x, plan, feed)
-        return result if out is None else out.copy_(result)
+def _segment_sum(x: Tensor, plan: SelectionPlan, feed: bool, launch: dict) -> Tensor:
     b, n, heads, d = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     s_len = plan.length
-    if out is None:
-        out = torch.empty(b, s_len, heads, d, dtype=x.dtype, device=x.device)
-    assert out.shape == (b, s_len, heads, d) and out.stride(-1) == 1
+    out = torch.empty(b, s_len, heads, d, dtype=x.dtype, device=x.device)
     opts = {**SEGMENT_SUM_LAUNCH, **launch}
     block_d = triton.next_power_of_2(d)
     block_s = max(1, min(opts["block_s"], 8192 // block_d))
@@ -116,33 +112,3 @@ def _segment_sum(x: Tensor, plan: SelectionPlan, feed: bool, out: Tensor | None,
     )
     return out
 
-
-def pool_segments_torch(x: Tensor, plan: SelectionPlan) -> Tensor:
-    """Plain-PyTorch twin of `pool_segments`."""
-    return _segment_sum_torch(x, plan, False)
-
-
-def feed_segments_torch(g: Tensor, plan: SelectionPlan) -> Tensor:
-    """Plain-PyTorch twin of `feed_segments`."""
-    return _segment_sum_torch(g, plan, True)
-
-
-def _segment_sum_torch(x: Tensor, plan: SelectionPlan, feed: bool) -> Tensor:
-    # Each range summed on its own in fp32, as the kernel does (a prefix sum would let one
-    # huge token erase the digits of every later range).
-    b, n, heads, d = x.shape
-    group = heads // plan.kv_heads
-    p = plan.pooling_factor
-    tables = []
-    for level in range(plan.levels):
-        c = p**level
-        # Fed ranges start c - 1 tokens later than pooled blocks: shift, then sum aligned blocks.
-        shift = c - 1 if feed else 0
-        xs = torch.nn.functional.pad(x[:, shift:].float(), (0, 0, 0, 0, 0, shift))
-        sums = xs.reshape(b, n // c, c, heads, d).sum(dim=2)
-        tables.append(sums if feed else sums / c)
-    table = torch.cat(tables, dim=1)  # [b, sum of level lengths, H, d]
-    lvl = plan.level.reshape(b, plan.kv_heads, -1).repeat_interleave(group, dim=1).transpose(1, 2).long()
-    idx = plan.index.reshape(b, plan.kv_heads, -1).repeat_interleave(group, dim=1).transpose(1, 2).long()
-    row = torch.tensor(level_offsets(n, p, plan.levels)[:-1], device=x.device)[lvl] + idx  # [b, S, H]
-    return table.gather(1, row.unsqueeze(-1).expand(-1, -1, -1, d)).to(x.dtype)

@@ -1,4 +1,4 @@
-"""Synthetic passkey documents for training, in `benchmarks.retrieval`'s needle format.
+"""Synthetic passkey documents for training, in the retrieval probe's needle format (`needle.py`).
 
 A document is real text (a window of the training corpus) with a key/value line planted at
 a random depth and the question at the end, followed by the value:
@@ -6,7 +6,7 @@ a random depth and the question at the end, followed by the value:
     haystack[:d]  NEEDLE  haystack[d:]  QUERY  VALUE
 
 Mixed into the training data at a small fraction, they let a model that can retrieve learn
-to do it at the lengths it trains on, so that `benchmarks.retrieval` compares something the
+to do it at the lengths it trains on, so that the retrieval probe compares something the
 dense control can do. Documents are shorter than the training samples, so whole documents
 often land inside one sample.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .retrieval import CONSONANTS, NEEDLE, QUERY, VOWELS, encode
+from .needle import NEEDLE, QUERY, fixed_tokens, random_key
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,7 @@ class Passkey:
 def passkey_document(haystack: bytes, rng: np.random.Generator, digits: int = 6) -> Passkey:
     """`haystack` with a random key (a 6-letter word) and value (`digits` digits) planted at a
     uniformly random depth, and the question and value after it."""
-    word = "".join(rng.choice(list(CONSONANTS)) + rng.choice(list(VOWELS)) for _ in range(3))
-    value = "".join(str(d) for d in rng.integers(0, 10, size=digits))
+    word, value = random_key(rng, digits)
     d = int(rng.integers(0, len(haystack) + 1))
     needle = NEEDLE.format(word=word, value=value).encode()
     query = QUERY.format(word=word).encode()
@@ -45,10 +44,7 @@ def passkey_documents(
     text: bytes, count: int, min_len: int, max_len: int, seed: int, digits: int = 6
 ) -> list[Passkey]:
     """`count` documents of min_len..max_len bytes (uniform), haystacks from random windows of `text`."""
-    fixed = sum(
-        len(encode(t))
-        for t in (NEEDLE.format(word="x" * 6, value="0" * digits), QUERY.format(word="x" * 6), "0" * digits)
-    )
+    fixed = fixed_tokens(digits)
     if not fixed < min_len <= max_len <= len(text):
         raise ValueError(
             f"passkey documents: need {fixed} < min length {min_len} <= max length {max_len} "

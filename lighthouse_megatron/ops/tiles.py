@@ -1,4 +1,5 @@
-"""Stages 3 and 4: the per-tile top-k cascade, emitting entries already in causal order.
+"""Stages 3 and 4 kernel, one program per tile: the top-k cascade, emitting entries already in
+causal order (twin: `twins.select`).
 
 Every tile of a selection unit emits the same number of entries, all of them inside the
 tile's token range, so tile j owns the slots [j * per_tile, (j + 1) * per_tile) of the
@@ -14,42 +15,18 @@ exactly the reference's stable sort (ties to the lower index). Only the T/2 chos
 are ranked among themselves, for the rank-ordered `selected_q/_k` outputs. The cost is
 linear in the number of candidates per tile (M / n_tiles can be thousands at 1M tokens).
 
-Outputs (a `SelectionPlan`):
-  level, index   [b * Hkv, S] int32, causal order;
-  inverse        [b * Hkv, total] int32 in the scores' flat pyramid layout: the slot of
-                 every emitted entry, -1 for entries not emitted;
-  selected_q/_k  [b * Hkv, L-1, tiles, T/2] int32: in-level indices chosen by query norm and
-                 by key norm at levels 1..L-1 (index level-1), in rank order.
+Output: a `plan.SelectionPlan` (level, index, inverse, selected_q/_k), each unit's rows
+written at unit * row length.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..config import LighthouseConfig
-from ._triton import interpreting, tl, triton, use_triton
-from .scores import level_offsets
-
-
-@dataclass
-class SelectionPlan:
-    level: Tensor
-    index: Tensor
-    inverse: Tensor
-    selected_q: Tensor
-    selected_k: Tensor
-    batch: int
-    kv_heads: int
-    seq_len: int
-    pooling_factor: int
-    levels: int
-
-    @property
-    def length(self) -> int:
-        return self.level.shape[-1]
+from ._triton import interpreting, tl, triton
+from .plan import SelectionPlan, level_offsets
 
 
 @triton.jit
@@ -259,12 +236,8 @@ SELECT_LAUNCH = {"block": 1024, "num_warps": 8}
 def select(
     sq: Tensor, sk: Tensor, batch: int, kv_heads: int, n: int, config: LighthouseConfig, **launch
 ) -> SelectionPlan:
-    """Run the cascade on score pyramids from `scores.score_pyramids`."""
-    if not use_triton(sq):
-        return select_torch(sq, sk, batch, kv_heads, n, config)
+    """Run the cascade on score pyramids from `scores.score_pyramids` (levels >= 2)."""
     _check_sizes(n, config)
-    if config.levels == 1:
-        return select_torch(sq, sk, batch, kv_heads, n, config)
     p, levels, half = config.pooling_factor, config.levels, config.tile_topk // 2
     tiles = config.num_tiles
     m_tile = n // config.coarsest_block // tiles
@@ -273,10 +246,10 @@ def select(
     total = level_offsets(n, p, levels)[-1]
     s_len = config.gathered_length(n)
     dev = sq.device
-    level = torch.empty(units, s_len, dtype=torch.int32, device=dev)
-    index = torch.empty(units, s_len, dtype=torch.int32, device=dev)
-    inverse = torch.full((units, total), -1, dtype=torch.int32, device=dev)
-    sel_q = torch.empty(units, levels - 1, tiles, half, dtype=torch.int32, device=dev)
+    level = torch.empty(batch, kv_heads, s_len, dtype=torch.int32, device=dev)
+    index = torch.empty(batch, kv_heads, s_len, dtype=torch.int32, device=dev)
+    inverse = torch.full((batch, kv_heads, total), -1, dtype=torch.int32, device=dev)
+    sel_q = torch.empty(batch, kv_heads, levels - 1, tiles, half, dtype=torch.int32, device=dev)
     sel_k = torch.empty_like(sel_q)
     opts = {**SELECT_LAUNCH, **launch}
     scratch_len = max(m_tile, pt)
@@ -290,57 +263,5 @@ def select(
         BLOCK=64 if interpreting() else opts["block"], SEARCH_STEPS=pt.bit_length(),
         num_warps=opts["num_warps"],
     )
-    return SelectionPlan(level, index, inverse, sel_q, sel_k, batch, kv_heads, n, p, levels)
+    return SelectionPlan(level, index, inverse, sel_q, sel_k, n, p, levels)
 
-
-# ------------------------------------------------------------------ PyTorch twin
-
-
-def topk_lower_index(scores: Tensor, count: int) -> Tensor:
-    """Positions of the `count` largest values along the last dim, ties to the lower position."""
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count]
-
-
-@torch.no_grad()
-def select_torch(
-    sq: Tensor, sk: Tensor, batch: int, kv_heads: int, n: int, config: LighthouseConfig
-) -> SelectionPlan:
-    """Plain-PyTorch twin of `select`: the reference's cascade and causal sort, same outputs."""
-    p, levels, half = config.pooling_factor, config.levels, config.tile_topk // 2
-    tiles = config.num_tiles
-    units = sq.shape[0]
-    offsets = level_offsets(n, p, levels)
-    total = offsets[-1]
-    dev = sq.device
-    top = levels - 1
-    per_tile = n // config.coarsest_block // tiles
-    cand = torch.arange(n // config.coarsest_block, device=dev).reshape(tiles, per_tile)
-    cand = cand.expand(units, tiles, per_tile)
-    lvls, idxs = [], []
-    sel_q = torch.zeros(units, max(levels - 1, 0), tiles, half, dtype=torch.int32, device=dev)
-    sel_k = torch.zeros_like(sel_q)
-    for level in range(top, 0, -1):
-        flat = cand.reshape(units, -1)
-        lo, hi = offsets[level], offsets[level + 1]
-        s_q = sq[:, lo:hi].gather(-1, flat).reshape(cand.shape)
-        s_k = sk[:, lo:hi].gather(-1, flat).reshape(cand.shape)
-        pos_q = topk_lower_index(s_q, half)
-        pos_k = topk_lower_index(s_k.scatter(-1, pos_q, float("-inf")), half)
-        sel_q[:, level - 1] = cand.gather(-1, pos_q).int()
-        sel_k[:, level - 1] = cand.gather(-1, pos_k).int()
-        lvls.append(torch.full_like(cand, level))
-        idxs.append(cand)
-        chosen = torch.cat([pos_q, pos_k], dim=-1).sort(dim=-1).values
-        cand = (cand.gather(-1, chosen).unsqueeze(-1) * p + torch.arange(p, device=dev)).flatten(-2)
-    lvls.append(torch.zeros_like(cand))
-    idxs.append(cand)
-    lvl = torch.cat(lvls, dim=-1).reshape(units, -1)
-    idx = torch.cat(idxs, dim=-1).reshape(units, -1)
-    last = (idx + 1) * p**lvl - 1
-    order = torch.argsort(last * levels + lvl, dim=-1)
-    lvl, idx = lvl.gather(-1, order), idx.gather(-1, order)
-    inverse = torch.full((units, total), -1, dtype=torch.int32, device=dev)
-    slots = torch.arange(lvl.shape[-1], device=dev, dtype=torch.int32).expand(units, -1)
-    flat_pos = torch.tensor(offsets[:-1], device=dev)[lvl] + idx
-    inverse.scatter_(1, flat_pos, slots)
-    return SelectionPlan(lvl.int(), idx.int(), inverse, sel_q, sel_k, batch, kv_heads, n, p, levels)

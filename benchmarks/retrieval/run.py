@@ -1,60 +1,45 @@
-"""`python -m benchmarks.retrieval`: a needle-in-a-haystack probe of the dense and the
-recovered model that `benchmarks.quality` trained.
+"""`python -m benchmarks.retrieval.run`: a needle-in-a-haystack probe of a dense and a recovered model.
 
-Each sample is `length` byte tokens: held-out text (the validation split of the data the
-models trained on) with a needle planted at a depth, a fraction of the haystack (0: at the
-start, 1: right before the question), and the question at the end:
+    python -m benchmarks.retrieval.run --dense DENSE_CKPT --recovered RECOVERED_CKPT --data-path PREFIX
 
-    haystack[:d]  NEEDLE  haystack[d:]  QUERY  VALUE
-    NEEDLE = "# The secret key for <word> is <value>.\\n"
-    QUERY  = "\\n# The secret key for <word> is "
-
-with a random word and a random value of --digits digits (seeded per length, depth and
-trial: the same samples for every model and run). Both models read the samples with dense
-attention, loaded from their checkpoints through the trainer; scored are the value's tokens,
-from the logits at the positions before them: mean cross-entropy, token accuracy (argmax)
-and exact match (every digit right). Nothing but the needle tells the value: a model that
-does not retrieve it guesses digits at chance (0.1 per digit).
+Samples (`needle.py`) are `length` byte tokens of held-out text (the validation split of PREFIX, the
+data the models trained on) with the needle planted at each depth and the question at the end. Both
+models read the samples with dense attention, loaded from their trainer checkpoints; scored are the
+value's tokens, from the logits at the positions before them: mean cross-entropy, token accuracy
+(argmax) and exact match (every digit right). The comparison says something only where the dense
+model retrieves (token accuracy at least RETRIEVES above chance); below that the JSON marks it
+uninformative.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._common import UsageError, check_writable, main, run_meta, usage_errors_as_exit_2, write_json
-from ._common import format_length as _fmt_len
-from ._common import parse_lengths as _int_list
+from .._common import UsageError, check_writable, main, run_meta, usage_errors_as_exit_2, write_json
+from .._common import format_length as _fmt_len
+from .._common import parse_lengths as _int_list
+from .needle import CHANCE, NEEDLE, QUERY, RETRIEVES, TOLERANCE, Sample, fixed_tokens, make_sample, retrieves
 
-NEEDLE = "# The secret key for {word} is {value}.\n"
-QUERY = "\n# The secret key for {word} is "
-CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
-# "No worse than dense": the recovered model's mean token accuracy at most this far below.
-TOLERANCE = 0.05
-CHANCE = 0.1  # one digit in ten
-# The probe says something about retrieval only where the dense model retrieves: its token
-# accuracy at least this far above chance.
-RETRIEVES = 0.05
-MODELS = ("dense", "recovered")  # the keys of benchmarks.quality's "checkpoints"
+MODELS = ("dense", "recovered")
 
 
 def add_retrieval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("retrieval", help="needle-in-a-haystack probe of benchmarks.quality's dense and "
-                       "recovered models", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quality", type=Path, default=Path("benchmarks/quality/quality.json"),
-                   help="benchmarks.quality's JSON: the checkpoints and data it names are probed")
+    p = sub.add_parser("retrieval", help="needle-in-a-haystack probe of a dense and a recovered model",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dense", required=True, help="trainer checkpoint of the dense control")
+    p.add_argument("--recovered", required=True, help="trainer checkpoint of the recovered (two-stage) model")
+    p.add_argument("--data-path", required=True, metavar="PREFIX",
+                   help="the byte dataset they trained on (its validation split gives the haystacks)")
     p.add_argument("--lengths", default=None,
                    help="comma-separated context lengths ('K' suffix), at most the trained length "
                         "(default: 1/8, 1/4, 1/2 and all of it)")
@@ -64,54 +49,11 @@ def add_retrieval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-tokens", type=int, default=65536, help="tokens per forward pass")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/retrieval"),
+    p.add_argument("--out", type=Path, default=Path("benchmarks/retrieval/results"),
                    help="folder for NAME.json and NAME.png")
     p.add_argument("--name", default="retrieval", help="output file stem (default retrieval)")
     p.add_argument("--force", action="store_true", help="overwrite an existing NAME.json")
     p.set_defaults(func=run_cli)
-
-
-# ---------------------------------------------------------------------- samples
-
-
-def encode(text: str) -> np.ndarray:
-    """Byte tokens, as `prepare-data` writes them."""
-    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
-
-
-def fixed_tokens(digits: int) -> int:
-    """Tokens of a sample besides the haystack (the word is 6 letters)."""
-    word, value = "x" * 6, "0" * digits
-    texts = (NEEDLE.format(word=word, value=value), QUERY.format(word=word), value)
-    return sum(len(encode(t)) for t in texts)
-
-
-@dataclass(frozen=True)
-class Sample:
-    tokens: np.ndarray  # [length] int64
-    needle_start: int  # tokens[needle_start:] begins with the needle
-    value_start: int  # the value is tokens[value_start:]
-    word: str
-    value: str
-
-
-def plant(haystack: np.ndarray, depth: float, word: str, value: str) -> Sample:
-    """The needle at round(depth * len(haystack)) of the haystack, the question and the value after it."""
-    needle = encode(NEEDLE.format(word=word, value=value))
-    query, val = encode(QUERY.format(word=word)), encode(value)
-    d = round(depth * len(haystack))
-    tokens = np.concatenate([haystack[:d], needle, haystack[d:], query, val])
-    return Sample(tokens, d, len(tokens) - len(val), word, value)
-
-
-def make_sample(text: np.ndarray, length: int, depth: float, trial: int, seed: int, digits: int) -> Sample:
-    """Sample `trial` at (length, depth): a random word, value and window of the held-out `text`."""
-    rng = np.random.default_rng([seed, length, round(depth * 1_000_000), trial])
-    word = "".join(rng.choice(list(CONSONANTS)) + rng.choice(list(VOWELS)) for _ in range(3))
-    value = "".join(str(d) for d in rng.integers(0, 10, size=digits))
-    room = length - fixed_tokens(digits)
-    start = int(rng.integers(0, len(text) - room + 1))
-    return plant(text[start:start + room], depth, word, value)
 
 
 def held_out_tokens(prefix: str, split: str) -> np.ndarray:
@@ -219,22 +161,6 @@ def plot_heatmap(result: dict, path: Path) -> bool:
 # ------------------------------------------------------------------------- run
 
 
-def _read_quality(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"--quality {path}: not a readable bench quality JSON ({e})") from None
-    missing = [k for k in ("checkpoints", "data_prefix") if k not in data] + [
-        m for m in MODELS if m not in data.get("checkpoints", {})]
-    if missing:
-        raise UsageError(f"--quality {path}: not a benchmarks.quality result (missing {missing})")
-    for name in MODELS:
-        if not Path(data["checkpoints"][name], "latest_checkpointed_iteration.txt").is_file():
-            raise UsageError(f"--quality {path}: the {name} model's checkpoint {data['checkpoints'][name]} "
-                             "is gone (benchmarks.quality keeps it in its --work-dir)")
-    return data
-
-
 def _floats(text: str, flag: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -242,17 +168,10 @@ def _floats(text: str, flag: str) -> list[float]:
         raise UsageError(f"{flag} {text!r}: expected comma-separated numbers") from None
 
 
-def run(args: argparse.Namespace) -> int:
+def _check_args(args: argparse.Namespace, trained: int, vocab_size: int) -> tuple[list[int], list[float]]:
+    """The lengths and depths to probe, every flag checked against the models' settings."""
     from lighthouse_megatron.data import BYTE_EOD, null_tokenizer
-    from lighthouse_megatron.training import checkpoint_model
-    from lighthouse_megatron.training.trainer import checkpoint_eval_args
 
-    quality = _read_quality(args.quality)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU here")
-    # The settings the dense model trained with (the recovered one shares them).
-    config = checkpoint_eval_args(quality["checkpoints"]["dense"], args.device)
-    trained = config.seq_length
     shortest = fixed_tokens(args.digits) + 1
     try:
         default = [n for n in (trained // 8, trained // 4, trained // 2, trained) if n >= shortest]
@@ -269,21 +188,21 @@ def run(args: argparse.Namespace) -> int:
     if args.trials < 1 or args.digits < 1 or args.batch_tokens < 1:
         raise UsageError(f"--trials, --digits and --batch-tokens must be >= 1, got {args.trials}, "
                          f"{args.digits}, {args.batch_tokens}")
-    ids = null_tokenizer(config.vocab_size).vocab_size
+    ids = null_tokenizer(vocab_size).vocab_size
     if ids != BYTE_EOD + 1:
-        raise UsageError(f"--quality {args.quality}: the models read {ids} token ids (--vocab-size "
-                         f"{config.vocab_size}); the needle is written in bytes ({BYTE_EOD + 1} ids with the "
+        raise UsageError(f"--dense {args.dense}: the models read {ids} token ids (--vocab-size "
+                         f"{vocab_size}); the needle is written in bytes ({BYTE_EOD + 1} ids with the "
                          "end-of-document id)")
-    out_json, out_png = args.out / f"{args.name}.json", args.out / f"{args.name}.png"
-    check_writable(out_json, args.force)
-    text = held_out_tokens(quality["data_prefix"], config.split)
-    if len(text) < max(lengths):
-        raise UsageError(f"the held-out split has {len(text)} tokens, fewer than --lengths {max(lengths)}")
+    return lengths, depths
 
-    start = time.perf_counter()
+
+def _probe_models(args, text, lengths, depths) -> tuple[dict, str]:
+    """Each model's cells and summary, and the device they ran on."""
+    from lighthouse_megatron.training import checkpoint_model
+
     models, device = {}, None
     for name in MODELS:
-        root = quality["checkpoints"][name]
+        root = getattr(args, name)
         with warnings.catch_warnings():
             # torch's distributed-checkpoint deprecations inside megatron-core's loading
             warnings.filterwarnings("ignore", category=FutureWarning)
@@ -294,37 +213,65 @@ def run(args: argparse.Namespace) -> int:
                 cells = probe(model, text, lengths, depths, args, device)
         models[name] = {"checkpoint": root, "iteration": iteration, "cells": cells,
                         "summary": _summary(cells)}
+    return models, device
 
-    meta = run_meta(torch.device(device))
-    meta.update(quality=str(args.quality), quality_command=quality["meta"].get("command"), lengths=lengths,
-                depths=depths, trials=args.trials, digits=args.digits, seed=args.seed, needle=NEEDLE,
-                query=QUERY, haystack_tokens=len(text), trained_length=trained,
-                wall_s=time.perf_counter() - start)
+
+def compare(models: dict) -> dict:
+    """Recovered - dense on each score, and the verdict (uninformative where dense does not retrieve)."""
     dense, rec = models["dense"]["summary"], models["recovered"]["summary"]
     gap = rec["token_accuracy"] - dense["token_accuracy"]
-    result = {
-        "meta": meta, "models": models, "accuracy_gap": gap, "exact_match_gap": rec["exact"] - dense["exact"],
+    return {
+        "accuracy_gap": gap, "exact_match_gap": rec["exact"] - dense["exact"],
         "loss_gap": rec["loss"] - dense["loss"],
         "verdict": {"statement": "the recovered model retrieves no worse than the dense one",
                     "threshold": f"recovered - dense token accuracy >= -{TOLERANCE}", "ok": gap >= -TOLERANCE,
-                    "chance_token_accuracy": CHANCE,
-                    "informative": dense["token_accuracy"] >= CHANCE + RETRIEVES},
+                    "chance_token_accuracy": CHANCE, "informative": retrieves(dense["token_accuracy"])},
     }
-    write_json(out_json, result)
-    plotted = plot_heatmap(result, out_png)
 
+
+def _print(result: dict) -> None:
     print(f"\n{'model':>10} {'token acc':>9} {'exact':>6} {'value loss':>10}")
     for name in MODELS:
-        s = models[name]["summary"]
+        s = result["models"][name]["summary"]
         print(f"{name:>10} {s['token_accuracy']:9.3f} {s['exact']:6.3f} {s['loss']:10.3f}")
-    print(f"check  recovered - dense token accuracy: {gap:+.3f}, {result['verdict']['threshold']}  "
-          f"{'ok' if result['verdict']['ok'] else 'did not hold'}")
+    v = result["verdict"]
+    print(f"check  recovered - dense token accuracy: {result['accuracy_gap']:+.3f}, {v['threshold']}  "
+          f"{'ok' if v['ok'] else 'did not hold'}")
     print(f"info   chance is {CHANCE} per digit; a uniform guess over digits has value loss "
           f"{math.log(10):.3f}")
-    if not result["verdict"]["informative"]:
-        print(f"info   the dense model's token accuracy {dense['token_accuracy']:.3f} is below chance + "
-              f"{RETRIEVES}: neither model retrieves at this scale, so the check above says nothing "
-              "about retrieval")
+    if not v["informative"]:
+        print(f"info   the dense model's token accuracy is below chance + {RETRIEVES}: neither model "
+              "retrieves at this scale, so the check above says nothing about retrieval (uninformative)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lighthouse_megatron.training.trainer import checkpoint_eval_args
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU here")
+    for name in MODELS:
+        root = getattr(args, name)
+        if not Path(root, "latest_checkpointed_iteration.txt").is_file():
+            raise UsageError(f"--{name} {root}: not a trainer checkpoint (no "
+                             "latest_checkpointed_iteration.txt)")
+    # The settings the dense model trained with (the recovered one shares them).
+    config = checkpoint_eval_args(args.dense, args.device)
+    lengths, depths = _check_args(args, config.seq_length, config.vocab_size)
+    out_json, out_png = args.out / f"{args.name}.json", args.out / f"{args.name}.png"
+    check_writable(out_json, args.force)
+    text = held_out_tokens(args.data_path, config.split)
+    if len(text) < max(lengths):
+        raise UsageError(f"the held-out split has {len(text)} tokens, fewer than --lengths {max(lengths)}")
+    start = time.perf_counter()
+    models, device = _probe_models(args, text, lengths, depths)
+    meta = run_meta(torch.device(device))
+    meta.update(data_path=args.data_path, lengths=lengths, depths=depths, trials=args.trials,
+                digits=args.digits, seed=args.seed, needle=NEEDLE, query=QUERY, haystack_tokens=len(text),
+                trained_length=config.seq_length, wall_s=time.perf_counter() - start)
+    result = {"meta": meta, "models": models, **compare(models)}
+    write_json(out_json, result)
+    plotted = plot_heatmap(result, out_png)
+    _print(result)
     print(f"\nwrote {out_json}" + (f" and {out_png}" if plotted else " (no plot: no matplotlib)"), flush=True)
     return 0 if all(math.isfinite(m["summary"]["loss"]) for m in models.values()) else 1
 
@@ -333,4 +280,4 @@ run_cli = usage_errors_as_exit_2(run)
 
 
 if __name__ == "__main__":
-    sys.exit(main(add_retrieval_parser, "benchmarks.retrieval"))
+    sys.exit(main(add_retrieval_parser, "benchmarks.retrieval.run"))

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.failure_modes`: where Lighthouse attention is weak, measured.
+"""`python -m benchmarks.failure_modes.run`: where Lighthouse attention is weak, measured.
 
 Parts (--parts, any subset, in this order):
 
@@ -38,7 +38,7 @@ from lighthouse_megatron.attention import lighthouse_attention
 from lighthouse_megatron.backends import dense_causal_attention
 from lighthouse_megatron.config import LighthouseConfig
 
-from ._common import (
+from .._common import (
     K,
     UsageError,
     check_writable,
@@ -50,9 +50,9 @@ from ._common import (
     usage_errors_as_exit_2,
     write_json,
 )
-from ._common import format_length as _fmt_len
-from ._common import parse_length as _int
-from ._common import parse_lengths as _int_list
+from .._common import format_length as _fmt_len
+from .._common import parse_length as _int
+from .._common import parse_lengths as _int_list
 
 PARTS = ("short", "memory", "topk", "qknorm", "causality")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -86,7 +86,7 @@ def add_failure_modes_parser(sub: argparse._SubParsersAction) -> None:
     probe.add_argument("--probe-topk", type=int, default=128)
     probe.add_argument("--probe-tile-topk", type=int, default=16)
     probe.add_argument("--probe-seeds", type=int, default=3, help="independent draws averaged")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/failure_modes"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/failure_modes/results"))
     p.add_argument("--name", default="failure_modes")
     p.add_argument("--force", action="store_true", help="overwrite an existing NAME.json")
     p.set_defaults(func=run_cli)
@@ -443,4 +443,4 @@ run_cli = usage_errors_as_exit_2(run)
 
 
 if __name__ == "__main__":
-    sys.exit(main(add_failure_modes_parser, "benchmarks.failure_modes"))
+    sys.exit(main(add_failure_modes_parser, "benchmarks.failure_modes.run"))

@@ -1,0 +1,324 @@
+"""`python -m benchmarks.quality.analyze`: every committed run of the study -> metrics, verdicts and
+the headline, time to dense quality.
+
+    python -m benchmarks.quality.analyze [--runs benchmarks/quality/runs] [--out benchmarks/quality/results]
+
+Reads every run JSON under --runs (several leases' batches together: a batch is a preset and a run
+length, `<preset>-<iters>`), pairs the arms by seed and writes --out/summary.json, summary.md (the
+tables REPORT.md and the README quote) and curves.png. Per seed and switch S (N iterations, held-out
+evaluations every E):
+
+  train_gap        recovered - dense training loss, mean over the last 5% of the iterations (the
+                   paper's metric; the same batches in both arms)
+  heldout_gap      recovered - dense held-out loss, mean of the last 3 evaluations (the held-out set
+                   is the same sequences for every seed and arm)
+  lag              N - E minus the iteration at which the dense control first reached the recovered
+                   model's held-out loss of the last 3 evaluations (centred on N - E): 'interp' by
+                   interpolating the control's running minimum, 'fit' by inverting a power law
+                   a + b i^-c fitted to the control's curve from N/4 on
+  lag_per_lh_iter  lag / S: control iterations lost per Lighthouse iteration (the 'fit' lag when the
+                   interpolation has none, i.e. when the recovered model is ahead of the control)
+  spike            the first dense iteration's batch: loss under dense - loss under Lighthouse
+                   attention, same weights, before the update (the switch probe)
+  stage1_gap       stage 1's held-out loss at S under Lighthouse (and under dense) attention minus the
+                   control's at S
+  end_slope        the control's dL / d ln(iteration) over the last quarter of the run
+
+Verdicts follow stats.RULE (one-sided 95% Student-t bounds, tolerance 0.02), stated before the runs.
+Time to dense quality: stats.time_to_quality with the step-time ratio of a Lighthouse and a dense
+step from `bench e2e` (the 530M shape at 98K tokens, --e2e).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from .._common import UsageError, main, usage_errors_as_exit_2, write_json
+from . import stats
+
+HERE = Path(__file__).resolve().parent
+LAST_SHARE = 0.05  # the paper's metric: training loss over the last 5% of the iterations
+LAST_EVALS = 3
+E2E_DEFAULT = HERE.parent / "e2e" / "e2e_98k_vocab128256.json"
+SWITCHES_REPORTED = (0.5, 0.625, 0.75, 0.8)
+PAPER_TOKENS, PAPER_PARAMS = 50e9, 530e6  # the paper's 530M model, 50B tokens
+PAPER_E2E = (1.40, 1.69)  # the paper's end-to-end speed-ups (B200), the anchor
+
+
+def load_runs(root: Path) -> list[dict]:
+    runs = [json.loads(p.read_text()) for p in sorted(root.rglob("*.json"))]
+    runs = [r for r in runs if r.get("study") == "quality"]
+    if not runs:
+        raise UsageError(f"--runs {root}: no run JSONs of the study (python -m benchmarks.quality.run)")
+    digests = {r["corpus"] for r in runs}
+    if len(digests) > 1:
+        raise UsageError(f"--runs {root}: runs of different corpora ({sorted(digests)}); analyse them apart")
+    return runs
+
+
+def _curve(pairs) -> dict[int, float]:
+    return {int(i): float(v) for i, v in pairs}
+
+
+def seed_metrics(dense: dict, chain: list[dict], rec: dict) -> dict:
+    """One seed's numbers for one switch (chain: the Lighthouse segments up to the switch)."""
+    n, s = rec["iters"], rec["switch"]
+    e = dense["settings"]["eval_interval"]
+    d_train, d_eval = _curve(dense["train"]), _curve(dense["eval"]["dense"])
+    r_train = {**{i: v for seg in chain for i, v in _curve(seg["train"]).items()}, **_curve(rec["train"])}
+    r_eval = _curve(rec["eval"]["dense"])
+    first = n - max(1, round(LAST_SHARE * n)) + 1
+    tail = sorted(r_eval)[-LAST_EVALS:]
+    target = statistics.fmean(r_eval[i] for i in tail)
+    at = statistics.fmean(tail)
+    its = sorted(d_eval)
+    lag = stats.lag(its, [d_eval[i] for i in its], at, target, fit_from=n // 4)
+    per = (lag["interp"] if lag["interp"] is not None else lag["fit"])
+    s1 = chain[-1]["eval"]
+    probe = rec.get("switch_probe")
+    return {
+        "seed": rec["seed"], "switch": s, "switch_frac": s / n,
+        "train_gap": stats.window_mean(r_train, first, n) - stats.window_mean(d_train, first, n),
+        "heldout_gap": target - statistics.fmean(d_eval[i] for i in tail),
+        "lag_interp": lag["interp"], "lag_fit": lag["fit"],
+        "lag_per_lh_iter": None if per is None else per / s,
+        "spike": None if probe is None else probe["loss_dense"] - probe["loss_lighthouse"],
+        "stage1_gap_lighthouse": _curve(s1["lighthouse"])[s] - d_eval[s],
+        "stage1_gap_dense": _curve(s1["dense"])[s] - d_eval[s],
+        "end_slope": stats.end_slope(its, [d_eval[i] for i in its]),
+        "last_iters": [first, n], "eval_interval": e,
+    }
+
+
+def batch_rows(runs: list[dict]) -> list[dict]:
+    """Per-seed rows of every (batch, seed, switch) with all its runs present."""
+    by = defaultdict(dict)
+    for r in runs:
+        by[(r["batch"], r["seed"])][(r["arm"], r["switch"])] = r
+    rows = []
+    for (batch, _), arms in sorted(by.items()):
+        dense = arms.get(("dense", None))
+        for (arm, sw), rec in sorted(arms.items(), key=lambda kv: str(kv[0])):
+            if arm != "recovered" or dense is None:
+                continue
+            chain = sorted((r for (a, x), r in arms.items() if a == "lighthouse" and x <= sw),
+                           key=lambda r: r["switch"])
+            if not chain or chain[-1]["switch"] != sw:
+                continue
+            rows.append({"batch": batch, "preset": rec["preset"], "iters": rec["iters"],
+                         "tokens": rec["iters"] * rec["settings"]["global_batch_size"]
+                         * rec["settings"]["seq_length"], **seed_metrics(dense, chain, rec)})
+    return rows
+
+
+VERDICTS = {"train_gap": stats.TOLERANCE, "heldout_gap": stats.TOLERANCE, "lag_per_lh_iter": stats.TOLERANCE}
+SUMMARIES = ("lag_interp", "lag_fit", "spike", "stage1_gap_lighthouse", "stage1_gap_dense", "end_slope")
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per (batch, switch): verdicts on the gaps and the lag, summaries of the rest."""
+    out = []
+    for key in sorted({(r["batch"], r["switch"]) for r in rows}):
+        group = [r for r in rows if (r["batch"], r["switch"]) == key]
+        row = {"batch": key[0], "switch": key[1], "switch_frac": group[0]["switch_frac"],
+               "preset": group[0]["preset"], "iters": group[0]["iters"], "tokens": group[0]["tokens"],
+               "seeds": [r["seed"] for r in group]}
+        for m, tol in VERDICTS.items():
+            row[m] = stats.verdict([r[m] for r in group], tol)
+        for m in SUMMARIES:
+            row[m] = stats.summary([r[m] for r in group])
+        out.append(row)
+    return out
+
+
+def step_ratio(e2e_path: Path) -> dict:
+    """Lighthouse step time / dense step time from a `bench e2e` JSON (same run, same card)."""
+    data = json.loads(e2e_path.read_text())
+    ms = {r["mode"]: r["step_ms"] for r in data["rows"]}
+    return {"ratio": ms["lighthouse"] / ms["dense"], "lighthouse_ms": ms["lighthouse"],
+            "dense_ms": ms["dense"],
+            "card": data["meta"]["device"], "command": data["meta"]["command"], "file": e2e_path.name,
+            "parameters": data["rows"][0].get("parameters"), "N": data["rows"][0]["N"]}
+
+
+def time_to_quality(rows: list[dict], batch: str, ratio: float) -> list[dict]:
+    """dense / two-stage wall-clock to the control's final loss at each reported switch: per seed from
+    that switch's measured lag when it was run, else from the seed's mean lag over the measured
+    switches (marked 'assumed: lag constant in the switch point')."""
+    mine = [r for r in rows if r["batch"] == batch and r["lag_per_lh_iter"] is not None]
+    measured = sorted({r["switch_frac"] for r in mine})
+    seeds = sorted({r["seed"] for r in mine})
+    out = []
+    for f in sorted({*SWITCHES_REPORTED, *measured}):
+        exact = any(math.isclose(f, m) for m in measured)
+        values = []
+        for seed in seeds:
+            lams = [r["lag_per_lh_iter"] for r in mine if r["seed"] == seed
+                    and (not exact or math.isclose(r["switch_frac"], f))]
+            if lams:
+                values.append(stats.time_to_quality(f, statistics.fmean(lams), ratio))
+        out.append({"switch_frac": f, "lag_from": "measured at this switch" if exact else
+                    "assumed: each seed's mean lag over the measured switches", **stats.interval(values)})
+    return out
+
+
+def scale_trend(rows: list[dict]) -> dict | None:
+    """Lag per Lighthouse iteration against ln(training tokens), one point per seed and run length
+    (the preset's own switch closest to 62.5%), least squares with its standard errors, and what it
+    projects at the paper's 50B tokens (an extrapolation: see the README)."""
+    import numpy as np
+
+    pts = [(math.log(r["tokens"]), r["lag_per_lh_iter"]) for r in rows
+           if r["preset"] == "default" and r["lag_per_lh_iter"] is not None
+           and abs(r["switch_frac"] - 0.625) < 0.02]
+    if len({x for x, _ in pts}) < 2 or len(pts) < 4:
+        return None
+    x, y = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+    (slope, icpt), cov = np.polyfit(x, y, 1, cov=True)
+    xp = math.log(PAPER_TOKENS)
+    proj = icpt + slope * xp
+    se = math.sqrt(cov[1, 1] + xp**2 * cov[0, 0] + 2 * xp * cov[0, 1])
+    return {"points": len(pts), "run_lengths_tokens": sorted({int(round(math.exp(v))) for v in x}),
+            "slope_per_ln_tokens": float(slope), "slope_se": float(math.sqrt(cov[0, 0])),
+            "intercept": float(icpt), "projection_50B": float(proj), "projection_50B_se": se,
+            "extrapolation_factor": PAPER_TOKENS / math.exp(x.max())}
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _pm(s: dict, spec: str = "+.3f") -> str:
+    if not s.get("n"):
+        return "-"
+    if s["n"] < 2:
+        return f"{s['mean']:{spec}} (n=1)"
+    return f"{s['mean']:{spec}} ± {s['std']:{spec.lstrip('+')}}"
+
+
+def _bounds(v: dict, spec: str = "+.3f") -> str:
+    if v["upper"] is None:
+        return "-"
+    return f"[{v['lower']:{spec}}, {v['upper']:{spec}}]"
+
+
+def markdown(summary: dict) -> str:
+    """The tables REPORT.md and the README quote (generated: edit analyze.py, not the file)."""
+    lines = ["<!-- generated by python -m benchmarks.quality.analyze; do not edit -->", "",
+             f"Verdict rule (stated before the runs): {summary['rule']}", ""]
+    n_max = max((len(a["seeds"]) for a in summary["aggregates"]), default=0)
+    lines += ["| runs | switch | seeds | train gap (last 5%) | verdict | held-out gap (last 3 evals) "
+              "| verdict | lag per Lighthouse iteration, one-sided 95% bounds | verdict "
+              "| lag (control iterations) | spike (paired) | control end slope dL/dln i |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for a in summary["aggregates"]:
+        few = "" if len(a["seeds"]) == n_max else " (fewer seeds)"
+        lines.append(
+            f"| {a['batch']} ({a['tokens'] / 1e6:.0f}M tokens) | {a['switch_frac']:.1%} (it. {a['switch']}) "
+            f"| {len(a['seeds'])}{few} | {_pm(a['train_gap'])} | {a['train_gap']['verdict']} "
+            f"| {_pm(a['heldout_gap'])} | {a['heldout_gap']['verdict']} "
+            f"| {_pm(a['lag_per_lh_iter'])} {_bounds(a['lag_per_lh_iter'])} "
+            f"| {a['lag_per_lh_iter']['verdict']} "
+            f"| {_pm(a['lag_interp'], '+.0f')} | {_pm(a['spike'])} | {_pm(a['end_slope'])} |")
+    st = summary["step_ratio"]
+    lines += ["", f"Time to dense quality (dense / two-stage wall-clock to the dense control's final loss), "
+              f"with a Lighthouse step at {st['ratio']:.3f} of a dense one ({st['file']}: "
+              f"{st['lighthouse_ms']:.0f} / {st['dense_ms']:.0f} ms per step, {st['card']}, "
+              f"`{st['command']}`). Mean over seeds with a two-sided 95% t interval; the paper reports "
+              f"{PAPER_E2E[0]:.2f}-{PAPER_E2E[1]:.2f}x end to end.", ""]
+    for batch, ttq in summary["time_to_quality"].items():
+        lines += [f"| {batch}: switch | dense / two-stage | 95% interval | seeds | lag from |",
+                  "|---|---|---|---|---|"]
+        for t in ttq:
+            lines.append(f"| {t['switch_frac']:.1%} | {t['mean']:.2f}x | {_bounds(t, '.2f')} | {t['n']} "
+                         f"| {t['lag_from']} |")
+        lines.append("")
+    trend = summary.get("scale_trend")
+    if trend:
+        lines += [f"Trend with run length (default preset, switch 62.5%, {trend['points']} seed-runs at "
+                  f"{', '.join(f'{t / 1e6:.0f}M' for t in trend['run_lengths_tokens'])} tokens): lag per "
+                  f"Lighthouse iteration changes by {trend['slope_per_ln_tokens']:+.3f} ± "
+                  f"{trend['slope_se']:.3f} "
+                  f"per e-fold of tokens; projected at 50B tokens: {trend['projection_50B']:.2f} ± "
+                  f"{trend['projection_50B_se']:.2f} (an extrapolation {trend['extrapolation_factor']:.0f}x "
+                  "beyond the longest run, at a 25x smaller model: an order of magnitude at best).", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], runs: list[dict], out: Path) -> Path | None:
+    """Held-out loss of the control and the recovered runs per batch (seed 1..n), and the lag per
+    Lighthouse iteration per seed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    batches = sorted({r["batch"] for r in runs})
+    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5 * (len(batches) + 1), 4), squeeze=False)
+    for ax, batch in zip(axes[0], batches, strict=False):
+        for r in (r for r in runs if r["batch"] == batch and r["arm"] in ("dense", "recovered")):
+            xs, ys = zip(*r["eval"]["dense"], strict=True)
+            style = "-" if r["arm"] == "dense" else "--"
+            ax.plot(xs, ys, style, lw=1, label=f"s{r['seed']} {r['arm']} {r['switch'] or ''}")
+        ax.set(title=batch, xlabel="iteration", ylabel="held-out loss (dense attention)")
+        ax.set_ylim(top=min(4.0, ax.get_ylim()[1]))
+        ax.legend(fontsize=6)
+    ax = axes[0][-1]
+    for i, key in enumerate(sorted({(r["batch"], r["switch_frac"]) for r in rows})):
+        ys = [r["lag_per_lh_iter"] for r in rows
+              if (r["batch"], r["switch_frac"]) == key and r["lag_per_lh_iter"] is not None]
+        ax.scatter([i] * len(ys), ys, s=12)
+    ax.set_xticks(range(len({(r["batch"], r["switch_frac"]) for r in rows})))
+    ax.set_xticklabels([f"{b}\n{f:.1%}" for b, f in sorted({(r["batch"], r["switch_frac"]) for r in rows})],
+                       fontsize=7)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set(title="lag per Lighthouse iteration (per seed)", ylabel="control iterations lost")
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def analyze(args) -> int:
+    runs = load_runs(Path(args.runs))
+    rows = batch_rows(runs)
+    if not rows:
+        raise UsageError(f"--runs {args.runs}: no seed has its dense, Lighthouse and recovered runs yet")
+    ratio = step_ratio(Path(args.e2e))
+    batches = sorted({r["batch"] for r in rows})
+    summary = {
+        "rule": stats.RULE.format(conf=stats.CONFIDENCE, tol=stats.TOLERANCE),
+        "runs": len(runs), "cards": sorted({r["device"] for r in runs}),
+        "commands": sorted({" ".join(r["command"][-3:]) for r in runs})[:3],
+        "step_ratio": ratio, "rows": rows, "aggregates": aggregate(rows),
+        "time_to_quality": {b: time_to_quality(rows, b, ratio["ratio"]) for b in batches},
+        "scale_trend": scale_trend(rows),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "summary.json", summary)
+    (out / "summary.md").write_text(markdown(summary) + "\n")
+    png = plot(rows, runs, out)
+    print(markdown(summary))
+    print(f"wrote {out / 'summary.json'}, {out / 'summary.md'}" + (f", {png}" if png else ""))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default=str(HERE / "runs"), help="folder of run JSONs (searched recursively)")
+    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--e2e", default=str(E2E_DEFAULT), help="bench e2e JSON giving the step-time ratio")
+    p.set_defaults(func=usage_errors_as_exit_2(analyze))
+
+
+if __name__ == "__main__":
+    sys.exit(main(add_parser, "benchmarks.quality.analyze"))

@@ -1,0 +1,479 @@
+"""`python -m benchmarks.quality.run`: the time-to-dense-quality study's runs, in the background.
+
+    python -m benchmarks.quality.run start --work DIR [--preset default] [--iters 2560] [--seeds 1-6]
+                                           [--switches 62.5,75] [--jobs 6] [--time-budget S]
+    python -m benchmarks.quality.run status --work DIR        # poll: one line per run
+    python -m benchmarks.quality.run stop --work DIR
+
+`start` copies the project into DIR/src (a later sync of the working tree cannot touch what runs),
+writes DIR/plan.json and starts a scheduler in a new process session (it outlives the shell that
+started it) that builds the corpus (`corpus.py`: every distinct Python source of the machine, read
+once) and runs the trainer jobs, up to --jobs at once on the one GPU. Per seed:
+
+    dense            dense attention from scratch for --iters iterations (the control)
+    lighthouse_S     Lighthouse attention up to switch S, a chain of resumed segments (one per switch)
+    recovered_S      resumes lighthouse_S's checkpoint with every layer dense from S on (the trainer's
+                     in-run switch, `--lighthouse-until-iter S`: the same weights, optimizer state,
+                     schedule and data position as a dense relaunch), to --iters; its first iteration
+                     also records the switch probe (that batch's loss under both attentions)
+
+Each finished job becomes one JSON, DIR/runs/<preset>-<iters>/seed<N>_<arm>.json (settings, command,
+device, versions, corpus digest, every logged loss), the unit that `analyze.py` aggregates; copy
+them to benchmarks/quality/runs/ to commit them. Running `start` again on the same DIR (same plan)
+runs only the jobs without a JSON, so a cut lease loses only the jobs that were running.
+Every run reads each training token at most once (`--allow-repeat` to override, recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._common import UsageError, main, nvidia_smi_name, usage_errors_as_exit_2, write_json
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+EVALS_PER_RUN = 40
+HELDOUT_SEQUENCES = 32
+
+OPTIMIZER = dict(adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.1, clip_grad=1.0)
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: dict[str, Any]
+    lighthouse: dict[str, Any]
+    iters: int
+    lr: float
+    sec_per_iter: float  # per iteration with --jobs processes sharing the GPU (estimates only)
+    corpus_mb: float | None  # None: every source file of the machine
+    describe: str
+
+
+LIGHTHOUSE_DEFAULT = dict(lighthouse_levels=3, lighthouse_pooling_factor=4, lighthouse_topk=256,
+                          lighthouse_tile_topk=64, lighthouse_dense_layers=[0, -1])
+PRESETS = {
+    # S = 16384/16 + 2*4*256 = 3,072 gathered of 16,384 tokens (S/N 0.19, the paper's 98K ratio).
+    "default": Preset(dict(num_layers=6, hidden_size=512, num_attention_heads=8, num_query_groups=8,
+                           seq_length=16384, micro_batch_size=2, global_batch_size=2),
+                      LIGHTHOUSE_DEFAULT, 2560, 1.5e-3, 0.3, None, "6 x 512, 16K tokens, batch 2"),
+    "wide": Preset(dict(num_layers=12, hidden_size=768, num_attention_heads=12, num_query_groups=12,
+                        seq_length=16384, micro_batch_size=2, global_batch_size=2),
+                   LIGHTHOUSE_DEFAULT, 2560, 1e-3, 0.6, None, "12 x 768, 16K tokens, batch 2"),
+    # CPU tests: seconds. S = 256/16 + 2*4*16 = 144 of 256.
+    "tiny": Preset(dict(num_layers=3, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                        seq_length=256, micro_batch_size=2, global_batch_size=2),
+                   dict(LIGHTHOUSE_DEFAULT, lighthouse_topk=16, lighthouse_tile_topk=8), 80, 3e-3, 0.1, 3,
+                   "3 x 32, 256 tokens, batch 2"),
+}
+
+
+@dataclass
+class Job:
+    name: str  # <batch>/seed<N>/<arm>
+    arm: str  # dense, lighthouse, recovered
+    seed: int
+    settings: dict[str, Any]
+    iters: int  # iterations this job trains
+    deps: list[str] = field(default_factory=list)
+    switch: int | None = None  # recovered: the switch; lighthouse: where the segment stops
+    status: str = "pending"  # pending, running, ok, failed, skipped
+    why: str = ""
+    seconds: float | None = None
+
+
+# ---------------------------------------------------------------------------- plan
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'1-6' or '1,2,5' -> seeds."""
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--seeds {text!r}: expected a range '1-6' or a list '1,2,5'") from None
+    if not seeds or min(seeds) < 1:
+        raise UsageError(f"--seeds {text!r}: seeds are integers >= 1")
+    return seeds
+
+
+def switch_iteration(frac: float, iters: int, interval: int) -> int:
+    """The switch, on an evaluation (stage 1 is evaluated where it ends), strictly inside the run."""
+    it = round(frac * iters / interval) * interval
+    if not 0 < it < iters:
+        raise UsageError(f"switch {100 * frac:g}% of {iters} iterations falls outside the run")
+    return it
+
+
+def parse_switches(text: str) -> list[float]:
+    out = []
+    for part in text.split(","):
+        try:
+            v = float(part.strip().rstrip("%"))
+        except ValueError:
+            raise UsageError(f"--switches {text!r}: percentages such as 62.5,75") from None
+        if not 0 < v < 100:
+            raise UsageError(f"--switches {text!r}: each must lie strictly between 0 and 100")
+        out.append(v / 100)
+    return sorted(set(out))
+
+
+def common_settings(preset: Preset, iters: int, work: Path, corpus: dict) -> dict[str, Any]:
+    """The trainer settings every arm shares: the model, the paper's optimizer, a linear warm-up
+    over the first 12.5% then a constant learning rate, the held-out set (HELDOUT_SEQUENCES
+    sequences, the same for every seed and arm) evaluated EVALS_PER_RUN times."""
+    gbs = preset.model["global_batch_size"]
+    return {
+        **preset.model, **OPTIMIZER, "lr": preset.lr, "min_lr": 0.0, "lr_warmup_iters": max(1, iters // 8),
+        "lr_decay_iters": iters, "lr_decay_style": "constant", "train_iters": iters,
+        "eval_interval": max(1, iters // EVALS_PER_RUN), "eval_iters": HELDOUT_SEQUENCES // gbs,
+        "data_path": [corpus["train"]["prefix"]], "valid_data_path": [corpus["heldout"]["prefix"]],
+        "log_interval": 1, "progress": False,
+    }
+
+
+def plan_jobs(preset: Preset, iters: int, seeds: list[int], switches: list[float], common: dict,
+              work: Path, batch: str) -> list[Job]:
+    """Every job, seed by seed (a seed's runs finish before the next seed's start, given the slots)."""
+    interval = common["eval_interval"]
+    points = sorted({switch_iteration(f, iters, interval) for f in switches})
+    jobs: list[Job] = []
+    for seed in seeds:
+        base, key = work / "jobs" / batch / f"seed{seed}", f"{batch}/seed{seed}"
+        s = {**common, "seed": seed}
+        jobs.append(Job(f"{key}/dense", "dense", seed, {**s, "attention_impl": "dense"}, iters))
+        prev = None
+        for sw in points:
+            seg = {**s, **preset.lighthouse, "attention_impl": "lighthouse", "exit_interval": sw,
+                   "save": str(base / f"lighthouse_{sw}" / "ckpt")}
+            if prev is not None:
+                seg["load"] = str(base / f"lighthouse_{prev}" / "ckpt")
+            jobs.append(Job(f"{key}/lighthouse_{sw}", "lighthouse", seed, seg, sw - (prev or 0),
+                            [f"{key}/lighthouse_{prev}"] if prev else [], switch=sw))
+            rec = {**s, **preset.lighthouse, "attention_impl": "lighthouse", "lighthouse_until_iter": sw,
+                   "load": str(base / f"lighthouse_{sw}" / "ckpt")}
+            jobs.append(Job(f"{key}/recovered_{sw}", "recovered", seed, rec, iters - sw,
+                            [f"{key}/lighthouse_{sw}"], switch=sw))
+            prev = sw
+    for j in jobs:
+        d = work / "jobs" / j.name
+        j.settings.update(metrics_file=str(d / "metrics.jsonl"), data_cache_path=str(d / "data_cache"))
+    return jobs
+
+
+def result_path(work: Path, name: str) -> Path:
+    batch, seed, arm = name.split("/")
+    return work / "runs" / batch / f"{seed}_{arm}.json"
+
+
+# -------------------------------------------------------------------------- a run's JSON
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    def v(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    return {"python": sys.version.split()[0], "torch": v("torch"), "megatron_core": v("megatron-core"),
+            "transformer_engine": v("transformer-engine") or v("transformer_engine"), "triton": v("triton")}
+
+
+def run_record(job: Job, plan: dict, command: list[str], started: float, seconds: float) -> dict:
+    """The per-run JSON: what ran (settings, command, device, versions, corpus) and every record
+    the trainer logged (train losses per iteration, evaluations, the switch probe)."""
+    lines = Path(job.settings["metrics_file"]).read_text().splitlines()
+    records = [json.loads(x) for x in lines if x.strip()]
+    train = [[r["iteration"], r["loss"]] for r in records if r["kind"] == "train"]
+    evals: dict[str, list] = {}
+    for r in records:
+        if r["kind"] == "eval":
+            evals.setdefault(r["attention"], []).append([r["iteration"], r["loss"]])
+    switch = [r for r in records if r["kind"] == "switch"]
+    return {
+        "study": "quality", "run": job.name, "arm": job.arm, "seed": job.seed, "switch": job.switch,
+        "batch": plan["batch"], "preset": plan["preset"], "iters": plan["iters"],
+        "settings": {k: v for k, v in job.settings.items() if k not in ("metrics_file", "data_cache_path")},
+        "command": command, "device": plan["device"], "versions": plan["versions"],
+        "corpus": plan["corpus_digest"], "epochs": plan["epochs"], "allow_repeat": plan["allow_repeat"],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "wall_s": seconds,
+        "train": train, "eval": evals, "switch_probe": switch[0] if switch else None,
+        "time_per_iter_s": [r["time_per_iter_s"] for r in records if r["kind"] == "train"][-1:],
+    }
+
+
+# -------------------------------------------------------------------------- the scheduler
+
+
+class Scheduler:
+    """Runs the plan's jobs, `parallel` at once, dependencies first; writes status.json."""
+
+    def __init__(self, work: Path, plan: dict, jobs: list[Job], parallel: int, deadline: float | None):
+        self.work, self.plan, self.jobs, self.parallel, self.deadline = work, plan, jobs, parallel, deadline
+        self.by = {j.name: j for j in jobs}
+        self.running: dict[str, tuple[subprocess.Popen, float, list[str]]] = {}
+
+    def command(self, job: Job) -> list[str]:
+        import yaml
+
+        d = self.work / "jobs" / job.name
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = d / "config.yaml"
+        cfg.write_text(yaml.safe_dump(job.settings, sort_keys=False))
+        return [sys.executable, "-m", "lighthouse_megatron.cli", "train", "--config", str(cfg), "--force"]
+
+    def start(self, job: Job) -> None:
+        argv = self.command(job)
+        log = open(self.work / "jobs" / job.name / "train.log", "w")
+        log.write("$ " + " ".join(argv) + "\n")
+        log.flush()
+        Path(job.settings["metrics_file"]).unlink(missing_ok=True)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.plan["src"])
+        log.close()
+        self.running[job.name] = (proc, time.time(), argv)
+        job.status = "running"
+        print(f"[{time.strftime('%H:%M:%S')}] start {job.name}", flush=True)
+
+    def finish(self, job: Job, rc: int) -> None:
+        proc, started, argv = self.running.pop(job.name)
+        job.seconds = time.time() - started
+        job.status = "ok" if rc == 0 else "failed"
+        if rc == 0:
+            record = run_record(job, self.plan, argv, started, job.seconds)
+            write_json(result_path(self.work, job.name), record)
+        else:
+            job.why = f"exit {rc}; log {self.work / 'jobs' / job.name / 'train.log'}"
+        print(f"[{time.strftime('%H:%M:%S')}] {job.name}: {job.status} in {job.seconds:.0f} s {job.why}",
+              flush=True)
+
+    def blocked(self, job: Job) -> str | None:
+        dead = [d for d in job.deps if self.by[d].status in ("failed", "skipped")]
+        if dead:
+            return f"{dead[0]} {self.by[dead[0]].status}"
+        need = job.iters * self.plan["sec_per_iter"] + 30
+        if self.deadline is not None and time.time() + need > self.deadline:
+            return f"would not finish within the time budget (~{need:.0f} s)"
+        return None
+
+    def loop(self) -> None:
+        while True:
+            for name, (proc, _, _) in list(self.running.items()):
+                if proc.poll() is not None:
+                    self.finish(self.by[name], proc.returncode)
+            for j in self.jobs:
+                if j.status == "pending" and (why := self.blocked(j)):
+                    j.status, j.why = "skipped", why
+                    print(f"skip {j.name}: {why}", flush=True)
+            ready = [j for j in self.jobs if j.status == "pending"
+                     and all(self.by[d].status == "ok" for d in j.deps)]
+            for j in ready[: max(0, self.parallel - len(self.running))]:
+                self.start(j)
+            self.write_status()
+            if not self.running and not any(j.status == "pending" for j in self.jobs):
+                return
+            time.sleep(1.0)
+
+    def write_status(self) -> None:
+        write_json(self.work / "status.json", {"time": time.time(), "pid": os.getpid(),
+                                               "jobs": [asdict(j) | {"settings": None} for j in self.jobs]})
+
+    def stop(self) -> None:
+        for proc, _, _ in self.running.values():
+            proc.terminate()
+        for name, (proc, _, _) in list(self.running.items()):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            self.by[name].status, self.by[name].why = "failed", "the study was stopped"
+        self.running.clear()
+        self.write_status()
+
+
+# -------------------------------------------------------------------------- commands
+
+
+def copy_project(dest: Path) -> None:
+    """The package, the studies and pyproject into `dest` (replaced), as the runs import them."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "runs", "results")
+    for name in ("lighthouse_megatron", "benchmarks"):
+        shutil.copytree(REPO / name, dest / name, ignore=ignore)
+    shutil.copy2(REPO / "pyproject.toml", dest / "pyproject.toml")
+
+
+def start(args) -> int:
+    """Write the request, copy the project, start `serve` in a new session; return at once."""
+    work = Path(args.work).resolve()
+    pid = _serving(work)
+    if pid:
+        raise UsageError(f"--work {work}: a scheduler (pid {pid}) is still running; `stop` it first")
+    preset = PRESETS[args.preset]
+    iters = args.iters or preset.iters
+    request = {"preset": args.preset, "iters": iters, "seeds": parse_seeds(args.seeds),
+               "switches": parse_switches(args.switches), "jobs": args.jobs,
+               "allow_repeat": args.allow_repeat,
+               "time_budget_s": args.time_budget, "sec_per_iter": args.sec_per_iter or preset.sec_per_iter,
+               "corpus_mb": args.corpus_mb if args.corpus_mb is not None else preset.corpus_mb,
+               "data": str(Path(args.data).resolve()) if args.data else str(work / "data"),
+               "command": " ".join(["python", "-m", "benchmarks.quality.run", *sys.argv[1:]])}
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / "request.json", request)
+    copy_project(work / "src")
+    path = os.pathsep.join(x for x in (str(work / "src"), os.environ.get("PYTHONPATH")) if x)
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    with open(work / "serve.log", "a") as log:
+        argv = [sys.executable, "-m", "benchmarks.quality.run", "serve", "--work", str(work)]
+        proc = subprocess.Popen(argv, cwd=work / "src", env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    (work / "serve.pid").write_text(str(proc.pid))
+    print(f"started the scheduler (pid {proc.pid}); poll with: python -m benchmarks.quality.run status "
+          f"--work {work}")
+    if args.foreground:
+        return proc.wait()
+    return 0
+
+
+def serve(args) -> int:
+    """The background scheduler: corpus, plan, jobs (`start` launches it)."""
+    from .corpus import build_corpus, check_read_once
+
+    work = Path(args.work).resolve()
+    req = json.loads((work / "request.json").read_text())
+    preset = PRESETS[req["preset"]]
+    deadline = time.time() + req["time_budget_s"] if req["time_budget_s"] else None
+    gbs, seq = preset.model["global_batch_size"], preset.model["seq_length"]
+    try:
+        corpus = build_corpus(Path(req["data"]), heldout_tokens=2 * HELDOUT_SEQUENCES * (seq + 1),
+                              limit_mb=req["corpus_mb"])
+        epochs = check_read_once(corpus["train"]["tokens"], seq, req["iters"] * gbs, req["allow_repeat"])
+    except ValueError as e:
+        print(f"error: {e}", flush=True)
+        return 2
+    batch = f"{req['preset']}-{req['iters']}"
+    common = common_settings(preset, req["iters"], work, corpus)
+    jobs = plan_jobs(preset, req["iters"], req["seeds"], req["switches"], common, work, batch)
+    plan = {**req, "batch": batch, "src": str(work / "src"), "device": nvidia_smi_name() or "cpu",
+            "versions": versions(), "corpus_digest": corpus["digest"], "corpus": corpus, "epochs": epochs,
+            "preset_describe": preset.describe, "common": common}
+    write_json(work / "plan.json", plan)
+    for j in jobs:
+        if result_path(work, j.name).is_file():
+            j.status, j.why = "ok", "finished earlier"
+    sched = Scheduler(work, plan, jobs, req["jobs"], deadline)
+    signal.signal(signal.SIGTERM, lambda *_: (sched.stop(), sys.exit(143)))
+    print(f"corpus: {corpus['unique_files']:,} files, {corpus['train']['tokens']:,} training tokens; "
+          f"each run reads {epochs:.2f} of an epoch; {sum(j.status == 'pending' for j in jobs)} jobs to run",
+          flush=True)
+    try:
+        sched.loop()
+    finally:
+        sched.stop()
+    failed = [j.name for j in jobs if j.status == "failed"]
+    print(f"done: {sum(j.status == 'ok' for j in jobs)} ok, {len(failed)} failed, "
+          f"{sum(j.status == 'skipped' for j in jobs)} skipped", flush=True)
+    return 1 if failed else 0
+
+
+def _serving(work: Path) -> int | None:
+    """The scheduler's pid while it runs."""
+    try:
+        pid = int((work / "serve.pid").read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    try:  # a reused pid is not ours
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return pid
+    return pid if b"benchmarks.quality.run" in cmd else None
+
+
+def _progress(work: Path, name: str) -> str:
+    path = work / "jobs" / name / "metrics.jsonl"
+    try:
+        last = [x for x in path.read_text().splitlines() if '"train"' in x][-1]
+    except (OSError, IndexError):
+        return ""
+    r = json.loads(last)
+    return f"iteration {r['iteration']} loss {r['loss']:.3f} ({r['time_per_iter_s'] * 1000:.0f} ms/it)"
+
+
+def status(args) -> int:
+    work = Path(args.work).resolve()
+    pid = _serving(work)
+    print(f"scheduler: {f'running, pid {pid}' if pid else 'not running'}")
+    try:
+        st = json.loads((work / "status.json").read_text())
+    except (OSError, ValueError):
+        print("no status yet (building the corpus?); serve.log says:")
+        log = work / "serve.log"
+        print("\n".join(log.read_text().splitlines()[-5:]) if log.is_file() else "(nothing)")
+        return 0
+    counts: dict[str, int] = {}
+    for j in st["jobs"]:
+        counts[j["status"]] = counts.get(j["status"], 0) + 1
+        extra = _progress(work, j["name"]) if j["status"] == "running" else j["why"]
+        secs = f"{j['seconds']:.0f} s" if j["seconds"] else ""
+        print(f"  {j['name']:<40} {j['status']:<8} {secs:>7}  {extra}")
+    print("  " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) +
+          f"; status written {time.time() - st['time']:.0f} s ago")
+    return 0
+
+
+def stop(args) -> int:
+    work = Path(args.work).resolve()
+    pid = _serving(work)
+    if not pid:
+        print("no scheduler is running")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    print(f"sent SIGTERM to the scheduler (pid {pid}); its jobs stop and are marked failed")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmds = p.add_subparsers(dest="command", required=True)
+    s = cmds.add_parser("start", help="start (or resume) the study's runs in the background")
+    s.add_argument("--work", required=True, help="folder for the copy of the project, data, jobs, runs")
+    s.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    s.add_argument("--iters", type=int, default=None, help="iterations per run (default: the preset's)")
+    s.add_argument("--seeds", default="1-6", help="'1-6' or '1,2,5' (default 1-6)")
+    s.add_argument("--switches", default="62.5,75",
+                   help="switch points, percent of --iters (default 62.5,75)")
+    s.add_argument("--jobs", type=int, default=6, help="trainer processes at once (default 6)")
+    s.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="skip jobs that would end more than S seconds after the start (estimate)")
+    s.add_argument("--sec-per-iter", type=float, default=None,
+                   help="seconds per iteration with --jobs processes, for that estimate (default: preset's)")
+    s.add_argument("--data", default=None, metavar="DIR",
+                   help="the corpus folder (default WORK/data; studies on one machine can share it)")
+    s.add_argument("--corpus-mb", type=float, default=None, help="use only the first MB of the corpus")
+    s.add_argument("--allow-repeat", action="store_true", help="let a run read training tokens twice")
+    s.add_argument("--foreground", action="store_true", help="wait for the scheduler (tests)")
+    s.set_defaults(func=usage_errors_as_exit_2(start))
+    for name, fn in (("serve", serve), ("status", status), ("stop", stop)):
+        c = cmds.add_parser(name)
+        c.add_argument("--work", required=True)
+        c.set_defaults(func=usage_errors_as_exit_2(fn))
+
+
+if __name__ == "__main__":
+    sys.exit(main(add_parser, "benchmarks.quality.run"))

@@ -1,0 +1,252 @@
+"""The time-to-dense-quality study (benchmarks/quality/): its arithmetic against hand-computed
+cases and synthetic curves with a known answer, the read-once guard, the trainer features it relies
+on (a held-out set independent of the seed, the paired switch probe), and the driver end to end at
+the tiny size on CPU with the analysis of its runs recomputed from the trainer's own records."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.quality import stats
+from benchmarks.quality.corpus import check_read_once, samples_per_epoch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# One-sided 95% Student-t quantiles from a printed table (df = n - 1): 6.314, 2.920, 2.015.
+T95 = {2: 6.3138, 3: 2.9200, 6: 2.0150}
+
+
+@pytest.mark.parametrize("n", sorted(T95))
+def test_t_quantiles_match_the_table(n):
+    assert stats.t_quantile(n) == pytest.approx(T95[n], abs=1e-3)
+
+
+@pytest.mark.parametrize("values, word", [
+    ([0.010, 0.012], "matches"),              # m 0.011, SE 0.001: upper 0.0173 <= 0.02
+    ([0.010, 0.020], "cannot tell"),          # m 0.015, SE 0.005: upper 0.047, lower -0.017
+    ([-0.03, -0.031], "beats"),               # upper -0.0245 < 0
+    ([0.20, 0.22, 0.24], "worse"),            # m 0.22, SE 0.01155: lower 0.186 > 0.02
+    ([0.00, 0.01, 0.02, 0.0, 0.01, 0.02], "matches"),  # m 0.01, SE 0.00365: upper 0.0174
+    ([0.00, 0.03, 0.06, 0.0, 0.03, 0.06], "cannot tell"),
+    ([0.5], "cannot tell"),                   # one seed decides nothing
+])
+def test_verdict_by_the_t_rule(values, word):
+    v = stats.verdict(values)
+    assert v["verdict"] == word
+    if len(values) > 1:  # the bounds it reports, computed by hand
+        n, m = len(values), float(np.mean(values))
+        se = float(np.std(values, ddof=1)) / math.sqrt(n)
+        assert v["upper"] == pytest.approx(m + T95.get(n, stats.t_quantile(n)) * se, rel=1e-3)
+
+
+def test_the_rule_gets_harder_to_pass_as_noise_grows():
+    """The old rule (max(0.02, 2 SE)) let a noisier gap 'match'; this one does the opposite."""
+    quiet, noisy = [0.01, 0.011, 0.012], [-0.05, 0.01, 0.07]
+    assert stats.verdict(quiet)["verdict"] == "matches"
+    assert stats.verdict(noisy)["verdict"] == "cannot tell"
+
+
+def test_lag_of_a_shifted_power_law():
+    """The 'recovered' curve is the control's shifted by 300 iterations: both estimates find it."""
+    its = list(range(50, 2561, 64))
+    control = [1.0 + 4.0 * i ** -0.4 for i in its]
+    at, true_lag = 2496, 300.0
+    target = 1.0 + 4.0 * (at - true_lag) ** -0.4
+    lag = stats.lag(its, control, at, target, fit_from=640)
+    assert lag["interp"] == pytest.approx(true_lag, rel=0.02)  # linear between points 64 apart
+    assert lag["fit"] == pytest.approx(true_lag, rel=1e-3)
+
+
+def test_lag_uses_the_running_minimum_and_none_when_never_reached():
+    its, losses = [10, 20, 30, 40], [3.0, 2.0, 2.5, 1.0]
+    # 2.0 is first reached at 20 (the bump at 30 does not count).
+    assert stats.first_reached(its, losses, 2.0) == 20
+    assert stats.first_reached(its, losses, 1.5) == pytest.approx(30 + 10 * (2.0 - 1.5) / (2.0 - 1.0))
+    assert stats.first_reached(its, losses, 0.5) is None
+    assert stats.lag(its, losses, 40, 0.5, fit_from=10)["interp"] is None
+
+
+def test_end_slope_of_a_log_curve():
+    its = np.arange(100, 2001, 50)
+    assert stats.end_slope(its, 3.0 - 0.2 * np.log(its)) == pytest.approx(-0.2)
+
+
+def test_time_to_quality_hand_computed():
+    # f 0.625, a Lighthouse step 0.324 of a dense one, 0.27 control iterations lost per Lighthouse
+    # iteration: 1 / (1 - 0.625 * (1 - 0.324 - 0.27)) = 1 / 0.74625 = 1.34003.
+    assert stats.time_to_quality(0.625, 0.27, 0.324) == pytest.approx(1 / 0.74625)
+    # No lag, free Lighthouse steps, switch at 50%: half the time.
+    assert stats.time_to_quality(0.5, 0.0, 0.0) == pytest.approx(2.0)
+    # A lag that eats all the saving: no gain.
+    assert stats.time_to_quality(0.75, 0.676, 0.324) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        stats.time_to_quality(1.0, 0.2, 0.3)
+
+
+def test_read_once_guard():
+    # 16,384-token sequences: 1,000,001 tokens hold 61 of them.
+    assert samples_per_epoch(1_000_001, 16384) == 61
+    assert check_read_once(1_000_001, 16384, 61, allow_repeat=False) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="read tokens twice.*--allow-repeat"):
+        check_read_once(1_000_001, 16384, 62, allow_repeat=False)
+    assert check_read_once(1_000_001, 16384, 122, allow_repeat=True) == pytest.approx(2.0)
+
+
+# ----------------------------------------------------------------- trainer features, real runs
+
+pytest.importorskip("megatron.core")
+
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "256",
+        "--micro-batch-size", "2", "--lr", "3e-3", "--device", "cpu"]
+LIGHTHOUSE = ["--attention-impl", "lighthouse", "--lighthouse-levels", "2", "--lighthouse-topk", "16",
+              "--lighthouse-tile-topk", "8"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, pytorch_twins):
+    from lighthouse_megatron.data import default_inputs, prepare_data
+
+    d = tmp_path_factory.mktemp("qdata")
+    files = default_inputs()
+    prepare_data(files[:40], d / "held", progress=False)
+    prepare_data(files[40:240], d / "train", progress=False)
+    return d
+
+
+def _train(argv):
+    from lighthouse_megatron import training
+
+    return training.run(training.parse_args([*TINY, *argv]))
+
+
+def test_valid_data_path_evaluates_the_same_sequences_for_every_seed(data):
+    from lighthouse_megatron import training
+    from lighthouse_megatron.training.trainer import build_datasets
+
+    def held(seed, split_valid):
+        extra = ["--valid-data-path", str(data / "held")] if split_valid else ["--split", "90,10,0"]
+        args = training.parse_args([*TINY, "--data-path", str(data / "train"), *extra, "--seed", str(seed),
+                                    "--eval-iters", "3", "--train-iters", "4", "--eval-interval", "2"])
+        _, valid = build_datasets(args)
+        return [valid[i]["tokens"].tolist() for i in range(6)]
+
+    assert held(1, True) == held(2, True)
+    assert held(1, False) != held(2, False)  # the --split share is shuffled by the seed (below)
+
+
+def test_switch_probe_is_paired_and_changes_nothing(data, tmp_path):
+    """The probe's dense loss is the training loss of that iteration (same batch, same weights);
+    its Lighthouse loss is that batch under the stage-1 attention; and the run continues exactly as
+    a dense relaunch from the same checkpoint, which has no probe."""
+    common = ["--data-path", str(data / "train"), "--valid-data-path", str(data / "held"),
+              "--train-iters", "8", "--eval-iters", "1", "--eval-interval", "4", "--seed", "5"]
+    _train([*common, *LIGHTHOUSE, "--save", str(tmp_path / "s1"), "--exit-interval", "4"])
+    rec = _train([*common, *LIGHTHOUSE, "--lighthouse-until-iter", "4", "--load", str(tmp_path / "s1")])
+    dense = _train([*common, "--attention-impl", "dense", "--load", str(tmp_path / "s1")])
+    (probe,) = rec.switches
+    assert probe["iteration"] == 5 and rec.train[0]["iteration"] == 5
+    assert probe["loss_dense"] == pytest.approx(rec.train[0]["loss"], abs=1e-6)
+    assert abs(probe["loss_lighthouse"] - probe["loss_dense"]) > 1e-4  # two attentions, two losses
+    assert [r["loss"] for r in rec.train] == [r["loss"] for r in dense.train]
+    assert dense.switches == []
+    # The Lighthouse loss of that batch, computed independently: the stage-1 run continued one
+    # more Lighthouse iteration from the same checkpoint logs it as its training loss.
+    more = _train([*common, *LIGHTHOUSE, "--load", str(tmp_path / "s1"), "--exit-interval", "5"])
+    assert probe["loss_lighthouse"] == pytest.approx(more.train[0]["loss"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------- the driver
+
+
+def _study(work: Path, iters: int, seeds: str, data_dir: Path) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "benchmarks.quality.run", "start", "--work", str(work), "--preset", "tiny",
+            "--iters", str(iters), "--seeds", seeds, "--switches", "62.5", "--jobs", "2",
+            "--data", str(data_dir), "--corpus-mb", "2", "--foreground"]
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    log = (work / "serve.log").read_text() if (work / "serve.log").is_file() else ""
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def two_batches(tmp_path_factory):
+    """Two leases' worth of runs: a 16-iteration batch of seeds 1-2 and a 24-iteration batch of seed 1."""
+    tmp = tmp_path_factory.mktemp("study")
+    _study(tmp / "a", 16, "1-2", tmp / "data")
+    _study(tmp / "b", 24, "1", tmp / "data")
+    runs = tmp / "runs"
+    for w in ("a", "b"):
+        shutil.copytree(tmp / w / "runs", runs, dirs_exist_ok=True)
+    return tmp, runs
+
+
+def test_driver_writes_one_json_per_run_from_the_trainers_records(two_batches):
+    tmp, runs = two_batches
+    names = sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*.json"))
+    arms = ("dense", "lighthouse_10", "recovered_10")
+    assert names == [f"tiny-16/seed{s}_{a}.json" for s in (1, 2) for a in arms] \
+        + [f"tiny-24/seed1_{a}.json" for a in ("dense", "lighthouse_15", "recovered_15")]
+    run = json.loads((runs / "tiny-16" / "seed2_recovered_10.json").read_text())
+    metrics = [json.loads(x) for x in (tmp / "a" / "jobs" / "tiny-16" / "seed2" / "recovered_10" /
+                                       "metrics.jsonl").read_text().splitlines()]
+    assert run["train"] == [[r["iteration"], r["loss"]] for r in metrics if r["kind"] == "train"]
+    assert run["switch_probe"] == next(r for r in metrics if r["kind"] == "switch")
+    assert run["settings"]["lighthouse_until_iter"] == 10 and run["settings"]["seed"] == 2
+    assert run["allow_repeat"] is False and 0 < run["epochs"] < 1 and run["device"] == "cpu"
+    assert run["command"][-3:] == ["--config", str(tmp / "a" / "jobs" / "tiny-16" / "seed2" / "recovered_10" /
+                                                   "config.yaml"), "--force"]
+
+
+def test_a_second_start_runs_only_what_is_missing(two_batches, tmp_path):
+    tmp, _ = two_batches
+    work = tmp_path / "again"
+    shutil.copytree(tmp / "b", work, ignore=shutil.ignore_patterns("src"))
+    (work / "runs" / "tiny-24" / "seed1_recovered_15.json").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in (work / "runs" / "tiny-24").iterdir()}
+    _study(work, 24, "1", tmp / "data")
+    after = {p.name: p.stat().st_mtime_ns for p in (work / "runs" / "tiny-24").iterdir()}
+    assert sorted(after) == sorted([*before, "seed1_recovered_15.json"])
+    assert all(after[k] == v for k, v in before.items())
+
+
+def test_analysis_recomputed_from_the_run_records(two_batches, tmp_path):
+    from benchmarks._common import main
+    from benchmarks.quality import analyze
+
+    _, runs = two_batches
+    argv = ["--runs", str(runs), "--out", str(tmp_path)]
+    assert main(analyze.add_parser, "benchmarks.quality.analyze", argv) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = {(r["batch"], r["seed"]): r for r in summary["rows"]}
+    assert sorted(rows) == [("tiny-16", 1), ("tiny-16", 2), ("tiny-24", 1)]
+    load = lambda name: json.loads((runs / name).read_text())  # noqa: E731
+    dense, lh, rec = (load(f"tiny-16/seed2_{a}.json") for a in ("dense", "lighthouse_10", "recovered_10"))
+    row = rows[("tiny-16", 2)]
+    # The paper's metric over the last 5% of 16 iterations: iteration 16 alone.
+    assert row["last_iters"] == [16, 16]
+    assert row["train_gap"] == pytest.approx(rec["train"][-1][1] - dense["train"][-1][1])
+    last3 = lambda run: np.mean([v for _, v in run["eval"]["dense"][-3:]])  # noqa: E731
+    assert row["heldout_gap"] == pytest.approx(last3(rec) - last3(dense))
+    probe = rec["switch_probe"]
+    assert row["spike"] == pytest.approx(probe["loss_dense"] - probe["loss_lighthouse"])
+    at_switch = dense["eval"]["dense"][9][1]  # iteration 10
+    assert row["stage1_gap_lighthouse"] == pytest.approx(lh["eval"]["lighthouse"][-1][1] - at_switch)
+    # Aggregates: the batch with two seeds gets a t-verdict, the one with one seed cannot tell.
+    agg = {a["batch"]: a for a in summary["aggregates"]}
+    assert agg["tiny-16"]["train_gap"]["n"] == 2 and agg["tiny-24"]["train_gap"]["verdict"] == "cannot tell"
+    gaps = [rows[("tiny-16", s)]["train_gap"] for s in (1, 2)]
+    assert agg["tiny-16"]["train_gap"]["verdict"] == stats.verdict(gaps)["verdict"]
+    ttq = {t["switch_frac"]: t for t in summary["time_to_quality"]["tiny-16"]}
+    lam = [rows[("tiny-16", s)]["lag_per_lh_iter"] for s in (1, 2)]
+    ratio = summary["step_ratio"]["ratio"]
+    assert ttq[0.625]["mean"] == pytest.approx(np.mean([stats.time_to_quality(0.625, x, ratio) for x in lam]))
+    assert "generated" in (tmp_path / "summary.md").read_text()
