@@ -59,14 +59,18 @@ def command_function(target: str):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
-    run = command_function(args.run)
     try:
+        run = command_function(args.run)  # imports torch for most commands: seconds, Ctrl-C likely
         return int(run(args) or 0)
     except ValueError as e:
         # Bad settings (LighthouseConfig and friends raise ValueError naming them): one line
         # and exit code 2, as argparse does for the flags it checks itself.
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C where a command has nothing to save: one line, the shell's code for SIGINT.
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ job starts, with the numbers that broke it and the nearest values that would wor
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,68 @@ def nearest_multiples(value: int, base: int) -> str:
 
 def _is_power_of_two(x: int) -> bool:
     return x >= 1 and (x & (x - 1)) == 0
+
+
+def nearest(values: list[int], target: int) -> str:
+    """'a or b': the values (ascending) nearest to `target` from below and above; one when
+    the target is outside their range or one of them."""
+    below = [v for v in values if v <= target]
+    above = [v for v in values if v >= target]
+    picks = sorted({v for v in (below[-1:] + above[:1])})
+    return " or ".join(map(str, picks))
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def valid_topks(levels: int, pooling_factor: int, tile_topk: int, seq_len: int,
+                cp_size: int = 1) -> list[int]:
+    """Every top-k budget that passes all of the size rules together with these settings,
+    ascending; empty when none does. k = T x tiles, where the tiles divide the N / p**(L-1)
+    coarsest entries, each tile keeps at least T of them, and with context parallelism the
+    tiles split evenly over the 2 x CP chunks."""
+    block = pooling_factor ** (levels - 1)
+    if levels < 2 or tile_topk < 2 or tile_topk % 2 or seq_len % block:
+        return []
+    coarse, chunks = seq_len // block, LighthouseConfig.num_chunks(cp_size)
+    return [tile_topk * t for t in _divisors(coarse) if coarse // t >= tile_topk and t % chunks == 0]
+
+
+def topk_hint(levels: int, pooling_factor: int, tile_topk: int, seq_len: int, cp_size: int, topk: int) -> str:
+    """What to suggest for a top-k budget that does not fit: the nearest budgets that pass
+    every rule with the other settings, or, when there is none, which other settings do."""
+    ks = valid_topks(levels, pooling_factor, tile_topk, seq_len, cp_size)
+    if ks:
+        return f"nearest valid: {nearest(ks, topk)}"
+    block, chunks = pooling_factor ** (levels - 1), LighthouseConfig.num_chunks(cp_size)
+    cp = f" and context-parallel size {cp_size}" if cp_size > 1 else ""
+    why = (f"the length is not a multiple of pooling_factor**(levels-1)={block}" if seq_len % block else
+           f"a tile keeps tile_topk={tile_topk} of the {seq_len // block} coarsest entries"
+           + (f", and there are at least {chunks} tiles" if chunks > 1 else ""))
+    fixes = []
+    for t in range(tile_topk - 2, 1, -2):
+        if ks := valid_topks(levels, pooling_factor, t, seq_len, cp_size):
+            fixes.append(f"tile_topk={t} (then topk={ks[-1]})")
+            break
+    fewer = [lv for lv in range(levels - 1, 1, -1)
+             if valid_topks(lv, pooling_factor, tile_topk, seq_len, cp_size)]
+    fixes.append(f"levels={fewer[0]}" if fewer else "levels=1 (dense attention)")
+    longer = tile_topk * block * chunks  # one tile per chunk, tile_topk coarsest entries each
+    fixes.append(f"a sequence length that is a multiple of {longer} (then topk={tile_topk * chunks})")
+    return (f"no topk is valid with sequence length {seq_len}, levels={levels}, "
+            f"pooling_factor={pooling_factor} and tile_topk={tile_topk}{cp} ({why}); change another "
+            f"setting: {', '.join(fixes[:-1])} or {fixes[-1]}")
+
+
+class SizeError(ValueError):
+    """A size rule that fails for one field; `rule` is the message without its suggestion, so
+    that a caller that knows the sequence length can suggest values that pass every rule."""
+
+    def __init__(self, field: str, rule: str, hint: str):
+        super().__init__(f"{rule}; {hint}")
+        self.field, self.rule = field, rule
 
 
 @dataclass(frozen=True)
@@ -86,15 +149,14 @@ class LighthouseConfig:
             # Dense attention: nothing is selected, so topk and tile_topk are unused and not checked.
             pass
         elif self.tile_topk < 2 or self.tile_topk % 2:
-            raise ValueError(
-                f"lighthouse tile_topk must be even and >= 2 (half by query norm, half by key norm), "
-                f"got {self.tile_topk}; nearest valid: {nearest_multiples(self.tile_topk, 2)}"
-            )
+            raise SizeError("tile_topk", "lighthouse tile_topk must be even and >= 2 (half by query norm, "
+                            f"half by key norm), got {self.tile_topk}",
+                            f"nearest valid: {nearest_multiples(self.tile_topk, 2)}")
         elif self.topk < self.tile_topk or self.topk % self.tile_topk:
-            raise ValueError(
-                f"lighthouse topk must be a positive multiple of tile_topk={self.tile_topk}, got "
-                f"{self.topk}; nearest valid: {nearest_multiples(self.topk, self.tile_topk)}"
-            )
+            # Without a sequence length; `validate` and the launch flags suggest with one.
+            raise SizeError("topk", "lighthouse topk must be a positive multiple of "
+                            f"tile_topk={self.tile_topk}, got {self.topk}",
+                            f"nearest valid: {nearest_multiples(self.topk, self.tile_topk)}")
         for i in self.dense_layers:
             if isinstance(i, bool) or not isinstance(i, int):
                 raise ValueError(f"lighthouse dense_layers must be integers, got {self.dense_layers!r}")
@@ -112,32 +174,45 @@ class LighthouseConfig:
             raise ValueError(f"context-parallel size must be a positive integer, got {cp_size!r}")
         if self.levels == 1:  # dense: no tiles, no budget, any length
             return
-        self._check_cp_topk(cp_size)
+        args = (self.levels, self.pooling_factor, self.tile_topk, seq_len, cp_size)
+        if self.topk in valid_topks(*args):
+            return
+        # The first rule that fails is named; the suggestion passes all of them.
+        hint = topk_hint(*args, self.topk)
+        chunks = self.num_chunks(cp_size)
+        if cp_size > 1 and self.topk % (chunks * self.tile_topk):
+            raise ValueError(
+                f"lighthouse topk={self.topk} must be a multiple of 2*cp_size*tile_topk="
+                f"2*{cp_size}*{self.tile_topk}={chunks * self.tile_topk} with context parallelism (each of "
+                f"the {chunks} chunks keeps topk/{chunks} entries); {hint}"
+            )
         # Tiles never straddle chunks (k_chunk / T tiles per chunk), so the chunk rules
         # reduce to the global ones: N divisible by p**(L-1) * (k/T).
         block = self.coarsest_block * self.num_tiles
         if seq_len % block:
+            # Lengths this budget fits: multiples of the block with at least T coarsest entries per tile.
+            lengths = [m * block for m in sorted({max(seq_len // block, self.tile_topk),
+                                                  max(seq_len // block + 1, self.tile_topk)})]
+            other = f"; or, for this length, topk {hint.removeprefix('nearest valid: ')}" \
+                if hint.startswith("nearest valid") else ""
             raise ValueError(
                 f"sequence length {seq_len} must be divisible by pooling_factor**(levels-1)="
                 f"{self.coarsest_block} x tiles (topk/tile_topk={self.num_tiles}) = {block}; "
-                f"nearest valid: {nearest_multiples(seq_len, block)}"
+                f"nearest valid: {' or '.join(map(str, lengths))}{other}"
             )
         coarse_per_tile = seq_len // block
-        if self.levels > 1 and coarse_per_tile < self.tile_topk:
-            # The largest smaller budget that fits, if any: k <= N / p**(L-1), a multiple of
-            # the CP step, with N divisible by p**(L-1) * k/T.
-            step = self.num_chunks(cp_size) * self.tile_topk
-            top = (seq_len // self.coarsest_block) // step * step
-            fits = [k for k in range(top, 0, -step)
-                    if seq_len % (self.coarsest_block * k // self.tile_topk) == 0]
-            hints = [f"topk={fits[0]}"] if fits else []
-            hints += ["fewer levels", f"a sequence length >= {self.tile_topk * block}"]
-            raise ValueError(
-                f"lighthouse: each tile has only {coarse_per_tile} coarsest entries (sequence "
-                f"length {seq_len} / pooling_factor**(levels-1)={self.coarsest_block} / "
-                f"{self.num_tiles} tiles) but tile_topk={self.tile_topk} are selected from them; "
-                f"use {', '.join(hints[:-1])} or {hints[-1]}"
-            )
+        problem = (f"lighthouse: each tile has only {coarse_per_tile} coarsest entries (sequence length "
+                   f"{seq_len} / pooling_factor**(levels-1)={self.coarsest_block} / {self.num_tiles} tiles) "
+                   f"but tile_topk={self.tile_topk} are selected from them")
+        smaller = [k for k in valid_topks(*args) if k < self.topk]
+        if not smaller:
+            raise ValueError(f"{problem}; {hint}")
+        # Each fix keeps the other settings, and passes every rule with them.
+        fixes = [f"topk={smaller[-1]}"]
+        fixes += [f"levels={lv}" for lv in range(self.levels - 1, 1, -1)
+                  if self.topk in valid_topks(lv, *args[1:])][:1]
+        fixes.append(f"a sequence length >= {self.tile_topk * block} (a multiple of {block})")
+        raise ValueError(f"{problem}; use {', '.join(fixes[:-1])} or {fixes[-1]}")
 
     def _check_cp_topk(self, cp_size: int) -> None:
         chunks = self.num_chunks(cp_size)

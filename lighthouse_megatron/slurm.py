@@ -27,6 +27,7 @@ import datetime
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,9 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .flags.train import DEFAULTS, build_parser
+from .files import writable_dir_problem
+from .flags.train import DEFAULTS, build_parser, typed_settings, typed_value
 from .layout import check_flags
-from .yaml_settings import read_mapping
+from .yaml_settings import load_yaml, read_mapping
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
 LAUNCHER = SLURM_DIR / "launch.sbatch"
@@ -142,12 +144,26 @@ def _flags(settings: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _one_data_path(settings: dict[str, Any]) -> dict[str, Any]:
+    """A data_path string is one prefix here (it may hold spaces: bash gets it verbatim), where
+    typing a list setting would split it."""
+    if isinstance(settings.get("data_path"), str):
+        return {**settings, "data_path": [settings["data_path"]]}
+    return settings
+
+
 def _is_placeholder(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_is_placeholder(v) for v in value)
     return isinstance(value, str) and value.startswith("/path/to")
 
 
 def _under(root: str, value: str) -> str:
     return value if not value or os.path.isabs(value) else str(Path(root) / value)
+
+
+TIME_FORMATS = ("MINUTES", "MINUTES:SECONDS", "HOURS:MINUTES:SECONDS", "DAYS-HOURS", "DAYS-HOURS:MINUTES",
+                "DAYS-HOURS:MINUTES:SECONDS")
 
 
 def _minutes(time_limit: str) -> int | None:
@@ -161,6 +177,15 @@ def _minutes(time_limit: str) -> int | None:
     if c is not None:
         return a * 60 + b
     return a
+
+
+def _check_time(value: Any) -> None:
+    """Slurm reads only its own formats; anything else would reach #SBATCH and fail at submission
+    (and the clean-exit margin, computed from it, would be 0)."""
+    if value in (None, "") or _minutes(str(value)) is not None:
+        return
+    raise ValueError(f"time {value!r} is not a Slurm time limit; use one of {', '.join(TIME_FORMATS)} "
+                     "(e.g. 24:00:00 or 2-00:00:00)")
 
 
 def resolve(job: Job, values: Mapping[str, Any] = {}, *, allow_placeholders: bool = False) -> Resolved:
@@ -180,7 +205,8 @@ def _resolve(job: Job, values: Mapping[str, Any], allow_placeholders: bool) -> R
         if not merged.get("recipe"):
             raise ValueError("a train job needs 'recipe', the trainer YAML with the model and schedule")
         recipe_path = (job.path.parent / str(merged["recipe"])).resolve()
-        train = {k: v for k, v in read_mapping(recipe_path, "recipe").items() if k not in NOT_FROM_RECIPE}
+        train = typed_settings(_one_data_path({k: v for k, v in read_mapping(recipe_path, "recipe").items()
+                                               if k not in NOT_FROM_RECIPE}), f"recipe {recipe_path}")
     merged.pop("recipe", None)
     trainer_keys = _trainer_keys() if kind == "train" else set()
     wrong = sorted(k for k in merged if not _takes_kind(kind, k) and (k in LAUNCH_KEYS or kind == "convert"))
@@ -191,7 +217,7 @@ def _resolve(job: Job, values: Mapping[str, Any], allow_placeholders: bool) -> R
         if key in LAUNCH_KEYS:
             launch[key] = value
         elif key in trainer_keys:
-            train[key] = value
+            train[key] = typed_value(key, _one_data_path({key: value})[key], "job file, --config or --set")
         else:
             valid = sorted(LAUNCH_KEYS) + sorted(trainer_keys - set(NOT_FROM_RECIPE))
             raise ValueError(f"unknown setting {key!r}; valid: {', '.join(valid)}")
@@ -200,6 +226,7 @@ def _resolve(job: Job, values: Mapping[str, Any], allow_placeholders: bool) -> R
     for key in ("venv", "container_image", "container_mounts", "megatron_lm", "partition", "account",
                 "convert_partition", "log_dir", "init_checkpoint", "extra_args", "convert_args"):
         launch.setdefault(key, "")
+    _check_time(launch.get("time"))
     _check_placeholders(kind, launch, train, allow_placeholders)
     root = str(launch.get("checkpoint_root") or "")
     for key in ("save_dir", "init_checkpoint", "input", "output"):
@@ -215,7 +242,8 @@ def _check_placeholders(kind: str, launch: dict, train: dict, allowed: bool) -> 
     """Placeholders and unset paths fail here, not after the queue wait."""
     if allowed:
         return
-    bad = [f"{k}={v}" for k, v in {**launch, **train}.items() if _is_placeholder(v)]
+    shown = lambda v: " ".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
+    bad = [f"{k}={shown(v)}" for k, v in {**launch, **train}.items() if _is_placeholder(v)]
     if bad:
         raise ValueError(f"{', '.join(bad)}: still a placeholder; set the real path (or pass "
                          "--allow-placeholders to write the script anyway)")
@@ -435,18 +463,31 @@ def _shown_path(path: Path | None) -> str:
         return str(path)
 
 
-def write_script(text: str, path: Path, force: bool = False) -> None:
-    """Write atomically (a temporary name, then rename); an existing file only with force."""
+def write_script(text: str, path: Path, force: bool = False, what: str = "") -> None:
+    """Write atomically (a temporary name, then rename); an existing file only with force.
+    Errors are ValueErrors naming `what` (the flag) and `path`, never the temporary name."""
     path = Path(path)
+    where = f"{what} {path}".strip()
+    if path.is_dir():
+        raise ValueError(f"{where} is a directory; name the script file to write")
     if path.exists() and not force:
         raise ValueError(f"{path} exists; pass --force to overwrite it")
+    problem = writable_dir_problem(path.parent)
+    if problem:
+        raise ValueError(f"{where}: {problem}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise ValueError(f"{where}: cannot write in {path.parent} ({e.strerror or e})") from None
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.chmod(tmp, 0o755)
         os.replace(tmp, path)
+    except OSError as e:
+        os.unlink(tmp)
+        raise ValueError(f"{where}: cannot write it ({e.strerror or e})") from None
     except BaseException:
         os.unlink(tmp)
         raise
@@ -537,34 +578,51 @@ def submit_chain(scripts: Mapping[str, Path], sbatch: str = "sbatch") -> dict[st
 
 # ----------------------------------------------------------------------------- CLI
 
-_NAMED = [  # (flag, key, type)
-    ("--nodes", "nodes", int), ("--gpus-per-node", "gpus_per_node", int),
-    ("--nproc-per-node", "nproc_per_node", int),
-    ("--tensor-model-parallel-size", "tensor_model_parallel_size", int),
-    ("--context-parallel-size", "context_parallel_size", int),
-    ("--pipeline-model-parallel-size", "pipeline_model_parallel_size", int),
-    ("--data-parallel-size", "data_parallel_size", str), ("--seq-length", "seq_length", int),
-    ("--engine", "engine", str), ("--partition", "partition", str),
-    ("--convert-partition", "convert_partition", str), ("--account", "account", str),
-    ("--time", "time", str), ("--log-dir", "log_dir", str), ("--checkpoint-root", "checkpoint_root", str),
-    ("--data-path", "data_path", str), ("--tokenizer", "tokenizer", str),
-    ("--megatron-lm", "megatron_lm", str),
-    ("--venv", "venv", str), ("--container-image", "container_image", str),
+# (flag, key, type, what, the default when neither the job file nor --config sets it)
+_NAMED = [
+    ("--nodes", "nodes", int, "#SBATCH --nodes", "1"),
+    ("--gpus-per-node", "gpus_per_node", int, "GPUs per node; 0: a CPU job of --nproc-per-node processes",
+     "0"),
+    ("--nproc-per-node", "nproc_per_node", int, "processes per node", "--gpus-per-node"),
+    ("--tensor-model-parallel-size", "tensor_model_parallel_size", int, "TP", "the recipe's, else 1"),
+    ("--context-parallel-size", "context_parallel_size", int, "CP", "the recipe's, else 1"),
+    ("--pipeline-model-parallel-size", "pipeline_model_parallel_size", int, "PP (Megatron-LM)", "1"),
+    ("--data-parallel-size", "data_parallel_size", str, "DP: auto (what the job's GPUs leave), or a number "
+     "that is checked", "auto"),
+    ("--seq-length", "seq_length", int, "tokens per sample", "the recipe's"),
+    ("--engine", "engine", str, "megatron-lm (Megatron-LM's pretraining) or trainer (lighthouse-megatron "
+     "train, one node)", "megatron-lm"),
+    ("--partition", "partition", str, "#SBATCH --partition", "Slurm's default partition"),
+    ("--convert-partition", "convert_partition", str, "the conversion's partition", "--partition"),
+    ("--account", "account", str, "#SBATCH --account", "none"),
+    ("--time", "time", str, "#SBATCH --time, in one of Slurm's formats (" + ", ".join(TIME_FORMATS) + "); "
+     "Megatron-LM then saves and exits before it", "none"),
+    ("--log-dir", "log_dir", str, "folder of the job logs", "the submission directory"),
+    ("--checkpoint-root", "checkpoint_root", str, "folder holding the jobs' checkpoints", "none: required"),
+    ("--data-path", "data_path", str, "Megatron indexed dataset prefix (PREFIX.bin/.idx)",
+     "none: required unless mock_data"),
+    ("--tokenizer", "tokenizer", str, "bytes (byte-level data from prepare-data) or a local Hugging Face "
+     "tokenizer folder", "bytes"),
+    ("--megatron-lm", "megatron_lm", str, "Megatron-LM checkout (engine megatron-lm)",
+     "none: required without --container-image"),
+    ("--venv", "venv", str, "virtual environment the job activates", "none"),
+    ("--container-image", "container_image", str, "pyxis/enroot image the job runs in", "none"),
 ]
 
 
 def _add_value_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of settings (top level: every job; a section named after a "
-                   "job: that job)")
-    for flag, key, typ in _NAMED:
+                   "job: that job) (default: none)")
+    for flag, key, typ, what, default in _NAMED:
         p.add_argument(flag, dest=f"v_{key}", type=typ, metavar=key.upper(),
-                       help="bytes (byte-level data from prepare-data) or a local Hugging Face tokenizer "
-                            "folder" if key == "tokenizer" else None)
+                       help=f"{what} (default: the job file's, else {default})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other setting, by its name (the trainer's flags with '_', or a job key)")
+                   help="any other setting, by its name (the trainer's flags with '_', or a job key); "
+                        "repeatable (default: none)")
     p.add_argument("--allow-placeholders", action="store_true",
-                   help="write scripts with /path/to/... or unset data/checkpoint paths (they fail when run)")
-    p.add_argument("--force", action="store_true", help="overwrite existing scripts")
+                   help="write scripts with /path/to/... or unset data/checkpoint paths (they fail when run) "
+                        "(default: off)")
+    p.add_argument("--force", action="store_true", help="overwrite existing scripts (default: off)")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -573,10 +631,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
-        import yaml
-
-        out[key.strip()] = yaml.safe_load(value) if value else ""
-    for _, key, _ in _NAMED:
+        out[key.strip()] = load_yaml(value) if value else ""
+    for _, key, *_ in _NAMED:
         value = getattr(args, f"v_{key}")
         if value is not None:
             out[key] = value
@@ -588,12 +644,13 @@ def add_slurm_parser(sub: argparse._SubParsersAction) -> None:
     cmds = slurm.add_subparsers(dest="slurm_command", required=True)
     r = cmds.add_parser("render", help="write one filled, checked sbatch script")
     r.add_argument("job", help=f"{', '.join(JOBS)} (slurm/JOB.yaml) or a path to a job file")
-    r.add_argument("--output", "-o", required=True, help="the script to write")
+    r.add_argument("--output", "-o", required=True, help="the script to write (required)")
     _add_value_args(r)
     r.set_defaults(run="lighthouse_megatron.slurm:run_render")
     s = cmds.add_parser("submit", help="render stage1, convert and stage2; submit them chained with afterok")
-    s.add_argument("--output-dir", required=True, help="where the three scripts are written")
-    s.add_argument("--dry-run", action="store_true", help="write the scripts, print the sbatch commands")
+    s.add_argument("--output-dir", required=True, help="where the three scripts are written (required)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="write the scripts, print the sbatch commands, submit nothing (default: off)")
     _add_value_args(s)
     s.set_defaults(run="lighthouse_megatron.slurm:run_submit")
 
@@ -607,6 +664,9 @@ def _make_log_dir(text: str) -> None:
     # Slurm does not create the --output directory: without it the job fails with no log.
     m = re.search(r"^#SBATCH --output=(.*)/[^/]*$", text, re.M)
     if m:
+        problem = writable_dir_problem(m.group(1))
+        if problem:
+            raise ValueError(f"log_dir {m.group(1)}: {problem}")
         Path(m.group(1)).mkdir(parents=True, exist_ok=True)
 
 
@@ -616,7 +676,7 @@ def run_render(args: argparse.Namespace) -> int:
         values = values_for(job, load_config(args.config), {})
         values.update(_overrides(args))
         text = render(job, values, allow_placeholders=args.allow_placeholders)
-        write_script(text, Path(args.output), args.force)
+        write_script(text, Path(args.output), args.force, what="-o")
         _make_log_dir(text)
     except (ValueError, OSError) as e:
         return _error(e)
@@ -633,8 +693,15 @@ def run_submit(args: argparse.Namespace) -> int:
         existing = [str(p) for p in paths.values() if p.exists()]
         if existing and not args.force:
             raise ValueError(f"{', '.join(existing)} exist(s); pass --force to overwrite")
+        if not args.dry_run and shutil.which("sbatch") is None:
+            # Before writing: a rerun on a machine with Slurm must not need --force.
+            raise ValueError("sbatch not found: submit needs Slurm's sbatch on PATH (nothing was written; "
+                             "--dry-run writes the scripts and prints the commands)")
+        problem = writable_dir_problem(out)
+        if problem:
+            raise ValueError(f"--output-dir {out}: {problem}")
         for name, text in scripts.items():
-            write_script(text, paths[name], force=True)
+            write_script(text, paths[name], force=True, what="--output-dir")
             if not args.dry_run:
                 _make_log_dir(text)
         if args.dry_run:

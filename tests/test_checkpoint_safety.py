@@ -140,13 +140,12 @@ def test_a_checkpoint_without_manifest_loads_with_a_note(run, tmp_path, capsys):
     assert inspect_checkpoint(ckpt)["verified"] == inspect_checkpoint(ckpt / "iter_0000004")["verified"]
 
 
-def test_convert_refuses_non_finite_weights(run, tmp_path):
+def _write_nan(directory: Path, key: str) -> None:
+    """Overwrite the stored values of item `key` with NaN, in place (a checkpoint whose training
+    diverged, and which has no manifest to catch it)."""
     import numpy as np
 
-    ckpt = _copy(run, tmp_path)
-    directory = ckpt / "iter_0000002"
-    (directory / MANIFEST).unlink(missing_ok=True)  # a checkpoint with NaN weights and no manifest
-    key = "decoder.final_layernorm.weight"
+    (directory / MANIFEST).unlink(missing_ok=True)
     storage = read_dcp_metadata(directory).storage_data
     info = next(s for i, s in storage.items() if i.fqn == key)
     values = dcp_read_all(directory, lambda k: k == key)[key].numpy().tobytes()
@@ -155,9 +154,32 @@ def test_convert_refuses_non_finite_weights(run, tmp_path):
     at = data.index(values, info.offset, info.offset + info.length)  # the raw floats in the item
     nan = np.full(len(values) // 4, np.nan, np.float32).tobytes()
     file.write_bytes(data[:at] + nan + data[at + len(nan):])
+
+
+def test_convert_refuses_non_finite_weights(run, tmp_path):
+    ckpt = _copy(run, tmp_path)
+    _write_nan(ckpt / "iter_0000002", "decoder.final_layernorm.weight")
     with pytest.raises(CheckpointError, match=r"decoder\.final_layernorm\.weight: 32 of 32 values are NaN"):
         convert(ckpt, tmp_path / "dense")
     assert not (tmp_path / "dense").exists()
+
+
+def test_convert_refuses_non_finite_optimizer_state(run, tmp_path):
+    """NaN Adam moments with finite weights passed convert, and the first update after the
+    resume would have made the weights NaN. The state the output keeps is checked too; with
+    --weights-only (state dropped) the report says that only the weights were checked."""
+    ckpt = _copy(run, tmp_path)
+    key = "optimizer.state.exp_avg_sq.decoder.final_layernorm.weight"
+    _write_nan(ckpt / "iter_0000002", key)
+    with pytest.raises(CheckpointError, match=rf"^{key}: 32 of 32 values are NaN or infinite; refusing to "
+                       r"convert a diverged or damaged checkpoint; convert an earlier checkpoint, or keep "
+                       r"only the weights with --weights-only$"):
+        convert(ckpt, tmp_path / "dense")
+    assert not (tmp_path / "dense").exists()
+    report = convert(ckpt, tmp_path / "weights", weights_only=True)
+    assert report["finite"] == "checked finite: the weights (the optimizer state is dropped: --weights-only)"
+    report = convert(run, tmp_path / "good")  # the input itself is only read
+    assert report["finite"].startswith("checked finite: the weights and the optimizer state (")
 
 
 def test_a_tracker_naming_a_missing_iteration(run, tmp_path, capsys):

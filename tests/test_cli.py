@@ -75,3 +75,17 @@ def test_every_parser_runs_a_function_that_exists():
             targets |= found
     for target in sorted(targets):
         assert callable(command_function(target)), target
+
+
+@pytest.mark.parametrize("command", ["train", "slurm"])
+def test_every_flag_says_what_it_does_and_its_default(command):
+    """`train --help` and `slurm render --help` showed no defaults and mostly no descriptions
+    (the trainer's small defaults lived only in docs/training.md)."""
+    (sub,) = (a for a in build_parser([command])._actions if isinstance(a, argparse._SubParsersAction))
+    for parser in _leaf_parsers(sub.choices[command]):
+        for action in parser._actions:
+            if action.dest == "help" or not action.option_strings:
+                continue
+            text = action.help or ""
+            assert len(text) > 10 and ("default" in text.lower() or "required" in text), \
+                f"{parser.prog} {action.option_strings[0]}: {text!r}"

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from lighthouse_megatron import LighthouseConfig
@@ -59,13 +61,47 @@ def test_too_few_coarsest_entries_per_tile():
     cfg = LighthouseConfig(levels=3, pooling_factor=4, topk=4096, tile_topk=128)
     # 32768 / 16 = 2048 coarsest entries over 32 tiles = 64 per tile < 128
     with pytest.raises(ValueError, match=r"only 64 coarsest entries .* tile_topk=128 .* "
-                                         r"use topk=2048, fewer levels or a sequence length >= 65536"):
+                                         r"use topk=2048, levels=2 or a sequence length >= 65536"):
         cfg.validate(32_768)
+    # Every fix suggested passes every rule with the other settings.
     LighthouseConfig(levels=3, pooling_factor=4, topk=2048, tile_topk=128).validate(32_768)
+    LighthouseConfig(levels=2, pooling_factor=4, topk=4096, tile_topk=128).validate(32_768)
     LighthouseConfig(levels=3, pooling_factor=4, topk=4096, tile_topk=128).validate(65_536)
-    # Too short for any budget: no topk is suggested (never "topk <= 0").
-    with pytest.raises(ValueError, match=r"use fewer levels or a sequence length >= 32768$"):
+    # Too short for any budget with T = 128: no topk is suggested, the other settings that fit are.
+    with pytest.raises(ValueError, match=r"no topk is valid with sequence length 512, levels=3, "
+                                         r"pooling_factor=4 and tile_topk=128 .*; change another setting: "
+                                         r"tile_topk=32 \(then topk=32\), levels=2 or a sequence length that "
+                                         r"is a multiple of 2048 \(then topk=128\)$"):
         LighthouseConfig(levels=3, pooling_factor=4, topk=2048, tile_topk=128).validate(512)
+    LighthouseConfig(levels=3, pooling_factor=4, topk=32, tile_topk=32).validate(512)
+    LighthouseConfig(levels=2, pooling_factor=4, topk=128, tile_topk=128).validate(512)
+    LighthouseConfig(levels=3, pooling_factor=4, topk=128, tile_topk=128).validate(2048)
+
+
+@pytest.mark.parametrize("seq,cp,topk,tile,levels", [
+    (512, 1, 100, 8, 3), (512, 1, 96, 8, 3), (256, 1, 2048, 128, 3), (4096, 2, 384, 64, 3),
+    (98_304, 4, 1536, 128, 3), (100_000, 1, 1536, 128, 3), (8192, 1, 4096, 128, 2), (1000, 1, 16, 8, 3),
+])
+def test_every_suggested_topk_passes_every_rule(seq, cp, topk, tile, levels):
+    """Issue 28: --lighthouse-topk 100 at 512 tokens with T=8 suggested 96 or 104, both invalid.
+    Now each suggested budget is valid with the other settings; with none, the message says so."""
+    from lighthouse_megatron.config import topk_hint, valid_topks
+
+    ks = valid_topks(levels, 4, tile, seq, cp)
+    for k in ks:
+        LighthouseConfig(levels=levels, pooling_factor=4, topk=k, tile_topk=tile).validate(seq, cp_size=cp)
+    hint = topk_hint(levels, 4, tile, seq, cp, topk)
+    if hint.startswith("nearest valid: "):
+        for k in hint.removeprefix("nearest valid: ").split(" or "):
+            assert int(k) in ks
+    else:
+        assert not ks and hint.startswith("no topk is valid")
+    if topk in ks:
+        return
+    with pytest.raises(ValueError) as e:
+        LighthouseConfig(levels=levels, pooling_factor=4, topk=topk, tile_topk=tile).validate(seq, cp_size=cp)
+    for k in (int(k) for k in re.findall(r"topk[= ](\d+)", str(e.value).split(";", 1)[1])):
+        assert k in valid_topks(levels, 4, tile, seq, cp) or "tile_topk=" in str(e.value), str(e.value)
 
 
 @pytest.mark.parametrize("n,cp", [(32_768, 1), (40_960, 1), (24_576, 1), (98_304, 2), (49_152, 4)])
@@ -73,7 +109,7 @@ def test_suggested_topk_is_valid(n, cp):
     cfg = LighthouseConfig(levels=3, pooling_factor=4, topk=8192, tile_topk=128)
     with pytest.raises(ValueError, match="use topk=") as e:
         cfg.validate(n, cp_size=cp)
-    suggested = int(str(e.value).split("use topk=")[1].split(",")[0])
+    suggested = int(re.search(r"use topk=(\d+)", str(e.value)).group(1))
     assert suggested < cfg.topk
     LighthouseConfig(levels=3, pooling_factor=4, topk=suggested, tile_topk=128).validate(n, cp_size=cp)
 

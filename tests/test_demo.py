@@ -41,6 +41,13 @@ def test_two_stage_workflow_tiny(tmp_path, capsys, monkeypatch):
     assert verdicts == [c["ok"] for c in summary["checks"]]
     assert rc == (0 if all(c["ok"] for c in summary["checks"]) else 1)
     assert rc == 0, stdout[-3000:]
+    # Not on a terminal (no progress bar): a compact log, every iteration in each stage's train.log.
+    shown = [line for line in stdout.splitlines() if line.startswith("[train] ")]
+    assert shown == [line for line in shown if " iteration=25 " in line] and len(shown) == 2, shown
+    for stage, iterations in (("stage1", range(1, 21)), ("stage2", range(21, 33)), ("control", range(1, 33))):
+        logged = [line for line in (out / stage / "train.log").read_text().splitlines()
+                  if line.startswith("[train] ")]
+        assert [int(line.split()[1].split("=")[1]) for line in logged] == list(iterations)
 
     # A second run refuses to replace the first one's results without --force.
     before = (out / "summary.json").read_bytes()

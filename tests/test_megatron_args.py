@@ -91,7 +91,7 @@ def test_yaml_file_and_precedence(tmp_path):
     "extra, error, match",
     [
         (["--lighthouse-topk", "500"], ValueError,
-         r"--lighthouse-topk.*multiple of tile_topk=16.*496 or 512"),
+         r"--lighthouse-topk.*multiple of tile_topk=16.*nearest valid: 256 or 512$"),
         (["--lighthouse-tile-topk", "15"], ValueError, r"--lighthouse-tile-topk.*even"),
         (["--lighthouse-pooling-factor", "3"], ValueError, r"--lighthouse-pooling-factor.*power of two"),
         (["--lighthouse-levels", "0"], ValueError, r"--lighthouse-levels.*>= 1"),
@@ -100,7 +100,8 @@ def test_yaml_file_and_precedence(tmp_path):
          r"--lighthouse-dense-layers with --num-layers 8.*-8 \.\. 7"),
         (["--context-parallel-size", "3"], ValueError,
          r"--seq-length 16384 with .*--lighthouse-topk 512 --lighthouse-tile-topk 16 "
-         r"--context-parallel-size 3: .*multiple of 2\*cp_size\*tile_topk.*480 or 576"),
+         r"--context-parallel-size 3: .*multiple of 2\*cp_size\*tile_topk.*; no topk is valid with sequence "
+         r"length 16384, .* and context-parallel size 3"),
         (["--seq-length", "1000"], ValueError, r"--seq-length 1000 with --lighthouse-levels 3 "),
         (["--tensor-model-parallel-size", "3"], ValueError,
          r"--num-attention-heads 8 .*--tensor-model-parallel-size 3.*6 or 9"),

@@ -37,6 +37,7 @@ def _megatron_lm_parser(extra_args_provider):
     p.add_argument("--spec", nargs="*", default=None)
     p.add_argument("--transformer-impl", default="local")
     p.add_argument("--context-parallel-size", type=int, default=1)
+    p.add_argument("--train-iters", type=int, default=None)
     if extra_args_provider is not None:
         p = extra_args_provider(p)
     return p
@@ -93,8 +94,12 @@ def test_bad_topk_is_one_error_line_with_the_real_megatron_lm():
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    # At 64 tokens no budget fits T = 128 (issue 28: "nearest valid: 128" was itself invalid).
     assert errors == ["error: --lighthouse-topk 100: lighthouse topk must be a positive multiple of "
-                      "tile_topk=128, got 100; nearest valid: 128"]
+                      "tile_topk=128, got 100; no topk is valid with sequence length 64, levels=3, "
+                      "pooling_factor=4 and tile_topk=128 (a tile keeps tile_topk=128 of the 4 coarsest "
+                      "entries); change another setting: tile_topk=4 (then topk=4), levels=1 (dense "
+                      "attention) or a sequence length that is a multiple of 2048 (then topk=128)"]
 
 
 def test_missing_megatron_lm_message_from_python_m():
@@ -250,6 +255,51 @@ def test_bad_arguments_fail_before_pretrain(monkeypatch, capsys):
         pretrain_gpt.main()
     assert e.value.code == 2
     assert capsys.readouterr().err.startswith("error: --seq-length 60 with --lighthouse-levels 2 ")
+
+
+@pytest.mark.parametrize("generation", ["0.16", "0.19"])
+@pytest.mark.parametrize("train_iters,warned", [(5, True), (6, False), (None, False)])
+def test_until_iter_beyond_train_iters_warns_at_start_up(monkeypatch, capsys, generation, train_iters,
+                                                         warned):
+    """--lighthouse-until-iter 5 with --train-iters 5: the switch never happens; the first rank
+    says so before pretrain(), in the trainer's words (--train-samples runs: no warning)."""
+    from lighthouse_megatron.flags.lighthouse import until_iter_warning
+
+    training = types.ModuleType("megatron.training")
+    arguments = types.ModuleType("megatron.training.arguments")
+    argument_utils = types.ModuleType("megatron.training.argument_utils")
+    parse = lambda extra_args_provider=None, ignore_unknown_args=False, args_defaults={}: \
+        _megatron_lm_parser(extra_args_provider).parse_args()  # noqa: E731
+    arguments.parse_args = parse
+    started = []
+
+    def pretrain(*a, extra_args_provider=None, **k):  # 0.16's signature: the entry picks by it
+        started.append(capsys.readouterr().err)
+
+    def pretrain_019(*a, **k):
+        started.append(capsys.readouterr().err)
+
+    if generation == "0.19":
+        pretrain = pretrain_019
+        arguments.parse_and_validate_args = parse
+        argument_utils.gpt_config_from_args = lambda args: types.SimpleNamespace(
+            transformer=tiny_config(num_layers=args.num_layers), transformer_layer_spec=None)
+        argument_utils.pretrain_cfg_container_from_args = lambda args, model_cfg: {}
+    training.pretrain = pretrain
+    training.get_args = lambda: types.SimpleNamespace(curr_iteration=0)
+    mlm = _mlm_script({})
+    mlm.gpt_builder = mlm.model_provider = lambda *a, **k: None
+    _install(monkeypatch, training, arguments, mlm, argument_utils if generation == "0.19" else None)
+    extra = [] if train_iters is None else ["--train-iters", str(train_iters)]
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt", *ARGV, *extra])
+    try:
+        pretrain_gpt.main()
+    finally:
+        schedule.set_iteration(0)
+    expected = until_iter_warning(argparse.Namespace(attention_impl="lighthouse", lighthouse_until_iter=5,
+                                                     train_iters=5))
+    assert started == ([f"lighthouse-megatron: {expected}\n"] if warned else [""])
+    assert "--lighthouse-until-iter 5 is not below --train-iters 5" in expected
 
 
 def test_real_megatron_training_019_builds_lighthouse_layers(monkeypatch):

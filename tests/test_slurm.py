@@ -312,6 +312,53 @@ def test_time_limit_sets_the_clean_exit(tmp_path, time, expected):
     assert sbatch_option(script, "time") == time
 
 
+@pytest.mark.parametrize("time", ["tomorrow", "1h", "24:00:00:00", "-5", "2-"])
+def test_a_time_limit_slurm_cannot_read_is_refused(tmp_path, capsys, time):
+    """`--time tomorrow` wrote `#SBATCH --time=tomorrow` and a clean-exit margin of 0."""
+    out = tmp_path / "job.sbatch"
+    assert main(["slurm", "render", "stage1", "-o", str(out), "--checkpoint-root", "/c", "--megatron-lm",
+                 "/m", "--data-path", "/d", "--time", time]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: stage1: time {time!r} is not a Slurm time limit; use one of MINUTES, "
+                   "MINUTES:SECONDS, HOURS:MINUTES:SECONDS, DAYS-HOURS, DAYS-HOURS:MINUTES, "
+                   "DAYS-HOURS:MINUTES:SECONDS (e.g. 24:00:00 or 2-00:00:00)"]
+    assert not out.exists()
+
+
+def test_an_unquoted_time_in_yaml_stays_a_time(tmp_path):
+    """YAML 1.1 reads `time: 1:00:00` as the base-60 number 3600, which Slurm would read as
+    3600 minutes; the settings reader keeps it as written (in job files, --config and --set)."""
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text("time: 1:00:00\n")
+    script = render(tmp_path, "stage1", "--config", str(cfg), name="a.sbatch")
+    assert sbatch_option(script, "time") == "1:00:00"
+    assert settings(script, "EXIT_DURATION_MINS") == {"EXIT_DURATION_MINS": "50"}
+    script = render(tmp_path, "stage1", "--set", "time=2:30:00", name="b.sbatch")
+    assert sbatch_option(script, "time") == "2:30:00"
+
+
+def test_recipe_values_are_typed_by_their_setting(tmp_path, capsys):
+    """A recipe's values are typed as the trainer types them: `train_iters: 1e4` (a string to
+    YAML 1.1) is 10000, and `swiglu: "false"` (which reached the job as `--swiglu false`, an
+    argparse error on the cluster) is refused at render."""
+    recipe = tmp_path / "recipe.yaml"
+    base = (REPO / "examples" / "98k.yaml").read_text()
+    recipe.write_text(base.replace("train_iters: 16000", "train_iters: 1.6e4")
+                      .replace("lr: 2.0e-3", "lr: 2e-3"))
+    job = tmp_path / "job.yaml"
+    job.write_text(f"job: train\nrecipe: {recipe}\nnodes: 4\ngpus_per_node: 8\ncontext_parallel_size: 2\n"
+                   "save_dir: s\n")
+    script = render(tmp_path, str(job))
+    args = settings(script, "TRAIN_ARGS")["TRAIN_ARGS"]
+    assert after(args, "--train-iters") == ["16000"] and after(args, "--lr") == ["0.002"]
+    recipe.write_text(base.replace("swiglu: true", 'swiglu: "false"'))
+    out = tmp_path / "x.sbatch"
+    assert main(["slurm", "render", str(job), "-o", str(out), "--checkpoint-root", "/c", "--megatron-lm",
+                 "/m", "--data-path", "/d"]) == 2
+    assert "swiglu: false is not supported in a Slurm job" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_values_reach_bash_verbatim(tmp_path):
     odd = "/data/my corpus/$HOME 'quoted'"
     script = render(tmp_path, "stage1", "--data-path", odd, "--set", "lighthouse_dense_layers=[0, -1]")

@@ -296,7 +296,7 @@ def test_yaml_config_and_overrides(tmp_path, capsys):
     assert "unknown settings ['bogus']" in capsys.readouterr().err
     config.write_text("mock_data: true\nlr: fast\n")
     assert training.main(["--config", str(config)]) == 2
-    assert "error: --lr must be a number, got 'fast'" in capsys.readouterr().err
+    assert f"error: --config {config}: lr must be a number, got 'fast'" in capsys.readouterr().err
     assert training.main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read it" in capsys.readouterr().err
 

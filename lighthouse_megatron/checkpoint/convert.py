@@ -38,7 +38,7 @@ from .model import (
     uses_te,
     verify_dense,
 )
-from .output import check_finite, staged_output
+from .output import check_finite, check_finite_stored, staged_output
 from .reader import (
     COMMON_PT,
     COMMON_STATE_KEY,
@@ -278,9 +278,11 @@ def convert(input: str | Path, output: str | Path, *, weights_only: bool = False
     verified (dense load with strict key checks and a forward pass). An existing
     output is refused unless `force`. The input is only read: first checked against its
     manifest (unless `verify` is False; a checkpoint without one is reported unverified), its
-    weights must be finite. The output gets a manifest of its own. Missing parents of the
+    weights and the optimizer state the output keeps must be finite (`report["finite"]` says
+    what was checked). The output gets a manifest of its own. Missing parents of the
     output are created.
-    Returns a report: {"input", "output", "format", "changes", "input_verified", "verified", ...}.
+    Returns a report: {"input", "output", "format", "changes", "input_verified", "finite", "verified",
+    ...}.
     """
     log = log or (lambda msg: None)
     ckpt, output, common, args, report = _open(input, output, to="megatron", dry_run=dry_run, force=force,
@@ -294,8 +296,10 @@ def convert(input: str | Path, output: str | Path, *, weights_only: bool = False
         changes.append(f"kept: iteration {ckpt.tracker_text}, "
                        f"{[k for k in _TRAINING_STATE if k in common] or 'no training state'}")
     check_finite(model_state(ckpt, args))
+    shards = {rank: read_shard(ckpt, *rank) for rank in ckpt.shards} if ckpt.format == "torch" else {}
+    report["finite"] = _check_training_state_finite(ckpt, shards, weights_only)
+    log(report["finite"])
     if ckpt.format == "torch":
-        shards = {rank: read_shard(ckpt, *rank) for rank in ckpt.shards}
         extra_changes = _legacy_extra_state(shards, args)
         changes[1:1] = extra_changes
     report["changes"] = changes
@@ -320,6 +324,22 @@ def convert(input: str | Path, output: str | Path, *, weights_only: bool = False
         log(f"output verified: loads under the dense spec ({report['verified']['loaded_with']}), "
             f"{report['verified']['forward']}")
     return report
+
+
+def _check_training_state_finite(ckpt: Checkpoint, shards: dict, weights_only: bool) -> str:
+    """The optimizer state the output keeps must be finite too: NaN moments would turn the
+    weights NaN at the first update after the resume. Returns what was checked, as one line."""
+    if weights_only:
+        return "checked finite: the weights (the optimizer state is dropped: --weights-only)"
+    if ckpt.format == "torch_dist":
+        count = check_finite_stored(ckpt.directory, lambda k: k.startswith("optimizer."))
+        return f"checked finite: the weights and the optimizer state ({count} tensors)"
+    count = sum(check_finite(state.get("optimizer", {}), f"{ckpt.shards[rank].parent.name}: optimizer.")
+                for rank, state in shards.items())
+    others = sorted({p.name for f in ckpt.shards.values() for p in f.parent.iterdir() if p.name != f.name})
+    unchecked = f"; not checked: {', '.join(others)} (copied as they are)" if others else ""
+    return (f"checked finite: the weights and the optimizer state in the mp_rank files ({count} tensors)"
+            f"{unchecked}")
 
 
 def export_hf(input: str | Path, output: str | Path, *, dry_run: bool = False, force: bool = False,

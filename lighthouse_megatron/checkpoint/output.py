@@ -14,13 +14,48 @@ from ..files import make_output_dir
 from .reader import CheckpointError
 
 
-def check_finite(state: dict) -> None:
-    """Refuse weights with NaN or infinite values, naming the first such tensor."""
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-            bad = (~torch.isfinite(value)).sum().item()
-            raise CheckpointError(f"{key}: {bad} of {value.numel()} values are NaN or infinite; refusing to "
-                                  "convert a diverged or damaged checkpoint")
+def check_finite(state: dict, prefix: str = "") -> int:
+    """Refuse tensors with NaN or infinite values, naming the first one (nested dicts and lists,
+    as in a torch-format optimizer state, are walked); returns how many tensors were checked."""
+    checked = 0
+    for key, value in state.items() if isinstance(state, dict) else enumerate(state):
+        name = f"{prefix}{key}"
+        if isinstance(value, (dict, list, tuple)):
+            checked += check_finite(value, f"{name}.")
+        elif isinstance(value, torch.Tensor) and value.is_floating_point():
+            checked += 1
+            if not torch.isfinite(value).all():
+                bad = (~torch.isfinite(value)).sum().item()
+                hint = ("; convert an earlier checkpoint, or keep only the weights with --weights-only"
+                        if "optimizer." in name else "")
+                raise CheckpointError(f"{name}: {bad} of {value.numel()} values are NaN or infinite; "
+                                      f"refusing to convert a diverged or damaged checkpoint{hint}")
+    return checked
+
+
+def check_finite_stored(directory: Path, keep, batch_bytes: int = 1 << 30) -> int:
+    """`check_finite` for the stored tensors of torch_dist `directory` whose key passes `keep`,
+    read about `batch_bytes` at a time (optimizer state is several times the weights);
+    returns how many tensors were checked."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from .reader import dcp_items, dcp_read_all
+
+    batches, size = [[]], 0
+    for key, meta in sorted(dcp_items(directory).items()):
+        if keep(key) and isinstance(meta, TensorStorageMetadata) and meta.properties.dtype.is_floating_point:
+            nbytes = meta.size.numel() * meta.properties.dtype.itemsize
+            if batches[-1] and size + nbytes > batch_bytes:
+                batches.append([])
+                size = 0
+            batches[-1].append(key)
+            size += nbytes
+    checked = 0
+    for batch in batches:
+        if batch:
+            names = set(batch)
+            checked += check_finite(dcp_read_all(directory, lambda k, names=names: k in names))
+    return checked
 
 
 @contextlib.contextmanager

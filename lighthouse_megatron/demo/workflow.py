@@ -7,8 +7,11 @@ by hand with `lighthouse-megatron train --config OUT/STAGE/config.yaml`.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..files import writable_dir_problem
 from .report import check_results, plot_losses, print_checks, print_table, summarize
 
 # The demo's model and schedule; examples/tiny.yaml holds the same settings (a test keeps
@@ -74,12 +78,55 @@ def _parse(config_path: Path):
     return parse_args(["--config", str(config_path)], world_size=1)
 
 
-def _train(args) -> list[dict]:
-    """Train in this process; the trainer's train and eval records."""
+def _train(args, log: Path | None = None) -> list[dict]:
+    """Train in this process; the trainer's train and eval records. With `log` (stdout is not
+    a terminal, so there is no progress bar), the trainer's lines go to that file and only a
+    compact subset to the console."""
     from ..training import run
 
-    result = run(args)
+    with contextlib.ExitStack() as stack:
+        if log is not None:
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(_CompactLog(log))))
+        result = run(args)
     return result.train + result.evals
+
+
+class _CompactLog(io.TextIOBase):
+    """A training stage's stdout when it is not a terminal: every line goes to its log file,
+    the console gets every CONSOLE_EVERY-th iteration's line, the evaluations and the notes
+    (a plain log of every iteration of the three runs was over 400 lines)."""
+
+    CONSOLE_EVERY = 25
+
+    def __init__(self, path: Path):
+        self.path, self.console, self._partial = path, sys.stdout, ""
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "w")
+        self.console.write(f"  (every iteration: {self.path})\n")
+        return self
+
+    def __exit__(self, *exc):
+        self.write("\n" if self._partial else "")
+        self.file.close()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self.file.write(line + "\n")
+            m = re.match(r"\[train\] iteration=(\d+) ", line)
+            if m is None or int(m.group(1)) % self.CONSOLE_EVERY == 0:
+                self.console.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.console.flush()
 
 
 def _convert(source: Path, target: Path) -> dict:
@@ -107,6 +154,9 @@ def prepare_out(out: Path, force: bool, outputs: tuple[str, ...] = OUTPUTS) -> N
     """Make `out`; refuse (or with `force`, remove) the `outputs` an earlier run left there."""
     if out.exists() and not out.is_dir():
         raise DemoError(f"--out {out} is a file, not a folder")
+    problem = writable_dir_problem(out)  # before anything is written, for root too
+    if problem:
+        raise DemoError(f"--out {out}: {problem}")
     present = [name for name in outputs if (out / name).exists()]
     if present and not force:
         raise DemoError(f"--out {out} holds the results of an earlier run ({', '.join(present)}); "
@@ -178,15 +228,18 @@ def run_two_stage(out: Path, config: dict[str, Any], stage1_iters: int, device: 
     # Every stage's settings are checked before the first one trains.
     parsed = {name: _parse(_write_yaml(out / name / "config.yaml", settings))
               for name, settings in stages.items()}
+    compact = not sys.stdout.isatty()
+    log = {name: out / name / "train.log" if compact else None for name in stages}
     run = TwoStageRun(config=common, data_prefix=data_prefix, seconds=seconds, data=data)
     steps = [
-        ("stage1", f"2/5 stage 1: Lighthouse attention, iterations 1-{n1}", lambda: _train(parsed["stage1"])),
+        ("stage1", f"2/5 stage 1: Lighthouse attention, iterations 1-{n1}",
+         lambda: _train(parsed["stage1"], log["stage1"])),
         ("convert", "3/5 convert: the stage-1 checkpoint into the dense model's",
          lambda: _convert(out / "stage1", out / "stage1-dense")),
         ("stage2", f"4/5 stage 2: dense recovery, iterations {n1 + 1}-{total}",
-         lambda: _train(parsed["stage2"])),
+         lambda: _train(parsed["stage2"], log["stage2"])),
         ("control", f"5/5 control: dense attention from scratch, iterations 1-{total}",
-         lambda: _train(parsed["control"])),
+         lambda: _train(parsed["control"], log["control"])),
     ]
     with warnings.catch_warnings():
         # torch's distributed-checkpoint deprecations, raised inside megatron-core's

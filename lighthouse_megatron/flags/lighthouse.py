@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..config import BACKENDS, SCORERS, LighthouseConfig
+from ..config import BACKENDS, SCORERS, LighthouseConfig, SizeError, nearest, topk_hint, valid_topks
 from ..yaml_settings import read_mapping
 from . import rules
 from .rules import ATTENTION_IMPLS
@@ -106,8 +106,10 @@ def resolve_lighthouse_args(args: argparse.Namespace) -> argparse.Namespace:
 _CHECK_ORDER = ("levels", "pooling_factor", "tile_topk", "topk", "dense_layers", "scorer", "backend")
 
 
-def lighthouse_config_from_args(args: argparse.Namespace) -> LighthouseConfig:
-    """The LighthouseConfig the (resolved) arguments describe; errors name the flag."""
+def lighthouse_config_from_args(args: argparse.Namespace, seq_len: int | None = None,
+                                cp_size: int = 1) -> LighthouseConfig:
+    """The LighthouseConfig the (resolved) arguments describe; errors name the flag. With the
+    sequence length, a bad topk or tile_topk gets suggestions that pass every rule together."""
     resolve_lighthouse_args(args)
     values: dict[str, Any] = {}
     # Add one setting at a time: the first one that fails is the flag to blame.
@@ -115,9 +117,31 @@ def lighthouse_config_from_args(args: argparse.Namespace) -> LighthouseConfig:
         values[key] = getattr(args, _dest(_FLAGS[key]))
         try:
             config = LighthouseConfig(**values)
+        except SizeError as e:
+            hint = None if seq_len is None else _sized_hint(args, e.field, seq_len, cp_size)
+            message = str(e) if hint is None else f"{e.rule}; {hint}"
+            raise ValueError(f"{_FLAGS[key]} {_shown(values[key])}: {message}") from e
         except (TypeError, ValueError) as e:
             raise ValueError(f"{_FLAGS[key]} {_shown(values[key])}: {e}") from e
     return config
+
+
+def _sized_hint(args: argparse.Namespace, field: str, seq_len: int, cp_size: int) -> str:
+    """Values of `field` (topk or tile_topk) that fit this sequence length with the other
+    Lighthouse flags, or what else to change."""
+    levels, pooling, topk, tile = (getattr(args, _dest(_FLAGS[k])) for k in ("levels", "pooling_factor",
+                                                                             "topk", "tile_topk"))
+    if field == "topk":
+        return topk_hint(levels, pooling, tile, seq_len, cp_size, topk)
+    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 2:
+        return None
+    given = f"{_FLAGS['topk']} {topk} and --seq-length {seq_len}"
+    tiles = [t for t in range(2, topk + 1, 2) if topk in valid_topks(levels, pooling, t, seq_len, cp_size)]
+    if tiles:
+        return f"nearest valid with {given}: {nearest(tiles, tile)}"
+    even = max(2, tile - 1 if tile % 2 else tile)
+    return (f"no tile_topk is valid with {given}: change {_FLAGS['topk']} too (with {_FLAGS['tile_topk']} "
+            f"{even}: {topk_hint(levels, pooling, even, seq_len, cp_size, topk)})")
 
 
 def _shown(value: Any) -> str:
@@ -127,6 +151,20 @@ def _shown(value: Any) -> str:
 def _lighthouse_flags(args: argparse.Namespace) -> str:
     return " ".join(f"{_FLAGS[key]} {getattr(args, _dest(_FLAGS[key]))}"
                     for key in ("levels", "pooling_factor", "topk", "tile_topk"))
+
+
+def until_iter_warning(args: argparse.Namespace) -> str | None:
+    """The start-up warning (trainer and Megatron-LM entry point alike) when
+    --lighthouse-until-iter never switches this run to dense attention; None otherwise.
+    Iteration N is the (N+1)-th: with N >= --train-iters no iteration runs dense."""
+    until, total = getattr(args, "lighthouse_until_iter", None), getattr(args, "train_iters", None)
+    lighthouse = getattr(args, "attention_impl", None) == "lighthouse"
+    if not lighthouse or until is None or total is None or until < total:
+        return None
+    return (f"warning: --lighthouse-until-iter {until} is not below --train-iters {total}: every iteration "
+            f"runs Lighthouse attention and the dense recovery never happens in this run; set it below "
+            f"{total} (the paper switches at 62.5%: {round(0.625 * total)}), or relaunch with "
+            "--attention-impl dense from a checkpoint")
 
 
 def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | None:
@@ -142,7 +180,8 @@ def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | Non
         raise ValueError(f"--lighthouse-until-iter must be an iteration >= 0, got {until!r}")
     if args.attention_impl == "dense":
         return None
-    config = lighthouse_config_from_args(args)
+    seq, cp = getattr(args, "seq_length", None), getattr(args, "context_parallel_size", 1) or 1
+    config = lighthouse_config_from_args(args, seq if isinstance(seq, int) and seq > 0 else None, cp)
     rules.check_args(args)
     pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
     if args.lighthouse_eval_attention == "both" and pp > 1:

@@ -21,6 +21,7 @@ from .launch import (
     spec_provider_from_args,
     use_megatron_lm_iteration,
     uses_package_spec,
+    warn_settings,
 )
 
 __all__ = ["extra_args_provider", "run", "wrap_gpt_builder"]
@@ -83,10 +84,12 @@ def run(training, mlm, pretrain, store) -> None:
     # pretrain() parses the arguments itself, after starting the process groups; parse
     # them once here too, to fail on bad Lighthouse settings before anything starts.
     with clean_exit():
-        validate_lighthouse_args(parse_args(extra_args_provider=provider))
+        args = parse_args(extra_args_provider=provider)
+        validate_lighthouse_args(args)
         if not hasattr(mlm, "gpt_builder"):
             raise ValueError("this Megatron-LM's pretrain_gpt.py has no gpt_builder (Megatron-LM "
                              "before core 0.14); use core_v0.16.1 or later")
+    warn_settings(args)
     kwargs = {"store": store}
     if hasattr(mlm, "get_embedding_ranks"):
         kwargs["get_embedding_ranks"] = mlm.get_embedding_ranks

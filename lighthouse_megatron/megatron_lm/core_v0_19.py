@@ -27,6 +27,7 @@ from .launch import (
     spec_provider_from_args,
     use_megatron_lm_iteration,
     uses_package_spec,
+    warn_settings,
 )
 
 __all__ = ["configure_model", "extra_args_provider", "lighthouse_spec_from_env", "run"]
@@ -80,6 +81,7 @@ def run(training, mlm, pretrain, store) -> None:
     args = parse_and_validate_args(extra_args_provider=provider, args_defaults=ARGS_DEFAULTS)
     with clean_exit():
         validate_lighthouse_args(args)  # before Megatron-LM turns the arguments into configs
+    warn_settings(args)
     if modelopt:
         mlm.maybe_enable_modelopt(args)
     if modelopt and getattr(args, "modelopt_enabled", False):

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from ..flags.lighthouse import add_lighthouse_args, lighthouse_config_from_args
+from ..flags.lighthouse import add_lighthouse_args, lighthouse_config_from_args, until_iter_warning
 from ..megatron.schedule import forced_dense, set_iteration_source
 from ..megatron.specs import LighthouseBlockSpecProvider
 
@@ -132,6 +132,14 @@ def announce(what: str, core_attentions: list[str] | None = None) -> None:
         counts = collections.Counter(core_attentions)
         what += ": " + ", ".join(f"{name} x{n}" for name, n in counts.items())
     print(f"lighthouse-megatron: {what}", flush=True)
+
+
+def warn_settings(args) -> None:
+    """Start-up warnings (first rank) about valid settings that cannot do what they say; the
+    trainer prints the same words."""
+    warning = until_iter_warning(args)
+    if warning and os.environ.get("RANK", "0") == "0":
+        print(f"lighthouse-megatron: {warning}", file=sys.stderr, flush=True)
 
 
 @dataclass

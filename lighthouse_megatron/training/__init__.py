@@ -14,7 +14,9 @@ Python API (stable):
 
     training.main(argv) -> int
         The `lighthouse-megatron train` command: parses `argv` (flags as below), trains,
-        returns the exit code; bad settings print one `error: ...` line and return 2.
+        returns the exit code; bad settings print one `error: ...` line and return 2, a
+        diverged run (NaN/Inf loss or gradient norm) one line and 17, a run stopped by
+        SIGTERM/SIGINT (after saving) one line and 128 + the signal number.
 
     args = training.parse_args(argv)            # argparse.Namespace, validated
         Flags named like Megatron-LM's (--num-layers, --hidden-size, --seq-length,
@@ -32,6 +34,9 @@ Python API (stable):
                       split, with the training attention and with dense attention)
         result.checkpoints: the iter_NNNNNNN directories written
         result.start_iteration, result.iteration: where it started (after --load) and stopped
+        Raises training.TrainingDiverged (a RuntimeError; nothing of the diverged state is
+        saved) and training.TrainingStopped (SIGTERM/SIGINT with --exit-signal-handler, the
+        default: .signum, .iteration, .checkpoint, .exit_code).
 
     training.read_metrics(path) -> list[dict]   # the JSONL file (train and eval records)
 
@@ -46,6 +51,7 @@ torchrun's. Under torchrun every rank calls it; rank 0 writes logs and metrics.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -54,8 +60,10 @@ import warnings
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine and Apex) (is|are) not installed")
     from ..flags.train import build_parser, megatron_lm_args, parse_args, resolve_args, settings_args
-    from .logger import read_metrics
+    from .logger import LoggerError, read_metrics
     from .trainer import (
+        TrainingDiverged,
+        TrainingStopped,
         TrainResult,
         checkpoint_model,
         dense_attention,
@@ -65,20 +73,34 @@ with warnings.catch_warnings():
         train_loop,
     )
 
-__all__ = ["TrainResult", "checkpoint_model", "dense_attention", "main",
-           "megatron_lm_args", "parse_args", "read_metrics", "run", "settings_args"]
+__all__ = ["TrainResult", "TrainingDiverged", "TrainingStopped", "checkpoint_model", "dense_attention",
+           "main", "megatron_lm_args", "parse_args", "read_metrics", "run", "settings_args"]
 
 
 def run_cli(cli: argparse.Namespace) -> int:
     """Run the parsed `lighthouse-megatron train` flags (the parser: `flags.train`)."""
     try:
         args = resolve_args(cli)
-        prepare(args)  # file-system checks (checkpoints), before anything is built
+        prepare(args)  # file-system checks (checkpoints, output folders), before anything is built
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with process_group(args):
-        train_loop(args)
+    first = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank stops alike; one says why
+    try:
+        with process_group(args):
+            train_loop(args)
+    except LoggerError as e:
+        if first:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        if first:
+            print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except TrainingStopped as e:
+        if first:
+            print(e, file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -21,8 +21,11 @@ import argparse
 import contextlib
 import inspect
 import logging
+import math
 import os
 import random
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -34,11 +37,13 @@ from megatron.core import parallel_state, tensor_parallel
 from ..checkpoint.model import transformer_config as model_config
 from ..cpu import cpu_rotary_embedding, make_cpu_optimizer
 from ..data import null_tokenizer
-from ..flags.train import ALL_VALID, padded_vocab_size, settings_args
+from ..files import writable_dir_problem, writable_file_problem
+from ..flags.lighthouse import until_iter_warning
+from ..flags.train import ALL_VALID, check_cpu_memory, padded_vocab_size, settings_args
 from ..megatron import LighthouseCoreAttention, get_gpt_decoder_block_spec, lighthouse_config_from_args
 from ..megatron.schedule import set_iteration
 from . import checkpointing
-from .logger import MetricsLogger
+from .logger import MetricsLogger, output_paths
 
 
 @dataclass
@@ -51,6 +56,29 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)
     switches: list[dict] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
+
+
+# megatron.core.rerun_state_machine.EXIT_CODE_FAILED_ON_RESULT_VALIDATION: Megatron-LM's exit
+# code for a run stopped by its NaN/Inf check.
+EXIT_CODE_DIVERGED = 17
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite (--check-for-nan-in-loss-and-grad);
+    the run stopped before that update and saved nothing after it. `exit_code` is 17."""
+
+    exit_code = EXIT_CODE_DIVERGED
+
+
+class TrainingStopped(Exception):
+    """SIGTERM or SIGINT stopped the run at the end of an iteration (--exit-signal-handler),
+    after saving a checkpoint when there is --save. `exit_code` is 128 + the signal number,
+    what a shell and Slurm report for a process ended by that signal."""
+
+    def __init__(self, message: str, signum: int, iteration: int, checkpoint: str | None):
+        super().__init__(message)
+        self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
+        self.exit_code = 128 + signum
 
 
 # ----------------------------------------------------------------------------- setup
@@ -177,13 +205,25 @@ class Engine(abc.ABC):
     def reduce_grads(self):
         """Sum the gradients over the data- and context-parallel ranks."""
 
-    def step(self) -> float | None:
-        """Clip, step, advance the schedule; returns the grad norm."""
+    def step(self, loss: float) -> tuple[bool, float | None]:
+        """Clip, update, advance the schedule; returns (updated, grad norm). With
+        --check-for-nan-in-loss-and-grad a loss or gradient norm that is NaN or infinite
+        leaves the weights, the optimizer state and the schedule as they were."""
         self.reduce_grads()
-        ok, grad_norm, _ = self.optimizer.step()
+        if self.args.check_for_nan_in_loss_and_grad:
+            # megatron-core's step() clips and updates in one call, and an update with NaN
+            # gradients writes NaN into the weights and Adam's moments: the norm is taken
+            # first (prepare_grads and the norm are recomputed by step(), the same values).
+            self.optimizer.prepare_grads()
+            grad_norm = float(self.optimizer.get_grad_norm())
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                return False, grad_norm
+        ok, norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=self.args.global_batch_size)
-        return grad_norm
+        if norm is None and self.args.check_for_nan_in_loss_and_grad:
+            norm = grad_norm  # --clip-grad 0: megatron-core computes none
+        return ok, norm
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -304,8 +344,9 @@ def _all_reduce(values: list[float], device: str) -> list[float]:
     return t.tolist()
 
 
-def train_step(engine: Engine, dataset, args, consumed: int) -> tuple[float, float | None]:
-    """One iteration; returns (mean token loss over the global batch, grad norm)."""
+def train_step(engine: Engine, dataset, args, consumed: int) -> tuple[float, float | None, bool]:
+    """One iteration; returns (mean token loss over the global batch, grad norm, whether the
+    weights were updated)."""
     batches = list(microbatches(dataset, args, consumed, args.device))
     (tokens,) = _all_reduce([float(sum(b["loss_mask"].sum().item() for b in batches))], args.device)
     engine.zero_grad()
@@ -314,9 +355,18 @@ def train_step(engine: Engine, dataset, args, consumed: int) -> tuple[float, flo
         loss_sum = (_token_losses(engine.runner, batch) * batch["loss_mask"]).sum()
         (loss_sum / tokens).backward()
         local += loss_sum.item()
-    grad_norm = engine.step()
     (total,) = _all_reduce([local], args.device)
-    return total / tokens, grad_norm
+    updated, grad_norm = engine.step(total / tokens)
+    return total / tokens, grad_norm, updated
+
+
+def parameters_finite(model) -> bool:
+    """Whether every weight of every rank is finite (one flag reduced over all ranks)."""
+    bad = any(not torch.isfinite(p).all() for p in model.parameters())
+    flag = torch.tensor([float(bad)], device=next(model.parameters()).device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0
 
 
 @contextlib.contextmanager
@@ -388,7 +438,8 @@ def checkpoint_eval_args(root: str, device: str = "auto"):
         raise ValueError(f"{root}: the checkpoint stores no arguments to rebuild its model from")
     here = dict(lighthouse_config=None, device=device, bf16=None, load=None, save=None, data_path=None,
                 mock_data=True, tensor_model_parallel_size=1, context_parallel_size=1, metrics_file=None,
-                tensorboard_dir=None, save_interval=None, exit_interval=None)
+                tensorboard_dir=None, save_interval=None, exit_interval=None, data_cache_path=None,
+                wandb_project=None, wandb_exp_name=None, wandb_save_dir=None)
     # Checkpoints written before NOT_STORED existed still hold the writer's machine settings.
     stored = {k: v for k, v in vars(stored).items() if k not in checkpointing.NOT_STORED}
     return settings_args({**stored, **here}, world_size=1)
@@ -433,13 +484,26 @@ def _first_rank() -> bool:
 
 
 def prepare(args) -> int:
-    """Checks that need the file system (checkpoints); returns the starting iteration.
-    Rank 0 also removes what a killed save left in --save and checks the --load checkpoint's
-    files against its manifest (torchrun stops the other ranks if that fails)."""
+    """Checks that need the file system (checkpoints, output folders); returns the starting
+    iteration. Rank 0 also checks that every output location can be written (nothing is
+    left there), removes what a killed save left in --save, checks the --load checkpoint's
+    files against its manifest (torchrun stops the other ranks if that fails) and warns
+    about settings that make no sense together."""
     start = 0
+    if _first_rank():
+        check_cpu_memory(args)
+        check_outputs(args)
+        warning = until_iter_warning(args)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     if args.save and _first_rank():
         for path in checkpointing.remove_leftovers(args.save):
             print(f"removed {path}: left by a save that did not finish", flush=True)
+    if args.load and not os.path.exists(args.load) and not _same_path(args.load, args.save):
+        # A typo would otherwise start from scratch. An existing empty folder, or --load = --save
+        # (which the first save creates), is a job's first start before its first checkpoint.
+        raise ValueError(f"--load {args.load} does not exist; give the checkpoint directory to resume "
+                         "from (an empty directory, or the --save directory, starts from scratch)")
     if args.load:
         if checkpointing.read_tracker(args.load) is None:
             print(f"note: --load {args.load} holds no checkpoint yet; starting from scratch", flush=True)
@@ -460,6 +524,32 @@ def prepare(args) -> int:
             raise ValueError(f"--save {args.save}: {existing[0]} already exists; pass --force to replace it, "
                              "or --load the run to continue it")
     return start
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    return bool(a and b) and os.path.abspath(a) == os.path.abspath(b)
+
+
+def check_outputs(args) -> None:
+    """ValueError naming the setting when a folder or file the run writes cannot be written
+    (a read-only or special location, a file where a folder belongs), before anything runs."""
+    paths = output_paths(args)
+    folders = [("--save", args.save), ("--data-cache-path", args.data_cache_path),
+               ("--tensorboard-dir", paths.tensorboard_dir), ("--wandb-save-dir", paths.wandb_dir)]
+    for flag, path in folders:
+        problem = path and writable_dir_problem(path)
+        if problem:
+            raise ValueError(f"{flag} {path}: {problem}{_derived(args, flag)}")
+    problem = paths.metrics_file and writable_file_problem(paths.metrics_file)
+    if problem:
+        raise ValueError(f"--metrics-file {paths.metrics_file}: {problem}{_derived(args, '--metrics-file')}")
+
+
+def _derived(args, flag: str) -> str:
+    """Where a location nobody typed comes from."""
+    if getattr(args, flag[2:].replace("-", "_"), None) or flag in ("--save", "--data-cache-path"):
+        return ""
+    return f" (the default under --save {args.save})"
 
 
 def startup_summary(args, model) -> list[str]:
@@ -520,6 +610,59 @@ def process_group(args):
             dist.destroy_process_group()
 
 
+class StopSignals:
+    """Megatron-LM's --exit-signal-handler for SIGTERM and SIGINT: the first signal asks the
+    loop to stop at the end of the current iteration (`requested`), a second one ends the
+    process at once (SIGINT as KeyboardInterrupt, SIGTERM by its default action).
+
+    Under torchrun, and under Slurm, one signal reaches a worker twice (directly and
+    forwarded by torchrun) within milliseconds; a repeat within `repeat_window` seconds is
+    that same signal, not a second one."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, enabled: bool, repeat_window: float = 2.0):
+        self.enabled, self.repeat_window = enabled, repeat_window
+        self.received: int | None = None
+        self._at = 0.0
+        self._saved: dict = {}
+
+    def __enter__(self):
+        if self.enabled:
+            try:
+                self._saved = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+            except ValueError:  # not the main thread: signals stay as they are
+                self._saved = {}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        self._saved = {}
+
+    def _handle(self, signum, frame):
+        now = time.monotonic()
+        if self.received is None:
+            self.received, self._at = signum, now
+            return
+        if now - self._at < self.repeat_window:
+            return
+        self.__exit__()
+        os.write(2, f"\nsecond {signal.Signals(signum).name}: exiting now, without a checkpoint\n".encode())
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    def requested(self, device: str) -> int | None:
+        """The signal that asked to stop, agreed by every rank (one collective when there are several)."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.received
+        flag = torch.tensor([self.received or 0], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+
 def train_loop(args) -> TrainResult:
     """The training iterations, after `prepare` and inside `process_group`."""
     set_seed(args)
@@ -548,45 +691,93 @@ def train_loop(args) -> TrainResult:
             log.log(rec)
             result.evals.append(rec)
 
+    def save(iteration):
+        if args.check_for_nan_in_loss_and_grad and not parameters_finite(engine.model):
+            detail = "the weights are NaN or infinite"
+            raise TrainingDiverged(_diverged(args, iteration, detail, result, False))
+        path = checkpointing.save_checkpoint(args, iteration, engine.model, engine.optimizer,
+                                             engine.scheduler)
+        result.checkpoints.append(path)
+        if first:
+            log.note(f"saved checkpoint {path} (iteration {iteration}, with its manifest)")
+        return path
+
     tokens_per_iter = args.global_batch_size * args.seq_length
     iteration = start
+    skipped = 0
     try:
-        while iteration < args.train_iters:
-            set_iteration(iteration)
-            attention = _attention_now(args, iteration)
-            if args.attention_impl == "lighthouse" and iteration == args.lighthouse_until_iter and iteration:
-                rec = switch_probe(engine, train_ds, args, iteration)
-                log.log(rec)
-                result.switches.append(rec)
-            lr = engine.lr()  # the rate this iteration uses; the scheduler then moves on
-            t0 = time.perf_counter()
-            loss, grad_norm = train_step(engine, train_ds, args, iteration * args.global_batch_size)
-            elapsed = time.perf_counter() - t0
-            iteration += 1
-            args.consumed_train_samples = iteration * args.global_batch_size
-            result.iteration = iteration
-            log.advance()
-            if iteration % args.log_interval == 0 or iteration == args.train_iters:
-                rec = {"kind": "train", "iteration": iteration, "loss": loss, "lr": lr,
-                       "grad_norm": None if grad_norm is None else float(grad_norm),
-                       "tokens_per_s": tokens_per_iter / elapsed, "time_per_iter_s": elapsed,
-                       "attention": attention}
-                log.log(rec)
-                result.train.append(rec)
-            done = iteration == args.train_iters
-            exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
-            if args.eval_iters and (done or (args.eval_interval and iteration % args.eval_interval == 0)):
-                do_eval(iteration)
-            periodic = bool(args.save_interval) and iteration % args.save_interval == 0
-            if args.save and (done or exiting or periodic):
-                path = checkpointing.save_checkpoint(args, iteration, engine.model, engine.optimizer,
-                                                     engine.scheduler)
-                result.checkpoints.append(path)
-                if first:
-                    log.note(f"saved checkpoint {path} (iteration {iteration}, with its manifest)")
-            if exiting:
-                break
+        with StopSignals(args.exit_signal_handler) as signals:
+            while iteration < args.train_iters:
+                set_iteration(iteration)
+                attention = _attention_now(args, iteration)
+                switching = args.attention_impl == "lighthouse" and iteration == args.lighthouse_until_iter
+                if switching and iteration:
+                    rec = switch_probe(engine, train_ds, args, iteration)
+                    log.log(rec)
+                    result.switches.append(rec)
+                lr = engine.lr()  # the rate this iteration uses; the scheduler then moves on
+                t0 = time.perf_counter()
+                consumed = iteration * args.global_batch_size
+                loss, grad_norm, updated = train_step(engine, train_ds, args, consumed)
+                elapsed = time.perf_counter() - t0
+                iteration += 1
+                args.consumed_train_samples = iteration * args.global_batch_size
+                result.iteration = iteration
+                log.advance()
+                logged = iteration % args.log_interval == 0 or iteration == args.train_iters or not updated
+                if logged:
+                    rec = {"kind": "train", "iteration": iteration, "loss": loss, "lr": lr,
+                           "grad_norm": None if grad_norm is None else float(grad_norm),
+                           "tokens_per_s": tokens_per_iter / elapsed, "time_per_iter_s": elapsed,
+                           "attention": attention}
+                    if not updated:
+                        rec["skipped"] = True
+                    log.log(rec)
+                    result.train.append(rec)
+                if not updated:
+                    skipped += 1
+                    what = " and ".join(f"the {name} is {value:.4g}" for name, value in
+                                        (("loss", loss), ("gradient norm", grad_norm))
+                                        if value is not None and not math.isfinite(value))
+                    if skipped > args.max_skipped_iters:
+                        raise TrainingDiverged(_diverged(args, iteration, what, result, True))
+                    log.note(f"iteration {iteration}: {what}: update skipped ({skipped} of "
+                             f"--max-skipped-iters {args.max_skipped_iters})")
+                done = iteration == args.train_iters
+                exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
+                if args.eval_iters and (done or (args.eval_interval and iteration % args.eval_interval == 0)):
+                    do_eval(iteration)
+                periodic = bool(args.save_interval) and iteration % args.save_interval == 0
+                saved = save(iteration) if args.save and (done or exiting or periodic) else None
+                stop = signals.requested(args.device) if args.exit_signal_handler else None
+                if stop and not done:
+                    if args.save and saved is None:
+                        saved = save(iteration)
+                    raise TrainingStopped(_stopped(args, stop, iteration, saved), stop, iteration, saved)
+                if exiting:
+                    break
     finally:
         log.close()
         set_iteration(0)
     return result
+
+
+def _diverged(args, iteration: int, detail: str, result: TrainResult, skippable: bool) -> str:
+    if result.checkpoints:
+        kept = f"the last checkpoint is {result.checkpoints[-1]}"
+    elif getattr(args, "loaded_iteration", None) is not None:
+        loaded = checkpointing.iteration_dir(args.load, args.loaded_iteration)
+        kept = f"this run saved none; it started from {loaded}"
+    else:
+        kept = "no checkpoint was saved"
+    hint = "lower --lr" + (", or let --max-skipped-iters N skip up to N such iterations" if skippable else "")
+    return (f"iteration {iteration}: {detail}: training diverged (--check-for-nan-in-loss-and-grad); "
+            f"stopped before saving this state ({kept}); {hint}")
+
+
+def _stopped(args, signum: int, iteration: int, saved: str | None) -> str:
+    name = signal.Signals(signum).name
+    if saved:
+        return (f"{name}: stopped after iteration {iteration} and saved {saved}; resume with "
+                f"--load {args.save}")
+    return f"{name}: stopped after iteration {iteration}; nothing saved (no --save)"
