@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from lighthouse_megatron.flags.lighthouse import (  # noqa: E402
 from lighthouse_megatron.megatron import forced_dense, schedule  # noqa: E402
 from lighthouse_megatron.megatron_lm import launch  # noqa: E402
 
+from .megatron_lm_loop import python_for  # noqa: E402
 from .test_patches import LIGHTHOUSE, TINY, snapshot  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,11 +44,9 @@ REFUSED = {
 
 
 def _entry(tag: str, *argv: str) -> subprocess.CompletedProcess:
-    if tag >= "core_v0.19" and sys.version_info < (3, 12):
-        pytest.skip(f"Megatron-LM {tag} imports typing.override: it needs Python >= 3.12")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(snapshot(tag)), ROOT]),
            "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "lighthouse_megatron.megatron_lm.pretrain_gpt", *argv],
+    return subprocess.run([python_for(tag), "-m", "lighthouse_megatron.megatron_lm.pretrain_gpt", *argv],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
 
 
