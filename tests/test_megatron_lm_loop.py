@@ -87,6 +87,66 @@ def test_in_run_switch_equals_dense_relaunch(runs, tag):
     assert_same_checkpoint(dense.ckpt, s1.ckpt, TOTAL)
 
 
+# --------------------------------------------------------------- context parallelism
+
+
+EVAL = [*MODEL, *TRAINING, *LIGHTHOUSE, "--train-iters", "4", "--eval-interval", "2"]
+# Core 0.19 takes one --cp-comm-type per layer: every type in one model (0.16 indexes the list
+# off by one, so p2p alone there).
+HIERARCHY = ["--hierarchical-context-parallel-sizes", "2", "1"]  # a2a+p2p's: a2a over 2, p2p over 1
+COMM_TYPES = ["--cp-comm-type", "p2p", "all_gather", "a2a", "a2a+p2p", *HIERARCHY]
+
+
+def _cp1_dense_evaluation(runs, tag) -> Run:
+    """CP = 1, validation with dense attention only: the reference of the CP runs."""
+    return runs(tag, "cp1", *EVAL, "--lighthouse-eval-attention", "dense").run
+
+
+def _assert_cp_equals_cp1(run: Run, reference: Run) -> None:
+    assert_losses(run.losses(), reference.losses(), range(1, 5), abs=2e-5)  # Lighthouse training
+    dense = {it: v["lm loss dense"] for it, v in run.validations().items()}
+    assert dense == pytest.approx({it: v["lm loss dense"] for it, v in reference.validations().items()},
+                                  abs=2e-5, rel=0)
+    assert run.final_validation()["lm loss dense"] == pytest.approx(
+        reference.final_validation()["lm loss dense"], abs=2e-5, rel=0)
+
+
+@pytest.mark.parametrize("masks", [[], ["--no-create-attention-mask-in-dataloader"]],
+                         ids=["masks", "no-masks"])
+def test_cp2_evaluation_both_equals_dense_and_cp1(runs, masks):
+    """CP = 2 with every --cp-comm-type, --lighthouse-eval-attention both: the Lighthouse training
+    and the dense validation equal CP = 1's (core 0.19's get_batch splits the replayed batch in
+    place; with the dataloader's masks the second split failed the causal-mask check, without
+    them the dense forward saw a quarter of each sequence)."""
+    reference = _cp1_dense_evaluation(runs, V019)
+    run = runs(V019, f"cp2-{'-'.join(masks) or 'masks'}", *EVAL, "--context-parallel-size", "2", *COMM_TYPES,
+               *masks, nproc=2).run
+    assert all(set(v) == {"lm loss", "lm loss dense"} for v in run.validations().values())
+    _assert_cp_equals_cp1(run, reference)
+
+
+def test_tp2_cp2_evaluation_both_equals_cp1(runs):
+    """TP = 2 x CP = 2 (a TP rank broadcasts the batch to the others, whose buffers are sized
+    for one CP split: a second split aborted the broadcast)."""
+    reference = _cp1_dense_evaluation(runs, V019)
+    run = runs(V019, "tp2-cp2", *EVAL, "--context-parallel-size", "2", "--tensor-model-parallel-size", "2",
+               nproc=4).run
+    _assert_cp_equals_cp1(run, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("comm", [["p2p"], ["all_gather"], ["a2a"], ["a2a+p2p", *HIERARCHY]],
+                         ids=lambda c: c[0])
+@pytest.mark.parametrize("tag", TAGS)
+def test_cp2_each_comm_type_equals_cp1(runs, tag, comm):
+    if tag == V016 and comm[0] != "p2p":
+        pytest.skip("core 0.16 runs every --cp-comm-type through the same module; p2p stands for them")
+    reference = _cp1_dense_evaluation(runs, tag)
+    run = runs(tag, f"cp2-{comm[0]}", *EVAL, "--context-parallel-size", "2", "--cp-comm-type", *comm,
+               nproc=2).run
+    _assert_cp_equals_cp1(run, reference)
+
+
 # ------------------------------------------------------------------ reloads
 
 

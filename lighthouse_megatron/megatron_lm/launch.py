@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import functools
 import importlib
 import importlib.util
@@ -205,7 +206,10 @@ class _Replay:
         if self.position == len(self.items):
             self.items.append(next(self.iterator))
         self.position += 1
-        return self.items[self.position - 1]
+        item = self.items[self.position - 1]
+        # Core 0.19's get_batch edits the batch dict it reads in place (device copies, then the
+        # CP split): each pass gets a dict of its own over the same tensors.
+        return copy.copy(item) if isinstance(item, dict) else item
 
     def rewind(self) -> None:
         self.position = 0
