@@ -100,10 +100,14 @@ def test_yaml_cfg_is_caught_on_the_command_line():
 
 
 def test_evaluation_only_runs_read_the_loaded_iteration():
-    """--skip-train never sets curr_iteration: the loaded iteration decides the attention."""
+    """--skip-train never sets curr_iteration, core 0.19 sets it to 0 before a train() that takes
+    no step: the loaded iteration decides the attention until training moves past it.
+    (Megatron-LM's real loop: test_megatron_lm_loop.py::test_relaunch_with_no_step_left_evaluates_dense.)"""
     loaded = argparse.Namespace(iteration=30)
     assert launch.megatron_lm_iteration(loaded) == 30
-    assert launch.megatron_lm_iteration(argparse.Namespace(iteration=30, curr_iteration=12)) == 12
+    assert launch.megatron_lm_iteration(argparse.Namespace(iteration=30, curr_iteration=0)) == 30
+    assert launch.megatron_lm_iteration(argparse.Namespace(iteration=30, curr_iteration=34)) == 34
+    assert launch.megatron_lm_iteration(argparse.Namespace(curr_iteration=3)) == 3
     assert launch.megatron_lm_iteration(argparse.Namespace()) is None
     from lighthouse_megatron.megatron import LighthouseCoreAttention
 

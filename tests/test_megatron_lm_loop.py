@@ -87,6 +87,20 @@ def test_in_run_switch_equals_dense_relaunch(runs, tag):
     assert_same_checkpoint(dense.ckpt, s1.ckpt, TOTAL)
 
 
+@pytest.mark.parametrize("tag", [pytest.param(V016, marks=pytest.mark.slow), V019])
+def test_relaunch_with_no_step_left_evaluates_dense(runs, tag):
+    """A relaunch from the last checkpoint with --train-iters equal to its iteration only
+    evaluates: past --lighthouse-until-iter that is the dense model (core 0.19 sets
+    curr_iteration to 0 before train(), which then takes no step)."""
+    s1 = stage1(runs, tag)
+    zero = runs(tag, "no-step-left", *STAGE1, "--load", str(s1.ckpt))
+    assert "LighthouseCoreAttention x3" in zero.run.first and f"at iteration {TOTAL}" in zero.run.first
+    assert zero.run.losses() == {}
+    # The same batches as stage 1's own validation after training, the same dense model: one number.
+    assert set(zero.run.final_validation()) == {"lm loss"}
+    assert zero.run.final_validation() == s1.run.final_validation()
+
+
 # --------------------------------------------------------------- context parallelism
 
 

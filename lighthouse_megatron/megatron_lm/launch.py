@@ -153,10 +153,13 @@ class AnnouncingSpecProvider:
 
 def megatron_lm_iteration(args) -> int | None:
     """The iteration Megatron-LM's arguments say runs now: `curr_iteration`, which its train()
-    sets before each step, else (evaluation-only runs such as `--skip-train`, and evaluation
-    before train() starts) `iteration`, the one the checkpoint was loaded at."""
-    current = getattr(args, "curr_iteration", None)
-    return getattr(args, "iteration", None) if current is None else current
+    sets before each step, and never less than `iteration`, the one the checkpoint was loaded
+    at. Runs without a step leave `curr_iteration` behind: it is unset with `--skip-train`
+    and before train() on core 0.16, and core 0.19 sets it to 0 before train(), which then
+    takes no step when the checkpoint already reached `--train-iters`."""
+    known = [v for v in (getattr(args, "curr_iteration", None), getattr(args, "iteration", None))
+             if v is not None]
+    return max(known) if known else None
 
 
 def use_megatron_lm_iteration() -> None:
