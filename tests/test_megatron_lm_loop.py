@@ -25,6 +25,7 @@ from .megatron_lm_loop import (
     assert_same_checkpoint,
     launch,
 )
+from .test_patches import snapshot
 
 pytest.importorskip("megatron.core")
 
@@ -99,6 +100,51 @@ def test_relaunch_with_no_step_left_evaluates_dense(runs, tag):
     # The same batches as stage 1's own validation after training, the same dense model: one number.
     assert set(zero.run.final_validation()) == {"lm loss"}
     assert zero.run.final_validation() == s1.run.final_validation()
+
+
+# ---------------------------------------------------------------- the --spec route (0.19)
+
+
+def _spec_route(runs, name, *extra, yaml=LIGHTHOUSE_YAML, check=True):
+    path = runs.factory.mktemp("lighthouse-config") / "lighthouse.yaml"
+    path.write_text(yaml)
+    # No Lighthouse flag: stock Megatron-LM's parser takes none.
+    return runs(V019, name, *SCHEDULE, *extra, "--spec", "lighthouse_megatron.megatron_lm.core_v0_19",
+                "lighthouse_spec_from_env", target=str(snapshot(V019) / "pretrain_gpt.py"),
+                env={"LIGHTHOUSE_CONFIG": str(path)}, save=check, check=check)
+
+
+def test_spec_route_switches_at_until_iter(runs):
+    """Stock pretrain_gpt.py with --spec and until_iter in $LIGHTHOUSE_CONFIG trains exactly what
+    the entry point's --lighthouse-until-iter run trains."""
+    s1 = stage1(runs, V019)
+    spec = _spec_route(runs, "spec", yaml=LIGHTHOUSE_YAML + f"until_iter: {SWITCH}\n")
+    assert_losses(spec.run.losses(), s1.run.losses(), range(1, TOTAL + 1), abs=0)
+    assert_same_checkpoint(spec.ckpt, s1.ckpt, TOTAL)
+    # Megatron-LM's own validation: the model as it trains (no dense evaluation on this route).
+    assert spec.run.validations() == {it: {"lm loss": v["lm loss"]} for it, v in s1.run.validations().items()}
+    assert "LighthouseCoreAttention x3" in spec.run.first  # the log says what the layers are
+
+
+SPEC_REFUSALS = {
+    "eval-attention": (LIGHTHOUSE_YAML + "eval_attention: dense\n", [],
+                       "eval_attention 'dense' cannot be honoured here"),
+    "reset-attention-mask": (LIGHTHOUSE_YAML, ["--reset-attention-mask"],
+                             "--reset-attention-mask is not supported"),
+}
+
+
+@pytest.mark.parametrize("case", list(SPEC_REFUSALS))
+def test_spec_route_refuses_what_it_cannot_honour(runs, case):
+    """What the route cannot do stops the run when Megatron-LM builds the model: exit code 2 and
+    one `error:` line per rank, no traceback."""
+    yaml, extra, message = SPEC_REFUSALS[case]
+    refused = _spec_route(runs, f"spec-{case}", *extra, yaml=yaml, check=False).run
+    errors = [line for line in refused.first.splitlines() if line.startswith("error:")]
+    assert refused.returncode == 2, refused.tail()
+    assert len(errors) == 1 and message in errors[0], refused.tail()
+    assert errors[0].startswith("error: --spec lighthouse_megatron.megatron_lm.core_v0_19")
+    assert "Traceback" not in refused.first
 
 
 # --------------------------------------------------------------- context parallelism

@@ -31,6 +31,11 @@ def _dest(flag: str) -> str:
     return flag[2:].replace("-", "_")
 
 
+def lighthouse_dests() -> list[str]:
+    """The argument names (`args` attributes) of --attention-impl and the --lighthouse-* settings."""
+    return [_dest(flag) for flag in {**_LAUNCH_KEYS, **_FLAGS}.values()]
+
+
 def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the Lighthouse flags to `parser` (Megatron-LM's `extra_args_provider` form)."""
     defaults = LighthouseConfig()
