@@ -222,11 +222,31 @@ def _launch_args(**kw):
 
 def test_dense_local_runs_use_the_package_dense_spec():
     assert launch.uses_package_spec(_launch_args())
-    assert launch.uses_package_spec(_launch_args(context_parallel_size=2, attention_dropout=0.1))
-    # Megatron-LM's own spec: with TE, with a --spec of the user's, or dropout (which SDPA here lacks)
+    assert launch.uses_package_spec(_launch_args(context_parallel_size=2))
+    # Megatron-LM's own spec: with TE, with a --spec of the user's, or settings the package's dense
+    # attention does not serve exactly (Megatron-LM's real loop:
+    # test_megatron_lm_loop.py::test_dense_local_run_the_package_cannot_serve_is_megatron_lms_own).
     assert not launch.uses_package_spec(_launch_args(transformer_impl="transformer_engine"))
     assert not launch.uses_package_spec(_launch_args(spec=["my", "spec"]))
-    assert not launch.uses_package_spec(_launch_args(attention_dropout=0.1))
+    for setting in ({"attention_dropout": 0.1}, {"multi_latent_attention": True},
+                    {"softmax_type": "learnable"}, {"softmax_type": "off-by-one"}, {"window_size": (16, 0)},
+                    {"sft": True}, {"experimental_attention_variant": "dsa"}, {"reset_attention_mask": True}):
+        assert not launch.uses_package_spec(_launch_args(**setting)), setting
+
+
+@pytest.mark.parametrize("setting, start", [
+    ({"attention_dropout": 0.1}, "--attention-dropout 0.1 with --transformer-impl local and "
+                                 "--context-parallel-size 2: Megatron-LM's local attention has no context "
+                                 "parallelism"),
+    ({"softmax_type": "learnable"}, "--softmax-type learnable with --transformer-impl local"),
+])
+def test_dense_local_runs_under_cp_that_neither_spec_serves_are_refused(setting, start):
+    args = _launch_args(context_parallel_size=2, **setting)
+    with pytest.raises(ValueError, match="^" + start) as e:
+        validate_lighthouse_args(args)
+    assert "--transformer-impl transformer_engine" in str(e.value)
+    validate_lighthouse_args(_launch_args(context_parallel_size=2))
+    validate_lighthouse_args(_launch_args(**setting))  # CP = 1: Megatron-LM's own spec
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from .megatron_lm_loop import (
     Run,
     assert_losses,
     assert_same_checkpoint,
+    checkpoint,
     launch,
 )
 from .test_patches import snapshot
@@ -236,3 +237,20 @@ def test_reload_continues_exactly(runs, tag, model):
     assert "at iteration 2" in resumed.run.first
     assert_losses(resumed.run.losses(), whole.run.losses(), [3, 4])
     assert_same_checkpoint(resumed.ckpt, whole.ckpt, 4)
+
+
+# ------------------------------------------------- dense runs with --transformer-impl local
+
+
+@pytest.mark.parametrize("tag", [pytest.param(V016, marks=pytest.mark.slow), V019])
+def test_dense_local_run_the_package_cannot_serve_is_megatron_lms_own(runs, tag):
+    """A dense model with settings this package's dense attention lacks (a learnable softmax
+    offset, a sliding window) is Megatron-LM's own model: the entry point trains exactly what
+    stock pretrain_gpt.py trains (it once swapped in its own attention and failed at build)."""
+    args = [*MODEL, *TRAINING, "--train-iters", "3", "--eval-interval", "3", "--save-interval", "3",
+            "--softmax-type", "learnable", "--window-size", "(16,0)"]
+    stock = runs(tag, "stock-dense", *args, target=str(snapshot(tag) / "pretrain_gpt.py"), save=True)
+    ours = runs(tag, "entry-dense", *args, save=True)
+    assert_losses(ours.run.losses(), stock.run.losses(), [1, 2, 3], abs=0)
+    assert_same_checkpoint(ours.ckpt, stock.ckpt, 3)
+    assert any("softmax_offset" in key for key in checkpoint(ours.ckpt, 3))  # the learnable offset trained

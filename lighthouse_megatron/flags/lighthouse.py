@@ -146,6 +146,7 @@ def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | Non
     if until is not None and (isinstance(until, bool) or not isinstance(until, int) or until < 0):
         raise ValueError(f"--lighthouse-until-iter must be an iteration >= 0, got {until!r}")
     if args.attention_impl == "dense":
+        rules.check_dense_local(args)
         return None
     config = lighthouse_config_from_args(args)
     rules.check_args(args)

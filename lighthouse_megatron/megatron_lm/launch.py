@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..flags.lighthouse import add_lighthouse_args, lighthouse_config_from_args
+from ..flags.rules import refused_setting
 from ..megatron.schedule import forced_dense, set_iteration_source
 from ..megatron.specs import LighthouseBlockSpecProvider
 
@@ -98,18 +99,19 @@ def extra_args_provider(other: Callable | None = None) -> Callable:
 def uses_package_spec(args) -> bool:
     """Whether the model gets this package's block spec: with `--attention-impl lighthouse`,
     and for dense models with `--transformer-impl local` (unless the user names a `--spec` of
-    their own): Megatron-LM's local DotProductAttention materialises the [b*heads, s, s]
-    scores (about 155 GB at 98K tokens and 8 heads) and has no context parallelism, while
-    this package's dense core attention (SDPA, the same parameters and checkpoint keys) has
-    neither problem. It has no attention dropout, so a dense run that asks for dropout at
-    CP = 1 keeps Megatron-LM's local spec (announced)."""
+    their own) that it builds exactly: Megatron-LM's local DotProductAttention materialises the
+    [b*heads, s, s] scores (about 155 GB at 98K tokens and 8 heads) and has no context
+    parallelism, while this package's dense core attention (SDPA, the same parameters and
+    checkpoint keys) has neither problem. A dense model with a setting of `flags.rules` (attention
+    dropout, another softmax, a sliding window, multi-latent attention, packed sequences, ...)
+    keeps Megatron-LM's own spec (announced); under CP, where that spec cannot run, the
+    argument validation refuses it (`rules.check_dense_local`)."""
     if args.attention_impl == "lighthouse":
         return True
     local = getattr(args, "transformer_impl", "transformer_engine") == "local"
     if not local or getattr(args, "spec", None) is not None:
         return False
-    cp = getattr(args, "context_parallel_size", 1) or 1
-    return cp > 1 or not getattr(args, "attention_dropout", 0)
+    return refused_setting(args) is None
 
 
 def spec_provider_from_args(args) -> LighthouseBlockSpecProvider:
