@@ -26,7 +26,7 @@ from .megatron_lm_loop import (
     checkpoint,
     launch,
 )
-from .test_patches import snapshot
+from .test_patches import apply_patch, snapshot
 
 pytest.importorskip("megatron.core")
 
@@ -101,6 +101,22 @@ def test_relaunch_with_no_step_left_evaluates_dense(runs, tag):
     # The same batches as stage 1's own validation after training, the same dense model: one number.
     assert set(zero.run.final_validation()) == {"lm loss"}
     assert zero.run.final_validation() == s1.run.final_validation()
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_patched_script_equals_the_entry_point(runs, tag, tmp_path):
+    """A user's pretrain_gpt.py with patches/'s patch runs what the entry point runs, the
+    --lighthouse-eval-attention evaluation included."""
+    s1 = stage1(runs, tag)
+    work = tmp_path / "script"
+    work.mkdir()
+    apply_patch(tag, work)
+    patched = runs(tag, "patched", *STAGE1, target=str(work / "pretrain_gpt.py"), pythonpath=(work,),
+                   save=True)
+    assert set(patched.run.validations()[SWITCH]) == {"lm loss", "lm loss dense"}
+    assert patched.run.validations() == s1.run.validations()
+    assert_losses(patched.run.losses(), s1.run.losses(), range(1, TOTAL + 1), abs=0)
+    assert_same_checkpoint(patched.ckpt, s1.ckpt, TOTAL)
 
 
 # ---------------------------------------------------------------- the --spec route (0.19)

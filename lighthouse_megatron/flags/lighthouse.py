@@ -68,7 +68,9 @@ def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        help="Validation during a Lighthouse stage: 'model' (the attention the model "
                             "trains with, Megatron-LM's 'lm loss'), 'dense' (the same weights with dense "
                             "attention, logged as 'lm loss dense'), or 'both' on the same batches. "
-                            "Default: both (dense with pipeline parallelism).")
+                            "Default: both (dense with pipeline parallelism). The entry point and the "
+                            "patches hook Megatron-LM's forward step for it; the --spec route cannot "
+                            "(it refuses eval_attention other than model).")
     return parser
 
 

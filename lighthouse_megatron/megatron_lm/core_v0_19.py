@@ -6,6 +6,7 @@ Called by the entry point and by `patches/megatron-lm-core_v0.19.0.patch`:
     args = parse_and_validate_args(extra_args_provider=lighthouse.extra_args_provider(...), ...)
     model_cfg = gpt_config_from_args(args)
     lighthouse.configure_model(args, model_cfg)
+    pretrain(..., lighthouse.wrap_forward_step(forward_step), ...)
 
 and, with no patch at all, through Megatron-LM's `--spec` hook:
 `--spec lighthouse_megatron.megatron_lm.core_v0_19 lighthouse_spec_from_env`.
@@ -21,14 +22,14 @@ from .launch import (
     AnnouncingSpecProvider,
     announce,
     clean_exit,
-    eval_attention_forward_step,
     extra_args_provider,
     spec_provider_from_args,
     use_megatron_lm_iteration,
     uses_package_spec,
+    wrap_forward_step,
 )
 
-__all__ = ["configure_model", "extra_args_provider", "lighthouse_spec_from_env", "run"]
+__all__ = ["configure_model", "extra_args_provider", "lighthouse_spec_from_env", "run", "wrap_forward_step"]
 
 ARGS_DEFAULTS = {"tokenizer_type": "GPT2BPETokenizer"}  # as Megatron-LM's pretrain_gpt.py
 LIGHTHOUSE_CONFIG_ENV = "LIGHTHOUSE_CONFIG"
@@ -91,7 +92,6 @@ def spec_route_args(args, path: str | None) -> argparse.Namespace:
 def run(training, mlm, pretrain, store) -> None:
     """The entry point's 0.19 path: Megatron-LM's own __main__ block, with the Lighthouse hooks."""
     from megatron.core.enums import ModelType
-    from megatron.training import get_args
     from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args, parse_args
 
@@ -116,4 +116,4 @@ def run(training, mlm, pretrain, store) -> None:
     if hasattr(mlm, "get_embedding_ranks"):
         kwargs["get_embedding_ranks"] = mlm.get_embedding_ranks
     pretrain(full_config, mlm.train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
-             eval_attention_forward_step(mlm.forward_step, get_args), **kwargs)
+             wrap_forward_step(mlm.forward_step), **kwargs)

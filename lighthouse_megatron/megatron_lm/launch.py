@@ -230,6 +230,14 @@ def _with_report(result, report: dict):
     return (*result[:-1], report)
 
 
+def wrap_forward_step(forward_step: Callable) -> Callable:
+    """`pretrain_gpt.py`'s forward_step, evaluating as `--lighthouse-eval-attention` says (what the
+    entry point and the patches hand Megatron-LM's pretrain())."""
+    from megatron.training import get_args
+
+    return eval_attention_forward_step(forward_step, get_args)
+
+
 def eval_attention_forward_step(forward_step: Callable, get_args: Callable) -> Callable:
     """Megatron-LM's `forward_step`, evaluating as `--lighthouse-eval-attention` says.
 
