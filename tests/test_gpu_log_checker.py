@@ -14,13 +14,32 @@ checker = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(checker)
 
 
-def log(iters, loss, extra=""):
-    lines = [extra]
-    for i in iters:
+def log(iters, loss, extra="", interval=1):
+    """One launch's log as Megatron-LM writes it: its first iteration is logged without resetting
+    the running sum, so the next line holds the mean since the launch's first iteration."""
+    lines, total, count = [extra], 0.0, 0
+    iters = list(iters)
+    for n, i in enumerate(iters):
+        total, count = total + loss(i), count + 1
+        if n and i % interval:
+            continue
         lines.append(f" [2026-11-28 02:00:00] iteration {i:8d}/      40 | consumed samples: {4 * i} | "
                      f"elapsed time per iteration (ms): 50.0 | learning rate: 1.0E-03 | "
-                     f"lm loss: {loss(i):.6E} | loss scale: 1.0 | grad norm: 1.000 |")
+                     f"lm loss: {total / count:.6E} | loss scale: 1.0 | grad norm: 1.000 |")
+        if n:
+            total, count = 0.0, 0
     return "\n".join(lines)
+
+
+def test_losses_are_per_iteration():
+    """The second line after a launch prints the mean of its first two iterations: undone."""
+    text = log(range(21, 26), lambda i: float(i))
+    assert checker.logged_losses(text)[:2] == [(21, 21.0), (22, 21.5)]
+    assert checker.losses(text) == pytest.approx({i: float(i) for i in range(21, 26)})
+    two_launches = log(range(1, 4), lambda i: float(i)) + "\n" + log(range(3, 6), lambda i: 10.0 * i)
+    assert checker.losses(two_launches) == pytest.approx({1: 1.0, 2: 2.0, 3: 30.0, 4: 40.0, 5: 50.0})
+    with pytest.raises(ValueError, match="--log-interval 1"):
+        checker.losses(log(range(21, 31), lambda i: float(i), interval=5))
 
 
 LH = "lighthouse-megatron: model of this stage (vp_stage=None), core attention: LighthouseCoreAttention x5"
@@ -77,7 +96,7 @@ def validation(it, **values):
     """Megatron-LM's validation line (training.py's evaluate_and_print_results)."""
     fields = "".join(f"{k.replace('_', ' ')} value: {v:.6E} | {k.replace('_', ' ')} PPL: 1.0E+02 | "
                      for k, v in values.items())
-    return f" validation loss at iteration {it} on validation set | {fields}"
+    return f" validation loss at iteration {it} | {fields}"
 
 
 def test_dense_eval_lines():
@@ -97,6 +116,23 @@ def test_dense_eval_lines():
 def test_same_first_dense_losses():
     s2 = log(range(21, 41), falling, LOADED)
     assert checker.check_same(s2, log(range(21, 41), lambda i: falling(i) + 0.01), 21, 3, 0.02) == []
-    assert "differ by 0.0500" in checker.check_same(s2, log(range(21, 41), lambda i: falling(i) + 0.05),
-                                                    21, 3, 0.02)[0]
+    assert "iteration 21 differ by 0.0500" in checker.check_same(
+        s2, log(range(21, 41), lambda i: falling(i) + 0.05), 21, 3, 0.02)[0]
     assert "missing" in checker.check_same(s2, log(range(30, 41), falling), 21, 3, 0.02)[0]
+
+
+def test_a_difference_in_the_averaged_line_is_not_halved():
+    """Iteration 22 differs by 0.03, but Megatron-LM prints it averaged with 21 (0.015 apart):
+    the comparison sees the per-iteration difference."""
+    s2 = log(range(21, 41), falling, LOADED)
+    other = log(range(21, 41), lambda i: falling(i) + (0.03 if i == 22 else 0.0))
+    problems = checker.check_same(s2, other, 21, 3, 0.02)
+    assert problems and "iteration 22 differ by 0.0300" in problems[0], problems
+
+
+def test_final_validation_is_not_a_validation_during_training():
+    text = "\n".join([validation(40, lm_loss=1.0), validation(40, lm_loss=2.0).replace(
+        "iteration 40", "iteration 40 on validation set"), validation(40, lm_loss=3.0).replace(
+        "iteration 40", "iteration 40 on test set")])
+    assert checker.validations(text) == {40: {"lm loss": 1.0}}
+    assert checker.final_validation(text) == {"lm loss": 2.0}

@@ -355,19 +355,3 @@ def test_patches_call_existing_adapter_functions():
         adapter = getattr(importlib.import_module(module.group(1)), module.group(2))
         names = re.findall(r"lighthouse\.(\w+)\(", text)
         assert names and all(callable(getattr(adapter, name)) for name in names), (patch.name, names)
-
-
-def test_no_patch_spec_route_019(monkeypatch, tmp_path):
-    """`--spec lighthouse_megatron.megatron_lm.core_v0_19 lighthouse_spec_from_env`: Megatron-LM >= 0.19
-    imports the name and calls it with its GPTModelConfig (the TransformerConfig in
-    `.transformer`); settings come from $LIGHTHOUSE_CONFIG."""
-    f = tmp_path / "lh.yaml"
-    f.write_text("levels: 2\npooling_factor: 2\ntopk: 8\ntile_topk: 2\ndense_layers: [0]\nuntil_iter: 9\n")
-    monkeypatch.setenv("LIGHTHOUSE_CONFIG", str(f))
-    provider = import_module(["lighthouse_megatron.megatron_lm.core_v0_19", "lighthouse_spec_from_env"])
-    model_cfg = types.SimpleNamespace(transformer=tiny_config(transformer_impl="local"))
-    spec = provider(model_cfg, vp_stage=None)
-    attn = [s.submodules.self_attention.submodules.core_attention for s in spec.layer_specs]
-    assert [a.module.__name__ for a in attn] == ["DenseCoreAttention", "LighthouseCoreAttention",
-                                                "LighthouseCoreAttention"]
-    assert attn[1].params["until_iter"] == 9 and attn[1].params["lighthouse"].topk == 8

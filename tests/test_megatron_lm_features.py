@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from lighthouse_megatron.flags.lighthouse import (  # noqa: E402
 from lighthouse_megatron.megatron import forced_dense, schedule  # noqa: E402
 from lighthouse_megatron.megatron_lm import launch  # noqa: E402
 
+from .megatron_lm_loop import python_for  # noqa: E402
 from .test_patches import LIGHTHOUSE, TINY, snapshot  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,11 +44,9 @@ REFUSED = {
 
 
 def _entry(tag: str, *argv: str) -> subprocess.CompletedProcess:
-    if tag >= "core_v0.19" and sys.version_info < (3, 12):
-        pytest.skip(f"Megatron-LM {tag} imports typing.override: it needs Python >= 3.12")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(snapshot(tag)), ROOT]),
            "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "lighthouse_megatron.megatron_lm.pretrain_gpt", *argv],
+    return subprocess.run([python_for(tag), "-m", "lighthouse_megatron.megatron_lm.pretrain_gpt", *argv],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
 
 
@@ -102,10 +100,14 @@ def test_yaml_cfg_is_caught_on_the_command_line():
 
 
 def test_evaluation_only_runs_read_the_loaded_iteration():
-    """--skip-train never sets curr_iteration: the loaded iteration decides the attention."""
+    """--skip-train never sets curr_iteration, core 0.19 sets it to 0 before a train() that takes
+    no step: the loaded iteration decides the attention until training moves past it.
+    (Megatron-LM's real loop: test_megatron_lm_loop.py::test_relaunch_with_no_step_left_evaluates_dense.)"""
     loaded = argparse.Namespace(iteration=30)
     assert launch.megatron_lm_iteration(loaded) == 30
-    assert launch.megatron_lm_iteration(argparse.Namespace(iteration=30, curr_iteration=12)) == 12
+    assert launch.megatron_lm_iteration(argparse.Namespace(iteration=30, curr_iteration=0)) == 30
+    assert launch.megatron_lm_iteration(argparse.Namespace(iteration=30, curr_iteration=34)) == 34
+    assert launch.megatron_lm_iteration(argparse.Namespace(curr_iteration=3)) == 3
     assert launch.megatron_lm_iteration(argparse.Namespace()) is None
     from lighthouse_megatron.megatron import LighthouseCoreAttention
 
@@ -220,11 +222,31 @@ def _launch_args(**kw):
 
 def test_dense_local_runs_use_the_package_dense_spec():
     assert launch.uses_package_spec(_launch_args())
-    assert launch.uses_package_spec(_launch_args(context_parallel_size=2, attention_dropout=0.1))
-    # Megatron-LM's own spec: with TE, with a --spec of the user's, or dropout (which SDPA here lacks)
+    assert launch.uses_package_spec(_launch_args(context_parallel_size=2))
+    # Megatron-LM's own spec: with TE, with a --spec of the user's, or settings the package's dense
+    # attention does not serve exactly (Megatron-LM's real loop:
+    # test_megatron_lm_loop.py::test_dense_local_run_the_package_cannot_serve_is_megatron_lms_own).
     assert not launch.uses_package_spec(_launch_args(transformer_impl="transformer_engine"))
     assert not launch.uses_package_spec(_launch_args(spec=["my", "spec"]))
-    assert not launch.uses_package_spec(_launch_args(attention_dropout=0.1))
+    for setting in ({"attention_dropout": 0.1}, {"multi_latent_attention": True},
+                    {"softmax_type": "learnable"}, {"softmax_type": "off-by-one"}, {"window_size": (16, 0)},
+                    {"sft": True}, {"experimental_attention_variant": "dsa"}, {"reset_attention_mask": True}):
+        assert not launch.uses_package_spec(_launch_args(**setting)), setting
+
+
+@pytest.mark.parametrize("setting, start", [
+    ({"attention_dropout": 0.1}, "--attention-dropout 0.1 with --transformer-impl local and "
+                                 "--context-parallel-size 2: Megatron-LM's local attention has no context "
+                                 "parallelism"),
+    ({"softmax_type": "learnable"}, "--softmax-type learnable with --transformer-impl local"),
+])
+def test_dense_local_runs_under_cp_that_neither_spec_serves_are_refused(setting, start):
+    args = _launch_args(context_parallel_size=2, **setting)
+    with pytest.raises(ValueError, match="^" + start) as e:
+        validate_lighthouse_args(args)
+    assert "--transformer-impl transformer_engine" in str(e.value)
+    validate_lighthouse_args(_launch_args(context_parallel_size=2))
+    validate_lighthouse_args(_launch_args(**setting))  # CP = 1: Megatron-LM's own spec
 
 
 @pytest.fixture

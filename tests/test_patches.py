@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -50,13 +49,11 @@ def snapshot(tag: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=PATCHES, ids=_tag)
-def patched(request, tmp_path_factory):
-    """(tag, snapshot, a copy of the snapshot's files the patch touches, patched)."""
-    patch = request.param
-    tag = _tag(patch)
+def apply_patch(tag: str, work: Path) -> Path:
+    """The snapshot's files that `tag`'s patch touches, copied into `work` and patched there
+    (`work` goes before the snapshot on PYTHONPATH). Returns the snapshot."""
+    patch = ROOT / "patches" / f"megatron-lm-{tag}.patch"
     source = snapshot(tag)
-    work = tmp_path_factory.mktemp(tag)
     for name in re.findall(r"^\+\+\+ b/(\S+)", patch.read_text(), flags=re.M):
         (work / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source / name, work / name)
@@ -67,7 +64,15 @@ def patched(request, tmp_path_factory):
     applied = git("apply", str(patch))
     assert applied.returncode == 0, applied.stderr
     assert (work / "pretrain_gpt.py").read_text() != (source / "pretrain_gpt.py").read_text()
-    return tag, source, work
+    return source
+
+
+@pytest.fixture(scope="module", params=PATCHES, ids=_tag)
+def patched(request, tmp_path_factory):
+    """(tag, snapshot, a copy of the snapshot's files the patch touches, patched)."""
+    tag = _tag(request.param)
+    work = tmp_path_factory.mktemp(tag)
+    return tag, apply_patch(tag, work), work
 
 
 def test_patch_applies_to_its_tag(patched):
@@ -84,12 +89,12 @@ def test_every_megatron_lm_snapshot_has_a_patch():
 
 
 def _run(tag: str, source: Path, work: Path, *argv: str) -> subprocess.CompletedProcess:
-    if tag >= "core_v0.19" and sys.version_info < (3, 12):
-        pytest.skip(f"Megatron-LM {tag} imports typing.override: it needs Python >= 3.12")
+    from .megatron_lm_loop import python_for
+
     pytest.importorskip("megatron.core")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(work), str(source), str(ROOT)])}
     return subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "megatron_lm_driver.py"), str(work / "pretrain_gpt.py"),
+        [python_for(tag), str(ROOT / "tests" / "megatron_lm_driver.py"), str(work / "pretrain_gpt.py"),
          *argv], capture_output=True, text=True, cwd=work, env=env, timeout=300,
     )
 

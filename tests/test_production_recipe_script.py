@@ -19,13 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 FAKE_TORCHRUN = r'''#!/usr/bin/env python3
 import os, sys
 argv = sys.argv[1:]
+first = []
 def log(i, loss):
+    # As Megatron-LM: a launch's first iteration does not reset the sum, the next line is the mean.
+    shown = (first[0] + loss) / 2 if len(first) == 1 else loss
+    first.append(loss)
     print(f" [2026] iteration {i:8d}/      40 | consumed samples: {4 * i} | "
-          f"lm loss: {loss:.6E} | grad norm: 1.0 |")
+          f"lm loss: {shown:.6E} | grad norm: 1.0 |")
 def val(i, *values):
     names = ["lm loss", "lm loss dense"]
     fields = "".join(f"{n} value: {v:.6E} | {n} PPL: 1.0E+02 | " for n, v in zip(names, values))
-    print(f" validation loss at iteration {i} on validation set | {fields}")
+    print(f" validation loss at iteration {i} | {fields}")
 loss = lambda i: 5.5 - 0.05 * i
 if "--exit-interval" in argv:  # stage 1
     print("lighthouse-megatron: layer specs of this stage (vp_stage=None): "
@@ -41,8 +45,9 @@ if switch and os.environ.get("FAKE_SWITCH_FAILS"):
     sys.exit(1)
 print("  successfully loaded checkpoint from /ckpt [ t 1/1, p 1/1 ] at iteration 20")
 shift = float(os.environ.get("FAKE_SWITCH_SHIFT", "0")) if switch else 0.0
+shift_at = int(os.environ.get("FAKE_SWITCH_SHIFT_AT", "0"))
 for i in range(21, 41):
-    log(i, loss(i) + 0.3 + shift)
+    log(i, loss(i) + 0.3 + (shift if shift_at in (0, i) else 0.0))
     if i % 10 == 0:
         val(i, loss(i) + 0.3)
 '''
@@ -101,7 +106,9 @@ def test_variants_pass_and_skip_with_reasons(fake_env, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("env, match", [
-    ({"FAKE_SWITCH_SHIFT": "0.1"}, "first dense losses differ by 0.1000"),
+    ({"FAKE_SWITCH_SHIFT": "0.1"}, "dense losses of iteration 21 differ by 0.1000"),
+    # Megatron-LM prints iteration 22 averaged with 21 (0.015 apart): compared per iteration.
+    ({"FAKE_SWITCH_SHIFT": "0.03", "FAKE_SWITCH_SHIFT_AT": "22"}, "iteration 22 differ by 0.0300"),
     ({"FAKE_SWITCH_FAILS": "1"}, "stage 2 failed (dense rc 0, switch rc 1"),
 ])
 def test_a_wrong_stage_two_fails(fake_env, tmp_path, env, match):

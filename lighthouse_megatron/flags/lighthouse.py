@@ -31,6 +31,11 @@ def _dest(flag: str) -> str:
     return flag[2:].replace("-", "_")
 
 
+def lighthouse_dests() -> list[str]:
+    """The argument names (`args` attributes) of --attention-impl and the --lighthouse-* settings."""
+    return [_dest(flag) for flag in {**_LAUNCH_KEYS, **_FLAGS}.values()]
+
+
 def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the Lighthouse flags to `parser` (Megatron-LM's `extra_args_provider` form)."""
     defaults = LighthouseConfig()
@@ -63,7 +68,9 @@ def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        help="Validation during a Lighthouse stage: 'model' (the attention the model "
                             "trains with, Megatron-LM's 'lm loss'), 'dense' (the same weights with dense "
                             "attention, logged as 'lm loss dense'), or 'both' on the same batches. "
-                            "Default: both (dense with pipeline parallelism).")
+                            "Default: both (dense with pipeline parallelism). The entry point and the "
+                            "patches hook Megatron-LM's forward step for it; the --spec route cannot "
+                            "(it refuses eval_attention other than model).")
     return parser
 
 
@@ -179,6 +186,7 @@ def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | Non
     if until is not None and (isinstance(until, bool) or not isinstance(until, int) or until < 0):
         raise ValueError(f"--lighthouse-until-iter must be an iteration >= 0, got {until!r}")
     if args.attention_impl == "dense":
+        rules.check_dense_local(args)
         return None
     seq, cp = getattr(args, "seq_length", None), getattr(args, "context_parallel_size", 1) or 1
     config = lighthouse_config_from_args(args, seq if isinstance(seq, int) and seq > 0 else None, cp)

@@ -115,13 +115,39 @@ def _shown(value: Any) -> str:
     return "" if value is True else f" {getattr(value, 'name', value)}"
 
 
-def check_args(args) -> None:
-    """Refuse launch arguments (Megatron-LM's namespace) that Lighthouse layers do not support."""
+def refused_setting(args) -> tuple[Rule, Any] | None:
+    """The first rule that refuses launch arguments (Megatron-LM's namespace), with the value."""
     for rule in RULES:
         value = getattr(args, rule.dest, None)
         if rule.refused(value):
-            raise ValueError(f"{rule.flag}{_shown(value)} is not supported with --attention-impl "
-                             f"lighthouse: {rule.reason}; {rule.fix}")
+            return rule, value
+    return None
+
+
+def check_args(args) -> None:
+    """Refuse launch arguments (Megatron-LM's namespace) that Lighthouse layers do not support."""
+    found = refused_setting(args)
+    if found is not None:
+        rule, value = found
+        raise ValueError(f"{rule.flag}{_shown(value)} is not supported with --attention-impl "
+                         f"lighthouse: {rule.reason}; {rule.fix}")
+
+
+def check_dense_local(args) -> None:
+    """A dense model with `--transformer-impl local` under context parallelism: Megatron-LM's local
+    DotProductAttention has no CP, so only this package's dense core attention can serve it, which
+    must then support every setting (a dense model it cannot serve exactly at CP = 1 keeps
+    Megatron-LM's own spec)."""
+    cp = getattr(args, "context_parallel_size", 1) or 1
+    if cp == 1 or getattr(args, "transformer_impl", None) != "local" or getattr(args, "spec", None):
+        return
+    found = refused_setting(args)
+    if found is not None:
+        rule, value = found
+        raise ValueError(f"{rule.flag}{_shown(value)} with --transformer-impl local and "
+                         f"--context-parallel-size {cp}: Megatron-LM's local attention has no context "
+                         "parallelism and this package's dense attention, which has, does not support it "
+                         f"({rule.reason}); {rule.fix}, or use --transformer-impl transformer_engine")
 
 
 def check_config(config, where: str, *, lighthouse: bool, **overrides: Any) -> None:

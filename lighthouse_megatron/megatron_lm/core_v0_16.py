@@ -3,6 +3,7 @@
 Called by the entry point and by `patches/megatron-lm-core_v0.16.1.patch`:
 
     pretrain(..., partial(model_provider, lighthouse.wrap_gpt_builder(gpt_builder)), ...,
+             lighthouse.wrap_forward_step(forward_step), ...,
              extra_args_provider=lighthouse.extra_args_provider(add_modelopt_args or None))
 """
 
@@ -16,15 +17,15 @@ from ..flags.lighthouse import validate_lighthouse_args
 from .launch import (
     announce,
     clean_exit,
-    eval_attention_forward_step,
     extra_args_provider,
     spec_provider_from_args,
     use_megatron_lm_iteration,
     uses_package_spec,
     warn_settings,
+    wrap_forward_step,
 )
 
-__all__ = ["extra_args_provider", "run", "wrap_gpt_builder"]
+__all__ = ["extra_args_provider", "run", "wrap_forward_step", "wrap_gpt_builder"]
 
 ARGS_DEFAULTS = {"tokenizer_type": "GPT2BPETokenizer"}  # as Megatron-LM's pretrain_gpt.py
 
@@ -76,7 +77,6 @@ def _announced(model, vp_stage):
 def run(training, mlm, pretrain, store) -> None:
     """The entry point's 0.16 path: Megatron-LM's own __main__ block, with the Lighthouse hooks."""
     from megatron.core.enums import ModelType
-    from megatron.training import get_args
     from megatron.training.arguments import parse_args
 
     modelopt = mlm.add_modelopt_args if getattr(mlm, "has_nvidia_modelopt", False) else None
@@ -97,7 +97,7 @@ def run(training, mlm, pretrain, store) -> None:
         mlm.train_valid_test_datasets_provider,
         partial(mlm.model_provider, wrap_gpt_builder(mlm.gpt_builder)),
         ModelType.encoder_or_decoder,
-        eval_attention_forward_step(mlm.forward_step, get_args),
+        wrap_forward_step(mlm.forward_step),
         args_defaults=ARGS_DEFAULTS,
         extra_args_provider=provider,
         **kwargs,

@@ -6,6 +6,7 @@ Called by the entry point and by `patches/megatron-lm-core_v0.19.0.patch`:
     args = parse_and_validate_args(extra_args_provider=lighthouse.extra_args_provider(...), ...)
     model_cfg = gpt_config_from_args(args)
     lighthouse.configure_model(args, model_cfg)
+    pretrain(..., lighthouse.wrap_forward_step(forward_step), ...)
 
 and, with no patch at all, through Megatron-LM's `--spec` hook:
 `--spec lighthouse_megatron.megatron_lm.core_v0_19 lighthouse_spec_from_env`.
@@ -13,27 +14,27 @@ and, with no patch at all, through Megatron-LM's `--spec` hook:
 
 from __future__ import annotations
 
+import argparse
 import os
 
-from ..config import LighthouseConfig
-from ..flags.lighthouse import load_lighthouse_yaml, validate_lighthouse_args
-from ..megatron.specs import LighthouseBlockSpecProvider, transformer_config_of
+from ..flags.lighthouse import lighthouse_dests, load_lighthouse_yaml, validate_lighthouse_args
 from .launch import (
     AnnouncingSpecProvider,
     announce,
     clean_exit,
-    eval_attention_forward_step,
     extra_args_provider,
     spec_provider_from_args,
     use_megatron_lm_iteration,
     uses_package_spec,
     warn_settings,
+    wrap_forward_step,
 )
 
-__all__ = ["configure_model", "extra_args_provider", "lighthouse_spec_from_env", "run"]
+__all__ = ["configure_model", "extra_args_provider", "lighthouse_spec_from_env", "run", "wrap_forward_step"]
 
 ARGS_DEFAULTS = {"tokenizer_type": "GPT2BPETokenizer"}  # as Megatron-LM's pretrain_gpt.py
 LIGHTHOUSE_CONFIG_ENV = "LIGHTHOUSE_CONFIG"
+SPEC_ROUTE = f"--spec {__name__} lighthouse_spec_from_env"
 
 
 def configure_model(args, model_cfg) -> None:
@@ -51,24 +52,47 @@ def configure_model(args, model_cfg) -> None:
 def lighthouse_spec_from_env(config, vp_stage: int | None = None):
     """The no-patch route: `--spec lighthouse_megatron.megatron_lm.core_v0_19
     lighthouse_spec_from_env`, settings from the YAML file named by $LIGHTHOUSE_CONFIG
-    (the `--lighthouse-config` format; argparse rejects new flags without a patch)."""
-    path = os.environ.get(LIGHTHOUSE_CONFIG_ENV)
+    (the `--lighthouse-config` format; argparse rejects new flags without a patch).
+
+    Megatron-LM's GPT model builder calls it inside pretrain(): the settings are checked then
+    against its arguments as the entry point checks them (one `error:` line, exit code 2), and
+    `until_iter` reads Megatron-LM's iteration. Its validation is not hooked here, so an
+    `eval_attention` other than `model` is refused."""
+    from megatron.training import get_args
+
+    with clean_exit():
+        try:
+            args = spec_route_args(get_args(), os.environ.get(LIGHTHOUSE_CONFIG_ENV))
+            validate_lighthouse_args(args)
+        except ValueError as e:
+            raise ValueError(f"{SPEC_ROUTE}: {e}") from e
+    use_megatron_lm_iteration()
+    return AnnouncingSpecProvider(spec_provider_from_args(args))(config, vp_stage=vp_stage)
+
+
+def spec_route_args(args, path: str | None) -> argparse.Namespace:
+    """A copy of Megatron-LM's arguments `args` with the --spec route's Lighthouse settings: the
+    YAML file `path` alone (argparse took no Lighthouse flag), `attention_impl` lighthouse unless
+    it says dense, validation evaluating the model; `spec` cleared, being the route itself."""
     settings = load_lighthouse_yaml(path) if path else {}
-    impl = settings.pop("attention_impl", "lighthouse")
-    until = settings.pop("until_iter", None)
-    settings.pop("eval_attention", None)  # Megatron-LM's validation is not hooked on this route
-    transformer_impl = getattr(transformer_config_of(config), "transformer_impl", None)
-    use_te = None if transformer_impl is None else transformer_impl == "transformer_engine"
-    provider = LighthouseBlockSpecProvider(
-        LighthouseConfig.from_dict(settings), attention_impl=impl, use_te=use_te, until_iter=until
-    )
-    return provider(config, vp_stage=vp_stage)
+    evaluation = settings.get("eval_attention", "model")
+    if evaluation != "model":
+        raise ValueError(f"${LIGHTHOUSE_CONFIG_ENV} {path}: eval_attention {evaluation!r} cannot be honoured "
+                         "here: without the entry point or a patch, Megatron-LM's validation is not hooked "
+                         "and evaluates the model as it trains; drop the key (or set it to model), or run "
+                         "python -m lighthouse_megatron.megatron_lm.pretrain_gpt")
+    ours = argparse.Namespace(**vars(args))
+    for dest in lighthouse_dests():
+        setattr(ours, dest, None)
+    ours.lighthouse_config, ours.spec = path, None
+    ours.attention_impl = settings.get("attention_impl", "lighthouse")
+    ours.lighthouse_eval_attention = "model"
+    return ours
 
 
 def run(training, mlm, pretrain, store) -> None:
     """The entry point's 0.19 path: Megatron-LM's own __main__ block, with the Lighthouse hooks."""
     from megatron.core.enums import ModelType
-    from megatron.training import get_args
     from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args, parse_args
 
@@ -94,4 +118,4 @@ def run(training, mlm, pretrain, store) -> None:
     if hasattr(mlm, "get_embedding_ranks"):
         kwargs["get_embedding_ranks"] = mlm.get_embedding_ranks
     pretrain(full_config, mlm.train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
-             eval_attention_forward_step(mlm.forward_step, get_args), **kwargs)
+             wrap_forward_step(mlm.forward_step), **kwargs)

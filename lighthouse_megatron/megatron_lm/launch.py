@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import functools
 import importlib
 import importlib.util
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..flags.lighthouse import add_lighthouse_args, lighthouse_config_from_args, until_iter_warning
+from ..flags.rules import refused_setting
 from ..megatron.schedule import forced_dense, set_iteration_source
 from ..megatron.specs import LighthouseBlockSpecProvider
 
@@ -97,18 +99,19 @@ def extra_args_provider(other: Callable | None = None) -> Callable:
 def uses_package_spec(args) -> bool:
     """Whether the model gets this package's block spec: with `--attention-impl lighthouse`,
     and for dense models with `--transformer-impl local` (unless the user names a `--spec` of
-    their own): Megatron-LM's local DotProductAttention materialises the [b*heads, s, s]
-    scores (about 155 GB at 98K tokens and 8 heads) and has no context parallelism, while
-    this package's dense core attention (SDPA, the same parameters and checkpoint keys) has
-    neither problem. It has no attention dropout, so a dense run that asks for dropout at
-    CP = 1 keeps Megatron-LM's local spec (announced)."""
+    their own) that it builds exactly: Megatron-LM's local DotProductAttention materialises the
+    [b*heads, s, s] scores (about 155 GB at 98K tokens and 8 heads) and has no context
+    parallelism, while this package's dense core attention (SDPA, the same parameters and
+    checkpoint keys) has neither problem. A dense model with a setting of `flags.rules` (attention
+    dropout, another softmax, a sliding window, multi-latent attention, packed sequences, ...)
+    keeps Megatron-LM's own spec (announced); under CP, where that spec cannot run, the
+    argument validation refuses it (`rules.check_dense_local`)."""
     if args.attention_impl == "lighthouse":
         return True
     local = getattr(args, "transformer_impl", "transformer_engine") == "local"
     if not local or getattr(args, "spec", None) is not None:
         return False
-    cp = getattr(args, "context_parallel_size", 1) or 1
-    return cp > 1 or not getattr(args, "attention_dropout", 0)
+    return refused_setting(args) is None
 
 
 def spec_provider_from_args(args) -> LighthouseBlockSpecProvider:
@@ -160,10 +163,13 @@ class AnnouncingSpecProvider:
 
 def megatron_lm_iteration(args) -> int | None:
     """The iteration Megatron-LM's arguments say runs now: `curr_iteration`, which its train()
-    sets before each step, else (evaluation-only runs such as `--skip-train`, and evaluation
-    before train() starts) `iteration`, the one the checkpoint was loaded at."""
-    current = getattr(args, "curr_iteration", None)
-    return getattr(args, "iteration", None) if current is None else current
+    sets before each step, and never less than `iteration`, the one the checkpoint was loaded
+    at. Runs without a step leave `curr_iteration` behind: it is unset with `--skip-train`
+    and before train() on core 0.16, and core 0.19 sets it to 0 before train(), which then
+    takes no step when the checkpoint already reached `--train-iters`."""
+    known = [v for v in (getattr(args, "curr_iteration", None), getattr(args, "iteration", None))
+             if v is not None]
+    return max(known) if known else None
 
 
 def use_megatron_lm_iteration() -> None:
@@ -213,7 +219,10 @@ class _Replay:
         if self.position == len(self.items):
             self.items.append(next(self.iterator))
         self.position += 1
-        return self.items[self.position - 1]
+        item = self.items[self.position - 1]
+        # Core 0.19's get_batch edits the batch dict it reads in place (device copies, then the
+        # CP split): each pass gets a dict of its own over the same tensors.
+        return copy.copy(item) if isinstance(item, dict) else item
 
     def rewind(self) -> None:
         self.position = 0
@@ -227,6 +236,14 @@ def _with_report(result, report: dict):
     """A Megatron-LM loss-function result (`(loss, num_tokens, report)` or `(loss, report)`)
     with its report dict replaced."""
     return (*result[:-1], report)
+
+
+def wrap_forward_step(forward_step: Callable) -> Callable:
+    """`pretrain_gpt.py`'s forward_step, evaluating as `--lighthouse-eval-attention` says (what the
+    entry point and the patches hand Megatron-LM's pretrain())."""
+    from megatron.training import get_args
+
+    return eval_attention_forward_step(forward_step, get_args)
 
 
 def eval_attention_forward_step(forward_step: Callable, get_args: Callable) -> Callable:

@@ -12,6 +12,11 @@ the start). With --expect-dense-eval: stage 1's validation lines carry both Mega
 only "lm loss". With --same-as LOG: that run (stage 2 of the same checkpoint another way,
 e.g. the in-run switch) logged the same first losses as stage 2, within --tolerance.
 Prints one verdict line; exit code 1 on a failure.
+
+Losses are compared per iteration. Megatron-LM logs a launch's first iteration without
+resetting its running sum, so the next logged loss is the average of the launch's first two
+iterations (a resumed stage 2 logs the mean of iterations 21 and 22 as iteration 22): `losses`
+undoes that average, which needs `--log-interval 1`.
 """
 
 from __future__ import annotations
@@ -27,22 +32,50 @@ ITERATION = re.compile(r"iteration\s+(\d+)/\s*(\d+)\s*\|.*?lm loss:\s*(-?(?:[0-9
                        re.IGNORECASE)
 
 
-# ` validation loss at iteration 10 on validation set | lm loss value: 5.1E+00 | lm loss PPL: ... |`
-VALIDATION = re.compile(r"validation loss at iteration (\d+)[^|]*\|(.*)")
+# ` validation loss at iteration 10 | lm loss value: 5.1E+00 | lm loss PPL: ... |` during training;
+# after it, the same with "on validation set" (and "on test set") before the first bar.
+VALIDATION = re.compile(r"validation loss at iteration (\d+)(\s+on [^|]*?)?\s*\|(.*)")
 VALUE = re.compile(r"\s*(lm loss(?: dense)?) value:\s*(-?(?:[0-9.]+E[-+]\d+|NAN|INF))", re.IGNORECASE)
 
 
+def logged_losses(text: str) -> list[tuple[int, float]]:
+    """(iteration, loss) as Megatron-LM printed them, in order."""
+    return [(int(m.group(1)), float(m.group(3))) for m in ITERATION.finditer(text)]
+
+
 def losses(text: str) -> dict[int, float]:
-    return {int(m.group(1)): float(m.group(3)) for m in ITERATION.finditer(text)}
+    """{iteration: that iteration's loss}. Megatron-LM's training log does not reset its running sum
+    after a launch's first iteration, so the next line prints the mean of the launch's first two
+    iterations: undone here. A line covering more iterations (--log-interval > 1) has no
+    per-iteration value: ValueError."""
+    out: dict[int, float] = {}
+    previous = first = None
+    for iteration, loss in logged_losses(text):
+        if previous is None or iteration <= previous:  # a launch starts (logs may be concatenated)
+            first = iteration
+        elif iteration != previous + 1:
+            raise ValueError(f"iterations {previous + 1}..{iteration} are logged as one average; per-"
+                             "iteration losses need Megatron-LM's --log-interval 1")
+        elif previous == first:
+            loss = 2 * loss - out[first]
+        out[iteration] = loss
+        previous = iteration
+    return out
+
+
+def _fields(values: str) -> dict[str, float]:
+    return {v.group(1): float(v.group(2)) for v in map(VALUE.match, values.split("|")) if v}
 
 
 def validations(text: str) -> dict[int, dict[str, float]]:
-    """{iteration: {"lm loss": ..., "lm loss dense": ...}} from Megatron-LM's validation lines."""
-    out = {}
-    for m in VALIDATION.finditer(text):
-        fields = {v.group(1): float(v.group(2)) for v in map(VALUE.match, m.group(2).split("|")) if v}
-        out[int(m.group(1))] = fields
-    return out
+    """{iteration: {"lm loss": ..., "lm loss dense": ...}} from the validations during training."""
+    return {int(m.group(1)): _fields(m.group(3)) for m in VALIDATION.finditer(text) if m.group(2) is None}
+
+
+def final_validation(text: str) -> dict[str, float]:
+    """The validation after training (`... at iteration N on validation set | ...`), {} if none."""
+    found = [m for m in VALIDATION.finditer(text) if (m.group(2) or "").strip() == "on validation set"]
+    return _fields(found[-1].group(3)) if found else {}
 
 
 def check_dense_eval(stage1: str, stage2: str) -> list[str]:
@@ -66,10 +99,10 @@ def check_same(stage2: str, other: str, first: int, count: int, tolerance: float
     its = list(range(first, first + count))
     if not all(i in a and i in b for i in its):
         return [f"iterations {its} missing from one of the two stage-2 logs"]
-    worst = max(abs(a[i] - b[i]) for i in its)
-    if not worst <= tolerance:
-        return [f"first dense losses differ by {worst:.4f} > {tolerance}: "
-                f"{[a[i] for i in its]} vs {[b[i] for i in its]}"]
+    for i in its:
+        if not abs(a[i] - b[i]) <= tolerance:
+            return [f"dense losses of iteration {i} differ by {abs(a[i] - b[i]):.4f} > {tolerance}: per "
+                    f"iteration {[round(a[j], 6) for j in its]} vs {[round(b[j], 6) for j in its]}"]
     return []
 
 
@@ -123,13 +156,16 @@ def main() -> int:
     a = p.parse_args()
     with open(a.stage1) as f1, open(a.stage2) as f2:
         s1, s2 = f1.read(), f2.read()
-    problems = check(s1, s2, a.switch_iter, a.train_iters)
-    if a.expect_dense_eval:
-        problems += check_dense_eval(s1, s2)
-    if a.same_as:
-        with open(a.same_as) as f:
-            problems += check_same(s2, f.read(), a.switch_iter + 1, a.same_iters, a.tolerance)
-    l1, l2 = losses(s1), losses(s2)
+    try:
+        problems = check(s1, s2, a.switch_iter, a.train_iters)
+        if a.expect_dense_eval:
+            problems += check_dense_eval(s1, s2)
+        if a.same_as:
+            with open(a.same_as) as f:
+                problems += check_same(s2, f.read(), a.switch_iter + 1, a.same_iters, a.tolerance)
+        l1, l2 = losses(s1), losses(s2)
+    except ValueError as e:
+        problems = [str(e)]
     if problems:
         print("FAILED: " + "; ".join(problems))
         return 1
@@ -139,7 +175,8 @@ def main() -> int:
         extra += (f"; stage 1 validation at {it}: lm loss {fields['lm loss']:.3f}, "
                   f"lm loss dense {fields['lm loss dense']:.3f}")
     if a.same_as:
-        extra += f"; first {a.same_iters} dense losses match {a.same_as} within {a.tolerance}"
+        extra += (f"; the dense losses of iterations {a.switch_iter + 1}..{a.switch_iter + a.same_iters} "
+                  f"match {a.same_as} within {a.tolerance}")
     print(f"OK: stage 1 (Lighthouse) loss {l1[1]:.3f} -> {l1[a.switch_iter]:.3f}, stage 2 (dense, "
           f"loaded iteration {a.switch_iter}) {l2[a.switch_iter + 1]:.3f} -> {l2[a.train_iters]:.3f}"
           + extra)

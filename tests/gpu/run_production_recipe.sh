@@ -9,7 +9,7 @@
 #             layer dense in-run): its first losses must equal the dense relaunch's (same
 #             weights, same batches), which shows the relaunch is the dense model of those weights
 # then tests/gpu/check_megatron_lm_logs.py checks each variant (finite, falling loss, the
-# checkpoint loaded, both validation numbers, the first dense losses equal).
+# checkpoint loaded, both validation numbers, the first dense losses equal iteration by iteration).
 #
 #   bash tests/gpu/run_production_recipe.sh [OUT_DIR]
 #
