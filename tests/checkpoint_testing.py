@@ -29,6 +29,7 @@ import torch
 
 from lighthouse_megatron import LighthouseConfig
 from lighthouse_megatron.cpu import cpu_as_current_device
+from lighthouse_megatron.recipe import RecipeSchedule
 
 VOCAB, SEQ, ITERATION = 64, 64, 7
 LH = LighthouseConfig(levels=2, pooling_factor=2, topk=8, tile_topk=2, dense_layers=(0,))
@@ -68,7 +69,7 @@ def transformer_config(tp: int = 1, cpu_init: bool = True):
 
 def lighthouse_model(tp: int = 1, dense: bool = False, seed: int = 0, parallel_output: bool = False,
                      tied: bool = False):
-    """The stage-1 model; `dense=True` runs the same layers densely (until_iter=0),
+    """The stage-1 model; `dense=True` runs the same layers densely (dense from iteration 0),
     the independent reference for a converted checkpoint's logits."""
     from megatron.core.models.gpt import GPTModel
 
@@ -76,7 +77,7 @@ def lighthouse_model(tp: int = 1, dense: bool = False, seed: int = 0, parallel_o
 
     config = transformer_config(tp)
     spec = get_gpt_decoder_block_spec(config, lighthouse=LH, use_te=False,
-                                      until_iter=0 if dense else None)
+                                      schedule=RecipeSchedule(until_iter=0 if dense else None))
     torch.manual_seed(seed)
     return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
                     parallel_output=parallel_output, position_embedding_type="rope",

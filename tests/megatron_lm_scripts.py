@@ -21,7 +21,7 @@ def archive_present(tag: str) -> bool:
 
 
 def run_script(script: str, tag: str, impl: str, *args: str, tmp_path: Path, gpus: int = 1,
-               timeout: int = 1500) -> None:
+               timeout: int = 1500, env: dict[str, str] | None = None) -> None:
     """bash tests/gpu/SCRIPT TAG IMPL ARGS..., skipped where it cannot run; fails with its output
     unless it exits 0 with an "OK:" verdict."""
     import torch
@@ -39,7 +39,8 @@ def run_script(script: str, tag: str, impl: str, *args: str, tmp_path: Path, gpu
         if not te_available():
             pytest.skip("transformer_engine.pytorch does not import here")
     proc = subprocess.run(["bash", str(path), tag, impl, *args], cwd=ROOT,
-                          env={**os.environ, "RUN_DIR": str(tmp_path)}, capture_output=True, text=True,
+                          env={**os.environ, "RUN_DIR": str(tmp_path), **(env or {})}, capture_output=True,
+                          text=True,
                           timeout=timeout)
     verdict = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     assert proc.returncode == 0 and verdict.startswith("OK:"), proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("megatron.core")
 
 from lighthouse_megatron.megatron import get_gpt_decoder_block_spec, set_iteration  # noqa: E402
+from lighthouse_megatron.recipe import RecipeSchedule  # noqa: E402
 
 from .megatron_testing import LH, SEQ, batch, build_gpt, init_parallel, tiny_config  # noqa: E402
 
@@ -105,7 +106,7 @@ def test_te_one_level_and_recovery_match_te_dense():
     torch.testing.assert_close(_logits_and_grads(one, tokens, positions)[0], ref, rtol=2e-2, atol=2e-2)
 
     recovering = build_gpt(config, get_gpt_decoder_block_spec(config, lighthouse=LH, use_te=True,
-                                                              until_iter=10),
+                                                              schedule=RecipeSchedule(until_iter=10)),
                            device="cuda", position_embedding_type="rope")
     _load_ignoring_te_extra_state(recovering, dense)
     set_iteration(10)

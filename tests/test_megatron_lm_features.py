@@ -110,9 +110,11 @@ def test_evaluation_only_runs_read_the_loaded_iteration():
     assert launch.megatron_lm_iteration(argparse.Namespace(curr_iteration=3)) == 3
     assert launch.megatron_lm_iteration(argparse.Namespace()) is None
     from lighthouse_megatron.megatron import LighthouseCoreAttention
+    from lighthouse_megatron.recipe import RecipeSchedule
 
     layer = LighthouseCoreAttention.__new__(LighthouseCoreAttention)
-    layer.until_iter = 20
+    torch.nn.Module.__init__(layer)
+    layer.schedule, layer.rank, layer.count = RecipeSchedule(until_iter=20), 0, 1
     schedule.set_iteration_source(lambda: launch.megatron_lm_iteration(loaded))
     try:
         assert layer.is_dense_now()  # past --lighthouse-until-iter 20: dense, as the user expects

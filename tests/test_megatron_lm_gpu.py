@@ -29,6 +29,19 @@ def test_megatron_lm_two_stages_context_parallel(tag, impl, tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", [
+    "--lighthouse-dense-every 4",
+    "--lighthouse-until-iter 20 --lighthouse-progressive-iters 8",
+    "--lighthouse-until-iter 20 --lighthouse-grow-topk-iters 8",  # k 512 -> 1024 over iterations 12-19
+])
+def test_megatron_lm_recipe_variants(variant, tmp_path):
+    """Each recipe variant in stage 1 of Megatron-LM's own loop on the GPU, then the dense stage 2
+    from its checkpoint, checked as the plain two stages are."""
+    run_script("run_megatron_lm.sh", "core_v0.19.0", "local", "1", tmp_path=tmp_path,
+               env={"STAGE1_EXTRA": variant})
+
+
+@pytest.mark.gpu
 def test_production_recipe(tmp_path):
     """Every variant this machine can run passes; the others print SKIP with the reason."""
     import os

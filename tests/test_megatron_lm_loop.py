@@ -270,3 +270,29 @@ def test_dense_local_run_the_package_cannot_serve_is_megatron_lms_own(runs, tag)
     assert_losses(ours.run.losses(), stock.run.losses(), [1, 2, 3], abs=0)
     assert_same_checkpoint(ours.ckpt, stock.ckpt, 3)
     assert any("softmax_offset" in key for key in checkpoint(ours.ckpt, 3))  # the learnable offset trained
+
+
+# ------------------------------------------------------------- the recipe's variants
+
+# Iteration indices 1 and 3 dense for every layer; the Lighthouse layers turn dense one by one from
+# 2; k doubles from 2 on; every layer dense from 5.
+RECIPE = ["--lighthouse-until-iter", "5", "--lighthouse-dense-every", "2",
+          "--lighthouse-progressive-iters", "3", "--lighthouse-grow-topk-iters", "3"]
+
+
+@pytest.mark.parametrize("tag", [pytest.param(V016, marks=pytest.mark.slow), V019])
+def test_recipe_variants_resume_inside_their_windows(runs, tag):
+    """The three variants together in Megatron-LM's loop: resumed from the iteration-3 checkpoint
+    (inside both windows) the run trains exactly what the run that never stopped trains, since the
+    schedule is a function of Megatron-LM's iteration; and the variants change the run (against
+    the hard switch at 5)."""
+    args = [*SCHEDULE, *LIGHTHOUSE, *RECIPE]
+    whole = runs(tag, "recipe", *args, save=True)
+    resumed = runs(tag, "recipe-resumed", *args, "--load", str(whole.ckpt), "--ckpt-step", str(SWITCH),
+                   save=True)
+    assert f"at iteration {SWITCH}" in resumed.run.first
+    assert_losses(resumed.run.losses(), whole.run.losses(), range(SWITCH + 1, TOTAL + 1))
+    assert_same_checkpoint(resumed.ckpt, whole.ckpt, TOTAL)
+    hard = runs(tag, "recipe-hard", *SCHEDULE, *LIGHTHOUSE, "--lighthouse-until-iter", "5")
+    assert whole.run.losses()[1] == hard.run.losses()[1]  # iteration index 0: Lighthouse in both
+    assert whole.run.losses()[2] != hard.run.losses()[2]  # index 1: dense in the recipe

@@ -20,6 +20,7 @@ from lighthouse_megatron.megatron import (  # noqa: E402
     get_gpt_layer_spec,
     set_iteration,
 )
+from lighthouse_megatron.recipe import RecipeSchedule  # noqa: E402
 
 from .megatron_testing import LH, SEQ, batch, build_gpt, init_parallel, tiny_config  # noqa: E402
 
@@ -125,7 +126,7 @@ def test_dense_layers_run_dense_attention_by_behaviour():
 
 def test_until_iter_switches_lighthouse_layers_to_dense():
     config = tiny_config(num_layers=2)
-    sparse, dense = _models(config, LH, until_iter=3)
+    sparse, dense = _models(config, LH, schedule=RecipeSchedule(until_iter=3))
     tokens, positions = batch()
     ref = _run(dense, tokens, positions)[0]
     set_iteration(2)

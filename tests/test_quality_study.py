@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks._common import UsageError
 from benchmarks.quality import stats
 from benchmarks.quality.corpus import check_read_once, samples_per_epoch
 
@@ -99,6 +100,45 @@ def test_read_once_guard():
     with pytest.raises(ValueError, match="read tokens twice.*--allow-repeat"):
         check_read_once(1_000_001, 16384, 62, allow_repeat=False)
     assert check_read_once(1_000_001, 16384, 122, allow_repeat=True) == pytest.approx(2.0)
+
+
+def test_recipe_jobs_and_their_settings(tmp_path):
+    """The paper's recipe and dense-every chain one stage-1 run through the switches; a window
+    recipe runs stage 1 from scratch for each switch, its window a share of that stage 1."""
+    from benchmarks.quality.run import PRESETS, parse_recipe, plan_jobs
+
+    common = {"eval_interval": 8}
+    jobs = {j.name: j for j in plan_jobs(PRESETS["tiny"], 160, [1], [0.5, 0.75], common, tmp_path, "b",
+                                         ("paper", "dense-every-4", "progressive-10"))}
+    assert sorted(jobs) == sorted(["b/seed1/dense"] + [f"b/seed1/{arm}{tag}_{s}" for tag in
+                                  ("", "-dense-every-4", "-progressive-10")
+                                  for arm in ("lighthouse", "recovered") for s in (80, 120)])
+    chained = jobs["b/seed1/lighthouse-dense-every-4_120"]
+    assert chained.deps == ["b/seed1/lighthouse-dense-every-4_80"] and chained.iters == 40
+    assert chained.settings["lighthouse_dense_every"] == 4 and chained.settings["exit_interval"] == 120
+    window = jobs["b/seed1/lighthouse-progressive-10_120"]
+    assert window.deps == [] and window.iters == 120 and "load" not in window.settings
+    assert window.settings["lighthouse_until_iter"] == 120
+    assert window.settings["lighthouse_progressive_iters"] == 12
+    rec = jobs["b/seed1/recovered-progressive-10_80"]
+    assert rec.settings["lighthouse_progressive_iters"] == 8 and rec.settings["lighthouse_until_iter"] == 80
+    assert rec.settings["load"] == jobs["b/seed1/lighthouse-progressive-10_80"].settings["save"]
+    recipes = {j.recipe for j in jobs.values() if j.arm != "dense"}
+    assert recipes == {"paper", "dense-every-4", "progressive-10"}
+    for bad in ("dense-every-1", "progressive-0", "grow-150", "sometimes"):
+        with pytest.raises(UsageError, match="--recipes"):
+            parse_recipe(bad)
+
+
+def test_stage1_cost_of_each_recipe():
+    from benchmarks.quality.analyze import stage1_cost
+
+    assert stage1_cost("paper", 0.3)[0] == 0.3
+    assert stage1_cost("dense-every-4", 0.3)[0] == pytest.approx(0.3 * 3 / 4 + 1 / 4)  # 0.475
+    # 10% of stage 1 in the window, 26 layers: on average 27/52 of them dense there.
+    assert stage1_cost("progressive-10", 0.3)[0] == pytest.approx(0.3 + 0.7 * 0.1 * 27 / 52)
+    cost, how = stage1_cost("grow-10", 0.3)
+    assert cost == 0.3 and "not measured" in how
 
 
 # ----------------------------------------------------------------- trainer features, real runs

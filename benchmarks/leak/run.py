@@ -88,17 +88,19 @@ def summarize(diffs: list[float]) -> dict:
     }
 
 
-def probe(model, dense_attention, xs, others, ts, window) -> dict:
+def probe(model, xs, others, ts, window) -> dict:
     """The model's differences with Lighthouse attention and with dense attention."""
+    from lighthouse_megatron.megatron import forced_dense
+
     res = {"lighthouse": summarize(differences(model, xs, others, ts, window))}
-    with dense_attention(model):
+    with forced_dense():
         res["dense"] = summarize(differences(model, xs, others, ts, window))
     return res
 
 
 def run(args: argparse.Namespace) -> int:
     from lighthouse_megatron.megatron import lighthouse_config_from_args
-    from lighthouse_megatron.training import checkpoint_model, dense_attention
+    from lighthouse_megatron.training import checkpoint_model
 
     from ..retrieval.run import held_out_tokens
 
@@ -135,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
                 "lighthouse_trained": {
                     "checkpoint": args.lighthouse,
                     "iteration": it_lh,
-                    **probe(model, dense_attention, xs, others, ts, args.window),
+                    **probe(model, xs, others, ts, args.window),
                 }
             }
             # The control's weights in the Lighthouse model (Lighthouse has no parameters).
@@ -150,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
             result["dense_trained"] = {
                 "checkpoint": args.control,
                 "iteration": it_dense,
-                **probe(model, dense_attention, xs, others, ts, args.window),
+                **probe(model, xs, others, ts, args.window),
             }
     exact = all(result[m]["dense"]["max_abs"] == 0.0 for m in MODELS)
     result.update(

@@ -97,21 +97,23 @@ def seed_metrics(dense: dict, chain: list[dict], rec: dict) -> dict:
 
 
 def batch_rows(runs: list[dict]) -> list[dict]:
-    """Per-seed rows of every (batch, seed, switch) with all its runs present."""
+    """Per-seed rows of every (batch, seed, recipe, switch) with all its runs present."""
     by = defaultdict(dict)
     for r in runs:
-        by[(r["batch"], r["seed"])][(r["arm"], r["switch"])] = r
+        by[(r["batch"], r["seed"])][(r["arm"], r.get("recipe", "paper"), r["switch"])] = r
     rows = []
     for (batch, _), arms in sorted(by.items()):
-        dense = arms.get(("dense", None))
-        for (arm, sw), rec in sorted(arms.items(), key=lambda kv: str(kv[0])):
+        dense = arms.get(("dense", "paper", None))
+        for (arm, recipe, sw), rec in sorted(arms.items(), key=lambda kv: str(kv[0])):
             if arm != "recovered" or dense is None:
                 continue
-            chain = sorted((r for (a, x), r in arms.items() if a == "lighthouse" and x <= sw),
-                           key=lambda r: r["switch"])
+            chain = sorted((r for (a, rc, x), r in arms.items()
+                            if a == "lighthouse" and rc == recipe and x <= sw), key=lambda r: r["switch"])
             if not chain or chain[-1]["switch"] != sw:
                 continue
-            rows.append({"batch": batch, "preset": rec["preset"], "iters": rec["iters"],
+            if recipe != "paper" and not recipe.startswith("dense-every"):
+                chain = chain[-1:]  # window recipes run stage 1 from scratch for each switch
+            rows.append({"batch": batch, "recipe": recipe, "preset": rec["preset"], "iters": rec["iters"],
                          "tokens": rec["iters"] * rec["settings"]["global_batch_size"]
                          * rec["settings"]["seq_length"], **seed_metrics(dense, chain, rec)})
     return rows
@@ -124,9 +126,9 @@ SUMMARIES = ("lag_interp", "lag_fit", "spike", "stage1_gap_lighthouse", "stage1_
 def aggregate(rows: list[dict]) -> list[dict]:
     """One row per (batch, switch): verdicts on the gaps and the lag, summaries of the rest."""
     out = []
-    for key in sorted({(r["batch"], r["switch"]) for r in rows}):
-        group = [r for r in rows if (r["batch"], r["switch"]) == key]
-        row = {"batch": key[0], "switch": key[1], "switch_frac": group[0]["switch_frac"],
+    for key in sorted({(r["batch"], r["recipe"], r["switch"]) for r in rows}):
+        group = [r for r in rows if (r["batch"], r["recipe"], r["switch"]) == key]
+        row = {"batch": key[0], "recipe": key[1], "switch": key[2], "switch_frac": group[0]["switch_frac"],
                "preset": group[0]["preset"], "iters": group[0]["iters"], "tokens": group[0]["tokens"],
                "seeds": [r["seed"] for r in group]}
         for m, tol in VERDICTS.items():
@@ -147,13 +149,32 @@ def step_ratio(e2e_path: Path) -> dict:
             "parameters": data["rows"][0].get("parameters"), "N": data["rows"][0]["N"]}
 
 
-def time_to_quality(rows: list[dict], batch: str, ratio: float) -> list[dict]:
+def stage1_cost(recipe: str, ratio: float, window_layers: int = 26) -> tuple[float, str]:
+    """A stage-1 step's cost over a dense step under `recipe`, and how it was obtained. An
+    interleaved dense step costs a dense step; inside a progressive window a layer costs what its
+    attention runs (attention time additive over layers, `window_layers` Lighthouse layers: the
+    530M shape's 26); a grown k's cost is not measured (the paper's ratio: a lower bound)."""
+    if recipe == "paper":
+        return ratio, "measured"
+    kind, _, value = recipe.rpartition("-")
+    if kind == "dense-every":
+        return ratio + (1 - ratio) / int(value), "measured steps, mixed 1 dense in " + value
+    if kind == "progressive":
+        mean_dense = (window_layers + 1) / (2 * window_layers)  # layers dense on average in the window
+        return (ratio + (1 - ratio) * int(value) / 100 * mean_dense,
+                "modelled: attention time additive over layers inside the window")
+    return ratio, "not measured: a larger k's step cost (the paper's ratio, a lower bound)"
+
+
+def time_to_quality(rows: list[dict], batch: str, ratio: float, recipe: str = "paper") -> list[dict]:
     """dense / two-stage wall-clock to the control's final loss at each reported switch: per seed from
     that switch's measured lag when it was run, else from the seed's mean lag over the measured
     switches (marked 'assumed: lag constant in the switch point')."""
-    mine = [r for r in rows if r["batch"] == batch and r["lag_per_lh_iter"] is not None]
+    mine = [r for r in rows
+            if r["batch"] == batch and r["recipe"] == recipe and r["lag_per_lh_iter"] is not None]
     measured = sorted({r["switch_frac"] for r in mine})
     seeds = sorted({r["seed"] for r in mine})
+    cost, how = stage1_cost(recipe, ratio)
     out = []
     for f in sorted({*SWITCHES_REPORTED, *measured}):
         exact = any(math.isclose(f, m) for m in measured)
@@ -162,9 +183,10 @@ def time_to_quality(rows: list[dict], batch: str, ratio: float) -> list[dict]:
             lams = [r["lag_per_lh_iter"] for r in mine if r["seed"] == seed
                     and (not exact or math.isclose(r["switch_frac"], f))]
             if lams:
-                values.append(stats.time_to_quality(f, statistics.fmean(lams), ratio))
+                values.append(stats.time_to_quality(f, statistics.fmean(lams), cost))
         out.append({"switch_frac": f, "lag_from": "measured at this switch" if exact else
-                    "assumed: each seed's mean lag over the measured switches", **stats.interval(values)})
+                    "assumed: each seed's mean lag over the measured switches", "stage1_cost": cost,
+                    "stage1_cost_from": how, **stats.interval(values)})
     return out
 
 
@@ -175,7 +197,7 @@ def scale_trend(rows: list[dict]) -> dict | None:
     import numpy as np
 
     pts = [(math.log(r["tokens"]), r["lag_per_lh_iter"]) for r in rows
-           if r["preset"] == "default" and r["lag_per_lh_iter"] is not None
+           if r["preset"] == "default" and r["recipe"] == "paper" and r["lag_per_lh_iter"] is not None
            and abs(r["switch_frac"] - 0.625) < 0.02]
     if len({x for x, _ in pts}) < 2 or len(pts) < 4:
         return None
@@ -219,7 +241,8 @@ def markdown(summary: dict) -> str:
     for a in summary["aggregates"]:
         few = "" if len(a["seeds"]) == n_max else " (fewer seeds)"
         lines.append(
-            f"| {a['batch']} ({a['tokens'] / 1e6:.0f}M tokens) | {a['switch_frac']:.1%} (it. {a['switch']}) "
+            f"| {a['batch']}{'' if a['recipe'] == 'paper' else ' ' + a['recipe']} "
+            f"({a['tokens'] / 1e6:.0f}M tokens) | {a['switch_frac']:.1%} (it. {a['switch']}) "
             f"| {len(a['seeds'])}{few} | {_pm(a['train_gap'])} | {a['train_gap']['verdict']} "
             f"| {_pm(a['heldout_gap'])} | {a['heldout_gap']['verdict']} "
             f"| {_pm(a['lag_per_lh_iter'])} {_bounds(a['lag_per_lh_iter'])} "
@@ -266,18 +289,19 @@ def plot(rows: list[dict], runs: list[dict], out: Path) -> Path | None:
         for r in (r for r in runs if r["batch"] == batch and r["arm"] in ("dense", "recovered")):
             xs, ys = zip(*r["eval"]["dense"], strict=True)
             style = "-" if r["arm"] == "dense" else "--"
-            ax.plot(xs, ys, style, lw=1, label=f"s{r['seed']} {r['arm']} {r['switch'] or ''}")
+            recipe = "" if r.get("recipe", "paper") == "paper" else f" {r['recipe']}"
+            ax.plot(xs, ys, style, lw=1, label=f"s{r['seed']} {r['arm']}{recipe} {r['switch'] or ''}")
         ax.set(title=batch, xlabel="iteration", ylabel="held-out loss (dense attention)")
         ax.set_ylim(top=min(4.0, ax.get_ylim()[1]))
         ax.legend(fontsize=6)
     ax = axes[0][-1]
-    for i, key in enumerate(sorted({(r["batch"], r["switch_frac"]) for r in rows})):
+    keys = sorted({(r["batch"], r["recipe"], r["switch_frac"]) for r in rows})
+    for i, key in enumerate(keys):
         ys = [r["lag_per_lh_iter"] for r in rows
-              if (r["batch"], r["switch_frac"]) == key and r["lag_per_lh_iter"] is not None]
+              if (r["batch"], r["recipe"], r["switch_frac"]) == key and r["lag_per_lh_iter"] is not None]
         ax.scatter([i] * len(ys), ys, s=12)
-    ax.set_xticks(range(len({(r["batch"], r["switch_frac"]) for r in rows})))
-    ax.set_xticklabels([f"{b}\n{f:.1%}" for b, f in sorted({(r["batch"], r["switch_frac"]) for r in rows})],
-                       fontsize=7)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"{b}\n{'' if rc == 'paper' else rc + ' '}{f:.1%}" for b, rc, f in keys], fontsize=7)
     ax.axhline(0, color="k", lw=0.5)
     ax.set(title="lag per Lighthouse iteration (per seed)", ylabel="control iterations lost")
     fig.tight_layout()
@@ -293,13 +317,14 @@ def analyze(args) -> int:
     if not rows:
         raise UsageError(f"--runs {args.runs}: no seed has its dense, Lighthouse and recovered runs yet")
     ratio = step_ratio(Path(args.e2e))
-    batches = sorted({r["batch"] for r in rows})
     summary = {
         "rule": stats.RULE.format(conf=stats.CONFIDENCE, tol=stats.TOLERANCE),
         "runs": len(runs), "cards": sorted({r["device"] for r in runs}),
         "commands": sorted({" ".join(r["command"][-3:]) for r in runs})[:3],
         "step_ratio": ratio, "rows": rows, "aggregates": aggregate(rows),
-        "time_to_quality": {b: time_to_quality(rows, b, ratio["ratio"]) for b in batches},
+        "time_to_quality": {(b if rc == "paper" else f"{b} {rc}"):
+                            time_to_quality(rows, b, ratio["ratio"], rc)
+                            for b, rc in sorted({(r["batch"], r["recipe"]) for r in rows})},
         "scale_trend": scale_trend(rows),
     }
     out = Path(args.out)

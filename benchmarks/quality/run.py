@@ -17,6 +17,11 @@ once) and runs the trainer jobs, up to --jobs at once on the one GPU. Per seed:
                      schedule and data position as a dense relaunch), to --iters; its first iteration
                      also records the switch probe (that batch's loss under both attentions)
 
+`--recipes` adds the two-stage recipe's variants beside the paper's hard switch (`paper`):
+`dense-every-M`, `progressive-P`, `grow-P` (P: percent of stage 1; the window recipes run stage 1
+from scratch for each switch, named lighthouse-<recipe>_S and recovered-<recipe>_S); every recipe
+shares the seed's dense control.
+
 Each finished job becomes one JSON, DIR/runs/<preset>-<iters>/seed<N>_<arm>.json (settings, command,
 device, versions, corpus digest, every logged loss), the unit that `analyze.py` aggregates; copy
 them to benchmarks/quality/runs/ to commit them. Running `start` again on the same DIR (same plan)
@@ -86,6 +91,7 @@ class Job:
     iters: int  # iterations this job trains
     deps: list[str] = field(default_factory=list)
     switch: int | None = None  # recovered: the switch; lighthouse: where the segment stops
+    recipe: str = "paper"  # the two-stage recipe of lighthouse and recovered runs (RECIPES)
     status: str = "pending"  # pending, running, ok, failed, skipped
     why: str = ""
     seconds: float | None = None
@@ -144,32 +150,77 @@ def common_settings(preset: Preset, iters: int, work: Path, corpus: dict) -> dic
     }
 
 
+# The two-stage recipes (issue: close the lag), as trainer settings for a switch at iteration S:
+# "paper" the hard switch; "dense-every-M" every M-th stage-1 iteration dense; "progressive-P"
+# the layers turn dense one by one over the last P% of stage 1; "grow-P" k doubles up to the
+# largest valid k over the last P% of stage 1.
+RECIPE_KINDS = ("paper", "dense-every", "progressive", "grow")
+
+
+def parse_recipe(text: str) -> str:
+    kind, _, value = text.rpartition("-")
+    if text == "paper":
+        return text
+    ok = kind in RECIPE_KINDS[1:] and value.isdigit() and int(value) >= (2 if kind == "dense-every" else 1)
+    if not ok or (kind != "dense-every" and int(value) > 100):
+        raise UsageError(f"--recipes {text!r}: one of paper, dense-every-M (M >= 2), progressive-P, grow-P "
+                         "(P: percent of stage 1, 1..100)")
+    return text
+
+
+def recipe_settings(recipe: str, switch: int) -> dict[str, Any]:
+    """The trainer settings of `recipe` for a stage 1 that ends at `switch`."""
+    if recipe == "paper":
+        return {}
+    kind, _, value = recipe.rpartition("-")
+    if kind == "dense-every":
+        return {"lighthouse_dense_every": int(value)}
+    window = max(1, round(int(value) / 100 * switch))
+    flag = "lighthouse_progressive_iters" if kind == "progressive" else "lighthouse_grow_topk_iters"
+    return {"lighthouse_until_iter": switch, flag: window}
+
+
+def _chain(recipe: str) -> bool:
+    """Can one stage-1 run serve every switch (no window that ends at the switch)?"""
+    return recipe == "paper" or recipe.startswith("dense-every")
+
+
 def plan_jobs(preset: Preset, iters: int, seeds: list[int], switches: list[float], common: dict,
-              work: Path, batch: str) -> list[Job]:
-    """Every job, seed by seed (a seed's runs finish before the next seed's start, given the slots)."""
+              work: Path, batch: str, recipes: tuple[str, ...] = ("paper",)) -> list[Job]:
+    """Every job, seed by seed (a seed's runs finish before the next seed's start, given the slots):
+    one dense control per seed, and per recipe its stage-1 runs and a recovered run per switch."""
     interval = common["eval_interval"]
     points = sorted({switch_iteration(f, iters, interval) for f in switches})
     jobs: list[Job] = []
     for seed in seeds:
-        base, key = work / "jobs" / batch / f"seed{seed}", f"{batch}/seed{seed}"
-        s = {**common, "seed": seed}
+        key, s = f"{batch}/seed{seed}", {**common, "seed": seed}
         jobs.append(Job(f"{key}/dense", "dense", seed, {**s, "attention_impl": "dense"}, iters))
-        prev = None
-        for sw in points:
-            seg = {**s, **preset.lighthouse, "attention_impl": "lighthouse", "exit_interval": sw,
-                   "save": str(base / f"lighthouse_{sw}" / "ckpt")}
-            if prev is not None:
-                seg["load"] = str(base / f"lighthouse_{prev}" / "ckpt")
-            jobs.append(Job(f"{key}/lighthouse_{sw}", "lighthouse", seed, seg, sw - (prev or 0),
-                            [f"{key}/lighthouse_{prev}"] if prev else [], switch=sw))
-            rec = {**s, **preset.lighthouse, "attention_impl": "lighthouse", "lighthouse_until_iter": sw,
-                   "load": str(base / f"lighthouse_{sw}" / "ckpt")}
-            jobs.append(Job(f"{key}/recovered_{sw}", "recovered", seed, rec, iters - sw,
-                            [f"{key}/lighthouse_{sw}"], switch=sw))
-            prev = sw
+        for recipe in recipes:
+            jobs += _recipe_jobs(preset, iters, points, recipe, work, key, seed, s)
     for j in jobs:
         d = work / "jobs" / j.name
         j.settings.update(metrics_file=str(d / "metrics.jsonl"), data_cache_path=str(d / "data_cache"))
+    return jobs
+
+
+def _recipe_jobs(preset, iters, points, recipe, work, key, seed, s) -> list[Job]:
+    tag = "" if recipe == "paper" else f"-{recipe}"
+    lighthouse = {**s, **preset.lighthouse, "attention_impl": "lighthouse"}
+    jobs, prev = [], None
+    for sw in points:
+        extra = recipe_settings(recipe, sw)
+        name = f"{key}/lighthouse{tag}_{sw}"
+        seg = {**lighthouse, **extra, "exit_interval": sw, "save": str(work / "jobs" / name / "ckpt")}
+        deps = []
+        if prev is not None and _chain(recipe):
+            seg["load"] = str(work / "jobs" / f"{key}/lighthouse{tag}_{prev}" / "ckpt")
+            deps = [f"{key}/lighthouse{tag}_{prev}"]
+        start = prev if deps else 0
+        jobs.append(Job(name, "lighthouse", seed, seg, sw - start, deps, switch=sw, recipe=recipe))
+        rec = {**lighthouse, **extra, "lighthouse_until_iter": sw, "load": seg["save"]}
+        jobs.append(Job(f"{key}/recovered{tag}_{sw}", "recovered", seed, rec, iters - sw, [name], switch=sw,
+                        recipe=recipe))
+        prev = sw
     return jobs
 
 
@@ -207,6 +258,7 @@ def run_record(job: Job, plan: dict, command: list[str], started: float, seconds
     switch = [r for r in records if r["kind"] == "switch"]
     return {
         "study": "quality", "run": job.name, "arm": job.arm, "seed": job.seed, "switch": job.switch,
+        "recipe": job.recipe,
         "batch": plan["batch"], "preset": plan["preset"], "iters": plan["iters"],
         "settings": {k: v for k, v in job.settings.items() if k not in ("metrics_file", "data_cache_path")},
         "command": command, "device": plan["device"], "versions": plan["versions"],
@@ -328,6 +380,7 @@ def start(args) -> int:
     iters = args.iters or preset.iters
     request = {"preset": args.preset, "iters": iters, "seeds": parse_seeds(args.seeds),
                "switches": parse_switches(args.switches), "jobs": args.jobs,
+               "recipes": [parse_recipe(r) for r in args.recipes.split(",")],
                "allow_repeat": args.allow_repeat,
                "time_budget_s": args.time_budget, "sec_per_iter": args.sec_per_iter or preset.sec_per_iter,
                "corpus_mb": args.corpus_mb if args.corpus_mb is not None else preset.corpus_mb,
@@ -368,7 +421,8 @@ def serve(args) -> int:
         return 2
     batch = f"{req['preset']}-{req['iters']}"
     common = common_settings(preset, req["iters"], work, corpus)
-    jobs = plan_jobs(preset, req["iters"], req["seeds"], req["switches"], common, work, batch)
+    jobs = plan_jobs(preset, req["iters"], req["seeds"], req["switches"], common, work, batch,
+                     tuple(req.get("recipes", ["paper"])))
     plan = {**req, "batch": batch, "src": str(work / "src"), "device": nvidia_smi_name() or "cpu",
             "versions": versions(), "corpus_digest": corpus["digest"], "corpus": corpus, "epochs": epochs,
             "preset_describe": preset.describe, "common": common}
@@ -458,6 +512,9 @@ def add_parser(sub) -> None:
     s.add_argument("--seeds", default="1-6", help="'1-6' or '1,2,5' (default 1-6)")
     s.add_argument("--switches", default="62.5,75",
                    help="switch points, percent of --iters (default 62.5,75)")
+    s.add_argument("--recipes", default="paper",
+                   help="two-stage recipes, comma-separated: paper, dense-every-M, progressive-P, grow-P "
+                        "(P: percent of stage 1); default paper")
     s.add_argument("--jobs", type=int, default=6, help="trainer processes at once (default 6)")
     s.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="skip jobs that would end more than S seconds after the start (estimate)")

@@ -97,10 +97,10 @@ def score(model, samples: list[Sample], device: str, batch_size: int) -> list[di
 
 def probe(model, text: np.ndarray, lengths: list[int], depths: list[float], args, device: str) -> list[dict]:
     """One cell per (length, depth): the means over its trials."""
-    from lighthouse_megatron.training import dense_attention
+    from lighthouse_megatron.megatron import forced_dense
 
     cells = []
-    with dense_attention(model):
+    with forced_dense():
         for length in lengths:
             for depth in depths:
                 samples = [make_sample(text, length, depth, t, args.seed, args.digits)

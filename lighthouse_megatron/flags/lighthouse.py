@@ -12,6 +12,8 @@ import argparse
 from typing import Any
 
 from ..config import BACKENDS, SCORERS, LighthouseConfig, SizeError, nearest, topk_hint, valid_topks
+from ..recipe import FLAGS as RECIPE_FLAGS
+from ..recipe import RecipeSchedule
 from ..yaml_settings import read_mapping
 from . import rules
 from .rules import ATTENTION_IMPLS
@@ -20,7 +22,7 @@ from .rules import ATTENTION_IMPLS
 # --lighthouse-topk, dest lighthouse_topk (the trainer's YAML key), `topk` in --lighthouse-config.
 _FLAGS = {name: f"--lighthouse-{name.replace('_', '-')}" for name in LighthouseConfig.field_names()}
 # YAML keys beyond LighthouseConfig's fields.
-_LAUNCH_KEYS = {"attention_impl": "--attention-impl", "until_iter": "--lighthouse-until-iter",
+_LAUNCH_KEYS = {"attention_impl": "--attention-impl", **RECIPE_FLAGS,
                 "eval_attention": "--lighthouse-eval-attention"}
 # What Megatron-LM's validation evaluates during a Lighthouse stage: the model as it trains,
 # the same weights with dense attention, or both (each under its own name in the logs).
@@ -64,6 +66,15 @@ def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group.add_argument("--lighthouse-until-iter", type=int, default=None, metavar="N",
                        help="From training iteration N on, every layer runs dense attention "
                             "(in-run recovery stage). Default: never.")
+    group.add_argument("--lighthouse-dense-every", type=int, default=None, metavar="M",
+                       help="Recipe variant: during the Lighthouse stage every M-th training iteration "
+                            "runs every layer dense (M >= 2). Default: off.")
+    group.add_argument("--lighthouse-progressive-iters", type=int, default=None, metavar="W",
+                       help="Recipe variant: over the W iterations before --lighthouse-until-iter the "
+                            "Lighthouse layers turn dense one at a time, first to last. Default: 0 (off).")
+    group.add_argument("--lighthouse-grow-topk-iters", type=int, default=None, metavar="W",
+                       help="Recipe variant: over the W iterations before --lighthouse-until-iter the "
+                            "budget k doubles in equal steps up to the largest valid k. Default: 0 (off).")
     group.add_argument("--lighthouse-eval-attention", choices=EVAL_ATTENTIONS, default=None,
                        help="Validation during a Lighthouse stage: 'model' (the attention the model "
                             "trains with, Megatron-LM's 'lm loss'), 'dense' (the same weights with dense "
@@ -102,6 +113,8 @@ def resolve_lighthouse_args(args: argparse.Namespace) -> argparse.Namespace:
             value = settings.get(key, defaults.get(key))
             if key == "attention_impl" and value is None:
                 value = "dense"
+            if key in ("progressive_iters", "grow_topk_iters") and value is None:
+                value = 0
             if key == "eval_attention" and value is None:
                 pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
                 value = "both" if pp == 1 else "dense"
@@ -160,6 +173,12 @@ def _lighthouse_flags(args: argparse.Namespace) -> str:
                     for key in ("levels", "pooling_factor", "topk", "tile_topk"))
 
 
+def recipe_schedule_from_args(args: argparse.Namespace) -> RecipeSchedule:
+    """The recipe's schedule (--lighthouse-until-iter and its variants); errors name the flag."""
+    resolve_lighthouse_args(args)
+    return RecipeSchedule(**{key: getattr(args, _dest(flag)) for key, flag in RECIPE_FLAGS.items()})
+
+
 def until_iter_warning(args: argparse.Namespace) -> str | None:
     """The start-up warning (trainer and Megatron-LM entry point alike) when
     --lighthouse-until-iter never switches this run to dense attention; None otherwise.
@@ -182,9 +201,7 @@ def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | Non
     Call it after Megatron's own parsing, before anything is built.
     """
     resolve_lighthouse_args(args)
-    until = args.lighthouse_until_iter
-    if until is not None and (isinstance(until, bool) or not isinstance(until, int) or until < 0):
-        raise ValueError(f"--lighthouse-until-iter must be an iteration >= 0, got {until!r}")
+    schedule = recipe_schedule_from_args(args)
     if args.attention_impl == "dense":
         rules.check_dense_local(args)
         return None
@@ -206,6 +223,7 @@ def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | Non
         except ValueError as e:
             cp_flag = f" --context-parallel-size {cp}" if cp > 1 else ""
             raise ValueError(f"--seq-length {seq} with {_lighthouse_flags(args)}{cp_flag}: {e}") from e
+        schedule.check_against(config, seq, cp)
     num_layers = get("num_layers")
     if num_layers is not None:
         try:

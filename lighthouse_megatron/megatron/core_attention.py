@@ -21,6 +21,7 @@ from ..attention import lighthouse_attention
 from ..config import LighthouseConfig
 from ..flags.rules import check_config
 from ..parallel import ContextParallel, SplitGroups, causal_attention
+from ..recipe import RecipeSchedule
 from .schedule import dense_forced, get_iteration
 
 
@@ -182,10 +183,11 @@ class LighthouseCoreAttention(CausalCoreAttention):
     """Lighthouse attention as a megatron-core core attention.
 
     Extra spec params (`ModuleSpec(params=...)`): `lighthouse`, a `LighthouseConfig`;
-    `until_iter`: from that training iteration on (see `schedule.set_iteration`)
-    the layer computes dense causal attention, the in-run recovery stage; `query_groups`: the
-    model's num_query_groups (megatron-core hands this module a copy with the TP size when
-    there are fewer), so that ranks sharing a GQA group select together.
+    `schedule`, a `RecipeSchedule`: at which training iterations (see `schedule.set_iteration`)
+    this layer computes dense causal attention or a larger k (the recovery stage and its
+    variants; None: always Lighthouse); `query_groups`: the model's num_query_groups
+    (megatron-core hands this module a copy with the TP size when there are fewer), so that
+    ranks sharing a GQA group select together.
     """
 
     name = "LighthouseCoreAttention"
@@ -195,7 +197,7 @@ class LighthouseCoreAttention(CausalCoreAttention):
         self,
         *args,
         lighthouse: LighthouseConfig | None = None,
-        until_iter: int | None = None,
+        schedule: RecipeSchedule | None = None,
         query_groups: int | None = None,
         **kwargs,
     ):
@@ -203,14 +205,28 @@ class LighthouseCoreAttention(CausalCoreAttention):
         super().__init__(*args, **kwargs)
         self.split_groups = _split_groups(self.config, self.pg_collection, query_groups)
         self.lighthouse = LighthouseConfig() if lighthouse is None else lighthouse
-        if until_iter is not None and until_iter < 0:
-            raise ValueError(f"until_iter must be >= 0 or None, got {until_iter}")
-        self.until_iter = until_iter
+        self.schedule = RecipeSchedule() if schedule is None else schedule
+        # This layer's place among the model's Lighthouse layers (the progressive switch's order).
+        num_layers = getattr(self.config, "num_layers", None) or self.layer_number
+        sparse = sorted(set(range(num_layers)) - self.lighthouse.resolve_dense_layers(num_layers))
+        index = self.layer_number - 1
+        # A layer built outside a model's block (tests, benchmarks) is the only one of its kind.
+        self.rank, self.count = (sparse.index(index), len(sparse)) if index in sparse else (0, 1)
+        self._ladders: dict[int, list[int]] = {}
 
     def is_dense_now(self) -> bool:
         if dense_forced():
             return True
-        return self.until_iter is not None and get_iteration() >= self.until_iter
+        return self.schedule.layer_dense(get_iteration(), self.rank, self.count, training=self.training)
+
+    def config_now(self, seq_len: int) -> LighthouseConfig:
+        """The settings of this iteration (k grows inside `grow_topk_iters`); `seq_len` is global."""
+        if not self.schedule.grow_topk_iters:
+            return self.lighthouse
+        if seq_len not in self._ladders:
+            cp = 1 if self.context_parallel is None else self.context_parallel.size
+            self._ladders[seq_len] = self.schedule.check_against(self.lighthouse, seq_len, cp)
+        return self.schedule.config_at(self.lighthouse, get_iteration(), self._ladders[seq_len])
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if self.is_dense_now():
@@ -218,8 +234,9 @@ class LighthouseCoreAttention(CausalCoreAttention):
             # "auto" kernel is TE's fused attention where TE imports on a GPU).
             return causal_attention(q, k, v, self.softmax_scale, self.lighthouse.backend,
                                     self.context_parallel)
-        return lighthouse_attention(q, k, v, self.lighthouse, self.softmax_scale,
+        cp = 1 if self.context_parallel is None else self.context_parallel.size
+        return lighthouse_attention(q, k, v, self.config_now(q.shape[1] * cp), self.softmax_scale,
                                     context_parallel=self.context_parallel, split_groups=self.split_groups)
 
     def extra_repr(self) -> str:
-        return f"layer_number={self.layer_number}, {self.lighthouse}, until_iter={self.until_iter}"
+        return f"layer_number={self.layer_number}, {self.lighthouse}, {self.schedule}"

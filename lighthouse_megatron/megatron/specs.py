@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from ..backends import te_available
 from ..config import LighthouseConfig
 from ..flags.rules import ATTENTION_IMPLS, check_config, warn_qk_layernorm
+from ..recipe import RecipeSchedule
 from .core_attention import DenseCoreAttention, LighthouseCoreAttention
 
 
@@ -64,7 +65,7 @@ def get_gpt_layer_spec(
     qk_layernorm: bool | None = None,
     normalization: str | None = None,
     qk_l2_norm: bool | None = False,
-    until_iter: int | None = None,
+    schedule: RecipeSchedule | None = None,
 ) -> ModuleSpec:
     """A GPT layer spec (MoE-free MLP) with Lighthouse or dense core attention.
 
@@ -74,7 +75,8 @@ def get_gpt_layer_spec(
     use_te          Transformer Engine submodules; None picks TE when importable on a GPU.
     qk_layernorm, normalization  as megatron-core's builders; None reads them from config.
     qk_l2_norm      as megatron-core's builders.
-    until_iter      Lighthouse layers run dense from this training iteration on.
+    schedule        when Lighthouse layers run dense (the recipe: `--lighthouse-until-iter` and
+                    its variants); None: always Lighthouse.
 
     Dense core attention is TEDotProductAttention with TE, DenseCoreAttention without.
     """
@@ -98,11 +100,11 @@ def get_gpt_layer_spec(
         spec = mcore_specs.get_gpt_layer_local_spec(
             qk_layernorm=qk_layernorm, normalization=normalization, qk_l2_norm=qk_l2_norm
         )
-    return _with_core_attention(spec, attention_impl, lighthouse, use_te, until_iter,
+    return _with_core_attention(spec, attention_impl, lighthouse, use_te, schedule,
                                 getattr(config, "num_query_groups", None))
 
 
-def _with_core_attention(spec: ModuleSpec, attention_impl, lighthouse, use_te, until_iter,
+def _with_core_attention(spec: ModuleSpec, attention_impl, lighthouse, use_te, schedule,
                          query_groups) -> ModuleSpec:
     """A deep copy of megatron-core's layer spec `spec` with only its core attention replaced.
     `query_groups`: the model's num_query_groups (the core attention is handed a config copy
@@ -113,7 +115,7 @@ def _with_core_attention(spec: ModuleSpec, attention_impl, lighthouse, use_te, u
     if attention_impl == "lighthouse":
         attention.core_attention = ModuleSpec(
             module=LighthouseCoreAttention,
-            params={"lighthouse": lighthouse, "until_iter": until_iter,
+            params={"lighthouse": lighthouse, "schedule": schedule,
                     "query_groups": query_groups},
         )
     elif not use_te:
@@ -124,7 +126,7 @@ def _with_core_attention(spec: ModuleSpec, attention_impl, lighthouse, use_te, u
 
 
 def _moe_block_spec(config, attention_impl, lighthouse, use_te, normalization, qk_l2_norm,
-                    until_iter, vp_stage, pp_rank) -> TransformerBlockSubmodules:
+                    schedule, vp_stage, pp_rank) -> TransformerBlockSubmodules:
     """MoE models: megatron-core's own per-layer specs (expert and dense MLPs as moe_layer_freq
     says, what Megatron-LM builds with --num-experts) with only the core attention replaced."""
     if attention_impl == "lighthouse":
@@ -136,7 +138,7 @@ def _moe_block_spec(config, attention_impl, lighthouse, use_te, normalization, q
     mcore = mcore_specs.get_gpt_decoder_layer_specs(config, use_te, normalization, qk_l2_norm)
     layer_specs = [
         _with_core_attention(spec, "dense" if i in dense_layers else "lighthouse", lighthouse, use_te,
-                             until_iter, getattr(config, "num_query_groups", None))
+                             schedule, getattr(config, "num_query_groups", None))
         for i, spec in enumerate(mcore)
     ]
     layer_specs = _layers_of_this_stage(config, layer_specs, vp_stage, pp_rank)
@@ -156,7 +158,7 @@ def get_gpt_decoder_block_spec(
     qk_layernorm: bool | None = None,
     normalization: str | None = None,
     qk_l2_norm: bool | None = False,
-    until_iter: int | None = None,
+    schedule: RecipeSchedule | None = None,
     vp_stage: int | None = None,
     pp_rank: int | None = None,
 ) -> TransformerBlockSubmodules:
@@ -169,13 +171,13 @@ def get_gpt_decoder_block_spec(
     config, lighthouse, use_te = _common_arguments(config, attention_impl, lighthouse, use_te)
     if getattr(config, "num_moe_experts", None):
         return _moe_block_spec(config, attention_impl, lighthouse, use_te, normalization, qk_l2_norm,
-                               until_iter, vp_stage, pp_rank)
+                               schedule, vp_stage, pp_rank)
     common = dict(use_te=use_te, qk_layernorm=qk_layernorm, normalization=normalization,
                   qk_l2_norm=qk_l2_norm)
     dense_spec = get_gpt_layer_spec(config, attention_impl="dense", lighthouse=lighthouse, **common)
     if attention_impl == "lighthouse":
         sparse_spec = get_gpt_layer_spec(
-            config, attention_impl="lighthouse", lighthouse=lighthouse, until_iter=until_iter,
+            config, attention_impl="lighthouse", lighthouse=lighthouse, schedule=schedule,
             **common,
         )
         dense_layers = lighthouse.resolve_dense_layers(config.num_layers)
@@ -219,7 +221,7 @@ class LighthouseBlockSpecProvider:
     use_te: bool | None = None
     normalization: str | None = None
     qk_l2_norm: bool | None = False
-    until_iter: int | None = None
+    schedule: RecipeSchedule | None = None
 
     def __call__(self, config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
         return get_gpt_decoder_block_spec(
@@ -229,6 +231,6 @@ class LighthouseBlockSpecProvider:
             use_te=self.use_te,
             normalization=self.normalization,
             qk_l2_norm=self.qk_l2_norm,
-            until_iter=self.until_iter,
+            schedule=self.schedule,
             vp_stage=vp_stage,
         )

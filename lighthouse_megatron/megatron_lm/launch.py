@@ -14,7 +14,12 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from ..flags.lighthouse import add_lighthouse_args, lighthouse_config_from_args, until_iter_warning
+from ..flags.lighthouse import (
+    add_lighthouse_args,
+    lighthouse_config_from_args,
+    recipe_schedule_from_args,
+    until_iter_warning,
+)
 from ..flags.rules import refused_setting
 from ..megatron.schedule import forced_dense, set_iteration_source
 from ..megatron.specs import LighthouseBlockSpecProvider
@@ -122,7 +127,7 @@ def spec_provider_from_args(args) -> LighthouseBlockSpecProvider:
         use_te=getattr(args, "transformer_impl", "transformer_engine") == "transformer_engine",
         normalization=getattr(args, "normalization", None),
         qk_l2_norm=getattr(args, "qk_l2_norm", False),
-        until_iter=args.lighthouse_until_iter,
+        schedule=recipe_schedule_from_args(args),
     )
 
 

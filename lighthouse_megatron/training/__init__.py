@@ -42,7 +42,7 @@ Python API (stable):
 
     with training.checkpoint_model(root, device="auto") as (model, args, iteration):
         The model of a checkpoint this trainer wrote, weights loaded, in eval mode, wrapped
-        as training runs it; `training.dense_attention(model)` makes Lighthouse layers dense.
+        as training runs it; `lighthouse_megatron.megatron.forced_dense()` makes Lighthouse layers dense.
 
 `run` creates (and afterwards destroys) a one-process group when none exists, or uses
 torchrun's. Under torchrun every rank calls it; rank 0 writes logs and metrics.
@@ -66,14 +66,13 @@ with warnings.catch_warnings():
         TrainingStopped,
         TrainResult,
         checkpoint_model,
-        dense_attention,
         prepare,
         process_group,
         run,
         train_loop,
     )
 
-__all__ = ["TrainResult", "TrainingDiverged", "TrainingStopped", "checkpoint_model", "dense_attention",
+__all__ = ["TrainResult", "TrainingDiverged", "TrainingStopped", "checkpoint_model",
            "main", "megatron_lm_args", "parse_args", "read_metrics", "run", "settings_args"]
 
 

@@ -38,10 +38,10 @@ from ..checkpoint.model import transformer_config as model_config
 from ..cpu import cpu_rotary_embedding, make_cpu_optimizer
 from ..data import null_tokenizer
 from ..files import writable_dir_problem, writable_file_problem
-from ..flags.lighthouse import until_iter_warning
+from ..flags.lighthouse import recipe_schedule_from_args, until_iter_warning
 from ..flags.train import ALL_VALID, check_cpu_memory, padded_vocab_size, settings_args
 from ..megatron import LighthouseCoreAttention, get_gpt_decoder_block_spec, lighthouse_config_from_args
-from ..megatron.schedule import set_iteration
+from ..megatron.schedule import forced_dense, set_iteration
 from . import checkpointing
 from .logger import MetricsLogger, output_paths
 
@@ -144,7 +144,7 @@ def build_model(args, config):
     lighthouse = lighthouse_config_from_args(args) if args.attention_impl == "lighthouse" else None
     spec = get_gpt_decoder_block_spec(
         config, attention_impl=args.attention_impl, lighthouse=lighthouse,
-        use_te=None if args.device == "cuda" else False, until_iter=args.lighthouse_until_iter,
+        use_te=None if args.device == "cuda" else False, schedule=recipe_schedule_from_args(args),
     )
     model = GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=padded_vocab_size(args),
@@ -369,21 +369,6 @@ def parameters_finite(model) -> bool:
     return flag.item() == 0
 
 
-@contextlib.contextmanager
-def dense_attention(model):
-    """Every Lighthouse layer computes dense causal attention inside the block (the same
-    switch as --lighthouse-until-iter)."""
-    layers = [m for m in model.modules() if isinstance(m, LighthouseCoreAttention)]
-    saved = [m.until_iter for m in layers]
-    for m in layers:
-        m.until_iter = 0
-    try:
-        yield
-    finally:
-        for m, until in zip(layers, saved, strict=True):
-            m.until_iter = until
-
-
 @torch.no_grad()
 def switch_probe(engine: Engine, dataset, args, iteration: int) -> dict:
     """At the first dense iteration of an in-run switch: the loss of this iteration's batch
@@ -422,7 +407,7 @@ def evaluate(engine: Engine, dataset, args) -> float:
 
 def evaluate_dense(engine: Engine, dataset, args) -> float:
     """`evaluate` with every Lighthouse layer computing dense attention."""
-    with dense_attention(engine.model):
+    with forced_dense():
         return evaluate(engine, dataset, args)
 
 
@@ -584,10 +569,18 @@ def startup_summary(args, model) -> list[str]:
 
 
 def _attention_now(args, iteration: int) -> str:
-    until = args.lighthouse_until_iter
-    if args.attention_impl == "dense" or (until is not None and iteration >= until):
+    """What the training iteration runs: 'dense', 'lighthouse' or 'mixed (d/G dense)' (the
+    progressive switch); k when it grows."""
+    if args.attention_impl == "dense":
         return "dense"
-    return "lighthouse"
+    schedule = recipe_schedule_from_args(args)
+    config = lighthouse_config_from_args(args)
+    count = args.num_layers - len(config.resolve_dense_layers(args.num_layers))
+    what = schedule.describe(iteration, count)
+    if schedule.grow_topk_iters and what != "dense":
+        ladder = schedule.check_against(config, args.seq_length, args.context_parallel_size)
+        what += f" (k={schedule.config_at(config, iteration, ladder).topk})"
+    return what
 
 
 def run(args) -> TrainResult:
@@ -684,7 +677,8 @@ def train_loop(args) -> TrainResult:
 
     def do_eval(iteration):
         set_iteration(iteration)
-        kinds = ["dense"] if _attention_now(args, iteration) == "dense" else ["lighthouse", "dense"]
+        stage2 = args.attention_impl == "dense" or recipe_schedule_from_args(args).all_dense(iteration)
+        kinds = ["dense"] if stage2 else ["lighthouse", "dense"]
         for kind in kinds:
             loss = (evaluate_dense if kind == "dense" else evaluate)(engine, valid_ds, args)
             rec = {"kind": "eval", "iteration": iteration, "attention": kind, "loss": loss}

@@ -62,7 +62,9 @@ launch=(torchrun --standalone --nproc-per-node "$cp_size" -m lighthouse_megatron
 
 ckpt=$run/ckpt
 echo "== $tag, $impl, CP=$cp_size: logs and checkpoints in $run"
-"${launch[@]}" "${args[@]}" "${lighthouse[@]}" --save "$ckpt" --exit-interval 20 \
+# STAGE1_EXTRA: more stage-1 flags (the recipe variants: --lighthouse-dense-every M, ...).
+read -r -a extra <<< "${STAGE1_EXTRA:-}"
+"${launch[@]}" "${args[@]}" "${lighthouse[@]}" "${extra[@]}" --save "$ckpt" --exit-interval 20 \
     > "$run/stage1.log" 2>&1 || { tail -40 "$run/stage1.log"; echo "stage 1 failed"; exit 1; }
 "${launch[@]}" "${args[@]}" --attention-impl dense --load "$ckpt" --save "$ckpt" \
     > "$run/stage2.log" 2>&1 || { tail -40 "$run/stage2.log"; echo "stage 2 failed"; exit 1; }
