@@ -15,14 +15,14 @@ COMMANDS = {
              "the two-stage workflow on a tiny model: data, Lighthouse, convert, dense recovery"),
     "prepare-data": (".data", "add_prepare_data_parser",
                      "text files or JSONL into a Megatron indexed dataset (.bin/.idx)"),
-    "bench": (".flags.bench", "add_bench_parser",
+    "bench": (".settings.bench", "add_bench_parser",
               "benchmarks of one layer and of whole training steps (GPU)"),
     "slurm": (".slurm", "add_slurm_parser", "fill the Slurm launcher from a recipe and submit the chain"),
-    "train": (".flags.train", "add_train_parser", "train a GPT with Lighthouse attention (megatron-core)"),
-    "convert": (".flags.checkpoint", "add_convert_parser",
+    "train": (".settings.train", "add_train_parser", "train a GPT with Lighthouse attention (megatron-core)"),
+    "convert": (".settings.convert", "add_convert_parser",
                 "make a stage-1 (Lighthouse) checkpoint load under the dense spec, or export it to Hugging "
                 "Face Llama"),
-    "inspect": (".flags.checkpoint", "add_inspect_parser", "summarise a Megatron-LM checkpoint"),
+    "inspect": (".settings.convert", "add_inspect_parser", "summarise a Megatron-LM checkpoint"),
 }
 
 

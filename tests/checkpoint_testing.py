@@ -12,7 +12,7 @@ with this package's Lighthouse block spec (layer 0 dense), after one Adam step:
   from TP = 1 or from the ranks of a real TP = 2 model (two gloo processes).
 
 CPU notes: megatron-core 0.16.1's RoPE asks torch.cuda.current_device() in forward
-(`lighthouse_megatron.cpu.cpu_as_current_device` answers "cpu"), its checkpoint writer
+(`lighthouse_megatron.megatron.cpu.cpu_as_current_device` answers "cpu"), its checkpoint writer
 calls torch.cuda.synchronize() (a no-op here while saving); Megatron-LM's RNG
 tracker needs CUDA, so rng_state holds the CPU generator's state only.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from lighthouse_megatron import LighthouseConfig
-from lighthouse_megatron.cpu import cpu_as_current_device
+from lighthouse_megatron.megatron.cpu import cpu_as_current_device
 from lighthouse_megatron.recipe import RecipeSchedule
 
 VOCAB, SEQ, ITERATION = 64, 64, 7

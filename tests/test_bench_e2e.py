@@ -15,7 +15,7 @@ from lighthouse_megatron import LighthouseConfig  # noqa: E402
 from lighthouse_megatron.backends import dense_causal_attention  # noqa: E402
 from lighthouse_megatron.bench import e2e  # noqa: E402
 from lighthouse_megatron.cli import main  # noqa: E402
-from lighthouse_megatron.flags.bench import E2E_MODES, add_e2e_parser  # noqa: E402
+from lighthouse_megatron.settings.bench import E2E_MODES, add_e2e_parser  # noqa: E402
 
 from .megatron_testing import init_parallel  # noqa: E402
 

@@ -9,7 +9,7 @@ import torch
 
 from lighthouse_megatron.bench import layer
 from lighthouse_megatron.cli import main
-from lighthouse_megatron.flags.bench import format_length, parse_lengths
+from lighthouse_megatron.settings.bench import format_length, parse_lengths
 
 
 def test_sizes_parse_with_suffixes():

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lighthouse_megatron.checkpoint import CheckpointError, convert, export_hf, inspect_checkpoint
 from lighthouse_megatron.checkpoint.model import CORE_ATTENTION_EXTRA, model_state, to_local_names
 from lighthouse_megatron.checkpoint.reader import args_dict, locate, read_common
 from lighthouse_megatron.cli import main as cli
+from lighthouse_megatron.convert import CheckpointError, convert, export_hf, inspect_checkpoint
 from tests import checkpoint_testing as ct
 from tests.megatron_testing import free_port, init_parallel
 
@@ -66,8 +66,8 @@ def exact(actual, expected):
 
 def dense_model_logits(state: dict):
     """Logits of a dense-spec model (this package's dense block spec) with `state`."""
-    from lighthouse_megatron.cpu import cpu_as_current_device
     from lighthouse_megatron.megatron import get_gpt_decoder_block_spec
+    from lighthouse_megatron.megatron.cpu import cpu_as_current_device
 
     config = ct.transformer_config()
     from megatron.core.models.gpt import GPTModel
@@ -355,7 +355,7 @@ def test_force_replaces_an_existing_output(stage1, tmp_path):
 
 
 def test_hf_export_refuses_what_llama_cannot_express(tmp_path):
-    from lighthouse_megatron.checkpoint.hf import check_llama
+    from lighthouse_megatron.convert.hf import check_llama
 
     good = args_dict(ct.megatron_args())
     check_llama(good)

@@ -23,8 +23,8 @@ def test_te_torch_format_checkpoint_loads_strictly_into_the_te_dense_model(tmp_p
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
 
-    from lighthouse_megatron.checkpoint import convert
     from lighthouse_megatron.checkpoint.reader import locate
+    from lighthouse_megatron.convert import convert
     from lighthouse_megatron.megatron import get_gpt_decoder_block_spec
     from tests import checkpoint_testing as ct
     from tests.megatron_testing import init_parallel

@@ -19,10 +19,10 @@ import pytest
 pytest.importorskip("megatron.core")
 
 from lighthouse_megatron import training  # noqa: E402
-from lighthouse_megatron.checkpoint import CheckpointError, convert, export_hf, inspect_checkpoint  # noqa: E402
 from lighthouse_megatron.checkpoint.manifest import MANIFEST  # noqa: E402
 from lighthouse_megatron.checkpoint.reader import dcp_read_all, read_dcp_metadata  # noqa: E402
 from lighthouse_megatron.cli import main as cli  # noqa: E402
+from lighthouse_megatron.convert import CheckpointError, convert, export_hf, inspect_checkpoint  # noqa: E402
 from lighthouse_megatron.megatron import set_iteration  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -363,7 +363,7 @@ def inspect_manifest_verifies(directory: Path) -> bool:
 
 def test_hf_tokenizer_files_are_copied_or_the_export_says_why(tmp_path):
     pytest.importorskip("transformers")
-    from lighthouse_megatron.checkpoint.hf import byte_tokenizer, export_tokenizer
+    from lighthouse_megatron.convert.hf import byte_tokenizer, export_tokenizer
 
     source = tmp_path / "tok"
     byte_tokenizer(256).save_pretrained(str(source))

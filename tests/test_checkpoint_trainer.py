@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 from lighthouse_megatron import training  # noqa: E402
-from lighthouse_megatron.checkpoint import convert, export_hf, inspect_checkpoint  # noqa: E402
+from lighthouse_megatron.convert import convert, export_hf, inspect_checkpoint  # noqa: E402
 from lighthouse_megatron.megatron import set_iteration  # noqa: E402
 
 MODEL = ("--mock-data --num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-query-groups 2 "

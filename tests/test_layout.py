@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from lighthouse_megatron import slurm
-from lighthouse_megatron.layout import check_flags, check_layout
+from lighthouse_megatron.settings.layout import check_flags, check_layout
 
 
 @pytest.mark.parametrize("world, tp, cp, pp", [(32, 1, 2, 1), (16, 2, 2, 2), (8, 1, 8, 1), (6, 3, 1, 2)])
@@ -28,7 +28,7 @@ def test_module_cli_prints_dp_or_one_error_without_torch():
     flags = ["--context-parallel-size", "2", "--global-batch-size", "32", "--seq-length", "98304",
              "--attention-impl", "lighthouse", "--lighthouse-topk", "1536", "--lighthouse-tile-topk", "128"]
     prog = ("import runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n"
-            "    runpy.run_module('lighthouse_megatron.layout', run_name='__main__')\n"
+            "    runpy.run_module('lighthouse_megatron.settings.layout', run_name='__main__')\n"
             "except SystemExit as e:\n    print('exit', e.code)\n"
             "print('torch' in sys.modules)")
     ok = subprocess.run([sys.executable, "-c", prog, "layout", "--nodes", "4", "--nproc-per-node", "8", "--",

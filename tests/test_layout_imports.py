@@ -207,17 +207,17 @@ def _module_level_imports(mod: str) -> set[str]:
     return out
 
 
-def test_flags_import_nothing_heavy_and_nothing_above_them():
-    # `lighthouse-megatron CMD --help` imports `flags` only (its checks may import torch or
+def test_settings_import_nothing_heavy_and_nothing_above_them():
+    # `lighthouse-megatron CMD --help` imports `settings` only (its checks may import torch or
     # megatron-core inside a function, when they run); the packages that run the commands import
-    # `flags`. Light modules it may build on: the settings, the YAML reader, the layout check and
-    # the data module (megatron-core inside its functions), the recipe's schedule.
-    light = {f"{PKG}.{m}" for m in ("config", "recipe", "yaml_settings", "layout", "data")}
-    flags = [mod for mod in MODULES if mod.startswith(f"{PKG}.flags")]
-    heavy = [f"{mod} imports {target}" for mod in flags for target in _module_level_imports(mod)
+    # `settings`. Light modules it may build on: the Lighthouse settings, the data package
+    # (megatron-core inside its functions), the recipe's schedule.
+    light = {f"{PKG}.{m}" for m in ("config", "recipe", "data", "data.prepare")}
+    settings = [mod for mod in MODULES if mod.startswith(f"{PKG}.settings")]
+    heavy = [f"{mod} imports {target}" for mod in settings for target in _module_level_imports(mod)
              if target.split(".")[0] in ("torch", "megatron", "triton", "transformer_engine")]
-    above = [f"{mod}:{line} imports {target}" for mod in flags for target, _, line in _imports(mod)
-             if target.startswith(PKG) and not target.startswith(f"{PKG}.flags") and target not in light]
+    above = [f"{mod}:{line} imports {target}" for mod in settings for target, _, line in _imports(mod)
+             if target.startswith(PKG) and not target.startswith(f"{PKG}.settings") and target not in light]
     assert (heavy, above) == ([], [])
     # The walk sees a module-level import where there is one.
-    assert "argparse" in _module_level_imports(f"{PKG}.flags.train")
+    assert "argparse" in _module_level_imports(f"{PKG}.settings.train")

@@ -263,7 +263,7 @@ def test_until_iter_beyond_train_iters_warns_at_start_up(monkeypatch, capsys, ge
                                                          warned):
     """--lighthouse-until-iter 5 with --train-iters 5: the switch never happens; the first rank
     says so before pretrain(), in the trainer's words (--train-samples runs: no warning)."""
-    from lighthouse_megatron.flags.lighthouse import until_iter_warning
+    from lighthouse_megatron.settings.lighthouse import until_iter_warning
 
     training = types.ModuleType("megatron.training")
     arguments = types.ModuleType("megatron.training.arguments")

@@ -14,12 +14,12 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from lighthouse_megatron.flags.lighthouse import (  # noqa: E402
+from lighthouse_megatron.megatron import forced_dense, schedule  # noqa: E402
+from lighthouse_megatron.megatron_lm import launch  # noqa: E402
+from lighthouse_megatron.settings.lighthouse import (  # noqa: E402
     add_lighthouse_args,
     validate_lighthouse_args,
 )
-from lighthouse_megatron.megatron import forced_dense, schedule  # noqa: E402
-from lighthouse_megatron.megatron_lm import launch  # noqa: E402
 
 from .megatron_lm_loop import python_for  # noqa: E402
 from .test_patches import LIGHTHOUSE, TINY, snapshot  # noqa: E402
@@ -274,7 +274,7 @@ def test_package_dense_spec_has_megatron_lms_keys_and_output(one_rank, monkeypat
     config = tiny_config()
     args = argparse.Namespace(**{**vars(_launch_args()), "lighthouse_until_iter": None,
                                  "normalization": "LayerNorm", "qk_l2_norm": False})
-    from lighthouse_megatron.flags.lighthouse import resolve_lighthouse_args
+    from lighthouse_megatron.settings.lighthouse import resolve_lighthouse_args
 
     resolve_lighthouse_args(args)
     ours = build_gpt(config, launch.spec_provider_from_args(args)(config))

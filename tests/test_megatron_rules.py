@@ -12,12 +12,12 @@ pytest.importorskip("megatron.core")
 
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 
-from lighthouse_megatron.flags.rules import CORE_ATTENTION, LAUNCH, RULES, check_args  # noqa: E402
 from lighthouse_megatron.megatron import (  # noqa: E402
     DenseCoreAttention,
     LighthouseCoreAttention,
     get_gpt_layer_spec,
 )
+from lighthouse_megatron.settings.rules import CORE_ATTENTION, LAUNCH, RULES, check_args  # noqa: E402
 
 from .megatron_testing import LH, tiny_config  # noqa: E402
 

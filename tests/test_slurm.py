@@ -283,7 +283,7 @@ def test_trainer_engine_and_cpu_job(tmp_path):
     # Megatron-LM-only arguments stay out of the trainer's command line.
     assert "--pipeline-model-parallel-size" not in torchrun and "--tokenizer-type" not in torchrun
     # The trainer takes every training flag the launcher gives it.
-    from lighthouse_megatron.flags.train import build_parser
+    from lighthouse_megatron.settings.train import build_parser
 
     build_parser().parse_args(torchrun[8:])
 

@@ -1,10 +1,10 @@
 """Benchmarks behind `lighthouse-megatron bench ...` (users tune their settings with them;
-their flags: `flags.bench`), and the helpers the repository's evidence studies
+their flags: `settings.bench`), and the helpers the repository's evidence studies
 (`benchmarks/`, not part of the wheel) share with them."""
 
 from __future__ import annotations
 
-from ..flags.bench import K, format_length, parse_length, parse_lengths
+from ..settings.bench import K, format_length, parse_length, parse_lengths
 from ._common import (
     UsageError,
     check_writable,

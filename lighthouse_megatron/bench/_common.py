@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import LighthouseConfig
-from ..flags.bench import LAYER_DTYPES
+from ..settings.bench import LAYER_DTYPES
 
 
 class UsageError(Exception):

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from ..attention import lighthouse_attention
-from ..flags.bench import format_length
 from ..parallel import ContextParallel, causal_attention, merge_chunks, split_chunks
+from ..settings.bench import format_length
 from ._common import DTYPES, cuda_median_ms, layer_config
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..checkpoint.model import transformer_config as model_config
 from ..config import LighthouseConfig
-from ..flags.bench import E2E_DTYPES, E2E_MODES, format_length
+from ..settings.bench import E2E_DTYPES, E2E_MODES, format_length
 from ._common import (
     UsageError,
     check_writable,

@@ -26,10 +26,10 @@ import torch
 
 from ..attention import lighthouse_attention, plan_selection
 from ..backends import dense_causal_attention, te_import_error
-from ..flags.bench import K, format_length
 from ..ops import score_pyramids, select
 from ..ops.segments import feed_segments, pool_segments
 from ..ops.tokens import feed_tokens, pool_tokens
+from ..settings.bench import K, format_length
 from ._common import DTYPES, cudnn_version, layer_config
 from ._common import cuda_median_ms as time_ms
 

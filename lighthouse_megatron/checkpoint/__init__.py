@@ -1,18 +1,21 @@
-"""Checkpoint tools for the dense recovery stage (`lighthouse-megatron convert` / `inspect`).
+"""The Megatron-LM checkpoint format that the trainer and the converter share: reading
+(`reader`: torch_dist and torch layouts, no code run from a file), the manifest of every
+file's hash (`manifest`), the model state as one TP = 1 state dict (`model`) and staged
+writes (`output`).
 
-- `convert(input, output, *, weights_only=False, dry_run=False, force=False, verify=True)`:
-  a stage-1 Megatron-LM checkpoint (torch_dist or torch format) into one that loads under
-  the dense spec; the input checked against its manifest first, the output verified after
-  writing and given a manifest; returns a report dict.
-- `export_hf(input, output, *, dry_run=False, force=False, verify=True)`: the same for a
-  Hugging Face Llama checkpoint (with its tokenizer).
-- `inspect_checkpoint(path, verify=True) -> dict`: format, iteration, arguments, layers,
-  attention per layer, parallel layout, and the manifest check (`manifest.py`).
-
-All raise `CheckpointError` (a ValueError) naming the problem.
+`convert`, `export_hf` and `inspect_checkpoint` live in `lighthouse_megatron.convert`; they
+are still reachable here, where the README has long named them, without this package
+importing the converter (the trainer imports this package, never the converter).
 """
 
-from .convert import convert, export_hf, inspect_checkpoint
 from .reader import CheckpointError
 
 __all__ = ["CheckpointError", "convert", "export_hf", "inspect_checkpoint"]
+
+
+def __getattr__(name: str):
+    if name in ("convert", "export_hf", "inspect_checkpoint"):
+        from .. import convert
+
+        return getattr(convert, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .reader import Checkpoint, CheckpointError, dcp_read_all, read_shard
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 # Local-spec name -> TE fused name.
 _LOCAL_TO_TE = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
@@ -29,7 +29,7 @@ _LOCAL_TO_TE = {
 }
 CORE_ATTENTION_EXTRA = "self_attention.core_attention._extra_state"
 # Items of a torch_dist checkpoint that are not model state.
-_NOT_MODEL = ("optimizer.", "rng_state", "common_state", "rerun_state_machine", "content_metadata")
+NOT_MODEL = ("optimizer.", "rng_state", "common_state", "rerun_state_machine", "content_metadata")
 
 
 def arg(args: dict, name: str, default=None):
@@ -166,7 +166,7 @@ def single_process_megatron():
 def _rename_layers(state: dict, names: dict[str, str]) -> dict:
     out = {}
     for key, value in state.items():
-        m = _LAYER.match(key)
+        m = LAYER_KEY.match(key)
         if m and m.group(2) in names:
             key = f"decoder.layers.{m.group(1)}.{names[m.group(2)]}"
         out[key] = value
@@ -186,7 +186,7 @@ def to_local_names(state: dict) -> dict:
 def _merge_tp(key: str, shards: list, gated: bool):
     if len(shards) == 1 or not isinstance(shards[0], torch.Tensor):
         return shards[0]
-    name = _LAYER.match(key).group(2) if _LAYER.match(key) else key
+    name = LAYER_KEY.match(key).group(2) if LAYER_KEY.match(key) else key
     if name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
                 "embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias"):
         # QKV rows are grouped per query group and TP splits whole groups, so rank order
@@ -225,7 +225,7 @@ def legacy_model_state(ckpt: Checkpoint, args: dict, shards: dict | None = None)
         layers = set()
         for key in keys:
             value = _merge_tp(key, [s[key] for s in states], gated)
-            m = _LAYER.match(key)
+            m = LAYER_KEY.match(key)
             if m:
                 layers.add(int(m.group(1)))
                 key = f"decoder.layers.{int(m.group(1)) + offset}.{m.group(2)}"
@@ -239,11 +239,11 @@ def dist_model_state(ckpt: Checkpoint) -> dict:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata  # noqa: F401
 
     items = dcp_read_all(
-        ckpt.directory, lambda k: not k.startswith(_NOT_MODEL) and "/shard_" not in k
+        ckpt.directory, lambda k: not k.startswith(NOT_MODEL) and "/shard_" not in k
     )
     state = {}
     for key, value in items.items():
-        if key.startswith("decoder.layers.") and not _LAYER.match(key):
+        if key.startswith("decoder.layers.") and not LAYER_KEY.match(key):
             # torch_dist stacks each layer parameter along a leading layer axis.
             rest = key[len("decoder.layers."):]
             for i in range(value.shape[0]):
@@ -261,9 +261,9 @@ def dist_model_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
 
     shapes = {}
     for key, meta in dcp_items(ckpt.directory).items():
-        if not isinstance(meta, TensorStorageMetadata) or key.startswith(_NOT_MODEL):
+        if not isinstance(meta, TensorStorageMetadata) or key.startswith(NOT_MODEL):
             continue
-        if key.startswith("decoder.layers.") and not _LAYER.match(key):
+        if key.startswith("decoder.layers.") and not LAYER_KEY.match(key):
             rest = key[len("decoder.layers."):]
             shapes.update({f"decoder.layers.{i}.{rest}": tuple(meta.size[1:]) for i in range(meta.size[0])})
         else:
@@ -297,7 +297,7 @@ def verify_dense(ckpt: Checkpoint, args: dict) -> dict[str, Any]:
     runs, on the CPU elsewhere.
     Returns a summary; raises CheckpointError on any mismatch.
     """
-    from ..cpu import cpu_as_current_device  # imports megatron-core: only when a model is built
+    from ..megatron.cpu import cpu_as_current_device  # imports megatron-core: only when a model is built
 
     te_checkpoint = uses_te(args)
     use_te = te_checkpoint and _te_ready()
@@ -356,7 +356,7 @@ def _load_with_dist_checkpointing(ckpt, args, use_te, device):
     except Exception as e:  # megatron-core and torch raise their own exception types
         raise CheckpointError(f"{ckpt.directory}: megatron-core cannot load it under the dense spec "
                               f"({str(e).strip().splitlines()[-1][:300]})") from e
-    not_requested = {k for k in not_requested if not k.startswith(_NOT_MODEL)}
+    not_requested = {k for k in not_requested if not k.startswith(NOT_MODEL)}
     if not_requested or not_stored:
         raise CheckpointError(f"{ckpt.directory} does not match the dense model: keys the model lacks "
                               f"{sorted(not_requested)}, keys the checkpoint lacks {sorted(not_stored)}")

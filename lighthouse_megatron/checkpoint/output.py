@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import make_output_dir
+from ..settings.files import make_output_dir
 from .reader import CheckpointError
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..files import writable_dir_problem
+from ..settings.files import writable_dir_problem
 from .report import check_results, plot_losses, print_checks, print_table, summarize
 
 # The demo's model and schedule; examples/tiny.yaml holds the same settings (a test keeps
@@ -130,7 +130,7 @@ class _CompactLog(io.TextIOBase):
 
 
 def _convert(source: Path, target: Path) -> dict:
-    from ..checkpoint import convert
+    from ..convert import convert
 
     # torch's distributed-checkpoint deprecation warnings, as `lighthouse-megatron convert`
     # silences them: the converter's own lines say what it changed and verified.

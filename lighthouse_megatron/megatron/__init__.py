@@ -1,13 +1,13 @@
 """The Megatron face of Lighthouse attention for megatron-core users: a core attention,
 GPT layer and block specs, and the launch flags (`add_lighthouse_args` and friends, defined
-torch-free in `lighthouse_megatron.flags.lighthouse` with the table of supported settings,
-`flags.rules`, and re-exported here).
+torch-free in `lighthouse_megatron.settings.lighthouse` with the table of supported settings,
+`settings.rules`, and re-exported here).
 
 The launch code for Megatron-LM users (`lighthouse_megatron.megatron_lm`: entry point,
 patches' adapters) builds on this package.
 """
 
-from ..flags.lighthouse import (
+from ..settings.lighthouse import (
     add_lighthouse_args,
     lighthouse_config_from_args,
     resolve_lighthouse_args,

@@ -19,9 +19,9 @@ from torch import Tensor
 
 from ..attention import lighthouse_attention
 from ..config import LighthouseConfig
-from ..flags.rules import check_config
 from ..parallel import ContextParallel, SplitGroups, causal_attention
 from ..recipe import RecipeSchedule
+from ..settings.rules import check_config
 from .schedule import dense_forced, get_iteration
 
 

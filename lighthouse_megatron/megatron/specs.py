@@ -22,8 +22,8 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from ..backends import te_available
 from ..config import LighthouseConfig
-from ..flags.rules import ATTENTION_IMPLS, check_config, warn_qk_layernorm
 from ..recipe import RecipeSchedule
+from ..settings.rules import ATTENTION_IMPLS, check_config, warn_qk_layernorm
 from .core_attention import DenseCoreAttention, LighthouseCoreAttention
 
 

@@ -6,7 +6,7 @@ Needs megatron-core; Megatron-LM (`megatron.training`, not on PyPI) only where i
 is actually launched.
 """
 
-from ..flags.lighthouse import (
+from ..settings.lighthouse import (
     add_lighthouse_args,
     lighthouse_config_from_args,
     load_lighthouse_yaml,

@@ -13,7 +13,7 @@ import functools
 from collections.abc import Callable
 from functools import partial
 
-from ..flags.lighthouse import validate_lighthouse_args
+from ..settings.lighthouse import validate_lighthouse_args
 from .launch import (
     announce,
     clean_exit,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..flags.lighthouse import lighthouse_dests, load_lighthouse_yaml, validate_lighthouse_args
+from ..settings.lighthouse import lighthouse_dests, load_lighthouse_yaml, validate_lighthouse_args
 from .launch import (
     AnnouncingSpecProvider,
     announce,

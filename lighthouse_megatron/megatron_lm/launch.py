@@ -14,15 +14,15 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from ..flags.lighthouse import (
+from ..megatron.schedule import forced_dense, set_iteration_source
+from ..megatron.specs import LighthouseBlockSpecProvider
+from ..settings.lighthouse import (
     add_lighthouse_args,
     lighthouse_config_from_args,
     recipe_schedule_from_args,
     until_iter_warning,
 )
-from ..flags.rules import refused_setting
-from ..megatron.schedule import forced_dense, set_iteration_source
-from ..megatron.specs import LighthouseBlockSpecProvider
+from ..settings.rules import refused_setting
 
 # Modules of Megatron-LM itself (not of megatron-core, nor of its dependencies).
 MEGATRON_LM_MODULES = ("megatron", "megatron.training", "pretrain_gpt", "gpt_builders", "model_provider")
@@ -107,7 +107,7 @@ def uses_package_spec(args) -> bool:
     their own) that it builds exactly: Megatron-LM's local DotProductAttention materialises the
     [b*heads, s, s] scores (about 155 GB at 98K tokens and 8 heads) and has no context
     parallelism, while this package's dense core attention (SDPA, the same parameters and
-    checkpoint keys) has neither problem. A dense model with a setting of `flags.rules` (attention
+    checkpoint keys) has neither problem. A dense model with a setting of `settings.rules` (attention
     dropout, another softmax, a sliding window, multi-latent attention, packed sequences, ...)
     keeps Megatron-LM's own spec (announced); under CP, where that spec cannot run, the
     argument validation refuses it (`rules.check_dense_local`)."""

@@ -59,7 +59,7 @@ import warnings
 # are what runs. Silenced for these imports only, not for the process.
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine and Apex) (is|are) not installed")
-    from ..flags.train import build_parser, megatron_lm_args, parse_args, resolve_args, settings_args
+    from ..settings.train import build_parser, megatron_lm_args, parse_args, resolve_args, settings_args
     from .logger import LoggerError, read_metrics
     from .trainer import (
         TrainingDiverged,
@@ -77,7 +77,7 @@ __all__ = ["TrainResult", "TrainingDiverged", "TrainingStopped", "checkpoint_mod
 
 
 def run_cli(cli: argparse.Namespace) -> int:
-    """Run the parsed `lighthouse-megatron train` flags (the parser: `flags.train`)."""
+    """Run the parsed `lighthouse-megatron train` flags (the parser: `settings.train`)."""
     try:
         args = resolve_args(cli)
         prepare(args)  # file-system checks (checkpoints, output folders), before anything is built

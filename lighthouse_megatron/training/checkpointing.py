@@ -42,7 +42,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from ..checkpoint.manifest import verification_line, verify_manifest, write_manifest
 from ..checkpoint.reader import TRACKER, locate
-from ..cpu import cpu_as_current_device
+from ..megatron.cpu import cpu_as_current_device
 
 CHECKPOINT_VERSION = 3.0
 # Settings of the machine, not of the model: whoever loads the checkpoint chooses them.

@@ -10,8 +10,8 @@ Two engines (`CudaEngine`, `CpuEngine`), one checkpoint format:
 - CUDA: megatron-core's DistributedDataParallel and `get_megatron_optimizer` (bf16 weights,
   fp32 master weights, like Megatron-LM's `--bf16`), Transformer Engine layers when TE imports.
 - CPU: megatron-core's FP32Optimizer around torch AdamW with megatron-core's parameter
-  groups (what `get_megatron_optimizer` builds without TE/apex; see `lighthouse_megatron/cpu.py` for why
-  it is not called directly), gradients summed with one all-reduce per iteration.
+  groups (what `get_megatron_optimizer` builds without TE/apex; see `lighthouse_megatron/megatron/cpu.py`
+  for why it is not called directly), gradients summed with one all-reduce per iteration.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from ..checkpoint.model import transformer_config as model_config
-from ..cpu import cpu_rotary_embedding, make_cpu_optimizer
 from ..data import null_tokenizer
-from ..files import writable_dir_problem, writable_file_problem
-from ..flags.lighthouse import recipe_schedule_from_args, until_iter_warning
-from ..flags.train import ALL_VALID, check_cpu_memory, padded_vocab_size, settings_args
 from ..megatron import LighthouseCoreAttention, get_gpt_decoder_block_spec, lighthouse_config_from_args
+from ..megatron.cpu import cpu_rotary_embedding, make_cpu_optimizer
 from ..megatron.schedule import forced_dense, set_iteration
+from ..settings.files import writable_dir_problem, writable_file_problem
+from ..settings.lighthouse import recipe_schedule_from_args, until_iter_warning
+from ..settings.train import ALL_VALID, check_cpu_memory, padded_vocab_size, settings_args
 from . import checkpointing
 from .logger import MetricsLogger, output_paths
 
@@ -255,7 +255,7 @@ class CudaEngine(Engine):
 
 
 class CpuEngine(Engine):
-    """The fp32 model itself, megatron-core's FP32Optimizer (see `lighthouse_megatron.cpu`),
+    """The fp32 model itself, megatron-core's FP32Optimizer (see `lighthouse_megatron.megatron.cpu`),
     gradients summed with one all-reduce."""
 
     def __init__(self, args, config):
@@ -540,8 +540,8 @@ def _derived(args, flag: str) -> str:
 def startup_summary(args, model) -> list[str]:
     """What rank 0 prints before training: the settings that differ from the defaults, the
     parameter count and which attention each layer runs."""
-    from ..checkpoint.convert import attention_spans
-    from ..flags.train import DEFAULTS, lighthouse_dests
+    from ..convert.dense import attention_spans
+    from ..settings.train import DEFAULTS, lighthouse_dests
 
     # Settings whose default is derived from others (ffn_hidden_size, global_batch_size, ...)
     # count as changed only when they differ from what these settings derive.

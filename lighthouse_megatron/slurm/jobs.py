@@ -36,12 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .files import writable_dir_problem
-from .flags.train import DEFAULTS, build_parser, typed_settings, typed_value
-from .layout import check_flags
-from .yaml_settings import load_yaml, read_mapping
+from ..settings.files import writable_dir_problem
+from ..settings.layout import check_flags
+from ..settings.train import DEFAULTS, build_parser, typed_settings, typed_value
+from ..settings.yaml_file import load_yaml, read_mapping
 
-SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
+SLURM_DIR = Path(__file__).resolve().parent.parent.parent / "slurm"
 LAUNCHER = SLURM_DIR / "launch.sbatch"
 JOBS = ("stage1", "convert", "stage2", "1m")
 CHAIN = ("stage1", "convert", "stage2")
@@ -345,7 +345,7 @@ def _check_tokenizer(data_path: list[str], tokenizer: str) -> None:
     (prepare-data's default) ends each document with id 256 in uint16 tokens."""
     prefixes = [str(p) for p in data_path]
     prefixes = prefixes[1::2] if len(prefixes) > 1 else prefixes
-    from .data import BYTE_EOD, open_indexed_dataset
+    from ..data import BYTE_EOD, open_indexed_dataset
 
     for prefix in prefixes:
         if not (os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin")):
@@ -646,13 +646,13 @@ def add_slurm_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("job", help=f"{', '.join(JOBS)} (slurm/JOB.yaml) or a path to a job file")
     r.add_argument("--output", "-o", required=True, help="the script to write (required)")
     _add_value_args(r)
-    r.set_defaults(run="lighthouse_megatron.slurm:run_render")
+    r.set_defaults(run="lighthouse_megatron.slurm.jobs:run_render")
     s = cmds.add_parser("submit", help="render stage1, convert and stage2; submit them chained with afterok")
     s.add_argument("--output-dir", required=True, help="where the three scripts are written (required)")
     s.add_argument("--dry-run", action="store_true",
                    help="write the scripts, print the sbatch commands, submit nothing (default: off)")
     _add_value_args(s)
-    s.set_defaults(run="lighthouse_megatron.slurm:run_submit")
+    s.set_defaults(run="lighthouse_megatron.slurm.jobs:run_submit")
 
 
 def _error(e: Exception) -> int:

@@ -1,4 +1,4 @@
-"""`lighthouse-megatron convert` and `lighthouse-megatron inspect` (their flags: `flags.checkpoint`)."""
+"""`lighthouse-megatron convert` and `lighthouse-megatron inspect` (their flags: `settings.convert`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 import warnings
 
-from .convert import attention_spans, convert, export_hf, inspect_checkpoint
+from .dense import attention_spans, convert, export_hf, inspect_checkpoint
 
 
 def _quiet(fn):

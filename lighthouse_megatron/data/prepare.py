@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import make_output_dir
+from ..settings.files import make_output_dir
 
 BYTE_VOCAB_SIZE = 256
 BYTE_EOD = 256  # the id right after the bytes
@@ -405,7 +405,7 @@ def add_prepare_data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json-key", default="text", help="text field of JSONL records (default: text)")
     p.add_argument("--glob", default="*", help="file-name pattern inside directories (default: *)")
     p.add_argument("--force", action="store_true", help="overwrite an existing PREFIX.bin/.idx")
-    p.set_defaults(run="lighthouse_megatron.data:run_prepare_data")
+    p.set_defaults(run="lighthouse_megatron.data.prepare:run_prepare_data")
 
 
 def run_prepare_data(args: argparse.Namespace) -> int:

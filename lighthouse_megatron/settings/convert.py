@@ -22,7 +22,7 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --output")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the input's files against its manifest (lighthouse-manifest.json)")
-    p.set_defaults(run="lighthouse_megatron.checkpoint.cli:run_convert")
+    p.set_defaults(run="lighthouse_megatron.convert.cli:run_convert")
 
 
 def add_inspect_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,4 +32,4 @@ def add_inspect_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the files against the checkpoint's manifest "
                         "(lighthouse-manifest.json)")
-    p.set_defaults(run="lighthouse_megatron.checkpoint.cli:run_inspect")
+    p.set_defaults(run="lighthouse_megatron.convert.cli:run_inspect")

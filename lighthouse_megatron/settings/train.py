@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..data import byte_vocab_size, null_tokenizer, open_indexed_dataset
-from ..layout import check_layout
-from ..yaml_settings import read_mapping
+from .layout import check_layout
 from .lighthouse import add_lighthouse_args, lighthouse_config_from_args, validate_lighthouse_args
+from .yaml_file import read_mapping
 
 # The trainer's defaults; a model close to the paper's (Llama-like: RMSNorm, SwiGLU, RoPE,
 # no biases, untied embeddings) at a size that trains on a laptop. None: derived from other

@@ -2,10 +2,10 @@
 the batch, the heads, the layers and the sequence), in one place.
 
 The trainer's argument validation, `lighthouse-megatron slurm render` and the Slurm launcher
-(`python -m lighthouse_megatron.layout`, before it starts torchrun) call it, so a layout is
+(`python -m lighthouse_megatron.settings.layout`, before it starts torchrun) call it, so a layout is
 refused with the same words wherever it is given. Imports no torch.
 
-    python -m lighthouse_megatron.layout --nodes 4 --nproc-per-node 8 [--data-parallel-size auto] \
+    python -m lighthouse_megatron.settings.layout --nodes 4 --nproc-per-node 8 [--data-parallel-size auto] \
         -- TRAINING FLAGS...
 
 reads the parallel sizes, batch, heads, layers, sequence length and Lighthouse settings from
@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import LighthouseConfig, nearest_multiples
+from ..config import LighthouseConfig, nearest_multiples
 
 
 def check_layout(world: int, tp: int, cp: int, pp: int = 1, dp: int | str | None = "auto", *,
@@ -114,7 +114,7 @@ def check_flags(argv: list[str], world: int, dp: int | str | None = "auto", job:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lighthouse_megatron.layout", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m lighthouse_megatron.settings.layout", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--nproc-per-node", type=int, required=True)

@@ -26,20 +26,19 @@ from typing import Any
 
 import torch
 
-from .hf import write_hf
-from .manifest import verification_line, verify_manifest, write_manifest
-from .model import (
-    _LAYER,
-    _NOT_MODEL,
+from ..checkpoint.manifest import verification_line, verify_manifest, write_manifest
+from ..checkpoint.model import (
     CORE_ATTENTION_EXTRA,
+    LAYER_KEY,
+    NOT_MODEL,
     arg,
     dist_model_shapes,
     model_state,
     uses_te,
     verify_dense,
 )
-from .output import check_finite, check_finite_stored, staged_output
-from .reader import (
+from ..checkpoint.output import check_finite, check_finite_stored, staged_output
+from ..checkpoint.reader import (
     COMMON_PT,
     COMMON_STATE_KEY,
     TRACKER,
@@ -53,6 +52,7 @@ from .reader import (
     read_shard,
     torch_load,
 )
+from .hf import write_hf
 
 _TRAINING_STATE = ("optimizer", "opt_param_scheduler", "rng_state", "rerun_state_machine",
                    "num_floating_point_operations_so_far")
@@ -120,8 +120,8 @@ def attention_spans(kinds: list[str]) -> str:
 def _te_extra_state_changes(model: dict, args: dict) -> tuple[dict, list[str]]:
     """Add TE's core-attention `_extra_state` to layers without it (TE models) or drop it
     (local-spec models, whose DotProductAttention has none)."""
-    keys = [k for k in model if _LAYER.match(k)]
-    layers = sorted({int(_LAYER.match(k).group(1)) for k in keys})
+    keys = [k for k in model if LAYER_KEY.match(k)]
+    layers = sorted({int(LAYER_KEY.match(k).group(1)) for k in keys})
     present = {i for i in layers if f"decoder.layers.{i}.{CORE_ATTENTION_EXTRA}" in model}
     te = uses_te(args, model) or any(
         k.endswith("linear_qkv._extra_state") and isinstance(model[k], torch.Tensor) for k in keys)
@@ -235,7 +235,7 @@ def _check_consistency(ckpt: Checkpoint, common: dict, args: dict) -> int | None
 
 
 def _dist_keys(ckpt):
-    from .reader import dcp_items
+    from ..checkpoint.reader import dcp_items
 
     return list(dcp_items(ckpt.directory))
 
@@ -404,7 +404,7 @@ def _write_dist(ckpt: Checkpoint, common: dict, new_args, out_dir: Path, weights
                 _copy(item, out_dir / item.name)
         torch.save(common, out_dir / COMMON_PT)
         return
-    keep = (lambda k: not k.startswith(_NOT_MODEL)) if weights_only else (lambda k: k != COMMON_STATE_KEY)
+    keep = (lambda k: not k.startswith(NOT_MODEL)) if weights_only else (lambda k: k != COMMON_STATE_KEY)
     items = dcp_read_all(ckpt.directory, keep)
     if ckpt.layout == "common_state":
         buffer = io.BytesIO()

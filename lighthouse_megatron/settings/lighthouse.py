@@ -14,9 +14,9 @@ from typing import Any
 from ..config import BACKENDS, SCORERS, LighthouseConfig, SizeError, nearest, topk_hint, valid_topks
 from ..recipe import FLAGS as RECIPE_FLAGS
 from ..recipe import RecipeSchedule
-from ..yaml_settings import read_mapping
 from . import rules
 from .rules import ATTENTION_IMPLS
+from .yaml_file import read_mapping
 
 # LighthouseConfig field -> its flag, one spelling derived from the dataclass: `topk` is
 # --lighthouse-topk, dest lighthouse_topk (the trainer's YAML key), `topk` in --lighthouse-config.

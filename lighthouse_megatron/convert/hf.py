@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .manifest import write_manifest
-from .model import arg, model_state
-from .output import check_finite, staged_output
-from .reader import CheckpointError
+from ..checkpoint.manifest import write_manifest
+from ..checkpoint.model import arg, model_state
+from ..checkpoint.output import check_finite, staged_output
+from ..checkpoint.reader import CheckpointError
 
 HF_EXTRA = "pip install 'lighthouse-megatron[hf]' (safetensors, transformers)"
 
@@ -232,8 +232,8 @@ def verify_hf(directory: Path, state: dict, args: dict) -> dict | str:
         from transformers import LlamaForCausalLM
     except ImportError:
         return f"not verified: transformers is not installed ({HF_EXTRA})"
-    from ..cpu import cpu_as_current_device  # imports megatron-core: only when a model is built
-    from .model import build_dense_model, single_process_megatron, to_local_names
+    from ..checkpoint.model import build_dense_model, single_process_megatron, to_local_names
+    from ..megatron.cpu import cpu_as_current_device  # imports megatron-core: only when a model is built
 
     seq = min(32, arg(args, "seq_length", 32), arg(args, "max_position_embeddings", 32))
     vocab = state["embedding.word_embeddings.weight"].shape[0]

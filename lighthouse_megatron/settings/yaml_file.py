@@ -4,7 +4,7 @@ recipes and job files): a mapping, or nothing for an empty file.
 YAML 1.1 (PyYAML) reads `1:00:00` as the base-60 integer 3600, so a Slurm time limit
 written without quotes would silently become 3600 minutes; the loader here keeps such
 values as the strings they look like. Everything else is PyYAML's safe loader; each
-setting's own type is applied by its reader (`flags.train.typed_settings` for training
+setting's own type is applied by its reader (`settings.train.typed_settings` for training
 settings)."""
 
 from __future__ import annotations
