@@ -108,13 +108,17 @@ class LighthouseConfig:
     backend         stage-5 dense kernel: "auto", "te", "cudnn", "flash" or "math".
     """
 
-    levels: int = 3
-    pooling_factor: int = 4
-    topk: int = 2048
-    tile_topk: int = 128
-    dense_layers: tuple[int, ...] = field(default_factory=tuple)
-    scorer: str = "norm"
-    backend: str = "auto"
+    # The metadata is the launch flags' help (`--lighthouse-levels`, ...: settings/lighthouse.py).
+    levels: int = field(default=3, metadata={"help": "pyramid levels L; 1 is dense attention"})
+    pooling_factor: int = field(default=4, metadata={"help": "pooling factor p, a power of two"})
+    topk: int = field(default=2048, metadata={"help": "global top-k budget k per level"})
+    tile_topk: int = field(default=128, metadata={"help": "entries kept per tile and level T, even"})
+    dense_layers: tuple[int, ...] = field(default=(), metadata={
+        "help": "0-based global layer indices that keep dense attention; negative counts from the last layer "
+                "(e.g. 0 1 -2 -1)", "metavar": "I", "nargs": "*"})
+    scorer: str = field(default="norm", metadata={"help": "selection scorer", "choices": SCORERS})
+    backend: str = field(default="auto", metadata={"help": "dense kernel inside Lighthouse",
+                                                   "choices": BACKENDS})
 
     def __post_init__(self) -> None:
         # Accept lists (YAML, argparse) but keep the frozen dataclass hashable.

@@ -21,24 +21,29 @@ same schedule, and every rank and micro-batch of an iteration agrees.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import LighthouseConfig
-
-FLAGS = {"until_iter": "--lighthouse-until-iter", "dense_every": "--lighthouse-dense-every",
-         "progressive_iters": "--lighthouse-progressive-iters",
-         "grow_topk_iters": "--lighthouse-grow-topk-iters"}
 
 
 @dataclass(frozen=True)
 class RecipeSchedule:
-    until_iter: int | None = None
-    dense_every: int | None = None
-    progressive_iters: int = 0
-    grow_topk_iters: int = 0
+    # The metadata is the launch flags' help (`--lighthouse-until-iter`, ...: settings/lighthouse.py).
+    until_iter: int | None = field(default=None, metadata={
+        "help": "from training iteration N on, every layer runs dense attention (in-run recovery stage)",
+        "metavar": "N", "derived": "never"})
+    dense_every: int | None = field(default=None, metadata={
+        "help": "recipe variant: during the Lighthouse stage every M-th training iteration runs every layer "
+                "dense (M >= 2)", "metavar": "M", "derived": "off"})
+    progressive_iters: int = field(default=0, metadata={
+        "help": "recipe variant: over the W iterations before --lighthouse-until-iter the Lighthouse layers "
+                "turn dense one at a time, first to last (0: off)", "metavar": "W"})
+    grow_topk_iters: int = field(default=0, metadata={
+        "help": "recipe variant: over the W iterations before --lighthouse-until-iter the budget k doubles "
+                "in equal steps up to the largest valid k (0: off)", "metavar": "W"})
 
     def __post_init__(self) -> None:
-        for name in ("until_iter", "dense_every", "progressive_iters", "grow_topk_iters"):
+        for name in FLAGS:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 what = "an iteration >= 0" if name == "until_iter" else "an integer"
@@ -112,3 +117,7 @@ class RecipeSchedule:
         """'lighthouse', 'dense' or 'mixed (d of count layers dense)' for training iteration `iteration`."""
         dense = sum(self.layer_dense(iteration, r, count) for r in range(count))
         return "dense" if dense == count else "lighthouse" if dense == 0 else f"mixed ({dense}/{count} dense)"
+
+
+# Field -> its launch flag, as settings/lighthouse.py derives it, for the errors above.
+FLAGS = {f.name: "--lighthouse-" + f.name.replace("_", "-") for f in dataclasses.fields(RecipeSchedule)}

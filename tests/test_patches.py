@@ -126,7 +126,7 @@ def test_the_trainer_builds_megatron_lms_vocabulary(patched):
     if not tag.removeprefix("core_v").startswith(installed + "."):
         pytest.skip(f"megatron-core {megatron.core.__version__} is installed, not {tag}'s release")
     result = _result(_run(tag, source, work, *TINY, *LIGHTHOUSE))
-    from lighthouse_megatron.settings.train import padded_vocab_size
+    from lighthouse_megatron.settings.checks import padded_vocab_size
 
     args = argparse.Namespace(vocab_size=256, make_vocab_size_divisible_by=128, tensor_model_parallel_size=1)
     assert padded_vocab_size(args) == result["padded_vocab_size"] == {"0.16": 384, "0.19": 256}[installed]

@@ -1,7 +1,12 @@
 """Launch arguments: `--attention-impl` and the `--lighthouse-*` flags, for Megatron-LM's parser.
 
+The settings are the fields of LighthouseConfig and RecipeSchedule (`levels` is
+`--lighthouse-levels`, the trainer's `lighthouse_levels`, `levels` in a `--lighthouse-config`
+file; their help is the fields' metadata) and of `LighthouseLaunch` (--attention-impl, the file,
+what validation evaluates).
+
 Precedence: an explicit flag > the `--lighthouse-config` YAML file > the defaults
-(`--attention-impl dense`, LighthouseConfig's defaults). Every flag defaults to None so
+(`--attention-impl dense`, the dataclasses' defaults). Every flag defaults to None so
 that an explicit value can be told apart; `resolve_lighthouse_args` writes the merged,
 plain-typed values back, so checkpoints store what actually ran.
 """
@@ -9,96 +14,94 @@ plain-typed values back, so checkpoints store what actually ran.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+from dataclasses import dataclass
 from typing import Any
 
-from ..config import BACKENDS, SCORERS, LighthouseConfig, SizeError, nearest, topk_hint, valid_topks
-from ..recipe import FLAGS as RECIPE_FLAGS
+from ..config import LighthouseConfig, SizeError, nearest, topk_hint, valid_topks
 from ..recipe import RecipeSchedule
 from . import rules
+from .fields import MACHINE, SUMMARY, VALUE, Spec, add_arguments, merged, setting, specs
 from .rules import ATTENTION_IMPLS
 from .yaml_file import read_mapping
 
-# LighthouseConfig field -> its flag, one spelling derived from the dataclass: `topk` is
-# --lighthouse-topk, dest lighthouse_topk (the trainer's YAML key), `topk` in --lighthouse-config.
-_FLAGS = {name: f"--lighthouse-{name.replace('_', '-')}" for name in LighthouseConfig.field_names()}
-# YAML keys beyond LighthouseConfig's fields.
-_LAUNCH_KEYS = {"attention_impl": "--attention-impl", **RECIPE_FLAGS,
-                "eval_attention": "--lighthouse-eval-attention"}
 # What Megatron-LM's validation evaluates during a Lighthouse stage: the model as it trains,
 # the same weights with dense attention, or both (each under its own name in the logs).
 EVAL_ATTENTIONS = ("model", "dense", "both")
+PREFIX = "lighthouse_"
 
 
-def _dest(flag: str) -> str:
-    return flag[2:].replace("-", "_")
+@dataclass
+class LighthouseLaunch:
+    """The launch settings beyond LighthouseConfig's and RecipeSchedule's fields."""
+
+    attention_impl: str = setting("dense", "core attention of the GPT layers", choices=ATTENTION_IMPLS,
+                                  roles={SUMMARY}, megatron=VALUE)
+    lighthouse_config: str | None = setting(
+        None, "YAML file with Lighthouse settings (keys: the --lighthouse-* flags' names without "
+        "'lighthouse-', with '_', and attention_impl); explicit flags override it", metavar="FILE")
+    lighthouse_eval_attention: str | None = setting(
+        None, "validation during a Lighthouse stage: 'model' (the attention the model trains with, "
+        "Megatron-LM's 'lm loss'), 'dense' (the same weights with dense attention, logged as 'lm loss "
+        "dense'), or 'both' on the same batches. The entry point and the patches hook Megatron-LM's forward "
+        "step for it; the --spec route cannot (it refuses eval_attention other than model)",
+        choices=EVAL_ATTENTIONS, derived="both (dense with pipeline parallelism)", megatron=VALUE)
+
+
+def _config_specs() -> dict[str, Spec]:
+    """LighthouseConfig's fields as settings: `topk` is --lighthouse-topk, dest lighthouse_topk (the
+    trainer's YAML key), `topk` in --lighthouse-config."""
+    table = {n: dataclasses.replace(s, megatron=VALUE) for n, s in specs(LighthouseConfig, PREFIX).items()}
+    # The dense kernel is the machine's choice: whoever loads a checkpoint picks their own.
+    backend = PREFIX + "backend"
+    table[backend] = dataclasses.replace(table[backend], roles=frozenset({MACHINE}))
+    return table
+
+
+@functools.cache
+def lighthouse_specs() -> dict[str, Spec]:
+    """--attention-impl and every --lighthouse-* setting, in --help order."""
+    launch = specs(LighthouseLaunch)
+    recipe = {n: dataclasses.replace(s, megatron=VALUE) for n, s in specs(RecipeSchedule, PREFIX).items()}
+    return merged(launch, _config_specs(), recipe)
+
+
+def _yaml_key(name: str) -> str:
+    """A setting's key in a --lighthouse-config file (`until_iter` for lighthouse_until_iter)."""
+    return name.removeprefix(PREFIX)
 
 
 def lighthouse_dests() -> list[str]:
     """The argument names (`args` attributes) of --attention-impl and the --lighthouse-* settings."""
-    return [_dest(flag) for flag in {**_LAUNCH_KEYS, **_FLAGS}.values()]
+    return list(lighthouse_specs())
 
 
 def add_lighthouse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the Lighthouse flags to `parser` (Megatron-LM's `extra_args_provider` form)."""
-    defaults = LighthouseConfig()
-    group = parser.add_argument_group(title="lighthouse attention")
-    group.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default=None,
-                       help="Core attention of the GPT layers (default: dense).")
-    group.add_argument("--lighthouse-config", type=str, default=None, metavar="FILE",
-                       help="YAML file with Lighthouse settings (keys: attention_impl, until_iter, "
-                            "eval_attention, "
-                            f"{', '.join(LighthouseConfig.field_names())}); explicit flags override it.")
-    group.add_argument("--lighthouse-levels", type=int, default=None,
-                       help=f"Pyramid levels L; 1 is dense attention (default {defaults.levels}).")
-    group.add_argument("--lighthouse-pooling-factor", type=int, default=None,
-                       help=f"Pooling factor p, a power of two (default {defaults.pooling_factor}).")
-    group.add_argument("--lighthouse-topk", type=int, default=None,
-                       help=f"Global top-k budget k per level (default {defaults.topk}).")
-    group.add_argument("--lighthouse-tile-topk", type=int, default=None,
-                       help=f"Entries kept per tile and level T, even (default {defaults.tile_topk}).")
-    group.add_argument("--lighthouse-dense-layers", type=int, nargs="*", default=None, metavar="I",
-                       help="0-based global layer indices that keep dense attention; negative "
-                            "counts from the last layer (e.g. 0 1 -2 -1). Default: none.")
-    group.add_argument("--lighthouse-scorer", choices=SCORERS, default=None,
-                       help=f"Selection scorer (default {defaults.scorer}).")
-    group.add_argument("--lighthouse-backend", choices=BACKENDS, default=None,
-                       help=f"Dense kernel inside Lighthouse (default {defaults.backend}).")
-    group.add_argument("--lighthouse-until-iter", type=int, default=None, metavar="N",
-                       help="From training iteration N on, every layer runs dense attention "
-                            "(in-run recovery stage). Default: never.")
-    group.add_argument("--lighthouse-dense-every", type=int, default=None, metavar="M",
-                       help="Recipe variant: during the Lighthouse stage every M-th training iteration "
-                            "runs every layer dense (M >= 2). Default: off.")
-    group.add_argument("--lighthouse-progressive-iters", type=int, default=None, metavar="W",
-                       help="Recipe variant: over the W iterations before --lighthouse-until-iter the "
-                            "Lighthouse layers turn dense one at a time, first to last. Default: 0 (off).")
-    group.add_argument("--lighthouse-grow-topk-iters", type=int, default=None, metavar="W",
-                       help="Recipe variant: over the W iterations before --lighthouse-until-iter the "
-                            "budget k doubles in equal steps up to the largest valid k. Default: 0 (off).")
-    group.add_argument("--lighthouse-eval-attention", choices=EVAL_ATTENTIONS, default=None,
-                       help="Validation during a Lighthouse stage: 'model' (the attention the model "
-                            "trains with, Megatron-LM's 'lm loss'), 'dense' (the same weights with dense "
-                            "attention, logged as 'lm loss dense'), or 'both' on the same batches. "
-                            "Default: both (dense with pipeline parallelism). The entry point and the "
-                            "patches hook Megatron-LM's forward step for it; the --spec route cannot "
-                            "(it refuses eval_attention other than model).")
+    add_arguments(parser.add_argument_group(title="lighthouse attention"), lighthouse_specs())
     return parser
+
+
+@functools.cache
+def _file_settings() -> dict[str, Spec]:
+    """What a --lighthouse-config file may set, by its key: every setting but the file itself."""
+    return {_yaml_key(n): s for n, s in lighthouse_specs().items() if n != "lighthouse_config"}
 
 
 def load_lighthouse_yaml(path: str) -> dict[str, Any]:
     """Read a `--lighthouse-config` file: a mapping of LighthouseConfig fields plus
     attention_impl and until_iter. Unknown keys fail with the valid ones."""
     data = read_mapping(path, "--lighthouse-config")
-    valid = [*_LAUNCH_KEYS, *LighthouseConfig.field_names()]
+    valid = list(_file_settings())
     unknown = sorted(set(data) - set(valid))
     if unknown:
         raise ValueError(f"--lighthouse-config {path}: unknown settings {unknown}; valid: {valid}")
-    if data.get("attention_impl", "dense") not in ATTENTION_IMPLS:
-        raise ValueError(f"--lighthouse-config {path}: attention_impl must be one of "
-                         f"{list(ATTENTION_IMPLS)}, got {data['attention_impl']!r}")
-    if data.get("eval_attention", "both") not in EVAL_ATTENTIONS:
-        raise ValueError(f"--lighthouse-config {path}: eval_attention must be one of "
-                         f"{list(EVAL_ATTENTIONS)}, got {data['eval_attention']!r}")
+    # LighthouseConfig checks its own choices (scorer, backend) when it is built.
+    for key, s in _file_settings().items():
+        if s.name in specs(LighthouseLaunch) and data.get(key) is not None and data[key] not in s.choices:
+            raise ValueError(f"--lighthouse-config {path}: {key} must be one of {list(s.choices)}, "
+                             f"got {data[key]!r}")
     return dict(data)
 
 
@@ -106,24 +109,26 @@ def resolve_lighthouse_args(args: argparse.Namespace) -> argparse.Namespace:
     """Merge flags, the YAML file and defaults into `args` in place (idempotent)."""
     path = getattr(args, "lighthouse_config", None)
     settings = load_lighthouse_yaml(path) if path else {}
-    defaults = LighthouseConfig().to_dict()
-    for key, flag in {**_LAUNCH_KEYS, **_FLAGS}.items():
-        dest = _dest(flag)
-        if getattr(args, dest, None) is None:
-            value = settings.get(key, defaults.get(key))
-            if key == "attention_impl" and value is None:
-                value = "dense"
-            if key in ("progressive_iters", "grow_topk_iters") and value is None:
-                value = 0
-            if key == "eval_attention" and value is None:
+    for key, s in _file_settings().items():
+        if getattr(args, s.name, None) is None:
+            value = settings.get(key, s.default)
+            if value is None and s.name == "lighthouse_eval_attention":
                 pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
                 value = "both" if pp == 1 else "dense"
-            setattr(args, dest, list(value) if isinstance(value, (list, tuple)) else value)
+            setattr(args, s.name, list(value) if isinstance(value, (list, tuple)) else value)
     return args
 
 
 # Field order of LighthouseConfig's own checks: tile_topk before topk, whose rule needs it.
 _CHECK_ORDER = ("levels", "pooling_factor", "tile_topk", "topk", "dense_layers", "scorer", "backend")
+
+
+def _config_value(args: argparse.Namespace, field: str) -> Any:
+    return getattr(args, PREFIX + field)
+
+
+def _config_flag(field: str) -> str:
+    return _config_specs()[PREFIX + field].flag
 
 
 def lighthouse_config_from_args(args: argparse.Namespace, seq_len: int | None = None,
@@ -134,34 +139,35 @@ def lighthouse_config_from_args(args: argparse.Namespace, seq_len: int | None = 
     values: dict[str, Any] = {}
     # Add one setting at a time: the first one that fails is the flag to blame.
     for key in _CHECK_ORDER:
-        values[key] = getattr(args, _dest(_FLAGS[key]))
+        values[key] = _config_value(args, key)
         try:
             config = LighthouseConfig(**values)
         except SizeError as e:
             hint = None if seq_len is None else _sized_hint(args, e.field, seq_len, cp_size)
             message = str(e) if hint is None else f"{e.rule}; {hint}"
-            raise ValueError(f"{_FLAGS[key]} {_shown(values[key])}: {message}") from e
+            raise ValueError(f"{_config_flag(key)} {_shown(values[key])}: {message}") from e
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{_FLAGS[key]} {_shown(values[key])}: {e}") from e
+            raise ValueError(f"{_config_flag(key)} {_shown(values[key])}: {e}") from e
     return config
 
 
 def _sized_hint(args: argparse.Namespace, field: str, seq_len: int, cp_size: int) -> str:
     """Values of `field` (topk or tile_topk) that fit this sequence length with the other
     Lighthouse flags, or what else to change."""
-    levels, pooling, topk, tile = (getattr(args, _dest(_FLAGS[k])) for k in ("levels", "pooling_factor",
-                                                                             "topk", "tile_topk"))
+    levels, pooling, topk, tile = (_config_value(args, k) for k in ("levels", "pooling_factor", "topk",
+                                                                    "tile_topk"))
     if field == "topk":
         return topk_hint(levels, pooling, tile, seq_len, cp_size, topk)
     if not isinstance(topk, int) or isinstance(topk, bool) or topk < 2:
         return None
-    given = f"{_FLAGS['topk']} {topk} and --seq-length {seq_len}"
+    given = f"{_config_flag('topk')} {topk} and --seq-length {seq_len}"
     tiles = [t for t in range(2, topk + 1, 2) if topk in valid_topks(levels, pooling, t, seq_len, cp_size)]
     if tiles:
         return f"nearest valid with {given}: {nearest(tiles, tile)}"
     even = max(2, tile - 1 if tile % 2 else tile)
-    return (f"no tile_topk is valid with {given}: change {_FLAGS['topk']} too (with {_FLAGS['tile_topk']} "
-            f"{even}: {topk_hint(levels, pooling, even, seq_len, cp_size, topk)})")
+    hint = topk_hint(levels, pooling, even, seq_len, cp_size, topk)
+    return (f"no tile_topk is valid with {given}: change {_config_flag('topk')} too (with "
+            f"{_config_flag('tile_topk')} {even}: {hint})")
 
 
 def _shown(value: Any) -> str:
@@ -169,14 +175,15 @@ def _shown(value: Any) -> str:
 
 
 def _lighthouse_flags(args: argparse.Namespace) -> str:
-    return " ".join(f"{_FLAGS[key]} {getattr(args, _dest(_FLAGS[key]))}"
+    return " ".join(f"{_config_flag(key)} {_config_value(args, key)}"
                     for key in ("levels", "pooling_factor", "topk", "tile_topk"))
 
 
 def recipe_schedule_from_args(args: argparse.Namespace) -> RecipeSchedule:
     """The recipe's schedule (--lighthouse-until-iter and its variants); errors name the flag."""
     resolve_lighthouse_args(args)
-    return RecipeSchedule(**{key: getattr(args, _dest(flag)) for key, flag in RECIPE_FLAGS.items()})
+    fields = dataclasses.fields(RecipeSchedule)
+    return RecipeSchedule(**{f.name: getattr(args, PREFIX + f.name) for f in fields})
 
 
 def until_iter_warning(args: argparse.Namespace) -> str | None:

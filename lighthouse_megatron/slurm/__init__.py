@@ -1,25 +1,15 @@
 """`lighthouse-megatron slurm render/submit`: the one launcher filled from a job file and its
-recipe, and the two-stage chain submitted with afterok dependencies (`jobs`)."""
+recipe (`jobs`: the settings merged and checked; `script`: the filled launcher), and the
+two-stage chain submitted with afterok dependencies (`cli`).
 
-from .jobs import (
-    CHAIN,
-    JOBS,
-    LAUNCHER,
-    SETTINGS_END,
-    SETTINGS_START,
-    SLURM_DIR,
-    Job,
-    Resolved,
-    add_slurm_parser,
-    load_config,
-    load_job,
-    render,
-    render_chain,
-    resolve,
-    submit_chain,
-    values_for,
-    write_script,
-)
+Python API: `load_job(name_or_path) -> Job`; `resolve(job, values) -> Resolved`;
+`render(job, values) -> str`; `render_chain(config, overrides) -> {stage: script}`;
+`write_script(text, path, force)`; `submit_chain({stage: path}) -> {stage: job id}`.
+"""
+
+from .cli import add_slurm_parser, submit_chain
+from .jobs import CHAIN, JOBS, SLURM_DIR, Job, Resolved, load_config, load_job, resolve, values_for
+from .script import LAUNCHER, SETTINGS_END, SETTINGS_START, render, render_chain, write_script
 
 __all__ = ["CHAIN", "JOBS", "LAUNCHER", "SETTINGS_END", "SETTINGS_START", "SLURM_DIR", "Job", "Resolved",
            "add_slurm_parser", "load_config", "load_job", "render", "render_chain", "resolve", "submit_chain",

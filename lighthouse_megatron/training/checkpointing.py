@@ -43,10 +43,12 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from ..checkpoint.manifest import verification_line, verify_manifest, write_manifest
 from ..checkpoint.reader import TRACKER, locate
 from ..megatron.cpu import cpu_as_current_device
+from ..settings.fields import MACHINE, SCHEDULE, SHAPE, with_role
+from ..settings.train import all_specs
 
 CHECKPOINT_VERSION = 3.0
 # Settings of the machine, not of the model: whoever loads the checkpoint chooses them.
-NOT_STORED = ("lighthouse_backend",)
+NOT_STORED = with_role(all_specs(), MACHINE)
 # What Megatron-LM's _build_sharded_state_dict_metadata stores for a non-distributed optimizer.
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
@@ -285,13 +287,10 @@ def read_checkpoint_args(root: str) -> tuple[int, argparse.Namespace | None]:
 
 
 # Settings that fix the shapes of the weights: a checkpoint must agree on them.
-SHAPE_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-              "kv_channels", "padded_vocab_size", "swiglu", "add_bias_linear", "normalization",
-              "position_embedding_type", "untie_embeddings_and_output_weights", "qk_layernorm")
+SHAPE_ARGS = with_role(all_specs(), SHAPE)
 # Settings that Megatron's optimizer-parameter scheduler refuses to change on resume.
 # megatron-core does not store the WSD anneal in its state; the stored arguments hold it.
-SCHEDULE_ARGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style", "lr_wsd_decay_style",
-                 "lr_wsd_decay_iters", "train_iters", "global_batch_size", "weight_decay")
+SCHEDULE_ARGS = with_role(all_specs(), SCHEDULE)
 
 
 def verify_checkpoint(root: str) -> str:

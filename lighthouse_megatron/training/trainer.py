@@ -17,7 +17,6 @@ Two engines (`CudaEngine`, `CpuEngine`), one checkpoint format:
 from __future__ import annotations
 
 import abc
-import argparse
 import contextlib
 import inspect
 import logging
@@ -39,9 +38,10 @@ from ..data import null_tokenizer
 from ..megatron import LighthouseCoreAttention, get_gpt_decoder_block_spec, lighthouse_config_from_args
 from ..megatron.cpu import cpu_rotary_embedding, make_cpu_optimizer
 from ..megatron.schedule import forced_dense, set_iteration
+from ..settings.checks import ALL_VALID, check_cpu_memory, padded_vocab_size
 from ..settings.files import writable_dir_problem, writable_file_problem
 from ..settings.lighthouse import recipe_schedule_from_args, until_iter_warning
-from ..settings.train import ALL_VALID, check_cpu_memory, padded_vocab_size, settings_args
+from ..settings.train import changed_settings, settings_args
 from . import checkpointing
 from .logger import MetricsLogger, output_paths
 
@@ -541,22 +541,8 @@ def startup_summary(args, model) -> list[str]:
     """What rank 0 prints before training: the settings that differ from the defaults, the
     parameter count and which attention each layer runs."""
     from ..convert.dense import attention_spans
-    from ..settings.train import DEFAULTS, lighthouse_dests
 
-    # Settings whose default is derived from others (ffn_hidden_size, global_batch_size, ...)
-    # count as changed only when they differ from what these settings derive.
-    lighthouse = {k: getattr(args, k) for k in lighthouse_dests()}
-    given = {k: getattr(args, k) for k, v in DEFAULTS.items() if v is not None}
-    try:
-        derived = settings_args({**given, **lighthouse, "mock_data": True}, world_size=args.world_size)
-        defaults = settings_args({"mock_data": True}, world_size=args.world_size)
-    except ValueError:  # the defaults do not fit this world size: compare with the raw defaults
-        derived = defaults = argparse.Namespace(**{k: DEFAULTS.get(k) for k in (*DEFAULTS, *lighthouse)})
-    changed = [f"{k}={getattr(args, k)}" for k in vars(defaults)
-               if (k in DEFAULTS or k in lighthouse) and k != "mock_data"
-               and getattr(args, k) != getattr(derived if DEFAULTS.get(k, 0) is None else defaults, k)]
-    if args.mock_data:
-        changed.append("mock_data=True")
+    changed = changed_settings(args)
     params = sum(p.numel() for p in model.parameters())
     per_rank = " per tensor-parallel rank" if args.tensor_model_parallel_size > 1 else ""
     kinds = ["lighthouse" if isinstance(layer.self_attention.core_attention, LighthouseCoreAttention)
