@@ -32,8 +32,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint.model import transformer_config as model_config
 from ..config import LighthouseConfig
+from ..megatron.model import gpt_model
+from ..megatron.model import transformer_config as model_config
 from ..settings.bench import E2E_DTYPES, E2E_MODES, format_length
 from ._common import (
     UsageError,
@@ -113,12 +114,6 @@ def transformer_config(args, device: torch.device):
     converter's) on the bench's flags under Megatron-LM's argument names, plus what only the
     bench sets: its dtype, recompute, FP8 and (off) fusions."""
     dtype = DTYPES[args.dtype]
-    megatron_args = dict(
-        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        group_query_attention=True, num_query_groups=args.kv_heads or args.heads,
-        ffn_hidden_size=args.ffn, kv_channels=args.hidden // args.heads,
-        swiglu=True, normalization="RMSNorm", norm_epsilon=1e-5, add_bias_linear=False,
-    )
     overrides = dict(bf16=dtype == torch.bfloat16, bias_activation_fusion=False, masked_softmax_fusion=False,
                      apply_rope_fusion=False)
     if args.recompute == "full":
@@ -126,7 +121,20 @@ def transformer_config(args, device: torch.device):
     if getattr(args, "fp8", None):
         overrides.update(fp8=args.fp8, fp8_recipe=args.fp8_recipe,
                          fp8_dot_product_attention=bool(getattr(args, "fp8_attention", False)))
-    return model_config(megatron_args, dtype=dtype, cpu_init=device.type == "cpu", **overrides)
+    return model_config(megatron_args(args), dtype=dtype, cpu_init=device.type == "cpu", **overrides)
+
+
+def megatron_args(args, seq_len: int | None = None) -> dict:
+    """The bench's model under Megatron-LM's argument names (the model builder reads these):
+    Llama-3-style, RoPE, untied output layer."""
+    return dict(
+        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
+        group_query_attention=True, num_query_groups=args.kv_heads or args.heads,
+        ffn_hidden_size=args.ffn, kv_channels=args.hidden // args.heads,
+        swiglu=True, normalization="RMSNorm", norm_epsilon=1e-5, add_bias_linear=False,
+        max_position_embeddings=seq_len, untie_embeddings_and_output_weights=True,
+        position_embedding_type="rope", rotary_base=int(args.rope_base),
+    )
 
 
 def _module(spec):
@@ -155,17 +163,12 @@ def block_spec(config, mode: str, lighthouse: LighthouseConfig, use_te: bool, ga
 
 def build_model(args, config, spec, seq_len: int, device: torch.device):
     from megatron.core import tensor_parallel
-    from megatron.core.models.gpt import GPTModel
 
     # The same initial weights in every mode: the modes differ in parameter-free modules only.
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
-    model = GPTModel(
-        config=config, transformer_layer_spec=spec, vocab_size=args.vocab, max_sequence_length=seq_len,
-        share_embeddings_and_output_weights=False, position_embedding_type="rope",
-        rotary_base=int(args.rope_base), parallel_output=True,
-    )
+    model = gpt_model(megatron_args(args, seq_len), config, spec, args.vocab)
     return model.to(device)
 
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from ..settings.fields import Values
+
 TRACKER = "latest_checkpointed_iteration.txt"
 COMMON_PT = "common.pt"
 COMMON_STATE_KEY = "common_state/shard_0_1"  # ShardedObject("common_state", ..., (1,), (0,)).unique_key
@@ -315,12 +317,13 @@ def read_shard(ckpt: Checkpoint, tp: int, pp: int) -> dict:
     return state
 
 
-def args_dict(args) -> dict[str, Any]:
-    """Stored arguments as a dict (Megatron-LM stores an argparse.Namespace, others a dict)."""
+def args_dict(args) -> Values:
+    """Stored arguments as Values, a dict read by attribute too (Megatron-LM stores an
+    argparse.Namespace, others a dict)."""
     if args is None:
-        return {}
+        return Values()
     if isinstance(args, dict):
-        return dict(args)
+        return Values(args)
     if hasattr(args, "__dict__"):
-        return dict(vars(args))
+        return Values(vars(args))
     raise CheckpointError(f"stored args are a {type(args).__name__}, expected a Namespace or a dict")

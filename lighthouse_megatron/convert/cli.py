@@ -7,7 +7,10 @@ import json
 import sys
 import warnings
 
-from .dense import attention_spans, convert, export_hf, inspect_checkpoint
+from ..megatron.model import attention_spans
+from ..settings.fields import SUMMARY, specs, with_role
+from ..settings.tree import Model
+from .dense import convert, export_hf, inspect_checkpoint
 
 
 def _quiet(fn):
@@ -60,9 +63,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     par = info["parallel"]
     print(f"  parallel    TP {par['tp']}, PP {par['pp']}, CP {par['cp']}, DP {par['dp'] or '?'}")
     a = info["args"]
-    model = ", ".join(f"{k}={a[k]}" for k in ("num_layers", "hidden_size", "ffn_hidden_size",
-                                               "num_attention_heads", "num_query_groups", "seq_length",
-                                               "padded_vocab_size") if k in a)
+    # The model's sizes: the whole-number settings of the model that `inspect` shows.
+    sizes = with_role({k: s for k, s in specs(Model).items() if s.kind is int}, SUMMARY)
+    model = ", ".join(f"{k}={a[k]}" for k in sizes if k in a)
     print(f"  model       {model}")
     print(f"  tensors     {info['tensors']['count']}, {info['tensors']['parameters']:,} parameters")
     print("  attention   " + attention_spans(info["attention"]))

@@ -31,11 +31,9 @@ from ..checkpoint.model import (
     CORE_ATTENTION_EXTRA,
     LAYER_KEY,
     NOT_MODEL,
-    arg,
     dist_model_shapes,
     model_state,
     uses_te,
-    verify_dense,
 )
 from ..checkpoint.output import check_finite, check_finite_stored, staged_output
 from ..checkpoint.reader import (
@@ -52,7 +50,10 @@ from ..checkpoint.reader import (
     read_shard,
     torch_load,
 )
+from ..settings.fields import SUMMARY, Values, given, with_role
+from ..settings.train import all_specs
 from .hf import write_hf
+from .verify import verify_dense
 
 _TRAINING_STATE = ("optimizer", "opt_param_scheduler", "rng_state", "rerun_state_machine",
                    "num_floating_point_operations_so_far")
@@ -69,29 +70,30 @@ def dense_args(args) -> tuple[Any, list[str]]:
 
     values = args_dict(args)
     changes = []
-    if values.get("attention_impl") != "dense":
-        changes.append(f"args.attention_impl: {values.get('attention_impl')!r} -> 'dense'")
-        values["attention_impl"] = "dense"
-    if _is_lighthouse_spec(values.get("spec")):
-        changes.append(f"args.spec: {values['spec']!r} -> None")
-        values["spec"] = None
+    if values.attention_impl != "dense":
+        changes.append(f"args.attention_impl: {values.attention_impl!r} -> 'dense'")
+        values.attention_impl = "dense"
+    if _is_lighthouse_spec(values.spec):
+        changes.append(f"args.spec: {values.spec!r} -> None")
+        values.spec = None
     for key in sorted(k for k in values if k.startswith("lighthouse_")):
         changes.append(f"args.{key}: {values.pop(key)!r} dropped")
     if isinstance(args, dict):
-        return values, changes
+        return dict(values), changes
     copy = argparse.Namespace() if isinstance(args, argparse.Namespace) else type(args)()
     for key, value in values.items():
         setattr(copy, key, value)
     return copy, changes
 
 
-def attention_per_layer(args: dict, iteration: int | None) -> list[str]:
+def attention_per_layer(args: Values, iteration: int | None) -> list[str]:
     """'lighthouse' or 'dense' for each layer, as the stored arguments built them."""
-    n = arg(args, "num_layers", 0)
-    impl = args.get("attention_impl")
-    if impl != "lighthouse" and not _is_lighthouse_spec(args.get("spec")):
+    args = Values.of(args)
+    n = given(args.num_layers, 0)
+    impl = args.attention_impl
+    if impl != "lighthouse" and not _is_lighthouse_spec(args.spec):
         return ["dense"] * n
-    until = args.get("lighthouse_until_iter")
+    until = args.lighthouse_until_iter
     if until is not None and iteration is not None and iteration >= until:
         return ["dense"] * n
     if impl != "lighthouse":  # the --spec route keeps its settings in $LIGHTHOUSE_CONFIG
@@ -99,22 +101,11 @@ def attention_per_layer(args: dict, iteration: int | None) -> list[str]:
     from ..config import LighthouseConfig
 
     try:
-        dense = LighthouseConfig(dense_layers=tuple(args.get("lighthouse_dense_layers") or ())) \
+        dense = LighthouseConfig(dense_layers=tuple(args.lighthouse_dense_layers or ())) \
             .resolve_dense_layers(n)
     except ValueError as e:
         raise CheckpointError(f"stored lighthouse_dense_layers: {e}") from e
     return ["dense" if i in dense else "lighthouse" for i in range(n)]
-
-
-def attention_spans(kinds: list[str]) -> str:
-    """['dense', 'lighthouse', 'lighthouse'] -> 'layer 0 dense; layer 1-2 lighthouse'."""
-    runs: list[list] = []
-    for i, kind in enumerate(kinds):
-        if runs and runs[-1][2] == kind:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i, kind])
-    return "; ".join(f"layer {a}" + (f"-{b}" if b > a else "") + f" {k}" for a, b, k in runs)
 
 
 def _te_extra_state_changes(model: dict, args: dict) -> tuple[dict, list[str]]:
@@ -144,11 +135,10 @@ def _te_extra_state_changes(model: dict, args: dict) -> tuple[dict, list[str]]:
 
 # --- inspect --------------------------------------------------------------------------------
 
-_ARG_NAMES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-              "kv_channels", "seq_length", "max_position_embeddings", "padded_vocab_size", "normalization",
-              "swiglu", "position_embedding_type", "untie_embeddings_and_output_weights", "add_bias_linear",
-              "transformer_impl", "params_dtype", "bf16", "fp16", "ckpt_format", "attention_impl", "spec",
-              "train_iters", "lr", "micro_batch_size", "global_batch_size")
+# What `inspect` shows of the stored arguments: the settings whose role says so, and the
+# arguments of Megatron-LM's own that tell how the model was built and stored.
+_ARG_NAMES = (*with_role(all_specs(), SUMMARY), "transformer_impl", "params_dtype", "fp16", "ckpt_format",
+              "spec")
 
 
 def _plain(value):
@@ -188,9 +178,9 @@ def inspect_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
     else:
         shapes = {k: tuple(v.shape) for k, v in model_state(ckpt, args).items()
                   if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
-    tp, pp = (arg(args, "tensor_model_parallel_size", 1), arg(args, "pipeline_model_parallel_size", 1))
-    cp = arg(args, "context_parallel_size", 1)
-    world = args.get("world_size")
+    tp, pp = given(args.tensor_model_parallel_size, 1), given(args.pipeline_model_parallel_size, 1)
+    cp = given(args.context_parallel_size, 1)
+    world = args.world_size
     if ckpt.format == "torch":
         tp, pp = 1 + max(t for t, _ in ckpt.shards), 1 + max(p for _, p in ckpt.shards)
     if ckpt.format == "torch_dist":
@@ -218,18 +208,18 @@ def inspect_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
     }
 
 
-def _check_consistency(ckpt: Checkpoint, common: dict, args: dict) -> int | None:
+def _check_consistency(ckpt: Checkpoint, common: dict, args: Values) -> int | None:
     """The directory, the common state and the shards must tell the same story."""
     iteration = common.get("iteration", ckpt.iteration)
     if ckpt.iteration is not None and iteration is not None and iteration != ckpt.iteration:
         raise CheckpointError(f"{ckpt.directory}: the directory says iteration {ckpt.iteration}, the "
                               f"checkpoint says {iteration} (mismatched or partly replaced checkpoint)")
     if ckpt.format == "torch":
-        for name, found in (("tensor_model_parallel_size", 1 + max(t for t, _ in ckpt.shards)),
-                            ("pipeline_model_parallel_size", 1 + max(p for _, p in ckpt.shards))):
-            stored = args.get(name)
+        tp, pp = 1 + max(t for t, _ in ckpt.shards), 1 + max(p for _, p in ckpt.shards)
+        for said, stored, found in (("tensor_model_parallel_size=", args.tensor_model_parallel_size, tp),
+                                    ("pipeline_model_parallel_size=", args.pipeline_model_parallel_size, pp)):
             if stored is not None and stored != found:
-                raise CheckpointError(f"{ckpt.directory}: the stored arguments say {name}={stored}, but "
+                raise CheckpointError(f"{ckpt.directory}: the stored arguments say {said}{stored}, but "
                                       f"there are {found} rank(s) of mp_rank files (mismatched checkpoint)")
     return iteration
 

@@ -17,77 +17,86 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.manifest import write_manifest
-from ..checkpoint.model import arg, model_state
+from ..checkpoint.model import model_state
 from ..checkpoint.output import check_finite, staged_output
 from ..checkpoint.reader import CheckpointError
+from ..settings.fields import Values, given
 
 HF_EXTRA = "pip install 'lighthouse-megatron[hf]' (safetensors, transformers)"
 
 
-def check_llama(args: dict) -> None:
-    """Refuse, by name, what LlamaForCausalLM cannot express."""
+def check_llama(args: Values) -> None:
+    """Refuse, by name, what LlamaForCausalLM cannot express (absent arguments: Megatron-LM's
+    defaults)."""
+    args = Values.of(args)
     problems = []
-    if arg(args, "normalization", "LayerNorm") != "RMSNorm":
-        problems.append(f"normalization={arg(args, 'normalization', 'LayerNorm')!r} (Llama uses RMSNorm)")
-    if not arg(args, "swiglu", False):
-        act = "squared ReLU" if arg(args, "squared_relu", False) else "GELU"
+    normalization = given(args.normalization, "LayerNorm")
+    if normalization != "RMSNorm":
+        problems.append(f"normalization={normalization!r} (Llama uses RMSNorm)")
+    if not args.swiglu:
+        act = "squared ReLU" if args.squared_relu else "GELU"
         problems.append(f"a {act} MLP (Llama uses SwiGLU: --swiglu)")
-    position = arg(args, "position_embedding_type", "learned_absolute")
+    position = given(args.position_embedding_type, "learned_absolute")
     if position != "rope":
         problems.append(f"position_embedding_type={position!r} (learned absolute positions have no Llama "
                         "equivalent; Llama uses RoPE)")
-    if arg(args, "add_bias_linear", True):
+    if given(args.add_bias_linear, True):
         problems.append("linear biases (add_bias_linear=True; Llama has none: --disable-bias-linear)")
-    if arg(args, "add_qkv_bias", False):
+    if args.add_qkv_bias:
         problems.append("QKV biases (add_qkv_bias=True)")
-    for flag, what in (("qk_layernorm", "QK layer-norm"), ("apply_layernorm_1p", "zero-centred norms"),
-                       ("rotary_interleaved", "interleaved RoPE"), ("use_rope_scaling", "RoPE scaling"),
-                       ("multi_latent_attention", "multi-latent attention"), ("num_experts", "MoE layers")):
-        if arg(args, flag, False):
-            problems.append(f"{what} ({flag}={args[flag]!r})")
-    if arg(args, "rotary_percent", 1.0) != 1.0:
-        problems.append(f"partial RoPE (rotary_percent={args['rotary_percent']})")
+    for what, value in (("QK layer-norm (qk_layernorm", args.qk_layernorm),
+                        ("zero-centred norms (apply_layernorm_1p", args.apply_layernorm_1p),
+                        ("interleaved RoPE (rotary_interleaved", args.rotary_interleaved),
+                        ("RoPE scaling (use_rope_scaling", args.use_rope_scaling),
+                        ("multi-latent attention (multi_latent_attention", args.multi_latent_attention),
+                        ("MoE layers (num_experts", args.num_experts)):
+        if value:
+            problems.append(f"{what}={value!r})")
+    if given(args.rotary_percent, 1.0) != 1.0:
+        problems.append(f"partial RoPE (rotary_percent={args.rotary_percent})")
     if problems:
         raise CheckpointError("--to hf writes Llama checkpoints; this model has " + "; ".join(problems))
 
 
-def llama_config(args: dict, vocab: int, dtype: torch.dtype) -> dict:
-    heads = args["num_attention_heads"]
-    groups = args.get("num_query_groups") if arg(args, "group_query_attention", False) else heads
-    head_dim = arg(args, "kv_channels", args["hidden_size"] // heads)
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": vocab,
-        "hidden_size": args["hidden_size"],
-        "intermediate_size": arg(args, "ffn_hidden_size", 4 * args["hidden_size"]),
-        "num_hidden_layers": args["num_layers"],
-        "num_attention_heads": heads,
-        "num_key_value_heads": groups or heads,
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": arg(args, "max_position_embeddings", arg(args, "seq_length", 2048)),
-        "rms_norm_eps": arg(args, "norm_epsilon", 1e-5),
-        "rope_theta": float(arg(args, "rotary_base", 10000)),
-        "tie_word_embeddings": not arg(args, "untie_embeddings_and_output_weights", False),
-        "attention_bias": False,
-        "mlp_bias": False,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
+def llama_config(args: Values, vocab: int, dtype: torch.dtype) -> dict:
+    """config.json of the Llama model (transformers' LlamaConfig names)."""
+    args = Values.of(args)
+    heads = args.num_attention_heads
+    groups = args.num_query_groups if args.group_query_attention else heads
+    return dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        vocab_size=vocab,
+        hidden_size=args.hidden_size,
+        intermediate_size=given(args.ffn_hidden_size, 4 * args.hidden_size),
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=groups or heads,
+        head_dim=given(args.kv_channels, args.hidden_size // heads),
+        hidden_act="silu",
+        max_position_embeddings=given(args.max_position_embeddings, given(args.seq_length, 2048)),
+        rms_norm_eps=given(args.norm_epsilon, 1e-5),
+        rope_theta=float(given(args.rotary_base, 10000)),
+        tie_word_embeddings=not args.untie_embeddings_and_output_weights,
+        attention_bias=False,
+        mlp_bias=False,
+        torch_dtype=str(dtype).removeprefix("torch."),
+    )
 
 
-def llama_state(state: dict, args: dict) -> dict[str, torch.Tensor]:
+def llama_state(state: dict, args: Values) -> dict[str, torch.Tensor]:
     """Megatron TP = 1 state dict (TE norm names) -> Llama's parameter names."""
-    heads = args["num_attention_heads"]
-    groups = (args.get("num_query_groups") if arg(args, "group_query_attention", False) else None) or heads
-    hidden = args["hidden_size"]
-    head_dim = arg(args, "kv_channels", hidden // heads)
+    args = Values.of(args)
+    heads = args.num_attention_heads
+    groups = (args.num_query_groups if args.group_query_attention else None) or heads
+    hidden = args.hidden_size
+    head_dim = given(args.kv_channels, hidden // heads)
     per_group = heads // groups
     out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
            "model.norm.weight": state["decoder.final_layernorm.weight"]}
-    if arg(args, "untie_embeddings_and_output_weights", False):
+    if args.untie_embeddings_and_output_weights:
         out["lm_head.weight"] = state["output_layer.weight"]
-    for i in range(args["num_layers"]):
+    for i in range(args.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         qkv = state[src + "self_attention.linear_qkv.weight"]
         qkv = qkv.reshape(groups, (per_group + 2) * head_dim, hidden)
@@ -108,9 +117,10 @@ def llama_state(state: dict, args: dict) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def write_hf(ckpt, args: dict, output: Path, *, dry_run: bool, force: bool, log) -> dict:
+def write_hf(ckpt, args: Values, output: Path, *, dry_run: bool, force: bool, log) -> dict:
     """Write `ckpt` (its stored `args`) to `output` as a Llama checkpoint (unless `dry_run`);
     returns what it did: "changes" and, once written, "tokenizer" and "verified"."""
+    args = Values.of(args)
     report: dict = {}
     check_llama(args)
     try:
@@ -126,11 +136,11 @@ def write_hf(ckpt, args: dict, output: Path, *, dry_run: bool, force: bool, log)
     weights = llama_state(state, args)
     dtype = weights["model.embed_tokens.weight"].dtype
     config = llama_config(args, weights["model.embed_tokens.weight"].shape[0], dtype)
+    c = Values(config)
     tp = 1 + max((t for t, _ in ckpt.shards), default=0)
-    report["changes"] = [f"Llama checkpoint: {config['num_hidden_layers']} layers, "
-                         f"hidden {config['hidden_size']}, "
-                         f"{config['num_attention_heads']} heads / {config['num_key_value_heads']} KV heads, "
-                         f"{'tied' if config['tie_word_embeddings'] else 'untied'} embeddings, {dtype}"
+    report["changes"] = [f"Llama checkpoint: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+                         f"{c.num_attention_heads} heads / {c.num_key_value_heads} KV heads, "
+                         f"{'tied' if c.tie_word_embeddings else 'untied'} embeddings, {dtype}"
                          + (f", {tp} TP shards merged" if tp > 1 else "")]
     for change in report["changes"]:
         log(change)
@@ -190,16 +200,17 @@ def _byte_characters() -> dict[int, str]:
     return {**{b: chr(b) for b in direct}, **dict(zip(rest, shifted, strict=True))}
 
 
-def export_tokenizer(args: dict, directory: Path) -> str:
+def export_tokenizer(args: Values, directory: Path) -> str:
     """Write the checkpoint's tokenizer beside the model; returns what was done (one line).
     NullTokenizer with a byte vocabulary: a byte-level tokenizer with the same ids. A Hugging
     Face tokenizer the checkpoint names by a local directory: its files. Otherwise nothing,
     and the line says why."""
-    kind = args.get("tokenizer_type")
+    args = Values.of(args)
+    kind = args.tokenizer_type
     if kind == "NullTokenizer":
         from ..data import BYTE_EOD, null_tokenizer
 
-        vocab = args.get("vocab_size")
+        vocab = args.vocab_size
         null = null_tokenizer(vocab) if isinstance(vocab, int) else None
         if null is None or null.vocab_size != BYTE_EOD + 1 or null.eod != BYTE_EOD:
             return (f"tokenizer not exported: NullTokenizer with --vocab-size {vocab} does not number bytes "
@@ -211,7 +222,7 @@ def export_tokenizer(args: dict, directory: Path) -> str:
         return (f"tokenizer: byte-level (ids 0-255 = bytes, {EOD_TOKEN} = {null.eod}), as the trainer "
                 "numbers them")
     if kind == "HuggingFaceTokenizer":
-        source = args.get("tokenizer_model")
+        source = args.tokenizer_model
         if source and Path(source).is_dir():
             names = [p.name for p in sorted(Path(source).iterdir())
                      if p.is_file() and (p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges"))
@@ -225,17 +236,19 @@ def export_tokenizer(args: dict, directory: Path) -> str:
     return f"tokenizer not exported: the checkpoint's tokenizer_type {kind!r} has no Hugging Face export here"
 
 
-def verify_hf(directory: Path, state: dict, args: dict) -> dict | str:
+def verify_hf(directory: Path, state: dict, args: Values) -> dict | str:
     """Logits of transformers' LlamaForCausalLM from `directory` against megatron-core's
     dense GPTModel with the same weights (fp32, CPU, a short sequence)."""
+    args = Values.of(args)
     try:
         from transformers import LlamaForCausalLM
     except ImportError:
         return f"not verified: transformers is not installed ({HF_EXTRA})"
-    from ..checkpoint.model import build_dense_model, single_process_megatron, to_local_names
+    from ..checkpoint.model import to_local_names
     from ..megatron.cpu import cpu_as_current_device  # imports megatron-core: only when a model is built
+    from .verify import build_dense_model, single_process_megatron
 
-    seq = min(32, arg(args, "seq_length", 32), arg(args, "max_position_embeddings", 32))
+    seq = min(32, given(args.seq_length, 32), given(args.max_position_embeddings, 32))
     vocab = state["embedding.word_embeddings.weight"].shape[0]
     tokens = (torch.arange(seq) * 7 % vocab).unsqueeze(0)
     hf = LlamaForCausalLM.from_pretrained(str(directory), torch_dtype=torch.float32).eval()

@@ -21,6 +21,7 @@ from ..attention import lighthouse_attention
 from ..config import LighthouseConfig
 from ..parallel import ContextParallel, SplitGroups, causal_attention
 from ..recipe import RecipeSchedule
+from ..settings.fields import Values
 from ..settings.rules import check_config
 from .schedule import dense_forced, get_iteration
 
@@ -29,7 +30,7 @@ def _context_parallel(config, pg_collection, cp_comm_type: str | None) -> Contex
     """The CP group Megatron gives this layer (None without context parallelism)."""
     group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
     if group is None:
-        if (getattr(config, "context_parallel_size", 1) or 1) == 1:
+        if (Values.of(config).context_parallel_size or 1) == 1:
             return None
         from megatron.core import parallel_state
 
@@ -50,7 +51,7 @@ def _split_groups(config, pg_collection, query_groups: int | None) -> SplitGroup
     """The TP ranks sharing GQA groups, when the model has fewer query groups than TP ranks.
     megatron-core then hands the core attention a config copy whose num_query_groups is the TP
     size, so the model's own count comes from the layer spec (`query_groups`)."""
-    tp = getattr(config, "tensor_model_parallel_size", 1) or 1
+    tp = Values.of(config).tensor_model_parallel_size or 1
     if query_groups is None or query_groups >= tp:
         return None
     group = getattr(pg_collection, "tp", None) if pg_collection is not None else None
@@ -100,7 +101,7 @@ class CausalCoreAttention(MegatronModule):
             )
         if kwargs.get("k_channels") not in (None, kwargs.get("v_channels")):
             raise ValueError(f"{where}: multi-latent attention (k_channels != v_channels) is not supported")
-        overrides = {} if attention_dropout is None else {"attention_dropout": attention_dropout}
+        overrides = {} if attention_dropout is None else dict(attention_dropout=attention_dropout)
         check_config(config, where, lighthouse=self.lighthouse_layer, **overrides)
         # Megatron gives a custom core attention no CP guard: each module attends across the
         # CP group itself (attending only within the local shard would be silently wrong).
@@ -207,7 +208,7 @@ class LighthouseCoreAttention(CausalCoreAttention):
         self.lighthouse = LighthouseConfig() if lighthouse is None else lighthouse
         self.schedule = RecipeSchedule() if schedule is None else schedule
         # This layer's place among the model's Lighthouse layers (the progressive switch's order).
-        num_layers = getattr(self.config, "num_layers", None) or self.layer_number
+        num_layers = Values.of(self.config).num_layers or self.layer_number
         sparse = sorted(set(range(num_layers)) - self.lighthouse.resolve_dense_layers(num_layers))
         index = self.layer_number - 1
         # A layer built outside a model's block (tests, benchmarks) is the only one of its kind.

@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from ..backends import te_available
 from ..config import LighthouseConfig
 from ..recipe import RecipeSchedule
+from ..settings.fields import Values, given
 from ..settings.rules import ATTENTION_IMPLS, check_config, warn_qk_layernorm
 from .core_attention import DenseCoreAttention, LighthouseCoreAttention
 
@@ -52,7 +53,7 @@ def _common_arguments(config, attention_impl, lighthouse, use_te):
 def check_lighthouse_model(config, lighthouse: LighthouseConfig) -> None:
     """Fail at build time on model settings Lighthouse layers do not support."""
     check_config(config, "Lighthouse attention", lighthouse=True)
-    warn_qk_layernorm(lighthouse.scorer, getattr(config, "qk_layernorm", False),
+    warn_qk_layernorm(lighthouse.scorer, bool(Values.of(config).qk_layernorm),
                       "Lighthouse with scorer='norm' and qk_layernorm=True", stacklevel=4)
 
 
@@ -87,8 +88,9 @@ def get_gpt_layer_spec(
                          "moe_layer_freq as megatron-core's does")
     if attention_impl == "lighthouse":
         check_lighthouse_model(config, lighthouse)
-    qk_layernorm = getattr(config, "qk_layernorm", False) if qk_layernorm is None else qk_layernorm
-    normalization = getattr(config, "normalization", "LayerNorm") if normalization is None else normalization
+    c = Values.of(config)  # megatron-core's TransformerConfig (or a stand-in with fewer fields)
+    qk_layernorm = bool(c.qk_layernorm) if qk_layernorm is None else qk_layernorm
+    normalization = given(c.normalization, "LayerNorm") if normalization is None else normalization
 
     if use_te:
         spec = mcore_specs.get_gpt_layer_with_transformer_engine_spec(
@@ -100,8 +102,7 @@ def get_gpt_layer_spec(
         spec = mcore_specs.get_gpt_layer_local_spec(
             qk_layernorm=qk_layernorm, normalization=normalization, qk_l2_norm=qk_l2_norm
         )
-    return _with_core_attention(spec, attention_impl, lighthouse, use_te, schedule,
-                                getattr(config, "num_query_groups", None))
+    return _with_core_attention(spec, attention_impl, lighthouse, use_te, schedule, c.num_query_groups)
 
 
 def _with_core_attention(spec: ModuleSpec, attention_impl, lighthouse, use_te, schedule,
@@ -134,11 +135,12 @@ def _moe_block_spec(config, attention_impl, lighthouse, use_te, normalization, q
         dense_layers = lighthouse.resolve_dense_layers(config.num_layers)
     else:
         dense_layers = frozenset(range(config.num_layers))
-    normalization = getattr(config, "normalization", "LayerNorm") if normalization is None else normalization
+    c = Values.of(config)
+    normalization = given(c.normalization, "LayerNorm") if normalization is None else normalization
     mcore = mcore_specs.get_gpt_decoder_layer_specs(config, use_te, normalization, qk_l2_norm)
     layer_specs = [
         _with_core_attention(spec, "dense" if i in dense_layers else "lighthouse", lighthouse, use_te,
-                             schedule, getattr(config, "num_query_groups", None))
+                             schedule, c.num_query_groups)
         for i, spec in enumerate(mcore)
     ]
     layer_specs = _layers_of_this_stage(config, layer_specs, vp_stage, pp_rank)

@@ -27,7 +27,7 @@ from .launch import (
 
 __all__ = ["extra_args_provider", "run", "wrap_forward_step", "wrap_gpt_builder"]
 
-ARGS_DEFAULTS = {"tokenizer_type": "GPT2BPETokenizer"}  # as Megatron-LM's pretrain_gpt.py
+ARGS_DEFAULTS = dict(tokenizer_type="GPT2BPETokenizer")  # as Megatron-LM's pretrain_gpt.py
 
 # 0.16's gpt_builder takes a custom spec only through `--spec MODULE NAME`, which it reads
 # as a module attribute and never calls. This attribute holds the spec of the stage being

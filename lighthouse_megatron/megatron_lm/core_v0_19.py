@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..settings.fields import Values, given
 from ..settings.lighthouse import lighthouse_dests, load_lighthouse_yaml, validate_lighthouse_args
 from .launch import (
     AnnouncingSpecProvider,
@@ -32,7 +33,7 @@ from .launch import (
 
 __all__ = ["configure_model", "extra_args_provider", "lighthouse_spec_from_env", "run", "wrap_forward_step"]
 
-ARGS_DEFAULTS = {"tokenizer_type": "GPT2BPETokenizer"}  # as Megatron-LM's pretrain_gpt.py
+ARGS_DEFAULTS = dict(tokenizer_type="GPT2BPETokenizer")  # as Megatron-LM's pretrain_gpt.py
 LIGHTHOUSE_CONFIG_ENV = "LIGHTHOUSE_CONFIG"
 SPEC_ROUTE = f"--spec {__name__} lighthouse_spec_from_env"
 
@@ -74,8 +75,8 @@ def spec_route_args(args, path: str | None) -> argparse.Namespace:
     """A copy of Megatron-LM's arguments `args` with the --spec route's Lighthouse settings: the
     YAML file `path` alone (argparse took no Lighthouse flag), `attention_impl` lighthouse unless
     it says dense, validation evaluating the model; `spec` cleared, being the route itself."""
-    settings = load_lighthouse_yaml(path) if path else {}
-    evaluation = settings.get("eval_attention", "model")
+    settings = Values(load_lighthouse_yaml(path) if path else {})  # keys without "lighthouse_"
+    evaluation = given(settings.eval_attention, "model")
     if evaluation != "model":
         raise ValueError(f"${LIGHTHOUSE_CONFIG_ENV} {path}: eval_attention {evaluation!r} cannot be honoured "
                          "here: without the entry point or a patch, Megatron-LM's validation is not hooked "
@@ -85,7 +86,7 @@ def spec_route_args(args, path: str | None) -> argparse.Namespace:
     for dest in lighthouse_dests():
         setattr(ours, dest, None)
     ours.lighthouse_config, ours.spec = path, None
-    ours.attention_impl = settings.get("attention_impl", "lighthouse")
+    ours.attention_impl = given(settings.attention_impl, "lighthouse")
     ours.lighthouse_eval_attention = "model"
     return ours
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ..megatron.schedule import forced_dense, set_iteration_source
 from ..megatron.specs import LighthouseBlockSpecProvider
+from ..settings.fields import Values
 from ..settings.lighthouse import (
     add_lighthouse_args,
     lighthouse_config_from_args,
@@ -125,7 +126,7 @@ def spec_provider_from_args(args) -> LighthouseBlockSpecProvider:
         lighthouse=lighthouse_config_from_args(args),
         attention_impl=args.attention_impl,
         use_te=getattr(args, "transformer_impl", "transformer_engine") == "transformer_engine",
-        normalization=getattr(args, "normalization", None),
+        normalization=Values.of(args).normalization,
         qk_l2_norm=getattr(args, "qk_l2_norm", False),
         schedule=recipe_schedule_from_args(args),
     )
@@ -201,13 +202,14 @@ DENSE_SUFFIX = " dense"  # Megatron-LM's "lm loss" of the same weights with dens
 def eval_attention_now(args, model) -> str:
     """What this forward step evaluates (`--lighthouse-eval-attention`): "model" while training,
     outside a Lighthouse stage, or when asked; else "dense" or "both"."""
-    if getattr(model, "training", True) or getattr(args, "attention_impl", "dense") != "lighthouse":
+    a = Values.of(args)
+    if getattr(model, "training", True) or a.attention_impl != "lighthouse":
         return "model"
-    until = getattr(args, "lighthouse_until_iter", None)
+    until = a.lighthouse_until_iter
     iteration = megatron_lm_iteration(args)
     if until is not None and iteration is not None and iteration >= until:
         return "model"  # the layers already run dense
-    return getattr(args, "lighthouse_eval_attention", None) or "both"
+    return a.lighthouse_eval_attention or "both"
 
 
 class _Replay:

@@ -271,10 +271,17 @@ def with_role(table: dict[str, Spec], role: str) -> tuple[str, ...]:
 
 
 class Values(dict):
-    """Settings by name, as a dict and as attributes: `values.seq_length` is
-    `values.get("seq_length")` (None when absent), `values.seq_length = n` sets it. The
+    """Settings by name, as a dict and as attributes: `values.lr` is `values.get(...)` of that
+    name (None when absent), `values.lr = x` sets it. The
     stored arguments of a Megatron-LM checkpoint and a Slurm job's training settings are
     read like `args`, by the settings' names."""
+
+    @classmethod
+    def of(cls, args) -> Values:
+        """`args` (an argparse.Namespace, a dict, Values or None) as Values."""
+        if isinstance(args, cls):
+            return args
+        return cls({} if args is None else args if isinstance(args, dict) else vars(args))
 
     def __getattr__(self, name: str):
         if name.startswith("__"):
@@ -286,3 +293,9 @@ class Values(dict):
 
     def __delattr__(self, name: str) -> None:
         self.pop(name, None)
+
+
+def given(value, default):
+    """`value`, or `default` when it is None (an argument absent from, or unset in, stored
+    arguments means its default)."""
+    return default if value is None else value

@@ -27,8 +27,8 @@ def check_layout(world: int, tp: int, cp: int, pp: int = 1, dp: int | str | None
 
     `dp` "auto" or None derives it; a number is checked. `job` describes the processes in the
     message (e.g. "2 nodes x 8 GPUs = 16 GPUs"; default "{world} processes")."""
-    for name, value in (("tensor_model_parallel_size", tp), ("context_parallel_size", cp),
-                        ("pipeline_model_parallel_size", pp)):
+    for name, value in dict(tensor_model_parallel_size=tp, context_parallel_size=cp,
+                            pipeline_model_parallel_size=pp).items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     mp = tp * cp * pp

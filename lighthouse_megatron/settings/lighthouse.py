@@ -22,7 +22,7 @@ from typing import Any
 from ..config import LighthouseConfig, SizeError, nearest, topk_hint, valid_topks
 from ..recipe import RecipeSchedule
 from . import rules
-from .fields import MACHINE, SUMMARY, VALUE, Spec, add_arguments, merged, setting, specs
+from .fields import MACHINE, SUMMARY, VALUE, Spec, Values, add_arguments, given, merged, setting, specs
 from .rules import ATTENTION_IMPLS
 from .yaml_file import read_mapping
 
@@ -113,7 +113,7 @@ def resolve_lighthouse_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, s.name, None) is None:
             value = settings.get(key, s.default)
             if value is None and s.name == "lighthouse_eval_attention":
-                pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
+                pp = Values.of(args).pipeline_model_parallel_size or 1
                 value = "both" if pp == 1 else "dense"
             setattr(args, s.name, list(value) if isinstance(value, (list, tuple)) else value)
     return args
@@ -190,8 +190,9 @@ def until_iter_warning(args: argparse.Namespace) -> str | None:
     """The start-up warning (trainer and Megatron-LM entry point alike) when
     --lighthouse-until-iter never switches this run to dense attention; None otherwise.
     Iteration N is the (N+1)-th: with N >= --train-iters no iteration runs dense."""
-    until, total = getattr(args, "lighthouse_until_iter", None), getattr(args, "train_iters", None)
-    lighthouse = getattr(args, "attention_impl", None) == "lighthouse"
+    a = Values.of(args)
+    until, total = a.lighthouse_until_iter, a.train_iters
+    lighthouse = a.attention_impl == "lighthouse"
     if not lighthouse or until is None or total is None or until < total:
         return None
     return (f"warning: --lighthouse-until-iter {until} is not below --train-iters {total}: every iteration "
@@ -212,18 +213,16 @@ def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | Non
     if args.attention_impl == "dense":
         rules.check_dense_local(args)
         return None
-    seq, cp = getattr(args, "seq_length", None), getattr(args, "context_parallel_size", 1) or 1
+    a = Values.of(args)  # Megatron-LM's namespace, or the trainer's: a setting may be absent
+    seq, cp = a.seq_length, a.context_parallel_size or 1
     config = lighthouse_config_from_args(args, seq if isinstance(seq, int) and seq > 0 else None, cp)
     rules.check_args(args)
-    pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
+    pp = a.pipeline_model_parallel_size or 1
     if args.lighthouse_eval_attention == "both" and pp > 1:
         raise ValueError(f"--lighthouse-eval-attention both with --pipeline-model-parallel-size {pp}: "
                          "both evaluations run on the same batch inside one forward step, which "
                          "only a single pipeline stage can do; use dense or model")
 
-    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
-    cp = get("context_parallel_size", 1) or 1
-    seq = get("seq_length")
     if seq is not None:
         try:
             config.validate(seq, cp_size=cp)
@@ -231,15 +230,15 @@ def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | Non
             cp_flag = f" --context-parallel-size {cp}" if cp > 1 else ""
             raise ValueError(f"--seq-length {seq} with {_lighthouse_flags(args)}{cp_flag}: {e}") from e
         schedule.check_against(config, seq, cp)
-    num_layers = get("num_layers")
+    num_layers = a.num_layers
     if num_layers is not None:
         try:
             config.resolve_dense_layers(num_layers)
         except ValueError as e:
             raise ValueError(f"--lighthouse-dense-layers with --num-layers {num_layers}: {e}") from e
-    groups = get("num_query_groups") if get("group_query_attention", True) else None
-    rules.check_heads(get("num_attention_heads"), groups, get("tensor_model_parallel_size", 1) or 1,
-                      rules.flag_named)
-    rules.warn_qk_layernorm(config.scorer, get("qk_layernorm", False),
+    # Megatron-LM reads the groups only with --group-query-attention; the trainer has no such flag.
+    groups = a.num_query_groups if given(a.group_query_attention, True) else None
+    rules.check_heads(a.num_attention_heads, groups, a.tensor_model_parallel_size or 1, rules.flag_named)
+    rules.warn_qk_layernorm(config.scorer, bool(a.qk_layernorm),
                             "--lighthouse-scorer norm with --qk-layernorm")
     return config

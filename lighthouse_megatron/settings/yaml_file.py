@@ -43,7 +43,7 @@ def load_yaml(text: str) -> Any:
 
 
 def read_mapping(path: str | Path, what: str) -> dict[str, Any]:
-    """The mapping in YAML file `path`; `what` names the file in errors ("--config", "recipe").
+    """The mapping in YAML file `path`; `what` names the file in errors ("--config", "job file").
     Raises ValueError when the file cannot be read, is not YAML or holds no mapping."""
     import yaml
 

@@ -146,7 +146,8 @@ def _read_recipe(job: Job, recipe: str) -> tuple[Path, Values]:
 
 def _resolve(job: Job, values: Mapping[str, Any], allow_placeholders: bool) -> Resolved:
     merged = Values({**job.values, **values})
-    kind, recipe = merged.pop("job"), merged.pop("recipe", None)
+    kind, recipe = merged.job, merged.recipe
+    del merged.job, merged.recipe
     recipe_path, train = None, Values()
     if kind == "train":
         if not recipe:

@@ -25,7 +25,7 @@ Python API (stable):
         --context-parallel-size, --attention-impl, --lighthouse-*, ...; `--help`
         lists them), a YAML `--config FILE` with the same settings (flags win).
         Raises ValueError naming the setting and the valid values.
-    args = training.settings_args({"num_layers": 2, ...})   # the same from a mapping (YAML keys)
+    args = training.settings_args(dict(num_layers=2, ...))  # the same from a mapping (YAML keys)
 
     result = training.run(args)                 # TrainResult
         result.train: one dict per logged iteration: iteration, loss, lr, grad_norm,

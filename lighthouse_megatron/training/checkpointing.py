@@ -43,7 +43,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from ..checkpoint.manifest import verification_line, verify_manifest, write_manifest
 from ..checkpoint.reader import TRACKER, locate
 from ..megatron.cpu import cpu_as_current_device
-from ..settings.fields import MACHINE, SCHEDULE, SHAPE, with_role
+from ..settings.fields import MACHINE, SCHEDULE, SHAPE, Values, given, with_role
 from ..settings.train import all_specs
 
 CHECKPOINT_VERSION = 3.0
@@ -325,7 +325,8 @@ def load_checkpoint(args, model, optimizer, scheduler) -> int:
     root = args.load
     iteration, ckpt_args = read_checkpoint_args(root)
     path = iteration_dir(root, iteration)
-    layout = (getattr(ckpt_args, "tensor_model_parallel_size", 1), getattr(ckpt_args, "world_size", 1))
+    stored = Values.of(ckpt_args)
+    layout = (given(stored.tensor_model_parallel_size, 1), given(stored.world_size, 1))
     # Megatron-LM restores RNG states only for an unchanged TP/PP layout; so do we.
     restore_rng = layout == (args.tensor_model_parallel_size, args.world_size) and not getattr(
         ckpt_args, "no_save_rng", False) and optimizer is not None

@@ -33,10 +33,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from ..checkpoint.model import transformer_config as model_config
 from ..data import null_tokenizer
 from ..megatron import LighthouseCoreAttention, get_gpt_decoder_block_spec, lighthouse_config_from_args
 from ..megatron.cpu import cpu_rotary_embedding, make_cpu_optimizer
+from ..megatron.model import attention_spans, gpt_model
+from ..megatron.model import transformer_config as model_config
 from ..megatron.schedule import forced_dense, set_iteration
 from ..settings.checks import ALL_VALID, check_cpu_memory, padded_vocab_size
 from ..settings.files import writable_dir_problem, writable_file_problem
@@ -123,7 +124,7 @@ def set_seed(args) -> None:
 
 
 def transformer_config(args):
-    """The model's TransformerConfig: the converter's builder on the arguments a checkpoint
+    """The model's TransformerConfig: the package's one builder on the arguments a checkpoint
     of this run stores, with the trainer's layout, dropout, dtype and (off) fusions."""
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     return model_config(
@@ -139,19 +140,12 @@ def transformer_config(args):
 
 def build_model(args, config):
     """GPTModel with this package's block spec (unwrapped: the module checkpoints hold)."""
-    from megatron.core.models.gpt import GPTModel
-
     lighthouse = lighthouse_config_from_args(args) if args.attention_impl == "lighthouse" else None
     spec = get_gpt_decoder_block_spec(
         config, attention_impl=args.attention_impl, lighthouse=lighthouse,
         use_te=None if args.device == "cuda" else False, schedule=recipe_schedule_from_args(args),
     )
-    model = GPTModel(
-        config=config, transformer_layer_spec=spec, vocab_size=padded_vocab_size(args),
-        max_sequence_length=args.max_position_embeddings, parallel_output=True,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
-    )
+    model = gpt_model(args, config, spec, padded_vocab_size(args))
     if args.device == "cpu":
         cpu_rotary_embedding(model)
     else:
@@ -540,8 +534,6 @@ def _derived(args, flag: str) -> str:
 def startup_summary(args, model) -> list[str]:
     """What rank 0 prints before training: the settings that differ from the defaults, the
     parameter count and which attention each layer runs."""
-    from ..convert.dense import attention_spans
-
     changed = changed_settings(args)
     params = sum(p.numel() for p in model.parameters())
     per_rank = " per tensor-parallel rank" if args.tensor_model_parallel_size > 1 else ""
