@@ -91,7 +91,7 @@ def test_checks_pass_and_fail_on_the_numbers(capsys):
 
 
 def test_demo_model_is_examples_tiny():
-    assert yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text()) == MODEL
+    assert yaml.safe_load((REPO / "lighthouse_megatron" / "recipes" / "tiny.yaml").read_text()) == MODEL
     assert PRESETS["default"].config() == MODEL
 
 

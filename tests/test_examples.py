@@ -15,13 +15,17 @@ from lighthouse_megatron import LighthouseConfig
 from lighthouse_megatron.megatron import add_lighthouse_args, validate_lighthouse_args
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+RECIPES = Path(__file__).resolve().parents[1] / "lighthouse_megatron" / "recipes"
 CONFIGS = sorted(EXAMPLES.glob("*.yaml"))
 # processes each example is launched with (tiny: one; 98K: 8 GPUs; 1M: 4 nodes x 8 GPUs)
 WORLD = {"tiny.yaml": 1, "98k.yaml": 8, "1m-cp8.yaml": 32}
 
 
 def _settings(path: Path) -> dict:
-    return yaml.safe_load(path.read_text())
+    """An example's settings: those of the recipe it names, then its own (as the trainer merges them)."""
+    own = yaml.safe_load(path.read_text())
+    recipe = yaml.safe_load((RECIPES / f"{own['recipe']}.yaml").read_text()) if "recipe" in own else {}
+    return {**recipe, **own}
 
 
 def test_every_example_is_listed():

@@ -211,8 +211,8 @@ def test_settings_import_nothing_heavy_and_nothing_above_them():
     # `lighthouse-megatron CMD --help` imports `settings` only (its checks may import torch or
     # megatron-core inside a function, when they run); the packages that run the commands import
     # `settings`. Light modules it may build on: the Lighthouse settings, the data package
-    # (megatron-core inside its functions), the recipe's schedule.
-    light = {f"{PKG}.{m}" for m in ("config", "recipe", "data", "data.prepare")}
+    # (megatron-core inside its functions), the recipe's schedule, the shipped recipes' files.
+    light = {f"{PKG}.{m}" for m in ("config", "recipe", "recipes", "data", "data.prepare")}
     settings = [mod for mod in MODULES if mod.startswith(f"{PKG}.settings")]
     heavy = [f"{mod} imports {target}" for mod in settings for target in _module_level_imports(mod)
              if target.split(".")[0] in ("torch", "megatron", "triton", "transformer_engine")]
@@ -221,3 +221,32 @@ def test_settings_import_nothing_heavy_and_nothing_above_them():
     assert (heavy, above) == ([], [])
     # The walk sees a module-level import where there is one.
     assert "argparse" in _module_level_imports(f"{PKG}.settings.train")
+
+
+def _reachable(start: set[str]) -> set[str]:
+    """Every package module that `start` imports, directly or through others (function-level
+    imports included: they run when the function does)."""
+    edges, seen, todo = _edges(), set(), list(start)
+    while todo:
+        mod = todo.pop()
+        if mod not in seen:
+            seen.add(mod)
+            todo.extend(edges[mod])
+    return seen - start
+
+
+def test_training_imports_no_converter_module():
+    """The trainer and the converter share the checkpoint format (`checkpoint/`); the trainer never
+    loads the converter or the Hugging Face export."""
+    training = {mod for mod in MODULES if mod.startswith(f"{PKG}.training")}
+    reached = _reachable(training)
+    assert sorted(m for m in reached if m.startswith(f"{PKG}.convert")) == []
+    assert f"{PKG}.checkpoint.reader" in reached  # the walk does follow the trainer's imports
+
+
+def test_megatron_layer_imports_no_kernel_module():
+    """`megatron/` knows nothing of kernels beyond calling `lighthouse_attention`."""
+    found = [f"{mod} imports {target}" for mod in MODULES if mod.startswith(f"{PKG}.megatron.")
+             or mod == f"{PKG}.megatron" for target in _package_imports(mod)
+             if target == f"{PKG}.ops" or target.startswith(f"{PKG}.ops.")]
+    assert found == []

@@ -23,9 +23,10 @@ from lighthouse_megatron import slurm
 from lighthouse_megatron.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "lighthouse_megatron" / "recipes"
 TRAINING = ("stage1", "stage2", "1m")
 REQUIRED = os.environ.get("LIGHTHOUSE_MEGATRON_CI") == "1"  # .ci/run: tools must be there
-RECIPE = yaml.safe_load((REPO / "examples" / "98k.yaml").read_text())
+RECIPE = yaml.safe_load((RECIPES / "98k.yaml").read_text())
 
 
 def needs_shellcheck():
@@ -142,13 +143,13 @@ def after(args: list[str], flag: str, n: int = 1) -> list[str]:
 
 
 def test_one_launcher_and_no_second_copy_of_the_recipe():
-    """The launch logic exists once (slurm/launch.sbatch); the jobs are YAML that name the
+    """The launch logic exists once (the package's launch.sbatch); the jobs are YAML that name the
     recipe instead of repeating its model and schedule."""
-    assert sorted(p.name for p in slurm.SLURM_DIR.glob("*.sbatch")) == ["launch.sbatch"]
+    assert sorted(p.name for p in RECIPES.rglob("*.sbatch")) == ["launch.sbatch"]
     schedule = {"lr", "min_lr", "train_iters", "lr_warmup_iters", "lr_decay_style", "global_batch_size",
                 "weight_decay", "adam_beta1", "adam_beta2", "clip_grad", "num_layers", "hidden_size",
                 "lighthouse_until_iter", "lighthouse_topk", "seq_length"}
-    for path in slurm.SLURM_DIR.glob("*.yaml"):
+    for path in [*(RECIPES / "jobs").glob("*.yaml"), *(REPO / "slurm").glob("*.yaml")]:
         keys = set(yaml.safe_load(path.read_text()))
         assert not keys & schedule, (path.name, keys & schedule)
 
@@ -195,7 +196,7 @@ def test_stage1_runs_the_recipe_to_its_switch_on_every_node(tmp_path):
     assert torchrun[1:5] == ["--nnodes=4", "--nproc-per-node=8", "--master-addr=gpu-00",
                              f"--master-port={20000 + 4242 % 20000}"]
     assert torchrun[5:7] == ["-m", "lighthouse_megatron.megatron_lm.pretrain_gpt"]
-    # The recipe's numbers, read from examples/98k.yaml; stage 1 stops at its switch.
+    # The recipe's numbers, read from the 98k recipe; stage 1 stops at its switch.
     for key in ("train_iters", "lr_warmup_iters", "lr_decay_style", "global_batch_size", "seq_length",
                 "adam_beta2", "weight_decay", "lighthouse_topk"):
         assert after(torchrun, "--" + key.replace("_", "-")) == [str(RECIPE[key])], key
@@ -342,7 +343,7 @@ def test_recipe_values_are_typed_by_their_setting(tmp_path, capsys):
     YAML 1.1) is 10000, and `swiglu: "false"` (which reached the job as `--swiglu false`, an
     argparse error on the cluster) is refused at render."""
     recipe = tmp_path / "recipe.yaml"
-    base = (REPO / "examples" / "98k.yaml").read_text()
+    base = (RECIPES / "98k.yaml").read_text()
     recipe.write_text(base.replace("train_iters: 16000", "train_iters: 1.6e4")
                       .replace("lr: 2.0e-3", "lr: 2e-3"))
     job = tmp_path / "job.yaml"
@@ -391,7 +392,7 @@ def test_megatron_lm_parses_the_command(tmp_path, job):
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     args = json.loads(proc.stdout.splitlines()[-1])
-    recipe = yaml.safe_load((REPO / "examples" / ("1m-cp8.yaml" if job == "1m" else "98k.yaml")).read_text())
+    recipe = yaml.safe_load((RECIPES / ("1m-cp8.yaml" if job == "1m" else "98k.yaml")).read_text())
     assert args["tensor_model_parallel_size"] == 2
     for key in ("seq_length", "train_iters", "lr", "lr_warmup_iters", "lr_decay_style", "global_batch_size"):
         assert args[key] == recipe[key], key
@@ -587,7 +588,7 @@ def test_submit_refuses_an_inconsistent_chain(tmp_path, capsys, config, message)
 
 def test_example_chain_submits(tmp_path, capsys):
     out = tmp_path / "jobs"
-    assert main(["slurm", "submit", "--config", str(slurm.SLURM_DIR / "chain-98k.yaml"), "--output-dir",
+    assert main(["slurm", "submit", "--config", str(REPO / "slurm" / "chain-98k.yaml"), "--output-dir",
                  str(out), "--dry-run", "--log-dir", str(tmp_path / "logs")]) == 0
     s1, conv, s2 = out / "stage1.sbatch", out / "convert.sbatch", out / "stage2.sbatch"
     assert sbatch_option(s1, "nodes") == "4" and sbatch_option(s1, "partition") == "gpu"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import LighthouseConfig
+from ..settings.fields import Values
 
 # The recovered model should match the dense control: its dense eval loss may be at most
 # this much (nats per byte) above the control's. The paper reports the recovered model
@@ -53,7 +54,8 @@ def _stats(name, label, records, lo, hi, seconds, tokens_per_iter, eval_attentio
 
 def summarize(metrics: dict[str, list[dict]], seconds: dict[str, float], n1: int, total: int,
               config: dict[str, Any]) -> list[dict]:
-    tokens = config["global_batch_size"] * config["seq_length"]
+    c = Values(config)
+    tokens = c.global_batch_size * c.seq_length
     s1 = _stats("stage1", "stage 1: Lighthouse", metrics["stage1"], 1, n1, seconds["stage1"], tokens,
                 ("dense", "lighthouse"))
     s2 = _stats("stage2", "stage 2: dense recovery", metrics["stage2"], n1 + 1, total, seconds["stage2"],
@@ -124,10 +126,10 @@ def print_checks(checks: list[dict], rows: list[dict], config: dict[str, Any]) -
         verdict = "ok" if c["ok"] else "FAILED"
         print(f"check  {c['name']}: {_fmt(c['value'], '.3f')} {c['threshold']}  {verdict}")
     by = {r["stage"]: r for r in rows}
-    lh = LighthouseConfig(levels=config["lighthouse_levels"],
-                          pooling_factor=config["lighthouse_pooling_factor"],
-                          topk=config["lighthouse_topk"], tile_topk=config["lighthouse_tile_topk"])
-    n = config["seq_length"]
+    c = Values(config)
+    lh = LighthouseConfig(levels=c.lighthouse_levels, pooling_factor=c.lighthouse_pooling_factor,
+                          topk=c.lighthouse_topk, tile_topk=c.lighthouse_tile_topk)
+    n = c.seq_length
     s1 = by["stage1"]
     lh_eval, dense_eval = _fmt(s1["eval_lighthouse"], ".3f"), _fmt(s1["eval_dense"], ".3f")
     print(f"info   stage-1 weights at the switch, held-out loss: {lh_eval} with Lighthouse attention, "

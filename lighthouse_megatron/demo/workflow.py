@@ -20,20 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import recipes
+from ..settings.fields import Values
 from ..settings.files import writable_dir_problem
+from ..settings.yaml_file import read_mapping
 from .report import check_results, plot_losses, print_checks, print_table, summarize
 
-# The demo's model and schedule; examples/tiny.yaml holds the same settings (a test keeps
-# them equal). Byte-level: 256 byte ids plus the end-of-document id 256.
-MODEL: dict[str, Any] = dict(
-    num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, seq_length=512,
-    position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
-    micro_batch_size=4, global_batch_size=4, train_iters=200, lr=3.0e-3, lr_warmup_iters=25,
-    lr_decay_style="constant", weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, clip_grad=1.0,
-    eval_interval=50, eval_iters=4,
-    attention_impl="lighthouse", lighthouse_levels=3, lighthouse_pooling_factor=4,
-    lighthouse_topk=16, lighthouse_tile_topk=8, lighthouse_dense_layers=[0], lighthouse_until_iter=125,
-)
+# The demo's model and schedule: the package's tiny recipe. Byte-level: 256 byte ids plus the
+# end-of-document id 256.
+MODEL: dict[str, Any] = read_mapping(recipes.recipe("tiny"), "recipe tiny")
 
 # Folders and files the demo owns inside --out (--force replaces these and nothing else).
 OUTPUTS = ("data", "stage1", "stage1-dense", "stage2", "control", "summary.json", "loss.png")
@@ -53,13 +48,13 @@ class Preset:
         return {**MODEL, **self.overrides, "train_iters": self.stage1_iters + self.stage2_iters}
 
     def describe(self) -> str:
-        c = self.config()
-        return (f"{c['num_layers']} layers x {c['hidden_size']}, {c['seq_length']} tokens, "
+        c = Values(self.config())
+        return (f"{c.num_layers} layers x {c.hidden_size}, {c.seq_length} tokens, "
                 f"{self.stage1_iters} Lighthouse + {self.stage2_iters} dense iterations")
 
 
 PRESETS = {
-    # The switch at 62.5% of the schedule, as in examples/98k.yaml.
+    # The switch at 62.5% of the schedule, as in the 98k recipe.
     "default": Preset(stage1_iters=125, stage2_iters=75, overrides={}),
     # The end-to-end test's size: seconds, not minutes. 256 tokens, L=3, p=4: 16 coarsest
     # entries, 2 tiles of 8 each, S = 16 + 2*4*16 = 144.
@@ -204,7 +199,7 @@ def run_two_stage(out: Path, config: dict[str, Any], stage1_iters: int, device: 
     after it."""
     from ..data import format_summary, prepare_data
 
-    n1, total = stage1_iters, config["train_iters"]
+    n1, total = stage1_iters, Values(config).train_iters
     seconds: dict[str, float] = {}
     data = None
     if data_prefix is None:
@@ -217,12 +212,12 @@ def run_two_stage(out: Path, config: dict[str, Any], stage1_iters: int, device: 
     # One learning-rate schedule over all `total` iterations for every run, the same seed
     # (same initial weights: Lighthouse has no parameters) and the same data order, so the
     # runs differ only in attention.
-    common = {**config, "data_path": [data_prefix], "device": device, "log_interval": 1}
+    common = dict(config, data_path=[data_prefix], device=device, log_interval=1)
     stages = {
-        "stage1": {**common, "save": str(out / "stage1"), "save_interval": n1, "exit_interval": n1},
-        "stage2": {**common, "attention_impl": "dense", "load": str(out / "stage1-dense"),
-                   "save": str(out / "stage2")},
-        "control": {**common, "attention_impl": "dense", "save": str(out / "control")},
+        "stage1": dict(common, save=str(out / "stage1"), save_interval=n1, exit_interval=n1),
+        "stage2": dict(common, attention_impl="dense", load=str(out / "stage1-dense"),
+                       save=str(out / "stage2")),
+        "control": dict(common, attention_impl="dense", save=str(out / "control")),
     }
 
     # Every stage's settings are checked before the first one trains.

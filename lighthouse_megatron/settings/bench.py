@@ -43,6 +43,9 @@ def signed_list(text: str) -> tuple[int, ...]:
 LAYER_DTYPES = ("bf16", "fp16")
 E2E_DTYPES = ("bf16", "fp32")
 E2E_MODES = ("dense", "lighthouse", "ceiling", "none")
+# Where results go by default: a folder in the working directory (the repository's evidence
+# folders, benchmarks/, are written only when a study's --out names them).
+OUT = "lighthouse-bench"
 FP8_FORMATS = ("hybrid", "e4m3")  # megatron-core's TransformerConfig.fp8
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 
@@ -82,8 +85,8 @@ def add_layer_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cp-comm-type", default="p2p", help="TE's cp_comm_type with --cp (p2p, a2a, all_gather)")
     p.add_argument("--cp1-max-len", type=parse_length, default=K * K,
                    help="longest sequence also timed on one GPU for the --cp comparison")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/layer"),
-                   help="folder for layer.json and layer.png")
+    p.add_argument("--out", type=Path, default=Path(OUT),
+                   help=f"folder for layer.json and layer.png (default: ./{OUT})")
     p.set_defaults(run="lighthouse_megatron.bench.layer:run")
 
 
@@ -135,7 +138,7 @@ def add_e2e_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                      help="cpu runs the code path at tiny sizes (tests); timings then mean little")
     run.add_argument("--seed", type=int, default=1234)
-    run.add_argument("--out", type=Path, default=Path("benchmarks/e2e"), help="folder for NAME.json")
+    run.add_argument("--out", type=Path, default=Path(OUT), help=f"folder for NAME.json (default: ./{OUT})")
     run.add_argument("--name", default="e2e", help="output file stem (default e2e)")
     run.add_argument("--force", action="store_true", help="overwrite an existing NAME.json")
     p.set_defaults(run="lighthouse_megatron.bench.e2e:run_cli")

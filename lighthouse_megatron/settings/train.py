@@ -1,7 +1,9 @@
-"""`lighthouse-megatron train` arguments: Megatron-LM's flag names, a YAML file, validation.
+"""`lighthouse-megatron train` arguments: Megatron-LM's flag names, a YAML file, a recipe,
+validation.
 
-Precedence: a flag on the command line > the `--config` YAML file > the defaults (the fields of
-the settings tree, `tree`). YAML keys are the flags' destinations (`num_layers`,
+Precedence: a flag on the command line > the `--config` YAML file > the recipe (`--recipe`, or
+`recipe:` in the --config file: one the package ships by name, or a YAML file) > the defaults
+(the fields of the settings tree, `tree`). YAML keys are the flags' destinations (`num_layers`,
 `lighthouse_topk`, ...; dashes are accepted too), typed by their field. Everything is checked
 (`checks`) before a process group, a model or a dataset is built; errors are ValueErrors
 naming the flag, the value and what would be valid.
@@ -12,12 +14,14 @@ from __future__ import annotations
 import argparse
 import functools
 import re
+from pathlib import Path
 from typing import Any
 
+from .. import recipes
 from . import fields
 from .checks import validate_args
 from .fields import OFF, SWITCH, VALUE, Spec, add_arguments, merged, specs
-from .lighthouse import LighthouseLaunch, add_lighthouse_args, lighthouse_specs
+from .lighthouse import add_lighthouse_args, lighthouse_specs
 from .tree import GROUPS, train_specs
 from .yaml_file import read_mapping
 
@@ -33,7 +37,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     flag's help ends with its default."""
     p = parser or argparse.ArgumentParser(prog="lighthouse-megatron train")
     p.add_argument("--config", metavar="FILE", help="YAML file with any of the settings below "
-                   "(keys: the flag names with '_', e.g. num_layers); flags override it (default: none)")
+                   "(keys: the flag names with '_', e.g. num_layers) and `recipe`; flags override it "
+                   "(default: none)")
+    p.add_argument("--recipe", metavar="NAME", help=f"the settings to start from: a recipe the package ships "
+                   f"({', '.join(recipes.RECIPES)}) or a YAML file of settings; --config and flags override "
+                   "it (default: the --config file's recipe, else none)")
     for group in GROUPS:
         add_arguments(p.add_argument_group(group.TITLE), specs(group))
     return add_lighthouse_args(p)
@@ -62,13 +70,49 @@ def typed_settings(settings: dict[str, Any], where: str) -> dict[str, Any]:
     return {key: typed_value(key, value, where) for key, value in settings.items()}
 
 
-def _read_yaml(path: str) -> dict[str, Any]:
-    data = read_mapping(path, "--config")
+# The --config key that names a recipe (a recipe itself names none).
+RECIPE = "recipe"
+
+
+def _read_yaml(path, what: str, *, recipe: bool) -> dict[str, Any]:
+    """The typed settings of YAML file `path` (`what` names it in errors: --config, recipe);
+    `recipe`: it may name a recipe."""
+    data = read_mapping(path, what)
+    where = f"{what} {recipes.shown(path)}"
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - set(all_specs()))
+    unknown = sorted(set(data) - set(all_specs()) - ({RECIPE} if recipe else set()))
     if unknown:
-        raise ValueError(f"--config {path}: unknown settings {unknown}; valid: {sorted(all_specs())}")
-    return typed_settings(data, f"--config {path}")
+        raise ValueError(f"{where}: unknown settings {unknown}; valid: {sorted(all_specs())}"
+                         + ("" if recipe else " (a recipe names no other recipe)"))
+    return typed_settings(data, where)
+
+
+def recipe_file(recipe: str, beside: str | None = None):
+    """The file of `recipe`: the package's, by name, else a YAML file (relative to the folder of
+    `beside`, the file that names it, if any)."""
+    if recipe in recipes.RECIPES:
+        return recipes.recipe(recipe)
+    path = Path(beside).parent / recipe if beside else Path(recipe)
+    if not path.is_file():
+        shipped = ", ".join(recipes.RECIPES)
+        raise ValueError(f"recipe {recipe}: neither a recipe the package ships ({shipped}) nor a file "
+                         f"({path} is not one)")
+    return path
+
+
+def _settings_given(cli: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str], str | None]:
+    """(settings, where each came from, the recipe) of the --config file and its recipe, or
+    --recipe's. A value the --config file brings through its recipe is said to be in that file."""
+    given = _read_yaml(cli.config, "--config", recipe=True) if cli.config else {}
+    named = given.pop(RECIPE, None)
+    recipe = cli.recipe or named
+    if recipe is None:
+        return given, dict.fromkeys(given, f"--config {cli.config}"), None
+    path = recipe_file(str(recipe), None if cli.recipe else cli.config)
+    base = _read_yaml(path, "recipe", recipe=False)
+    where = dict.fromkeys(base, f"recipe {recipe}" if cli.recipe else f"--config {cli.config}")
+    where.update(dict.fromkeys(given, f"--config {cli.config}"))
+    return {**base, **given}, where, str(recipe)
 
 
 # ------------------------------------------------------------------------------ merge
@@ -84,8 +128,8 @@ def resolve_args(cli: argparse.Namespace, *, world_size: int | None = None) -> a
     """Merge parsed flags (None: not given) with the `--config` file and the defaults, validate.
     The Lighthouse settings stay None where neither gives them: `--lighthouse-config` comes
     before their defaults (`lighthouse.resolve_lighthouse_args`)."""
-    settings = _read_yaml(cli.config) if cli.config else {}
-    args = argparse.Namespace(config=cli.config)
+    settings, where, recipe = _settings_given(cli)
+    args = argparse.Namespace(config=cli.config, recipe=recipe)
     from_file = []
     for key, s in all_specs().items():
         value = getattr(cli, key, None)
@@ -103,7 +147,7 @@ def resolve_args(cli: argparse.Namespace, *, world_size: int | None = None) -> a
         if named:
             value = settings[named[0]]
             shown = str(value).lower() if isinstance(value, bool) else value
-            raise ValueError(f"{e} ({named[0]}: {shown} is in --config {cli.config})") from None
+            raise ValueError(f"{e} ({named[0]}: {shown} is in {where[named[0]]})") from None
         raise
     return args
 
@@ -129,7 +173,7 @@ def megatron_lm_args(args: argparse.Namespace) -> list[str]:
     lighthouse = args.attention_impl == "lighthouse"
     out: list[str] = []
     for s in all_specs().values():
-        if s.name in lighthouse_specs() and s.name not in specs(LighthouseLaunch) and not lighthouse:
+        if s.flag.startswith("--lighthouse-") and not lighthouse:
             continue  # a dense model takes no --lighthouse-* setting
         value = getattr(args, s.name)
         if s.megatron == VALUE and value is not None and value != []:

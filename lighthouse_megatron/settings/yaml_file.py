@@ -42,13 +42,14 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_loader())  # a SafeLoader: plain types only
 
 
-def read_mapping(path: str | Path, what: str) -> dict[str, Any]:
-    """The mapping in YAML file `path`; `what` names the file in errors ("--config", "job file").
-    Raises ValueError when the file cannot be read, is not YAML or holds no mapping."""
+def read_mapping(path, what: str) -> dict[str, Any]:
+    """The mapping in YAML file `path` (a path, or a file of the package's data); `what` names
+    the file in errors ("--config", "job file"). Raises ValueError when the file cannot be
+    read, is not YAML or holds no mapping."""
     import yaml
 
     try:
-        data = load_yaml(Path(path).read_text())
+        data = load_yaml((path if hasattr(path, "read_text") else Path(path)).read_text())
     except OSError as e:
         raise ValueError(f"{what} {path}: cannot read it ({e.strerror})") from None
     except yaml.YAMLError as e:

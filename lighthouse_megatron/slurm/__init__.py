@@ -8,9 +8,9 @@ Python API: `load_job(name_or_path) -> Job`; `resolve(job, values) -> Resolved`;
 """
 
 from .cli import add_slurm_parser, submit_chain
-from .jobs import CHAIN, JOBS, SLURM_DIR, Job, Resolved, load_config, load_job, resolve, values_for
+from .jobs import CHAIN, JOBS, Job, Resolved, load_config, load_job, resolve, values_for
 from .script import LAUNCHER, SETTINGS_END, SETTINGS_START, render, render_chain, write_script
 
-__all__ = ["CHAIN", "JOBS", "LAUNCHER", "SETTINGS_END", "SETTINGS_START", "SLURM_DIR", "Job", "Resolved",
+__all__ = ["CHAIN", "JOBS", "LAUNCHER", "SETTINGS_END", "SETTINGS_START", "Job", "Resolved",
            "add_slurm_parser", "load_config", "load_job", "render", "render_chain", "resolve", "submit_chain",
            "values_for", "write_script"]

@@ -73,7 +73,7 @@ def add_slurm_parser(sub: argparse._SubParsersAction) -> None:
     slurm = sub.add_parser("slurm", help="fill the Slurm launcher from a recipe and submit the chain")
     cmds = slurm.add_subparsers(dest="slurm_command", required=True)
     r = cmds.add_parser("render", help="write one filled, checked sbatch script")
-    r.add_argument("job", help=f"{', '.join(JOBS)} (slurm/JOB.yaml) or a path to a job file")
+    r.add_argument("job", help=f"a job the package ships ({', '.join(JOBS)}) or a path to a job file")
     r.add_argument("--output", "-o", required=True, help="the script to write (required)")
     _add_value_args(r)
     r.set_defaults(run="lighthouse_megatron.slurm.cli:run_render")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import recipes
 from ..settings.fields import CONTINUED, SAME_MODEL, Values, with_role
 from ..settings.layout import check_flags
 from ..settings.slurm import (
@@ -30,19 +31,18 @@ from ..settings.slurm import (
     launcher_sets,
     takes,
 )
-from ..settings.train import all_specs, as_flags, typed_settings, typed_value
+from ..settings.train import RECIPE, all_specs, as_flags, recipe_file, typed_settings, typed_value
 from ..settings.tree import defaults
 from ..settings.yaml_file import read_mapping
 
-SLURM_DIR = Path(__file__).resolve().parent.parent.parent / "slurm"
-JOBS = ("stage1", "convert", "stage2", "1m")
+JOBS = recipes.JOBS
 CHAIN = ("stage1", "convert", "stage2")
 
 
 @dataclass
 class Job:
     name: str
-    path: Path
+    path: Any  # the job file: a Path, or a file of the package's data (a named job)
     values: dict[str, Any]
 
 
@@ -54,22 +54,27 @@ class Resolved:
     kind: str
     launch: Values  # the job's own settings (SlurmJob's)
     train: Values = field(default_factory=Values)  # trainer settings (recipe + overrides)
-    recipe: Path | None = None
+    recipe: str | None = None  # the recipe read: a shipped one's name, or a file's path
     dp: int | None = None
 
 
 def load_job(name_or_path: str | os.PathLike) -> Job:
-    """A job by name (stage1, convert, stage2, 1m: slurm/NAME.yaml) or by path."""
+    """A job by name (stage1, convert, stage2, 1m: the package's) or by path."""
     name = str(name_or_path)
-    path = SLURM_DIR / f"{name}.yaml" if name in JOBS else Path(name)
-    if not path.is_file():
-        if name not in JOBS and os.sep not in name and not name.endswith((".yaml", ".yml")):
-            raise ValueError(f"unknown job {name!r}; valid: {', '.join(JOBS)} or a path to a job file")
-        raise ValueError(f"job file {path} not found")
+    if name in JOBS:
+        path, stem = recipes.job(name), name
+    else:
+        path = Path(name)
+        if not path.is_file():
+            if os.sep not in name and not name.endswith((".yaml", ".yml")):
+                raise ValueError(f"unknown job {name!r}; valid: {', '.join(JOBS)} or a path to a job file")
+            raise ValueError(f"job file {path} not found")
+        path, stem = path.resolve(), path.stem
     values = Values(read_mapping(path, "job file"))
     if values.job not in JOB_KINDS:
-        raise ValueError(f"{path}: 'job' must be one of {', '.join(JOB_KINDS)}, got {values.job!r}")
-    return Job(path.stem, path.resolve(), values)
+        raise ValueError(f"{recipes.shown(path)}: 'job' must be one of {', '.join(JOB_KINDS)}, got "
+                         f"{values.job!r}")
+    return Job(stem, path, values)
 
 
 def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
@@ -138,10 +143,13 @@ def resolve(job: Job, values: Mapping[str, Any] = {}, *, allow_placeholders: boo
         raise ValueError(f"{job.name}: {e}") from None
 
 
-def _read_recipe(job: Job, recipe: str) -> tuple[Path, Values]:
-    path = (job.path.parent / recipe).resolve()
-    settings = {k: v for k, v in read_mapping(path, "recipe").items() if k not in launcher_sets()}
-    return path, Values(typed_settings(_one_item(settings), f"recipe {path}"))
+def _read_recipe(job: Job, recipe: str) -> tuple[str, Values]:
+    """(its name or path, its typed settings) of the recipe a job names: one the package ships,
+    or a file relative to the job file."""
+    path = recipe_file(recipe, str(job.path))
+    shown = recipe if recipe in recipes.RECIPES else str(path)
+    settings = {k: v for k, v in read_mapping(path, RECIPE).items() if k not in launcher_sets()}
+    return shown, Values(typed_settings(_one_item(settings), f"recipe {shown}"))
 
 
 def _resolve(job: Job, values: Mapping[str, Any], allow_placeholders: bool) -> Resolved:

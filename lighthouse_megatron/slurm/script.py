@@ -12,11 +12,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import recipes
 from ..settings.files import writable_dir_problem
 from ..settings.train import as_flags
-from .jobs import CHAIN, SLURM_DIR, Job, Resolved, check_chain, load_job, resolve, values_for
+from .jobs import CHAIN, Job, Resolved, check_chain, load_job, resolve, values_for
 
-LAUNCHER = SLURM_DIR / "launch.sbatch"
+LAUNCHER = recipes.launcher()
 SETTINGS_START = "# ---- settings (written by lighthouse-megatron slurm render) ----"
 SETTINGS_END = "# ---- end of settings ----"
 
@@ -51,7 +52,7 @@ def _header(r: Resolved) -> list[str]:
         partition = launch.partition
         layout = (f"{launch.nodes} node(s) x {gpus or launch.nproc_per_node} "
                   f"{'GPUs' if gpus else 'CPU processes'}, DP {r.dp}")
-        what = f"training ({launch.engine}), {layout}, recipe {_shown_path(r.recipe)}"
+        what = f"training ({launch.engine}), {layout}, recipe {r.recipe}"
     else:
         sbatch += ["--nodes=1", "--ntasks=1"]
         partition = launch.convert_partition or launch.partition
@@ -63,7 +64,7 @@ def _header(r: Resolved) -> list[str]:
     sbatch += [f"--account={launch.account}"] if launch.account else []
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = [f"# {r.job.name}: {what}.",
-            f"# Rendered by lighthouse-megatron slurm render from {_shown_path(r.job.path)} on {stamp}."]
+            f"# Rendered by lighthouse-megatron slurm render from {recipes.shown(r.job.path)} on {stamp}."]
     return head + [f"#SBATCH {opt}" for opt in sbatch]
 
 
@@ -109,15 +110,6 @@ def render_resolved(r: Resolved) -> str:
     start, end = lines.index(SETTINGS_START), lines.index(SETTINGS_END)
     body = [line for line in lines[1:start] if not line.startswith("#")] + lines[end + 1:]
     return "\n".join([lines[0], *_header(r), *_settings_block(r), *body]) + "\n"
-
-
-def _shown_path(path: Path | None) -> str:
-    if path is None:
-        return ""
-    try:
-        return str(path.relative_to(SLURM_DIR.parent))
-    except ValueError:
-        return str(path)
 
 
 def write_script(text: str, path: Path, force: bool = False, what: str = "") -> None:

@@ -415,10 +415,10 @@ def checkpoint_eval_args(root: str, device: str = "auto"):
     _, stored = checkpointing.read_checkpoint_args(root)
     if stored is None:
         raise ValueError(f"{root}: the checkpoint stores no arguments to rebuild its model from")
-    here = dict(lighthouse_config=None, device=device, bf16=None, load=None, save=None, data_path=None,
-                mock_data=True, tensor_model_parallel_size=1, context_parallel_size=1, metrics_file=None,
-                tensorboard_dir=None, save_interval=None, exit_interval=None, data_cache_path=None,
-                wandb_project=None, wandb_exp_name=None, wandb_save_dir=None)
+    here = dict(recipe=None, lighthouse_config=None, device=device, bf16=None, load=None, save=None,
+                data_path=None, mock_data=True, tensor_model_parallel_size=1, context_parallel_size=1,
+                metrics_file=None, tensorboard_dir=None, save_interval=None, exit_interval=None,
+                data_cache_path=None, wandb_project=None, wandb_exp_name=None, wandb_save_dir=None)
     # Checkpoints written before NOT_STORED existed still hold the writer's machine settings.
     stored = {k: v for k, v in vars(stored).items() if k not in checkpointing.NOT_STORED}
     return settings_args({**stored, **here}, world_size=1)
