@@ -135,11 +135,11 @@ def _flag(name: str) -> str:
 
 
 @functools.cache
-def specs(cls: type, prefix: str = "", flag_prefix: str | None = None) -> dict[str, Spec]:
+def specs(cls: type, prefix: str = "") -> dict[str, Spec]:
     """The settings of dataclass `cls` by name, in field order. `prefix` names them in a larger
-    namespace (LighthouseConfig's `topk` is the trainer's `lighthouse_topk`); `flag_prefix`
-    likewise for the flags (default: from the prefixed name). A field without `setting`'s
-    metadata takes its help and the rest from its own `metadata` (LighthouseConfig's fields)."""
+    namespace (LighthouseConfig's `topk` is the trainer's `lighthouse_topk`, flag
+    --lighthouse-topk). A field without `setting`'s metadata takes its help and the rest from its
+    own `metadata` (LighthouseConfig's fields)."""
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
@@ -147,8 +147,7 @@ def specs(cls: type, prefix: str = "", flag_prefix: str | None = None) -> dict[s
         name = prefix + f.name
         kind, item = _kind(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag = info.pop("flag", None) or (flag_prefix + f.name.replace("_", "-") if flag_prefix is not None
-                                          else _flag(name))
+        flag = info.pop("flag", None) or _flag(name)
         out[name] = Spec(name=name, kind=kind, item=item, default=default, flag=flag, **info)
     return out
 
