@@ -57,6 +57,18 @@ def valid_topks(levels: int, pooling_factor: int, tile_topk: int, seq_len: int,
     return [tile_topk * t for t in _divisors(coarse) if coarse // t >= tile_topk and t % chunks == 0]
 
 
+def topk_fits(levels: int, pooling_factor: int, tile_topk: int, seq_len: int, cp_size: int,
+              topk: int) -> bool:
+    """`topk in valid_topks(...)` without listing them: the check inputs pass on every call
+    (traceable by torch.compile, where the sequence length may be symbolic)."""
+    block = pooling_factor ** (levels - 1)
+    if levels < 2 or tile_topk < 2 or tile_topk % 2 or seq_len % block or topk % tile_topk:
+        return False
+    coarse, tiles = seq_len // block, topk // tile_topk
+    return tiles >= 1 and coarse % tiles == 0 and coarse // tiles >= tile_topk \
+        and tiles % LighthouseConfig.num_chunks(cp_size) == 0
+
+
 def topk_hint(levels: int, pooling_factor: int, tile_topk: int, seq_len: int, cp_size: int, topk: int) -> str:
     """What to suggest for a top-k budget that does not fit: the nearest budgets that pass
     every rule with the other settings, or, when there is none, which other settings do."""
@@ -179,7 +191,7 @@ class LighthouseConfig:
         if self.levels == 1:  # dense: no tiles, no budget, any length
             return
         args = (self.levels, self.pooling_factor, self.tile_topk, seq_len, cp_size)
-        if self.topk in valid_topks(*args):
+        if topk_fits(*args, self.topk):
             return
         # The first rule that fails is named; the suggestion passes all of them.
         hint = topk_hint(*args, self.topk)

@@ -119,7 +119,8 @@ def test_retrieval_claim_needs_a_dense_model_that_retrieves(root, dense_accuracy
 
 def _seed_row(batch: str, seed: int, switch_frac: float, gap: float, lag: float) -> dict:
     iters = int(batch.split("-")[1])
-    return {"batch": batch, "preset": batch.split("-")[0], "iters": iters, "tokens": iters * 32_768,
+    return {"batch": batch, "recipe": "paper", "preset": batch.split("-")[0], "iters": iters,
+            "tokens": iters * 32_768,
             "seed": seed, "switch": round(switch_frac * iters), "switch_frac": switch_frac, "train_gap": gap,
             "heldout_gap": gap + 0.01, "lag_per_lh_iter": lag, "lag_interp": lag * switch_frac * iters,
             "lag_fit": None, "spike": 0.5, "stage1_gap_lighthouse": -0.1, "stage1_gap_dense": 1.0,

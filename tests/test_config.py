@@ -170,3 +170,16 @@ def test_levels_one_ignores_the_topk_rules():
     assert cfg.gathered_length(1000) == 1000
     with pytest.raises(ValueError, match="topk must be a positive multiple"):
         LighthouseConfig(levels=2, topk=-5)
+
+
+def test_topk_fits_is_membership_in_the_valid_topks():
+    """The check every call runs (no list of divisors: traceable with a symbolic length) accepts
+    exactly the budgets that the suggestions list."""
+    import itertools
+
+    from lighthouse_megatron.config import topk_fits, valid_topks
+
+    for levels, p, t, n, cp in itertools.product((1, 2, 3), (2, 4), (2, 3, 4, 64), (256, 4096, 12288),
+                                                 (1, 2, 4)):
+        valid = set(valid_topks(levels, p, t, n, cp))
+        assert {k for k in range(1, n + 1) if topk_fits(levels, p, t, n, cp, k)} == valid

@@ -175,7 +175,7 @@ def test_core_016_generation(monkeypatch):
                  for s in spec.layer_specs]
         assert names == ["LighthouseCoreAttention", "LighthouseCoreAttention", "DenseCoreAttention"]
         params = spec.layer_specs[0].submodules.self_attention.submodules.core_attention.params
-        assert params["until_iter"] == 5 and params["lighthouse"].levels == 2
+        assert params["schedule"].until_iter == 5 and params["lighthouse"].levels == 2
         assert seen["model"]["args"].spec is None  # never left in the args a checkpoint saves
         # Megatron-LM's forward step, wrapped for --lighthouse-eval-attention (validation only).
         assert seen["forward_step"].__wrapped__ is mlm.forward_step

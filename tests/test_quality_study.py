@@ -5,6 +5,7 @@ the tiny size on CPU with the analysis of its runs recomputed from the trainer's
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -218,59 +219,54 @@ def _study(work: Path, iters: int, seeds: str, data_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_batches(tmp_path_factory):
-    """Two leases' worth of runs: a 16-iteration batch of seeds 1-2 and a 24-iteration batch of seed 1."""
+def one_batch(tmp_path_factory):
+    """One lease's worth: the tiny preset at 16 iterations, seed 1, a switch at 62.5% (iteration 10)."""
     tmp = tmp_path_factory.mktemp("study")
-    _study(tmp / "a", 16, "1-2", tmp / "data")
-    _study(tmp / "b", 24, "1", tmp / "data")
-    runs = tmp / "runs"
-    for w in ("a", "b"):
-        shutil.copytree(tmp / w / "runs", runs, dirs_exist_ok=True)
-    return tmp, runs
+    _study(tmp / "a", 16, "1", tmp / "data")
+    return tmp, tmp / "a" / "runs"
 
 
-def test_driver_writes_one_json_per_run_from_the_trainers_records(two_batches):
-    tmp, runs = two_batches
+def test_driver_writes_one_json_per_run_from_the_trainers_records(one_batch):
+    tmp, runs = one_batch
     names = sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*.json"))
-    arms = ("dense", "lighthouse_10", "recovered_10")
-    assert names == [f"tiny-16/seed{s}_{a}.json" for s in (1, 2) for a in arms] \
-        + [f"tiny-24/seed1_{a}.json" for a in ("dense", "lighthouse_15", "recovered_15")]
-    run = json.loads((runs / "tiny-16" / "seed2_recovered_10.json").read_text())
-    metrics = [json.loads(x) for x in (tmp / "a" / "jobs" / "tiny-16" / "seed2" / "recovered_10" /
-                                       "metrics.jsonl").read_text().splitlines()]
+    assert names == [f"tiny-16/seed1_{a}.json" for a in ("dense", "lighthouse_10", "recovered_10")]
+    run = json.loads((runs / "tiny-16" / "seed1_recovered_10.json").read_text())
+    job = tmp / "a" / "jobs" / "tiny-16" / "seed1" / "recovered_10"
+    metrics = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
     assert run["train"] == [[r["iteration"], r["loss"]] for r in metrics if r["kind"] == "train"]
     assert run["switch_probe"] == next(r for r in metrics if r["kind"] == "switch")
-    assert run["settings"]["lighthouse_until_iter"] == 10 and run["settings"]["seed"] == 2
+    assert run["settings"]["lighthouse_until_iter"] == 10 and run["settings"]["seed"] == 1
     assert run["allow_repeat"] is False and 0 < run["epochs"] < 1 and run["device"] == "cpu"
-    assert run["command"][-3:] == ["--config", str(tmp / "a" / "jobs" / "tiny-16" / "seed2" / "recovered_10" /
-                                                   "config.yaml"), "--force"]
+    assert run["command"][-3:] == ["--config", str(job / "config.yaml"), "--force"]
 
 
-def test_a_second_start_runs_only_what_is_missing(two_batches, tmp_path):
-    tmp, _ = two_batches
+def test_a_second_start_runs_only_what_is_missing(one_batch, tmp_path):
+    tmp, _ = one_batch
     work = tmp_path / "again"
-    shutil.copytree(tmp / "b", work, ignore=shutil.ignore_patterns("src"))
-    (work / "runs" / "tiny-24" / "seed1_recovered_15.json").unlink()
-    before = {p.name: p.stat().st_mtime_ns for p in (work / "runs" / "tiny-24").iterdir()}
-    _study(work, 24, "1", tmp / "data")
-    after = {p.name: p.stat().st_mtime_ns for p in (work / "runs" / "tiny-24").iterdir()}
-    assert sorted(after) == sorted([*before, "seed1_recovered_15.json"])
+    shutil.copytree(tmp / "a", work, ignore=shutil.ignore_patterns("src"))
+    (work / "runs" / "tiny-16" / "seed1_recovered_10.json").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in (work / "runs" / "tiny-16").iterdir()}
+    _study(work, 16, "1", tmp / "data")
+    after = {p.name: p.stat().st_mtime_ns for p in (work / "runs" / "tiny-16").iterdir()}
+    assert sorted(after) == sorted([*before, "seed1_recovered_10.json"])
     assert all(after[k] == v for k, v in before.items())
 
 
-def test_analysis_recomputed_from_the_run_records(two_batches, tmp_path):
+def _analyze(runs: Path, out: Path) -> dict:
     from benchmarks._common import main
     from benchmarks.quality import analyze
 
-    _, runs = two_batches
-    argv = ["--runs", str(runs), "--out", str(tmp_path)]
+    argv = ["--runs", str(runs), "--out", str(out)]
     assert main(analyze.add_parser, "benchmarks.quality.analyze", argv) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    rows = {(r["batch"], r["seed"]): r for r in summary["rows"]}
-    assert sorted(rows) == [("tiny-16", 1), ("tiny-16", 2), ("tiny-24", 1)]
-    load = lambda name: json.loads((runs / name).read_text())  # noqa: E731
-    dense, lh, rec = (load(f"tiny-16/seed2_{a}.json") for a in ("dense", "lighthouse_10", "recovered_10"))
-    row = rows[("tiny-16", 2)]
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_analysis_recomputed_from_the_run_records(one_batch, tmp_path):
+    _, runs = one_batch
+    summary = _analyze(runs, tmp_path)
+    (row,) = summary["rows"]
+    load = lambda name: json.loads((runs / "tiny-16" / name).read_text())  # noqa: E731
+    dense, lh, rec = (load(f"seed1_{a}.json") for a in ("dense", "lighthouse_10", "recovered_10"))
     # The paper's metric over the last 5% of 16 iterations: iteration 16 alone.
     assert row["last_iters"] == [16, 16]
     assert row["train_gap"] == pytest.approx(rec["train"][-1][1] - dense["train"][-1][1])
@@ -280,13 +276,65 @@ def test_analysis_recomputed_from_the_run_records(two_batches, tmp_path):
     assert row["spike"] == pytest.approx(probe["loss_dense"] - probe["loss_lighthouse"])
     at_switch = dense["eval"]["dense"][9][1]  # iteration 10
     assert row["stage1_gap_lighthouse"] == pytest.approx(lh["eval"]["lighthouse"][-1][1] - at_switch)
-    # Aggregates: the batch with two seeds gets a t-verdict, the one with one seed cannot tell.
-    agg = {a["batch"]: a for a in summary["aggregates"]}
-    assert agg["tiny-16"]["train_gap"]["n"] == 2 and agg["tiny-24"]["train_gap"]["verdict"] == "cannot tell"
-    gaps = [rows[("tiny-16", s)]["train_gap"] for s in (1, 2)]
-    assert agg["tiny-16"]["train_gap"]["verdict"] == stats.verdict(gaps)["verdict"]
-    ttq = {t["switch_frac"]: t for t in summary["time_to_quality"]["tiny-16"]}
-    lam = [rows[("tiny-16", s)]["lag_per_lh_iter"] for s in (1, 2)]
-    ratio = summary["step_ratio"]["ratio"]
-    assert ttq[0.625]["mean"] == pytest.approx(np.mean([stats.time_to_quality(0.625, x, ratio) for x in lam]))
+    assert summary["aggregates"][0]["train_gap"]["verdict"] == "cannot tell"  # one seed decides nothing
     assert "generated" in (tmp_path / "summary.md").read_text()
+
+
+def _write_runs(root: Path, iters: int, switch: int, lags: dict[int, float]) -> None:
+    """Run JSONs as the driver writes them, with curves of a known lag: the control's loss is
+    1 + 4 i^-0.4 (seed s shifted by 0.01 s), the recovered run's is the control's lag * switch
+    iterations earlier."""
+    batch, every = f"synthetic-{iters}", iters // 40
+    its = list(range(every, iters + 1, every))
+    settings = {"eval_interval": every, "global_batch_size": 2, "seq_length": 256}
+    def control(i, seed):
+        return 1 + 0.01 * seed + 4 * max(i, 1) ** -0.4
+
+    for seed, lam in lags.items():
+        loss = functools.partial(control, seed=seed)
+        late = lambda i, lam=lam, loss=loss: loss(i - lam * switch)  # noqa: E731
+        common = {"study": "quality", "batch": batch, "preset": "synthetic", "iters": iters, "seed": seed,
+                  "settings": settings, "corpus": "c0", "device": "card", "command": ["x"], "recipe": "paper"}
+        runs = {
+            "dense": {"arm": "dense", "switch": None, "train": [[i, loss(i)] for i in range(1, iters + 1)],
+                      "eval": {"dense": [[i, loss(i)] for i in its]}},
+            f"lighthouse_{switch}": {"arm": "lighthouse", "switch": switch,
+                                     "train": [[i, loss(i) - 0.1] for i in range(1, switch + 1)],
+                                     "eval": {"lighthouse": [[i, loss(i) - 0.1] for i in its if i <= switch],
+                                              "dense": [[i, loss(i) + 1] for i in its if i <= switch]}},
+            f"recovered_{switch}": {"arm": "recovered", "switch": switch,
+                                    "train": [[i, late(i)] for i in range(switch + 1, iters + 1)],
+                                    "eval": {"dense": [[i, late(i)] for i in its if i > switch]},
+                                    "switch_probe": {"loss_dense": 3.0, "loss_lighthouse": 2.0}},
+        }
+        for arm, run in runs.items():
+            path = root / batch / f"seed{seed}_{arm}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({**common, **run}))
+
+
+def test_runs_of_two_batches_aggregate_apart_and_recover_the_known_lag(tmp_path):
+    """Two leases' batches (different run lengths) in one folder: each gets its own rows, verdicts
+    and time to quality, and the lag per Lighthouse iteration built into the curves comes back."""
+    lags = {1: 0.20, 2: 0.25, 3: 0.30}
+    _write_runs(tmp_path / "runs", 2560, 1600, lags)
+    _write_runs(tmp_path / "runs", 1280, 800, {1: 0.10, 2: 0.12})
+    summary = _analyze(tmp_path / "runs", tmp_path / "out")
+    rows = {(r["batch"], r["seed"]): r for r in summary["rows"]}
+    assert sorted(rows) == [("synthetic-1280", 1), ("synthetic-1280", 2), ("synthetic-2560", 1),
+                            ("synthetic-2560", 2), ("synthetic-2560", 3)]
+    for seed, lam in lags.items():
+        assert rows[("synthetic-2560", seed)]["lag_per_lh_iter"] == pytest.approx(lam, abs=0.01)
+        # The mean of the last 3 evaluations against their mean iteration: within an iteration or two.
+        assert rows[("synthetic-2560", seed)]["lag_fit"] == pytest.approx(lam * 1600, abs=2)
+    agg = {a["batch"]: a for a in summary["aggregates"]}
+    per_seed = [rows[("synthetic-2560", s)]["lag_per_lh_iter"] for s in lags]
+    verdict = agg["synthetic-2560"]["lag_per_lh_iter"]["verdict"]
+    assert verdict == stats.verdict(per_seed)["verdict"] == "worse"
+    assert agg["synthetic-1280"]["lag_per_lh_iter"]["n"] == 2
+    ratio = summary["step_ratio"]["ratio"]
+    ttq = {t["switch_frac"]: t for t in summary["time_to_quality"]["synthetic-2560"]}
+    expected = np.mean([stats.time_to_quality(0.625, x, ratio) for x in per_seed])
+    assert ttq[0.625]["mean"] == pytest.approx(expected)
+    assert ttq[0.75]["lag_from"].startswith("assumed")
+    assert rows[("synthetic-2560", 1)]["spike"] == 1.0

@@ -209,15 +209,17 @@ def quality_verdict(results, metric: Literal[tuple(UNITS)], switch: float = 0.62
     for r in results.get("quality", []):
         aggs = r.data["aggregates"]
         most = max(len(a["seeds"]) for a in aggs)
-        for batch in sorted({a["batch"] for a in aggs}):
-            a = _at_switch([x for x in aggs if x["batch"] == batch], switch)
+        for batch, recipe in sorted({(a["batch"], a.get("recipe", "paper")) for a in aggs}):
+            a = _at_switch([x for x in aggs if (x["batch"], x.get("recipe", "paper")) == (batch, recipe)],
+                           switch)
             v = a[metric]
             bounds = (
                 "" if v["lower"] is None else f", one-sided 95% bounds [{v['lower']:+.3f}, {v['upper']:+.3f}]"
             )
             text = (
                 f"{v['verdict']}: {v['mean']:+.3f} {UNITS[metric]}{bounds}; {v['n']} seeds"
-                f"{_fewer(v['n'], most)}; {batch} ({a['tokens']:,} training tokens per run), switch "
+                f"{_fewer(v['n'], most)}; {batch}{'' if recipe == 'paper' else ' recipe ' + recipe} "
+                f"({a['tokens']:,} training tokens per run), switch "
                 f"{a['switch_frac']:.1%} (it. {a['switch']})"
             )
             out.append(Measured(None if v["verdict"] == "cannot tell" else v["verdict"], text, r))
