@@ -103,7 +103,7 @@ def test_relaunch_with_no_step_left_evaluates_dense(runs, tag):
     assert zero.run.final_validation() == s1.run.final_validation()
 
 
-@pytest.mark.parametrize("tag", TAGS)
+@pytest.mark.parametrize("tag", [pytest.param(V016, marks=pytest.mark.slow), V019])
 def test_patched_script_equals_the_entry_point(runs, tag, tmp_path):
     """A user's pretrain_gpt.py with patches/'s patch runs what the entry point runs, the
     --lighthouse-eval-attention evaluation included."""
@@ -188,8 +188,8 @@ def _assert_cp_equals_cp1(run: Run, reference: Run) -> None:
         reference.final_validation()["lm loss dense"], abs=2e-5, rel=0)
 
 
-@pytest.mark.parametrize("masks", [[], ["--no-create-attention-mask-in-dataloader"]],
-                         ids=["masks", "no-masks"])
+@pytest.mark.parametrize("masks", [[], pytest.param(["--no-create-attention-mask-in-dataloader"],
+                                                     marks=pytest.mark.slow)], ids=["masks", "no-masks"])
 def test_cp2_evaluation_both_equals_dense_and_cp1(runs, masks):
     """CP = 2 with every --cp-comm-type, --lighthouse-eval-attention both: the Lighthouse training
     and the dense validation equal CP = 1's (core 0.19's get_batch splits the replayed batch in
@@ -237,7 +237,7 @@ RELOADS = {
 }
 
 
-@pytest.mark.parametrize("model", list(RELOADS))
+@pytest.mark.parametrize("model", ["gqa1-tp2", pytest.param("moe-ep2", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("tag", [pytest.param(V016, marks=pytest.mark.slow), V019])
 def test_reload_continues_exactly(runs, tag, model):
     """Stopped at iteration 2 and reloaded, a Lighthouse run trains on bit for bit as if it never
@@ -280,7 +280,8 @@ RECIPE = ["--lighthouse-until-iter", "5", "--lighthouse-dense-every", "2",
           "--lighthouse-progressive-iters", "3", "--lighthouse-grow-topk-iters", "3"]
 
 
-@pytest.mark.parametrize("tag", [pytest.param(V016, marks=pytest.mark.slow), V019])
+@pytest.mark.slow
+@pytest.mark.parametrize("tag", TAGS)
 def test_recipe_variants_resume_inside_their_windows(runs, tag):
     """The three variants together in Megatron-LM's loop: resumed from the iteration-3 checkpoint
     (inside both windows) the run trains exactly what the run that never stopped trains, since the

@@ -104,7 +104,7 @@ def _cp_worker(rank, world):
                                            msg=lambda m, label=label, where=where: f"{where} d{label}: {m}")
 
 
-@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("cp", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_context_parallel_equals_cp1(cp):
     run_workers(_cp_worker, cp)
 

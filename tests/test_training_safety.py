@@ -143,7 +143,8 @@ def _train_losses(metrics: Path) -> list[float]:
     return [r["loss"] for r in training.read_metrics(str(metrics)) if r["kind"] == "train"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_at_the_end_of_the_iteration_and_the_run_resumes_exactly(tmp_path, sig):
     """SIGTERM (Slurm's preemption and time limit, scancel) or SIGINT (Ctrl-C) mid-run: the
     trainer finishes the iteration, saves it, says so in one line and exits with 128 + the
