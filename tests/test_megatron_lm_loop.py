@@ -188,8 +188,8 @@ def _assert_cp_equals_cp1(run: Run, reference: Run) -> None:
         reference.final_validation()["lm loss dense"], abs=2e-5, rel=0)
 
 
-@pytest.mark.parametrize("masks", [[], pytest.param(["--no-create-attention-mask-in-dataloader"],
-                                                     marks=pytest.mark.slow)], ids=["masks", "no-masks"])
+@pytest.mark.parametrize("masks", [[], ["--no-create-attention-mask-in-dataloader"]],
+                         ids=["masks", "no-masks"])
 def test_cp2_evaluation_both_equals_dense_and_cp1(runs, masks):
     """CP = 2 with every --cp-comm-type, --lighthouse-eval-attention both: the Lighthouse training
     and the dense validation equal CP = 1's (core 0.19's get_batch splits the replayed batch in
@@ -237,7 +237,7 @@ RELOADS = {
 }
 
 
-@pytest.mark.parametrize("model", ["gqa1-tp2", pytest.param("moe-ep2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model", list(RELOADS))
 @pytest.mark.parametrize("tag", [pytest.param(V016, marks=pytest.mark.slow), V019])
 def test_reload_continues_exactly(runs, tag, model):
     """Stopped at iteration 2 and reloaded, a Lighthouse run trains on bit for bit as if it never
