@@ -2,6 +2,7 @@
 # On the lent GPU machine (no registry): install the wheels carried in .whl/q once (megatron-core and
 # what the trainer imports that the image lacks), then `python -m benchmarks.quality.run "$@"`.
 # Fill .whl/q beforehand, here: bash benchmarks/quality/lease.sh --download
+# `lease.sh wait SECONDS WORK...` polls the schedulers and packs what finished into $OUT (below).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ "${1:-}" = --download ]; then
@@ -18,4 +19,26 @@ if ! python3 -c "import megatron.core, xxhash, tensorboard, tqdm" 2>/dev/null &&
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/q/*.whl
 fi
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if [ "${1:-}" = wait ]; then
+    # wait SECONDS WORK...: poll until every WORK's scheduler has stopped or SECONDS have passed, then
+    # pack each WORK's results (runs/, plan, logs; no checkpoints) into $OUT/<WORK's name>.tgz, so a
+    # call cut short still returns every run that finished.
+    shift; until=$(( $(date +%s) + $1 )); shift
+    while [ "$(date +%s)" -lt "$until" ]; do
+        alive=0
+        for w in "$@"; do
+            python3 -m benchmarks.quality.run status --work "$w" | grep -q '^scheduler: running' && alive=1
+        done
+        [ "$alive" = 0 ] && break
+        sleep 15
+    done
+    for w in "$@"; do
+        python3 -m benchmarks.quality.run status --work "$w"
+        files=$(cd "$w" && ls -d runs plan.json request.json status.json serve.log jobs 2>/dev/null || true)
+        if [ -n "${OUT:-}" ] && [ -n "$files" ]; then
+            (cd "$w" && tar czf "$OUT/$(basename "$w").tgz" --exclude=ckpt --exclude=data_cache $files)
+        fi
+    done
+    exit 0
+fi
 exec python3 -m benchmarks.quality.run "$@"

@@ -24,6 +24,17 @@ except ImportError:
     tl = None
 
 
+@triton.jit
+def program_head(heads, kv_heads, GROUP: tl.constexpr):
+    """The (batch, head, batch * kv_heads + kv head) of a program whose axis 1 is batch * heads,
+    as int64: head-major inputs make h * stride_h pass 2**31."""
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    unit = (b * kv_heads + h // GROUP).to(tl.int64)
+    return b.to(tl.int64), h.to(tl.int64), unit
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._triton import tl, triton
+from ._triton import program_head, tl, triton
 from .plan import SelectionPlan
 
 
@@ -34,12 +34,7 @@ def _segment_sum_kernel(
 ):
     # One program per (block of gathered slots, batch * head); slots are axis 0 (unbounded).
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // heads
-    h = bh % heads
-    unit = (b * kv_heads + h // GROUP).to(tl.int64)
-    b = b.to(tl.int64)  # head-major inputs: h * stride_h can pass 2**31
-    h = h.to(tl.int64)
+    b, h, unit = program_head(heads, kv_heads, GROUP)
     s = pid * BLOCK_S + tl.arange(0, BLOCK_S)
     s_ok = s < S
     lvl = tl.load(level_ptr + unit * S + s, mask=s_ok, other=0)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._triton import tl, triton
+from ._triton import program_head, tl, triton
 from .plan import SelectionPlan
 
 
@@ -38,12 +38,7 @@ def _token_sum_kernel(
     P: tl.constexpr, LEVELS: tl.constexpr, FEED: tl.constexpr, HAS_HALO: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // heads
-    h = bh % heads
-    unit = (b * kv_heads + h // GROUP).to(tl.int64)
-    b = b.to(tl.int64)  # head-major inputs: h * stride_h can pass 2**31
-    h = h.to(tl.int64)
+    b, h, unit = program_head(heads, kv_heads, GROUP)
     t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < n
     dd = tl.arange(0, BLOCK_D)
