@@ -20,25 +20,30 @@ if ! python3 -c "import megatron.core, xxhash, tensorboard, tqdm" 2>/dev/null &&
 fi
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 if [ "${1:-}" = wait ]; then
-    # wait SECONDS WORK...: poll until every WORK's scheduler has stopped or SECONDS have passed, then
-    # pack each WORK's results (runs/, plan, logs; no checkpoints) into $OUT/<WORK's name>.tgz, so a
-    # call cut short still returns every run that finished.
-    shift; until=$(( $(date +%s) + $1 )); shift
+    # wait SECONDS WORK...: poll until every WORK's scheduler has stopped or SECONDS have passed; pack
+    # each WORK's results (runs/, plan, logs; no checkpoints) into $OUT/<WORK's name>.tgz every minute
+    # and at the end, so a call cut short still returns every run that finished.
+    pack() {
+        for w in "$@"; do
+            files=$(cd "$w" && ls -d runs plan.json request.json status.json serve.log jobs 2>/dev/null || true)
+            if [ -n "${OUT:-}" ] && [ -n "$files" ]; then
+                (cd "$w" && tar czf "$OUT/$(basename "$w").tgz.part" --exclude=ckpt --exclude=data_cache $files \
+                    && mv "$OUT/$(basename "$w").tgz.part" "$OUT/$(basename "$w").tgz")
+            fi
+        done
+    }
+    shift; until=$(( $(date +%s) + $1 )); shift; n=0
     while [ "$(date +%s)" -lt "$until" ]; do
         alive=0
         for w in "$@"; do
             python3 -m benchmarks.quality.run status --work "$w" | grep -q '^scheduler: running' && alive=1
         done
         [ "$alive" = 0 ] && break
+        n=$((n + 1)); [ $((n % 4)) = 0 ] && pack "$@"
         sleep 15
     done
-    for w in "$@"; do
-        python3 -m benchmarks.quality.run status --work "$w"
-        files=$(cd "$w" && ls -d runs plan.json request.json status.json serve.log jobs 2>/dev/null || true)
-        if [ -n "${OUT:-}" ] && [ -n "$files" ]; then
-            (cd "$w" && tar czf "$OUT/$(basename "$w").tgz" --exclude=ckpt --exclude=data_cache $files)
-        fi
-    done
+    for w in "$@"; do python3 -m benchmarks.quality.run status --work "$w"; done
+    pack "$@"
     exit 0
 fi
 exec python3 -m benchmarks.quality.run "$@"
