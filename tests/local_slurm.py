@@ -35,10 +35,17 @@ def _sbin_path() -> str:
     return os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: the sockets stay bound until all are chosen (one at a time, the
+    kernel may hand out the same port twice, and slurmctld then finds slurmd on its port)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class LocalSlurm:
@@ -72,11 +79,12 @@ class LocalSlurm:
                      f"--seed-file={self.root}/munge/seed")
         host = socket.gethostname().split(".")[0]
         cpus = os.cpu_count() or 1
+        ctld_port, slurmd_port = _free_ports(2)
         self.conf.write_text(f"""\
 ClusterName=lighthouse-test
 SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
