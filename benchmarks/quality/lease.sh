@@ -36,7 +36,10 @@ if [ "${1:-}" = wait ]; then
     while [ "$(date +%s)" -lt "$until" ]; do
         alive=0
         for w in "$@"; do
-            python3 -m benchmarks.quality.run status --work "$w" | grep -q '^scheduler: running' && alive=1
+            # not `status | grep -q`: grep's early exit breaks status's pipe, and pipefail then hides the match
+            case "$(python3 -m benchmarks.quality.run status --work "$w" 2>&1 || true)" in
+                "scheduler: running"*) alive=1 ;;
+            esac
         done
         [ "$alive" = 0 ] && break
         n=$((n + 1)); [ $((n % 4)) = 0 ] && pack "$@"
