@@ -94,6 +94,45 @@ def test_time_to_quality_hand_computed():
         stats.time_to_quality(1.0, 0.2, 0.3)
 
 
+def _trend_rows(value, seeds=(1, 2)):
+    return [{"preset": "default", "recipe": "paper", "switch_frac": 0.625, "tokens": tokens,
+             "lag_per_lh_iter": value(tokens, seed)} for tokens in (21e6, 42e6, 84e6) for seed in seeds]
+
+
+def test_scale_trend_recovers_a_known_power_law_and_a_known_line():
+    from benchmarks.quality.analyze import markdown, scale_trend
+
+    # A power law with a seed factor the same at every length: the log-log slope is exact.
+    trend = scale_trend(_trend_rows(lambda t, seed: 50.0 * t ** -0.3 * (1.05 if seed == 1 else 0.95)))
+    assert trend["points"] == 6 and trend["seeds_per_length"] == [2, 2, 2]
+    assert trend["power_law"]["exponent"] == pytest.approx(-0.3, abs=1e-9)
+    assert trend["power_law"]["at"] == pytest.approx(50.0 * 50e9 ** -0.3 * math.sqrt(1.05 * 0.95))
+    assert trend["power_law"]["lower"] < trend["power_law"]["at"] < trend["power_law"]["upper"]
+    # A line in ln(tokens), 0.4 - 0.05 ln(t / 21M): slope and projection by hand.
+    trend = scale_trend(_trend_rows(lambda t, seed: 0.4 - 0.05 * math.log(t / 21e6) + 0.01 * (seed - 1.5)))
+    lin = trend["linear"]
+    assert lin["slope"] == pytest.approx(-0.05, abs=1e-9)
+    assert lin["at"] == pytest.approx(0.4 - 0.05 * math.log(50e9 / 21e6), abs=1e-9)
+    assert lin["slope_upper"] < 0  # the offsets are small: the direction is decided
+    assert trend["extrapolation_factor"] == pytest.approx(50e9 / 84e6)
+    assert "shrinks as runs lengthen" in markdown(_summary_with(trend))
+    # Noise larger than the trend: the direction is not decided, and a negative point drops the power law.
+    noisy = _trend_rows(lambda t, seed: 0.1)
+    for r, e in zip(noisy, (0.3, -0.3, -0.2, 0.2, 0.3, -0.3), strict=True):
+        r["lag_per_lh_iter"] += e
+    trend = scale_trend(noisy)
+    assert trend["linear"]["slope_lower"] < 0 < trend["linear"]["slope_upper"]
+    assert trend["power_law"] is None
+    text = markdown(_summary_with(trend))
+    assert "do not yet tell which way" in text and "no power law" in text
+
+
+def _summary_with(trend):
+    return {"rule": "r", "aggregates": [], "time_to_quality": {}, "scale_trend": trend,
+            "step_ratio": {"ratio": 0.3, "file": "f", "lighthouse_ms": 1, "dense_ms": 3, "card": "c",
+                           "command": "x"}}
+
+
 def test_read_once_guard():
     # 16,384-token sequences: 1,000,001 tokens hold 61 of them.
     assert samples_per_epoch(1_000_001, 16384) == 61

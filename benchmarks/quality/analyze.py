@@ -190,10 +190,27 @@ def time_to_quality(rows: list[dict], batch: str, ratio: float, recipe: str = "p
     return out
 
 
+def _line_fit(x, y, at: float) -> dict:
+    """Least squares y = a + b x with its standard errors, and its value at `at` with a two-sided 95%
+    t interval (n - 2 degrees of freedom)."""
+    import numpy as np
+
+    (slope, icpt), cov = np.polyfit(x, y, 1, cov=True)
+    value = icpt + slope * at
+    se = math.sqrt(cov[1, 1] + at**2 * cov[0, 0] + 2 * at * cov[0, 1])
+    t = stats.t_quantile(len(x) - 1, 0.975)
+    slope_se = math.sqrt(cov[0, 0])
+    return {"slope": float(slope), "slope_se": slope_se, "slope_lower": float(slope - t * slope_se),
+            "slope_upper": float(slope + t * slope_se), "intercept": float(icpt),
+            "at": float(value), "at_se": se, "lower": float(value - t * se), "upper": float(value + t * se)}
+
+
 def scale_trend(rows: list[dict]) -> dict | None:
-    """Lag per Lighthouse iteration against ln(training tokens), one point per seed and run length
-    (the preset's own switch closest to 62.5%), least squares with its standard errors, and what it
-    projects at the paper's 50B tokens (an extrapolation: see the README)."""
+    """Lag per Lighthouse iteration against training tokens, one point per seed and run length (the
+    preset's own switch closest to 62.5%), projected to the paper's 50B tokens two ways: linear in
+    ln(tokens), which has no floor and so must cross zero somewhere, and a power law a * tokens^b
+    (a line in log-log; positive by construction, fitted only when every point is positive). Both
+    are extrapolations far beyond the runs: see the README."""
     import numpy as np
 
     pts = [(math.log(r["tokens"]), r["lag_per_lh_iter"]) for r in rows
@@ -202,14 +219,16 @@ def scale_trend(rows: list[dict]) -> dict | None:
     if len({x for x, _ in pts}) < 2 or len(pts) < 4:
         return None
     x, y = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
-    (slope, icpt), cov = np.polyfit(x, y, 1, cov=True)
     xp = math.log(PAPER_TOKENS)
-    proj = icpt + slope * xp
-    se = math.sqrt(cov[1, 1] + xp**2 * cov[0, 0] + 2 * xp * cov[0, 1])
+    linear = _line_fit(x, y, xp)
+    power = None
+    if (y > 0).all():
+        fit = _line_fit(x, np.log(y), xp)
+        power = {"exponent": fit["slope"], "exponent_se": fit["slope_se"], "at": math.exp(fit["at"]),
+                 "lower": math.exp(fit["lower"]), "upper": math.exp(fit["upper"])}
     return {"points": len(pts), "run_lengths_tokens": sorted({int(round(math.exp(v))) for v in x}),
-            "slope_per_ln_tokens": float(slope), "slope_se": float(math.sqrt(cov[0, 0])),
-            "intercept": float(icpt), "projection_50B": float(proj), "projection_50B_se": se,
-            "extrapolation_factor": PAPER_TOKENS / math.exp(x.max())}
+            "seeds_per_length": [int((x == v).sum()) for v in sorted(set(x))],
+            "linear": linear, "power_law": power, "extrapolation_factor": PAPER_TOKENS / math.exp(x.max())}
 
 
 # --------------------------------------------------------------------------- output
@@ -263,13 +282,24 @@ def markdown(summary: dict) -> str:
         lines.append("")
     trend = summary.get("scale_trend")
     if trend:
-        lines += [f"Trend with run length (default preset, switch 62.5%, {trend['points']} seed-runs at "
-                  f"{', '.join(f'{t / 1e6:.0f}M' for t in trend['run_lengths_tokens'])} tokens): lag per "
-                  f"Lighthouse iteration changes by {trend['slope_per_ln_tokens']:+.3f} ± "
-                  f"{trend['slope_se']:.3f} "
-                  f"per e-fold of tokens; projected at 50B tokens: {trend['projection_50B']:.2f} ± "
-                  f"{trend['projection_50B_se']:.2f} (an extrapolation {trend['extrapolation_factor']:.0f}x "
-                  "beyond the longest run, at a 25x smaller model: an order of magnitude at best).", ""]
+        lin, pw = trend["linear"], trend["power_law"]
+        per_length = zip(trend["run_lengths_tokens"], trend["seeds_per_length"], strict=True)
+        lengths = ", ".join(f"{t / 1e6:.0f}M ({n} seed{'s' if n > 1 else ''})" for t, n in per_length)
+        if lin["slope_upper"] < 0 or lin["slope_lower"] > 0:
+            way = f"the lag per iteration {'shrinks' if lin['slope'] < 0 else 'grows'} as runs lengthen"
+        else:
+            way = "the interval includes zero: these runs do not yet tell which way the lag moves"
+        lines += [f"Trend with run length (default preset, switch 62.5%; {lengths} tokens): lag per "
+                  f"Lighthouse iteration changes by {lin['slope']:+.3f} per e-fold of tokens, 95% "
+                  f"[{lin['slope_lower']:+.3f}, {lin['slope_upper']:+.3f}]: {way}. "
+                  f"At the paper's 50B tokens, {trend['extrapolation_factor']:.0f}x "
+                  f"beyond the longest run and with a 25x larger model, a line in ln(tokens) gives "
+                  f"{lin['at']:+.2f} [{lin['lower']:+.2f}, {lin['upper']:+.2f}] (95%; a line has no floor, "
+                  "so this form must cross zero somewhere)"
+                  + (f"; a power law (exponent {pw['exponent']:+.2f} ± {pw['exponent_se']:.2f}) gives "
+                     f"{pw['at']:.3f} [{pw['lower']:.3f}, {pw['upper']:.3f}]" if pw else
+                     "; no power law (a point is not positive)")
+                  + ". Neither is a forecast of the lag at the paper's scale.", ""]
     return "\n".join(lines)
 
 

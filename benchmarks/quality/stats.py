@@ -1,7 +1,7 @@
 """The study's arithmetic, free of I/O: verdicts, the lag, the end slope, time to dense quality.
 
 Every function here is checked on the CPU against a hand-computed case or a synthetic curve with
-a known answer (tests/test_quality_stats.py).
+a known answer (tests/test_quality_study.py).
 """
 
 from __future__ import annotations

@@ -36,6 +36,10 @@ def extractor(fn):
     return fn
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed{'' if n == 1 else 's'}"
+
+
 def _fewer(n: int, most: int) -> str:
     return "" if n >= most else f" (fewer seeds: {n} of {most})"
 
@@ -217,7 +221,7 @@ def quality_verdict(results, metric: Literal[tuple(UNITS)], switch: float = 0.62
                 "" if v["lower"] is None else f", one-sided 95% bounds [{v['lower']:+.3f}, {v['upper']:+.3f}]"
             )
             text = (
-                f"{v['verdict']}: {v['mean']:+.3f} {UNITS[metric]}{bounds}; {v['n']} seeds"
+                f"{v['verdict']}: {v['mean']:+.3f} {UNITS[metric]}{bounds}; {_seeds(v['n'])}"
                 f"{_fewer(v['n'], most)}; {batch}{'' if recipe == 'paper' else ' recipe ' + recipe} "
                 f"({a['tokens']:,} training tokens per run), switch "
                 f"{a['switch_frac']:.1%} (it. {a['switch']})"
@@ -229,7 +233,7 @@ def quality_verdict(results, metric: Literal[tuple(UNITS)], switch: float = 0.62
 def _ttq_text(t: dict, most: int, batch: str, step: dict) -> str:
     spread = "" if t["lower"] is None else f" [{t['lower']:.2f}, {t['upper']:.2f}] (95% interval)"
     return (
-        f"{t['mean']:.2f}x{spread} at switch {t['switch_frac']:.1%} ({t['lag_from']}); {t['n']} seeds"
+        f"{t['mean']:.2f}x{spread} at switch {t['switch_frac']:.1%} ({t['lag_from']}); {_seeds(t['n'])}"
         f"{_fewer(t['n'], most)}; {batch}; a Lighthouse step {step['ratio']:.3f} of a dense one "
         f"({step['file']}, {step['card']})"
     )
@@ -288,7 +292,7 @@ def v1_protocol(
         rule = f", threshold {v['threshold']:.3f}" if judged and v["n"] >= 2 else ""
         word = f"{v['verdict']}: " if judged else ""
         text = (
-            f"{word}recovered - dense {g['mean']:+.3f}{spread}{rule}; {v['n']} seeds; spike "
+            f"{word}recovered - dense {g['mean']:+.3f}{spread}{rule}; {_seeds(v['n'])}; spike "
             f"{p['spike']['mean']:+.2f}; {describe_v1(r)}"
         )
         value = v["verdict"] if judged and v["verdict"] != "cannot tell" else None
@@ -326,7 +330,8 @@ def v1_leak(results) -> list[Measured]:
         text = (
             f"loss change before t: Lighthouse-trained {lt['mean']:+.2e} +- {lt['se']:.1e} (se), dense-"
             f"trained {dt['mean']:+.2e} +- {dt['se']:.1e}, both with Lighthouse attention; dense attention "
-            f"{'exactly 0 (check ok)' if zero else 'NOT 0 (check failed)'}; {lt['n']} seeds; {describe_v1(r)}"
+            f"{'exactly 0 (check ok)' if zero else 'NOT 0 (check failed)'}; {_seeds(lt['n'])}; "
+            f"{describe_v1(r)}"
         )
         if rerun:
             text += f"; probes rerun with the leak probe on the study's checkpoints ([manifest]({rerun[1]}))"
@@ -352,7 +357,7 @@ def v1_passkey(results) -> list[Measured]:
         word = retrieval_word(v["verdict"], a["informative"])
         text = (
             f"{word}: token accuracy recovered {a['recovered']['mean']:.2f} vs dense "
-            f"{a['dense']['mean']:.2f} (chance {CHANCE}); {v['n']} seeds; passkey documents "
+            f"{a['dense']['mean']:.2f} (chance {CHANCE}); {_seeds(v['n'])}; passkey documents "
             f"{100 * r.meta['data']['passkey']['fraction_of_bytes']:.1f}% of training bytes; {describe_v1(r)}"
         )
         out.append(Measured(v["verdict"] if word == v["verdict"] != "cannot tell" else None, text, r))
