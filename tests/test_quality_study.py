@@ -122,6 +122,12 @@ def test_scale_trend_recovers_a_known_power_law_and_a_known_line():
         r["lag_per_lh_iter"] += e
     trend = scale_trend(noisy)
     assert trend["linear"]["slope_lower"] < 0 < trend["linear"]["slope_upper"]
+    from scipy.stats import linregress
+    from scipy.stats import t as student_t
+
+    ref = linregress([math.log(r["tokens"]) for r in noisy], [r["lag_per_lh_iter"] for r in noisy])
+    half = student_t.ppf(0.975, len(noisy) - 2) * ref.stderr
+    assert trend["linear"]["slope_upper"] == pytest.approx(ref.slope + half)
     assert trend["power_law"] is None
     text = markdown(_summary_with(trend))
     assert "do not yet tell which way" in text and "no power law" in text
