@@ -31,6 +31,11 @@ def command() -> str:
     return " ".join(["python", "-m", module, *sys.argv[1:]])
 
 
+def seeds_text(n: int) -> str:
+    """'1 seed', '3 seeds'."""
+    return f"{n} seed{'' if n == 1 else 's'}"
+
+
 def nvidia_smi_name() -> str | None:
     """The GPU's name as nvidia-smi gives it (no CUDA context in this process), None without one."""
     line = nvidia_smi()

@@ -39,7 +39,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from .._common import UsageError, main, usage_errors_as_exit_2, write_json
+from .._common import UsageError, main, seeds_text, usage_errors_as_exit_2, write_json
 from . import stats
 
 HERE = Path(__file__).resolve().parent
@@ -284,7 +284,7 @@ def markdown(summary: dict) -> str:
     if trend:
         lin, pw = trend["linear"], trend["power_law"]
         per_length = zip(trend["run_lengths_tokens"], trend["seeds_per_length"], strict=True)
-        lengths = ", ".join(f"{t / 1e6:.0f}M ({n} seed{'s' if n > 1 else ''})" for t, n in per_length)
+        lengths = ", ".join(f"{t / 1e6:.0f}M ({seeds_text(n)})" for t, n in per_length)
         if lin["slope_upper"] < 0 or lin["slope_lower"] > 0:
             way = f"the lag per iteration {'shrinks' if lin['slope'] < 0 else 'grows'} as runs lengthen"
         else:

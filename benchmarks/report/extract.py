@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from .._common import format_length, parse_length
+from .._common import format_length, parse_length, seeds_text
 from ..quality.stats import summary as stats
 from ..retrieval.needle import CHANCE
 from .results import Result
@@ -34,10 +34,6 @@ def extractor(fn):
     """Registers `fn` under its name: claims.yaml's `measure` names it."""
     EXTRACTORS[fn.__name__] = fn
     return fn
-
-
-def _seeds(n: int) -> str:
-    return f"{n} seed{'' if n == 1 else 's'}"
 
 
 def _fewer(n: int, most: int) -> str:
@@ -221,7 +217,7 @@ def quality_verdict(results, metric: Literal[tuple(UNITS)], switch: float = 0.62
                 "" if v["lower"] is None else f", one-sided 95% bounds [{v['lower']:+.3f}, {v['upper']:+.3f}]"
             )
             text = (
-                f"{v['verdict']}: {v['mean']:+.3f} {UNITS[metric]}{bounds}; {_seeds(v['n'])}"
+                f"{v['verdict']}: {v['mean']:+.3f} {UNITS[metric]}{bounds}; {seeds_text(v['n'])}"
                 f"{_fewer(v['n'], most)}; {batch}{'' if recipe == 'paper' else ' recipe ' + recipe} "
                 f"({a['tokens']:,} training tokens per run), switch "
                 f"{a['switch_frac']:.1%} (it. {a['switch']})"
@@ -233,7 +229,7 @@ def quality_verdict(results, metric: Literal[tuple(UNITS)], switch: float = 0.62
 def _ttq_text(t: dict, most: int, batch: str, step: dict) -> str:
     spread = "" if t["lower"] is None else f" [{t['lower']:.2f}, {t['upper']:.2f}] (95% interval)"
     return (
-        f"{t['mean']:.2f}x{spread} at switch {t['switch_frac']:.1%} ({t['lag_from']}); {_seeds(t['n'])}"
+        f"{t['mean']:.2f}x{spread} at switch {t['switch_frac']:.1%} ({t['lag_from']}); {seeds_text(t['n'])}"
         f"{_fewer(t['n'], most)}; {batch}; a Lighthouse step {step['ratio']:.3f} of a dense one "
         f"({step['file']}, {step['card']})"
     )
@@ -292,7 +288,7 @@ def v1_protocol(
         rule = f", threshold {v['threshold']:.3f}" if judged and v["n"] >= 2 else ""
         word = f"{v['verdict']}: " if judged else ""
         text = (
-            f"{word}recovered - dense {g['mean']:+.3f}{spread}{rule}; {_seeds(v['n'])}; spike "
+            f"{word}recovered - dense {g['mean']:+.3f}{spread}{rule}; {seeds_text(v['n'])}; spike "
             f"{p['spike']['mean']:+.2f}; {describe_v1(r)}"
         )
         value = v["verdict"] if judged and v["verdict"] != "cannot tell" else None
@@ -330,7 +326,7 @@ def v1_leak(results) -> list[Measured]:
         text = (
             f"loss change before t: Lighthouse-trained {lt['mean']:+.2e} +- {lt['se']:.1e} (se), dense-"
             f"trained {dt['mean']:+.2e} +- {dt['se']:.1e}, both with Lighthouse attention; dense attention "
-            f"{'exactly 0 (check ok)' if zero else 'NOT 0 (check failed)'}; {_seeds(lt['n'])}; "
+            f"{'exactly 0 (check ok)' if zero else 'NOT 0 (check failed)'}; {seeds_text(lt['n'])}; "
             f"{describe_v1(r)}"
         )
         if rerun:
@@ -357,7 +353,7 @@ def v1_passkey(results) -> list[Measured]:
         word = retrieval_word(v["verdict"], a["informative"])
         text = (
             f"{word}: token accuracy recovered {a['recovered']['mean']:.2f} vs dense "
-            f"{a['dense']['mean']:.2f} (chance {CHANCE}); {_seeds(v['n'])}; passkey documents "
+            f"{a['dense']['mean']:.2f} (chance {CHANCE}); {seeds_text(v['n'])}; passkey documents "
             f"{100 * r.meta['data']['passkey']['fraction_of_bytes']:.1f}% of training bytes; {describe_v1(r)}"
         )
         out.append(Measured(v["verdict"] if word == v["verdict"] != "cannot tell" else None, text, r))
