@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from benchmarks._common import UsageError
 from benchmarks.quality import stats
@@ -92,6 +93,31 @@ def test_time_to_quality_hand_computed():
     assert stats.time_to_quality(0.75, 0.676, 0.324) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         stats.time_to_quality(1.0, 0.2, 0.3)
+
+
+def test_time_to_quality_interval_carries_the_lags_interval_through_the_formula():
+    """The ends come from the mean lag's two-sided t interval (scipy's), mapped through the formula:
+    the ratio falls as the lag grows, so the lag's upper end gives the lower end. Where the lag's
+    lower end would make stage 2 free, the upper end is unbounded, never negative."""
+    f, r = 0.625, 0.324
+    lags = [0.20, 0.36, 0.51]
+    got = stats.time_to_quality_interval(f, lags, r)
+    lo, hi = scipy.stats.t.interval(0.95, len(lags) - 1, loc=np.mean(lags), scale=scipy.stats.sem(lags))
+
+    def formula(lam):
+        return 1 / (1 - f * (1 - r - lam))
+
+    assert got["value"] == pytest.approx(formula(np.mean(lags)))
+    assert got["lower"] == pytest.approx(formula(hi)) and got["upper"] == pytest.approx(formula(lo))
+    assert got["lower"] < got["value"] < got["upper"] and got["n"] == 3
+    assert got["values"] == pytest.approx([formula(x) for x in lags])
+    # Two seeds far apart: the t interval (1 degree of freedom) reaches a lag below -(1 - f (1 - r)) / f.
+    wide = stats.time_to_quality_interval(f, [0.06, 0.31], r)
+    assert wide["upper"] == math.inf and 0 < wide["lower"] < wide["value"]
+    one = stats.time_to_quality_interval(f, [0.2], r)
+    assert one["lower"] is None and one["upper"] is None and one["value"] == pytest.approx(formula(0.2))
+    with pytest.raises(ValueError, match="at least one seed"):
+        stats.time_to_quality_interval(f, [], r)
 
 
 def _trend_rows(value, seeds=(1, 2)):
@@ -379,7 +405,6 @@ def test_runs_of_two_batches_aggregate_apart_and_recover_the_known_lag(tmp_path)
     assert agg["synthetic-1280"]["lag_per_lh_iter"]["n"] == 2
     ratio = summary["step_ratio"]["ratio"]
     ttq = {t["switch_frac"]: t for t in summary["time_to_quality"]["synthetic-2560"]}
-    expected = np.mean([stats.time_to_quality(0.625, x, ratio) for x in per_seed])
-    assert ttq[0.625]["mean"] == pytest.approx(expected)
+    assert ttq[0.625]["value"] == pytest.approx(stats.time_to_quality(0.625, np.mean(per_seed), ratio))
     assert ttq[0.75]["lag_from"].startswith("assumed")
     assert rows[("synthetic-2560", 1)]["spike"] == 1.0

@@ -166,3 +166,27 @@ def time_to_quality(switch_frac: float, lag_per_lighthouse_iter: float, step_rat
     if denominator <= 0:
         raise ValueError("the two-stage run takes no time under these numbers: check the inputs")
     return 1 / denominator
+
+
+def time_to_quality_interval(switch_frac: float, lags: Sequence[float], step_ratio: float,
+                             confidence: float = 0.95) -> dict:
+    """time_to_quality at the seeds' mean lag, with the mean lag's two-sided Student-t interval
+    carried through the formula. The ratio falls monotonically in the lag, so the lag's upper end
+    gives the lower end and its lower end the upper one (math.inf where that lag would make the
+    two-stage run cost nothing). A t interval on the per-seed ratios instead would be symmetric and,
+    with few seeds, could reach below zero, which no wall-clock ratio can."""
+    lag = interval(lags, confidence)
+    if not lag["n"]:
+        raise ValueError("time to quality needs at least one seed's lag")
+
+    def ratio(x: float) -> float:
+        try:
+            return time_to_quality(switch_frac, x, step_ratio)
+        except ValueError:  # the lag is so negative that stage 2 would take no time: no upper end
+            return math.inf
+
+    out = {"n": lag["n"], "value": ratio(lag["mean"]), "lower": None, "upper": None, "lag": lag,
+           "values": [ratio(x) for x in lag["values"]]}
+    if lag["lower"] is not None:
+        out["lower"], out["upper"] = ratio(lag["upper"]), ratio(lag["lower"])
+    return out

@@ -229,7 +229,7 @@ def quality_verdict(results, metric: Literal[tuple(UNITS)], switch: float = 0.62
 def _ttq_text(t: dict, most: int, batch: str, step: dict) -> str:
     spread = "" if t["lower"] is None else f" [{t['lower']:.2f}, {t['upper']:.2f}] (95% interval)"
     return (
-        f"{t['mean']:.2f}x{spread} at switch {t['switch_frac']:.1%} ({t['lag_from']}); {seeds_text(t['n'])}"
+        f"{t['value']:.2f}x{spread} at switch {t['switch_frac']:.1%} ({t['lag_from']}); {seeds_text(t['n'])}"
         f"{_fewer(t['n'], most)}; {batch}; a Lighthouse step {step['ratio']:.3f} of a dense one "
         f"({step['file']}, {step['card']})"
     )
@@ -247,7 +247,7 @@ def time_to_quality(results, switch: float = 0.625) -> list[Measured]:
             most = max(t["n"] for t in ttq)
             chosen = [_at_switch(ttq, switch)]
             measured = [t for t in ttq if t["lag_from"].startswith("measured")]
-            best = max(measured, key=lambda t: t["mean"], default=chosen[0])
+            best = max(measured, key=lambda t: t["value"], default=chosen[0])
             chosen += [best] if best is not chosen[0] else []
             out += [
                 Measured(Interval(t["lower"], t["upper"]), _ttq_text(t, most, batch, step), r) for t in chosen
