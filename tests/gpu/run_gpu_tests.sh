@@ -76,15 +76,17 @@ stream() {  # stream NAME GPUS PYTEST-ARGS...
 
 MLM=tests/test_megatron_lm_gpu.py
 CKPT=tests/test_checkpoint_gpu.py
-stream unit 0 tests/test_ops.py tests/test_reference.py tests/test_backends.py tests/test_megatron_gpu.py \
-    tests/test_bench_layer.py tests/test_training_gpu.py
+stream unit 0 tests/test_ops.py tests/test_compile.py tests/test_reference.py tests/test_backends.py \
+    tests/test_megatron_gpu.py tests/test_bench_layer.py tests/test_training_gpu.py
 stream bench 1 tests/test_bench_e2e.py tests/test_bench_failure_modes.py tests/test_bench_probes.py \
     tests/test_demo.py
 stream cp 0,1 tests/test_parallel_gpu.py
 stream mlm-cp19 0,1 $MLM -k "context_parallel and core_v0.19.0"
 stream mlm-cp16 1,0 $MLM -k "context_parallel and not core_v0.19.0"
 stream mlm19 1 $MLM -k "not context_parallel and core_v0.19.0"
-stream mlm16 0 $MLM -k "not context_parallel and not core_v0.19.0"
+stream mlm16 0 $MLM -k "two_stages and not context_parallel and not core_v0.19.0"
+stream recipes 1 $MLM -k "recipe_variants or production_recipe"
+stream features 0 tests/test_megatron_lm_features.py
 stream ckpt16-local 0 $CKPT -k "core_v0.16.1 and local"
 stream ckpt16-te 1 $CKPT -k "core_v0.16.1 and not local"
 stream ckpt19-local 0 $CKPT -k "not core_v0.16.1 and local"
