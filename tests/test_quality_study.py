@@ -118,6 +118,8 @@ def test_time_to_quality_interval_carries_the_lags_interval_through_the_formula(
     assert one["lower"] is None and one["upper"] is None and one["value"] == pytest.approx(formula(0.2))
     with pytest.raises(ValueError, match="at least one seed"):
         stats.time_to_quality_interval(f, [], r)
+    with pytest.raises(ValueError, match="switch fraction"):  # a bad input is not an unbounded end
+        stats.time_to_quality_interval(1.0, lags, r)
 
 
 def _trend_rows(value, seeds=(1, 2)):
@@ -148,11 +150,9 @@ def test_scale_trend_recovers_a_known_power_law_and_a_known_line():
         r["lag_per_lh_iter"] += e
     trend = scale_trend(noisy)
     assert trend["linear"]["slope_lower"] < 0 < trend["linear"]["slope_upper"]
-    from scipy.stats import linregress
-    from scipy.stats import t as student_t
-
-    ref = linregress([math.log(r["tokens"]) for r in noisy], [r["lag_per_lh_iter"] for r in noisy])
-    half = student_t.ppf(0.975, len(noisy) - 2) * ref.stderr
+    ref = scipy.stats.linregress([math.log(r["tokens"]) for r in noisy],
+                                 [r["lag_per_lh_iter"] for r in noisy])
+    half = scipy.stats.t.ppf(0.975, len(noisy) - 2) * ref.stderr
     assert trend["linear"]["slope_upper"] == pytest.approx(ref.slope + half)
     assert trend["power_law"] is None
     text = markdown(_summary_with(trend))
