@@ -125,8 +125,8 @@ def _seed_row(batch: str, seed: int, switch_frac: float, gap: float, lag: float)
             "tokens": iters * 32_768,
             "seed": seed, "switch": round(switch_frac * iters), "switch_frac": switch_frac, "train_gap": gap,
             "heldout_gap": gap + 0.01, "lag_per_lh_iter": lag, "lag_interp": lag * switch_frac * iters,
-            "lag_fit": None, "spike": 0.5, "stage1_gap_lighthouse": -0.1, "stage1_gap_dense": 1.0,
-            "end_slope": -0.2}
+            "lag": lag * switch_frac * iters, "lag_from_fit": False, "lag_fit": None, "spike": 0.5,
+            "stage1_gap_lighthouse": -0.1, "stage1_gap_dense": 1.0, "end_slope": -0.2}
 
 
 def _summary(rows: list[dict], ratio: float) -> dict:
@@ -147,6 +147,7 @@ def test_quality_rows_are_recomputed_from_the_summary(root):
     gaps_default, lags_default = [0.10, 0.12, 0.11, 0.13], [0.60, 0.62, 0.61, 0.63]
     rows = [_seed_row("default-2560", s + 1, 0.625, g, lag)
             for s, (g, lag) in enumerate(zip(gaps_default, lags_default, strict=True))]
+    rows += [_seed_row("default-2560", s + 1, 0.75, 0.2, 0.3) for s in range(4)]
     rows += [_seed_row("wide-2560", s + 1, 0.625, g, 0.01) for s, g in enumerate([0.005, -0.004])]
     summary = _summary(rows, ratio=0.324)
     (root / "quality" / "results").mkdir(parents=True)
@@ -170,6 +171,9 @@ def test_quality_rows_are_recomputed_from_the_summary(root):
     value, lower, upper = (1 / (1 - 0.625 * (1 - 0.324 - x)) for x in (mean, lag_hi, lag_lo))
     ttq = next(r for r in _row(claims, "Time to dense quality") if "default-2560" in r)
     assert f"{value:.2f}x [{lower:.2f}, {upper:.2f}]" in ttq and upper < 1.40
+    # Every measured switch has its row (here 75% too, where the four seeds agree: no interval).
+    at75 = [r for r in _row(claims, "Time to dense quality") if "default-2560" in r and "switch 75.0%" in r]
+    assert len(at75) == 1 and f"{1 / (1 - 0.75 * (1 - 0.324 - 0.3)):.2f}x" in at75[0]
     assert any("Time to dense quality" in line and "default-2560" in line for line in gaps.splitlines())
     # The quality section quotes the analysis's own tables, from the same JSON.
     assert analyze.markdown(summary).splitlines()[4] in (root / "REPORT.md").read_text()

@@ -408,3 +408,69 @@ def test_runs_of_two_batches_aggregate_apart_and_recover_the_known_lag(tmp_path)
     assert ttq[0.625]["value"] == pytest.approx(stats.time_to_quality(0.625, np.mean(per_seed), ratio))
     assert ttq[0.75]["lag_from"].startswith("assumed")
     assert rows[("synthetic-2560", 1)]["spike"] == 1.0
+
+
+def test_a_recovered_run_below_the_control_takes_its_lag_from_the_fit_and_says_so(tmp_path):
+    """A seed whose recovered run ends below every loss its control reached has no interpolated lag;
+    its (negative) lag comes from the control's fitted curve, and the table says how many did."""
+    from benchmarks.quality.analyze import markdown
+
+    _write_runs(tmp_path / "runs", 2560, 1600, {1: 0.20, 2: -0.10})
+    summary = _analyze(tmp_path / "runs", tmp_path / "out")
+    rows = {r["seed"]: r for r in summary["rows"]}
+    assert rows[1]["lag_interp"] is not None and not rows[1]["lag_from_fit"]
+    assert rows[2]["lag_interp"] is None and rows[2]["lag_from_fit"]
+    assert rows[2]["lag"] == rows[2]["lag_fit"] == pytest.approx(-0.10 * 1600, abs=2)
+    (agg,) = summary["aggregates"]
+    assert agg["lag_from_fit"] == 1
+    assert agg["lag"]["mean"] == pytest.approx((rows[1]["lag_interp"] + rows[2]["lag_fit"]) / 2)
+    line = next(x for x in markdown(summary).splitlines() if x.startswith("| synthetic-2560"))
+    assert "(1 of 2 from the fit)" in line
+
+
+def test_a_batch_that_mixes_runs_with_and_without_te_is_refused(tmp_path):
+    """The trainer builds TE layers wherever TE is installed: a batch half with, half without, pairs
+    different models, and the analysis refuses it rather than averaging across them."""
+    from benchmarks.quality.analyze import load_runs
+
+    _write_runs(tmp_path, 2560, 1600, {1: 0.2, 2: 0.2})
+    assert len(load_runs(tmp_path)) == 6
+    path = tmp_path / "synthetic-2560" / "seed2_dense.json"
+    run = json.loads(path.read_text())
+    path.write_text(json.dumps({**run, "versions": {"transformer_engine": "2.20.2"}}))
+    with pytest.raises(UsageError, match="batch synthetic-2560 mixes runs with and without Transformer"):
+        load_runs(tmp_path)
+
+
+def test_budget_gives_a_running_scheduler_a_new_deadline_and_speed(tmp_path):
+    """A time budget set too short at `start` is corrected while the jobs run: the scheduler reads
+    `budget`'s deadline and speed before it next starts or skips a job."""
+    import time
+
+    from benchmarks._common import main
+    from benchmarks.quality import run as R
+
+    job = R.Job("b/seed1/dense", "dense", 1, {}, iters=100)
+    plan = {"sec_per_iter": 1.0}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    sched = R.Scheduler(tmp_path, plan, [job], 1, deadline=time.time() + 60)
+    assert "would not finish within the time budget" in sched.blocked(job)  # 100 s + 30 > 60 s
+
+    def budget(*extra: str) -> int:
+        return main(R.add_parser, "benchmarks.quality.run", ["budget", "--work", str(tmp_path), *extra])
+
+    assert budget("--time-budget", "600") == 2  # no scheduler runs in tmp_path
+    # A stand-in for the running scheduler: a live process whose command line names the module.
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "benchmarks.quality.run"])
+    try:
+        (tmp_path / "serve.pid").write_text(str(proc.pid))
+        assert budget("--time-budget", "600") == 0
+        assert sched.blocked(job) is None
+        assert budget("--time-budget", "600", "--sec-per-iter", "10") == 0
+        assert "~1030 s" in sched.blocked(job)
+        assert budget("--time-budget", "2000") == 0  # the speed estimate is kept
+        assert sched.blocked(job) is None and R.read_budget(tmp_path, None, 1.0)[1] == 10
+        assert budget("--time-budget", "-5") == 2
+    finally:
+        proc.kill()
+        proc.wait()

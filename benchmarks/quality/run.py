@@ -4,6 +4,7 @@
                                            [--switches 62.5,75] [--jobs 6] [--time-budget S]
     python -m benchmarks.quality.run status --work DIR        # poll: one line per run
     python -m benchmarks.quality.run stop --work DIR
+    python -m benchmarks.quality.run budget --work DIR --time-budget S [--sec-per-iter X]
 
 `start` copies the project into DIR/src (a later sync of the working tree cannot touch what runs),
 writes DIR/plan.json and starts a scheduler in a new process session (it outlives the shell that
@@ -25,7 +26,9 @@ shares the seed's dense control.
 Each finished job becomes one JSON, DIR/runs/<preset>-<iters>/seed<N>_<arm>.json (settings, command,
 device, versions, corpus digest, every logged loss), the unit that `analyze.py` aggregates; copy
 them to benchmarks/quality/runs/ to commit them. Running `start` again on the same DIR (same plan)
-runs only the jobs without a JSON, so a cut lease loses only the jobs that were running.
+runs only the jobs without a JSON, so a cut lease loses only the jobs that were running. `budget`
+replaces a running scheduler's time budget (S seconds from now) and speed estimate, which it reads
+before it next starts or skips a job; its running jobs go on.
 Every run reads each training token at most once (`--allow-repeat` to override, recorded).
 """
 
@@ -49,6 +52,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 EVALS_PER_RUN = 40
 HELDOUT_SEQUENCES = 32
+BUDGET = "budget.json"  # `budget`'s deadline and speed estimate, read by the running scheduler
 
 OPTIMIZER = dict(adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.1, clip_grad=1.0)
 
@@ -272,6 +276,16 @@ def run_record(job: Job, plan: dict, command: list[str], started: float, seconds
 # -------------------------------------------------------------------------- the scheduler
 
 
+def read_budget(work: Path, deadline: float | None, sec_per_iter: float) -> tuple[float | None, float]:
+    """The deadline and seconds per iteration of the scheduler in `work`: `budget`'s latest, else
+    the given ones (those of the start)."""
+    try:
+        b = json.loads((work / BUDGET).read_text())
+        return float(b["deadline"]), float(b["sec_per_iter"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return deadline, sec_per_iter
+
+
 class Scheduler:
     """Runs the plan's jobs, `parallel` at once, dependencies first; writes status.json."""
 
@@ -317,8 +331,9 @@ class Scheduler:
         dead = [d for d in job.deps if self.by[d].status in ("failed", "skipped")]
         if dead:
             return f"{dead[0]} {self.by[dead[0]].status}"
-        need = job.iters * self.plan["sec_per_iter"] + 30
-        if self.deadline is not None and time.time() + need > self.deadline:
+        deadline, sec_per_iter = read_budget(self.work, self.deadline, self.plan["sec_per_iter"])
+        need = job.iters * sec_per_iter + 30
+        if deadline is not None and time.time() + need > deadline:
             return f"would not finish within the time budget (~{need:.0f} s)"
         return None
 
@@ -387,6 +402,7 @@ def start(args) -> int:
                "data": str(Path(args.data).resolve()) if args.data else str(work / "data"),
                "command": " ".join(["python", "-m", "benchmarks.quality.run", *sys.argv[1:]])}
     work.mkdir(parents=True, exist_ok=True)
+    (work / BUDGET).unlink(missing_ok=True)  # an earlier scheduler's
     write_json(work / "request.json", request)
     copy_project(work / "src")
     path = os.pathsep.join(x for x in (str(work / "src"), os.environ.get("PYTHONPATH")) if x)
@@ -502,6 +518,22 @@ def stop(args) -> int:
     return 0
 
 
+def budget(args) -> int:
+    """Give the running scheduler a new time budget (from now) and speed estimate."""
+    work = Path(args.work).resolve()
+    pid = _serving(work)
+    if not pid:
+        raise UsageError(f"--work {work}: no scheduler is running")
+    if args.time_budget <= 0 or (args.sec_per_iter is not None and args.sec_per_iter <= 0):
+        raise UsageError("--time-budget and --sec-per-iter must be positive numbers of seconds")
+    _, sec = read_budget(work, None, json.loads((work / "plan.json").read_text())["sec_per_iter"])
+    sec = args.sec_per_iter or sec
+    write_json(work / BUDGET, {"deadline": time.time() + args.time_budget, "sec_per_iter": sec})
+    print(f"the scheduler (pid {pid}) now skips jobs that would end more than {args.time_budget:.0f} s "
+          f"from now at {sec} s per iteration")
+    return 0
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cmds = p.add_subparsers(dest="command", required=True)
@@ -530,6 +562,12 @@ def add_parser(sub) -> None:
         c = cmds.add_parser(name)
         c.add_argument("--work", required=True)
         c.set_defaults(func=usage_errors_as_exit_2(fn))
+    b = cmds.add_parser("budget", help="a running scheduler's new time budget; its jobs go on")
+    b.add_argument("--work", required=True)
+    b.add_argument("--time-budget", type=float, required=True, metavar="S",
+                   help="skip jobs that would end more than S seconds from now")
+    b.add_argument("--sec-per-iter", type=float, default=None, help="the new speed estimate (default: kept)")
+    b.set_defaults(func=usage_errors_as_exit_2(budget))
 
 
 if __name__ == "__main__":

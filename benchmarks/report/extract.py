@@ -236,22 +236,17 @@ def _ttq_text(t: dict, most: int, batch: str, step: dict) -> str:
 
 
 @extractor
-def time_to_quality(results, switch: float = 0.625) -> list[Measured]:
-    """Dense / two-stage wall-clock to the dense control's final loss, per batch: at the switch
-    closest to `switch` and at the measured switch with the best mean (when another). The value
-    is the interval: a verdict only where all of it lies on one side of the target."""
+def time_to_quality(results) -> list[Measured]:
+    """Dense / two-stage wall-clock to the dense control's final loss, per batch, at every switch
+    that was measured (not the assumed ones). The value is the interval: a verdict only where all
+    of it lies on one side of the target."""
     out = []
     for r in results.get("quality", []):
         step = r.data["step_ratio"]
         for batch, ttq in sorted(r.data["time_to_quality"].items()):
             most = max(t["n"] for t in ttq)
-            chosen = [_at_switch(ttq, switch)]
-            measured = [t for t in ttq if t["lag_from"].startswith("measured")]
-            best = max(measured, key=lambda t: t["value"], default=chosen[0])
-            chosen += [best] if best is not chosen[0] else []
-            out += [
-                Measured(Interval(t["lower"], t["upper"]), _ttq_text(t, most, batch, step), r) for t in chosen
-            ]
+            out += [Measured(Interval(t["lower"], t["upper"]), _ttq_text(t, most, batch, step), r)
+                    for t in ttq if t["lag_from"].startswith("measured")]
     return out
 
 
