@@ -474,3 +474,30 @@ def test_budget_gives_a_running_scheduler_a_new_deadline_and_speed(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_best_switch_by_the_paired_share_of_time_saved():
+    """Per seed the share saved is f (1 - r - λ_f); the leader has the largest mean, decided only
+    where the paired difference's two-sided 95% t interval (scipy's) lies above 0."""
+    from benchmarks.quality.analyze import best_switch
+
+    r = 0.324
+    lams = {0.625: [0.15, 0.16, 0.14], 0.75: [0.28, 0.30, 0.27]}
+    rows = [{"batch": "b", "recipe": "paper", "seed": s + 1, "switch_frac": f, "lag_per_lh_iter": lam}
+            for f, ls in lams.items() for s, lam in enumerate(ls)]
+    got = best_switch(rows, "b", r)
+    share = {f: [f * (1 - r - lam) for lam in ls] for f, ls in lams.items()}
+    d = np.subtract(share[0.625], share[0.75])
+    lo, hi = scipy.stats.t.interval(0.95, 2, loc=d.mean(), scale=scipy.stats.sem(d))
+    assert got["switch_frac"] == 0.625 and got["seeds"] == [1, 2, 3]
+    assert got["share"] == pytest.approx(np.mean(share[0.625]))
+    (vs,) = got["against"]
+    assert vs["switch_frac"] == 0.75 and vs["share"] == pytest.approx(np.mean(share[0.75]))
+    assert (vs["mean"], vs["lower"], vs["upper"]) == pytest.approx((d.mean(), lo, hi))
+    assert lo > 0 and got["decided"] is True
+    # Seeds that disagree on the order leave it undecided; a seed missing one switch is left out.
+    seed4 = [{**rows[0], "seed": 4, "lag_per_lh_iter": 0.9}, {**rows[3], "seed": 4, "lag_per_lh_iter": -0.5}]
+    noisy = rows + seed4 + [{**rows[0], "seed": 5}]
+    undecided = best_switch(noisy, "b", r)
+    assert undecided["seeds"] == [1, 2, 3, 4] and undecided["decided"] is False
+    assert best_switch([x for x in rows if x["switch_frac"] == 0.75], "b", r) is None  # one switch
