@@ -191,6 +191,10 @@ def test_every_claim_resolves_to_an_extractor():
     # One paper range per figure: the final loss is quoted with one text wherever it appears.
     quoted = {c.paper for t in claims.tables for c in t.claims if "0.724" in c.paper}
     assert len(quoted) == 1
+    # ... and the algorithm's page quotes the same range.
+    (text,) = quoted
+    low_high = text.split(" vs ")[0]
+    assert f"{low_high} against 0.724" in (BENCHMARKS.parent / "docs" / "algorithm.md").read_text()
 
 
 def test_the_earlier_protocol_is_labelled_as_its_files_say():
