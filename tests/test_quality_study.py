@@ -452,7 +452,7 @@ def test_budget_gives_a_running_scheduler_a_new_deadline_and_speed(tmp_path):
 
     job = R.Job("b/seed1/dense", "dense", 1, {}, iters=100)
     plan = {"sec_per_iter": 1.0}
-    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    (tmp_path / "request.json").write_text(json.dumps(plan))
     sched = R.Scheduler(tmp_path, plan, [job], 1, deadline=time.time() + 60)
     assert "would not finish within the time budget" in sched.blocked(job)  # 100 s + 30 > 60 s
 

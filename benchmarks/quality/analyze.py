@@ -284,7 +284,7 @@ def _bounds(v: dict, spec: str = "+.3f") -> str:
 def _from_fit(a: dict) -> str:
     """Which seeds' lag comes from the control's fitted curve (the recovered run ended below every
     loss the control reached, so interpolation has nothing to find)."""
-    k = a.get("lag_from_fit", 0)
+    k = a["lag_from_fit"]
     return f" ({k} of {len(a['seeds'])} from the fit)" if k else ""
 
 
@@ -395,25 +395,27 @@ def plot(rows: list[dict], runs: list[dict], out: Path) -> Path | None:
     return path
 
 
+def _key(batch: str, recipe: str) -> str:
+    """A (batch, recipe)'s name in the summary: the batch alone for the paper's recipe."""
+    return batch if recipe == "paper" else f"{batch} {recipe}"
+
+
 def analyze(args) -> int:
     runs = load_runs(Path(args.runs))
     rows = batch_rows(runs)
     if not rows:
         raise UsageError(f"--runs {args.runs}: no seed has its dense, Lighthouse and recovered runs yet")
     ratio = step_ratio(Path(args.e2e))
+    pairs = sorted({(r["batch"], r["recipe"]) for r in rows})
     summary = {
         "rule": stats.RULE.format(conf=stats.CONFIDENCE, tol=stats.TOLERANCE),
         "runs": len(runs), "cards": sorted({r["device"] for r in runs}),
         "commands": sorted({" ".join(r["command"][-3:]) for r in runs})[:3],
         "step_ratio": ratio, "rows": rows, "aggregates": aggregate(rows),
-        "time_to_quality": {(b if rc == "paper" else f"{b} {rc}"):
-                            time_to_quality(rows, b, ratio["ratio"], rc)
-                            for b, rc in sorted({(r["batch"], r["recipe"]) for r in rows})},
+        "time_to_quality": {_key(b, rc): time_to_quality(rows, b, ratio["ratio"], rc) for b, rc in pairs},
+        "best_switch": {_key(b, rc): best_switch(rows, b, ratio["ratio"], rc) for b, rc in pairs},
         "scale_trend": scale_trend(rows),
     }
-    summary["best_switch"] = {key: best_switch(rows, b, ratio["ratio"], rc)
-                              for key, (b, rc) in zip(summary["time_to_quality"], sorted(
-                                  {(r["batch"], r["recipe"]) for r in rows}), strict=True)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "summary.json", summary)

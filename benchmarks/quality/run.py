@@ -526,7 +526,7 @@ def budget(args) -> int:
         raise UsageError(f"--work {work}: no scheduler is running")
     if args.time_budget <= 0 or (args.sec_per_iter is not None and args.sec_per_iter <= 0):
         raise UsageError("--time-budget and --sec-per-iter must be positive numbers of seconds")
-    _, sec = read_budget(work, None, json.loads((work / "plan.json").read_text())["sec_per_iter"])
+    _, sec = read_budget(work, None, json.loads((work / "request.json").read_text())["sec_per_iter"])
     sec = args.sec_per_iter or sec
     write_json(work / BUDGET, {"deadline": time.time() + args.time_budget, "sec_per_iter": sec})
     print(f"the scheduler (pid {pid}) now skips jobs that would end more than {args.time_budget:.0f} s "
