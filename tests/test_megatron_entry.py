@@ -13,6 +13,7 @@ import sys
 import types
 
 import pytest
+import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
@@ -152,6 +153,7 @@ def test_core_016_generation(monkeypatch):
         state["args"].curr_iteration = 6
         seen["model"] = model_provider(True, True, vp_stage=None)
         seen["forward_step"] = forward_step_func
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # as pretrain leaves it
 
     training.pretrain = pretrain
     mlm = _mlm_script(seen)
@@ -180,8 +182,11 @@ def test_core_016_generation(monkeypatch):
         # Megatron-LM's forward step, wrapped for --lighthouse-eval-attention (validation only).
         assert seen["forward_step"].__wrapped__ is mlm.forward_step
         assert schedule.get_iteration() == 6  # the layers read Megatron-LM's curr_iteration
+        assert not dist.is_initialized()  # the entry point shut down the process group pretrain left
     finally:
         schedule.set_iteration(0)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 LH, DENSE = "LighthouseCoreAttention", "DenseCoreAttention"

@@ -196,6 +196,18 @@ def clean_exit() -> Iterator[None]:
         raise SystemExit(2) from None
 
 
+def shut_down_process_group() -> None:
+    """PyTorch's documented shutdown once every rank has finished: Megatron-LM's `pretrain()`
+    returns with its process group alive, which NCCL reports at exit as a leak and which gloo's
+    threads can turn into an abort at interpreter teardown (SIGABRT, "terminate called without an
+    active exception") after a run that did everything it was asked."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 DENSE_SUFFIX = " dense"  # Megatron-LM's "lm loss" of the same weights with dense attention: "lm loss dense"
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import sys
 
-from .launch import clean_exit, refuse_yaml_cfg, require_megatron_lm
+from .launch import clean_exit, refuse_yaml_cfg, require_megatron_lm, shut_down_process_group
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from . import core_v0_19 as generation
     generation.run(training, mlm, pretrain, store)
+    shut_down_process_group()
 
 
 if __name__ == "__main__":
