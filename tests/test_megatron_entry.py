@@ -13,7 +13,6 @@ import sys
 import types
 
 import pytest
-import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
@@ -153,7 +152,6 @@ def test_core_016_generation(monkeypatch):
         state["args"].curr_iteration = 6
         seen["model"] = model_provider(True, True, vp_stage=None)
         seen["forward_step"] = forward_step_func
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # as pretrain leaves it
 
     training.pretrain = pretrain
     mlm = _mlm_script(seen)
@@ -169,6 +167,8 @@ def test_core_016_generation(monkeypatch):
                                     pg_collection=pg_collection)
     _install(monkeypatch, training, arguments, mlm)
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt", *ARGV])
+    shut_down = []
+    monkeypatch.setattr(pretrain_gpt, "shut_down_process_group", lambda: shut_down.append("model" in seen))
     try:
         pretrain_gpt.main()
         spec = seen["model"]["spec"]
@@ -182,11 +182,9 @@ def test_core_016_generation(monkeypatch):
         # Megatron-LM's forward step, wrapped for --lighthouse-eval-attention (validation only).
         assert seen["forward_step"].__wrapped__ is mlm.forward_step
         assert schedule.get_iteration() == 6  # the layers read Megatron-LM's curr_iteration
-        assert not dist.is_initialized()  # the entry point shut down the process group pretrain left
+        assert shut_down == [True]  # after pretrain() returned
     finally:
         schedule.set_iteration(0)
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 LH, DENSE = "LighthouseCoreAttention", "DenseCoreAttention"
@@ -360,3 +358,16 @@ def test_patches_call_existing_adapter_functions():
         adapter = getattr(importlib.import_module(module.group(1)), module.group(2))
         names = re.findall(r"lighthouse\.(\w+)\(", text)
         assert names and all(callable(getattr(adapter, name)) for name in names), (patch.name, names)
+
+
+def test_shut_down_destroys_the_process_group_pretrain_leaves():
+    """In a fresh process (the test session keeps its own group): nothing to do without a group;
+    a group left initialized is destroyed."""
+    code = ("import torch.distributed as dist; "
+            "from lighthouse_megatron.megatron_lm.launch import shut_down_process_group as shut; "
+            "shut(); dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1); "
+            "assert dist.is_initialized(); shut(); print('initialized after:', dist.is_initialized())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("initialized after: False")
