@@ -30,6 +30,13 @@ ARGV = ["--num-layers", "3", "--seq-length", "64", "--num-attention-heads", "4",
         "--lighthouse-until-iter", "5"]
 
 
+@pytest.fixture(autouse=True)
+def _keep_the_sessions_process_group(monkeypatch):
+    """main() shuts the process group down once pretrain() returns; the tests that run main() in
+    this process share the test session's group, which later tests still use."""
+    monkeypatch.setattr(pretrain_gpt, "shut_down_process_group", lambda: None)
+
+
 def _megatron_lm_parser(extra_args_provider):
     p = argparse.ArgumentParser()
     for flag in ("--num-layers", "--seq-length", "--num-attention-heads"):
