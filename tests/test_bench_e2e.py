@@ -15,6 +15,7 @@ from lighthouse_megatron import LighthouseConfig  # noqa: E402
 from lighthouse_megatron.backends import dense_causal_attention  # noqa: E402
 from lighthouse_megatron.bench import e2e  # noqa: E402
 from lighthouse_megatron.cli import main  # noqa: E402
+from lighthouse_megatron.recipe import RecipeSchedule  # noqa: E402
 from lighthouse_megatron.settings.bench import E2E_MODES, add_e2e_parser  # noqa: E402
 
 from .megatron_testing import init_parallel  # noqa: E402
@@ -91,6 +92,48 @@ def test_summary_matches_step_times_known_in_advance(tmp_path, monkeypatch):
         "N": 64, "speedup_vs_dense": 2.5, "ceiling_speedup_vs_dense": 3.75, "lighthouse_of_ceiling": 8 / 12,
         "attention_share_dense": 0.8, "attention_share_lighthouse": 0.5, "attention_share_ceiling": 0.25,
     })]
+
+
+def test_recipe_steps_time_the_variants_stage_1_runs(tmp_path, monkeypatch):
+    """--recipe-steps: a `grow` row per larger k of the growth ladder and a `mixed` row with the first
+    half of the Lighthouse layers dense, each built with those settings, and their costs over the
+    dense step from step times the test chose (a clock per model)."""
+    clock = {"dense": 40.0, "lighthouse": 10.0, "ceiling": 8.0, "none": 6.0}
+    built = []
+    real_measure, real_time_ms = e2e.measure, e2e.time_ms
+
+    def measure(args, mode, seq_len, lighthouse, *rest):
+        built.append((mode, lighthouse.topk, sorted(lighthouse.resolve_dense_layers(args.layers))))
+        return real_measure(args, mode, seq_len, lighthouse, *rest)
+
+    def time_ms(fn, warmup, reps, device):
+        real_time_ms(fn, warmup, reps, device)
+        mode, topk, dense = built[-1]
+        if mode == "lighthouse" and topk != 8:
+            return [10.0 + topk / 4] * reps  # k 16: 14 ms, k 32: 18 ms
+        if mode == "lighthouse" and len(dense) > 1:
+            return [25.0] * reps
+        return [clock[mode]] * reps
+
+    monkeypatch.setattr(e2e, "measure", measure)
+    monkeypatch.setattr(e2e, "time_ms", time_ms)
+    assert main(["bench", "e2e", *TINY, "--layers", "6", "--seq-lens", "64", "--recipe-steps",
+                 "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "e2e.json").read_text())
+    # The ladder at 64 tokens from --topk 8 (RecipeSchedule.topk_ladder): 8, 16, 32.
+    ladder = RecipeSchedule(until_iter=1, grow_topk_iters=1).topk_ladder(e2e.lighthouse_for(_args(), 64), 64)
+    assert ladder == [8, 16, 32]
+    grow = [(r["topk"], r["step_ms"]) for r in data["rows"] if r["mode"] == "grow"]
+    assert grow == [(16, 14.0), (32, 18.0)]
+    # Layers 1-5 run Lighthouse (layer 0 dense); the mixed model also runs layers 1 and 2 dense.
+    assert ("lighthouse", 8, [0, 1, 2]) in built
+    (mixed,) = [r for r in data["rows"] if r["mode"] == "mixed"]
+    assert mixed["lighthouse_layers_dense"] == [2, 5] and mixed["step_ms"] == 25.0
+    summary = data["summary"][0]
+    assert summary["speedup_vs_dense"] == pytest.approx(4.0)  # the plain modes are untouched
+    assert summary["grow_cost_vs_dense"] == pytest.approx({"16": 14 / 40, "32": 18 / 40})
+    assert summary["mixed_cost_vs_dense"] == pytest.approx(25 / 40)
+    assert summary["mixed_additive_prediction"] == pytest.approx((10 + 2 / 5 * 30) / 40)
 
 
 def test_bad_settings_are_one_error_line(tmp_path, capsys):

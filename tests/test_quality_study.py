@@ -211,6 +211,17 @@ def test_stage1_cost_of_each_recipe():
     assert stage1_cost("progressive-10", 0.3)[0] == pytest.approx(0.3 + 0.7 * 0.1 * 27 / 52)
     cost, how = stage1_cost("grow-10", 0.3)
     assert cost == 0.3 and "not measured" in how
+    # Measured by `bench e2e --recipe-steps`: the growth window's iterations split evenly over k 3072
+    # and 6144; a progressive window's over 1..26 layers dense, through the measured mixed point.
+    cost, how = stage1_cost("grow-10", 0.3, {"grow_cost_vs_dense": {"3072": 0.4, "6144": 0.6}})
+    assert cost == pytest.approx(0.3 + 0.1 * (0.5 - 0.3)) and "3072, 6144" in how
+    additive = {"mixed_cost_vs_dense": 0.3 + 0.7 * 13 / 26, "mixed_lighthouse_layers_dense": [13, 26]}
+    modelled = stage1_cost("progressive-10", 0.3)[0]
+    assert stage1_cost("progressive-10", 0.3, additive)[0] == pytest.approx(modelled)
+    dearer = {"mixed_cost_vs_dense": 0.8, "mixed_lighthouse_layers_dense": [2, 4]}
+    by_hand = (0.55 + 0.8 + 0.9 + 1.0) / 4  # d = 1..4 dense: (0, .3)-(2, .8) then (2, .8)-(4, 1)
+    assert stage1_cost("progressive-20", 0.3, dearer)[0] == pytest.approx(0.3 + 0.2 * (by_hand - 0.3))
+    assert stage1_cost("dense-every-4", 0.3, dearer)[0] == pytest.approx(0.475)  # no window
 
 
 # ----------------------------------------------------------------- trainer features, real runs

@@ -149,33 +149,67 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def step_ratio(e2e_path: Path) -> dict:
-    """Lighthouse step time / dense step time from a `bench e2e` JSON (same run, same card)."""
+    """Lighthouse step time / dense step time from a `bench e2e` JSON (same run, same card), with the
+    recipe variants' steps where it timed them (`--recipe-steps`)."""
     data = json.loads(e2e_path.read_text())
-    ms = {r["mode"]: r["step_ms"] for r in data["rows"]}
+    ms = {r["mode"]: r["step_ms"] for r in data["rows"] if "step_ms" in r}
+    summary = next((s for s in data.get("summary", []) if s["N"] == data["rows"][0]["N"]), {})
+    measured = {k: summary[k] for k in ("grow_cost_vs_dense", "mixed_cost_vs_dense",
+                                        "mixed_lighthouse_layers_dense") if k in summary}
     return {"ratio": ms["lighthouse"] / ms["dense"], "lighthouse_ms": ms["lighthouse"],
             "dense_ms": ms["dense"],
             "card": data["meta"]["device"], "command": data["meta"]["command"], "file": e2e_path.name,
-            "parameters": data["rows"][0].get("parameters"), "N": data["rows"][0]["N"]}
+            "parameters": data["rows"][0].get("parameters"), "N": data["rows"][0]["N"],
+            **({"recipe_steps": measured} if measured else {})}
 
 
-def stage1_cost(recipe: str, ratio: float, window_layers: int = 26) -> tuple[float, str]:
+def _window_cost(kind: str, ratio: float, measured: dict) -> tuple[float, str] | None:
+    """The mean step cost over a progressive or growth window, from `bench e2e --recipe-steps`."""
+    if kind == "grow" and "grow_cost_vs_dense" in measured:
+        # lighthouse_megatron.recipe: the window's iterations split evenly over the ladder's larger k.
+        costs = measured["grow_cost_vs_dense"]
+        return statistics.fmean(costs.values()), "measured steps at k " + ", ".join(costs)
+    if kind == "progressive" and "mixed_cost_vs_dense" in measured:
+        # The window's iterations split evenly over 1..G layers dense (lighthouse_megatron.recipe); the
+        # step cost with d of G dense runs through the measured points (0, r), (d_m, mixed), (G, 1).
+        d_m, g = measured["mixed_lighthouse_layers_dense"]
+        mixed = measured["mixed_cost_vs_dense"]
+
+        def cost(d: int) -> float:
+            if d <= d_m:
+                return ratio + (mixed - ratio) * d / d_m
+            return mixed + (1 - mixed) * (d - d_m) / (g - d_m)
+
+        mean = statistics.fmean(cost(d) for d in range(1, g + 1))
+        return mean, f"measured steps with 0, {d_m} and {g} of {g} layers dense, linear between"
+    return None
+
+
+def stage1_cost(recipe: str, ratio: float, measured: dict | None = None, window_layers: int = 26
+                ) -> tuple[float, str]:
     """A stage-1 step's cost over a dense step under `recipe`, and how it was obtained. An
-    interleaved dense step costs a dense step; inside a progressive window a layer costs what its
+    interleaved dense step costs a dense step; a window's steps come from `measured` (the e2e run's
+    `recipe_steps`) where it has them. Without: inside a progressive window a layer costs what its
     attention runs (attention time additive over layers, `window_layers` Lighthouse layers: the
-    530M shape's 26); a grown k's cost is not measured (the paper's ratio: a lower bound)."""
+    530M shape's 26); a grown k's cost is not known (the paper's ratio: a lower bound)."""
     if recipe == "paper":
         return ratio, "measured"
     kind, _, value = recipe.rpartition("-")
     if kind == "dense-every":
         return ratio + (1 - ratio) / int(value), "measured steps, mixed 1 dense in " + value
+    share = int(value) / 100  # of stage 1 in the window
+    window = _window_cost(kind, ratio, measured or {})
+    if window is not None:
+        return ratio + share * (window[0] - ratio), window[1]
     if kind == "progressive":
         mean_dense = (window_layers + 1) / (2 * window_layers)  # layers dense on average in the window
-        return (ratio + (1 - ratio) * int(value) / 100 * mean_dense,
+        return (ratio + (1 - ratio) * share * mean_dense,
                 "modelled: attention time additive over layers inside the window")
     return ratio, "not measured: a larger k's step cost (the paper's ratio, a lower bound)"
 
 
-def time_to_quality(rows: list[dict], batch: str, ratio: float, recipe: str = "paper") -> list[dict]:
+def time_to_quality(rows: list[dict], batch: str, ratio: float, recipe: str = "paper",
+                    measured: dict | None = None) -> list[dict]:
     """dense / two-stage wall-clock to the control's final loss at each reported switch, from the seeds'
     lags (stats.time_to_quality_interval): each seed's lag at that switch when it was run, else its
     mean lag over the measured switches (marked 'assumed: lag constant in the switch point')."""
@@ -183,7 +217,7 @@ def time_to_quality(rows: list[dict], batch: str, ratio: float, recipe: str = "p
             if r["batch"] == batch and r["recipe"] == recipe and r["lag_per_lh_iter"] is not None]
     measured = sorted({r["switch_frac"] for r in mine})
     seeds = sorted({r["seed"] for r in mine})
-    cost, how = stage1_cost(recipe, ratio)
+    cost, how = stage1_cost(recipe, ratio, measured)
     out = []
     for f in sorted({*SWITCHES_REPORTED, *measured}):
         exact = any(math.isclose(f, m) for m in measured)
@@ -199,7 +233,8 @@ def time_to_quality(rows: list[dict], batch: str, ratio: float, recipe: str = "p
     return out
 
 
-def best_switch(rows: list[dict], batch: str, ratio: float, recipe: str = "paper") -> dict | None:
+def best_switch(rows: list[dict], batch: str, ratio: float, recipe: str = "paper",
+                measured: dict | None = None) -> dict | None:
     """The measured switch that saves the most time, and whether the seeds decide it. Per seed, the
     share of the dense run's time a switch at f saves is f (1 - r - λ_f) (time to quality is
     1 / (1 - share); the share is linear in λ, so a seed whose λ comes from the fit weighs in
@@ -209,7 +244,7 @@ def best_switch(rows: list[dict], batch: str, ratio: float, recipe: str = "paper
     mine = [r for r in rows
             if r["batch"] == batch and r["recipe"] == recipe and r["lag_per_lh_iter"] is not None]
     switches = sorted({r["switch_frac"] for r in mine})
-    cost, _ = stage1_cost(recipe, ratio)
+    cost, _ = stage1_cost(recipe, ratio, measured)
     share = {(r["seed"], r["switch_frac"]): r["switch_frac"] * (1 - cost - r["lag_per_lh_iter"])
              for r in mine}
     seeds = sorted(s for s in {r["seed"] for r in mine} if all((s, f) in share for f in switches))
@@ -406,14 +441,15 @@ def analyze(args) -> int:
     if not rows:
         raise UsageError(f"--runs {args.runs}: no seed has its dense, Lighthouse and recovered runs yet")
     ratio = step_ratio(Path(args.e2e))
+    r, steps = ratio["ratio"], ratio.get("recipe_steps")
     pairs = sorted({(r["batch"], r["recipe"]) for r in rows})
     summary = {
         "rule": stats.RULE.format(conf=stats.CONFIDENCE, tol=stats.TOLERANCE),
         "runs": len(runs), "cards": sorted({r["device"] for r in runs}),
         "commands": sorted({" ".join(r["command"][-3:]) for r in runs})[:3],
         "step_ratio": ratio, "rows": rows, "aggregates": aggregate(rows),
-        "time_to_quality": {_key(b, rc): time_to_quality(rows, b, ratio["ratio"], rc) for b, rc in pairs},
-        "best_switch": {_key(b, rc): best_switch(rows, b, ratio["ratio"], rc) for b, rc in pairs},
+        "time_to_quality": {_key(b, rc): time_to_quality(rows, b, r, rc, steps) for b, rc in pairs},
+        "best_switch": {_key(b, rc): best_switch(rows, b, r, rc, steps) for b, rc in pairs},
         "scale_trend": scale_trend(rows),
     }
     out = Path(args.out)

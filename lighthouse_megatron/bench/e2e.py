@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ..config import LighthouseConfig
 from ..megatron.model import gpt_model
 from ..megatron.model import transformer_config as model_config
+from ..recipe import RecipeSchedule
 from ..settings.bench import E2E_DTYPES, E2E_MODES, format_length
 from ._common import (
     UsageError,
@@ -257,11 +258,49 @@ def lighthouse_for(args, seq_len: int) -> LighthouseConfig:
                 raise
 
 
+# The stage-1 steps of the recipe variants (lighthouse_megatron.recipe) that are neither a dense nor a
+# plain Lighthouse step: `grow` (Lighthouse at a larger k of the growth ladder) and `mixed` (the first
+# half of the Lighthouse layers dense, the middle of a progressive window).
+RECIPE_STEPS = ("grow", "mixed")
+
+
+def recipe_variants(cfg: LighthouseConfig, seq_len: int, layers: int) -> list[tuple[str, LighthouseConfig]]:
+    """The Lighthouse settings of the RECIPE_STEPS at this length: one `grow` per larger k of the
+    ladder that `--lighthouse-grow-topk-iters` climbs, and one `mixed` model."""
+    ladder = RecipeSchedule(until_iter=1, grow_topk_iters=1).topk_ladder(cfg, seq_len)
+    variants = [("grow", dataclasses.replace(cfg, topk=k)) for k in ladder[1:]]
+    dense = cfg.resolve_dense_layers(layers)
+    lighthouse = [i for i in range(layers) if i not in dense]
+    half = sorted(dense | set(lighthouse[: len(lighthouse) // 2]))
+    return variants + [("mixed", dataclasses.replace(cfg, dense_layers=tuple(half)))]
+
+
+def recipe_summary(by: dict, rows: list[dict]) -> dict:
+    """Each RECIPE_STEPS row's step time over the dense step's; for `mixed` also the prediction from
+    attention time additive over layers (the Lighthouse and dense step times interpolated)."""
+    dense, lh = by.get("dense"), by.get("lighthouse")
+    s = {}
+    if not dense:
+        return s
+    grow = {str(r["topk"]): r["step_ms"] / dense["step_ms"] for r in rows if r["mode"] == "grow"}
+    if grow:
+        s["grow_cost_vs_dense"] = grow
+    mixed = next((r for r in rows if r["mode"] == "mixed"), None)
+    if mixed:
+        s["mixed_cost_vs_dense"] = mixed["step_ms"] / dense["step_ms"]
+        turned, count = mixed["lighthouse_layers_dense"]
+        s["mixed_lighthouse_layers_dense"] = [turned, count]
+        if lh:
+            between = lh["step_ms"] + turned / count * (dense["step_ms"] - lh["step_ms"])
+            s["mixed_additive_prediction"] = between / dense["step_ms"]
+    return s
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """Per length: speed-up over dense, share of the ceiling, attention share of each step."""
     out = []
     for n in sorted({r["N"] for r in rows}):
-        by = {r["mode"]: r for r in rows if r["N"] == n and "step_ms" in r}
+        by = {r["mode"]: r for r in rows if r["N"] == n and "step_ms" in r and r["mode"] in E2E_MODES}
         s = {"N": n}
         dense, lh, ceil, none = (by.get(m) for m in E2E_MODES)
         if lh and dense:
@@ -274,8 +313,17 @@ def summarize(rows: list[dict]) -> list[dict]:
             for m, r in by.items():
                 if m != "none":
                     s[f"attention_share_{m}"] = 1 - none["step_ms"] / r["step_ms"]
+        s.update(recipe_summary(by, [r for r in rows if r["N"] == n and "step_ms" in r]))
         out.append(s)
     return out
+
+
+def _fmt(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"k={k}: {v:.3f}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return " of ".join(map(str, value))
+    return f"{value:.3f}"
 
 
 def print_table(rows: list[dict], summary: list[dict], device: str) -> None:
@@ -292,7 +340,7 @@ def print_table(rows: list[dict], summary: list[dict], device: str) -> None:
               f"{r['step_ms']:9.1f} {r['tokens_per_s']:9.0f} {r.get('peak_mem_gib', float('nan')):8.1f} "
               f"{'' if share is None else f'{100 * share:5.1f}%':>6} | {r['losses'][-1]:7.3f}")
     for s in summary:
-        parts = [f"{key} {val:.3f}" for key, val in s.items() if key != "N"]
+        parts = [f"{key} {_fmt(val)}" for key, val in s.items() if key != "N"]
         print(f"{format_length(s['N'])}: " + ", ".join(parts))
 
 
@@ -386,16 +434,23 @@ def run(args: argparse.Namespace) -> int:
     dense_max = args.dense_max_len
     for n in args.seq_lens:
         cfg = configs[n]
-        for mode in modes:
-            s_len = {"dense": n, "none": None}.get(mode, cfg.gathered_length(n))  # attended length
-            row = {"N": n, "mode": mode, "topk": cfg.topk, "S": s_len}
+        steps = [(mode, mode, cfg) for mode in modes]
+        if args.recipe_steps:
+            steps += [(kind, "lighthouse", variant) for kind, variant in recipe_variants(cfg, n, args.layers)]
+        for name, mode, lighthouse in steps:
+            s_len = {"dense": n, "none": None}.get(mode, lighthouse.gathered_length(n))  # attended length
+            row = {"N": n, "mode": name, "topk": lighthouse.topk, "S": s_len}
+            if name == "mixed":
+                base = cfg.resolve_dense_layers(args.layers)
+                turned = lighthouse.resolve_dense_layers(args.layers) - base
+                row["lighthouse_layers_dense"] = [len(turned), args.layers - len(base)]
             if mode == "dense" and dense_max and n > dense_max:
                 row["error"] = f"skipped: dense runs only up to --dense-max-len {dense_max}"
             elif deadline is not None and time.perf_counter() > deadline:
                 row["error"] = f"skipped: time budget of {args.time_budget:.0f} s spent"
             else:
                 try:
-                    row.update(measure(args, mode, n, cfg, use_te, device, deadline))
+                    row.update(measure(args, mode, n, lighthouse, use_te, device, deadline), mode=name)
                 except torch.cuda.OutOfMemoryError as e:
                     row["error"] = f"out of memory: {str(e).splitlines()[0]}"
                 gc.collect()
@@ -405,10 +460,10 @@ def run(args: argparse.Namespace) -> int:
             save()  # after every row: a run cut short by a time limit keeps what it measured
             if "step_ms" in row:
                 peak = row.get("peak_mem_gib", float("nan"))
-                print(f"N={format_length(n)} {mode}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:.0f} "
+                print(f"N={format_length(n)} {name}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:.0f} "
                       f"tok/s, peak {peak:.1f} GiB, loss {row['losses'][-1]:.3f}", flush=True)
             else:
-                print(f"N={format_length(n)} {mode}: {row['error']}", flush=True)
+                print(f"N={format_length(n)} {name}: {row['error']}", flush=True)
     save()
     print_table(rows, summarize(rows), meta["device"])
     print(f"\nwrote {out_path}")

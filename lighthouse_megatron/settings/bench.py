@@ -133,6 +133,11 @@ def add_e2e_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--steps", type=int, default=3, help="timed steps per mode (median reported)")
     run.add_argument("--dense-max-len", type=parse_length, default=0,
                      help="run the dense mode only up to this length (0: always)")
+    run.add_argument("--recipe-steps", action="store_true",
+                     help="also time the stage-1 steps of the recipe variants: Lighthouse at every larger "
+                          "k that --lighthouse-grow-topk-iters climbs to (mode grow), and the first half of "
+                          "the Lighthouse layers dense, the middle of a --lighthouse-progressive-iters "
+                          "window (mode mixed); an interleaved dense step is the dense mode's")
     run.add_argument("--time-budget", type=float, default=0,
                      help="seconds; modes that would start after it are skipped and recorded (0: none)")
     run.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
