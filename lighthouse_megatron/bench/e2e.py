@@ -364,6 +364,37 @@ def check_fp8(args, use_te: bool) -> None:
             raise UsageError(f"--fp8 {args.fp8}: {flag} {value} must be a multiple of 16 (TE's FP8 GEMMs)")
 
 
+def measure_row(args, name: str, mode: str, n: int, lighthouse: LighthouseConfig, base: LighthouseConfig,
+                use_te: bool, device: torch.device, deadline: float | None) -> dict:
+    """One row: step `name` (a mode, or one of RECIPE_STEPS built as `mode` with `lighthouse`) at
+    length n, or the reason it was skipped; printed as it ends."""
+    s_len = {"dense": n, "none": None}.get(mode, lighthouse.gathered_length(n))  # attended length
+    row = {"N": n, "mode": name, "topk": lighthouse.topk, "S": s_len}
+    if name == "mixed":
+        dense = base.resolve_dense_layers(args.layers)
+        turned = lighthouse.resolve_dense_layers(args.layers) - dense
+        row["lighthouse_layers_dense"] = [len(turned), args.layers - len(dense)]
+    if mode == "dense" and args.dense_max_len and n > args.dense_max_len:
+        row["error"] = f"skipped: dense runs only up to --dense-max-len {args.dense_max_len}"
+    elif deadline is not None and time.perf_counter() > deadline:
+        row["error"] = f"skipped: time budget of {args.time_budget:.0f} s spent"
+    else:
+        try:
+            row.update(measure(args, mode, n, lighthouse, use_te, device, deadline), mode=name)
+        except torch.cuda.OutOfMemoryError as e:
+            row["error"] = f"out of memory: {str(e).splitlines()[0]}"
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if "step_ms" in row:
+        print(f"N={format_length(n)} {name}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:.0f} tok/s, "
+              f"peak {row.get('peak_mem_gib', float('nan')):.1f} GiB, loss {row['losses'][-1]:.3f}",
+              flush=True)
+    else:
+        print(f"N={format_length(n)} {name}: {row['error']}", flush=True)
+    return row
+
+
 def run(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in E2E_MODES]
@@ -431,39 +462,14 @@ def run(args: argparse.Namespace) -> int:
         write_json(out_path, {"meta": meta, "rows": rows, "summary": summarize(rows)})
 
     deadline = start + args.time_budget if args.time_budget > 0 else None
-    dense_max = args.dense_max_len
     for n in args.seq_lens:
         cfg = configs[n]
         steps = [(mode, mode, cfg) for mode in modes]
         if args.recipe_steps:
             steps += [(kind, "lighthouse", variant) for kind, variant in recipe_variants(cfg, n, args.layers)]
         for name, mode, lighthouse in steps:
-            s_len = {"dense": n, "none": None}.get(mode, lighthouse.gathered_length(n))  # attended length
-            row = {"N": n, "mode": name, "topk": lighthouse.topk, "S": s_len}
-            if name == "mixed":
-                base = cfg.resolve_dense_layers(args.layers)
-                turned = lighthouse.resolve_dense_layers(args.layers) - base
-                row["lighthouse_layers_dense"] = [len(turned), args.layers - len(base)]
-            if mode == "dense" and dense_max and n > dense_max:
-                row["error"] = f"skipped: dense runs only up to --dense-max-len {dense_max}"
-            elif deadline is not None and time.perf_counter() > deadline:
-                row["error"] = f"skipped: time budget of {args.time_budget:.0f} s spent"
-            else:
-                try:
-                    row.update(measure(args, mode, n, lighthouse, use_te, device, deadline), mode=name)
-                except torch.cuda.OutOfMemoryError as e:
-                    row["error"] = f"out of memory: {str(e).splitlines()[0]}"
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            rows.append(row)
+            rows.append(measure_row(args, name, mode, n, lighthouse, cfg, use_te, device, deadline))
             save()  # after every row: a run cut short by a time limit keeps what it measured
-            if "step_ms" in row:
-                peak = row.get("peak_mem_gib", float("nan"))
-                print(f"N={format_length(n)} {name}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:.0f} "
-                      f"tok/s, peak {peak:.1f} GiB, loss {row['losses'][-1]:.3f}", flush=True)
-            else:
-                print(f"N={format_length(n)} {name}: {row['error']}", flush=True)
     save()
     print_table(rows, summarize(rows), meta["device"])
     print(f"\nwrote {out_path}")
