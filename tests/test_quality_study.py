@@ -512,3 +512,37 @@ def test_best_switch_by_the_paired_share_of_time_saved():
     undecided = best_switch(noisy, "b", r)
     assert undecided["seeds"] == [1, 2, 3, 4] and undecided["decided"] is False
     assert best_switch([x for x in rows if x["switch_frac"] == 0.75], "b", r) is None  # one switch
+
+
+def test_recipe_against_the_paper_by_the_paired_share_of_time_saved():
+    """A variant's share saved, f (1 - c - λ) with its own stage-1 cost c, minus the paper's
+    f (1 - r - λ) on the same seed and switch; wins or loses only where scipy's two-sided 95% t
+    interval of that difference excludes 0."""
+    from benchmarks.quality.analyze import against_paper, markdown
+
+    r, f = 0.324, 0.625
+    c = r + (1 - r) / 4  # dense-every-4: one step in four costs a dense step
+    paper, dense4 = [0.20, 0.25, 0.22], [0.02, 0.05, 0.01]
+    rows = [{"batch": "b", "recipe": rc, "seed": s + 1, "switch_frac": f, "lag_per_lh_iter": lam}
+            for rc, lams in (("paper", paper), ("dense-every-4", dense4)) for s, lam in enumerate(lams)]
+    (got,) = against_paper(rows, "b", r, "dense-every-4")
+    d = np.array([f * (1 - c - x) - f * (1 - r - y) for x, y in zip(dense4, paper, strict=True)])
+    lo, hi = scipy.stats.t.interval(0.95, 2, loc=d.mean(), scale=scipy.stats.sem(d))
+    assert got["seeds"] == [1, 2, 3]
+    assert (got["mean"], got["lower"], got["upper"]) == pytest.approx((d.mean(), lo, hi))
+    assert got["share"] == pytest.approx(np.mean([f * (1 - c - x) for x in dense4]))
+    assert lo < 0 < hi and got["verdict"] == "cannot tell"  # the dense steps cost about what they buy
+    text = markdown(_summary_with(None) | {"time_to_quality": {"b dense-every-4": []},
+                                           "against_paper": {"b dense-every-4": [got]}})
+    assert f"difference {d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}]: **cannot tell**" in text
+
+    def shifted(by: float) -> list[dict]:
+        return [{**x, "lag_per_lh_iter": x["lag_per_lh_iter"] + by} if x["recipe"] != "paper" else x
+                for x in rows]
+
+    assert against_paper(shifted(-0.1), "b", r, "dense-every-4")[0]["verdict"] == "wins"
+    assert against_paper(shifted(+0.1), "b", r, "dense-every-4")[0]["verdict"] == "loses"
+    # A seed without the paper's run at that switch is left out; one paired seed cannot tell.
+    lone = [x for x in rows if x["seed"] == 1] + [{**rows[3], "seed": 7}]
+    (one,) = against_paper(lone, "b", r, "dense-every-4")
+    assert one["seeds"] == [1] and one["verdict"] == "cannot tell" and one["lower"] is None
