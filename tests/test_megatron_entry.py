@@ -367,6 +367,36 @@ def test_patches_call_existing_adapter_functions():
         assert names and all(callable(getattr(adapter, name)) for name in names), (patch.name, names)
 
 
+@pytest.mark.parametrize("code,shut", [(None, True), (0, True), (3, False)])
+def test_shut_down_after_megatron_lms_early_exit(monkeypatch, code, shut):
+    """Megatron-LM's --exit-interval path ends pretrain() in sys.exit(0) on every rank (seen on the
+    GPU: NCCL's "destroy_process_group() was not called" after each stage 1): the group is shut down
+    and the exit goes on; after a failing exit code it is left alone (a rank may not be there)."""
+    from lighthouse_megatron.megatron_lm import core_v0_16
+
+    def pretrain(extra_args_provider=None):
+        pass
+
+    training = types.SimpleNamespace(pretrain=pretrain)
+    mlm = types.SimpleNamespace(train_valid_test_datasets_provider=types.SimpleNamespace())
+    monkeypatch.setattr(pretrain_gpt, "require_megatron_lm", lambda: (training, mlm))
+
+    def run(*args):
+        if code is not None:
+            raise SystemExit(code)
+
+    monkeypatch.setattr(core_v0_16, "run", run)
+    calls = []
+    monkeypatch.setattr(pretrain_gpt, "shut_down_process_group", lambda: calls.append(1))
+    if code is None:
+        pretrain_gpt.main([])
+    else:
+        with pytest.raises(SystemExit) as e:
+            pretrain_gpt.main([])
+        assert e.value.code == code
+    assert calls == ([1] if shut else [])
+
+
 def test_shut_down_destroys_the_process_group_pretrain_leaves():
     """In a fresh process (the test session keeps its own group): nothing to do without a group;
     a group left initialized is destroyed."""

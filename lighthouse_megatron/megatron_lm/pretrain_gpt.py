@@ -38,7 +38,14 @@ def main(argv: list[str] | None = None) -> None:
         from . import core_v0_16 as generation
     else:
         from . import core_v0_19 as generation
-    generation.run(training, mlm, pretrain, store)
+    try:
+        generation.run(training, mlm, pretrain, store)
+    except SystemExit as e:
+        # --exit-interval and --exit-duration-in-mins end Megatron-LM's pretrain() in sys.exit(0), on
+        # every rank together; after a failure another rank may never reach the shutdown's barrier.
+        if e.code in (0, None):
+            shut_down_process_group()
+        raise
     shut_down_process_group()
 
 
