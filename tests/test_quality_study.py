@@ -203,7 +203,7 @@ def test_recipe_jobs_and_their_settings(tmp_path):
 
 
 def test_stage1_cost_of_each_recipe():
-    from benchmarks.quality.analyze import stage1_cost
+    from benchmarks.quality.analyze import stage1_cost, time_to_quality
 
     assert stage1_cost("paper", 0.3)[0] == 0.3
     assert stage1_cost("dense-every-4", 0.3)[0] == pytest.approx(0.3 * 3 / 4 + 1 / 4)  # 0.475
@@ -222,6 +222,12 @@ def test_stage1_cost_of_each_recipe():
     by_hand = (0.55 + 0.8 + 0.9 + 1.0) / 4  # d = 1..4 dense: (0, .3)-(2, .8) then (2, .8)-(4, 1)
     assert stage1_cost("progressive-20", 0.3, dearer)[0] == pytest.approx(0.3 + 0.2 * (by_hand - 0.3))
     assert stage1_cost("dense-every-4", 0.3, dearer)[0] == pytest.approx(0.475)  # no window
+    # The time-to-quality table takes the same cost from the e2e run's steps.
+    rows = [{"batch": "b", "recipe": "grow-10", "seed": s, "switch_frac": 0.625, "lag_per_lh_iter": 0.1}
+            for s in (1, 2)]
+    steps = {"grow_cost_vs_dense": {"3072": 0.4, "6144": 0.6}}
+    (ttq,) = [t for t in time_to_quality(rows, "b", 0.3, "grow-10", steps) if t["switch_frac"] == 0.625]
+    assert ttq["stage1_cost"] == pytest.approx(0.32) and ttq["value"] == pytest.approx(1 / (1 - 0.625 * 0.58))
 
 
 # ----------------------------------------------------------------- trainer features, real runs

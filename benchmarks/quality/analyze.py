@@ -163,17 +163,17 @@ def step_ratio(e2e_path: Path) -> dict:
             **({"recipe_steps": measured} if measured else {})}
 
 
-def _window_cost(kind: str, ratio: float, measured: dict) -> tuple[float, str] | None:
+def _window_cost(kind: str, ratio: float, steps: dict) -> tuple[float, str] | None:
     """The mean step cost over a progressive or growth window, from `bench e2e --recipe-steps`."""
-    if kind == "grow" and "grow_cost_vs_dense" in measured:
+    if kind == "grow" and "grow_cost_vs_dense" in steps:
         # lighthouse_megatron.recipe: the window's iterations split evenly over the ladder's larger k.
-        costs = measured["grow_cost_vs_dense"]
+        costs = steps["grow_cost_vs_dense"]
         return statistics.fmean(costs.values()), "measured steps at k " + ", ".join(costs)
-    if kind == "progressive" and "mixed_cost_vs_dense" in measured:
+    if kind == "progressive" and "mixed_cost_vs_dense" in steps:
         # The window's iterations split evenly over 1..G layers dense (lighthouse_megatron.recipe); the
         # step cost with d of G dense runs through the measured points (0, r), (d_m, mixed), (G, 1).
-        d_m, g = measured["mixed_lighthouse_layers_dense"]
-        mixed = measured["mixed_cost_vs_dense"]
+        d_m, g = steps["mixed_lighthouse_layers_dense"]
+        mixed = steps["mixed_cost_vs_dense"]
 
         def cost(d: int) -> float:
             if d <= d_m:
@@ -185,10 +185,10 @@ def _window_cost(kind: str, ratio: float, measured: dict) -> tuple[float, str] |
     return None
 
 
-def stage1_cost(recipe: str, ratio: float, measured: dict | None = None, window_layers: int = 26
+def stage1_cost(recipe: str, ratio: float, steps: dict | None = None, window_layers: int = 26
                 ) -> tuple[float, str]:
     """A stage-1 step's cost over a dense step under `recipe`, and how it was obtained. An
-    interleaved dense step costs a dense step; a window's steps come from `measured` (the e2e run's
+    interleaved dense step costs a dense step; a window's steps come from `steps` (the e2e run's
     `recipe_steps`) where it has them. Without: inside a progressive window a layer costs what its
     attention runs (attention time additive over layers, `window_layers` Lighthouse layers: the
     530M shape's 26); a grown k's cost is not known (the paper's ratio: a lower bound)."""
@@ -198,7 +198,7 @@ def stage1_cost(recipe: str, ratio: float, measured: dict | None = None, window_
     if kind == "dense-every":
         return ratio + (1 - ratio) / int(value), "measured steps, mixed 1 dense in " + value
     share = int(value) / 100  # of stage 1 in the window
-    window = _window_cost(kind, ratio, measured or {})
+    window = _window_cost(kind, ratio, steps or {})
     if window is not None:
         return ratio + share * (window[0] - ratio), window[1]
     if kind == "progressive":
@@ -209,7 +209,7 @@ def stage1_cost(recipe: str, ratio: float, measured: dict | None = None, window_
 
 
 def time_to_quality(rows: list[dict], batch: str, ratio: float, recipe: str = "paper",
-                    measured: dict | None = None) -> list[dict]:
+                    steps: dict | None = None) -> list[dict]:
     """dense / two-stage wall-clock to the control's final loss at each reported switch, from the seeds'
     lags (stats.time_to_quality_interval): each seed's lag at that switch when it was run, else its
     mean lag over the measured switches (marked 'assumed: lag constant in the switch point')."""
@@ -217,7 +217,7 @@ def time_to_quality(rows: list[dict], batch: str, ratio: float, recipe: str = "p
             if r["batch"] == batch and r["recipe"] == recipe and r["lag_per_lh_iter"] is not None]
     measured = sorted({r["switch_frac"] for r in mine})
     seeds = sorted({r["seed"] for r in mine})
-    cost, how = stage1_cost(recipe, ratio, measured)
+    cost, how = stage1_cost(recipe, ratio, steps)
     out = []
     for f in sorted({*SWITCHES_REPORTED, *measured}):
         exact = any(math.isclose(f, m) for m in measured)
@@ -242,14 +242,14 @@ def _shares(rows: list[dict], batch: str, recipe: str, cost: float) -> dict[tupl
 
 
 def best_switch(rows: list[dict], batch: str, ratio: float, recipe: str = "paper",
-                measured: dict | None = None) -> dict | None:
+                steps: dict | None = None) -> dict | None:
     """The measured switch that saves the most time, and whether the seeds decide it. Per seed, the
     share of the dense run's time a switch at f saves is f (1 - r - λ_f) (time to quality is
     1 / (1 - share); the share is linear in λ, so a seed whose λ comes from the fit weighs in
     linearly, not through the ratio's pole). The leader has the largest mean share over the seeds
     measured at every switch; it is decided where the two-sided 95% t interval of the paired
     difference (leader - other) lies above 0 against every other switch."""
-    share = _shares(rows, batch, recipe, stage1_cost(recipe, ratio, measured)[0])
+    share = _shares(rows, batch, recipe, stage1_cost(recipe, ratio, steps)[0])
     switches = sorted({f for _, f in share})
     seeds = sorted(s for s in {s for s, _ in share} if all((s, f) in share for f in switches))
     if len(switches) < 2 or len(seeds) < 2:
@@ -263,12 +263,12 @@ def best_switch(rows: list[dict], batch: str, ratio: float, recipe: str = "paper
 
 
 def against_paper(rows: list[dict], batch: str, ratio: float, recipe: str,
-                  measured: dict | None = None) -> list[dict]:
+                  steps: dict | None = None) -> list[dict]:
     """A recipe variant against the paper's hard switch, per switch where both ran, paired by seed:
     the share of the dense run's time each saves, f (1 - c - λ) with c its stage-1 step cost (as in
     best_switch). The variant *wins* where the two-sided 95% t interval of the paired difference
     (variant - paper) lies above 0, *loses* where it lies below, and otherwise *cannot tell*."""
-    mine = _shares(rows, batch, recipe, stage1_cost(recipe, ratio, measured)[0])
+    mine = _shares(rows, batch, recipe, stage1_cost(recipe, ratio, steps)[0])
     paper = _shares(rows, batch, "paper", ratio)
     out = []
     for f in sorted({f for _, f in mine}):

@@ -258,15 +258,11 @@ def lighthouse_for(args, seq_len: int) -> LighthouseConfig:
                 raise
 
 
-# The stage-1 steps of the recipe variants (lighthouse_megatron.recipe) that are neither a dense nor a
-# plain Lighthouse step: `grow` (Lighthouse at a larger k of the growth ladder) and `mixed` (the first
-# half of the Lighthouse layers dense, the middle of a progressive window).
-RECIPE_STEPS = ("grow", "mixed")
-
-
 def recipe_variants(cfg: LighthouseConfig, seq_len: int, layers: int) -> list[tuple[str, LighthouseConfig]]:
-    """The Lighthouse settings of the RECIPE_STEPS at this length: one `grow` per larger k of the
-    ladder that `--lighthouse-grow-topk-iters` climbs, and one `mixed` model."""
+    """The stage-1 steps of the recipe variants (lighthouse_megatron.recipe) that are neither a dense
+    nor a plain Lighthouse step, with their Lighthouse settings at this length: one `grow` per larger k
+    of the ladder that `--lighthouse-grow-topk-iters` climbs, and `mixed`, the first half of the
+    Lighthouse layers dense (the middle of a `--lighthouse-progressive-iters` window)."""
     ladder = RecipeSchedule(until_iter=1, grow_topk_iters=1).topk_ladder(cfg, seq_len)
     variants = [("grow", dataclasses.replace(cfg, topk=k)) for k in ladder[1:]]
     dense = cfg.resolve_dense_layers(layers)
@@ -276,7 +272,7 @@ def recipe_variants(cfg: LighthouseConfig, seq_len: int, layers: int) -> list[tu
 
 
 def recipe_summary(by: dict, rows: list[dict]) -> dict:
-    """Each RECIPE_STEPS row's step time over the dense step's; for `mixed` also the prediction from
+    """Each `grow` and `mixed` row's step time over the dense step's; for `mixed` also the prediction from
     attention time additive over layers (the Lighthouse and dense step times interpolated)."""
     dense, lh = by.get("dense"), by.get("lighthouse")
     s = {}
@@ -366,7 +362,7 @@ def check_fp8(args, use_te: bool) -> None:
 
 def measure_row(args, name: str, mode: str, n: int, lighthouse: LighthouseConfig, base: LighthouseConfig,
                 use_te: bool, device: torch.device, deadline: float | None) -> dict:
-    """One row: step `name` (a mode, or one of RECIPE_STEPS built as `mode` with `lighthouse`) at
+    """One row: step `name` (a mode, or a recipe variant's step built as `mode` with `lighthouse`) at
     length n, or the reason it was skipped; printed as it ends."""
     s_len = {"dense": n, "none": None}.get(mode, lighthouse.gathered_length(n))  # attended length
     row = {"N": n, "mode": name, "topk": lighthouse.topk, "S": s_len}
