@@ -258,17 +258,20 @@ def lighthouse_for(args, seq_len: int) -> LighthouseConfig:
                 raise
 
 
-def recipe_variants(cfg: LighthouseConfig, seq_len: int, layers: int) -> list[tuple[str, LighthouseConfig]]:
+def recipe_variants(cfg: LighthouseConfig, seq_len: int,
+                    layers: int) -> list[tuple[str, LighthouseConfig, dict]]:
     """The stage-1 steps of the recipe variants (lighthouse_megatron.recipe) that are neither a dense
-    nor a plain Lighthouse step, with their Lighthouse settings at this length: one `grow` per larger k
-    of the ladder that `--lighthouse-grow-topk-iters` climbs, and `mixed`, the first half of the
-    Lighthouse layers dense (the middle of a `--lighthouse-progressive-iters` window)."""
+    nor a plain Lighthouse step, with their Lighthouse settings at this length and the fields their
+    row records: one `grow` per larger k of the ladder that `--lighthouse-grow-topk-iters` climbs, and
+    `mixed`, the first half of the Lighthouse layers dense (the middle of a
+    `--lighthouse-progressive-iters` window)."""
     ladder = RecipeSchedule(until_iter=1, grow_topk_iters=1).topk_ladder(cfg, seq_len)
-    variants = [("grow", dataclasses.replace(cfg, topk=k)) for k in ladder[1:]]
+    variants = [("grow", dataclasses.replace(cfg, topk=k), {}) for k in ladder[1:]]
     dense = cfg.resolve_dense_layers(layers)
     lighthouse = [i for i in range(layers) if i not in dense]
-    half = sorted(dense | set(lighthouse[: len(lighthouse) // 2]))
-    return variants + [("mixed", dataclasses.replace(cfg, dense_layers=tuple(half)))]
+    turned = lighthouse[: len(lighthouse) // 2]
+    mixed = dataclasses.replace(cfg, dense_layers=tuple(sorted(dense | set(turned))))
+    return variants + [("mixed", mixed, {"lighthouse_layers_dense": [len(turned), len(lighthouse)]})]
 
 
 def recipe_summary(by: dict, rows: list[dict]) -> dict:
@@ -360,16 +363,12 @@ def check_fp8(args, use_te: bool) -> None:
             raise UsageError(f"--fp8 {args.fp8}: {flag} {value} must be a multiple of 16 (TE's FP8 GEMMs)")
 
 
-def measure_row(args, name: str, mode: str, n: int, lighthouse: LighthouseConfig, base: LighthouseConfig,
+def measure_row(args, name: str, mode: str, n: int, lighthouse: LighthouseConfig, fields: dict,
                 use_te: bool, device: torch.device, deadline: float | None) -> dict:
     """One row: step `name` (a mode, or a recipe variant's step built as `mode` with `lighthouse`) at
     length n, or the reason it was skipped; printed as it ends."""
     s_len = {"dense": n, "none": None}.get(mode, lighthouse.gathered_length(n))  # attended length
-    row = {"N": n, "mode": name, "topk": lighthouse.topk, "S": s_len}
-    if name == "mixed":
-        dense = base.resolve_dense_layers(args.layers)
-        turned = lighthouse.resolve_dense_layers(args.layers) - dense
-        row["lighthouse_layers_dense"] = [len(turned), args.layers - len(dense)]
+    row = {"N": n, "mode": name, "topk": lighthouse.topk, "S": s_len, **fields}
     if mode == "dense" and args.dense_max_len and n > args.dense_max_len:
         row["error"] = f"skipped: dense runs only up to --dense-max-len {args.dense_max_len}"
     elif deadline is not None and time.perf_counter() > deadline:
@@ -460,11 +459,12 @@ def run(args: argparse.Namespace) -> int:
     deadline = start + args.time_budget if args.time_budget > 0 else None
     for n in args.seq_lens:
         cfg = configs[n]
-        steps = [(mode, mode, cfg) for mode in modes]
+        steps = [(mode, mode, cfg, {}) for mode in modes]
         if args.recipe_steps:
-            steps += [(kind, "lighthouse", variant) for kind, variant in recipe_variants(cfg, n, args.layers)]
-        for name, mode, lighthouse in steps:
-            rows.append(measure_row(args, name, mode, n, lighthouse, cfg, use_te, device, deadline))
+            steps += [(kind, "lighthouse", variant, fields)
+                      for kind, variant, fields in recipe_variants(cfg, n, args.layers)]
+        for name, mode, lighthouse, fields in steps:
+            rows.append(measure_row(args, name, mode, n, lighthouse, fields, use_te, device, deadline))
             save()  # after every row: a run cut short by a time limit keeps what it measured
     save()
     print_table(rows, summarize(rows), meta["device"])
