@@ -114,6 +114,11 @@ def test_time_to_quality_interval_carries_the_lags_interval_through_the_formula(
     # Two seeds far apart: the t interval (1 degree of freedom) reaches a lag below -(1 - f (1 - r)) / f.
     wide = stats.time_to_quality_interval(f, [0.06, 0.31], r)
     assert wide["upper"] == math.inf and 0 < wide["lower"] < wide["value"]
+    # A seed whose recovered model ends below the control (a negative lag from the fit) past the pole:
+    # its own ratio is unbounded, while the mean lag still gives a finite one.
+    past = stats.time_to_quality_interval(0.75, [0.28, 0.23, 0.14, -0.71], r)
+    assert past["values"][3] == math.inf and math.isfinite(past["value"]) and past["upper"] == math.inf
+    assert past["values"][:3] == pytest.approx([1 / (1 - 0.75 * (1 - r - x)) for x in (0.28, 0.23, 0.14)])
     one = stats.time_to_quality_interval(f, [0.2], r)
     assert one["lower"] is None and one["upper"] is None and one["value"] == pytest.approx(formula(0.2))
     with pytest.raises(ValueError, match="at least one seed"):
@@ -425,6 +430,39 @@ def test_runs_of_two_batches_aggregate_apart_and_recover_the_known_lag(tmp_path)
     assert ttq[0.625]["value"] == pytest.approx(stats.time_to_quality(0.625, np.mean(per_seed), ratio))
     assert ttq[0.75]["lag_from"].startswith("assumed")
     assert rows[("synthetic-2560", 1)]["spike"] == 1.0
+
+
+def test_a_progressive_window_has_no_spike_or_lighthouse_gap_at_the_switch(tmp_path):
+    """A progressive window ends with every layer dense: stage 1 logs no Lighthouse evaluation at the
+    switch and the probe's two losses come from one computation. Both numbers are then undefined (not
+    a spike of 0), and the paper's recipe still leads its batch's rows."""
+    _write_runs(tmp_path / "runs", 2560, 1600, {1: 0.20, 2: 0.25})
+    batch = tmp_path / "runs" / "synthetic-2560"
+    for seed in (1, 2):
+        for arm in ("lighthouse", "recovered"):
+            run = json.loads((batch / f"seed{seed}_{arm}_1600.json").read_text())
+            (batch / f"seed{seed}_{arm}-dense-every-4_1600.json").write_text(
+                json.dumps({**run, "recipe": "dense-every-4"}))  # sorts before "paper" by name
+            run["recipe"] = "progressive-10"
+            if arm == "lighthouse":
+                run["eval"]["lighthouse"] = [p for p in run["eval"]["lighthouse"] if p[0] < 1600]
+            else:
+                run["switch_probe"] = {"loss_dense": 2.5, "loss_lighthouse": 2.5}
+            (batch / f"seed{seed}_{arm}-progressive-10_1600.json").write_text(json.dumps(run))
+    summary = _analyze(tmp_path / "runs", tmp_path / "out")
+    window = [r for r in summary["rows"] if r["recipe"] == "progressive-10"]
+    paper = [r for r in summary["rows"] if r["recipe"] == "paper"]
+    assert len(window) == len(paper) == 2
+    assert all(r["spike"] is None and r["stage1_gap_lighthouse"] is None for r in window)
+    assert all(r["spike"] == 1.0 and r["stage1_gap_lighthouse"] is not None for r in paper)
+    assert [r["lag_per_lh_iter"] for r in window] == pytest.approx([r["lag_per_lh_iter"] for r in paper])
+    assert [a["recipe"] for a in summary["aggregates"]] == ["paper", "dense-every-4", "progressive-10"]
+    assert list(summary["time_to_quality"]) == ["synthetic-2560", "synthetic-2560 dense-every-4",
+                                                "synthetic-2560 progressive-10"]
+    r = summary["step_ratio"]["ratio"]
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert f"costs {r + (1 - r) / 4:.3f} of a dense one (measured steps, mixed 1 dense in 4)" in text
+    assert text.count("A stage-1 step of this recipe costs") == 2  # the variants', not the paper's
 
 
 def test_a_recovered_run_below_the_control_takes_its_lag_from_the_fit_and_says_so(tmp_path):

@@ -87,7 +87,7 @@ def seed_metrics(dense: dict, chain: list[dict], rec: dict) -> dict:
     its = sorted(d_eval)
     lag = stats.lag(its, [d_eval[i] for i in its], at, target, fit_from=n // 4)
     per = (lag["interp"] if lag["interp"] is not None else lag["fit"])
-    s1 = chain[-1]["eval"]
+    s1 = {kind: _curve(pairs) for kind, pairs in chain[-1]["eval"].items()}
     probe = rec.get("switch_probe")
     return {
         "seed": rec["seed"], "switch": s, "switch_frac": s / n,
@@ -95,9 +95,13 @@ def seed_metrics(dense: dict, chain: list[dict], rec: dict) -> dict:
         "heldout_gap": target - statistics.fmean(d_eval[i] for i in tail),
         "lag_interp": lag["interp"], "lag_fit": lag["fit"], "lag": per, "lag_from_fit": lag["interp"] is None,
         "lag_per_lh_iter": None if per is None else per / s,
-        "spike": None if probe is None else probe["loss_dense"] - probe["loss_lighthouse"],
-        "stage1_gap_lighthouse": _curve(s1["lighthouse"])[s] - d_eval[s],
-        "stage1_gap_dense": _curve(s1["dense"])[s] - d_eval[s],
+        # None where the last stage-1 iteration already ran dense attention everywhere (a progressive
+        # window): both probe losses then come from one computation, bit for bit the same
+        "spike": None if probe is None or probe["loss_dense"] == probe["loss_lighthouse"]
+        else probe["loss_dense"] - probe["loss_lighthouse"],
+        # None where the schedule has no Lighthouse layer left at the switch (a progressive window)
+        "stage1_gap_lighthouse": s1["lighthouse"][s] - d_eval[s] if s in s1.get("lighthouse", {}) else None,
+        "stage1_gap_dense": s1["dense"][s] - d_eval[s],
         "end_slope": stats.end_slope(its, [d_eval[i] for i in its]),
         "last_iters": [first, n], "eval_interval": e,
     }
@@ -131,10 +135,15 @@ SUMMARIES = ("lag", "lag_interp", "lag_fit", "spike", "stage1_gap_lighthouse", "
              "end_slope")
 
 
+def _paper_first(key: tuple) -> tuple:
+    """(batch, recipe, ...) in batch order, the paper's recipe first, then the variants by name."""
+    return (key[0], key[1] != "paper", *key[1:])
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
     """One row per (batch, switch): verdicts on the gaps and the lag, summaries of the rest."""
     out = []
-    for key in sorted({(r["batch"], r["recipe"], r["switch"]) for r in rows}):
+    for key in sorted({(r["batch"], r["recipe"], r["switch"]) for r in rows}, key=_paper_first):
         group = [r for r in rows if (r["batch"], r["recipe"], r["switch"]) == key]
         row = {"batch": key[0], "recipe": key[1], "switch": key[2], "switch_frac": group[0]["switch_frac"],
                "preset": group[0]["preset"], "iters": group[0]["iters"], "tokens": group[0]["tokens"],
@@ -399,6 +408,9 @@ def markdown(summary: dict) -> str:
         for t in ttq:
             lines.append(f"| {t['switch_frac']:.1%} | {t['value']:.2f}x | {_bounds(t, '.2f')} | {t['n']} "
                          f"| {t['lag_from']} |")
+        if ttq and not math.isclose(ttq[0]["stage1_cost"], st["ratio"]):
+            lines += ["", f"A stage-1 step of this recipe costs {ttq[0]['stage1_cost']:.3f} of a dense one "
+                          f"({ttq[0]['stage1_cost_from']})."]
         best = summary.get("best_switch", {}).get(batch)
         lines += ["", _best_text(best)] if best else []
         vs = summary.get("against_paper", {}).get(batch)
@@ -477,7 +489,7 @@ def analyze(args) -> int:
         raise UsageError(f"--runs {args.runs}: no seed has its dense, Lighthouse and recovered runs yet")
     ratio = step_ratio(Path(args.e2e))
     r, steps = ratio["ratio"], ratio.get("recipe_steps")
-    pairs = sorted({(r["batch"], r["recipe"]) for r in rows})
+    pairs = sorted({(r["batch"], r["recipe"]) for r in rows}, key=_paper_first)
     summary = {
         "rule": stats.RULE.format(conf=stats.CONFIDENCE, tol=stats.TOLERANCE),
         "runs": len(runs), "cards": sorted({r["device"] for r in runs}),

@@ -27,7 +27,9 @@ if [ "${1:-}" = wait ]; then
         for w in "$@"; do
             files=$(cd "$w" && ls -d runs plan.json request.json status.json serve.log jobs 2>/dev/null || true)
             if [ -n "${OUT:-}" ] && [ -n "$files" ]; then
-                (cd "$w" && tar czf "$OUT/$(basename "$w").tgz.part" --exclude=ckpt --exclude=data_cache $files \
+                # tar's status 1: a running job's log grew while it was read; the archive is still whole
+                (cd "$w" && { tar czf "$OUT/$(basename "$w").tgz.part" --warning=no-file-changed \
+                        --exclude=ckpt --exclude=data_cache $files || [ $? = 1 ]; } \
                     && mv "$OUT/$(basename "$w").tgz.part" "$OUT/$(basename "$w").tgz")
             fi
         done

@@ -179,13 +179,13 @@ def time_to_quality_interval(switch_frac: float, lags: Sequence[float], step_rat
     if not lag["n"]:
         raise ValueError("time to quality needs at least one seed's lag")
 
-    per_seed = [time_to_quality(switch_frac, x, step_ratio) for x in lag["values"]]
-    out = {"n": lag["n"], "value": time_to_quality(switch_frac, lag["mean"], step_ratio), "lower": None,
-           "upper": None, "lag": lag, "values": per_seed}
+    def ratio(lam: float) -> float:  # math.inf where the lag would make the two-stage run free
+        if 0 < switch_frac < 1 and 1 - switch_frac * (1 - step_ratio - lam) <= 0:
+            return math.inf
+        return time_to_quality(switch_frac, lam, step_ratio)
+
+    out = {"n": lag["n"], "value": ratio(lag["mean"]), "lower": None, "upper": None, "lag": lag,
+           "values": [ratio(x) for x in lag["values"]]}
     if lag["lower"] is not None:
-        out["lower"] = time_to_quality(switch_frac, lag["upper"], step_ratio)
-        try:
-            out["upper"] = time_to_quality(switch_frac, lag["lower"], step_ratio)
-        except ValueError:  # the interval's lowest lag would make stage 2 free: no upper end
-            out["upper"] = math.inf
+        out["lower"], out["upper"] = ratio(lag["upper"]), ratio(lag["lower"])
     return out

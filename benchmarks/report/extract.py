@@ -5,6 +5,7 @@ an `Interval`, or None when the measurement gives no verdict (too few seeds, an 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -228,10 +229,13 @@ def quality_verdict(results, metric: Literal[tuple(UNITS)], switch: float = 0.62
 
 def _ttq_text(t: dict, most: int, batch: str, step: dict) -> str:
     spread = "" if t["lower"] is None else f" [{t['lower']:.2f}, {t['upper']:.2f}] (95% interval)"
+    source = f"{step['file']}, {step['card']}"
+    cost = t.get("stage1_cost", step["ratio"])
+    if not math.isclose(cost, step["ratio"]):  # a recipe variant's stage-1 steps
+        source = f"{t['stage1_cost_from']}; a Lighthouse step {step['ratio']:.3f}: {source}"
     return (
         f"{t['value']:.2f}x{spread} at switch {t['switch_frac']:.1%} ({t['lag_from']}); {seeds_text(t['n'])}"
-        f"{_fewer(t['n'], most)}; {batch}; a Lighthouse step {step['ratio']:.3f} of a dense one "
-        f"({step['file']}, {step['card']})"
+        f"{_fewer(t['n'], most)}; {batch}; a stage-1 step {cost:.3f} of a dense one ({source})"
     )
 
 
