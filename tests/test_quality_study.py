@@ -301,14 +301,15 @@ def test_switch_probe_is_paired_and_changes_nothing(data, tmp_path):
 # ------------------------------------------------------------------------- the driver
 
 
-def _study(work: Path, iters: int, seeds: str, data_dir: Path) -> None:
+def _study(work: Path, iters: int, seeds: str, data_dir: Path, *extra: str, rc: int = 0) -> str:
     env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "benchmarks.quality.run", "start", "--work", str(work), "--preset", "tiny",
             "--iters", str(iters), "--seeds", seeds, "--switches", "62.5", "--jobs", "2",
-            "--data", str(data_dir), "--corpus-mb", "2", "--foreground"]
+            "--data", str(data_dir), "--corpus-mb", "2", "--foreground", *extra]
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     log = (work / "serve.log").read_text() if (work / "serve.log").is_file() else ""
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + log[-3000:]
+    assert proc.returncode == rc, proc.stdout[-2000:] + proc.stderr[-2000:] + log[-3000:]
+    return log
 
 
 @pytest.fixture(scope="module")
@@ -343,6 +344,35 @@ def test_a_second_start_runs_only_what_is_missing(one_batch, tmp_path):
     after = {p.name: p.stat().st_mtime_ns for p in (work / "runs" / "tiny-16").iterdir()}
     assert sorted(after) == sorted([*before, "seed1_recovered_10.json"])
     assert all(after[k] == v for k, v in before.items())
+
+
+def test_reuse_takes_finished_jobs_from_a_runs_folder_of_the_same_corpus(one_batch, tmp_path):
+    """--reuse: a planned job whose JSON the folder holds is copied in, not run (a recipe variant pairs
+    with the committed control); the rest run, and so does a reused job whose checkpoint a job that
+    runs resumes from (it stayed on another machine). A JSON from another corpus stops the scheduler
+    before anything is copied or run."""
+    tmp, runs = one_batch
+    committed = tmp_path / "committed"
+    shutil.copytree(runs, committed)
+    (committed / "tiny-16" / "seed1_recovered_10.json").unlink()
+    work = tmp_path / "work"
+    log = _study(work, 16, "1", tmp / "data", "--reuse", str(committed))
+    got = work / "runs" / "tiny-16"
+    assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in (runs / "tiny-16").iterdir())
+    same = {n: (got / n).read_bytes() == (committed / "tiny-16" / n).read_bytes()
+            for n in ("seed1_dense.json", "seed1_lighthouse_10.json")}
+    assert same == {"seed1_dense.json": True, "seed1_lighthouse_10.json": False}  # run again: its checkpoint
+    assert "2 jobs to run" in log and "taken from --reuse" in (work / "status.json").read_text()
+
+    foreign = json.loads((committed / "tiny-16" / "seed1_dense.json").read_text())
+    (committed / "tiny-16" / "seed1_dense.json").write_text(json.dumps({**foreign, "corpus": "another"}))
+    other = tmp_path / "other"
+    log = _study(other, 16, "1", tmp / "data", "--reuse", str(committed), rc=2)
+    assert "seed1_dense.json: made on corpus another" in log
+    assert not (other / "runs").exists() and not (other / "jobs").exists()
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.quality.run", "start", "--work", str(other),
+                          "--reuse", str(tmp_path / "missing")], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--reuse" in bad.stderr and "not a folder" in bad.stderr
 
 
 def _analyze(runs: Path, out: Path) -> dict:

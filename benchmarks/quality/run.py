@@ -26,7 +26,10 @@ shares the seed's dense control.
 Each finished job becomes one JSON, DIR/runs/<preset>-<iters>/seed<N>_<arm>.json (settings, command,
 device, versions, corpus digest, every logged loss), the unit that `analyze.py` aggregates; copy
 them to benchmarks/quality/runs/ to commit them. Running `start` again on the same DIR (same plan)
-runs only the jobs without a JSON, so a cut lease loses only the jobs that were running. `budget`
+runs only the jobs without a JSON, so a cut lease loses only the jobs that were running;
+`--reuse DIR` (for example benchmarks/quality/runs) takes a planned job's JSON from DIR/<batch>/ instead
+of running it, so a recipe variant pairs with the committed dense control of its seed. A run found
+either way must come from this machine's corpus (the same digest), or the scheduler stops. `budget`
 replaces a running scheduler's time budget (S seconds from now) and speed estimate, which it reads
 before it next starts or skips a job; its running jobs go on.
 Every run reads each training token at most once (`--allow-repeat` to override, recorded).
@@ -233,6 +236,34 @@ def result_path(work: Path, name: str) -> Path:
     return work / "runs" / batch / f"{seed}_{arm}.json"
 
 
+def finished_earlier(work: Path, name: str, reuse: str | None, digest: str) -> Path | None:
+    """Job `name`'s JSON if it has one already, in WORK/runs or else in the --reuse folder. Raises
+    ValueError for one made on another corpus: its seed's runs would not pair."""
+    path = result_path(work, name)
+    if not path.is_file() and reuse:
+        path = Path(reuse) / path.relative_to(work / "runs")
+    if not path.is_file():
+        return None
+    theirs = json.loads(path.read_text()).get("corpus")
+    if theirs != digest:
+        raise ValueError(f"{path}: made on corpus {theirs}, this machine's is {digest}; its seed's runs "
+                         "would not pair (remove it, or run on the corpus it came from)")
+    return path
+
+
+def _keep_checkpoints_that_jobs_need(jobs: list[Job], earlier: dict[str, Path | None], work: Path) -> None:
+    """A job taken from --reuse left its checkpoint on another machine: where a job that will run
+    resumes from it, run it again too (and so on up its chain)."""
+    changed = True
+    while changed:
+        changed = False
+        for j in jobs:
+            if earlier[j.name] is None:
+                for d in j.deps:
+                    if earlier[d] is not None and earlier[d] != result_path(work, d):
+                        earlier[d], changed = None, True
+
+
 # -------------------------------------------------------------------------- a run's JSON
 
 
@@ -393,10 +424,14 @@ def start(args) -> int:
         raise UsageError(f"--work {work}: a scheduler (pid {pid}) is still running; `stop` it first")
     preset = PRESETS[args.preset]
     iters = args.iters or preset.iters
+    if args.reuse and not Path(args.reuse).is_dir():
+        raise UsageError(f"--reuse {args.reuse}: not a folder (the runs folder to take finished jobs from, "
+                         "for example benchmarks/quality/runs)")
     request = {"preset": args.preset, "iters": iters, "seeds": parse_seeds(args.seeds),
                "switches": parse_switches(args.switches), "jobs": args.jobs,
                "recipes": [parse_recipe(r) for r in args.recipes.split(",")],
                "allow_repeat": args.allow_repeat,
+               "reuse": str(Path(args.reuse).resolve()) if args.reuse else None,
                "time_budget_s": args.time_budget, "sec_per_iter": args.sec_per_iter or preset.sec_per_iter,
                "corpus_mb": args.corpus_mb if args.corpus_mb is not None else preset.corpus_mb,
                "data": str(Path(args.data).resolve()) if args.data else str(work / "data"),
@@ -443,9 +478,19 @@ def serve(args) -> int:
             "versions": versions(), "corpus_digest": corpus["digest"], "corpus": corpus, "epochs": epochs,
             "preset_describe": preset.describe, "common": common}
     write_json(work / "plan.json", plan)
+    try:  # every earlier JSON checked before any is copied in
+        earlier = {j.name: finished_earlier(work, j.name, req.get("reuse"), corpus["digest"]) for j in jobs}
+    except ValueError as e:
+        print(f"error: {e}", flush=True)
+        return 2
+    _keep_checkpoints_that_jobs_need(jobs, earlier, work)
     for j in jobs:
-        if result_path(work, j.name).is_file():
-            j.status, j.why = "ok", "finished earlier"
+        found, mine = earlier[j.name], result_path(work, j.name)
+        if found is not None:
+            j.status, j.why = "ok", "finished earlier" if found == mine else "taken from --reuse"
+            if found != mine:
+                mine.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(found, mine)
     sched = Scheduler(work, plan, jobs, req["jobs"], deadline)
     signal.signal(signal.SIGTERM, lambda *_: (sched.stop(), sys.exit(143)))
     print(f"corpus: {corpus['unique_files']:,} files, {corpus['train']['tokens']:,} training tokens; "
@@ -556,6 +601,9 @@ def add_parser(sub) -> None:
                    help="the corpus folder (default WORK/data; studies on one machine can share it)")
     s.add_argument("--corpus-mb", type=float, default=None, help="use only the first MB of the corpus")
     s.add_argument("--allow-repeat", action="store_true", help="let a run read training tokens twice")
+    s.add_argument("--reuse", default=None, metavar="DIR",
+                   help="take a planned job's JSON from DIR/<batch>/ instead of running it (for example "
+                        "the committed dense controls in benchmarks/quality/runs)")
     s.add_argument("--foreground", action="store_true", help="wait for the scheduler (tests)")
     s.set_defaults(func=usage_errors_as_exit_2(start))
     for name, fn in (("serve", serve), ("status", status), ("stop", stop)):
