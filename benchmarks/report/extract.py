@@ -5,7 +5,6 @@ an `Interval`, or None when the measurement gives no verdict (too few seeds, an 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -204,22 +203,22 @@ def _at_switch(rows: list[dict], switch: float) -> dict:
 
 @extractor
 def quality_verdict(results, metric: Literal[tuple(UNITS)], switch: float = 0.625) -> list[Measured]:
-    """Per batch of the time-to-dense-quality study (preset and run length), the aggregate at the
-    switch closest to `switch`: recovered - dense by the t rule (`cannot tell` gives no verdict)."""
+    """Per batch of the time-to-dense-quality study (preset and run length), the paper's recipe's
+    aggregate at the switch closest to `switch`: recovered - dense by the t rule (`cannot tell` gives
+    no verdict). The recipe variants are judged against the paper's switch (recipe_vs_paper)."""
     out = []
     for r in results.get("quality", []):
-        aggs = r.data["aggregates"]
+        aggs = [a for a in r.data["aggregates"] if a.get("recipe", "paper") == "paper"]
         most = max(len(a["seeds"]) for a in aggs)
-        for batch, recipe in sorted({(a["batch"], a.get("recipe", "paper")) for a in aggs}):
-            a = _at_switch([x for x in aggs if (x["batch"], x.get("recipe", "paper")) == (batch, recipe)],
-                           switch)
+        for batch in sorted({a["batch"] for a in aggs}):
+            a = _at_switch([x for x in aggs if x["batch"] == batch], switch)
             v = a[metric]
             bounds = (
                 "" if v["lower"] is None else f", one-sided 95% bounds [{v['lower']:+.3f}, {v['upper']:+.3f}]"
             )
             text = (
                 f"{v['verdict']}: {v['mean']:+.3f} {UNITS[metric]}{bounds}; {seeds_text(v['n'])}"
-                f"{_fewer(v['n'], most)}; {batch}{'' if recipe == 'paper' else ' recipe ' + recipe} "
+                f"{_fewer(v['n'], most)}; {batch} "
                 f"({a['tokens']:,} training tokens per run), switch "
                 f"{a['switch_frac']:.1%} (it. {a['switch']})"
             )
@@ -229,13 +228,10 @@ def quality_verdict(results, metric: Literal[tuple(UNITS)], switch: float = 0.62
 
 def _ttq_text(t: dict, most: int, batch: str, step: dict) -> str:
     spread = "" if t["lower"] is None else f" [{t['lower']:.2f}, {t['upper']:.2f}] (95% interval)"
-    source = f"{step['file']}, {step['card']}"
-    cost = t.get("stage1_cost", step["ratio"])
-    if not math.isclose(cost, step["ratio"]):  # a recipe variant's stage-1 steps
-        source = f"{t['stage1_cost_from']}; a Lighthouse step {step['ratio']:.3f}: {source}"
     return (
         f"{t['value']:.2f}x{spread} at switch {t['switch_frac']:.1%} ({t['lag_from']}); {seeds_text(t['n'])}"
-        f"{_fewer(t['n'], most)}; {batch}; a stage-1 step {cost:.3f} of a dense one ({source})"
+        f"{_fewer(t['n'], most)}; {batch}; a Lighthouse step {step['ratio']:.3f} of a dense one "
+        f"({step['file']}, {step['card']})"
     )
 
 
@@ -246,11 +242,32 @@ def time_to_quality(results) -> list[Measured]:
     of it lies on one side of the target."""
     out = []
     for r in results.get("quality", []):
-        step = r.data["step_ratio"]
+        step, variants = r.data["step_ratio"], r.data.get("against_paper", {})
         for batch, ttq in sorted(r.data["time_to_quality"].items()):
+            if batch in variants:  # a recipe variant: recipe_vs_paper judges it
+                continue
             most = max(t["n"] for t in ttq)
             out += [Measured(Interval(t["lower"], t["upper"]), _ttq_text(t, most, batch, step), r)
                     for t in ttq if t["lag_from"].startswith("measured")]
+    return out
+
+
+@extractor
+def recipe_vs_paper(results) -> list[Measured]:
+    """Each recipe variant against the paper's hard switch on the same seeds and switch: the paired
+    share of the dense run's time saved, with its two-sided 95% t interval (analyze.against_paper's
+    verdict; `cannot tell` gives none)."""
+    out = []
+    for r in results.get("quality", []):
+        for key, judged in sorted(r.data.get("against_paper", {}).items()):
+            cost = r.data["time_to_quality"][key][0]
+            for v in judged:
+                spread = "" if v["lower"] is None else f" [{v['lower']:+.2f}, {v['upper']:+.2f}]"
+                text = (f"{v['verdict']}: saves {v['share']:.2f} of the dense run's time against "
+                        f"{v['paper_share']:.2f}, difference {v['mean']:+.2f}{spread}; {seeds_text(v['n'])}; "
+                        f"{key}, switch {v['switch_frac']:.1%}; a stage-1 step {cost['stage1_cost']:.3f} "
+                        f"of a dense one ({cost['stage1_cost_from']})")
+                out.append(Measured(None if v["verdict"] == "cannot tell" else v["verdict"], text, r))
     return out
 
 
