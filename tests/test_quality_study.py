@@ -182,17 +182,21 @@ def test_read_once_guard():
 def test_recipe_jobs_and_their_settings(tmp_path):
     """The paper's recipe and dense-every chain one stage-1 run through the switches; a window
     recipe runs stage 1 from scratch for each switch, its window a share of that stage 1."""
-    from benchmarks.quality.run import PRESETS, parse_recipe, plan_jobs
+    from benchmarks.quality.run import PRESETS, check_recipe, parse_recipe, plan_jobs
 
     common = {"eval_interval": 8}
     jobs = {j.name: j for j in plan_jobs(PRESETS["tiny"], 160, [1], [0.5, 0.75], common, tmp_path, "b",
-                                         ("paper", "dense-every-4", "progressive-10"))}
+                                         ("paper", "dense-every-4", "progressive-10", "topk-2"))}
     assert sorted(jobs) == sorted(["b/seed1/dense"] + [f"b/seed1/{arm}{tag}_{s}" for tag in
-                                  ("", "-dense-every-4", "-progressive-10")
+                                  ("", "-dense-every-4", "-progressive-10", "-topk-2")
                                   for arm in ("lighthouse", "recovered") for s in (80, 120)])
     chained = jobs["b/seed1/lighthouse-dense-every-4_120"]
     assert chained.deps == ["b/seed1/lighthouse-dense-every-4_80"] and chained.iters == 40
     assert chained.settings["lighthouse_dense_every"] == 4 and chained.settings["exit_interval"] == 120
+    wider = jobs["b/seed1/lighthouse-topk-2_120"]  # all of stage 1 at twice the preset's k (16): chained
+    assert wider.deps == ["b/seed1/lighthouse-topk-2_80"] and wider.settings["lighthouse_topk"] == 32
+    assert jobs["b/seed1/recovered-topk-2_80"].settings["lighthouse_topk"] == 32
+    assert "lighthouse_until_iter" not in wider.settings
     window = jobs["b/seed1/lighthouse-progressive-10_120"]
     assert window.deps == [] and window.iters == 120 and "load" not in window.settings
     assert window.settings["lighthouse_until_iter"] == 120
@@ -201,10 +205,14 @@ def test_recipe_jobs_and_their_settings(tmp_path):
     assert rec.settings["lighthouse_progressive_iters"] == 8 and rec.settings["lighthouse_until_iter"] == 80
     assert rec.settings["load"] == jobs["b/seed1/lighthouse-progressive-10_80"].settings["save"]
     recipes = {j.recipe for j in jobs.values() if j.arm != "dense"}
-    assert recipes == {"paper", "dense-every-4", "progressive-10"}
-    for bad in ("dense-every-1", "progressive-0", "grow-150", "sometimes"):
-        with pytest.raises(UsageError, match="--recipes"):
+    assert recipes == {"paper", "dense-every-4", "progressive-10", "topk-2"}
+    for bad in ("dense-every-1", "progressive-0", "grow-150", "sometimes", "topk-1", "topk-3"):
+        with pytest.raises(UsageError, match="--recipes.*topk-M"):
             parse_recipe(bad)
+    # A k the preset's sequence cannot hold is refused at start-up, naming the recipe.
+    check_recipe("topk-4", PRESETS["default"])  # k = 1024 at 16K tokens
+    with pytest.raises(UsageError, match="--recipes topk-64: k = 1024 does not fit"):
+        check_recipe("topk-64", PRESETS["tiny"])  # 256 tokens
 
 
 def test_stage1_cost_of_each_recipe():
@@ -227,6 +235,12 @@ def test_stage1_cost_of_each_recipe():
     by_hand = (0.55 + 0.8 + 0.9 + 1.0) / 4  # d = 1..4 dense: (0, .3)-(2, .8) then (2, .8)-(4, 1)
     assert stage1_cost("progressive-20", 0.3, dearer)[0] == pytest.approx(0.3 + 0.2 * (by_hand - 0.3))
     assert stage1_cost("dense-every-4", 0.3, dearer)[0] == pytest.approx(0.475)  # no window
+    # topk-M: every stage-1 step at M times k, the growth ladder's rung for M (2 k: 3072, 4 k: 6144).
+    ladder = {"grow_cost_vs_dense": {"6144": 0.6, "3072": 0.4}}
+    assert stage1_cost("topk-2", 0.3, ladder) == (0.4, "measured step at k 3072")
+    assert stage1_cost("topk-4", 0.3, ladder) == (0.6, "measured step at k 6144")
+    cost, how = stage1_cost("topk-8", 0.3, ladder)
+    assert cost == 0.3 and how.startswith("not measured")
     # The time-to-quality table takes the same cost from the e2e run's steps.
     rows = [{"batch": "b", "recipe": "grow-10", "seed": s, "switch_frac": 0.625, "lag_per_lh_iter": 0.1}
             for s in (1, 2)]

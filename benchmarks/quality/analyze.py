@@ -41,6 +41,7 @@ from pathlib import Path
 
 from .._common import UsageError, main, seeds_text, usage_errors_as_exit_2, write_json
 from . import stats
+from .run import chained
 
 HERE = Path(__file__).resolve().parent
 LAST_SHARE = 0.05  # the paper's metric: training loss over the last 5% of the iterations
@@ -122,7 +123,7 @@ def batch_rows(runs: list[dict]) -> list[dict]:
                             if a == "lighthouse" and rc == recipe and x <= sw), key=lambda r: r["switch"])
             if not chain or chain[-1]["switch"] != sw:
                 continue
-            if recipe != "paper" and not recipe.startswith("dense-every"):
+            if not chained(recipe):
                 chain = chain[-1:]  # window recipes run stage 1 from scratch for each switch
             rows.append({"batch": batch, "recipe": recipe, "preset": rec["preset"], "iters": rec["iters"],
                          "tokens": rec["iters"] * rec["settings"]["global_batch_size"]
@@ -206,6 +207,12 @@ def stage1_cost(recipe: str, ratio: float, steps: dict | None = None, window_lay
     kind, _, value = recipe.rpartition("-")
     if kind == "dense-every":
         return ratio + (1 - ratio) / int(value), "measured steps, mixed 1 dense in " + value
+    if kind == "topk":  # every stage-1 step at M k: the growth ladder's rung M (2 k, 4 k, ...)
+        ladder = sorted((steps or {}).get("grow_cost_vs_dense", {}).items(), key=lambda kv: int(kv[0]))
+        rung = int(value).bit_length() - 2
+        if rung < len(ladder):
+            return ladder[rung][1], f"measured step at k {ladder[rung][0]}"
+        return ratio, f"not measured: a step at {value} times k (the paper's ratio, a lower bound)"
     share = int(value) / 100  # of stage 1 in the window
     window = _window_cost(kind, ratio, steps or {})
     if window is not None:

@@ -20,8 +20,8 @@ once) and runs the trainer jobs, up to --jobs at once on the one GPU. Per seed:
 
 `--recipes` adds the two-stage recipe's variants beside the paper's hard switch (`paper`):
 `dense-every-M`, `progressive-P`, `grow-P` (P: percent of stage 1; the window recipes run stage 1
-from scratch for each switch, named lighthouse-<recipe>_S and recovered-<recipe>_S); every recipe
-shares the seed's dense control.
+from scratch for each switch, named lighthouse-<recipe>_S and recovered-<recipe>_S), `topk-M` (all of
+stage 1 at M times the preset's k); every recipe shares the seed's dense control.
 
 Each finished job becomes one JSON, DIR/runs/<preset>-<iters>/seed<N>_<arm>.json (settings, command,
 device, versions, corpus digest, every logged loss), the unit that `analyze.py` aggregates; copy
@@ -160,36 +160,58 @@ def common_settings(preset: Preset, iters: int, work: Path, corpus: dict) -> dic
 # The two-stage recipes (issue: close the lag), as trainer settings for a switch at iteration S:
 # "paper" the hard switch; "dense-every-M" every M-th stage-1 iteration dense; "progressive-P"
 # the layers turn dense one by one over the last P% of stage 1; "grow-P" k doubles up to the
-# largest valid k over the last P% of stage 1.
-RECIPE_KINDS = ("paper", "dense-every", "progressive", "grow")
+# largest valid k over the last P% of stage 1; "topk-M" all of stage 1 at M times the preset's k
+# (M a power of two: the k that `bench e2e --recipe-steps` times at 98K for the growth ladder).
+RECIPE_KINDS = ("paper", "dense-every", "progressive", "grow", "topk")
+RECIPES_HELP = ("one of paper, dense-every-M (M >= 2), progressive-P, grow-P (P: percent of stage 1, "
+                "1..100), topk-M (M = 2, 4, 8, ...)")
 
 
 def parse_recipe(text: str) -> str:
     kind, _, value = text.rpartition("-")
     if text == "paper":
         return text
-    ok = kind in RECIPE_KINDS[1:] and value.isdigit() and int(value) >= (2 if kind == "dense-every" else 1)
-    if not ok or (kind != "dense-every" and int(value) > 100):
-        raise UsageError(f"--recipes {text!r}: one of paper, dense-every-M (M >= 2), progressive-P, grow-P "
-                         "(P: percent of stage 1, 1..100)")
+    ok = kind in RECIPE_KINDS[1:] and value.isdigit() and int(value) >= (2 if kind in ("dense-every", "topk")
+                                                                         else 1)
+    if not ok or (kind in ("progressive", "grow") and int(value) > 100) or (
+            kind == "topk" and int(value) & (int(value) - 1)):
+        raise UsageError(f"--recipes {text!r}: {RECIPES_HELP}")
     return text
 
 
-def recipe_settings(recipe: str, switch: int) -> dict[str, Any]:
-    """The trainer settings of `recipe` for a stage 1 that ends at `switch`."""
+def check_recipe(recipe: str, preset: Preset) -> None:
+    """Refuse at start-up a topk-M whose k the preset's sequence length cannot hold."""
+    from lighthouse_megatron.config import LighthouseConfig
+
+    if not recipe.startswith("topk-"):
+        return
+    lh = preset.lighthouse
+    k = lh["lighthouse_topk"] * int(recipe.rpartition("-")[2])
+    try:
+        LighthouseConfig(levels=lh["lighthouse_levels"], pooling_factor=lh["lighthouse_pooling_factor"],
+                         topk=k, tile_topk=lh["lighthouse_tile_topk"]).validate(preset.model["seq_length"])
+    except ValueError as e:
+        raise UsageError(f"--recipes {recipe}: k = {k} does not fit this preset ({e})") from e
+
+
+def recipe_settings(recipe: str, switch: int, lighthouse: dict) -> dict[str, Any]:
+    """The trainer settings of `recipe` for a stage 1 that ends at `switch` (`lighthouse`: the
+    preset's Lighthouse settings)."""
     if recipe == "paper":
         return {}
     kind, _, value = recipe.rpartition("-")
     if kind == "dense-every":
         return {"lighthouse_dense_every": int(value)}
+    if kind == "topk":
+        return {"lighthouse_topk": lighthouse["lighthouse_topk"] * int(value)}
     window = max(1, round(int(value) / 100 * switch))
     flag = "lighthouse_progressive_iters" if kind == "progressive" else "lighthouse_grow_topk_iters"
     return {"lighthouse_until_iter": switch, flag: window}
 
 
-def _chain(recipe: str) -> bool:
+def chained(recipe: str) -> bool:
     """Can one stage-1 run serve every switch (no window that ends at the switch)?"""
-    return recipe == "paper" or recipe.startswith("dense-every")
+    return recipe == "paper" or recipe.startswith(("dense-every", "topk"))
 
 
 def plan_jobs(preset: Preset, iters: int, seeds: list[int], switches: list[float], common: dict,
@@ -215,11 +237,11 @@ def _recipe_jobs(preset, iters, points, recipe, work, key, seed, s) -> list[Job]
     lighthouse = {**s, **preset.lighthouse, "attention_impl": "lighthouse"}
     jobs, prev = [], None
     for sw in points:
-        extra = recipe_settings(recipe, sw)
+        extra = recipe_settings(recipe, sw, preset.lighthouse)
         name = f"{key}/lighthouse{tag}_{sw}"
         seg = {**lighthouse, **extra, "exit_interval": sw, "save": str(work / "jobs" / name / "ckpt")}
         deps = []
-        if prev is not None and _chain(recipe):
+        if prev is not None and chained(recipe):
             seg["load"] = str(work / "jobs" / f"{key}/lighthouse{tag}_{prev}" / "ckpt")
             deps = [f"{key}/lighthouse{tag}_{prev}"]
         start = prev if deps else 0
@@ -424,12 +446,15 @@ def start(args) -> int:
         raise UsageError(f"--work {work}: a scheduler (pid {pid}) is still running; `stop` it first")
     preset = PRESETS[args.preset]
     iters = args.iters or preset.iters
+    recipes = [parse_recipe(r) for r in args.recipes.split(",")]
+    for r in recipes:
+        check_recipe(r, preset)
     if args.reuse and not Path(args.reuse).is_dir():
         raise UsageError(f"--reuse {args.reuse}: not a folder (the runs folder to take finished jobs from, "
                          "for example benchmarks/quality/runs)")
     request = {"preset": args.preset, "iters": iters, "seeds": parse_seeds(args.seeds),
                "switches": parse_switches(args.switches), "jobs": args.jobs,
-               "recipes": [parse_recipe(r) for r in args.recipes.split(",")],
+               "recipes": recipes,
                "allow_repeat": args.allow_repeat,
                "reuse": str(Path(args.reuse).resolve()) if args.reuse else None,
                "time_budget_s": args.time_budget, "sec_per_iter": args.sec_per_iter or preset.sec_per_iter,
@@ -590,8 +615,7 @@ def add_parser(sub) -> None:
     s.add_argument("--switches", default="62.5,75",
                    help="switch points, percent of --iters (default 62.5,75)")
     s.add_argument("--recipes", default="paper",
-                   help="two-stage recipes, comma-separated: paper, dense-every-M, progressive-P, grow-P "
-                        "(P: percent of stage 1); default paper")
+                   help="two-stage recipes, comma-separated: " + RECIPES_HELP + "; default paper")
     s.add_argument("--jobs", type=int, default=6, help="trainer processes at once (default 6)")
     s.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="skip jobs that would end more than S seconds after the start (estimate)")
