@@ -358,6 +358,7 @@ def test_a_second_start_runs_only_what_is_missing(one_batch, tmp_path):
     after = {p.name: p.stat().st_mtime_ns for p in (work / "runs" / "tiny-16").iterdir()}
     assert sorted(after) == sorted([*before, "seed1_recovered_10.json"])
     assert all(after[k] == v for k, v in before.items())
+    assert len((work / "plans.jsonl").read_text().splitlines()) == 2  # both starts' plans are kept
 
 
 def test_reuse_takes_finished_jobs_from_a_runs_folder_of_the_same_corpus(one_batch, tmp_path):
@@ -377,6 +378,8 @@ def test_reuse_takes_finished_jobs_from_a_runs_folder_of_the_same_corpus(one_bat
             for n in ("seed1_dense.json", "seed1_lighthouse_10.json")}
     assert same == {"seed1_dense.json": True, "seed1_lighthouse_10.json": False}  # run again: its checkpoint
     assert "2 jobs to run" in log and "taken from --reuse" in (work / "status.json").read_text()
+    (plan,) = [json.loads(x) for x in (work / "plans.jsonl").read_text().splitlines()]
+    assert plan["command"].endswith(f"--reuse {committed}") and plan["batch"] == "tiny-16"
 
     foreign = json.loads((committed / "tiny-16" / "seed1_dense.json").read_text())
     (committed / "tiny-16" / "seed1_dense.json").write_text(json.dumps({**foreign, "corpus": "another"}))

@@ -25,7 +25,7 @@ if [ "${1:-}" = wait ]; then
     # and at the end, so a call cut short still returns every run that finished.
     pack() {
         for w in "$@"; do
-            files=$(cd "$w" && ls -d runs plan.json request.json status.json serve.log jobs 2>/dev/null || true)
+            files=$(cd "$w" && ls -d runs plan.json plans.jsonl request.json status.json serve.log jobs 2>/dev/null || true)
             if [ -n "${OUT:-}" ] && [ -n "$files" ]; then
                 # tar's status 1: a running job's log grew while it was read; the archive is still whole
                 (cd "$w" && { tar czf "$OUT/$(basename "$w").tgz.part" --warning=no-file-changed \

@@ -7,9 +7,10 @@
     python -m benchmarks.quality.run budget --work DIR --time-budget S [--sec-per-iter X]
 
 `start` copies the project into DIR/src (a later sync of the working tree cannot touch what runs),
-writes DIR/plan.json and starts a scheduler in a new process session (it outlives the shell that
-started it) that builds the corpus (`corpus.py`: every distinct Python source of the machine, read
-once) and runs the trainer jobs, up to --jobs at once on the one GPU. Per seed:
+writes DIR/plan.json (and appends it to DIR/plans.jsonl) and starts a scheduler in a new process
+session (it outlives the shell that started it) that builds the corpus (`corpus.py`: every distinct
+Python source of the machine, read once) and runs the trainer jobs, up to --jobs at once on the one
+GPU. Per seed:
 
     dense            dense attention from scratch for --iters iterations (the control)
     lighthouse_S     Lighthouse attention up to switch S, a chain of resumed segments (one per switch)
@@ -503,6 +504,9 @@ def serve(args) -> int:
             "versions": versions(), "corpus_digest": corpus["digest"], "corpus": corpus, "epochs": epochs,
             "preset_describe": preset.describe, "common": common}
     write_json(work / "plan.json", plan)
+    with open(work / "plans.jsonl", "a") as f:  # every start's plan: a later start replaces plan.json
+        f.write(json.dumps({k: plan[k] for k in ("command", "batch", "device", "versions", "corpus_digest")})
+                + "\n")
     try:  # every earlier JSON checked before any is copied in
         earlier = {j.name: finished_earlier(work, j.name, req.get("reuse"), corpus["digest"]) for j in jobs}
     except ValueError as e:
