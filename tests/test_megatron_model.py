@@ -124,6 +124,31 @@ def test_dense_layers_run_dense_attention_by_behaviour():
             assert not torch.allclose(out, dense_out, atol=1e-4)
 
 
+def test_forced_dense_ranks_match_a_model_built_with_that_layer_dense():
+    """forced_dense([r]) turns only the r-th Lighthouse layer (depth order) dense: the same logits as
+    the same weights under a spec that builds that layer dense; the others stay Lighthouse."""
+    from lighthouse_megatron.megatron import forced_dense
+
+    config = tiny_config()  # 3 layers
+    lh = dataclasses.replace(LH, dense_layers=(0,))  # Lighthouse layers 1 and 2: ranks 0 and 1
+    sparse, dense = _models(config, lh)
+    tokens, positions = batch()
+    with torch.no_grad():
+        plain = sparse(tokens, positions, None)
+        for rank, layer in ((0, 1), (1, 2)):
+            one = build_gpt(config, get_gpt_decoder_block_spec(
+                config, lighthouse=dataclasses.replace(lh, dense_layers=(0, layer)), use_te=False))
+            one.load_state_dict(sparse.state_dict(), strict=True)
+            with forced_dense([rank]):
+                got = sparse(tokens, positions, None)
+            torch.testing.assert_close(got, one(tokens, positions, None), rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(got, plain, atol=1e-4)
+            assert not torch.allclose(got, dense(tokens, positions, None), atol=1e-4)
+        with forced_dense([0, 1]):
+            torch.testing.assert_close(sparse(tokens, positions, None), dense(tokens, positions, None),
+                                       rtol=1e-5, atol=1e-5)
+
+
 def test_until_iter_switches_lighthouse_layers_to_dense():
     config = tiny_config(num_layers=2)
     sparse, dense = _models(config, LH, schedule=RecipeSchedule(until_iter=3))

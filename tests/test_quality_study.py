@@ -304,6 +304,10 @@ def test_switch_probe_is_paired_and_changes_nothing(data, tmp_path):
     assert probe["iteration"] == 5 and rec.train[0]["iteration"] == 5
     assert probe["loss_dense"] == pytest.approx(rec.train[0]["loss"], abs=1e-6)
     assert abs(probe["loss_lighthouse"] - probe["loss_dense"]) > 1e-4  # two attentions, two losses
+    # Both layers are Lighthouse layers: one loss per layer with only that one dense, neither equal to
+    # the all-Lighthouse or the all-dense loss (tests/test_megatron_model.py checks the forcing).
+    one = probe["loss_one_dense"]
+    assert len(one) == 2 and len({*one, probe["loss_lighthouse"], probe["loss_dense"]}) == 4
     assert [r["loss"] for r in rec.train] == [r["loss"] for r in dense.train]
     assert dense.switches == []
     # The Lighthouse loss of that batch, computed independently: the stage-1 run continued one
@@ -445,7 +449,8 @@ def _write_runs(root: Path, iters: int, switch: int, lags: dict[int, float]) -> 
             f"recovered_{switch}": {"arm": "recovered", "switch": switch,
                                     "train": [[i, late(i)] for i in range(switch + 1, iters + 1)],
                                     "eval": {"dense": [[i, late(i)] for i in its if i > switch]},
-                                    "switch_probe": {"loss_dense": 3.0, "loss_lighthouse": 2.0}},
+                                    "switch_probe": {"loss_dense": 3.0, "loss_lighthouse": 2.0,
+                                                     "loss_one_dense": [2.5 + 0.1 * seed, 2.2]}},
         }
         for arm, run in runs.items():
             path = root / batch / f"seed{seed}_{arm}.json"
@@ -477,6 +482,14 @@ def test_runs_of_two_batches_aggregate_apart_and_recover_the_known_lag(tmp_path)
     assert ttq[0.625]["value"] == pytest.approx(stats.time_to_quality(0.625, np.mean(per_seed), ratio))
     assert ttq[0.75]["lag_from"].startswith("assumed")
     assert rows[("synthetic-2560", 1)]["spike"] == 1.0
+    # The spike's parts, layer by layer (only that layer dense), over the seeds: 0.5 + 0.1 s and 0.2.
+    first, second = agg["synthetic-2560"]["spike_per_layer"]
+    assert first["mean"] == pytest.approx(np.mean([0.5 + 0.1 * s for s in lags])) and first["n"] == 3
+    assert second["mean"] == pytest.approx(0.2) and second["std"] == pytest.approx(0, abs=1e-12)
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert f"Spike per Lighthouse layer, synthetic-2560 at 62.5% (3 seeds; only that layer dense at the " \
+           f"switch, minus the stage-1 loss, in depth order): +{first['mean']:.3f} ± {first['std']:.3f}, " \
+           "+0.200 ± 0.000." in text
 
 
 def test_a_progressive_window_has_no_spike_or_lighthouse_gap_at_the_switch(tmp_path):

@@ -103,6 +103,9 @@ def seed_metrics(dense: dict, chain: list[dict], rec: dict) -> dict:
         # None where the schedule has no Lighthouse layer left at the switch (a progressive window)
         "stage1_gap_lighthouse": s1["lighthouse"][s] - d_eval[s] if s in s1.get("lighthouse", {}) else None,
         "stage1_gap_dense": s1["dense"][s] - d_eval[s],
+        # the spike's parts: only the r-th Lighthouse layer dense, minus stage 1's loss (runs since 12-07)
+        "spike_per_layer": None if probe is None or "loss_one_dense" not in probe
+        else [x - probe["loss_lighthouse"] for x in probe["loss_one_dense"]],
         "end_slope": stats.end_slope(its, [d_eval[i] for i in its]),
         "last_iters": [first, n], "eval_interval": e,
     }
@@ -154,6 +157,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
         for m in SUMMARIES:
             row[m] = stats.summary([r[m] for r in group])
         row["lag_from_fit"] = sum(r["lag_from_fit"] for r in group)
+        layers = [r["spike_per_layer"] for r in group if r.get("spike_per_layer")]
+        row["spike_per_layer"] = [stats.summary(v) for v in zip(*layers, strict=True)] if layers else None
         out.append(row)
     return out
 
@@ -401,6 +406,13 @@ def markdown(summary: dict) -> str:
             f"| {_pm(a['lag_per_lh_iter'])} {_bounds(a['lag_per_lh_iter'])} "
             f"| {a['lag_per_lh_iter']['verdict']} "
             f"| {_pm(a['lag'], '+.0f')}{_from_fit(a)} | {_pm(a['spike'])} | {_pm(a['end_slope'])} |")
+    for a in summary["aggregates"]:
+        if a.get("spike_per_layer"):
+            parts = ", ".join(_pm(v) for v in a["spike_per_layer"])
+            lines += ["", f"Spike per Lighthouse layer, {a['batch']}"
+                      f"{'' if a['recipe'] == 'paper' else ' ' + a['recipe']} at {a['switch_frac']:.1%} "
+                      f"({seeds_text(a['spike_per_layer'][0]['n'])}; only that layer dense at the switch, "
+                      f"minus the stage-1 loss, in depth order): {parts}."]
     st = summary["step_ratio"]
     lines += ["", f"Time to dense quality (dense / two-stage wall-clock to the dense control's final loss), "
               f"with a Lighthouse step at {st['ratio']:.3f} of a dense one ({st['file']}: "

@@ -216,7 +216,7 @@ class LighthouseCoreAttention(CausalCoreAttention):
         self._ladders: dict[int, list[int]] = {}
 
     def is_dense_now(self) -> bool:
-        if dense_forced():
+        if dense_forced(self.rank):
             return True
         return self.schedule.layer_dense(get_iteration(), self.rank, self.count, training=self.training)
 

@@ -11,11 +11,11 @@ patches install that as the source (megatron_lm/launch.py). Other loops call
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 _iteration: int = 0
 _source: Callable[[], int] | None = None
-_dense_forced: bool = False
+_dense_forced: bool | frozenset[int] = False  # True: every Lighthouse layer; a set: those ranks
 
 
 def set_iteration(iteration: int) -> None:
@@ -40,16 +40,21 @@ def get_iteration() -> int:
 
 
 @contextlib.contextmanager
-def forced_dense() -> Iterator[None]:
+def forced_dense(ranks: Iterable[int] | None = None) -> Iterator[None]:
     """Every Lighthouse layer computes dense causal attention inside this block, whatever the
-    iteration (evaluating the same weights with dense attention during a Lighthouse stage)."""
+    iteration (evaluating the same weights with dense attention during a Lighthouse stage). With
+    `ranks`, only the Lighthouse layers of those ranks do (a layer's rank: its place among the
+    model's Lighthouse layers in depth order, 0-based); the others follow the schedule."""
     global _dense_forced
-    saved, _dense_forced = _dense_forced, True
+    saved, _dense_forced = _dense_forced, True if ranks is None else frozenset(int(r) for r in ranks)
     try:
         yield
     finally:
         _dense_forced = saved
 
 
-def dense_forced() -> bool:
-    return _dense_forced
+def dense_forced(rank: int | None = None) -> bool:
+    """Is the Lighthouse layer of this rank (any layer: None) forced dense now?"""
+    if _dense_forced is True:
+        return True
+    return bool(_dense_forced) and rank in _dense_forced

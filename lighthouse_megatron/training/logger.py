@@ -6,8 +6,9 @@ Only the first rank writes. JSONL records: {"kind": "train", "iteration", "loss"
 iteration (plus "skipped": true for an iteration whose update the NaN check skipped),
 {"kind": "eval", "iteration", "loss", "attention"} for each evaluation (attention
 "lighthouse" or "dense"), and at the first dense iteration of an in-run switch {"kind":
-"switch", "iteration", "loss_lighthouse", "loss_dense"}: that iteration's batch under both
-attentions, same weights, before the update. A run appends to the same file after dropping
+"switch", "iteration", "loss_lighthouse", "loss_dense", "loss_one_dense"}: that iteration's batch
+under both attentions, same weights, before the update, and with only the r-th Lighthouse layer
+dense (a list, depth order). A run appends to the same file after dropping
 the records past the iteration it starts from (a resumed run: those the run that wrote them
 did not reach a checkpoint after; a run from scratch, a restart before the first save or
 --force: all), as TensorBoard's `purge_step` drops its events, so each iteration appears once.

@@ -367,20 +367,28 @@ def parameters_finite(model) -> bool:
 def switch_probe(engine: Engine, dataset, args, iteration: int) -> dict:
     """At the first dense iteration of an in-run switch: the loss of this iteration's batch
     under Lighthouse and under dense attention, same weights, before the update, in eval mode
-    (no dropout: the probe draws no random numbers, so the run continues as without it)."""
+    (no dropout: the probe draws no random numbers, so the run continues as without it); and
+    `loss_one_dense`, the loss with only the r-th Lighthouse layer dense (depth order), which
+    says where the spike comes from."""
     batches = list(microbatches(dataset, args, iteration * args.global_batch_size, args.device))
     engine.runner.eval()
-    losses = {}
-    for attention, clock in (("lighthouse", args.lighthouse_until_iter - 1), ("dense", iteration)):
+    layers = [m for m in engine.model.modules() if isinstance(m, LighthouseCoreAttention)]
+    count = max((m.count for m in layers), default=0)
+    stage1 = args.lighthouse_until_iter - 1
+    # (the attention clock, the Lighthouse layers forced dense): stage 1's, dense, each layer alone
+    runs = [(stage1, None), (iteration, None), *((stage1, [r]) for r in range(count))]
+    totals = []
+    for clock, ranks in runs:
         set_iteration(clock)
-        total = sum((_token_losses(engine.runner, b) * b["loss_mask"]).sum().item() for b in batches)
-        losses[attention] = total
+        with forced_dense(ranks) if ranks else contextlib.nullcontext():
+            totals.append(sum((_token_losses(engine.runner, b) * b["loss_mask"]).sum().item()
+                              for b in batches))
     set_iteration(iteration)
     engine.runner.train()
     tokens = float(sum(b["loss_mask"].sum().item() for b in batches))
-    lighthouse, dense, tokens = _all_reduce([losses["lighthouse"], losses["dense"], tokens], args.device)
-    return {"kind": "switch", "iteration": iteration + 1, "loss_lighthouse": lighthouse / tokens,
-            "loss_dense": dense / tokens}
+    *totals, tokens = _all_reduce([*totals, tokens], args.device)
+    return {"kind": "switch", "iteration": iteration + 1, "loss_lighthouse": totals[0] / tokens,
+            "loss_dense": totals[1] / tokens, "loss_one_dense": [t / tokens for t in totals[2:]]}
 
 
 @torch.no_grad()
