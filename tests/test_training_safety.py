@@ -174,6 +174,7 @@ def test_a_second_signal_exits_at_once(tmp_path):
     KeyboardInterrupt, SIGTERM ends the process by its default action."""
     from lighthouse_megatron.training.trainer import StopSignals
 
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN where the test run was started in the background
     with StopSignals(True, repeat_window=60) as signals:
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C, forwarded: ignored
@@ -183,7 +184,7 @@ def test_a_second_signal_exits_at_once(tmp_path):
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # restored
     script = ("import os, signal, time\n"
               "from lighthouse_megatron.training.trainer import StopSignals\n"
               "with StopSignals(True, repeat_window=0):\n"
@@ -199,8 +200,10 @@ def test_a_second_signal_exits_at_once(tmp_path):
 
 def test_ctrl_c_before_training_is_one_line(tmp_path):
     """Ctrl-C while the model and data are being built: nothing to save, no traceback."""
+    # A shell that starts the tests in the background ignores SIGINT, and the child would inherit that.
     proc = subprocess.Popen(_cli("--save", tmp_path / "s"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV, cwd=tmp_path)
+                            text=True, env=ENV, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stdout:
             if line.startswith("model: "):  # the model is built, the datasets are next
