@@ -91,6 +91,7 @@ def test_time_to_quality_hand_computed():
     assert stats.time_to_quality(0.5, 0.0, 0.0) == pytest.approx(2.0)
     # A lag that eats all the saving: no gain.
     assert stats.time_to_quality(0.75, 0.676, 0.324) == pytest.approx(1.0)
+    assert stats.time_to_quality(0.75, -0.71, 0.359) == math.inf  # 1 - 0.75 (1 - 0.359 + 0.71) < 0
     with pytest.raises(ValueError):
         stats.time_to_quality(1.0, 0.2, 0.3)
 
@@ -507,13 +508,15 @@ def test_a_progressive_window_has_no_spike_or_lighthouse_gap_at_the_switch(tmp_p
             if arm == "lighthouse":
                 run["eval"]["lighthouse"] = [p for p in run["eval"]["lighthouse"] if p[0] < 1600]
             else:
-                run["switch_probe"] = {"loss_dense": 2.5, "loss_lighthouse": 2.5}
+                run["switch_probe"] = {"loss_dense": 2.5, "loss_lighthouse": 2.5,
+                                       "loss_one_dense": [2.5, 2.5]}
             (batch / f"seed{seed}_{arm}-progressive-10_1600.json").write_text(json.dumps(run))
     summary = _analyze(tmp_path / "runs", tmp_path / "out")
     window = [r for r in summary["rows"] if r["recipe"] == "progressive-10"]
     paper = [r for r in summary["rows"] if r["recipe"] == "paper"]
     assert len(window) == len(paper) == 2
-    assert all(r["spike"] is None and r["stage1_gap_lighthouse"] is None for r in window)
+    assert all(r["spike"] is None and r["stage1_gap_lighthouse"] is None and r["spike_per_layer"] is None
+               for r in window)
     assert all(r["spike"] == 1.0 and r["stage1_gap_lighthouse"] is not None for r in paper)
     assert [r["lag_per_lh_iter"] for r in window] == pytest.approx([r["lag_per_lh_iter"] for r in paper])
     assert [a["recipe"] for a in summary["aggregates"]] == ["paper", "dense-every-4", "progressive-10"]

@@ -90,22 +90,22 @@ def seed_metrics(dense: dict, chain: list[dict], rec: dict) -> dict:
     per = (lag["interp"] if lag["interp"] is not None else lag["fit"])
     s1 = {kind: _curve(pairs) for kind, pairs in chain[-1]["eval"].items()}
     probe = rec.get("switch_probe")
+    # No probe, or the last stage-1 iteration already ran dense attention everywhere (a progressive
+    # window): then its losses all come from one computation, bit for bit the same, and say nothing.
+    probed = probe is not None and probe["loss_dense"] != probe["loss_lighthouse"]
     return {
         "seed": rec["seed"], "switch": s, "switch_frac": s / n,
         "train_gap": stats.window_mean(r_train, first, n) - stats.window_mean(d_train, first, n),
         "heldout_gap": target - statistics.fmean(d_eval[i] for i in tail),
         "lag_interp": lag["interp"], "lag_fit": lag["fit"], "lag": per, "lag_from_fit": lag["interp"] is None,
         "lag_per_lh_iter": None if per is None else per / s,
-        # None where the last stage-1 iteration already ran dense attention everywhere (a progressive
-        # window): both probe losses then come from one computation, bit for bit the same
-        "spike": None if probe is None or probe["loss_dense"] == probe["loss_lighthouse"]
-        else probe["loss_dense"] - probe["loss_lighthouse"],
+        "spike": probe["loss_dense"] - probe["loss_lighthouse"] if probed else None,
         # None where the schedule has no Lighthouse layer left at the switch (a progressive window)
         "stage1_gap_lighthouse": s1["lighthouse"][s] - d_eval[s] if s in s1.get("lighthouse", {}) else None,
         "stage1_gap_dense": s1["dense"][s] - d_eval[s],
         # the spike's parts: only the r-th Lighthouse layer dense, minus stage 1's loss (runs since 12-07)
-        "spike_per_layer": None if probe is None or "loss_one_dense" not in probe
-        else [x - probe["loss_lighthouse"] for x in probe["loss_one_dense"]],
+        "spike_per_layer": [x - probe["loss_lighthouse"] for x in probe["loss_one_dense"]]
+        if probed and "loss_one_dense" in probe else None,
         "end_slope": stats.end_slope(its, [d_eval[i] for i in its]),
         "last_iters": [first, n], "eval_interval": e,
     }

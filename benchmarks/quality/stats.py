@@ -6,6 +6,7 @@ a known answer (tests/test_quality_study.py).
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Sequence
@@ -163,9 +164,7 @@ def time_to_quality(switch_frac: float, lag_per_lighthouse_iter: float, step_rat
     if not 0 < f < 1:
         raise ValueError(f"switch fraction must lie in (0, 1), got {f}")
     denominator = 1 - f * (1 - r - lam)
-    if denominator <= 0:
-        raise ValueError("the two-stage run takes no time under these numbers: check the inputs")
-    return 1 / denominator
+    return math.inf if denominator <= 0 else 1 / denominator  # inf: a lag this negative makes it free
 
 
 def time_to_quality_interval(switch_frac: float, lags: Sequence[float], step_ratio: float,
@@ -179,11 +178,7 @@ def time_to_quality_interval(switch_frac: float, lags: Sequence[float], step_rat
     if not lag["n"]:
         raise ValueError("time to quality needs at least one seed's lag")
 
-    def ratio(lam: float) -> float:  # math.inf where the lag would make the two-stage run free
-        if 0 < switch_frac < 1 and 1 - switch_frac * (1 - step_ratio - lam) <= 0:
-            return math.inf
-        return time_to_quality(switch_frac, lam, step_ratio)
-
+    ratio = functools.partial(time_to_quality, switch_frac, step_ratio=step_ratio)
     out = {"n": lag["n"], "value": ratio(lag["mean"]), "lower": None, "upper": None, "lag": lag,
            "values": [ratio(x) for x in lag["values"]]}
     if lag["lower"] is not None:

@@ -372,8 +372,8 @@ def switch_probe(engine: Engine, dataset, args, iteration: int) -> dict:
     says where the spike comes from."""
     batches = list(microbatches(dataset, args, iteration * args.global_batch_size, args.device))
     engine.runner.eval()
-    layers = [m for m in engine.model.modules() if isinstance(m, LighthouseCoreAttention)]
-    count = max((m.count for m in layers), default=0)
+    count = max((m.count for m in engine.model.modules() if isinstance(m, LighthouseCoreAttention)),
+                default=0)
     stage1 = args.lighthouse_until_iter - 1
     # (the attention clock, the Lighthouse layers forced dense): stage 1's, dense, each layer alone
     runs = [(stage1, None), (iteration, None), *((stage1, [r]) for r in range(count))]
