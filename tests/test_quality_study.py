@@ -207,8 +207,21 @@ def test_recipe_jobs_and_their_settings(tmp_path):
     assert rec.settings["load"] == jobs["b/seed1/lighthouse-progressive-10_80"].settings["save"]
     recipes = {j.recipe for j in jobs.values() if j.arm != "dense"}
     assert recipes == {"paper", "dense-every-4", "progressive-10", "topk-2"}
-    for bad in ("dense-every-1", "progressive-0", "grow-150", "sometimes", "topk-1", "topk-3"):
+    for bad in ("dense-every-1", "progressive-0", "grow-150", "sometimes", "topk-1", "topk-3", "grow@75"):
         with pytest.raises(UsageError, match="--recipes.*topk-M"):
+            parse_recipe(bad)
+    # A recipe at its own switches beside the others' (one dense control for all).
+    own = {j.name: j for j in plan_jobs(PRESETS["tiny"], 160, [1], [0.5, 0.75], common, tmp_path, "b",
+                                        ("paper", "grow-10@75", "topk-2@50/75"))}
+    assert sorted(own) == sorted(["b/seed1/dense"] + [
+        f"b/seed1/{arm}{tag}_{s}" for tag, points in (("", (80, 120)), ("-grow-10", (120,)),
+                                                      ("-topk-2", (80, 120)))
+        for arm in ("lighthouse", "recovered") for s in points])
+    assert own["b/seed1/recovered-grow-10_120"].recipe == "grow-10"
+    assert own["b/seed1/lighthouse-grow-10_120"].settings["lighthouse_grow_topk_iters"] == 12
+    assert parse_recipe("grow-10@62.5/75") == "grow-10@62.5/75"
+    for bad in ("grow-10@", "grow-10@0", "grow-10@75/100", "grow-10@late"):
+        with pytest.raises(UsageError, match=f"--recipes '{bad}': .*switch|--recipes '{bad}': percentages"):
             parse_recipe(bad)
     # A k the preset's sequence cannot hold is refused at start-up, naming the recipe.
     check_recipe("topk-4", PRESETS["default"])  # k = 1024 at 16K tokens
@@ -395,6 +408,13 @@ def test_reuse_takes_finished_jobs_from_a_runs_folder_of_the_same_corpus(one_bat
     bad = subprocess.run([sys.executable, "-m", "benchmarks.quality.run", "start", "--work", str(other),
                           "--reuse", str(tmp_path / "missing")], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "--reuse" in bad.stderr and "not a folder" in bad.stderr
+    fresh = tmp_path / "fresh"
+    twice = subprocess.run([sys.executable, "-m", "benchmarks.quality.run", "start", "--work", str(fresh),
+                            "--recipes", "paper,grow-10,grow-10@75"],
+                           cwd=REPO, capture_output=True, text=True)
+    assert twice.returncode == 2
+    assert "--recipes 'paper,grow-10,grow-10@75': a recipe is named twice" in twice.stderr
+    assert not fresh.exists()
 
 
 def _analyze(runs: Path, out: Path) -> dict:

@@ -22,7 +22,9 @@ GPU. Per seed:
 `--recipes` adds the two-stage recipe's variants beside the paper's hard switch (`paper`):
 `dense-every-M`, `progressive-P`, `grow-P` (P: percent of stage 1; the window recipes run stage 1
 from scratch for each switch, named lighthouse-<recipe>_S and recovered-<recipe>_S), `topk-M` (all of
-stage 1 at M times the preset's k); every recipe shares the seed's dense control.
+stage 1 at M times the preset's k); every recipe shares the seed's dense control. `recipe@S1/S2`
+runs that recipe at its own switches (percent) instead of --switches: `paper,grow-10@75` gives the
+hard switch at every --switches point and the variant at 75% only, beside one dense control per seed.
 
 Each finished job becomes one JSON, DIR/runs/<preset>-<iters>/seed<N>_<arm>.json (settings, command,
 device, versions, corpus digest, every logged loss), the unit that `analyze.py` aggregates; copy
@@ -131,15 +133,15 @@ def switch_iteration(frac: float, iters: int, interval: int) -> int:
     return it
 
 
-def parse_switches(text: str) -> list[float]:
+def parse_switches(text: str, setting: str = "--switches", sep: str = ",") -> list[float]:
     out = []
-    for part in text.split(","):
+    for part in text.split(sep):
         try:
             v = float(part.strip().rstrip("%"))
         except ValueError:
-            raise UsageError(f"--switches {text!r}: percentages such as 62.5,75") from None
+            raise UsageError(f"{setting}: percentages such as 62.5{sep}75") from None
         if not 0 < v < 100:
-            raise UsageError(f"--switches {text!r}: each must lie strictly between 0 and 100")
+            raise UsageError(f"{setting}: each switch must lie strictly between 0 and 100")
         out.append(v / 100)
     return sorted(set(out))
 
@@ -165,12 +167,21 @@ def common_settings(preset: Preset, iters: int, work: Path, corpus: dict) -> dic
 # (M a power of two: the k that `bench e2e --recipe-steps` times at 98K for the growth ladder).
 RECIPE_KINDS = ("paper", "dense-every", "progressive", "grow", "topk")
 RECIPES_HELP = ("one of paper, dense-every-M (M >= 2), progressive-P, grow-P (P: percent of stage 1, "
-                "1..100), topk-M (M = 2, 4, 8, ...)")
+                "1..100), topk-M (M = 2, 4, 8, ...), each optionally @S1/S2 (its own switches, percent)")
+
+
+def split_recipe(text: str) -> tuple[str, str]:
+    """`recipe@S1/S2` -> (recipe, "S1/S2"); no `@`: (recipe, "")."""
+    name, _, switches = text.partition("@")
+    return name, switches
 
 
 def parse_recipe(text: str) -> str:
-    kind, _, value = text.rpartition("-")
-    if text == "paper":
+    name, switches = split_recipe(text)
+    if "@" in text:
+        parse_switches(switches, f"--recipes {text!r}", sep="/")
+    kind, _, value = name.rpartition("-")
+    if name == "paper":
         return text
     ok = kind in RECIPE_KINDS[1:] and value.isdigit() and int(value) >= (2 if kind in ("dense-every", "topk")
                                                                          else 1)
@@ -218,15 +229,18 @@ def chained(recipe: str) -> bool:
 def plan_jobs(preset: Preset, iters: int, seeds: list[int], switches: list[float], common: dict,
               work: Path, batch: str, recipes: tuple[str, ...] = ("paper",)) -> list[Job]:
     """Every job, seed by seed (a seed's runs finish before the next seed's start, given the slots):
-    one dense control per seed, and per recipe its stage-1 runs and a recovered run per switch."""
+    one dense control per seed, and per recipe its stage-1 runs and a recovered run per switch (the
+    recipe's own switches where it names them, `grow-10@75`)."""
     interval = common["eval_interval"]
-    points = sorted({switch_iteration(f, iters, interval) for f in switches})
     jobs: list[Job] = []
     for seed in seeds:
         key, s = f"{batch}/seed{seed}", {**common, "seed": seed}
         jobs.append(Job(f"{key}/dense", "dense", seed, {**s, "attention_impl": "dense"}, iters))
         for recipe in recipes:
-            jobs += _recipe_jobs(preset, iters, points, recipe, work, key, seed, s)
+            name, own = split_recipe(recipe)
+            mine = parse_switches(own, sep="/") if own else switches
+            points = sorted({switch_iteration(f, iters, interval) for f in mine})
+            jobs += _recipe_jobs(preset, iters, points, name, work, key, seed, s)
     for j in jobs:
         d = work / "jobs" / j.name
         j.settings.update(metrics_file=str(d / "metrics.jsonl"), data_cache_path=str(d / "data_cache"))
@@ -448,8 +462,12 @@ def start(args) -> int:
     preset = PRESETS[args.preset]
     iters = args.iters or preset.iters
     recipes = [parse_recipe(r) for r in args.recipes.split(",")]
-    for r in recipes:
-        check_recipe(r, preset)
+    names = [split_recipe(r)[0] for r in recipes]
+    if len(set(names)) < len(names):
+        raise UsageError(f"--recipes {args.recipes!r}: a recipe is named twice (give one entry its "
+                         "switches: grow-10@62.5/75)")
+    for name in names:
+        check_recipe(name, preset)
     if args.reuse and not Path(args.reuse).is_dir():
         raise UsageError(f"--reuse {args.reuse}: not a folder (the runs folder to take finished jobs from, "
                          "for example benchmarks/quality/runs)")
