@@ -96,6 +96,18 @@ def test_time_to_quality_hand_computed():
         stats.time_to_quality(1.0, 0.2, 0.3)
 
 
+def test_seeds_to_decide_is_the_fewest_seeds_whose_interval_would_exclude_zero():
+    """Hand-computed: mean 0.066, sd 0.095. At 10 seeds t(9) = 2.262, 2.262 x 0.095 / sqrt(10) = 0.0680,
+    not below 0.066; at 11, t(10) = 2.228, 2.228 x 0.095 / sqrt(11) = 0.0638: 11 seeds. The sign does
+    not matter; no mean, or more seeds than `most`, gives None."""
+    assert stats.seeds_to_decide(0.066, 0.095) == 11
+    assert stats.seeds_to_decide(-0.066, 0.095) == 11
+    assert stats.seeds_to_decide(0.066, 0.095, most=10) is None
+    assert stats.seeds_to_decide(0.0, 0.095) is None and stats.seeds_to_decide(float("nan"), 0.1) is None
+    # An effect far above its spread is decided by the smallest sample the interval is defined for.
+    assert stats.seeds_to_decide(1.0, 0.01) == 2
+
+
 def test_time_to_quality_interval_carries_the_lags_interval_through_the_formula():
     """The ends come from the mean lag's two-sided t interval (scipy's), mapped through the formula:
     the ratio falls as the lag grows, so the lag's upper end gives the lower end. Where the lag's

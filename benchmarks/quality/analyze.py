@@ -280,7 +280,7 @@ def best_switch(rows: list[dict], batch: str, ratio: float, recipe: str = "paper
     mean = {f: statistics.fmean(share[s, f] for s in seeds) for f in switches}
     lead = max(switches, key=mean.get)
     diff = {f: [share[s, lead] - share[s, f] for s in seeds] for f in switches if f != lead}
-    against = [{"switch_frac": f, "share": mean[f], **stats.interval(d)} for f, d in diff.items()]
+    against = [_paired({"switch_frac": f, "share": mean[f]}, d) for f, d in diff.items()]
     return {"switch_frac": lead, "share": mean[lead], "seeds": seeds, "against": against,
             "decided": all(a["lower"] > 0 for a in against)}
 
@@ -298,12 +298,20 @@ def against_paper(rows: list[dict], batch: str, ratio: float, recipe: str,
         seeds = sorted(s for s, g in mine if g == f and (s, f) in paper)
         if not seeds:
             continue
-        d = stats.interval([mine[s, f] - paper[s, f] for s in seeds])
-        word = ("cannot tell" if d["lower"] is None or d["lower"] <= 0 <= d["upper"]
-                else "wins" if d["lower"] > 0 else "loses")
-        out.append({"switch_frac": f, "seeds": seeds, "share": statistics.fmean(mine[s, f] for s in seeds),
-                    "paper_share": statistics.fmean(paper[s, f] for s in seeds), **d, "verdict": word})
+        d = _paired({"switch_frac": f, "seeds": seeds, "share": statistics.fmean(mine[s, f] for s in seeds),
+                     "paper_share": statistics.fmean(paper[s, f] for s in seeds)},
+                    [mine[s, f] - paper[s, f] for s in seeds])
+        d["verdict"] = ("cannot tell" if d["lower"] is None or d["lower"] <= 0 <= d["upper"]
+                        else "wins" if d["lower"] > 0 else "loses")
+        out.append(d)
     return out
+
+
+def _paired(row: dict, diffs: list[float]) -> dict:
+    """`row` with the paired differences' two-sided 95% t interval and, for planning, the seeds that
+    interval would need to exclude 0 at this mean and spread (stats.seeds_to_decide)."""
+    d = stats.interval(diffs)
+    return {**row, **d, "seeds_to_decide": stats.seeds_to_decide(d["mean"], d["std"])}
 
 
 def _line_fit(x, y, at: float) -> dict:
@@ -374,7 +382,7 @@ def _from_fit(a: dict) -> str:
 def _best_text(b: dict) -> str:
     f = b["switch_frac"]
     vs = "; ".join(f"against {a['switch_frac']:.1%} (saving {a['share']:.2f}): {a['mean']:+.2f} "
-                   f"[{a['lower']:+.2f}, {a['upper']:+.2f}]" for a in b["against"])
+                   f"[{a['lower']:+.2f}, {a['upper']:+.2f}]{_needs(a)}" for a in b["against"])
     word = f"decided: {f:.1%} is the switch to use" if b["decided"] else "not decided: no switch to recommend"
     return (f"Best measured switch ({len(b['seeds'])} seeds measured at every switch): {f:.1%}, saving "
             f"{b['share']:.2f} of the dense run's time on average; the paired difference in the share "
@@ -385,8 +393,17 @@ def _against_text(vs: list[dict]) -> str:
     parts = "; ".join(
         f"at {a['switch_frac']:.1%} ({len(a['seeds'])} seeds) it saves {a['share']:.2f} of the dense run's "
         f"time against {a['paper_share']:.2f}, difference {a['mean']:+.2f} {_bounds(a, '+.2f')}: "
-        f"**{a['verdict']}**" for a in vs)
+        f"**{a['verdict']}**{_needs(a)}" for a in vs)
     return f"Against the paper's hard switch on the same seeds (paired share of time saved, 95% t): {parts}."
+
+
+def _needs(a: dict) -> str:
+    """Where the interval includes 0: how many seeds would decide it if the mean and spread stayed."""
+    if a["lower"] is None or not a["lower"] <= 0 <= a["upper"]:
+        return ""
+    n = a.get("seeds_to_decide")
+    return (f" (at this mean and spread, {n} seeds would decide it)" if n
+            else " (at this mean and spread, not within 100 seeds)")
 
 
 def markdown(summary: dict) -> str:

@@ -70,6 +70,19 @@ def interval(values: Sequence[float | None], confidence: float = 0.95) -> dict:
     return {**s, "lower": s["mean"] - t * s["se"], "upper": s["mean"] + t * s["se"]}
 
 
+def seeds_to_decide(mean: float, sd: float, confidence: float = 0.95, most: int = 100) -> int | None:
+    """For planning: the fewest seeds n whose two-sided t interval would exclude 0 if the per-seed
+    values kept this mean and standard deviation, t(n - 1) sd / sqrt(n) < |mean|; None beyond `most`
+    seeds (or with no mean to find). Not a power calculation: it says how many seeds the effect seen
+    so far needs, not how likely they are to show it."""
+    if not mean or math.isnan(mean) or math.isnan(sd):
+        return None
+    for n in range(2, most + 1):
+        if t_quantile(n, 0.5 + confidence / 2) * sd / math.sqrt(n) < abs(mean):
+            return n
+    return None
+
+
 # ------------------------------------------------------------------------------ curves
 
 
