@@ -133,7 +133,9 @@ def switch_iteration(frac: float, iters: int, interval: int) -> int:
     return it
 
 
-def parse_switches(text: str, setting: str = "--switches", sep: str = ",") -> list[float]:
+def parse_switches(text: str, setting: str | None = None, sep: str = ",") -> list[float]:
+    """Percent switch points -> sorted fractions; `setting` names the value in errors."""
+    setting = setting or f"--switches {text!r}"
     out = []
     for part in text.split(sep):
         try:
