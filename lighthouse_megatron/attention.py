@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .backends import check_backend
 from .config import LighthouseConfig, check_inputs
-from .ops import SelectionPlan, gather, scatter, score_pyramids, select, spill_rows
+from .ops import SelectionPlan, covering_counts, gather, scatter, score_pyramids, select, spill_rows
 from .parallel import ContextParallel, SplitGroups, causal_attention, exchange_halo
 
 
@@ -45,6 +45,24 @@ def _nan_where_not_finite(out: Tensor, q: Tensor, k: Tensor, v: Tensor, cp: Cont
             bad = split.max(bad)
         bad = bad.bool()[:, None, :, None, None]
     return out.unflatten(2, (hkv, -1)).masked_fill(bad, float("nan")).flatten(2, 3)
+
+
+def _merge_levels(out: Tensor, plan: SelectionPlan, config: LighthouseConfig,
+                  cp: ContextParallel | None) -> Tensor:
+    """level_merge "mean": each token's sum over levels divided by how many emitted entries feed it
+    (a token none feeds keeps its zero). The counts come from the same plan and, under CP, the same
+    halo exchange as the outputs, so they are the CP = 1 run's; the division is in fp32."""
+    if config.level_merge == "sum":
+        return out
+    with torch.no_grad():
+        halo = None
+        if cp is not None:
+            ones = torch.ones(plan.batch, plan.length, plan.kv_heads, 1, device=out.device)
+            spill = spill_rows(ones, plan)
+            halo = exchange_halo(spill, cp) if cp.halo else torch.zeros_like(spill)
+        counts = covering_counts(plan, halo).view(*out.shape[:2], plan.kv_heads, 1)
+        counts = counts.repeat_interleave(out.shape[2] // plan.kv_heads, dim=2).clamp(min=1)
+    return (out.float() / counts).to(out.dtype)
 
 
 @torch.no_grad()
@@ -86,7 +104,8 @@ def lighthouse_attention(
         plan = plan_selection(q, k, config, split_groups)
         gathered = [gather(x, plan) for x in (q, k, v)]
         o = causal_attention(*gathered, scale, config.backend)
-        return _nan_where_not_finite(scatter(o, plan), *gathered, None, split_groups)
+        out = _merge_levels(scatter(o, plan), plan, config, None)
+        return _nan_where_not_finite(out, *gathered, None, split_groups)
     # The rank's two chunks are the batch of one plan, [b, 2c, H, d] -> [2b, c, H, d]: a view
     # for b = 1 (a copy otherwise), so that every stage is one launch for both chunks.
     b, n = q.shape[:2]
@@ -96,5 +115,5 @@ def lighthouse_attention(
     o = causal_attention(*gathered, scale, config.backend, cp).reshape(2 * b, plan.length, *q.shape[2:])
     spill = spill_rows(o, plan)
     halo = exchange_halo(spill, cp) if cp.halo else torch.zeros_like(spill)
-    out = scatter(o, plan, halo).view(b, n, *q.shape[2:])
+    out = _merge_levels(scatter(o, plan, halo).view(b, n, *q.shape[2:]), plan, config, cp)
     return _nan_where_not_finite(out, *gathered, cp, split_groups)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 SCORERS = ("norm",)
 BACKENDS = ("auto", "te", "cudnn", "flash", "math")
+LEVEL_MERGES = ("sum", "mean")
 
 
 def nearest_multiples(value: int, base: int) -> str:
@@ -118,6 +119,9 @@ class LighthouseConfig:
                     indices count from the last layer.
     scorer          "norm": parameter-free L2-norm scoring.
     backend         stage-5 dense kernel: "auto", "te", "cudnn", "flash" or "math".
+    level_merge     stage 6: "sum" (the paper's: a token adds the outputs of the emitted entries
+                    covering it, one per level) or "mean" (their average, a convex combination
+                    like dense attention's single output; a research option, not the paper's).
     """
 
     # The metadata is the launch flags' help (`--lighthouse-levels`, ...: settings/lighthouse.py).
@@ -131,6 +135,10 @@ class LighthouseConfig:
     scorer: str = field(default="norm", metadata={"help": "selection scorer", "choices": SCORERS})
     backend: str = field(default="auto", metadata={"help": "dense kernel inside Lighthouse",
                                                    "choices": BACKENDS})
+    level_merge: str = field(default="sum", metadata={
+        "help": "how a token combines the outputs of the entries covering it, one per level: 'sum' (the "
+                "paper's) or 'mean' (their average, scaled like dense attention's one output)",
+        "choices": LEVEL_MERGES})
 
     def __post_init__(self) -> None:
         # Accept lists (YAML, argparse) but keep the frozen dataclass hashable.
@@ -180,6 +188,9 @@ class LighthouseConfig:
             raise ValueError(f"lighthouse scorer must be one of {list(SCORERS)}, got {self.scorer!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"lighthouse backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if self.level_merge not in LEVEL_MERGES:
+            raise ValueError(f"lighthouse level_merge must be one of {list(LEVEL_MERGES)}, "
+                             f"got {self.level_merge!r}")
 
     def validate(self, seq_len: int, cp_size: int = 1) -> None:
         """Raise ValueError unless a sequence of `seq_len` tokens split over `cp_size`

@@ -109,6 +109,15 @@ def scatter(
     return out.to(o.dtype)
 
 
+def merge_levels(summed: Tensor, counts: Tensor, config: LighthouseConfig) -> Tensor:
+    """level_merge: "sum" keeps the scatter's sum; "mean" divides each token's sum by `counts`, the
+    number of emitted entries covering it (the scatter of ones, [b, n, Hq, 1]; a token none covers
+    keeps its zero)."""
+    if config.level_merge == "sum":
+        return summed
+    return (summed.float() / counts.float().clamp(min=1)).to(summed.dtype)
+
+
 # ---------------------------------------------------------- non-finite inputs
 
 
@@ -140,7 +149,8 @@ def lighthouse_attention_reference(
     o = causal_attention(
         gather(pyramid(q, config), p), gather(pyramid(k, config), p), gather(pyramid(v, config), p), scale
     )
-    return nan_where_not_finite(scatter(o, p, config, q.shape[1]), q, k, v)
+    counts = scatter(torch.ones_like(o[..., :1], dtype=torch.float32), p, config, q.shape[1])
+    return nan_where_not_finite(merge_levels(scatter(o, p, config, q.shape[1]), counts, config), q, k, v)
 
 
 def lighthouse_attention_chunked_reference(
@@ -169,9 +179,14 @@ def lighthouse_attention_chunked_reference(
     ]
     o = causal_attention(*gathered, scale)
     spill = config.coarsest_block - 1
-    outs = []
+    outs, counts = [], []
     for oc, p in zip(o.split([p.length for p in plans], dim=1), plans, strict=True):
         outs.append(scatter(oc, p, chunk, n, out_len=n + spill).float())
+        ones = torch.ones_like(oc[..., :1], dtype=torch.float32)
+        counts.append(scatter(ones, p, chunk, n, out_len=n + spill))
     for j in range(1, len(outs)):  # what chunk j-1 fed past its end lands in chunk j
         outs[j][:, :spill] += outs[j - 1][:, n:]
-    return nan_where_not_finite(torch.cat([x[:, :n] for x in outs], dim=1).to(q.dtype), q, k, v)
+        counts[j][:, :spill] += counts[j - 1][:, n:]
+    summed = torch.cat([x[:, :n] for x in outs], dim=1)
+    merged = merge_levels(summed, torch.cat([c[:, :n] for c in counts], dim=1), config).to(q.dtype)
+    return nan_where_not_finite(merged, q, k, v)

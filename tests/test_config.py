@@ -42,6 +42,7 @@ def test_dict_round_trip_and_unknown_keys():
         ({"scorer": "learned"}, r"scorer must be one of \['norm'\], got 'learned'"),
         ({"backend": "xformers"}, r"backend must be one of \['auto', 'te', 'cudnn', 'flash', 'math'\]"),
         ({"dense_layers": ["first"]}, r"dense_layers must be integers"),
+        ({"level_merge": "max"}, r"level_merge must be one of \['sum', 'mean'\], got 'max'"),
     ],
 )
 def test_bad_settings_raise_with_numbers(kwargs, pattern):

@@ -58,10 +58,11 @@ def test_every_config_field_has_its_flag():
 def test_good_lighthouse_arguments():
     args = parse(*MODEL, *LH, "--lighthouse-dense-layers", "0", "1", "-2", "-1",
                  "--lighthouse-levels", "3", "--lighthouse-pooling-factor", "4",
-                 "--lighthouse-backend", "math", "--lighthouse-until-iter", "100")
+                 "--lighthouse-backend", "math", "--lighthouse-until-iter", "100",
+                 "--lighthouse-level-merge", "mean")
     cfg = validate_lighthouse_args(args)
     assert cfg == LighthouseConfig(levels=3, pooling_factor=4, topk=512, tile_topk=16,
-                                   dense_layers=(0, 1, -2, -1), backend="math")
+                                   dense_layers=(0, 1, -2, -1), backend="math", level_merge="mean")
     assert args.lighthouse_until_iter == 100
     # Resolved values are plain types, written back (checkpoints store what ran).
     assert args.lighthouse_dense_layers == [0, 1, -2, -1] and args.lighthouse_scorer == "norm"

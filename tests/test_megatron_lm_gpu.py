@@ -33,6 +33,7 @@ def test_megatron_lm_two_stages_context_parallel(tag, impl, tmp_path):
     "--lighthouse-dense-every 4",
     "--lighthouse-until-iter 20 --lighthouse-progressive-iters 8",
     "--lighthouse-until-iter 20 --lighthouse-grow-topk-iters 8",  # k 512 -> 1024 over iterations 12-19
+    "--lighthouse-level-merge mean",
 ])
 def test_megatron_lm_recipe_variants(variant, tmp_path):
     """Each recipe variant in stage 1 of Megatron-LM's own loop on the GPU, then the dense stage 2

@@ -9,6 +9,7 @@ or a large negative number (ints), so an element a kernel forgets to write shows
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -322,6 +323,16 @@ def test_fast_path_matches_reference(cfg, n, hq, hkv, d, poisoned):
     _compare_with_reference(cfg, q, k, v, 1e-5, 1e-5, scale=0.3)
 
 
+@pytest.mark.parametrize("case", [0, 3], ids=["L3p2", "L4p2"])
+def test_fast_path_matches_reference_with_mean_merge(case):
+    cfg, n, hq, hkv, d = SMALL[case]
+    mean = dataclasses.replace(cfg, level_merge="mean")
+    q, k, v = random_qkv(2, n, hq, hkv, d, seed=n + 8, grad=True)
+    _compare_with_reference(mean, q, k, v, 1e-5, 1e-5)
+    # Not the sum: the option changes the output wherever a token is fed by more than one level.
+    assert rel(lighthouse_attention(q, k, v, mean), lighthouse_attention(q, k, v, cfg)) > 0.1
+
+
 def test_fast_path_takes_strided_inputs():
     """Megatron hands [s, b, h, d] tensors; their [b, s, h, d] views are not contiguous."""
     cfg, n, hq, hkv, d = SMALL[1]
@@ -432,6 +443,7 @@ def test_gpu_fast_path_matches_reference_bf16(hq, hkv):
     assert torch.equal(ours.level, ref.level) and torch.equal(ours.index, ref.index)
     # bf16 operands (docs/performance.md, numerical tolerance: 1e-3 .. 1e-2); the reference attends in fp32.
     _compare_with_reference(cfg, q, k, v, 1e-2, 2e-2)
+    _compare_with_reference(dataclasses.replace(cfg, level_merge="mean"), q, k, v, 1e-2, 2e-2)
 
 
 @pytest.mark.gpu

@@ -22,6 +22,8 @@ CASES = [
     (LighthouseConfig(levels=3, pooling_factor=2, topk=32, tile_topk=4), 256, 4, 4, 8),
     (LighthouseConfig(levels=3, pooling_factor=2, topk=32, tile_topk=4), 256, 4, 2, 8),  # GQA
     (LighthouseConfig(levels=2, pooling_factor=4, topk=64, tile_topk=8), 256, 2, 1, 16),
+    # level_merge "mean": the counts cross chunk boundaries through the same halo as the outputs
+    (LighthouseConfig(levels=3, pooling_factor=2, topk=32, tile_topk=4, level_merge="mean"), 256, 4, 2, 8),
 ]
 
 

@@ -231,6 +231,14 @@ def test_recipe_jobs_and_their_settings(tmp_path):
         for arm in ("lighthouse", "recovered") for s in points])
     assert own["b/seed1/recovered-grow-10_120"].recipe == "grow-10"
     assert own["b/seed1/lighthouse-grow-10_120"].settings["lighthouse_grow_topk_iters"] == 12
+    # mean-merge: the hard switch with every stage-1 token averaging its levels' outputs; chained.
+    merged = {j.name: j for j in plan_jobs(PRESETS["tiny"], 160, [1], [0.5, 0.75], common, tmp_path, "b",
+                                           (parse_recipe("mean-merge"),))}
+    later = merged["b/seed1/lighthouse-mean-merge_120"]
+    assert later.deps == ["b/seed1/lighthouse-mean-merge_80"] and later.iters == 40
+    assert later.settings["lighthouse_level_merge"] == "mean"
+    assert merged["b/seed1/recovered-mean-merge_80"].settings["lighthouse_level_merge"] == "mean"
+    assert "lighthouse_level_merge" not in jobs["b/seed1/lighthouse_80"].settings
     assert parse_recipe("grow-10@62.5/75") == "grow-10@62.5/75"
     for bad in ("grow-10@", "grow-10@0", "grow-10@75/100", "grow-10@late"):
         with pytest.raises(UsageError, match=f"--recipes '{bad}': .*switch|--recipes '{bad}': percentages"):
@@ -245,6 +253,8 @@ def test_stage1_cost_of_each_recipe():
     from benchmarks.quality.analyze import stage1_cost, time_to_quality
 
     assert stage1_cost("paper", 0.3)[0] == 0.3
+    cost, how = stage1_cost("mean-merge", 0.3)
+    assert cost == 0.3 and "not timed on its own" in how
     assert stage1_cost("dense-every-4", 0.3)[0] == pytest.approx(0.3 * 3 / 4 + 1 / 4)  # 0.475
     # 10% of stage 1 in the window, 26 layers: on average 27/52 of them dense there.
     assert stage1_cost("progressive-10", 0.3)[0] == pytest.approx(0.3 + 0.7 * 0.1 * 27 / 52)

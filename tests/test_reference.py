@@ -1,5 +1,6 @@
 """The reference against dense attention, against a literal loop formulation, and its invariants."""
 
+import dataclasses
 import math
 
 import pytest
@@ -74,10 +75,12 @@ def literal(q, k, v, cfg, scale):
                     w = torch.softmax(ks[: s + 1] @ qs[s] * scale, dim=0)
                     o[s] = w @ vs[: s + 1]
                 for t in range(n):
-                    for level in range(levels):
-                        i = (t + 1) // p**level - 1
-                        if (level, i) in slot:
-                            out[b, t, h] += o[slot[level, i]]
+                    feeding = [slot[level, (t + 1) // p**level - 1] for level in range(levels)
+                               if (level, (t + 1) // p**level - 1) in slot]
+                    for s in feeding:
+                        out[b, t, h] += o[s]
+                    if cfg.level_merge == "mean" and feeding:
+                        out[b, t, h] /= len(feeding)
     return out, plans
 
 
@@ -102,6 +105,8 @@ def test_one_level_is_dense_attention(hq, hkv):
         (LighthouseConfig(levels=2, pooling_factor=4, topk=8, tile_topk=4), 64, 2, 2),
         (LighthouseConfig(levels=3, pooling_factor=4, topk=4, tile_topk=2), 64, 3, 1),
         (LighthouseConfig(levels=4, pooling_factor=2, topk=4, tile_topk=4), 64, 2, 1),
+        (LighthouseConfig(levels=3, pooling_factor=2, topk=8, tile_topk=4, level_merge="mean"), 64, 4, 2),
+        (LighthouseConfig(levels=4, pooling_factor=2, topk=4, tile_topk=4, level_merge="mean"), 64, 2, 1),
     ],
 )
 def test_matches_literal_formulation(cfg, n, hq, hkv):
@@ -113,6 +118,26 @@ def test_matches_literal_formulation(cfg, n, hq, hkv):
         assert as_list(plan, b, g) == entries
     got = R.lighthouse_attention_reference(q, k, v, cfg, softmax_scale=scale)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_mean_merge_is_the_sum_over_the_entries_covering_each_token_divided_by_their_number():
+    """Against the sum (the paper's) on the same inputs: tokens fed by one entry are unchanged,
+    tokens fed by every level get a third of it (L = 3), and the uncovered leading tokens stay 0."""
+    paper = LighthouseConfig(levels=3, pooling_factor=2, topk=8, tile_topk=4)
+    mean = dataclasses.replace(paper, level_merge="mean")
+    q, k, v = random_qkv(2, 64, 4, 2, 8, seed=3)
+    summed, merged = (R.lighthouse_attention_reference(q, k, v, c) for c in (paper, mean))
+    plan = R.plan(q, k, paper)
+    counts = torch.zeros(2, 64, 2)
+    for b in range(2):
+        for g in range(2):
+            emitted = set(as_list(plan, b, g))
+            for t in range(64):
+                counts[b, t, g] = sum((lv, (t + 1) // 2**lv - 1) in emitted for lv in range(3))
+    per_head = counts.repeat_interleave(2, dim=2)[..., None]
+    assert {1.0, 3.0} <= set(per_head.unique().tolist())  # both kinds of token occur
+    torch.testing.assert_close(merged * per_head.clamp(min=1), summed, rtol=1e-6, atol=1e-6)
+    assert bool((merged[per_head[..., 0] == 0] == 0).all())
 
 
 def check_plan_structure(plan, q, k, cfg):

@@ -29,7 +29,7 @@ from lighthouse_megatron.settings.tree import train_specs
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lighthouse_megatron"
 
-# Every flag of these commands before issue 29: none may change its spelling.
+# Every flag of these commands before issue 29 (and the few added since): none may change its spelling.
 FLAGS_BEFORE = {
     ("train",): """
         --adam-beta1 --adam-beta2 --adam-eps --add-bias-linear --attention-dropout --attention-impl
@@ -38,7 +38,7 @@ FLAGS_BEFORE = {
         --exit-interval --exit-signal-handler --ffn-hidden-size --force --global-batch-size
         --hidden-dropout --hidden-size --init-method-std --kv-channels --lighthouse-backend
         --lighthouse-config --lighthouse-dense-every --lighthouse-dense-layers
-        --lighthouse-eval-attention --lighthouse-grow-topk-iters --lighthouse-levels
+        --lighthouse-eval-attention --lighthouse-grow-topk-iters --lighthouse-level-merge --lighthouse-levels
         --lighthouse-pooling-factor --lighthouse-progressive-iters --lighthouse-scorer
         --lighthouse-tile-topk --lighthouse-topk --lighthouse-until-iter --load --log-interval --lr
         --lr-decay-iters --lr-decay-style --lr-warmup-init --lr-warmup-iters --lr-wsd-decay-iters

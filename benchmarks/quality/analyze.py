@@ -211,6 +211,8 @@ def stage1_cost(recipe: str, ratio: float, steps: dict | None = None, window_lay
     530M shape's 26); a grown k's cost is not known (the paper's ratio: a lower bound)."""
     if recipe == "paper":
         return ratio, "measured"
+    if recipe == "mean-merge":  # the Lighthouse step and one division per token and head
+        return ratio, "the Lighthouse step's (plus one division per token; not timed on its own)"
     kind, _, value = recipe.rpartition("-")
     if kind == "dense-every":
         return ratio + (1 - ratio) / int(value), "measured steps, mixed 1 dense in " + value

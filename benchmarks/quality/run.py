@@ -166,10 +166,14 @@ def common_settings(preset: Preset, iters: int, work: Path, corpus: dict) -> dic
 # "paper" the hard switch; "dense-every-M" every M-th stage-1 iteration dense; "progressive-P"
 # the layers turn dense one by one over the last P% of stage 1; "grow-P" k doubles up to the
 # largest valid k over the last P% of stage 1; "topk-M" all of stage 1 at M times the preset's k
-# (M a power of two: the k that `bench e2e --recipe-steps` times at 98K for the growth ladder).
+# (M a power of two: the k that `bench e2e --recipe-steps` times at 98K for the growth ladder);
+# "mean-merge" all of stage 1 with `--lighthouse-level-merge mean` (each token averages, not sums,
+# the outputs of the entries covering it).
 RECIPE_KINDS = ("paper", "dense-every", "progressive", "grow", "topk")
-RECIPES_HELP = ("one of paper, dense-every-M (M >= 2), progressive-P, grow-P (P: percent of stage 1, "
-                "1..100), topk-M (M = 2, 4, 8, ...), each optionally @S1/S2 (its own switches, percent)")
+FIXED_RECIPES = {"paper": {}, "mean-merge": {"lighthouse_level_merge": "mean"}}
+RECIPES_HELP = ("one of paper, mean-merge, dense-every-M (M >= 2), progressive-P, grow-P (P: percent of "
+                "stage 1, 1..100), topk-M (M = 2, 4, 8, ...), each optionally @S1/S2 (its own switches, "
+                "percent)")
 
 
 def split_recipe(text: str) -> tuple[str, str]:
@@ -183,7 +187,7 @@ def parse_recipe(text: str) -> str:
     if "@" in text:
         parse_switches(switches, f"--recipes {text!r}", sep="/")
     kind, _, value = name.rpartition("-")
-    if name == "paper":
+    if name in FIXED_RECIPES:
         return text
     ok = kind in RECIPE_KINDS[1:] and value.isdigit() and int(value) >= (2 if kind in ("dense-every", "topk")
                                                                          else 1)
@@ -211,8 +215,8 @@ def check_recipe(recipe: str, preset: Preset) -> None:
 def recipe_settings(recipe: str, switch: int, lighthouse: dict) -> dict[str, Any]:
     """The trainer settings of `recipe` for a stage 1 that ends at `switch` (`lighthouse`: the
     preset's Lighthouse settings)."""
-    if recipe == "paper":
-        return {}
+    if recipe in FIXED_RECIPES:
+        return dict(FIXED_RECIPES[recipe])
     kind, _, value = recipe.rpartition("-")
     if kind == "dense-every":
         return {"lighthouse_dense_every": int(value)}
@@ -225,7 +229,7 @@ def recipe_settings(recipe: str, switch: int, lighthouse: dict) -> dict[str, Any
 
 def chained(recipe: str) -> bool:
     """Can one stage-1 run serve every switch (no window that ends at the switch)?"""
-    return recipe == "paper" or recipe.startswith(("dense-every", "topk"))
+    return recipe in FIXED_RECIPES or recipe.startswith(("dense-every", "topk"))
 
 
 def plan_jobs(preset: Preset, iters: int, seeds: list[int], switches: list[float], common: dict,

@@ -14,7 +14,7 @@ kernels, one file per index space the grid walks:
 
 from .plan import SelectionPlan
 
-__all__ = ["SelectionPlan", "gather", "scatter", "score_pyramids", "select", "spill_rows"]
+__all__ = ["SelectionPlan", "covering_counts", "gather", "scatter", "score_pyramids", "select", "spill_rows"]
 
 
 def __getattr__(name: str):

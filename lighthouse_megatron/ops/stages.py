@@ -6,6 +6,7 @@ picks a Triton kernel or its plain-PyTorch twin.
   gather          stage 5 in  x [b, n, H, d] -> [b, S, H, d]   backward: lighthouse::gather_backward
   scatter         stage 6     o [b, S, H, d] -> [b, n, H, d]   backward: lighthouse::scatter_backward
   spill_rows      what a context-parallel chunk's scatter feeds past its end (plain PyTorch)
+  covering_counts how many emitted entries feed each token (level_merge "mean"; plain PyTorch)
 
 Each op has a fake implementation (output shapes and dtypes from input shapes alone) and, for
 gather and scatter, an autograd formula, as flash-attention registers its kernels: torch.compile
@@ -194,3 +195,12 @@ def spill_rows(o: Tensor, plan: SelectionPlan) -> Tensor:
     reach = p ** torch.arange(1, levels, device=o.device) - 1
     feeds = (t[:, None] < reach[None, :]).to(rows.dtype)
     return torch.einsum("tl,blhd->bthd", feeds, rows)
+
+
+@torch.no_grad()
+def covering_counts(plan: SelectionPlan, halo: Tensor | None = None) -> Tensor:
+    """How many emitted entries feed each base token, one per level at most: the scatter of ones,
+    [b, n, Hkv, 1] fp32 (0 where no entry does), plus `halo`, the counts the chunk before feeds
+    (`spill_rows` of ones, exchanged). Plain PyTorch on every device: one column, no gradient."""
+    ones = torch.ones(plan.batch, plan.length, plan.kv_heads, 1, device=plan.level.device)
+    return twins.feed_tokens(ones, plan, halo)

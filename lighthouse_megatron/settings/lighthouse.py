@@ -120,7 +120,8 @@ def resolve_lighthouse_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # Field order of LighthouseConfig's own checks: tile_topk before topk, whose rule needs it.
-_CHECK_ORDER = ("levels", "pooling_factor", "tile_topk", "topk", "dense_layers", "scorer", "backend")
+_CHECK_ORDER = ("levels", "pooling_factor", "tile_topk", "topk", "dense_layers", "scorer", "backend",
+                "level_merge")
 
 
 def _config_value(args: argparse.Namespace, field: str) -> Any:
