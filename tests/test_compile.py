@@ -45,9 +45,10 @@ def _assert_compiled_equals_eager(layer, compiled, x, rtol, atol):
         torch.testing.assert_close(ours, want, rtol=rtol, atol=atol)
 
 
-def test_compiled_layer_equals_eager_cpu(monkeypatch):
+@pytest.mark.parametrize("level_merge", ["sum", "mean"])
+def test_compiled_layer_equals_eager_cpu(monkeypatch, level_merge):
     torch._dynamo.reset()
-    cfg = LighthouseConfig(levels=3, pooling_factor=2, topk=4, tile_topk=2)
+    cfg = LighthouseConfig(levels=3, pooling_factor=2, topk=4, tile_topk=2, level_merge=level_merge)
     torch.manual_seed(0)
     layer = TinyLayer(cfg, hidden=16, hq=2, hkv=1, d=8)
     compiled = torch.compile(layer, fullgraph=True)
