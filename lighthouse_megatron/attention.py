@@ -51,7 +51,8 @@ def _merge_levels(out: Tensor, plan: SelectionPlan, config: LighthouseConfig,
                   cp: ContextParallel | None) -> Tensor:
     """level_merge "mean": each token's sum over levels divided by how many emitted entries feed it
     (a token none feeds keeps its zero). The counts come from the same plan and, under CP, the same
-    halo exchange as the outputs, so they are the CP = 1 run's; the division is in fp32."""
+    halo exchange as the outputs, so they are the CP = 1 run's. The scatter's output (its fp32 sums
+    already in the input dtype) is divided in fp32: in bf16 one more rounding than the sum."""
     if config.level_merge == "sum":
         return out
     with torch.no_grad():
