@@ -109,6 +109,12 @@ def scatter(
     return out.to(o.dtype)
 
 
+def covering_counts(o: Tensor, plan: SelectionPlan, config: LighthouseConfig, seq_len: int,
+                    out_len: int | None = None) -> Tensor:
+    """How many emitted entries cover each base position: the scatter of ones, [b, out_len, Hq, 1]."""
+    return scatter(torch.ones_like(o[..., :1], dtype=torch.float32), plan, config, seq_len, out_len)
+
+
 def merge_levels(summed: Tensor, counts: Tensor, config: LighthouseConfig) -> Tensor:
     """level_merge: "sum" keeps the scatter's sum; "mean" divides each token's sum by `counts`, the
     number of emitted entries covering it (the scatter of ones, [b, n, Hq, 1]; a token none covers
@@ -149,7 +155,7 @@ def lighthouse_attention_reference(
     o = causal_attention(
         gather(pyramid(q, config), p), gather(pyramid(k, config), p), gather(pyramid(v, config), p), scale
     )
-    counts = scatter(torch.ones_like(o[..., :1], dtype=torch.float32), p, config, q.shape[1])
+    counts = covering_counts(o, p, config, q.shape[1])
     return nan_where_not_finite(merge_levels(scatter(o, p, config, q.shape[1]), counts, config), q, k, v)
 
 
@@ -182,8 +188,7 @@ def lighthouse_attention_chunked_reference(
     outs, counts = [], []
     for oc, p in zip(o.split([p.length for p in plans], dim=1), plans, strict=True):
         outs.append(scatter(oc, p, chunk, n, out_len=n + spill).float())
-        ones = torch.ones_like(oc[..., :1], dtype=torch.float32)
-        counts.append(scatter(ones, p, chunk, n, out_len=n + spill))
+        counts.append(covering_counts(oc, p, chunk, n, out_len=n + spill))
     for j in range(1, len(outs)):  # what chunk j-1 fed past its end lands in chunk j
         outs[j][:, :spill] += outs[j - 1][:, n:]
         counts[j][:, :spill] += counts[j - 1][:, n:]
