@@ -149,8 +149,10 @@ def _train_losses(metrics: Path) -> list[float]:
 def test_a_signal_saves_at_the_end_of_the_iteration_and_the_run_resumes_exactly(tmp_path, sig):
     """SIGTERM (Slurm's preemption and time limit, scancel) or SIGINT (Ctrl-C) mid-run: the
     trainer finishes the iteration, saves it, says so in one line and exits with 128 + the
-    signal number; resuming from that checkpoint gives the uninterrupted run's losses, bitwise."""
-    iters = 40
+    signal number; resuming from that checkpoint gives the uninterrupted run's losses, bitwise.
+    800 iterations (about 6 s) so that the signal, sent when iteration 2 is logged, reaches a
+    running trainer on a loaded test machine too."""
+    iters = 800
     full = tmp_path / "full"
     subprocess.run(_cli("--train-iters", iters, "--save", full), check=True, env=ENV, cwd=tmp_path,
                    capture_output=True)
