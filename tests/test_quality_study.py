@@ -96,16 +96,22 @@ def test_time_to_quality_hand_computed():
         stats.time_to_quality(1.0, 0.2, 0.3)
 
 
-def test_seeds_to_decide_is_the_fewest_seeds_whose_interval_would_exclude_zero():
-    """Hand-computed: mean 0.066, sd 0.095. At 10 seeds t(9) = 2.262, 2.262 x 0.095 / sqrt(10) = 0.0680,
-    not below 0.066; at 11, t(10) = 2.228, 2.228 x 0.095 / sqrt(11) = 0.0638: 11 seeds. The sign does
-    not matter; no mean, or more seeds than `most`, gives None."""
-    assert stats.seeds_to_decide(0.066, 0.095) == 11
-    assert stats.seeds_to_decide(-0.066, 0.095) == 11
-    assert stats.seeds_to_decide(0.066, 0.095, most=10) is None
-    assert stats.seeds_to_decide(0.0, 0.095) is None and stats.seeds_to_decide(float("nan"), 0.1) is None
-    # An effect far above its spread is decided by the smallest sample the interval is defined for.
-    assert stats.seeds_to_decide(1.0, 0.01) == 2
+def test_seeds_for_power_matches_the_published_table_and_a_simulation():
+    """Cohen's (1988) table for the paired / one-sample t test, two-sided 5%, 80% power: effect size
+    d = mean / sd of 0.5 needs 34 pairs, 0.8 needs 15, 1.0 needs 10 (G*Power gives the same). Only d
+    matters: the same at another scale and sign. The power itself against a simulation: the share of
+    20,000 normal samples of 6 whose t interval (stats.interval, as the analysis uses it) excludes 0."""
+    for d, n in ((0.5, 34), (0.8, 15), (1.0, 10)):
+        assert stats.seeds_for_power(d, 1.0) == n
+        assert stats.seeds_for_power(-0.05 * d, 0.05) == n
+        assert stats.decision_power(d, 1.0, n) >= 0.8 > stats.decision_power(d, 1.0, n - 1)
+    assert stats.seeds_for_power(0.5, 1.0, most=33) is None
+    assert stats.seeds_for_power(0.0, 0.1) is None and stats.seeds_for_power(float("nan"), 0.1) is None
+    assert stats.seeds_for_power(0.1, 0.0) == 2  # no spread: the smallest sample the interval needs
+    rng = np.random.default_rng(0)
+    samples = rng.normal(0.07, 0.1, size=(20000, 6))
+    decided = [not (iv["lower"] <= 0 <= iv["upper"]) for iv in map(stats.interval, samples.tolist())]
+    assert abs(np.mean(decided) - stats.decision_power(0.07, 0.1, 6)) < 0.015
 
 
 def test_time_to_quality_interval_carries_the_lags_interval_through_the_formula():

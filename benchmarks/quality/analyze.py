@@ -52,6 +52,7 @@ E2E_DEFAULT = HERE.parent / "e2e" / "e2e_98k_vocab128256_recipes.json"
 SWITCHES_REPORTED = (0.5, 0.625, 0.75, 0.8)
 PAPER_TOKENS, PAPER_PARAMS = 50e9, 530e6  # the paper's 530M model, 50B tokens
 PAPER_E2E = (1.40, 1.69)  # the paper's end-to-end speed-ups (B200), the anchor
+POWER = 0.8  # the planning figure: seeds that decide a comparison with this probability
 
 
 def load_runs(root: Path) -> list[dict]:
@@ -311,9 +312,9 @@ def against_paper(rows: list[dict], batch: str, ratio: float, recipe: str,
 
 def _paired(row: dict, diffs: list[float]) -> dict:
     """`row` with the paired differences' two-sided 95% t interval and, for planning, the seeds that
-    interval would need to exclude 0 at this mean and spread (stats.seeds_to_decide)."""
+    would exclude 0 with 80% probability at this mean and spread (stats.seeds_for_power)."""
     d = stats.interval(diffs)
-    return {**row, **d, "seeds_to_decide": stats.seeds_to_decide(d["mean"], d["std"])}
+    return {**row, **d, "seeds_for_power": stats.seeds_for_power(d["mean"], d["std"], POWER), "power": POWER}
 
 
 def _line_fit(x, y, at: float) -> dict:
@@ -400,12 +401,13 @@ def _against_text(vs: list[dict]) -> str:
 
 
 def _needs(a: dict) -> str:
-    """Where the interval includes 0: how many seeds would decide it if the mean and spread stayed."""
+    """Where the interval includes 0: the seeds that would decide it with 80% probability if the
+    mean and spread seen so far were the true ones."""
     if a["lower"] is None or not a["lower"] <= 0 <= a["upper"]:
         return ""
-    n = a.get("seeds_to_decide")
-    return (f" (at this mean and spread, {n} seeds would decide it)" if n
-            else " (at this mean and spread, not within 100 seeds)")
+    n, chance = a.get("seeds_for_power"), f"{a['power']:.0%}"
+    return (f" (at this mean and spread, {n} seeds would decide it with {chance} probability)" if n
+            else f" (at this mean and spread, not with {chance} probability within 100 seeds)")
 
 
 def markdown(summary: dict) -> str:

@@ -70,17 +70,27 @@ def interval(values: Sequence[float | None], confidence: float = 0.95) -> dict:
     return {**s, "lower": s["mean"] - t * s["se"], "upper": s["mean"] + t * s["se"]}
 
 
-def seeds_to_decide(mean: float, sd: float, confidence: float = 0.95, most: int = 100) -> int | None:
-    """For planning: the fewest seeds n whose two-sided t interval would exclude 0 if the per-seed
-    values kept this mean and standard deviation, t(n - 1) sd / sqrt(n) < |mean|; None beyond `most`
-    seeds (or with no mean to find). Not a power calculation: it says how many seeds the effect seen
-    so far needs, not how likely they are to show it."""
+def decision_power(mean: float, sd: float, n: int, confidence: float = 0.95) -> float:
+    """The chance that n seeds' two-sided t interval excludes 0 when the per-seed values are normal
+    with this mean and standard deviation (the noncentral t distribution of the t statistic)."""
+    from scipy.stats import nct, t
+
+    crit = t.ppf(0.5 + confidence / 2, n - 1)
+    shift = mean / (sd / math.sqrt(n))
+    return float(nct.sf(crit, n - 1, shift) + nct.cdf(-crit, n - 1, shift))
+
+
+def seeds_for_power(mean: float, sd: float, power: float = 0.8, confidence: float = 0.95,
+                    most: int = 100) -> int | None:
+    """For planning: the fewest seeds whose two-sided t interval excludes 0 with probability
+    `power` if the mean and spread seen so far are the true ones (a power calculation on the
+    observed effect: it sizes the next runs, it is no evidence for the effect); None beyond `most`
+    seeds or with no mean to find."""
     if not mean or math.isnan(mean) or math.isnan(sd):
         return None
-    for n in range(2, most + 1):
-        if t_quantile(n, 0.5 + confidence / 2) * sd / math.sqrt(n) < abs(mean):
-            return n
-    return None
+    if sd == 0:
+        return 2
+    return next((n for n in range(2, most + 1) if decision_power(mean, sd, n, confidence) >= power), None)
 
 
 # ------------------------------------------------------------------------------ curves
