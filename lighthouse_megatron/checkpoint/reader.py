@@ -61,16 +61,9 @@ class Checkpoint:
         return "release" if self.release else str(self.iteration)
 
 
-def locate(path: str | Path) -> Checkpoint:
-    """Find the checkpoint at `path` (a save directory or one iteration's directory)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
-    if not path.is_dir():
-        raise CheckpointError(
-            f"{path}: expected a checkpoint directory (a Megatron-LM --save directory or its "
-            "iter_NNNNNNN/), got a file"
-        )
+def _iteration_directory(path: Path) -> tuple[Path | None, Path]:
+    """(the save directory or None, the one iteration's directory) that `path` names: through the
+    tracker of a save directory, or the directory itself."""
     root = None
     tracker = path / TRACKER
     if tracker.is_file():
@@ -96,6 +89,20 @@ def locate(path: str | Path) -> Checkpoint:
                 f"(found {', '.join(iters)})"
             )
         directory = path
+    return root, directory
+
+
+def locate(path: str | Path) -> Checkpoint:
+    """Find the checkpoint at `path` (a save directory or one iteration's directory)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path}: expected a checkpoint directory (a Megatron-LM --save directory or its "
+            "iter_NNNNNNN/), got a file"
+        )
+    root, directory = _iteration_directory(path)
     match = _ITER_DIR.match(directory.name)
     iteration = int(match.group(1)) if match else None
     release = directory.name == "release"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import inspect
 import logging
 import math
@@ -660,28 +661,7 @@ def train_loop(args) -> TrainResult:
     if start and first:
         log.note(f"resumed from iteration {start} of {args.load}")
     result = TrainResult(start_iteration=start, iteration=start)
-
-    def do_eval(iteration):
-        set_iteration(iteration)
-        stage2 = args.attention_impl == "dense" or recipe_schedule_from_args(args).all_dense(iteration)
-        kinds = ["dense"] if stage2 else ["lighthouse", "dense"]
-        for kind in kinds:
-            loss = (evaluate_dense if kind == "dense" else evaluate)(engine, valid_ds, args)
-            rec = {"kind": "eval", "iteration": iteration, "attention": kind, "loss": loss}
-            log.log(rec)
-            result.evals.append(rec)
-
-    def save(iteration):
-        if args.check_for_nan_in_loss_and_grad and not parameters_finite(engine.model):
-            detail = "the weights are NaN or infinite"
-            raise TrainingDiverged(_diverged(args, iteration, detail, result, False))
-        path = checkpointing.save_checkpoint(args, iteration, engine.model, engine.optimizer,
-                                             engine.scheduler)
-        result.checkpoints.append(path)
-        if first:
-            log.note(f"saved checkpoint {path} (iteration {iteration}, with its manifest)")
-        return path
-
+    save = functools.partial(_save, args, engine, log, result)
     tokens_per_iter = args.global_batch_size * args.seq_length
     iteration = start
     skipped = 0
@@ -704,31 +684,22 @@ def train_loop(args) -> TrainResult:
                 args.consumed_train_samples = iteration * args.global_batch_size
                 result.iteration = iteration
                 log.advance()
-                logged = iteration % args.log_interval == 0 or iteration == args.train_iters or not updated
-                if logged:
+                if iteration % args.log_interval == 0 or iteration == args.train_iters or not updated:
                     rec = {"kind": "train", "iteration": iteration, "loss": loss, "lr": lr,
                            "grad_norm": None if grad_norm is None else float(grad_norm),
                            "tokens_per_s": tokens_per_iter / elapsed, "time_per_iter_s": elapsed,
-                           "attention": attention}
-                    if not updated:
-                        rec["skipped"] = True
+                           "attention": attention, **({} if updated else {"skipped": True})}
                     log.log(rec)
                     result.train.append(rec)
                 if not updated:
                     skipped += 1
-                    what = " and ".join(f"the {name} is {value:.4g}" for name, value in
-                                        (("loss", loss), ("gradient norm", grad_norm))
-                                        if value is not None and not math.isfinite(value))
-                    if skipped > args.max_skipped_iters:
-                        raise TrainingDiverged(_diverged(args, iteration, what, result, True))
-                    log.note(f"iteration {iteration}: {what}: update skipped ({skipped} of "
-                             f"--max-skipped-iters {args.max_skipped_iters})")
+                    _skipped_update(args, log, result, iteration, skipped, loss, grad_norm)
                 done = iteration == args.train_iters
-                exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
-                if args.eval_iters and (done or (args.eval_interval and iteration % args.eval_interval == 0)):
-                    do_eval(iteration)
-                periodic = bool(args.save_interval) and iteration % args.save_interval == 0
-                saved = save(iteration) if args.save and (done or exiting or periodic) else None
+                exiting = _every(args.exit_interval, iteration)
+                if args.eval_iters and (done or _every(args.eval_interval, iteration)):
+                    _evaluate(args, engine, valid_ds, log, result, iteration)
+                due = done or exiting or _every(args.save_interval, iteration)
+                saved = save(iteration) if args.save and due else None
                 stop = signals.requested(args.device) if args.exit_signal_handler else None
                 if stop and not done:
                     if args.save and saved is None:
@@ -740,6 +711,48 @@ def train_loop(args) -> TrainResult:
         log.close()
         set_iteration(0)
     return result
+
+
+def _evaluate(args, engine, valid_ds, log, result: TrainResult, iteration: int) -> None:
+    """The held-out loss under Lighthouse and dense attention (dense only once every layer is)."""
+    set_iteration(iteration)
+    stage2 = args.attention_impl == "dense" or recipe_schedule_from_args(args).all_dense(iteration)
+    for kind in ["dense"] if stage2 else ["lighthouse", "dense"]:
+        loss = (evaluate_dense if kind == "dense" else evaluate)(engine, valid_ds, args)
+        rec = {"kind": "eval", "iteration": iteration, "attention": kind, "loss": loss}
+        log.log(rec)
+        result.evals.append(rec)
+
+
+def _save(args, engine, log, result: TrainResult, iteration: int) -> str:
+    """Save `iteration` (refused where --check-for-nan-in-loss-and-grad finds non-finite weights);
+    returns the checkpoint's path."""
+    if args.check_for_nan_in_loss_and_grad and not parameters_finite(engine.model):
+        raise TrainingDiverged(_diverged(args, iteration, "the weights are NaN or infinite", result, False))
+    path = checkpointing.save_checkpoint(args, iteration, engine.model, engine.optimizer, engine.scheduler)
+    result.checkpoints.append(path)
+    if dist.get_rank() == 0:
+        log.note(f"saved checkpoint {path} (iteration {iteration}, with its manifest)")
+    return path
+
+
+def _every(interval: int | None, iteration: int) -> bool:
+    """Whether an action every `interval` iterations (eval, save, exit) falls on `iteration`; never
+    without an interval."""
+    return bool(interval) and iteration % interval == 0
+
+
+def _skipped_update(args, log, result: TrainResult, iteration: int, skipped: int, loss: float,
+                    grad_norm: float | None) -> None:
+    """A non-finite loss or gradient norm skipped this iteration's update: say so, or stop once more
+    than --max-skipped-iters have been skipped."""
+    what = " and ".join(f"the {name} is {value:.4g}" for name, value in
+                        (("loss", loss), ("gradient norm", grad_norm))
+                        if value is not None and not math.isfinite(value))
+    if skipped > args.max_skipped_iters:
+        raise TrainingDiverged(_diverged(args, iteration, what, result, True))
+    log.note(f"iteration {iteration}: {what}: update skipped ({skipped} of "
+             f"--max-skipped-iters {args.max_skipped_iters})")
 
 
 def _diverged(args, iteration: int, detail: str, result: TrainResult, skippable: bool) -> str:
