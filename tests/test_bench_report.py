@@ -125,6 +125,7 @@ def _seed_row(batch: str, seed: int, switch_frac: float, gap: float, lag: float)
             "tokens": iters * 32_768,
             "seed": seed, "switch": round(switch_frac * iters), "switch_frac": switch_frac, "train_gap": gap,
             "heldout_gap": gap + 0.01, "lag_per_lh_iter": lag, "lag_interp": lag * switch_frac * iters,
+            "quality_lag_per_lh_iter": lag, "quality_from_crossing": False,
             "lag": lag * switch_frac * iters, "lag_from_fit": False, "lag_fit": None, "spike": 0.5,
             "stage1_gap_lighthouse": -0.1, "stage1_gap_dense": 1.0, "end_slope": -0.2}
 

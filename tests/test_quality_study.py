@@ -20,6 +20,7 @@ import scipy.stats
 
 from benchmarks._common import UsageError
 from benchmarks.quality import stats
+from benchmarks.quality.analyze import QUALITY_LAG
 from benchmarks.quality.corpus import check_read_once, samples_per_epoch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -284,7 +285,7 @@ def test_stage1_cost_of_each_recipe():
     cost, how = stage1_cost("topk-8", 0.3, ladder)
     assert cost == 0.3 and how.startswith("not measured")
     # The time-to-quality table takes the same cost from the e2e run's steps.
-    rows = [{"batch": "b", "recipe": "grow-10", "seed": s, "switch_frac": 0.625, "lag_per_lh_iter": 0.1}
+    rows = [{"batch": "b", "recipe": "grow-10", "seed": s, "switch_frac": 0.625, **_quality_lag(0.1)}
             for s in (1, 2)]
     steps = {"grow_cost_vs_dense": {"3072": 0.4, "6144": 0.6}}
     (ttq,) = [t for t in time_to_quality(rows, "b", 0.3, "grow-10", steps) if t["switch_frac"] == 0.625]
@@ -587,11 +588,42 @@ def test_a_recovered_run_below_the_control_takes_its_lag_from_the_fit_and_says_s
     assert rows[1]["lag_interp"] is not None and not rows[1]["lag_from_fit"]
     assert rows[2]["lag_interp"] is None and rows[2]["lag_from_fit"]
     assert rows[2]["lag"] == rows[2]["lag_fit"] == pytest.approx(-0.10 * 1600, abs=2)
+    # A recovered curve that is the control's shifted in time: its crossing says the same as the fit.
+    assert rows[2]["quality_from_crossing"]
+    assert rows[2]["quality_lag_per_lh_iter"] == pytest.approx(-0.10, abs=0.005)
     (agg,) = summary["aggregates"]
     assert agg["lag_from_fit"] == 1
     assert agg["lag"]["mean"] == pytest.approx((rows[1]["lag_interp"] + rows[2]["lag_fit"]) / 2)
     line = next(x for x in markdown(summary).splitlines() if x.startswith("| synthetic-2560"))
     assert "(1 of 2 from the fit)" in line
+
+
+def test_time_to_quality_takes_the_crossing_where_the_recovered_run_ends_below_its_control(tmp_path):
+    """Where the recovered run ends below all its control reached, the lag extrapolates the control's
+    fitted curve, whose flat end turns a small gain into many iterations. Time to quality counts
+    instead the iterations to where the recovered run reached the control's final loss (3-evaluation
+    means on both sides). Seed 2's recovered curve here falls linearly through that loss at iteration
+    2,200, so the means of 3 points cross there too: 2,200 - 2,496 (the control's last 3 evaluations'
+    mean iteration) = -296 iterations, -0.185 per Lighthouse iteration. Seed 1 keeps its lag."""
+    _write_runs(tmp_path / "runs", 2560, 1600, {1: 0.20, 2: 0.20})
+    path = tmp_path / "runs" / "synthetic-2560" / "seed2_recovered_1600.json"
+    rec = json.loads(path.read_text())
+    dense = json.loads(path.with_name("seed2_dense.json").read_text())
+    goal = np.mean([v for _, v in dense["eval"]["dense"][-3:]])
+    rec["eval"]["dense"] = [[i, goal - 0.01 * (i - 2200) / 64] for i, _ in rec["eval"]["dense"]]
+    path.write_text(json.dumps(rec))
+    summary = _analyze(tmp_path / "runs", tmp_path / "out")
+    rows = {r["seed"]: r for r in summary["rows"]}
+    assert rows[2]["quality_from_crossing"] and rows[2]["lag_from_fit"]
+    assert rows[2]["quality_lag_per_lh_iter"] == pytest.approx(-296 / 1600)
+    assert rows[2]["lag_per_lh_iter"] < 2 * rows[2]["quality_lag_per_lh_iter"]  # the fit's, far beyond
+    assert not rows[1]["quality_from_crossing"]
+    assert rows[1]["quality_lag_per_lh_iter"] == rows[1]["lag_per_lh_iter"] == pytest.approx(0.2, abs=0.01)
+    ttq = {t["switch_frac"]: t for t in summary["time_to_quality"]["synthetic-2560"]}
+    mean = (rows[1]["lag_per_lh_iter"] - 296 / 1600) / 2
+    ratio = summary["step_ratio"]["ratio"]
+    assert ttq[0.625]["value"] == pytest.approx(stats.time_to_quality(0.625, mean, ratio))
+    assert ttq[0.625]["lag_from"] == "measured at this switch (1 of 2 from the recovered run's crossing)"
 
 
 def test_a_batch_that_mixes_runs_with_and_without_te_is_refused(tmp_path):
@@ -642,6 +674,11 @@ def test_budget_gives_a_running_scheduler_a_new_deadline_and_speed(tmp_path):
         proc.wait()
 
 
+def _quality_lag(lam: float) -> dict:
+    """A row's lag as time to quality reads it (an interpolated one: no crossing)."""
+    return {QUALITY_LAG: lam, "quality_from_crossing": False}
+
+
 def test_best_switch_by_the_paired_share_of_time_saved():
     """Per seed the share saved is f (1 - r - λ_f); the leader has the largest mean, decided only
     where the paired difference's two-sided 95% t interval (scipy's) lies above 0."""
@@ -649,7 +686,7 @@ def test_best_switch_by_the_paired_share_of_time_saved():
 
     r = 0.324
     lams = {0.625: [0.15, 0.16, 0.14], 0.75: [0.28, 0.30, 0.27]}
-    rows = [{"batch": "b", "recipe": "paper", "seed": s + 1, "switch_frac": f, "lag_per_lh_iter": lam}
+    rows = [{"batch": "b", "recipe": "paper", "seed": s + 1, "switch_frac": f, **_quality_lag(lam)}
             for f, ls in lams.items() for s, lam in enumerate(ls)]
     got = best_switch(rows, "b", r)
     share = {f: [f * (1 - r - lam) for lam in ls] for f, ls in lams.items()}
@@ -662,7 +699,7 @@ def test_best_switch_by_the_paired_share_of_time_saved():
     assert (vs["mean"], vs["lower"], vs["upper"]) == pytest.approx((d.mean(), lo, hi))
     assert lo > 0 and got["decided"] is True
     # Seeds that disagree on the order leave it undecided; a seed missing one switch is left out.
-    seed4 = [{**rows[0], "seed": 4, "lag_per_lh_iter": 0.9}, {**rows[3], "seed": 4, "lag_per_lh_iter": -0.5}]
+    seed4 = [{**rows[0], "seed": 4, **_quality_lag(0.9)}, {**rows[3], "seed": 4, **_quality_lag(-0.5)}]
     noisy = rows + seed4 + [{**rows[0], "seed": 5}]
     undecided = best_switch(noisy, "b", r)
     assert undecided["seeds"] == [1, 2, 3, 4] and undecided["decided"] is False
@@ -678,7 +715,7 @@ def test_recipe_against_the_paper_by_the_paired_share_of_time_saved():
     r, f = 0.324, 0.625
     c = r + (1 - r) / 4  # dense-every-4: one step in four costs a dense step
     paper, dense4 = [0.20, 0.25, 0.22], [0.02, 0.05, 0.01]
-    rows = [{"batch": "b", "recipe": rc, "seed": s + 1, "switch_frac": f, "lag_per_lh_iter": lam}
+    rows = [{"batch": "b", "recipe": rc, "seed": s + 1, "switch_frac": f, **_quality_lag(lam)}
             for rc, lams in (("paper", paper), ("dense-every-4", dense4)) for s, lam in enumerate(lams)]
     (got,) = against_paper(rows, "b", r, "dense-every-4")
     d = np.array([f * (1 - c - x) - f * (1 - r - y) for x, y in zip(dense4, paper, strict=True)])
@@ -692,7 +729,7 @@ def test_recipe_against_the_paper_by_the_paired_share_of_time_saved():
     assert f"difference {d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}]: **cannot tell**" in text
 
     def shifted(by: float) -> list[dict]:
-        return [{**x, "lag_per_lh_iter": x["lag_per_lh_iter"] + by} if x["recipe"] != "paper" else x
+        return [{**x, **_quality_lag(x[QUALITY_LAG] + by)} if x["recipe"] != "paper" else x
                 for x in rows]
 
     assert against_paper(shifted(-0.1), "b", r, "dense-every-4")[0]["verdict"] == "wins"
