@@ -169,6 +169,16 @@ def test_scale_trend_recovers_a_known_power_law_and_a_known_line():
     assert lin["slope_upper"] < 0  # the offsets are small: the direction is decided
     assert trend["extrapolation_factor"] == pytest.approx(50e9 / 84e6)
     assert "shrinks as runs lengthen" in markdown(_summary_with(trend))
+    # The same fit on time to quality's lag reads that column (here the lag less 0.1 everywhere: the
+    # slope stays, the line moves down), and the summary prints it beside the lag's.
+    rows = [{**r, QUALITY_LAG: r["lag_per_lh_iter"] - 0.1}
+            for r in _trend_rows(lambda t, seed: 0.4 - 0.05 * math.log(t / 21e6) + 0.01 * (seed - 1.5))]
+    quality = scale_trend(rows, QUALITY_LAG)["linear"]
+    assert quality["slope"] == pytest.approx(-0.05, abs=1e-9)
+    assert quality["at"] == pytest.approx(lin["at"] - 0.1)
+    text = markdown({**_summary_with(trend), "scale_trend_quality": {"linear": quality}})
+    assert f"time to quality's lag (a seed that ends below its control counts its crossing, not the fit's " \
+           f"extrapolation): {quality['slope']:+.3f} per e-fold" in text
     # Noise larger than the trend: the direction is not decided, and a negative point drops the power law.
     noisy = _trend_rows(lambda t, seed: 0.1)
     for r, e in zip(noisy, (0.3, -0.3, -0.2, 0.2, 0.3, -0.3), strict=True):

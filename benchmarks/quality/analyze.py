@@ -356,16 +356,16 @@ def _line_fit(x, y, at: float) -> dict:
             "at": float(value), "at_se": se, "lower": float(value - t * se), "upper": float(value + t * se)}
 
 
-def scale_trend(rows: list[dict]) -> dict | None:
-    """Lag per Lighthouse iteration against training tokens, one point per seed and run length (the
-    preset's own switch closest to 62.5%), projected to the paper's 50B tokens two ways: linear in
-    ln(tokens), which has no floor and so must cross zero somewhere, and a power law a * tokens^b
-    (a line in log-log; positive by construction, fitted only when every point is positive). Both
-    are extrapolations far beyond the runs: see the README."""
+def scale_trend(rows: list[dict], key: str = "lag_per_lh_iter") -> dict | None:
+    """Lag per Lighthouse iteration (`key`: the lag, or time to quality's) against training tokens,
+    one point per seed and run length (the preset's own switch closest to 62.5%), projected to the
+    paper's 50B tokens two ways: linear in ln(tokens), which has no floor and so must cross zero
+    somewhere, and a power law a * tokens^b (a line in log-log; positive by construction, fitted only
+    when every point is positive). Both are extrapolations far beyond the runs: see the README."""
     import numpy as np
 
-    pts = [(math.log(r["tokens"]), r["lag_per_lh_iter"]) for r in rows
-           if r["preset"] == "default" and r["recipe"] == "paper" and r["lag_per_lh_iter"] is not None
+    pts = [(math.log(r["tokens"]), r[key]) for r in rows
+           if r["preset"] == "default" and r["recipe"] == "paper" and r[key] is not None
            and abs(r["switch_frac"] - 0.625) < 0.02]
     if len({x for x, _ in pts}) < 2 or len(pts) < 4:
         return None
@@ -505,6 +505,11 @@ def markdown(summary: dict) -> str:
                      f"{pw['at']:.3f} [{pw['lower']:.3f}, {pw['upper']:.3f}]" if pw else
                      "; no power law (a point is not positive)")
                   + ". Neither is a forecast of the lag at the paper's scale.", ""]
+        q = (summary.get("scale_trend_quality") or {}).get("linear")
+        if q and q != lin:
+            lines += [f"The same line with time to quality's lag (a seed that ends below its control counts "
+                      f"its crossing, not the fit's extrapolation): {q['slope']:+.3f} per e-fold, 95% "
+                      f"[{q['slope_lower']:+.3f}, {q['slope_upper']:+.3f}].", ""]
     return "\n".join(lines)
 
 
@@ -569,6 +574,7 @@ def analyze(args) -> int:
         "against_paper": {_key(b, rc): against_paper(rows, b, r, rc, steps)
                           for b, rc in pairs if rc != "paper"},
         "scale_trend": scale_trend(rows),
+        "scale_trend_quality": scale_trend(rows, QUALITY_LAG),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
