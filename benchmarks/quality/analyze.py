@@ -92,11 +92,12 @@ def seed_metrics(dense: dict, chain: list[dict], rec: dict) -> dict:
     first = n - max(1, round(LAST_SHARE * n)) + 1
     tail = sorted(r_eval)[-LAST_EVALS:]
     target = statistics.fmean(r_eval[i] for i in tail)
+    control_final = statistics.fmean(d_eval[i] for i in tail)
     at = statistics.fmean(tail)
     its = sorted(d_eval)
     lag = stats.lag(its, [d_eval[i] for i in its], at, target, fit_from=n // 4)
     per = (lag["interp"] if lag["interp"] is not None else lag["fit"])
-    quality = per if lag["interp"] is not None else crossing(r_eval, s, d_eval, tail) - at
+    quality = per if lag["interp"] is not None else crossing(r_eval, s, control_final) - at
     s1 = {kind: _curve(pairs) for kind, pairs in chain[-1]["eval"].items()}
     probe = rec.get("switch_probe")
     # No probe, or the last stage-1 iteration already ran dense attention everywhere (a progressive
@@ -105,7 +106,7 @@ def seed_metrics(dense: dict, chain: list[dict], rec: dict) -> dict:
     return {
         "seed": rec["seed"], "switch": s, "switch_frac": s / n,
         "train_gap": stats.window_mean(r_train, first, n) - stats.window_mean(d_train, first, n),
-        "heldout_gap": target - statistics.fmean(d_eval[i] for i in tail),
+        "heldout_gap": target - control_final,
         "lag_interp": lag["interp"], "lag_fit": lag["fit"], "lag": per, "lag_from_fit": lag["interp"] is None,
         "lag_per_lh_iter": None if per is None else per / s,
         # time to quality's lag: the interpolated one, or where the recovered run ends below all the
@@ -124,14 +125,13 @@ def seed_metrics(dense: dict, chain: list[dict], rec: dict) -> dict:
     }
 
 
-def crossing(r_eval: dict[int, float], switch: int, d_eval: dict[int, float], tail: list[int]) -> float:
-    """The iteration at which the recovered run, after the switch, first reached the control's final
-    held-out loss (both as means of 3 consecutive evaluations, each centred on its mean iteration,
+def crossing(r_eval: dict[int, float], switch: int, goal: float) -> float:
+    """The iteration at which the recovered run, after the switch, first reached `goal`, the control's
+    final held-out loss (both as means of 3 consecutive evaluations, each centred on its mean iteration,
     as the lag's targets are): measured, where the lag would extrapolate the control's curve. Only
     called where the recovered run ends below the control, so its last window gets there."""
     after = sorted(i for i in r_eval if i > switch)
     windows = [after[j:j + LAST_EVALS] for j in range(len(after) - LAST_EVALS + 1)]
-    goal = statistics.fmean(d_eval[i] for i in tail)
     return stats.first_reached([statistics.fmean(w) for w in windows],
                                [statistics.fmean(r_eval[i] for i in w) for w in windows], goal)
 
