@@ -736,7 +736,7 @@ def test_recipe_against_the_paper_by_the_paired_share_of_time_saved():
     assert lo < 0 < hi and got["verdict"] == "cannot tell"  # the dense steps cost about what they buy
     text = markdown(_summary_with(None) | {"time_to_quality": {"b dense-every-4": []},
                                            "against_paper": {"b dense-every-4": [got]}})
-    assert f"difference {d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}]: **cannot tell**" in text
+    assert f"difference {d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]: **cannot tell**" in text
 
     def shifted(by: float) -> list[dict]:
         return [{**x, **_quality_lag(x[QUALITY_LAG] + by)} if x["recipe"] != "paper" else x

@@ -408,8 +408,8 @@ def _from_fit(a: dict) -> str:
 
 def _best_text(b: dict) -> str:
     f = b["switch_frac"]
-    vs = "; ".join(f"against {a['switch_frac']:.1%} (saving {a['share']:.2f}): {a['mean']:+.2f} "
-                   f"[{a['lower']:+.2f}, {a['upper']:+.2f}]{_needs(a)}" for a in b["against"])
+    vs = "; ".join(f"against {a['switch_frac']:.1%} (saving {a['share']:.2f}): {a['mean']:+.3f} "
+                   f"{_bounds(a)}{_needs(a)}" for a in b["against"])
     word = f"decided: {f:.1%} is the switch to use" if b["decided"] else "not decided: no switch to recommend"
     return (f"Best measured switch ({len(b['seeds'])} seeds measured at every switch): {f:.1%}, saving "
             f"{b['share']:.2f} of the dense run's time on average; the paired difference in the share "
@@ -419,7 +419,7 @@ def _best_text(b: dict) -> str:
 def _against_text(vs: list[dict]) -> str:
     parts = "; ".join(
         f"at {a['switch_frac']:.1%} ({len(a['seeds'])} seeds) it saves {a['share']:.2f} of the dense run's "
-        f"time against {a['paper_share']:.2f}, difference {a['mean']:+.2f} {_bounds(a, '+.2f')}: "
+        f"time against {a['paper_share']:.2f}, difference {a['mean']:+.3f} {_bounds(a)}: "
         f"**{a['verdict']}**{_needs(a)}" for a in vs)
     return f"Against the paper's hard switch on the same seeds (paired share of time saved, 95% t): {parts}."
 
@@ -514,8 +514,9 @@ def markdown(summary: dict) -> str:
 
 
 def plot(rows: list[dict], runs: list[dict], out: Path) -> Path | None:
-    """Held-out loss of the control and the recovered runs per batch (seed 1..n), and the lag per
-    Lighthouse iteration per seed."""
+    """Top: per batch, the held-out loss of each seed's dense control (solid) and the paper's
+    recovered runs (dashed, one per switch), a colour per seed. Bottom: time to quality's lag per
+    Lighthouse iteration, one dot per seed and a bar at the mean, per batch, recipe and switch."""
     try:
         import matplotlib
 
@@ -523,30 +524,43 @@ def plot(rows: list[dict], runs: list[dict], out: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    batches = sorted({r["batch"] for r in runs})
-    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5 * (len(batches) + 1), 4), squeeze=False)
-    for ax, batch in zip(axes[0], batches, strict=False):
-        for r in (r for r in runs if r["batch"] == batch and r["arm"] in ("dense", "recovered")):
+    def by_length(batch: str) -> tuple[str, int]:  # "default-640" before "default-2560"
+        preset, _, iters = batch.rpartition("-")
+        return preset, int(iters)
+
+    batches = sorted({r["batch"] for r in runs}, key=by_length)
+    keys = sorted({(r["batch"], r["recipe"], r["switch_frac"]) for r in rows},
+                  key=lambda k: (by_length(k[0]), k[1] != "paper", k[1], k[2]))
+    fig = plt.figure(figsize=(5 * len(batches), 4 + 0.22 * len(keys)))
+    grid = fig.add_gridspec(2, len(batches), height_ratios=[4, 0.5 + 0.22 * len(keys)])
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, batch in enumerate(batches):
+        ax = fig.add_subplot(grid[0, i])
+        paper = (r for r in runs if r["batch"] == batch and r.get("recipe", "paper") == "paper")
+        for r in (r for r in paper if r["arm"] in ("dense", "recovered")):
             xs, ys = zip(*r["eval"]["dense"], strict=True)
-            style = "-" if r["arm"] == "dense" else "--"
-            recipe = "" if r.get("recipe", "paper") == "paper" else f" {r['recipe']}"
-            ax.plot(xs, ys, style, lw=1, label=f"s{r['seed']} {r['arm']}{recipe} {r['switch'] or ''}")
-        ax.set(title=batch, xlabel="iteration", ylabel="held-out loss (dense attention)")
+            ax.plot(xs, ys, "-" if r["arm"] == "dense" else "--", lw=1,
+                    color=colours[(r["seed"] - 1) % len(colours)],
+                    label=f"seed {r['seed']}" if r["arm"] == "dense" else None)
+        ax.set(title=f"{batch}: dense (solid), recovered (dashed)", xlabel="iteration",
+               ylabel="held-out loss (dense attention)")
         ax.set_ylim(top=min(4.0, ax.get_ylim()[1]))
-        ax.legend(fontsize=6)
-    ax = axes[0][-1]
-    keys = sorted({(r["batch"], r["recipe"], r["switch_frac"]) for r in rows})
+        ax.legend(fontsize=7, ncol=2)
+    ax = fig.add_subplot(grid[1, :])
     for i, key in enumerate(keys):
-        ys = [r["lag_per_lh_iter"] for r in rows
-              if (r["batch"], r["recipe"], r["switch_frac"]) == key and r["lag_per_lh_iter"] is not None]
-        ax.scatter([i] * len(ys), ys, s=12)
-    ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels([f"{b}\n{'' if rc == 'paper' else rc + ' '}{f:.1%}" for b, rc, f in keys], fontsize=7)
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set(title="lag per Lighthouse iteration (per seed)", ylabel="control iterations lost")
+        mine = (r for r in rows if (r["batch"], r["recipe"], r["switch_frac"]) == key)
+        ys = [r["quality_lag_per_lh_iter"] for r in mine if r["quality_lag_per_lh_iter"] is not None]
+        ax.scatter(ys, [i] * len(ys), s=14, color=colours[0])
+        if ys:
+            ax.plot([statistics.fmean(ys)] * 2, [i - 0.35, i + 0.35], color="k", lw=1.5)
+    ax.set_yticks(range(len(keys)))
+    ax.set_yticklabels([f"{b} {'' if rc == 'paper' else rc + ' '}{f:.1%}" for b, rc, f in keys], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0, color="k", lw=0.5)
+    ax.set(xlabel="control iterations lost per Lighthouse iteration (time to quality's lag; bar: mean)")
     fig.tight_layout()
     path = out / "curves.png"
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
