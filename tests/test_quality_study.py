@@ -484,20 +484,21 @@ def test_analysis_recomputed_from_the_run_records(one_batch, tmp_path):
     assert "generated" in (tmp_path / "summary.md").read_text()
 
 
-def _write_runs(root: Path, iters: int, switch: int, lags: dict[int, float]) -> None:
+def _write_runs(root: Path, iters: int, switch: int, lags: dict[int, float], preset: str = "synthetic",
+                model: dict | None = None) -> None:
     """Run JSONs as the driver writes them, with curves of a known lag: the control's loss is
     1 + 4 i^-0.4 (seed s shifted by 0.01 s), the recovered run's is the control's lag * switch
-    iterations earlier."""
-    batch, every = f"synthetic-{iters}", iters // 40
+    iterations earlier. `model`: the shape settings a preset adds (none: no parameter count)."""
+    batch, every = f"{preset}-{iters}", iters // 40
     its = list(range(every, iters + 1, every))
-    settings = {"eval_interval": every, "global_batch_size": 2, "seq_length": 256}
+    settings = {"eval_interval": every, "global_batch_size": 2, "seq_length": 256, **(model or {})}
     def control(i, seed):
         return 1 + 0.01 * seed + 4 * max(i, 1) ** -0.4
 
     for seed, lam in lags.items():
         loss = functools.partial(control, seed=seed)
         late = lambda i, lam=lam, loss=loss: loss(i - lam * switch)  # noqa: E731
-        common = {"study": "quality", "batch": batch, "preset": "synthetic", "iters": iters, "seed": seed,
+        common = {"study": "quality", "batch": batch, "preset": preset, "iters": iters, "seed": seed,
                   "settings": settings, "corpus": "c0", "device": "card", "command": ["x"], "recipe": "paper"}
         runs = {
             "dense": {"arm": "dense", "switch": None, "train": [[i, loss(i)] for i in range(1, iters + 1)],
@@ -550,6 +551,53 @@ def test_runs_of_two_batches_aggregate_apart_and_recover_the_known_lag(tmp_path)
     assert f"Spike per Lighthouse layer, synthetic-2560 at 62.5% (3 seeds; only that layer dense at the " \
            f"switch, minus the stage-1 loss, in depth order): +{first['mean']:.3f} ± {first['std']:.3f}, " \
            "+0.200 ± 0.000." in text
+
+
+def test_width_effect_pairs_the_wider_preset_with_the_default_by_seed(tmp_path):
+    """A wider preset beside the default one at the same length and switch: per seed the lag per
+    Lighthouse iteration built into the curves, their paired difference with its t interval (scipy's),
+    per e-fold of the transformer layers' parameters (counted as the trainer builds them: 6 x 512
+    with SwiGLU's derived width 1,344 against 12 x 768 with 2,048); a seed without its default twin
+    is left out."""
+    from scipy import stats as scipy_stats
+
+    narrow = {"num_layers": 6, "hidden_size": 512, "num_attention_heads": 8, "num_query_groups": 8}
+    wide = {"num_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "num_query_groups": 12}
+    base, wider = {1: 0.30, 2: 0.26, 3: 0.34}, {1: 0.18, 2: 0.17, 3: 0.20, 4: 0.1}
+    _write_runs(tmp_path / "runs", 1280, 800, base, "default", narrow)
+    _write_runs(tmp_path / "runs", 1280, 800, wider, "wide", wide)
+    summary = _analyze(tmp_path / "runs", tmp_path / "out")
+    (w,) = summary["width_effect"]
+    assert (w["preset"], w["iters"], w["switch_frac"], w["seeds"]) == ("wide", 1280, 0.625, [1, 2, 3])
+    per_layer = {512: 512 * 24 * 64 + 8 * 64 * 512 + 512 * 1344 * 3, 768: 768 * 36 * 64 + 12 * 64 * 768
+                 + 768 * 2048 * 3}
+    assert (w["default_parameters"], w["parameters"]) == (6 * per_layer[512], 12 * per_layer[768])
+    rows = {(r["preset"], r["seed"]): r["quality_lag_per_lh_iter"] for r in summary["rows"]}
+    diffs = np.array([rows[("wide", s)] - rows[("default", s)] for s in (1, 2, 3)])
+    assert diffs == pytest.approx([wider[s] - base[s] for s in (1, 2, 3)], abs=0.01)
+    lo, hi = scipy_stats.t.interval(0.95, 2, loc=diffs.mean(), scale=scipy_stats.sem(diffs))
+    assert (w["difference"]["lower"], w["difference"]["upper"]) == pytest.approx((lo, hi))
+    efolds = np.log(w["parameters"] / w["default_parameters"])
+    assert w["per_efold"]["mean"] == pytest.approx(diffs.mean() / efolds)
+    assert w["lag_is"] == "smaller" and hi < 0
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "the lag is smaller in the wider model at this length." in text
+
+
+def test_paper_point_adds_the_width_term_to_the_run_length_line():
+    """The paper's point: the line's value at 50B tokens plus the width effect per e-fold times the
+    e-folds to the 530M model's transformer layers; intervals added end to end; nothing without a
+    width effect at 62.5%."""
+    from benchmarks.quality.analyze import paper_point
+
+    trend = {"linear": {"at": 0.10, "lower": -0.20, "upper": 0.40}}
+    effect = {"switch_frac": 0.625, "default_parameters": 10e6,
+              "per_efold": {"mean": -0.05, "lower": -0.08, "upper": -0.02}}
+    got = paper_point(trend, [effect], int(10e6 * np.e ** 2))
+    assert got["parameter_efolds"] == pytest.approx(2.0)
+    assert (got["at"], got["lower"], got["upper"]) == pytest.approx((0.0, -0.36, 0.36), abs=1e-6)
+    assert paper_point(trend, [{**effect, "switch_frac": 0.75}], 10**9) is None
+    assert paper_point(None, [effect], 10**9) is None
 
 
 def test_a_progressive_window_has_no_spike_or_lighthouse_gap_at_the_switch(tmp_path):

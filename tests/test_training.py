@@ -153,6 +153,25 @@ def test_checkpoint_loads_into_a_dense_model_strictly(reference):
     assert torch.equal(model.embedding.word_embeddings.weight, saved["embedding.word_embeddings.weight"])
 
 
+@pytest.mark.parametrize("shape", [[], ["--no-swiglu", "--ffn-hidden-size", "96"]],
+                         ids=["swiglu-derived-width", "gelu-given-width"])
+def test_layer_parameters_count_the_built_models_matrices(shape):
+    """`layer_parameters` (the memory estimate's and the quality study's count) against the weight
+    matrices of the GPTModel the trainer builds: GQA's narrower key and value, the MLP width derived
+    with SwiGLU and given without it."""
+    from lighthouse_megatron.settings.checks import layer_parameters
+    from lighthouse_megatron.training.trainer import build_model, transformer_config
+
+    from .megatron_testing import init_parallel
+
+    init_parallel()
+    args = training.parse_args([*MODEL, *shape])
+    model = build_model(args, transformer_config(args))
+    matrices = sum(p.numel() for name, p in model.named_parameters()
+                   if name.startswith("decoder.layers.") and p.dim() == 2)
+    assert matrices == args.num_layers * layer_parameters(args)
+
+
 def test_resume_is_bitwise(reference, tmp_path):
     _, full = reference
     first = _train(*LIGHTHOUSE, "--save", tmp_path, "--exit-interval", 3)

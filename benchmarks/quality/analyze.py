@@ -30,7 +30,9 @@ evaluations every E):
 
 Verdicts follow stats.RULE (one-sided 95% Student-t bounds, tolerance 0.02), stated before the runs.
 Time to dense quality: stats.time_to_quality with the step-time ratio of a Lighthouse and a dense
-step from `bench e2e` (the 530M shape at 98K tokens, --e2e).
+step from `bench e2e` (the 530M shape at 98K tokens, --e2e). Scale: the lag's line in ln(tokens)
+over the default preset's run lengths (`scale_trend`), a wider preset against the default one paired
+by seed (`width_effect`), and both carried to the paper's 530M model and 50B tokens (`paper_point`).
 """
 
 from __future__ import annotations
@@ -155,8 +157,22 @@ def batch_rows(runs: list[dict]) -> list[dict]:
                 chain = chain[-1:]  # window recipes run stage 1 from scratch for each switch
             rows.append({"batch": batch, "recipe": recipe, "preset": rec["preset"], "iters": rec["iters"],
                          "tokens": rec["iters"] * rec["settings"]["global_batch_size"]
-                         * rec["settings"]["seq_length"], **seed_metrics(dense, chain, rec)})
+                         * rec["settings"]["seq_length"],
+                         "parameters": transformer_parameters(rec["settings"]),
+                         **seed_metrics(dense, chain, rec)})
     return rows
+
+
+def transformer_parameters(settings: dict) -> int | None:
+    """The weight matrices of a run's transformer layers (no embeddings), its shape completed as the
+    trainer completes it; None for settings that name no shape (synthetic runs)."""
+    if "num_layers" not in settings:
+        return None
+    from lighthouse_megatron.settings import checks, tree
+
+    args = argparse.Namespace(**{**tree.defaults(), **settings})
+    checks.check_model_shape(args)
+    return args.num_layers * checks.layer_parameters(args)
 
 
 VERDICTS = {"train_gap": stats.TOLERANCE, "heldout_gap": stats.TOLERANCE, "lag_per_lh_iter": stats.TOLERANCE}
@@ -200,7 +216,21 @@ def step_ratio(e2e_path: Path) -> dict:
             "dense_ms": ms["dense"],
             "card": data["meta"]["device"], "command": data["meta"]["command"], "file": e2e_path.name,
             "parameters": data["rows"][0].get("parameters"), "N": data["rows"][0]["N"],
+            "transformer_parameters": _e2e_transformer_parameters(data["meta"].get("model")),
             **({"recipe_steps": measured} if measured else {})}
+
+
+def _e2e_transformer_parameters(model: dict | None) -> int | None:
+    """The transformer layers' weight matrices of the model `bench e2e` timed (its JSON's meta.model)."""
+    if not model:
+        return None
+    from lighthouse_megatron.settings.checks import layer_parameters
+
+    h, heads = model["hidden"], model["heads"]
+    shape = argparse.Namespace(hidden_size=h, kv_channels=h // heads, num_attention_heads=heads,
+                               num_query_groups=model["kv_heads"], ffn_hidden_size=model["ffn"],
+                               swiglu=model["mlp"] == "SwiGLU")
+    return model["layers"] * layer_parameters(shape)
 
 
 def _window_cost(kind: str, ratio: float, steps: dict) -> tuple[float, str] | None:
@@ -382,6 +412,56 @@ def scale_trend(rows: list[dict], key: str = "lag_per_lh_iter") -> dict | None:
             "linear": linear, "power_law": power, "extrapolation_factor": PAPER_TOKENS / math.exp(x.max())}
 
 
+def width_effect(rows: list[dict], key: str = QUALITY_LAG) -> list[dict]:
+    """Each wider preset against the default preset at the same run length and switch (the paper's
+    recipe), paired by seed (the seed fixes the data order in both): the wider model's lag per
+    Lighthouse iteration (`key`) minus the default's, its two-sided 95% t interval, and the same per
+    e-fold of transformer parameters. The lag is "smaller" or "larger" with width where the interval
+    excludes 0, else "cannot tell"."""
+    paper = [r for r in rows if r["recipe"] == "paper" and r[key] is not None and r.get("parameters")]
+    base = {(r["iters"], r["switch_frac"], r["seed"]): r for r in paper if r["preset"] == "default"}
+    groups = defaultdict(list)
+    for r in paper:
+        pair = base.get((r["iters"], r["switch_frac"], r["seed"]))
+        if r["preset"] != "default" and pair is not None:
+            groups[(r["preset"], r["iters"], r["switch_frac"])].append((r, pair))
+    out = []
+    for (preset, iters, frac), pairs in sorted(groups.items()):
+        diff = stats.interval([w[key] - d[key] for w, d in pairs])
+        efolds = math.log(pairs[0][0]["parameters"] / pairs[0][1]["parameters"])
+        if diff["lower"] is None or diff["lower"] <= 0 <= diff["upper"]:
+            word = "cannot tell"
+        else:
+            word = "smaller" if diff["upper"] < 0 else "larger"
+        out.append({"preset": preset, "iters": iters, "switch_frac": frac,
+                    "seeds": [w["seed"] for w, _ in pairs], "parameters": pairs[0][0]["parameters"],
+                    "default_parameters": pairs[0][1]["parameters"],
+                    "wider": stats.summary([w[key] for w, _ in pairs]),
+                    "default": stats.summary([d[key] for _, d in pairs]), "difference": diff,
+                    "per_efold": {k: None if diff[k] is None else diff[k] / efolds
+                                  for k in ("mean", "lower", "upper")},
+                    "lag_is": word})
+    return out
+
+
+def paper_point(trend: dict | None, width: list[dict], parameters: int | None) -> dict | None:
+    """The lag per Lighthouse iteration at the paper's point (50B tokens, the 530M model's
+    `parameters` in its transformer layers): the run-length line's value at 50B (switch 62.5%) plus
+    the width effect at 62.5% per e-fold of parameters times the e-folds from the default preset to
+    the 530M model. The two intervals add end to end (wider than combining them, as befits two
+    extrapolations stacked)."""
+    effect = next((w for w in width if abs(w["switch_frac"] - 0.625) < 0.02 and w["per_efold"]["lower"]
+                   is not None), None)
+    if not trend or effect is None or not parameters:
+        return None
+    lin, per = trend["linear"], effect["per_efold"]
+    efolds = math.log(parameters / effect["default_parameters"])
+    return {"tokens": PAPER_TOKENS, "parameters": parameters, "parameter_efolds": efolds,
+            "from_tokens": lin["at"], "from_width": per["mean"] * efolds,
+            "at": lin["at"] + per["mean"] * efolds,
+            "lower": lin["lower"] + per["lower"] * efolds, "upper": lin["upper"] + per["upper"] * efolds}
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -510,7 +590,31 @@ def markdown(summary: dict) -> str:
             lines += [f"The same line with time to quality's lag (a seed that ends below its control counts "
                       f"its crossing, not the fit's extrapolation): {q['slope']:+.3f} per e-fold, 95% "
                       f"[{q['slope_lower']:+.3f}, {q['slope_upper']:+.3f}].", ""]
+    lines += _width_text(summary.get("width_effect") or [], summary.get("paper_point"))
     return "\n".join(lines)
+
+
+def _width_text(width: list[dict], point: dict | None) -> list[str]:
+    lines = []
+    for w in width:
+        d, per = w["difference"], w["per_efold"]
+        verdict = " at this length." if w["lag_is"] != "cannot tell" else "; these seeds cannot tell."
+        lines += [f"Width ({w['preset']} against default, {w['iters']:,} iterations, switch "
+                  f"{w['switch_frac']:.1%}, {seeds_text(len(w['seeds']))} paired; "
+                  f"{w['parameters'] / 1e6:.1f}M against {w['default_parameters'] / 1e6:.1f}M parameters in "
+                  f"the transformer layers): time to quality's lag per Lighthouse iteration "
+                  f"{_pm(w['wider'])} against {_pm(w['default'])}, difference {d['mean']:+.3f} {_bounds(d)} "
+                  f"(95% t), {per['mean']:+.3f} {_bounds(per)} per e-fold of parameters: the lag is "
+                  f"{w['lag_is']} in the wider model{verdict}", ""]
+    if point:
+        lines += [f"At the paper's point (50B tokens; the 530M model's {point['parameters'] / 1e6:.0f}M "
+                  f"transformer parameters, {point['parameter_efolds']:.1f} e-folds above the default "
+                  f"preset's): the run-length line gives {point['from_tokens']:+.2f} and the width effect "
+                  f"adds {point['from_width']:+.2f}, together {point['at']:+.2f} "
+                  f"[{point['lower']:+.2f}, {point['upper']:+.2f}] (the two 95% intervals added end to end). "
+                  "Two straight lines carried far past their data: a statement of what these runs "
+                  "imply if nothing bends, not a forecast.", ""]
+    return lines
 
 
 def plot(rows: list[dict], runs: list[dict], out: Path) -> Path | None:
@@ -589,7 +693,10 @@ def analyze(args) -> int:
                           for b, rc in pairs if rc != "paper"},
         "scale_trend": scale_trend(rows),
         "scale_trend_quality": scale_trend(rows, QUALITY_LAG),
+        "width_effect": width_effect(rows),
     }
+    summary["paper_point"] = paper_point(summary["scale_trend_quality"], summary["width_effect"],
+                                         ratio.get("transformer_parameters"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "summary.json", summary)

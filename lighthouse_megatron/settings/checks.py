@@ -174,6 +174,14 @@ def check_checkpoints(args: argparse.Namespace) -> None:
         raise ValueError("--wandb-exp-name and --wandb-save-dir need --wandb-project")
 
 
+def layer_parameters(args: argparse.Namespace) -> int:
+    """One transformer layer's weight matrices (query, key and value, the output projection, the MLP;
+    norms and biases left out), its shape completed by `check_model_shape`."""
+    h, kv, heads = args.hidden_size, args.kv_channels, args.num_attention_heads
+    return h * (heads + 2 * args.num_query_groups) * kv + heads * kv * h \
+        + h * args.ffn_hidden_size * (3 if args.swiglu else 2)
+
+
 def cpu_memory_estimate(args: argparse.Namespace, lighthouse=None) -> tuple[int, str]:
     """(bytes, what dominates): a lower bound of what the processes of a CPU run need together.
     On the CPU every attention runs SDPA's math kernel, which keeps an fp32 [micro-batch, heads,
@@ -198,11 +206,9 @@ def cpu_memory_estimate(args: argparse.Namespace, lighthouse=None) -> tuple[int,
              4 * mbs * heads * (layers - dense_layers) * (gathered // cp) * gathered}
     training = sum(parts.values())
     evaluation = matrix if sparse and args.eval_iters else 0
-    h, kv, groups = args.hidden_size, args.kv_channels, args.num_query_groups
-    per_layer = h * (args.num_attention_heads + 2 * groups) * kv + args.num_attention_heads * kv * h \
-        + h * args.ffn_hidden_size * (3 if args.swiglu else 2)
-    embeddings = args.padded_vocab_size * h * (2 if args.untie_embeddings_and_output_weights else 1)
-    weights = 16 * (layers * per_layer + embeddings) // tp
+    tables = 2 if args.untie_embeddings_and_output_weights else 1
+    embeddings = args.padded_vocab_size * args.hidden_size * tables
+    weights = 16 * (layers * layer_parameters(args) + embeddings) // tp
     if weights >= max(training, evaluation):
         what = "fp32 weights, gradients and Adam moments"
     elif evaluation > training:
