@@ -64,3 +64,39 @@ def test_every_gpu_test_runs_in_exactly_one_stream():
     assert {t: n for t, n in where.items() if len(n) > 1} == {}, "in more than one stream"
     empty = set(split) - {n for names in where.values() for n in names}
     assert not empty, f"streams that select no test: {sorted(empty)}"
+
+
+def test_lease_suite_runs_the_suite_in_the_background_and_packs_its_outcome(tmp_path):
+    """tests/gpu/lease_suite.sh on a copy of the project whose suite is a stand-in (it writes a report
+    and exits 3 after a pause): `start` returns at once and refuses a second start while the suite
+    runs; `wait` waits for its end and packs the outputs, the log and the exit status into $OUT."""
+    import os
+    import shutil
+    import tarfile
+
+    project, home, out = tmp_path / "project", tmp_path / "home", tmp_path / "out"
+    (project / "tests" / "gpu").mkdir(parents=True)
+    home.mkdir()
+    out.mkdir()
+    shutil.copy(REPO / "tests" / "gpu" / "lease_suite.sh", project / "tests" / "gpu")
+    (project / "tests" / "gpu" / "run_gpu_tests.sh").write_text(
+        'sleep 2; mkdir -p "$1"; echo "PASSED limit $2 scratch $LIGHTHOUSE_GPU_SCRATCH" > "$1/unit.log"; '
+        'echo suite ran in "$PWD"; exit 3\n')
+    env = {**os.environ, "HOME": str(home), "OUT": str(out)}
+
+    def lease(*args):
+        return subprocess.run(["bash", "tests/gpu/lease_suite.sh", *args], cwd=project, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    started = lease("start", "77")
+    assert started.returncode == 0 and "started the GPU suite" in started.stdout, started.stderr
+    again = lease("start")
+    assert again.returncode == 2 and "already running" in again.stderr
+    waited = lease("wait", "30")
+    assert waited.returncode == 0 and "suite: ended, exit status 3" in waited.stdout, waited.stdout
+    assert f"suite ran in {home / 'suite'}" in waited.stdout  # the copy, not the synced tree
+    with tarfile.open(out / "suite.tgz") as tar:
+        assert sorted(tar.getnames()) == ["suite.log", "suite.rc", "suite_out", "suite_out/unit.log"]
+        report = tar.extractfile("suite_out/unit.log").read().decode()
+    assert report == f"PASSED limit 77 scratch {home / 'suite_scratch'}\n"
+    assert lease("bogus").returncode == 2

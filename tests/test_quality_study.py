@@ -582,6 +582,13 @@ def test_width_effect_pairs_the_wider_preset_with_the_default_by_seed(tmp_path):
     assert w["lag_is"] == "smaller" and hi < 0
     text = (tmp_path / "out" / "summary.md").read_text()
     assert "the lag is smaller in the wider model at this length." in text
+    # The paper's 530M model (the committed bench e2e run: 30 x 1024, SwiGLU width 1,536) against 6 x 512.
+    from benchmarks.quality.analyze import _model_factor
+
+    big = 30 * (1024 * 24 * 128 + 8 * 128 * 1024 + 1024 * 1536 * 3)
+    assert summary["step_ratio"]["transformer_parameters"] == big
+    factor = big / (6 * per_layer[512])
+    assert _model_factor(summary) == f"a model whose transformer layers are {factor:.0f}x larger"
 
 
 def test_paper_point_adds_the_width_term_to_the_run_length_line():

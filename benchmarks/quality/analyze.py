@@ -578,7 +578,7 @@ def markdown(summary: dict) -> str:
                   f"Lighthouse iteration changes by {lin['slope']:+.3f} per e-fold of tokens, 95% "
                   f"[{lin['slope_lower']:+.3f}, {lin['slope_upper']:+.3f}]: {way}. "
                   f"At the paper's 50B tokens, {trend['extrapolation_factor']:.0f}x "
-                  f"beyond the longest run and with a 25x larger model, a line in ln(tokens) gives "
+                  f"beyond the longest run and with {_model_factor(summary)}, a line in ln(tokens) gives "
                   f"{lin['at']:+.2f} [{lin['lower']:+.2f}, {lin['upper']:+.2f}] (95%; a line has no floor, "
                   "so this form must cross zero somewhere)"
                   + (f"; a power law (exponent {pw['exponent']:+.2f} ± {pw['exponent_se']:.2f}) gives "
@@ -592,6 +592,16 @@ def markdown(summary: dict) -> str:
                       f"[{q['slope_lower']:+.3f}, {q['slope_upper']:+.3f}].", ""]
     lines += _width_text(summary.get("width_effect") or [], summary.get("paper_point"))
     return "\n".join(lines)
+
+
+def _model_factor(summary: dict) -> str:
+    """How much larger the 530M model's transformer layers are than the default preset's."""
+    big = summary["step_ratio"].get("transformer_parameters")
+    defaults = (r["parameters"] for r in summary["rows"] if r["preset"] == "default")
+    small = next((n for n in defaults if n), None)
+    if not big or not small:
+        return "a larger model"
+    return f"a model whose transformer layers are {big / small:.0f}x larger"
 
 
 def _width_text(width: list[dict], point: dict | None) -> list[str]:
@@ -628,6 +638,7 @@ def plot(rows: list[dict], runs: list[dict], out: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+
     def by_length(batch: str) -> tuple[str, int]:  # "default-640" before "default-2560"
         preset, _, iters = batch.rpartition("-")
         return preset, int(iters)
