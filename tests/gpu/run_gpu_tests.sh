@@ -83,9 +83,15 @@ stream bench 1 tests/test_bench_e2e.py tests/test_bench_failure_modes.py tests/t
 stream cp 0,1 tests/test_parallel_gpu.py
 stream mlm-cp19 0,1 $MLM -k "context_parallel and core_v0.19.0"
 stream mlm-cp16 1,0 $MLM -k "context_parallel and not core_v0.19.0"
+# A Megatron-LM test takes 2-3 minutes alone on an H100, more on a shared GPU: at most two per
+# stream, so that each stream ends within LIMIT on one GPU (on one H100 shared with other jobs, the
+# stream of 0.16's two tests ran out of 660 s; five tests took 755 s in one pytest run).
 stream mlm19 1 $MLM -k "not context_parallel and core_v0.19.0"
-stream mlm16 0 $MLM -k "two_stages and not context_parallel and not core_v0.19.0"
-stream recipes 1 $MLM -k "recipe_variants or production_recipe"
+stream mlm16-local 0 $MLM -k "two_stages and not context_parallel and not core_v0.19.0 and local"
+stream mlm16-te 1 $MLM -k "two_stages and not context_parallel and not core_v0.19.0 and not local"
+stream recipes 1 $MLM -k "recipe_variants and (dense or progressive)"
+stream recipes-k 0 $MLM -k "recipe_variants and (grow or mean)"
+stream production 1 $MLM -k "production_recipe"
 stream features 0 tests/test_megatron_lm_features.py
 stream ckpt16-local 0 $CKPT -k "core_v0.16.1 and local"
 stream ckpt16-te 1 $CKPT -k "core_v0.16.1 and not local"
