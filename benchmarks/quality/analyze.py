@@ -596,8 +596,8 @@ def markdown(summary: dict) -> str:
 
 def _model_factor(summary: dict) -> str:
     """How much larger the 530M model's transformer layers are than the default preset's."""
-    big = summary["step_ratio"].get("transformer_parameters")
-    defaults = (r["parameters"] for r in summary["rows"] if r["preset"] == "default")
+    big = summary.get("step_ratio", {}).get("transformer_parameters")
+    defaults = (r.get("parameters") for r in summary.get("rows", []) if r["preset"] == "default")
     small = next((n for n in defaults if n), None)
     if not big or not small:
         return "a larger model"
