@@ -559,8 +559,6 @@ def test_width_effect_pairs_the_wider_preset_with_the_default_by_seed(tmp_path):
     per e-fold of the transformer layers' parameters (counted as the trainer builds them: 6 x 512
     with SwiGLU's derived width 1,344 against 12 x 768 with 2,048); a seed without its default twin
     is left out."""
-    from scipy import stats as scipy_stats
-
     narrow = {"num_layers": 6, "hidden_size": 512, "num_attention_heads": 8, "num_query_groups": 8}
     wide = {"num_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "num_query_groups": 12}
     base, wider = {1: 0.30, 2: 0.26, 3: 0.34}, {1: 0.18, 2: 0.17, 3: 0.20, 4: 0.1}
@@ -575,7 +573,7 @@ def test_width_effect_pairs_the_wider_preset_with_the_default_by_seed(tmp_path):
     rows = {(r["preset"], r["seed"]): r["quality_lag_per_lh_iter"] for r in summary["rows"]}
     diffs = np.array([rows[("wide", s)] - rows[("default", s)] for s in (1, 2, 3)])
     assert diffs == pytest.approx([wider[s] - base[s] for s in (1, 2, 3)], abs=0.01)
-    lo, hi = scipy_stats.t.interval(0.95, 2, loc=diffs.mean(), scale=scipy_stats.sem(diffs))
+    lo, hi = scipy.stats.t.interval(0.95, 2, loc=diffs.mean(), scale=scipy.stats.sem(diffs))
     assert (w["difference"]["lower"], w["difference"]["upper"]) == pytest.approx((lo, hi))
     efolds = np.log(w["parameters"] / w["default_parameters"])
     assert w["per_efold"]["mean"] == pytest.approx(diffs.mean() / efolds)

@@ -56,7 +56,7 @@ LAST_EVALS = 3
 # Lighthouse step (ratios are quoted within one run)
 E2E_DEFAULT = HERE.parent / "e2e" / "e2e_98k_vocab128256_recipes.json"
 SWITCHES_REPORTED = (0.5, 0.625, 0.75, 0.8)
-PAPER_TOKENS, PAPER_PARAMS = 50e9, 530e6  # the paper's 530M model, 50B tokens
+PAPER_TOKENS = 50e9  # the paper's 530M model was trained on 50B tokens
 PAPER_E2E = (1.40, 1.69)  # the paper's end-to-end speed-ups (B200), the anchor
 POWER = 0.8  # the planning figure: seeds that decide a comparison with this probability
 QUALITY_LAG = "quality_lag_per_lh_iter"  # the lag time to quality, best switch and recipe shares take
@@ -224,13 +224,10 @@ def _e2e_transformer_parameters(model: dict | None) -> int | None:
     """The transformer layers' weight matrices of the model `bench e2e` timed (its JSON's meta.model)."""
     if not model:
         return None
-    from lighthouse_megatron.settings.checks import layer_parameters
-
-    h, heads = model["hidden"], model["heads"]
-    shape = argparse.Namespace(hidden_size=h, kv_channels=h // heads, num_attention_heads=heads,
-                               num_query_groups=model["kv_heads"], ffn_hidden_size=model["ffn"],
-                               swiglu=model["mlp"] == "SwiGLU")
-    return model["layers"] * layer_parameters(shape)
+    return transformer_parameters({
+        "num_layers": model["layers"], "hidden_size": model["hidden"], "num_attention_heads": model["heads"],
+        "num_query_groups": model["kv_heads"], "ffn_hidden_size": model["ffn"],
+        "swiglu": model["mlp"] == "SwiGLU"})
 
 
 def _window_cost(kind: str, ratio: float, steps: dict) -> tuple[float, str] | None:
