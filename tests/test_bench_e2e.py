@@ -95,20 +95,24 @@ def test_summary_matches_step_times_known_in_advance(tmp_path, monkeypatch):
 
 
 def test_recipe_steps_time_the_variants_stage_1_runs(tmp_path, monkeypatch):
-    """--recipe-steps: a `grow` row per larger k of the growth ladder and a `mixed` row with the first
-    half of the Lighthouse layers dense, each built with those settings, and their costs over the
-    dense step from step times the test chose (a clock per model)."""
+    """--recipe-steps: a `grow` row per larger k of the growth ladder, a `mixed` row with the first
+    half of the Lighthouse layers dense and a `mean-merge` row with the levels averaged, each built
+    with those settings, and their costs over the dense step from step times the test chose (a clock
+    per model)."""
     clock = {"dense": 40.0, "lighthouse": 10.0, "ceiling": 8.0, "none": 6.0}
     built = []
     real_measure, real_time_ms = e2e.measure, e2e.time_ms
 
     def measure(args, mode, seq_len, lighthouse, *rest):
-        built.append((mode, lighthouse.topk, sorted(lighthouse.resolve_dense_layers(args.layers))))
+        built.append((mode, lighthouse.topk, sorted(lighthouse.resolve_dense_layers(args.layers)),
+                      lighthouse.level_merge))
         return real_measure(args, mode, seq_len, lighthouse, *rest)
 
     def time_ms(fn, warmup, reps, device):
         real_time_ms(fn, warmup, reps, device)
-        mode, topk, dense = built[-1]
+        mode, topk, dense, merge = built[-1]
+        if merge == "mean":
+            return [11.0] * reps
         if mode == "lighthouse" and topk != 8:
             return [10.0 + topk / 4] * reps  # k 16: 14 ms, k 32: 18 ms
         if mode == "lighthouse" and len(dense) > 1:
@@ -126,7 +130,9 @@ def test_recipe_steps_time_the_variants_stage_1_runs(tmp_path, monkeypatch):
     grow = [(r["topk"], r["step_ms"]) for r in data["rows"] if r["mode"] == "grow"]
     assert grow == [(16, 14.0), (32, 18.0)]
     # Layers 1-5 run Lighthouse (layer 0 dense); the mixed model also runs layers 1 and 2 dense.
-    assert ("lighthouse", 8, [0, 1, 2]) in built
+    assert ("lighthouse", 8, [0, 1, 2], "sum") in built
+    # The averaged levels: the plain Lighthouse model with --lighthouse-level-merge mean, and only it.
+    assert [b for b in built if b[3] == "mean"] == [("lighthouse", 8, [0], "mean")]
     (mixed,) = [r for r in data["rows"] if r["mode"] == "mixed"]
     assert mixed["lighthouse_layers_dense"] == [2, 5] and mixed["step_ms"] == 25.0
     summary = data["summary"][0]
@@ -134,6 +140,10 @@ def test_recipe_steps_time_the_variants_stage_1_runs(tmp_path, monkeypatch):
     assert summary["grow_cost_vs_dense"] == pytest.approx({"16": 14 / 40, "32": 18 / 40})
     assert summary["mixed_cost_vs_dense"] == pytest.approx(25 / 40)
     assert summary["mixed_additive_prediction"] == pytest.approx((10 + 2 / 5 * 30) / 40)
+    assert summary["mean_merge_cost_vs_dense"] == pytest.approx(11 / 40)
+    (merge,) = [r for r in data["rows"] if r["mode"] == "mean-merge"]
+    (plain,) = [r for r in data["rows"] if r["mode"] == "lighthouse"]
+    assert merge["step_ms"] == 11.0 and merge["S"] == plain["S"]
 
 
 def test_bad_settings_are_one_error_line(tmp_path, capsys):

@@ -272,6 +272,8 @@ def test_stage1_cost_of_each_recipe():
     assert stage1_cost("paper", 0.3)[0] == 0.3
     cost, how = stage1_cost("mean-merge", 0.3)
     assert cost == 0.3 and "not timed on its own" in how
+    assert stage1_cost("mean-merge", 0.3, {"mean_merge_cost_vs_dense": 0.31}) == (
+        0.31, "measured step with the levels averaged")
     assert stage1_cost("dense-every-4", 0.3)[0] == pytest.approx(0.3 * 3 / 4 + 1 / 4)  # 0.475
     # 10% of stage 1 in the window, 26 layers: on average 27/52 of them dense there.
     assert stage1_cost("progressive-10", 0.3)[0] == pytest.approx(0.3 + 0.7 * 0.1 * 27 / 52)

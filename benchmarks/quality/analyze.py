@@ -211,7 +211,8 @@ def step_ratio(e2e_path: Path) -> dict:
     ms = {r["mode"]: r["step_ms"] for r in data["rows"] if "step_ms" in r}
     summary = next((s for s in data.get("summary", []) if s["N"] == data["rows"][0]["N"]), {})
     measured = {k: summary[k] for k in ("grow_cost_vs_dense", "mixed_cost_vs_dense",
-                                        "mixed_lighthouse_layers_dense") if k in summary}
+                                        "mixed_lighthouse_layers_dense", "mean_merge_cost_vs_dense")
+                if k in summary}
     return {"ratio": ms["lighthouse"] / ms["dense"], "lighthouse_ms": ms["lighthouse"],
             "dense_ms": ms["dense"],
             "card": data["meta"]["device"], "command": data["meta"]["command"], "file": e2e_path.name,
@@ -255,13 +256,17 @@ def _window_cost(kind: str, ratio: float, steps: dict) -> tuple[float, str] | No
 def stage1_cost(recipe: str, ratio: float, steps: dict | None = None, window_layers: int = 26
                 ) -> tuple[float, str]:
     """A stage-1 step's cost over a dense step under `recipe`, and how it was obtained. An
-    interleaved dense step costs a dense step; a window's steps come from `steps` (the e2e run's
-    `recipe_steps`) where it has them. Without: inside a progressive window a layer costs what its
-    attention runs (attention time additive over layers, `window_layers` Lighthouse layers: the
-    530M shape's 26); a grown k's cost is not known (the paper's ratio: a lower bound)."""
+    interleaved dense step costs a dense step; a window's steps, a larger k's and the averaged
+    levels' come from `steps` (the e2e run's `recipe_steps`) where it has them. Without: inside a
+    progressive window a layer costs what its attention runs (attention time additive over layers,
+    `window_layers` Lighthouse layers: the 530M shape's 26); a grown k's cost is not known (the
+    paper's ratio: a lower bound)."""
     if recipe == "paper":
         return ratio, "measured"
-    if recipe == "mean-merge":  # the Lighthouse step and one division per token and head
+    if recipe == "mean-merge":
+        if "mean_merge_cost_vs_dense" in (steps or {}):
+            return steps["mean_merge_cost_vs_dense"], "measured step with the levels averaged"
+        # The Lighthouse step and one division per token and head.
         return ratio, "the Lighthouse step's (plus one division per token; not timed on its own)"
     kind, _, value = recipe.rpartition("-")
     if kind == "dense-every":

@@ -262,21 +262,24 @@ def recipe_variants(cfg: LighthouseConfig, seq_len: int,
                     layers: int) -> list[tuple[str, LighthouseConfig, dict]]:
     """The stage-1 steps of the recipe variants (lighthouse_megatron.recipe) that are neither a dense
     nor a plain Lighthouse step, with their Lighthouse settings at this length and the fields their
-    row records: one `grow` per larger k of the ladder that `--lighthouse-grow-topk-iters` climbs, and
+    row records: one `grow` per larger k of the ladder that `--lighthouse-grow-topk-iters` climbs,
     `mixed`, the first half of the Lighthouse layers dense (the middle of a
-    `--lighthouse-progressive-iters` window)."""
+    `--lighthouse-progressive-iters` window), and `mean-merge`, the levels averaged
+    (`--lighthouse-level-merge mean`)."""
     ladder = RecipeSchedule(until_iter=1, grow_topk_iters=1).topk_ladder(cfg, seq_len)
     variants = [("grow", dataclasses.replace(cfg, topk=k), {}) for k in ladder[1:]]
     dense = cfg.resolve_dense_layers(layers)
     lighthouse = [i for i in range(layers) if i not in dense]
     turned = lighthouse[: len(lighthouse) // 2]
     mixed = dataclasses.replace(cfg, dense_layers=tuple(sorted(dense | set(turned))))
-    return variants + [("mixed", mixed, {"lighthouse_layers_dense": [len(turned), len(lighthouse)]})]
+    return variants + [("mixed", mixed, {"lighthouse_layers_dense": [len(turned), len(lighthouse)]}),
+                       ("mean-merge", dataclasses.replace(cfg, level_merge="mean"), {})]
 
 
 def recipe_summary(by: dict, rows: list[dict]) -> dict:
-    """Each `grow` and `mixed` row's step time over the dense step's; for `mixed` also the prediction from
-    attention time additive over layers (the Lighthouse and dense step times interpolated)."""
+    """Each `grow`, `mixed` and `mean-merge` row's step time over the dense step's; for `mixed` also the
+    prediction from attention time additive over layers (the Lighthouse and dense step times
+    interpolated)."""
     dense, lh = by.get("dense"), by.get("lighthouse")
     s = {}
     if not dense:
@@ -292,6 +295,9 @@ def recipe_summary(by: dict, rows: list[dict]) -> dict:
         if lh:
             between = lh["step_ms"] + turned / count * (dense["step_ms"] - lh["step_ms"])
             s["mixed_additive_prediction"] = between / dense["step_ms"]
+    merge = next((r for r in rows if r["mode"] == "mean-merge"), None)
+    if merge:
+        s["mean_merge_cost_vs_dense"] = merge["step_ms"] / dense["step_ms"]
     return s
 
 

@@ -137,7 +137,8 @@ def add_e2e_parser(sub: argparse._SubParsersAction) -> None:
                      help="also time the stage-1 steps of the recipe variants: Lighthouse at every larger "
                           "k that --lighthouse-grow-topk-iters climbs to (mode grow), and the first half of "
                           "the Lighthouse layers dense, the middle of a --lighthouse-progressive-iters "
-                          "window (mode mixed); an interleaved dense step is the dense mode's")
+                          "window (mode mixed), and the levels averaged (mode mean-merge, "
+                          "--lighthouse-level-merge mean); an interleaved dense step is the dense mode's")
     run.add_argument("--time-budget", type=float, default=0,
                      help="seconds; modes that would start after it are skipped and recorded (0: none)")
     run.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
