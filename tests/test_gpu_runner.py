@@ -68,8 +68,9 @@ def test_every_gpu_test_runs_in_exactly_one_stream():
 
 def test_lease_suite_runs_the_suite_in_the_background_and_packs_its_outcome(tmp_path):
     """tests/gpu/lease_suite.sh on a copy of the project whose suite is a stand-in (it writes a report
-    and exits 3 after a pause): `start` returns at once and refuses a second start while the suite
-    runs; `wait` waits for its end and packs the outputs, the log and the exit status into $OUT."""
+    and exits 3 after a pause): `start` refuses where what the suite needs is lacking, returns at once
+    and refuses a second start while the suite runs; `wait` waits for its end and packs the outputs,
+    the log and the exit status into $OUT."""
     import os
     import shutil
     import tarfile
@@ -82,12 +83,25 @@ def test_lease_suite_runs_the_suite_in_the_background_and_packs_its_outcome(tmp_
     (project / "tests" / "gpu" / "run_gpu_tests.sh").write_text(
         'sleep 2; mkdir -p "$1"; echo "PASSED limit $2 scratch $LIGHTHOUSE_GPU_SCRATCH" > "$1/unit.log"; '
         'echo suite ran in "$PWD"; exit 3\n')
-    env = {**os.environ, "HOME": str(home), "OUT": str(out)}
+    env = {**os.environ, "HOME": str(home), "OUT": str(out), "MEGATRON_LM_ARCHIVES": ""}
 
     def lease(*args):
         return subprocess.run(["bash", "tests/gpu/lease_suite.sh", *args], cwd=project, env=env,
                               capture_output=True, text=True, timeout=60)
 
+    # Without the archives and Transformer Engine (this CPU machine) the tests needing them would only
+    # skip: `start` names each thing lacking and starts nothing.
+    refused = lease("start")
+    assert refused.returncode == 2 and not list(home.iterdir()), refused.stdout
+    for needed in ("megatron-lm-core_v0.16.1.tgz", "megatron-lm-core_v0.19.0.tgz", "Transformer Engine",
+                   "LIGHTHOUSE_SUITE_PARTIAL=1"):
+        assert needed in refused.stderr, refused.stderr
+    archives = project / ".whl" / "megatron-lm"
+    archives.mkdir(parents=True)
+    (archives / "megatron-lm-core_v0.19.0.tgz").touch()
+    (archives / "megatron-lm-core_v0.16.1.tgz").touch()
+    assert "megatron-lm-core" not in lease("start").stderr  # found in .whl/; TE still lacking here
+    env["LIGHTHOUSE_SUITE_PARTIAL"] = "1"
     started = lease("start", "77")
     assert started.returncode == 0 and "started the GPU suite" in started.stdout, started.stderr
     again = lease("start")

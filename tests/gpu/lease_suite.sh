@@ -12,15 +12,37 @@
 #                                                  the exit status into $OUT/suite.tgz
 #
 # Transformer Engine, megatron-core and pytest must be importable through PYTHONPATH, which `start`
-# passes on. Run the suite alone on the GPU: beside the quality study's jobs it ran out of memory.
+# passes on. `start` refuses (exit 2, nothing started) where Transformer Engine does not import or
+# a tag's Megatron-LM archive is missing, since the tests that need them would only skip: carry
+# .whl/ in the call that starts it (or copy it back from where an earlier call put it).
+# LIGHTHOUSE_SUITE_PARTIAL=1 starts it anyway (what this machine lacks skips with its reason).
+# Run the suite alone on the GPU: beside the quality study's jobs it ran out of memory.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 pid_file=$HOME/suite.pid
 running() { [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; }
+lacking() {  # what the suite needs and this machine lacks, one line each
+    local tag dir
+    for tag in core_v0.16.1 core_v0.19.0; do
+        for dir in "${MEGATRON_LM_ARCHIVES:-}" .whl/megatron-lm ../shared/megatron-lm; do
+            [ -n "$dir" ] && [ -f "$dir/megatron-lm-$tag.tgz" ] && continue 2
+        done
+        echo "  megatron-lm-$tag.tgz: not in \$MEGATRON_LM_ARCHIVES, .whl/megatron-lm or ../shared/megatron-lm" \
+             "(carry .whl/, see tests/gpu/run_megatron_lm.sh)"
+    done
+    python3 -c "import transformer_engine.pytorch" > /dev/null 2>&1 \
+        || echo "  Transformer Engine: 'import transformer_engine.pytorch' fails with PYTHONPATH=${PYTHONPATH:-}"
+}
 case "${1:-}" in
 start)
     if running; then
         echo "error: the GPU suite is already running (pid $(cat "$pid_file"))" >&2
+        exit 2
+    fi
+    missing=$(lacking)
+    if [ -n "$missing" ] && [ "${LIGHTHOUSE_SUITE_PARTIAL:-0}" != 1 ]; then
+        printf 'error: the GPU suite would skip the tests that need:\n%s\n' "$missing" >&2
+        echo "nothing started; provide them, or set LIGHTHOUSE_SUITE_PARTIAL=1 to run what this machine can" >&2
         exit 2
     fi
     rm -rf "$HOME/suite" "$HOME/suite_out" "$HOME/suite.rc" "$HOME/suite_scratch"
