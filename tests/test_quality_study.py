@@ -111,8 +111,15 @@ def test_seeds_for_power_matches_the_published_table_and_a_simulation():
     assert stats.seeds_for_power(0.1, 0.0) == 2  # no spread: the smallest sample the interval needs
     rng = np.random.default_rng(0)
     samples = rng.normal(0.07, 0.1, size=(20000, 6))
-    decided = [not (iv["lower"] <= 0 <= iv["upper"]) for iv in map(stats.interval, samples.tolist())]
+    decided = [stats.side_of_zero(iv["lower"], iv["upper"]) is not None
+               for iv in map(stats.interval, samples.tolist())]
     assert abs(np.mean(decided) - stats.decision_power(0.07, 0.1, 6)) < 0.015
+
+
+def test_side_of_zero_reads_an_interval_the_way_every_paired_verdict_does():
+    assert stats.side_of_zero(0.01, 0.2) == "above" and stats.side_of_zero(-0.3, -0.001) == "below"
+    assert stats.side_of_zero(-0.1, 0.1) is None and stats.side_of_zero(0.0, 0.1) is None
+    assert stats.side_of_zero(None, None) is None  # one seed: no interval
 
 
 def test_time_to_quality_interval_carries_the_lags_interval_through_the_formula():

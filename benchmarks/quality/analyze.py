@@ -341,7 +341,7 @@ def best_switch(rows: list[dict], batch: str, ratio: float, recipe: str = "paper
     diff = {f: [share[s, lead] - share[s, f] for s in seeds] for f in switches if f != lead}
     against = [_paired({"switch_frac": f, "share": mean[f]}, d) for f, d in diff.items()]
     return {"switch_frac": lead, "share": mean[lead], "seeds": seeds, "against": against,
-            "decided": all(a["lower"] > 0 for a in against)}
+            "decided": all(stats.side_of_zero(a["lower"], a["upper"]) == "above" for a in against)}
 
 
 def against_paper(rows: list[dict], batch: str, ratio: float, recipe: str,
@@ -360,8 +360,8 @@ def against_paper(rows: list[dict], batch: str, ratio: float, recipe: str,
         d = _paired({"switch_frac": f, "seeds": seeds, "share": statistics.fmean(mine[s, f] for s in seeds),
                      "paper_share": statistics.fmean(paper[s, f] for s in seeds)},
                     [mine[s, f] - paper[s, f] for s in seeds])
-        d["verdict"] = ("cannot tell" if d["lower"] is None or d["lower"] <= 0 <= d["upper"]
-                        else "wins" if d["lower"] > 0 else "loses")
+        d["verdict"] = {None: "cannot tell", "above": "wins", "below": "loses"}[
+            stats.side_of_zero(d["lower"], d["upper"])]
         out.append(d)
     return out
 
@@ -431,10 +431,6 @@ def width_effect(rows: list[dict], key: str = QUALITY_LAG) -> list[dict]:
     for (preset, iters, frac), pairs in sorted(groups.items()):
         diff = stats.interval([w[key] - d[key] for w, d in pairs])
         efolds = math.log(pairs[0][0]["parameters"] / pairs[0][1]["parameters"])
-        if diff["lower"] is None or diff["lower"] <= 0 <= diff["upper"]:
-            word = "cannot tell"
-        else:
-            word = "smaller" if diff["upper"] < 0 else "larger"
         out.append({"preset": preset, "iters": iters, "switch_frac": frac,
                     "seeds": [w["seed"] for w, _ in pairs], "parameters": pairs[0][0]["parameters"],
                     "default_parameters": pairs[0][1]["parameters"],
@@ -442,7 +438,8 @@ def width_effect(rows: list[dict], key: str = QUALITY_LAG) -> list[dict]:
                     "default": stats.summary([d[key] for _, d in pairs]), "difference": diff,
                     "per_efold": {k: None if diff[k] is None else diff[k] / efolds
                                   for k in ("mean", "lower", "upper")},
-                    "lag_is": word})
+                    "lag_is": {None: "cannot tell", "below": "smaller", "above": "larger"}[
+                        stats.side_of_zero(diff["lower"], diff["upper"])]})
     return out
 
 
@@ -509,7 +506,7 @@ def _against_text(vs: list[dict]) -> str:
 def _needs(a: dict) -> str:
     """Where the interval includes 0: the seeds that would decide it with 80% probability if the
     mean and spread seen so far were the true ones."""
-    if a["lower"] is None or not a["lower"] <= 0 <= a["upper"]:
+    if a["lower"] is None or stats.side_of_zero(a["lower"], a["upper"]):
         return ""
     n, chance = a.get("seeds_for_power"), f"{a['power']:.0%}"
     return (f" (at this mean and spread, {n} seeds would decide it with {chance} probability)" if n
@@ -572,7 +569,7 @@ def markdown(summary: dict) -> str:
         lin, pw = trend["linear"], trend["power_law"]
         per_length = zip(trend["run_lengths_tokens"], trend["seeds_per_length"], strict=True)
         lengths = ", ".join(f"{t / 1e6:.0f}M ({seeds_text(n)})" for t, n in per_length)
-        if lin["slope_upper"] < 0 or lin["slope_lower"] > 0:
+        if stats.side_of_zero(lin["slope_lower"], lin["slope_upper"]):
             way = f"the lag per iteration {'shrinks' if lin['slope'] < 0 else 'grows'} as runs lengthen"
         else:
             way = "the interval includes zero: these runs do not yet tell which way the lag moves"

@@ -70,6 +70,14 @@ def interval(values: Sequence[float | None], confidence: float = 0.95) -> dict:
     return {**s, "lower": s["mean"] - t * s["se"], "upper": s["mean"] + t * s["se"]}
 
 
+def side_of_zero(lower: float | None, upper: float | None) -> str | None:
+    """Where an interval lies: "above" or "below" 0 when it excludes 0, None when it includes 0 or is
+    undefined (fewer than two values)."""
+    if lower is None or upper is None or lower <= 0 <= upper:
+        return None
+    return "above" if lower > 0 else "below"
+
+
 def decision_power(mean: float, sd: float, n: int, confidence: float = 0.95) -> float:
     """The chance that n seeds' two-sided t interval excludes 0 when the per-seed values are normal
     with this mean and standard deviation (the noncentral t distribution of the t statistic)."""
