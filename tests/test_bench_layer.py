@@ -17,6 +17,21 @@ def test_sizes_parse_with_suffixes():
     assert format_length(1 << 20) == "1M" and format_length(131072) == "128K" and format_length(100) == "100"
 
 
+@pytest.mark.parametrize("command, flag, value, message", [
+    ("layer", "--seq-lens", "-1", "expected a number of tokens such as 4096, 32K or 1M, got '-1'"),
+    ("layer", "--seq-lens", "32K,0", "expected comma-separated positive numbers such as 4096, 32K or 1M, "
+                                     "got '32K,0'"),
+    ("layer", "--topks", ",", "expected comma-separated positive numbers"),
+    ("e2e", "--seq-lens", "9x", "expected a number of tokens such as 4096, 32K or 1M, got '9x'"),
+    ("e2e", "--dense-max-len", "1.5K", "expected a number of tokens such as 4096, 32K or 1M, got '1.5K'"),
+])
+def test_bad_lengths_fail_when_parsed_before_any_device_check(capsys, command, flag, value, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", command, f"{flag}={value}"])
+    assert exit_.value.code == 2
+    assert f"error: argument {flag}: {message}" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_needs_a_gpu(capsys):
     assert main(["bench", "layer", "--seq-lens", "32K"]) == 2

@@ -82,7 +82,7 @@ def test_yaml_file_and_precedence(tmp_path):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("topk: 512\ntopK: 3\n")
-    with pytest.raises(ValueError, match=r"--lighthouse-config .*unknown settings \['topK'\]"):
+    with pytest.raises(ValueError, match=r"--lighthouse-config .*setting 'topK' \(did you mean 'topk'\?"):
         validate_lighthouse_args(parse(*MODEL, "--lighthouse-config", str(bad)))
     with pytest.raises(ValueError, match="--lighthouse-config .*cannot read"):
         validate_lighthouse_args(parse(*MODEL, "--lighthouse-config", str(tmp_path / "missing.yaml")))

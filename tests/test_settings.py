@@ -125,6 +125,25 @@ def test_yaml_values_build_what_their_field_means(tmp_path):
     assert "--swiglu" not in megatron_lm_args(args)
 
 
+@pytest.mark.parametrize("text, hint", [
+    ("lighthouse_level: 3", "'lighthouse_level' (did you mean 'lighthouse_levels'?)"),  # a near spelling
+    ("LR: 0.1", "'LR' (did you mean 'lr'?)"),  # another case
+    ("levels: 3", "'levels' (did you mean 'lighthouse_levels'?)"),  # without the prefix
+    ("lighthouse:\n  levels: 3", "'lighthouse' (did you mean one of 'lighthouse_backend', "
+                                 "'lighthouse_config', 'lighthouse_dense_every', ...? "
+                                 "settings are flat keys, not sections)"),
+    ("bogus: 1", "'bogus'; valid: adam_beta1, "),  # nothing it could mean
+])
+def test_an_unknown_yaml_setting_names_what_it_likely_means(tmp_path, text, hint):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"mock_data: true\n{text}\n")
+    with pytest.raises(ValueError) as error:
+        parse_args(["--config", str(config), "--device", "cpu"], world_size=1)
+    message = str(error.value)
+    assert f"--config {config}: unknown setting {hint}" in message
+    assert message.endswith(", ".join(sorted(all_specs())))  # then every valid name
+
+
 def test_every_setting_has_help_and_a_default_to_show():
     for spec in [*all_specs().values(), *job_specs().values()]:
         assert len(spec.help) > 1 and spec.default_text(), spec.name

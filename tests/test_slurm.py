@@ -436,7 +436,7 @@ def test_megatron_lm_parses_the_command(tmp_path, job):
     ("stage1", ["--gpus-per-node", "0", "--nproc-per-node", "2"], "a CPU job (gpus_per_node 0) needs engine "
                                                                    "trainer"),
     ("stage1", ["--nproc-per-node", "4"], "nproc_per_node 4 != gpus_per_node 8"),
-    ("stage1", ["--set", "num_layer=2"], "unknown setting 'num_layer'"),
+    ("stage1", ["--set", "num_layer=2"], "unknown setting 'num_layer' (did you mean 'num_layers'?)"),
     ("stage1", ["--set", "exit_interval=20000"], "exit_interval 20000 must be <= train_iters 16000"),
     ("stage1", ["--time", "02:00:00", "--set", "exit_duration_mins=120"],
      "exit_duration_mins 120 must be below the time limit (02:00:00 = 120 min)"),

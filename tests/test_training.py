@@ -312,7 +312,7 @@ def test_yaml_config_and_overrides(tmp_path, capsys):
     assert args.lighthouse_pooling_factor == 4  # LighthouseConfig's default, resolved
     config.write_text("mock_data: true\nbogus: 1\n")
     assert training.main(["--config", str(config)]) == 2
-    assert "unknown settings ['bogus']" in capsys.readouterr().err
+    assert "unknown setting 'bogus'; valid: adam_beta1, " in capsys.readouterr().err
     config.write_text("mock_data: true\nlr: fast\n")
     assert training.main(["--config", str(config)]) == 2
     assert f"error: --config {config}: lr must be a number, got 'fast'" in capsys.readouterr().err

@@ -12,18 +12,23 @@ K = 1024
 
 
 def parse_length(text: str) -> int:
-    """'32K' -> 32768, '1M' -> 1048576, '100' -> 100."""
-    text = text.strip().upper()
-    if text.endswith("M"):
-        return int(text[:-1]) * K * K
-    if text.endswith("K"):
-        return int(text[:-1]) * K
-    return int(text)
+    """'32K' -> 32768, '1M' -> 1048576, '100' -> 100, '0' -> 0; ArgumentTypeError otherwise."""
+    digits, unit = text.strip().upper(), 1
+    if digits[-1:] in ("K", "M"):
+        digits, unit = digits[:-1], K if digits[-1] == "K" else K * K
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of tokens such as 4096, 32K or 1M, "
+                                         f"got {text.strip()!r}")
+    return int(digits) * unit
 
 
 def parse_lengths(text: str) -> list[int]:
-    """Comma-separated `parse_length`s."""
-    return [parse_length(x) for x in text.split(",") if x.strip()]
+    """Comma-separated positive `parse_length`s, at least one."""
+    lengths = [parse_length(x) for x in text.split(",") if x.strip()]
+    if not lengths or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers such as 4096, 32K "
+                                         f"or 1M, got {text!r}")
+    return lengths
 
 
 def format_length(n: int) -> str:

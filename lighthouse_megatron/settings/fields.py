@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import functools
 import math
 import types
@@ -238,6 +239,37 @@ def _typed_item(name: str, value: Any, kind: type, where: str) -> Any:
 
 
 # ------------------------------------------------------------------------------- checks
+
+
+def unknown_names(unknown, valid) -> str:
+    """The error text for setting names `unknown`, none of them in `valid`: each with the valid
+    name it most likely means (the same in another case, a near spelling, the same with or
+    without a prefix such as `lighthouse_`) or, where it is the prefix of several
+    (`lighthouse:` for lighthouse_levels, ...), the first three of those; then every valid
+    name."""
+    valid = sorted(valid)
+    folded = {v.lower(): v for v in valid}
+
+    def meant(name: str) -> str | None:
+        if name.lower() in folded:
+            return folded[name.lower()]
+        near = difflib.get_close_matches(name, valid, n=1, cutoff=0.8)
+        if near:
+            return near[0]
+        affixed = [v for v in valid if v.endswith(f"_{name}") or name.endswith(f"_{v}")]
+        return affixed[0] if len(affixed) == 1 else None
+
+    named = []
+    for name in map(str, unknown):
+        group = [v for v in valid if v.startswith(f"{name}_")]
+        if len(group) > 1:
+            shown = ", ".join(map(repr, group[:3])) + ", ..." * (len(group) > 3)
+            named.append(f"{name!r} (did you mean one of {shown}? settings are flat keys, not sections)")
+        elif meant(name):
+            named.append(f"{name!r} (did you mean {meant(name)!r}?)")
+        else:
+            named.append(repr(name))
+    return f"unknown setting{'s' * (len(named) > 1)} {', '.join(named)}; valid: {', '.join(valid)}"
 
 
 def check_value(args, spec: Spec) -> None:

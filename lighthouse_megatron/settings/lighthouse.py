@@ -22,7 +22,19 @@ from typing import Any
 from ..config import LighthouseConfig, SizeError, nearest, topk_hint, valid_topks
 from ..recipe import RecipeSchedule
 from . import rules
-from .fields import MACHINE, SUMMARY, VALUE, Spec, Values, add_arguments, given, merged, setting, specs
+from .fields import (
+    MACHINE,
+    SUMMARY,
+    VALUE,
+    Spec,
+    Values,
+    add_arguments,
+    given,
+    merged,
+    setting,
+    specs,
+    unknown_names,
+)
 from .rules import ATTENTION_IMPLS
 from .yaml_file import read_mapping
 
@@ -96,7 +108,7 @@ def load_lighthouse_yaml(path: str) -> dict[str, Any]:
     valid = list(_file_settings())
     unknown = sorted(set(data) - set(valid))
     if unknown:
-        raise ValueError(f"--lighthouse-config {path}: unknown settings {unknown}; valid: {valid}")
+        raise ValueError(f"--lighthouse-config {path}: {unknown_names(unknown, valid)}")
     # LighthouseConfig checks its own choices (scorer, backend) when it is built.
     for key, s in _file_settings().items():
         if s.name in specs(LighthouseLaunch) and data.get(key) is not None and data[key] not in s.choices:

@@ -82,7 +82,7 @@ def _read_yaml(path, what: str, *, recipe: bool) -> dict[str, Any]:
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - set(all_specs()) - ({RECIPE} if recipe else set()))
     if unknown:
-        raise ValueError(f"{where}: unknown settings {unknown}; valid: {sorted(all_specs())}"
+        raise ValueError(f"{where}: {fields.unknown_names(unknown, all_specs())}"
                          + ("" if recipe else " (a recipe names no other recipe)"))
     return typed_settings(data, where)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import recipes
-from ..settings.fields import CONTINUED, SAME_MODEL, Values, with_role
+from ..settings.fields import CONTINUED, SAME_MODEL, Values, unknown_names, with_role
 from ..settings.layout import check_flags
 from ..settings.slurm import (
     CHECKPOINT_PATHS,
@@ -172,7 +172,7 @@ def _resolve(job: Job, values: Mapping[str, Any], allow_placeholders: bool) -> R
             train[key] = typed_value(key, _one_item({key: value})[key], "job file, --config or --set")
         else:
             valid = sorted(job_specs()) + sorted(set(all_specs()) - set(launcher_sets()))
-            raise ValueError(f"unknown setting {key!r}; valid: {', '.join(valid)}")
+            raise ValueError(unknown_names([key], valid))
     for key, s in job_specs().items():
         if kind in s.kinds and s.default is not None:
             launch.setdefault(key, s.default)
