@@ -744,6 +744,14 @@ def test_budget_gives_a_running_scheduler_a_new_deadline_and_speed(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+    # A scheduler that has exited but is not yet reaped (a zombie: alive to kill(pid, 0), with an
+    # empty command line) is not running.
+    zombie = subprocess.Popen([sys.executable, "-c", "pass", "benchmarks.quality.run"])
+    (tmp_path / "serve.pid").write_text(str(zombie.pid))
+    while Path(f"/proc/{zombie.pid}/stat").read_text().split(") ")[1][0] != "Z":
+        time.sleep(0.05)
+    assert budget("--time-budget", "600") == 2
+    zombie.wait()
 
 
 def _quality_lag(lam: float) -> dict:

@@ -567,10 +567,16 @@ def _serving(work: Path) -> int | None:
         os.kill(pid, 0)
     except (OSError, ValueError):
         return None
-    try:  # a reused pid is not ours
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return pid
+    # A reused pid is not ours. A process reads as an empty command line for a moment while it
+    # execs (and for good once it is a zombie): wait up to a second for it to read as one.
+    for _ in range(20):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return pid
+        if cmd:
+            break
+        time.sleep(0.05)
     return pid if b"benchmarks.quality.run" in cmd else None
 
 
