@@ -286,14 +286,15 @@ def test_wandb_logs_what_tensorboard_logs(tmp_path, monkeypatch):
     save = tmp_path / "s"
     result = _train("--save", save, "--wandb-project", "lighthouse-test", "--wandb-exp-name", "tiny")
     (run_file,) = (save / "wandb").glob("wandb/offline-run-*/run-*.wandb")
-    history, run = {}, None
-    for record in _wandb_records(run_file):
+    history, run, records = {}, None, _wandb_records(run_file)
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
         elif kind == "history":
             items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
             history.setdefault(items.get("_step"), {}).update(items)
+    assert run is not None, f"no run record in {run_file}: {[r.WhichOneof('record_type') for r in records]}"
     assert (run.project, run.display_name) == ("lighthouse-test", "tiny")
     assert [history[i]["train/loss"] for i in (1, 2, 3, 4)] == pytest.approx(
         [r["loss"] for r in result.train], rel=1e-9)
