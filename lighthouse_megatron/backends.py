@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .config import BACKENDS
+from .config import backend_problem
 
 _SDPA = {
     "cudnn": [SDPBackend.CUDNN_ATTENTION],
@@ -94,17 +94,11 @@ def _te_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return out.view(b, s, hq, d)
 
 
-_GPU_ONLY = ("te", "cudnn", "flash")
-
-
 def check_backend(backend: str, device: torch.device) -> None:
     """ValueError naming the backend and the ones valid on `device`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"lighthouse backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if device.type != "cuda" and backend in _GPU_ONLY:
-        valid = [b for b in BACKENDS if b not in _GPU_ONLY]
-        raise ValueError(f"lighthouse backend {backend!r} needs CUDA tensors, got {device.type} tensors; "
-                         f"valid on {device.type}: {valid}")
+    problem = backend_problem(backend, device.type)
+    if problem:
+        raise ValueError(problem)
     if backend == "te" and not te_available():
         raise ValueError(f"lighthouse backend 'te' needs transformer_engine.pytorch, which does not "
                          f"import here ({te_import_error()}); valid here: 'auto', 'cudnn', 'flash', 'math'")

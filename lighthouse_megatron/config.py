@@ -17,6 +17,18 @@ if TYPE_CHECKING:
 
 SCORERS = ("norm",)
 BACKENDS = ("auto", "te", "cudnn", "flash", "math")
+GPU_BACKENDS = ("te", "cudnn", "flash")  # the kernels that need CUDA tensors
+
+
+def backend_problem(backend: str, device_type: str) -> str | None:
+    """Why stage-5 kernel `backend` cannot run on `device_type` ("cuda", "cpu"); None if it can."""
+    if backend not in BACKENDS:
+        return f"lighthouse backend must be one of {list(BACKENDS)}, got {backend!r}"
+    if device_type != "cuda" and backend in GPU_BACKENDS:
+        valid = [b for b in BACKENDS if b not in GPU_BACKENDS]
+        return (f"lighthouse backend {backend!r} needs CUDA tensors, got {device_type} tensors; "
+                f"valid on {device_type}: {valid}")
+    return None
 LEVEL_MERGES = ("sum", "mean")
 
 

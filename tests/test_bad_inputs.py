@@ -31,6 +31,23 @@ def _file(tmp: Path):
     (tmp / "file").write_text("not a folder\n")
 
 
+def _checkpoints(tmp: Path):
+    """A run folder with one checkpoint root in it, and an iteration folder."""
+    (tmp / "runs" / "stage1").mkdir(parents=True)
+    (tmp / "runs" / "stage1" / "latest_checkpointed_iteration.txt").write_text("2\n")
+    (tmp / "runs" / "stage1" / "iter_0000002").mkdir()
+    (tmp / "runs" / "stage1" / "iter_0000002" / "common.pt").write_bytes(b"")
+
+
+def _forty_documents(tmp: Path):
+    from lighthouse_megatron.data import prepare_data
+
+    (tmp / "docs").mkdir()
+    for i in range(40):
+        (tmp / "docs" / f"{i}.txt").write_text(f"document {i}\n")
+    prepare_data([tmp / "docs"], tmp / "forty", progress=False)
+
+
 # id: (command line with TMP for a fresh folder, setup, exit code, whole message or, ending in
 # "...", its machine-independent start)
 CASES = {
@@ -103,6 +120,77 @@ CASES = {
     "demo-out": ("demo --out /sys/lighthouse-demo", None, 2,
                  "lighthouse-megatron demo: error: --out /sys/lighthouse-demo: cannot create "
                  "/sys/lighthouse-demo (..."),
+    # The second hunt (2026-12-08).
+    "adam-eps": (f"train {TINY} --adam-eps 0", None, 2, "error: --adam-eps must be > 0, got 0.0"),
+    "init-std": (f"train {TINY} --init-method-std 0", None, 2,
+                 "error: --init-method-std must be > 0, got 0.0"),
+    "rope-odd": (f"train {TINY} --hidden-size 36", None, 2,
+                 "error: --kv-channels 9 (the head dimension) must be even with --position-embedding-type "
+                 "rope, which rotates pairs of channels; change --hidden-size / --num-attention-heads or "
+                 "--kv-channels"),
+    "warmup-init": (f"train {TINY} --lr-warmup-init 1e-3", None, 2,
+                    "error: --lr-warmup-init 0.001 is above --lr 0.0003"),
+    "yaml-null": ("train --config TMP/run.yaml", _yaml("mock_data: true\nnum_layers: null\n"), 2,
+                  "error: --config TMP/run.yaml: num_layers must be set (leave it out for the default, 2), "
+                  "got null"),
+    "yaml-choice": ("train --config TMP/run.yaml", _yaml("mock_data: true\nattention_impl: sparse\n"), 2,
+                    "error: --config TMP/run.yaml: attention_impl must be one of ['dense', 'lighthouse'], "
+                    "got 'sparse'"),
+    "yaml-section": ("train --config TMP/run.yaml", _yaml("mock_data: true\nlighthouse:\n  levels: 3\n"),
+                     2,
+                     "error: --config TMP/run.yaml: unknown setting 'lighthouse' (did you mean one of "
+                     "'lighthouse_backend', 'lighthouse_config', 'lighthouse_dense_every', ...? settings are "
+                     "flat keys, not sections); valid: adam_beta1, adam_beta2, ..."),
+    "lighthouse-yaml": (f"train {TINY} --lighthouse-config TMP/run.yaml", _yaml("levels: two\n"), 2,
+                        "error: --lighthouse-config TMP/run.yaml: levels must be an integer, got 'two'"),
+    "lighthouse-dense": (f"train {TINY} --lighthouse-levels -5", None, 2,
+                         "error: --lighthouse-levels -5: lighthouse levels must be >= 1 (1 = dense "
+                         "attention), got -5; the paper uses 3"),
+    "load-parent": (f"train {TINY} --load TMP/runs", _checkpoints, 2,
+                    "error: --load TMP/runs holds no checkpoint (no latest_checkpointed_iteration.txt) but "
+                    "is not empty (stage1); did you mean --load TMP/runs/stage1?"),
+    "load-iteration": (f"train {TINY} --load TMP/runs/stage1/iter_0000002", _checkpoints, 2,
+                       "error: --load TMP/runs/stage1/iter_0000002 holds no checkpoint (no "
+                       "latest_checkpointed_iteration.txt) but is not empty (common.pt); give the folder "
+                       "that holds it: --load TMP/runs/stage1"),
+    "split-eval-0": ("train --data-path TMP/forty --eval-iters 0 --num-layers 1 --hidden-size 32 "
+                     "--num-attention-heads 4 --seq-length 64", _forty_documents, 2,
+                     "error: --data-path TMP/forty has 40 documents: --split 969,30,1 gives its test split "
+                     "none; use a larger dataset or another --split (e.g. 90,10,0)"),
+    "backend-cpu": (f"train {TINY} --device cpu --attention-impl lighthouse --lighthouse-levels 2 "
+                    "--lighthouse-topk 16 --lighthouse-tile-topk 8 --lighthouse-backend te", None, 2,
+                    "error: --lighthouse-backend te with --device cpu: lighthouse backend 'te' needs CUDA "
+                    "tensors, got cpu tensors; valid on cpu: ['auto', 'math']"),
+    "until-iter-0": (f"train {TINY} --train-iters 2 --attention-impl lighthouse --lighthouse-levels 2 "
+                     "--lighthouse-topk 8 --lighthouse-tile-topk 4 --lighthouse-until-iter 0", None, 0,
+                     "warning: --lighthouse-until-iter 0: no iteration runs Lighthouse attention "
+                     "(Lighthouse runs iterations 0 to N-1, none for N = 0); leave it out to train with "
+                     "Lighthouse throughout, or use --attention-impl dense"),
+    "dense-layers-all": (f"train {TINY} --train-iters 2 --attention-impl lighthouse --lighthouse-levels 2 "
+                         "--lighthouse-topk 8 --lighthouse-tile-topk 4 --lighthouse-dense-layers 0", None, 0,
+                         "warning: --lighthouse-dense-layers keeps all 1 layers dense: no layer runs "
+                         "Lighthouse attention; list fewer layers, or use --attention-impl dense"),
+    "yaml-binary": ("train --config TMP/run.yaml", lambda tmp: (tmp / "run.yaml").write_bytes(b"\0\xfd\1"), 2,
+                    "error: --config TMP/run.yaml: not a YAML text file (byte 1 is not UTF-8)"),
+    "slurm-time-mmss": (f"slurm render stage1 -o TMP/job.sbatch {SLURM} --time 1:00", None, 2,
+                        "error: stage1: time '1:00' is 1 minute to Slurm, which reads MINUTES:SECONDS; "
+                        "did you mean 1:00:00? (or 1 for 1 minute)"),
+    "slurm-time-fields": (f"slurm render stage1 -o TMP/job.sbatch {SLURM} --time 25:99:99", None, 2,
+                          "error: stage1: time '25:99:99' is not a Slurm time limit (minutes 99 must be "
+                          "below 60, seconds 99 must be below 60); use one of MINUTES, MINUTES:SECONDS, "
+                          "HOURS:MINUTES:SECONDS, DAYS-HOURS, DAYS-HOURS:MINUTES, DAYS-HOURS:MINUTES:SECONDS "
+                          "(e.g. 24:00:00 or 2-00:00:00)"),
+    "slurm-time-short": (f"slurm render stage1 -o TMP/job.sbatch {SLURM} --time 10", None, 2,
+                         "error: stage1: time '10' is 10 minutes: a train job needs more than 10 "
+                         "(Megatron-LM saves and exits 10 minutes before the limit; set exit_duration_mins "
+                         "for a shorter margin)"),
+    "slurm-job-name": (f"slurm render stage1 -o TMP/job.sbatch {SLURM} --set job_name=my;rm", None, 2,
+                       "error: stage1: job_name 'my;rm' cannot go into an #SBATCH line; use letters, "
+                       "digits, '.', '_', '+' and '-' only"),
+    "demo-layer-options": ("demo --seq-len 999", None, 2,
+                           "lighthouse-megatron demo: error: --seq-len: options of the single-layer demo, "
+                           "which runs with --layer; the two-stage workflow takes --out, --force, --tiny and "
+                           "--device"),
 }
 
 

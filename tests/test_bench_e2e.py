@@ -30,8 +30,6 @@ TINY = ["--device", "cpu", "--layers", "3", "--hidden", "32", "--heads", "2", "-
 def cpu_rope(monkeypatch, request):
     if request.node.get_closest_marker("gpu"):
         return  # the benchmark sets up its own NCCL group
-    # megatron-core 0.16's RotaryEmbedding moves its frequencies to torch.cuda.current_device().
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
     # The PyTorch twins, not the Triton interpreter: the kernels have their own tests.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     init_parallel()
@@ -43,6 +41,16 @@ def _args(*extra):
     parser = argparse.ArgumentParser()
     add_e2e_parser(parser.add_subparsers())
     return parser.parse_args(["e2e", *TINY, *extra])
+
+
+def test_full_recompute_is_refused_on_the_cpu_before_anything_is_built(tmp_path, capsys):
+    """megatron-core's recompute saves the CUDA random state, which a CPU build of torch lacks."""
+    args = [a for a in TINY if a not in ("--recompute", "none")]
+    assert main(["bench", "e2e", *args, "--seq-lens", "64", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --recompute full needs --device cuda (megatron-core's recompute saves the CUDA random "
+        "state); pass --recompute none with --device cpu")
+    assert not (tmp_path / "out").exists()
 
 
 def test_cpu_run_writes_every_mode(tmp_path):

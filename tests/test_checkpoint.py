@@ -345,13 +345,123 @@ def test_bad_inputs_fail_with_one_error_line(stage1, tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
-def test_force_replaces_an_existing_output(stage1, tmp_path):
+def test_force_replaces_an_earlier_output(stage1, tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale").write_text("old")
-    convert(stage1["root"] / "legacy", out, force=True)
-    assert not (out / "stale").exists() and locate(out).format == "torch"
+    convert(stage1["root"] / "legacy", out)
+    convert(stage1["root"] / "dist", out, force=True)
+    assert locate(out).format == "torch_dist"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    # What a dry run says agrees with the real run: refused without --force, replaced with it.
+    conv = ["convert", "--input", str(stage1["root"] / "legacy"), "--output", str(out)]
+    refusal = f"error: --output {out} exists; pass --force to replace it"
+    assert _cli_error(conv, capsys) == _cli_error([*conv, "--dry-run"], capsys) == refusal
+    hf = tmp_path / "hf"  # as `--to hf` writes it
+    hf.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "lighthouse-manifest.json"):
+        (hf / name).write_text("{}")
+    (tmp_path / "empty").mkdir()
+    for target in (out, out / f"iter_{ct.ITERATION:07d}", hf, tmp_path / "empty"):
+        conv[-1] = str(target)
+        assert cli([*conv, "--dry-run", "--force"]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == \
+            f"dry run: nothing written; {target} would be replaced (--force)"
+
+
+def test_force_refuses_what_is_not_an_earlier_output(stage1, tmp_path, capsys, monkeypatch):
+    """--force replaces a checkpoint, a Hugging Face export or an empty folder; anything else is
+    refused before any work (dry run or not), and again at the final rename."""
+    legacy = stage1["root"] / "legacy"
+    refuse = "refusing to replace it even with --force; choose another --output"
+    user = tmp_path / "user"  # a folder of the user's files
+    (user / "sub").mkdir(parents=True)
+    (user / "notes.txt").write_text("mine")
+    file = tmp_path / "file.txt"
+    file.write_text("mine")
+    stray = tmp_path / "stray"  # a checkpoint with a file of the user's inside
+    shutil.copytree(legacy, stray)
+    (stray / f"iter_{ct.ITERATION:07d}" / "mp_rank_00" / "notes.txt").write_text("mine")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for name in ("config.json", "model.safetensors", "train.py"):
+        (hf / name).write_text("{}")
+    link = tmp_path / "link"
+    link.symlink_to(user)
+    cases = {
+        user: f"holds files that are not a checkpoint or a Hugging Face export (notes.txt, sub); {refuse}",
+        file: f"is a file, not a checkpoint or a Hugging Face export; {refuse}",
+        stray: "holds files that are not a checkpoint or a Hugging Face export "
+               f"(iter_{ct.ITERATION:07d}/mp_rank_00/notes.txt); {refuse}",
+        hf: f"holds files that are not a checkpoint or a Hugging Face export (train.py); {refuse}",
+        link: f"is a symbolic link; {refuse}",
+    }
+    hashes = {p: tree_hash(p) if p.is_dir() else p.read_bytes() for p in (user, file, stray, hf)}
+    for target, message in cases.items():
+        conv = ["convert", "--input", str(legacy), "--output", str(target)]
+        for more in ([], ["--force"], ["--force", "--dry-run"], ["--force", "--to", "hf"]):
+            assert _cli_error([*conv, *more], capsys) == f"error: --output {target} {message}"
+    # A checkpoint that holds the current directory.
+    monkeypatch.chdir(stray / f"iter_{ct.ITERATION:07d}")
+    assert _cli_error(["convert", "--input", str(legacy), "--output", str(stray), "--force"], capsys) == \
+        f"error: --output {stray} holds the current directory; {refuse}"
+    monkeypatch.chdir(tmp_path)
+    # An empty folder that fills up while converting: checked again before the rename.
+    late = tmp_path / "late"
+    late.mkdir()
+
+    def fill(msg):
+        if msg.startswith("output verified"):
+            (late / "notes.txt").write_text("mine")
+
+    with pytest.raises(CheckpointError) as e:
+        convert(legacy, late, force=True, log=fill)
+    assert str(e.value) == f"--output {late} holds files that are not a checkpoint or a Hugging Face " \
+        f"export (notes.txt); {refuse}"
+    assert [p.name for p in late.iterdir()] == ["notes.txt"]
+    assert {p: tree_hash(p) if p.is_dir() else p.read_bytes() for p in hashes} == hashes
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_a_corrupt_torch_file_reads_as_corrupt_not_as_unsafe(stage1, tmp_path, capsys):
+    import io
+    import random
+
+    from lighthouse_megatron.checkpoint.reader import torch_load
+
+    bad = tmp_path / "bad"
+    shutil.copytree(stage1["root"] / "dist", bad)
+    common = bad / f"iter_{ct.ITERATION:07d}" / "common.pt"
+    common.write_bytes(random.Random(0).randbytes(100))
+    line = _cli_error(["inspect", str(bad), "--no-verify"], capsys)
+    assert line.startswith(f"error: {common}: cannot read it: truncated, corrupt or not a torch file (")
+    assert line.endswith("; copy the checkpoint again, or check it against its manifest "
+                         "(without --no-verify)")
+    assert "run code" not in line and "issue" not in line
+    # torch ends damaged bytes in UnpicklingError, IndexError or KeyError (seeds 2, 14 and 20).
+    for seed in range(21):
+        with pytest.raises(CheckpointError, match="cannot read it: truncated, corrupt or not a torch file"):
+            torch_load(io.BytesIO(random.Random(seed).randbytes(100)), "file")
+
+
+def test_converting_a_dense_checkpoint_says_so(stage1, tmp_path, capsys):
+    import argparse
+
+    rank0 = stage1["root"] / "legacy" / f"iter_{ct.ITERATION:07d}" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(rank0, weights_only=True)
+    dense = ct.save_legacy({0: state}, ct.megatron_args(ckpt_format="torch", attention_impl="dense"),
+                           tmp_path / "dense")
+    assert cli(["convert", "--input", str(dense), "--output", str(tmp_path / "out")]) == 0
+    note = (f"  note: {dense / f'iter_{ct.ITERATION:07d}'} was trained with dense attention "
+            "(attention_impl='dense'); its weights need no change, so the conversion only re-marks its "
+            "stored arguments")
+    assert note in capsys.readouterr().out.splitlines() and locate(tmp_path / "out").format == "torch"
+    plain = {k: v for k, v in vars(ct.megatron_args(ckpt_format="torch", attention_impl="dense")).items()
+             if not k.startswith("lighthouse_")}
+    ct.save_legacy({0: state}, argparse.Namespace(**plain), tmp_path / "plain")
+    report = convert(tmp_path / "plain", tmp_path / "o2", dry_run=True)
+    assert report["note"].endswith("only copies it: its stored arguments are dense already")
+    assert "note" not in convert(stage1["root"] / "legacy", tmp_path / "o3", dry_run=True)
 
 
 def test_hf_export_refuses_what_llama_cannot_express(tmp_path):

@@ -90,6 +90,32 @@ def test_directory_round_trip(corpus, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ds.bin", "ds.idx"]
 
 
+def test_force_drops_the_index_cache_of_the_data_it_replaces(tmp_path, capsys):
+    """megatron-core caches a dataset's sample indices under PREFIX/cache, keyed by its path and
+    settings, not its contents: after `prepare-data --force` the old indices would point past
+    the new, shorter data."""
+    from lighthouse_megatron.settings.train import parse_args
+    from lighthouse_megatron.training.trainer import build_datasets
+
+    (tmp_path / "long.txt").write_text("x" * 2000 + "\n")
+    (tmp_path / "short.txt").write_text("hello\n")
+    prefix = tmp_path / "data"
+    data.prepare_data([tmp_path / "long.txt"], prefix, progress=False)
+    args = parse_args(["--data-path", str(prefix), "--split", "1,0,0", "--eval-iters", "0", "--num-layers",
+                       "1", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "64",
+                       "--device", "cpu", "--train-iters", "4"], world_size=1)
+    build_datasets(args)
+    assert list((prefix / "cache").glob("GPTDataset_indices/*-train-sample_index.npy"))
+    short = str(tmp_path / "short.txt")
+    assert main(["prepare-data", "--input", short, "--output", str(prefix), "--force"]) == 0
+    assert f"removed    {prefix / 'cache'}: megatron-core's index cache of the data replaced" in \
+        capsys.readouterr().out
+    assert not prefix.exists()  # the folder megatron-core made for its cache, once empty
+    train, _ = build_datasets(args)
+    samples = [train[i]["tokens"] for i in range(len(train))]  # the stale indices fail here
+    assert all(set(t.tolist()) <= set(b"hello\n") | {256} for t in samples)
+
+
 def test_file_list_keeps_order_and_glob_filters(corpus, tmp_path):
     root, files = corpus
     s = data.prepare_data([root / "z.txt", root / "a.txt"], tmp_path / "ds")

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +60,28 @@ def test_two_stage_workflow_tiny(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error:" in err[0] and "--force" in err[0]
     assert (out / "summary.json").read_bytes() == before
+
+
+def test_a_stopped_demo_says_so_in_one_line(tmp_path):
+    """SIGTERM while stage 1 trains: the trainer stops at the end of an iteration and the demo
+    prints one line and exits 128 + 15, as a shell reports a process ended by the signal."""
+    out = tmp_path / "demo"
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    command = [sys.executable, "-m", "lighthouse_megatron.cli", "demo", "--tiny", "--device", "cpu",
+               "--out", out]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    log = out / "stage1" / "train.log"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and "[train] " in log.read_text()) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if "demo" in line or "Traceback" in line]
+    assert lines == [f"lighthouse-megatron demo: stopped by SIGTERM; what it wrote so far is in {out} "
+                     "(a rerun starts over with --force)"]
+    assert not (out / "summary.json").exists()
 
 
 def _records(losses, first_iteration=1, attention="dense", evals=()):

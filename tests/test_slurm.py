@@ -306,7 +306,8 @@ def test_missing_megatron_lm_checkout_stops_the_job(tmp_path):
     assert f"MEGATRON_LM={tmp_path}/nothing is not a Megatron-LM checkout" in proc.stderr
 
 
-@pytest.mark.parametrize("time, expected", [("04:00:00", "228"), ("1-00:00:00", "1368"), ("30", "20")])
+@pytest.mark.parametrize("time, expected", [("04:00:00", "228"), ("1-00:00:00", "1368"), ("30", "20"),
+                                            ("90:00", "80"), ("11", "1"), ("1-00:30:30", "1398"), ("0", "0")])
 def test_time_limit_sets_the_clean_exit(tmp_path, time, expected):
     script = render(tmp_path, "stage1", "--time", time)
     assert settings(script, "EXIT_DURATION_MINS") == {"EXIT_DURATION_MINS": expected}
@@ -324,6 +325,42 @@ def test_a_time_limit_slurm_cannot_read_is_refused(tmp_path, capsys, time):
                    "MINUTES:SECONDS, HOURS:MINUTES:SECONDS, DAYS-HOURS, DAYS-HOURS:MINUTES, "
                    "DAYS-HOURS:MINUTES:SECONDS (e.g. 24:00:00 or 2-00:00:00)"]
     assert not out.exists()
+
+
+TIME_FORMATS = ("use one of MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS, DAYS-HOURS, DAYS-HOURS:MINUTES, "
+                "DAYS-HOURS:MINUTES:SECONDS (e.g. 24:00:00 or 2-00:00:00)")
+
+
+@pytest.mark.parametrize("job, time, message", [
+    # Slurm reads 25:99:99 as 26:40:39; a field after the first beyond its unit is a typo.
+    ("stage1", "25:99:99", "time '25:99:99' is not a Slurm time limit (minutes 99 must be below 60, "
+                           f"seconds 99 must be below 60); {TIME_FORMATS}"),
+    ("stage1", "1-25", f"time '1-25' is not a Slurm time limit (hours 25 must be below 24); {TIME_FORMATS}"),
+    ("stage1", "2-00:60", "time '2-00:60' is not a Slurm time limit (minutes 60 must be below 60); "
+                          f"{TIME_FORMATS}"),
+    # MINUTES:SECONDS under an hour: 1:00 and 12:00 are minutes to Slurm, hours to the user.
+    ("stage1", "1:00", "time '1:00' is 1 minute to Slurm, which reads MINUTES:SECONDS; did you mean 1:00:00? "
+                       "(or 1 for 1 minute)"),
+    ("convert", "12:00", "time '12:00' is 12 minutes to Slurm, which reads MINUTES:SECONDS; did you mean "
+                         "12:00:00? (or 12 for 12 minutes)"),
+    ("stage1", "0:30", "time '0:30' is 0 minutes 30 seconds to Slurm, which reads MINUTES:SECONDS; did you "
+                       "mean 0:30:00?"),
+    # No time to train before the clean exit (it blamed exit_duration_mins, which was not given).
+    ("stage1", "10", "time '10' is 10 minutes: a train job needs more than 10 (Megatron-LM saves and exits "
+                     "10 minutes before the limit; set exit_duration_mins for a shorter margin)"),
+])
+def test_a_time_limit_that_is_a_typo_is_refused(tmp_path, capsys, job, time, message):
+    out = tmp_path / "job.sbatch"
+    site = SITE if job != "convert" else SITE[:2]
+    assert main(["slurm", "render", job, "-o", str(out), *site, "--time", time]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {job}: {message}"]
+    assert not out.exists()
+
+
+def test_a_short_time_limit_with_its_own_clean_exit(tmp_path):
+    """A short test job sets its own margin: the limit is then only checked against it."""
+    script = render(tmp_path, "stage1", "--time", "5", "--set", "exit_duration_mins=3")
+    assert settings(script, "EXIT_DURATION_MINS") == {"EXIT_DURATION_MINS": "3"}
 
 
 def test_an_unquoted_time_in_yaml_stays_a_time(tmp_path):
@@ -362,9 +399,62 @@ def test_recipe_values_are_typed_by_their_setting(tmp_path, capsys):
 
 def test_values_reach_bash_verbatim(tmp_path):
     odd = "/data/my corpus/$HOME 'quoted'"
-    script = render(tmp_path, "stage1", "--data-path", odd, "--set", "lighthouse_dense_layers=[0, -1]")
+    script = render(tmp_path, "stage1", "--data-path", odd, "--set", "lighthouse_dense_layers=[0, -1]",
+                    "--venv", odd, "--checkpoint-root", f"{tmp_path}/my ckpt; $(touch x)")
     args = settings(script, "TRAIN_ARGS")["TRAIN_ARGS"]
     assert after(args, "--data-path") == [odd] and after(args, "--lighthouse-dense-layers", 2) == ["0", "-1"]
+    assert settings(script, "VENV", "SAVE_DIR") == {
+        "VENV": odd, "SAVE_DIR": f"{tmp_path}/my ckpt; $(touch x)/stage1-lighthouse"}
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--account", "a b"],
+     "account 'a b' cannot go into an #SBATCH line; use letters, digits, '.', '_', '+' and '-' only"),
+    (["--set", "job_name=my job; rm -rf x"],
+     "job_name 'my job; rm -rf x' cannot go into an #SBATCH line; use letters, digits, '.', '_', '+' and '-' "
+     "only"),
+    (["--set", "job_name=runs/a"], "job_name 'runs/a' cannot go into an #SBATCH line"),
+    (["--partition", "gpu\n#SBATCH --qos=high"],
+     "partition 'gpu\\n#SBATCH --qos=high' cannot go into an #SBATCH line; use letters, digits, '.', '_', "
+     "'+' and '-' (a list: comma-separated) only"),
+    (["--partition", "gpu", "--convert-partition", 'cpu"'], "convert_partition 'cpu\"' cannot go into an"),
+    (["--log-dir", "/shared/my logs"],
+     "log_dir '/shared/my logs' cannot go into an #SBATCH line; use a path of letters, digits and "
+     "/ . _ + , : = @ - only"),
+    (["--log-dir", "/shared/logs#1"], "log_dir '/shared/logs#1' cannot go into an #SBATCH line"),
+])
+def test_sbatch_header_values_are_one_word(tmp_path, capsys, args, message):
+    """#SBATCH lines are not shell: sbatch splits them at blanks and cuts them at '#', and a line
+    break would start another option. Such values were written raw."""
+    out = tmp_path / "job.sbatch"
+    assert main(["slurm", "render", "stage1", "-o", str(out), *SITE, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: stage1: {message}") and err.count("\n") == 1, err
+    assert not out.exists() and not (tmp_path / "shared").exists()
+
+
+def test_sbatch_header_names_and_the_derived_job_name(tmp_path, capsys):
+    script = render(tmp_path, "stage1", "--partition", "gpu,gpu-long", "--account", "proj_1.x",
+                    "--set", "job_name=s1+run")
+    assert sbatch_option(script, "partition") == "gpu,gpu-long"
+    assert sbatch_option(script, "account") == "proj_1.x" and sbatch_option(script, "job-name") == "s1+run"
+    # A job file's name is the job name unless job_name is set; a line break in its folder's name
+    # stays inside the header comment.
+    folder = tmp_path / "odd\ntouch pwned"
+    folder.mkdir()
+    job = folder / "my job.yaml"
+    job.write_text("job: train\nrecipe: 98k\nnodes: 4\ngpus_per_node: 8\ncontext_parallel_size: 2\n"
+                   "save_dir: s\n")
+    out = tmp_path / "x.sbatch"
+    assert main(["slurm", "render", str(job), "-o", str(out), *SITE]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: my job: job_name 'lighthouse-my job' (lighthouse- and the job file's name; set job_name) "
+        "cannot go into an #SBATCH line; use letters, digits, '.', '_', '+' and '-' only"]
+    script = render(tmp_path, str(job), "--set", "job_name=mine")
+    assert sbatch_option(script, "job-name") == "mine"
+    assert not any(line.startswith("touch") for line in script.read_text().splitlines())
 
 
 def megatron_lm_tree() -> str:
@@ -511,6 +601,21 @@ def test_existing_script_needs_force(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["job.sbatch"]  # no temporary left behind
 
 
+def test_render_refused_leaves_neither_script_nor_log_folder(tmp_path, capsys):
+    """The log folder is made before the script is written (a log folder that cannot be made left
+    the script behind), and removed again when the script cannot be written."""
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "job.sbatch"
+    base = ["slurm", "render", "stage1", "-o", str(out), *SITE]
+    assert main([*base, "--log-dir", str(tmp_path / "file" / "logs")]) == 2
+    assert f"error: log_dir {tmp_path}/file/logs: " in capsys.readouterr().err
+    assert not out.exists()
+    out.write_text("keep me")
+    assert main([*base, "--log-dir", str(tmp_path / "logs" / "98k")]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert out.read_text() == "keep me" and not (tmp_path / "logs").exists()
+
+
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "lighthouse_megatron.cli", "slurm", "render", "stage1", "-o",
@@ -542,17 +647,52 @@ def test_yaml_config_top_level_and_sections(tmp_path, capsys):
 # ------------------------------------------------------------------------------ submit
 
 
+REFUSED = "sbatch: error: Batch job submission failed: Invalid partition name specified"
+SLURM_STUBS = {
+    # Job ids 701, 702, ... in submission order; the STUB_SBATCH_FAILS-th submission is refused.
+    "sbatch": r"""#!/bin/bash
+echo "$*" >> "$STUB_LOG"
+n=$(wc -l < "$STUB_LOG")
+if [[ $n == "${STUB_SBATCH_FAILS:-0}" ]]; then
+    echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2
+    exit 1
+fi
+echo "$((700 + n));cluster"
+""",
+    "scancel": r"""#!/bin/bash
+echo "$*" >> "$STUB_LOG.scancel"
+if [[ -n ${STUB_SCANCEL_FAILS:-} ]]; then
+    echo "scancel: error: Unable to contact slurm controller" >&2
+    exit 1
+fi
+""",
+}
+
+
+def fake_slurm(tmp_path: Path, monkeypatch, **env: str) -> Path:
+    """sbatch and scancel stand-ins on PATH, logging their arguments to the returned file (sbatch)
+    and that file + .scancel."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    for name, text in SLURM_STUBS.items():
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    log = tmp_path / "sbatch.log"
+    log.unlink(missing_ok=True)
+    monkeypatch.setenv("PATH", f"{stubs}:{os.environ['PATH']}")
+    monkeypatch.setenv("STUB_LOG", str(log))
+    for key in ("STUB_SBATCH_FAILS", "STUB_SCANCEL_FAILS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return log
+
+
 SITE = ["--checkpoint-root", "/c", "--megatron-lm", "/m", "--data-path", "/d"]
 
 
 def test_submit_chains_the_stages_with_afterok(tmp_path, capsys, monkeypatch):
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    (stubs / "sbatch").write_text('#!/bin/bash\necho "$*" >> "$STUB_LOG"\n'
-                                  'n=$(wc -l < "$STUB_LOG"); echo "$((700 + n));cluster"\n')
-    (stubs / "sbatch").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{stubs}:{os.environ['PATH']}")
-    monkeypatch.setenv("STUB_LOG", str(tmp_path / "sbatch.log"))
+    fake_slurm(tmp_path, monkeypatch)
     out = tmp_path / "jobs"
     assert main(["slurm", "submit", "--output-dir", str(out), *SITE]) == 0
     assert capsys.readouterr().out.split() == ["stage1", "701", "convert", "702", "stage2", "703"]
@@ -571,13 +711,60 @@ def test_submit_dry_run_and_failing_sbatch(tmp_path, capsys, monkeypatch):
     assert "--dependency=afterok:<stage1 job id>" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["convert.sbatch", "stage1.sbatch",
                                                                    "stage2.sbatch"]
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    (stubs / "sbatch").write_text('#!/bin/bash\necho "sbatch: error: invalid partition" >&2\nexit 1\n')
-    (stubs / "sbatch").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{stubs}:{os.environ['PATH']}")
+    fake_slurm(tmp_path, monkeypatch, STUB_SBATCH_FAILS="1")
     assert main(["slurm", "submit", "--output-dir", str(tmp_path / "b"), *SITE]) == 2
-    assert "sbatch: error: invalid partition" in capsys.readouterr().err
+    assert "Invalid partition name specified" in capsys.readouterr().err
+
+
+def test_submit_refused_at_the_first_job_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """sbatch exists but refuses stage 1 (no Slurm configuration, a bad partition): nothing was
+    submitted, so nothing is left written either, and the rerun needs no --force. Scripts that
+    --force was to replace keep their text."""
+    log = fake_slurm(tmp_path, monkeypatch, STUB_SBATCH_FAILS="1")
+    out, logs = tmp_path / "jobs", tmp_path / "logs" / "98k"
+    cmd = ["slurm", "submit", "--output-dir", str(out), "--log-dir", str(logs), *SITE]
+    assert main(cmd) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: sbatch {out}/stage1.sbatch failed ({REFUSED}): nothing is left queued or written"]
+    assert not out.exists() and not (tmp_path / "logs").exists()
+    assert not Path(f"{log}.scancel").exists()
+    out.mkdir()
+    (out / "stage1.sbatch").write_text("the old stage 1")
+    fake_slurm(tmp_path, monkeypatch, STUB_SBATCH_FAILS="1")
+    assert main([*cmd, "--force"]) == 2
+    capsys.readouterr()
+    assert [p.name for p in out.iterdir()] == ["stage1.sbatch"]
+    assert (out / "stage1.sbatch").read_text() == "the old stage 1"
+    fake_slurm(tmp_path, monkeypatch)
+    assert main([*cmd, "--force"]) == 0
+    assert capsys.readouterr().out.split() == ["stage1", "701", "convert", "702", "stage2", "703"]
+
+
+def test_submit_refused_mid_chain_cancels_what_it_submitted(tmp_path, capsys, monkeypatch):
+    """sbatch takes stage 1 and refuses the conversion: stage 1 would train with nothing after it,
+    and a rerun would queue it twice (two jobs writing one checkpoint folder). It is cancelled."""
+    log = fake_slurm(tmp_path, monkeypatch, STUB_SBATCH_FAILS="2")
+    out = tmp_path / "jobs"
+    assert main(["slurm", "submit", "--output-dir", str(out), *SITE]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: sbatch {out}/convert.sbatch failed ({REFUSED}); cancelled the jobs it had submitted "
+        "(stage1 701): nothing is left queued or written"]
+    assert Path(f"{log}.scancel").read_text() == "701\n"
+    assert not out.exists()
+    fake_slurm(tmp_path, monkeypatch)
+    assert main(["slurm", "submit", "--output-dir", str(out), *SITE]) == 0
+
+
+def test_submit_says_which_jobs_stay_queued_when_scancel_fails(tmp_path, capsys, monkeypatch):
+    log = fake_slurm(tmp_path, monkeypatch, STUB_SBATCH_FAILS="3", STUB_SCANCEL_FAILS="1")
+    out = tmp_path / "jobs"
+    assert main(["slurm", "submit", "--output-dir", str(out), *SITE]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: sbatch {out}/stage2.sbatch failed ({REFUSED}); stage1 701, convert 702 stay(s) queued, as "
+        "scancel failed (scancel: error: Unable to contact slurm controller): cancel them (scancel 701 702) "
+        f"before you submit again; the scripts stay in {out}"]
+    assert Path(f"{log}.scancel").read_text() == "701 702\n"
+    assert sorted(p.name for p in out.iterdir()) == ["convert.sbatch", "stage1.sbatch", "stage2.sbatch"]
 
 
 @pytest.mark.parametrize("config, message", [

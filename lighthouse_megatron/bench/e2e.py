@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import LighthouseConfig
+from ..megatron.cpu import cpu_rotary_embedding
 from ..megatron.model import gpt_model
 from ..megatron.model import transformer_config as model_config
 from ..recipe import RecipeSchedule
@@ -170,6 +171,8 @@ def build_model(args, config, spec, seq_len: int, device: torch.device):
     if device.type == "cuda":
         tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
     model = gpt_model(megatron_args(args, seq_len), config, spec, args.vocab)
+    if device.type == "cpu":
+        cpu_rotary_embedding(model)
     return model.to(device)
 
 
@@ -408,6 +411,9 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU here (use --device cpu for a tiny code-path run)")
+    if device.type == "cpu" and args.recompute == "full":
+        raise UsageError("--recompute full needs --device cuda (megatron-core's recompute saves the CUDA "
+                         "random state); pass --recompute none with --device cpu")
     out_path = args.out / f"{args.name}.json"
     check_writable(out_path, args.force)
     # Transformer Engine must load before torch first uses cuDNN (TE links its own cuDNN).

@@ -1,17 +1,23 @@
 """Writing a converted checkpoint safely: weights checked finite, files written under a
-temporary name beside the output and renamed at the end, nothing replaced without force."""
+temporary name beside the output and renamed at the end, nothing replaced without force, and
+with force only an earlier output (a Megatron checkpoint, a Hugging Face export) or an empty
+directory."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
 from ..settings.files import make_output_dir
-from .reader import CheckpointError
+from .manifest import MANIFEST
+from .reader import CheckpointError, checkpoint_strays
+
+HF_EXPORT_FILES = ("config.json", "model.safetensors")  # what `--to hf` always writes
 
 
 def check_finite(state: dict, prefix: str = "") -> int:
@@ -58,11 +64,43 @@ def check_finite_stored(directory: Path, keep, batch_bytes: int = 1 << 30) -> in
     return checked
 
 
+_TOKENIZER_FILE = re.compile(r"(tokenizer|special_tokens|vocab|merges).*|added_tokens\.json|spiece\.model")
+
+
+def is_tokenizer_file(name: str) -> bool:
+    """A Hugging Face tokenizer's file, by its name."""
+    return _TOKENIZER_FILE.fullmatch(name) is not None
+
+
+def replace_problem(output: Path) -> str | None:
+    """Why `--force` must not replace the existing `output` (one line), or None for what it may
+    replace: a Megatron checkpoint (a save directory or one iteration's), a Hugging Face export
+    as `--to hf` writes it, or an empty directory. Never a file, a link, a folder holding other
+    files or the current directory."""
+    refuse = "refusing to replace it even with --force; choose another --output"
+    if output.is_symlink():
+        return f"--output {output} is a symbolic link; {refuse}"
+    if not output.is_dir():
+        return f"--output {output} is a file, not a checkpoint or a Hugging Face export; {refuse}"
+    if Path.cwd().resolve().is_relative_to(output.resolve()):
+        return f"--output {output} holds the current directory; {refuse}"
+    if all((output / name).is_file() for name in HF_EXPORT_FILES):
+        strays = [p.name for p in sorted(output.iterdir()) if not (p.is_file() and (
+            p.name in (*HF_EXPORT_FILES, MANIFEST) or is_tokenizer_file(p.name)))]
+    else:
+        strays = checkpoint_strays(output, also=(MANIFEST,))
+    if not strays:
+        return None
+    shown = ", ".join(strays[:5]) + (f", ... ({len(strays)} in all)" if len(strays) > 5 else "")
+    return (f"--output {output} holds files that are not a checkpoint or a Hugging Face export ({shown}); "
+            f"{refuse}")
+
+
 @contextlib.contextmanager
 def staged_output(output: Path, force: bool):
     """Yield an empty temporary path beside `output` to write into (its missing parents
-    created); on success rename it to `output` (replacing it only with `force`), on any
-    failure remove it."""
+    created); on success rename it to `output` (replacing it only with `force`, and only
+    what `replace_problem` allows, checked again now), on any failure remove it."""
     problem = make_output_dir(output.parent)  # missing parents created, as prepare-data does
     if problem:
         raise CheckpointError(f"--output {output}: {problem}")
@@ -80,9 +118,12 @@ def staged_output(output: Path, force: bool):
 
 
 def _replace(tmp: Path, output: Path, force: bool) -> None:
-    if output.exists():
+    if output.exists() or output.is_symlink():
         if not force:
             raise CheckpointError(f"--output {output} appeared meanwhile; pass --force to replace it")
+        problem = replace_problem(output)  # checked before the work too; it may have changed since
+        if problem:
+            raise CheckpointError(problem)
         old = output.parent / f".{output.name}.old-{os.getpid()}"
         output.rename(old)
         tmp.rename(output)

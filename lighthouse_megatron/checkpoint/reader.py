@@ -153,6 +153,35 @@ def _locate_dist(path, root, directory, iteration, release, names) -> Checkpoint
     return Checkpoint(path, root, directory, "torch_dist", layout, iteration, release)
 
 
+def checkpoint_strays(path: Path, also: tuple[str, ...] = ()) -> list[str]:
+    """What directory `path` holds that no layout above writes, as paths relative to it: a save
+    directory holds the tracker and iteration directories, an iteration directory the torch_dist
+    files (`*.distcp`, `.metadata`, `metadata.json`, `common.pt`) or mp_rank folders of `*.pt`
+    files, and the files named in `also`. Everything it holds when it is neither."""
+    entries = sorted(path.iterdir())
+    if not any(p.name == TRACKER and p.is_file() for p in entries):
+        return _iteration_strays(path, also)
+    strays = []
+    for p in entries:
+        if p.is_dir() and (_ITER_DIR.match(p.name) or p.name == "release"):
+            strays += [f"{p.name}/{name}" for name in _iteration_strays(p, also)]
+        elif p.name != TRACKER:
+            strays.append(p.name)
+    return strays
+
+
+def _iteration_strays(directory: Path, also: tuple[str, ...]) -> list[str]:
+    strays = []
+    for p in sorted(directory.iterdir()):
+        if p.is_dir() and _RANK_DIR.match(p.name):
+            strays += [f"{p.name}/{f.name}" for f in sorted(p.iterdir())
+                       if not (f.is_file() and f.suffix == ".pt")]
+        elif not (p.is_file() and (p.name in (".metadata", "metadata.json", COMMON_PT, *also)
+                                   or p.name.endswith(".distcp"))):
+            strays.append(p.name)
+    return strays
+
+
 # --- safe loading -------------------------------------------------------------------------
 
 def torch_load(source, what: str | Path) -> Any:
@@ -162,15 +191,63 @@ def torch_load(source, what: str | Path) -> Any:
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = str(e).splitlines()
-        reason = next((ln.strip() for ln in lines if "Unsupported" in ln or "WeightsUnpickler" in ln),
-                      lines[0])
+        # torch wraps its unpickler's message, the last paragraph, in advice of its own ("Please
+        # file an issue ...", "Check the documentation ...").
+        text = str(e).split("Check the documentation")[0].split("WeightsUnpickler error:")[-1]
+        reason = ([p.strip() for p in text.split("\n\n") if p.strip()] or [""])[-1].splitlines()[0]
+        if not _NEEDS_CODE.search(reason):
+            names = _imported_names(source)
+            if not names:
+                raise _unreadable(what, reason) from e
+            # torch stops at the first opcode it lacks (protocol 4's FRAME), before the import
+            reason = f"the pickle imports {', '.join(names[:5])}"
         raise CheckpointError(
             f"{what}: refused to load: it needs more than plain types and tensors, and loading it "
             f"would run code from the checkpoint ({reason[:200]})"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{what}: cannot read it: truncated or not a torch file ({e})") from e
+    except Exception as e:  # damaged bytes end in RuntimeError, EOFError, IndexError, UnicodeDecodeError...
+        raise _unreadable(what, (str(e).splitlines() or [type(e).__name__])[0]) from e
+
+
+# What torch's unpickler says of a file that names a class or function it does not allow; anything
+# else it refuses (an unknown opcode, a string past the end) is damaged bytes.
+_NEEDS_CODE = re.compile(r"GLOBAL |allowlisted|must be imported")
+
+
+def _imported_names(source, limit: int = 1 << 26) -> list[str]:
+    """What a file that is one whole plain pickle (up to `limit` bytes) imports to unpickle
+    (the classes and functions it would call), read by pickletools, which runs nothing; [] for
+    damaged bytes, a torch zip file or a pickle of plain types."""
+    import pickletools
+
+    try:
+        if isinstance(source, io.BytesIO):
+            data = source.getvalue()
+        else:
+            with open(source, "rb") as f:
+                data = f.read(limit)
+        ops = list(pickletools.genops(data))
+    except Exception:  # not a pickle: genops parses, and fails on, any bytes
+        return []
+    if ops[-1][2] != len(data) - 1:  # damaged bytes that happen to reach a STOP early
+        return []
+    names, strings = [], []
+    for op, arg, _ in ops:
+        if op.name in ("GLOBAL", "INST"):
+            names.append(arg.replace(" ", "."))
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(".".join(strings[-2:]))
+        elif op.name.startswith("EXT"):
+            names.append(f"copyreg extension {arg}")
+        elif isinstance(arg, str):
+            strings.append(arg)
+    return names
+
+
+def _unreadable(what, reason: str) -> CheckpointError:
+    return CheckpointError(f"{what}: cannot read it: truncated, corrupt or not a torch file "
+                           f"({reason[:200]}); copy the checkpoint again, or check it against its manifest "
+                           "(without --no-verify)")
 
 
 _DCP_MODULES = {

@@ -41,7 +41,8 @@ def run_convert(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         return _fail(e)
     if args.dry_run:
-        print(f"dry run: nothing written; {args.output} would be created")
+        print(f"dry run: nothing written; {args.output} would be "
+              f"{'replaced (--force)' if report['replaces'] else 'created'}")
     else:
         print(f"wrote {report['output']}")
     return 0

@@ -35,7 +35,7 @@ from ..checkpoint.model import (
     model_state,
     uses_te,
 )
-from ..checkpoint.output import check_finite, check_finite_stored, staged_output
+from ..checkpoint.output import check_finite, check_finite_stored, replace_problem, staged_output
 from ..checkpoint.reader import (
     COMMON_PT,
     COMMON_STATE_KEY,
@@ -62,6 +62,11 @@ _TRAINING_STATE = ("optimizer", "opt_param_scheduler", "rng_state", "rerun_state
 def _is_lighthouse_spec(spec) -> bool:
     return spec is not None and any("lighthouse" in str(s) for s in (spec if isinstance(spec, list | tuple)
                                                                       else [spec]))
+
+
+def _trained_dense(args: Values) -> bool:
+    """No layer was built with Lighthouse attention (neither --attention-impl nor --spec)."""
+    return args.attention_impl != "lighthouse" and not _is_lighthouse_spec(args.spec)
 
 
 def dense_args(args) -> tuple[Any, list[str]]:
@@ -91,7 +96,7 @@ def attention_per_layer(args: Values, iteration: int | None) -> list[str]:
     args = Values.of(args)
     n = given(args.num_layers, 0)
     impl = args.attention_impl
-    if impl != "lighthouse" and not _is_lighthouse_spec(args.spec):
+    if _trained_dense(args):
         return ["dense"] * n
     until = args.lighthouse_until_iter
     if until is not None and iteration is not None and iteration >= until:
@@ -241,8 +246,13 @@ def _open(input: str | Path, output: str | Path, *, to: str, dry_run: bool, forc
     if output.resolve() == ckpt.path.resolve() or ckpt.path.resolve() in output.resolve().parents \
             or output.resolve() in ckpt.directory.resolve().parents:
         raise CheckpointError(f"--output {output} overlaps --input {input}; choose another directory")
-    if output.exists() and not force and not dry_run:
-        raise CheckpointError(f"--output {output} exists; pass --force to replace it")
+    replaces = output.exists() or output.is_symlink()
+    if replaces:  # a dry run refuses what the real run would
+        problem = replace_problem(output)
+        if problem:
+            raise CheckpointError(problem)
+        if not force:
+            raise CheckpointError(f"--output {output} exists; pass --force to replace it")
     input_verified = check_input(ckpt, verify)
     log(input_verified)
     common = read_common(ckpt)
@@ -252,7 +262,7 @@ def _open(input: str | Path, output: str | Path, *, to: str, dry_run: bool, forc
                               "it holds")
     _check_consistency(ckpt, common, args)
     report = {"input": str(ckpt.path), "output": str(output), "to": to, "format": ckpt.format,
-              "layout": ckpt.layout, "iteration": ckpt.iteration, "dry_run": dry_run,
+              "layout": ckpt.layout, "iteration": ckpt.iteration, "dry_run": dry_run, "replaces": replaces,
               "input_verified": input_verified}
     return ckpt, output, common, args, report
 
@@ -266,18 +276,27 @@ def convert(input: str | Path, output: str | Path, *, weights_only: bool = False
     under the dense spec; optimizer state and iteration kept unless `weights_only`.
     It is written under a temporary name next to it and renamed at the end, then
     verified (dense load with strict key checks and a forward pass). An existing
-    output is refused unless `force`. The input is only read: first checked against its
+    output is refused unless `force`, and even then unless it is an earlier output (a Megatron
+    checkpoint, a Hugging Face export) or an empty directory (`replace_problem`); a dry run
+    refuses the same. The input is only read: first checked against its
     manifest (unless `verify` is False; a checkpoint without one is reported unverified), its
     weights and the optimizer state the output keeps must be finite (`report["finite"]` says
     what was checked). The output gets a manifest of its own. Missing parents of the
     output are created.
     Returns a report: {"input", "output", "format", "changes", "input_verified", "finite", "verified",
-    ...}.
+    "replaces" (the output exists), "note" (only for a checkpoint trained dense), ...}.
     """
     log = log or (lambda msg: None)
     ckpt, output, common, args, report = _open(input, output, to="megatron", dry_run=dry_run, force=force,
                                                verify=verify, log=log)
     new_args, changes = dense_args(common.get("args"))
+    if _trained_dense(args):
+        rest = ("re-marks its stored arguments" if changes
+                else "copies it: its stored arguments are dense already")
+        report["note"] = (f"note: {ckpt.directory} was trained with dense attention (attention_impl="
+                          f"{args.attention_impl!r}); its weights need no change, so the conversion only "
+                          f"{rest}")
+        log(report["note"])
     if weights_only:
         dropped = [k for k in _TRAINING_STATE if k in common]
         changes.append(f"weights only: dropped {dropped or 'no training state'}; written as the "

@@ -18,7 +18,7 @@ import torch
 
 from ..checkpoint.manifest import write_manifest
 from ..checkpoint.model import model_state
-from ..checkpoint.output import check_finite, staged_output
+from ..checkpoint.output import check_finite, is_tokenizer_file, staged_output
 from ..checkpoint.reader import CheckpointError
 from ..settings.fields import Values, given
 
@@ -225,8 +225,7 @@ def export_tokenizer(args: Values, directory: Path) -> str:
         source = args.tokenizer_model
         if source and Path(source).is_dir():
             names = [p.name for p in sorted(Path(source).iterdir())
-                     if p.is_file() and (p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges"))
-                                         or p.name in ("added_tokens.json", "spiece.model"))]
+                     if p.is_file() and is_tokenizer_file(p.name)]
             if names:
                 for name in names:
                     shutil.copy(Path(source) / name, directory / name)

@@ -21,6 +21,7 @@ names next to the output and renamed at the end; existing outputs are kept unles
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import os
@@ -79,6 +80,7 @@ class Summary:
     vocab_size: int = BYTE_VOCAB_SIZE + 1
     eod: int = BYTE_EOD
     seconds: float = 0.0
+    stale_cache: str | None = None  # megatron-core's index cache of the data this run replaced, removed
 
     @property
     def megatron_args(self) -> str:
@@ -363,12 +365,27 @@ def prepare_data(
         # readable half-dataset behind.
         os.replace(get_bin_path(str(tmp / "data")), get_bin_path(prefix))
         os.replace(get_idx_path(str(tmp / "data")), get_idx_path(prefix))
+        summary.stale_cache = _remove_index_cache(prefix)
     except OSError as e:
         raise DataError(f"--output {prefix}: writing failed ({e})") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _remove_index_cache(prefix: str) -> str | None:
+    """Remove megatron-core's default index cache of dataset `prefix` (PREFIX/cache/<Dataset>_indices,
+    keyed by the dataset's path and settings, not its contents): indices of the replaced data
+    would otherwise be read as this data's. Returns the folder removed, if any."""
+    cache = Path(prefix) / "cache"
+    owned = [d for d in cache.glob("*Dataset_indices") if d.is_dir()]
+    for folder in owned:
+        shutil.rmtree(folder)
+    for folder in (cache, Path(prefix)):  # the folders megatron-core made, once empty
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    return str(cache) if owned else None
 
 
 def format_summary(s: Summary) -> str:
@@ -383,6 +400,8 @@ def format_summary(s: Summary) -> str:
     if s.binary_skipped:
         lines.append(f"  skipped    {len(s.binary_skipped)} binary files (NUL bytes), "
                      f"e.g. {s.binary_skipped[0]}")
+    if s.stale_cache:
+        lines.append(f"  removed    {s.stale_cache}: megatron-core's index cache of the data replaced")
     lines.append(f"  Megatron-LM: {s.megatron_args}")
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ dense attention, no training).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .layer import add_layer_arguments
@@ -43,5 +44,13 @@ def run_demo(args: argparse.Namespace) -> int:
     """The two-stage workflow."""
     from .workflow import run_workflow
 
+    layer_only = argparse.ArgumentParser(add_help=False)
+    add_layer_arguments(layer_only)
+    given = [a.option_strings[0] for a in layer_only._actions if getattr(args, a.dest) != a.default]
+    if given:
+        print(f"lighthouse-megatron demo: error: {', '.join(given)}: options of the single-layer demo, which "
+              "runs with --layer; the two-stage workflow takes --out, --force, --tiny and --device",
+              file=sys.stderr)
+        return 2
     return run_workflow(args.out, PRESETS["tiny" if args.tiny else "default"], device=args.device,
                         force=args.force)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -36,6 +37,14 @@ OUTPUTS = ("data", "stage1", "stage1-dense", "stage2", "control", "summary.json"
 
 class DemoError(RuntimeError):
     """The demo cannot run or a stage failed; the message says which."""
+
+
+class DemoStopped(Exception):
+    """SIGTERM or SIGINT stopped a training step (the trainer's TrainingStopped)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 @dataclass(frozen=True)
@@ -77,12 +86,15 @@ def _train(args, log: Path | None = None) -> list[dict]:
     """Train in this process; the trainer's train and eval records. With `log` (stdout is not
     a terminal, so there is no progress bar), the trainer's lines go to that file and only a
     compact subset to the console."""
-    from ..training import run
+    from ..training import TrainingStopped, run
 
     with contextlib.ExitStack() as stack:
         if log is not None:
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(_CompactLog(log))))
-        result = run(args)
+        try:
+            result = run(args)
+        except TrainingStopped as e:
+            raise DemoStopped(e.signum) from None
     return result.train + result.evals
 
 
@@ -167,12 +179,27 @@ def _stage(title: str) -> float:
     return time.perf_counter()
 
 
+def _sigterm(signum, frame):
+    raise DemoStopped(signum)
+
+
 def run_workflow(out: Path, preset: Preset, device: str = "auto", force: bool = False) -> int:
+    # SIGTERM or SIGINT: the trainer stops at the end of an iteration (its handlers replace
+    # these while it trains), the other steps at once. The demo does not resume: a rerun
+    # starts over.
+    previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         summary = _run(Path(out), preset, device, force)
     except (DemoError, ValueError, OSError) as e:
         print(f"lighthouse-megatron demo: error: {e}", file=sys.stderr)
         return 2
+    except (DemoStopped, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, DemoStopped) else signal.SIGINT
+        print(f"lighthouse-megatron demo: stopped by {signal.Signals(signum).name}; what it wrote so far "
+              f"is in {out} (a rerun starts over with --force)", file=sys.stderr)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0 if all(c["ok"] for c in summary["checks"]) else 1
 
 
@@ -254,6 +281,10 @@ def run_two_stage(out: Path, config: dict[str, Any], stage1_iters: int, device: 
 
 
 def _run(out: Path, preset: Preset, device: str, force: bool) -> dict:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():  # before anything is written
+        raise DemoError("--device cuda: no CUDA device is available; use --device cpu or auto")
     prepare_out(out, force)
     n1, total = preset.stage1_iters, preset.stage1_iters + preset.stage2_iters
     run = run_two_stage(out, preset.config(), n1, device)

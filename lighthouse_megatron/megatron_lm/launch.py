@@ -20,8 +20,8 @@ from ..settings.fields import Values
 from ..settings.lighthouse import (
     add_lighthouse_args,
     lighthouse_config_from_args,
+    lighthouse_warnings,
     recipe_schedule_from_args,
-    until_iter_warning,
 )
 from ..settings.rules import refused_setting
 
@@ -146,9 +146,9 @@ def announce(what: str, core_attentions: list[str] | None = None) -> None:
 def warn_settings(args) -> None:
     """Start-up warnings (first rank) about valid settings that cannot do what they say; the
     trainer prints the same words."""
-    warning = until_iter_warning(args)
-    if warning and os.environ.get("RANK", "0") == "0":
-        print(f"lighthouse-megatron: {warning}", file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        for warning in lighthouse_warnings(args):
+            print(f"lighthouse-megatron: {warning}", file=sys.stderr, flush=True)
 
 
 @dataclass

@@ -127,12 +127,12 @@ def add_e2e_parser(sub: argparse._SubParsersAction) -> None:
                     help="0-based layers kept dense, negative from the end (default 0,1,-2,-1)")
     lh.add_argument("--fit-topk", action="store_true",
                     help="at lengths where --topk is invalid, use the largest valid k below it (sweeps)")
-    lh.add_argument("--backend", default="auto", help="stage-5 kernel (auto, te, cudnn, flash, math)")
+    lh.add_argument("--backend", choices=BACKENDS, default="auto", help="stage-5 kernel (default auto)")
     run = p.add_argument_group("run")
     run.add_argument("--spec", choices=("auto", "te", "local"), default="auto",
                      help="Transformer Engine or local submodules (auto: TE where it imports on a GPU)")
     run.add_argument("--recompute", choices=("full", "none"), default="full",
-                     help="activation recompute, the same for every mode (full: every layer)")
+                     help="activation recompute, the same for every mode (full: every layer; CUDA only)")
     run.add_argument("--loss-chunk", type=int, default=8192, help="tokens per cross-entropy chunk (0: one)")
     run.add_argument("--warmup", type=int, default=1)
     run.add_argument("--steps", type=int, default=3, help="timed steps per mode (median reported)")

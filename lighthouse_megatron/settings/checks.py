@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 
+from ..config import backend_problem
 from ..data import byte_vocab_size, null_tokenizer, open_indexed_dataset
 from .fields import as_number, check_value
 from .layout import check_layout
@@ -35,7 +36,10 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> No
     check_device(args)
     check_checkpoints(args)
     # Lighthouse (its own flags, --lighthouse-config, and the model and parallel sizes).
-    validate_lighthouse_args(args)
+    lighthouse = validate_lighthouse_args(args)
+    problem = lighthouse and backend_problem(lighthouse.backend, args.device)
+    if problem:
+        raise ValueError(f"--lighthouse-backend {lighthouse.backend} with --device {args.device}: {problem}")
 
 
 def check_model_shape(args: argparse.Namespace) -> None:
@@ -56,6 +60,10 @@ def check_model_shape(args: argparse.Namespace) -> None:
         args.ffn_hidden_size = 4 * args.hidden_size
         if args.swiglu:
             args.ffn_hidden_size = int((4 * args.hidden_size * 2 / 3) / 64) * 64 or 64
+    if args.position_embedding_type == "rope" and args.kv_channels % 2:
+        raise ValueError(f"--kv-channels {args.kv_channels} (the head dimension) must be even with "
+                         "--position-embedding-type rope, which rotates pairs of channels; change "
+                         "--hidden-size / --num-attention-heads or --kv-channels")
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.seq_length > args.max_position_embeddings:
@@ -92,6 +100,8 @@ def check_schedule(args: argparse.Namespace) -> None:
     """The learning-rate schedule megatron-core's scheduler will accept."""
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_init > args.lr:  # megatron-core's scheduler asserts it
+        raise ValueError(f"--lr-warmup-init {args.lr_warmup_init} is above --lr {args.lr}")
     if args.lr_warmup_iters >= args.lr_decay_iters:  # megatron-core's scheduler asserts it
         raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --lr-decay-iters "
                          f"{args.lr_decay_iters}")
@@ -128,10 +138,9 @@ def check_data(args: argparse.Namespace) -> None:
         raise ValueError(f"--split {args.split} leaves no validation data; give it a valid weight or "
                          "set --eval-iters 0")
     if args.data_path:
-        used = ("train", "valid", "test") if args.eval_iters and not args.valid_data_path else ("train",)
-        _check_splits(args, args.data_path, args.split, used, "--data-path")
+        _check_splits(args, args.data_path, args.split, "--data-path")
     if args.valid_data_path:
-        _check_splits(args, args.valid_data_path, ALL_VALID, ("valid",), "--valid-data-path")
+        _check_splits(args, args.valid_data_path, ALL_VALID, "--valid-data-path")
 
 
 def check_device(args: argparse.Namespace) -> None:
@@ -265,10 +274,9 @@ def _check_data_path(data_path: list[str], flag: str = "--data-path") -> None:
                              "`lighthouse-megatron prepare-data`)")
 
 
-def _check_splits(args: argparse.Namespace, data_path: list[str], split: str, used: tuple[str, ...],
-                  flag: str) -> None:
-    """Every split that samples are drawn from must hold documents: megatron-core's GPTDataset
-    loops forever counting epochs over an empty split."""
+def _check_splits(args: argparse.Namespace, data_path: list[str], split: str, flag: str) -> None:
+    """Every split with a weight must hold documents: megatron-core builds each one (with
+    --eval-iters 0 too) and its GPTDataset loops forever counting epochs over an empty one."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix,
         parse_and_normalize_split,
@@ -288,7 +296,7 @@ def _check_splits(args: argparse.Namespace, data_path: list[str], split: str, us
                 f"`lighthouse-megatron prepare-data` needs --vocab-size {byte_vocab_size()} with this "
                 "megatron-core")
         for name, bounds in zip(("train", "valid", "test"), matrix, strict=True):
-            if name in used and bounds is not None and round(bounds[1] * n) - round(bounds[0] * n) == 0:
+            if bounds is not None and round(bounds[1] * n) - round(bounds[0] * n) == 0:
                 raise ValueError(f"{flag} {prefix} has {n} documents: --split {split} gives its "
                                  f"{name} split none; use a larger dataset or another --split (e.g. 90,10,0)")
 

@@ -59,6 +59,7 @@ class Spec:
     metavar: str | None = None
     nargs: str = "+"
     minimum: float | None = None
+    above: float | None = None
     below: float | None = None
     roles: frozenset = frozenset()
     negatable: bool = True
@@ -87,7 +88,8 @@ class Spec:
 
 def setting(default: Any = None, help: str = "", *, flag: str | None = None, aliases: tuple[str, ...] = (),
             derived: str | None = None, choices: tuple | None = None, metavar: str | None = None,
-            nargs: str = "+", minimum: float | None = None, below: float | None = None,
+            nargs: str = "+", minimum: float | None = None, above: float | None = None,
+            below: float | None = None,
             roles: set[str] | frozenset = frozenset(), negatable: bool = True, negation: str | None = None,
             megatron: str | None = None, stored_as: str | None = None, render: bool = False,
             render_help: str | None = None, kinds: tuple[str, ...] | None = None) -> Any:
@@ -98,7 +100,8 @@ def setting(default: Any = None, help: str = "", *, flag: str | None = None, ali
     aliases     more flags for it
     derived     what a None default means ("= --seq-length"): the checks fill it in
     choices, metavar, nargs ("+" or "*" for a list)
-    minimum     the smallest valid value of a number (when it is set); `below`: the exclusive top
+    minimum     the smallest valid value of a number (when it is set); `above`: the exclusive
+                bottom (a value that must be positive); `below`: the exclusive top
     roles       SHAPE, SCHEDULE, SAME_MODEL, CONTINUED, SUMMARY, MACHINE
     negatable   a bool gets --no-FLAG too (off: a switch that only turns it on)
     negation    another flag that sets it false (Megatron-LM's --disable-bias-linear)
@@ -108,7 +111,8 @@ def setting(default: Any = None, help: str = "", *, flag: str | None = None, ali
     kinds       the Slurm job kinds ("train", "convert") that take it (a job setting; None: all)
     """
     info = dict(help=help, flag=flag, aliases=tuple(aliases), derived=derived, choices=choices,
-                metavar=metavar, nargs=nargs, minimum=minimum, below=below, roles=frozenset(roles),
+                metavar=metavar, nargs=nargs, minimum=minimum, above=above, below=below,
+                roles=frozenset(roles),
                 negatable=negatable, negation=negation, megatron=megatron, stored_as=stored_as, render=render,
                 render_help=render_help, kinds=kinds)
     unknown = set(info["roles"]) - set(ROLES)
@@ -200,15 +204,22 @@ def as_number(text: str) -> float | None:
 
 def typed_value(spec: Spec | None, value: Any, where: str) -> Any:
     """`value` as the setting's type, when it clearly means one (YAML 1.1 reads `3e-4` as a
-    string, `no` as false); ValueError naming `where`, the setting and the valid values
-    otherwise. None stays None (the default); so does anything of a setting not known here."""
-    if value is None or spec is None:
+    string, `no` as false) and one of its choices; ValueError naming `where`, the setting and
+    the valid values otherwise. None (YAML's null) stays None where that is the setting's
+    default or false; anything of a setting not known here stays as it is."""
+    if spec is None or value is None and (spec.default is None or spec.kind is bool):
         return value
+    if value is None:
+        raise ValueError(f"{where}: {spec.name} must be set (leave it out for the default, "
+                         f"{spec.default_text()}), got null")
     if spec.kind is list:
         items = value.split() if isinstance(value, str) else value if isinstance(value, (list, tuple)) \
             else [value]
         return [_typed_item(spec.name, v, spec.item, where) for v in items]
-    return _typed_item(spec.name, value, spec.kind, where)
+    typed = _typed_item(spec.name, value, spec.kind, where)
+    if spec.choices is not None and typed not in spec.choices:
+        raise ValueError(f"{where}: {spec.name} must be one of {list(spec.choices)}, got {value!r}")
+    return typed
 
 
 def _typed_item(name: str, value: Any, kind: type, where: str) -> Any:
@@ -290,6 +301,8 @@ def check_value(args, spec: Spec) -> None:
             raise ValueError(f"{spec.flag} must be a finite number, got {value}")
         if spec.minimum is not None and value < spec.minimum:
             raise ValueError(f"{spec.flag} must be >= {spec.minimum}, got {value}")
+        if spec.above is not None and value <= spec.above:
+            raise ValueError(f"{spec.flag} must be > {spec.above:g}, got {value}")
         if spec.below is not None and value >= spec.below:  # e.g. dropout: torch would name neither
             raise ValueError(f"{spec.flag} must be in [{spec.minimum:g}, {spec.below:g}), got {value}")
     if spec.choices is not None and value not in spec.choices:

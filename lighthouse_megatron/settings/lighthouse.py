@@ -33,6 +33,7 @@ from .fields import (
     merged,
     setting,
     specs,
+    typed_value,
     unknown_names,
 )
 from .rules import ATTENTION_IMPLS
@@ -109,12 +110,10 @@ def load_lighthouse_yaml(path: str) -> dict[str, Any]:
     unknown = sorted(set(data) - set(valid))
     if unknown:
         raise ValueError(f"--lighthouse-config {path}: {unknown_names(unknown, valid)}")
-    # LighthouseConfig checks its own choices (scorer, backend) when it is built.
-    for key, s in _file_settings().items():
-        if s.name in specs(LighthouseLaunch) and data.get(key) is not None and data[key] not in s.choices:
-            raise ValueError(f"--lighthouse-config {path}: {key} must be one of {list(s.choices)}, "
-                             f"got {data[key]!r}")
-    return dict(data)
+    # Typed and checked against their choices here, so that an error names the file and its key.
+    where, settings = f"--lighthouse-config {path}", _file_settings()
+    return {key: typed_value(dataclasses.replace(settings[key], name=key), value, where)
+            for key, value in data.items()}
 
 
 def resolve_lighthouse_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -214,6 +213,25 @@ def until_iter_warning(args: argparse.Namespace) -> str | None:
             "--attention-impl dense from a checkpoint")
 
 
+def lighthouse_warnings(args: argparse.Namespace) -> list[str]:
+    """The start-up warnings (trainer and Megatron-LM entry point alike) about valid Lighthouse
+    settings that cannot do what they say: no switch to dense (`until_iter_warning`), no
+    iteration with Lighthouse, no layer with Lighthouse. Call it after validation."""
+    a = Values.of(args)
+    if a.attention_impl != "lighthouse":
+        return []
+    found = [w for w in [until_iter_warning(args)] if w]
+    if a.lighthouse_until_iter == 0:
+        found.append("warning: --lighthouse-until-iter 0: no iteration runs Lighthouse attention "
+                     "(Lighthouse runs iterations 0 to N-1, none for N = 0); leave it out to train with "
+                     "Lighthouse throughout, or use --attention-impl dense")
+    layers = a.num_layers
+    if layers and len(lighthouse_config_from_args(args).resolve_dense_layers(layers)) == layers:
+        found.append(f"warning: --lighthouse-dense-layers keeps all {layers} layers dense: no layer runs "
+                     "Lighthouse attention; list fewer layers, or use --attention-impl dense")
+    return found
+
+
 def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | None:
     """Check the Lighthouse arguments against the model and parallel settings.
 
@@ -222,8 +240,13 @@ def validate_lighthouse_args(args: argparse.Namespace) -> LighthouseConfig | Non
     Call it after Megatron's own parsing, before anything is built.
     """
     resolve_lighthouse_args(args)
+    if args.attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"--attention-impl must be one of {list(ATTENTION_IMPLS)}, "
+                         f"got {args.attention_impl!r}")
     schedule = recipe_schedule_from_args(args)
     if args.attention_impl == "dense":
+        # Values no run could use are refused in a dense run too (a later stage may use them).
+        lighthouse_config_from_args(args)
         rules.check_dense_local(args)
         return None
     a = Values.of(args)  # Megatron-LM's namespace, or the trainer's: a setting may be absent

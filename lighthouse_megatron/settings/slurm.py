@@ -19,6 +19,13 @@ ENGINES = ("megatron-lm", "trainer")
 TIME_FORMATS = ("MINUTES", "MINUTES:SECONDS", "HOURS:MINUTES:SECONDS", "DAYS-HOURS", "DAYS-HOURS:MINUTES",
                 "DAYS-HOURS:MINUTES:SECONDS")
 TRAIN, CONVERT, BOTH = ("train",), ("convert",), JOB_KINDS
+# The job settings written into #SBATCH lines: sbatch splits those at blanks, reads quotes and
+# backslashes, and cuts them at '#'; no shell quotes them. So: these characters only (a pattern
+# and its words). The job name is also the log file's name (%x): no '/'.
+_NAME = (r"[\w.+-]+", "letters, digits, '.', '_', '+' and '-'")
+_NAMES = (f"{_NAME[0]}(,{_NAME[0]})*", f"{_NAME[1]} (a list: comma-separated)")
+SBATCH_VALUES = {"job_name": _NAME, "partition": _NAMES, "convert_partition": _NAMES, "account": _NAME,
+                 "log_dir": (r"[\w./+,:=@-]+", "a path of letters, digits and / . _ + , : = @ -")}
 
 
 @dataclass

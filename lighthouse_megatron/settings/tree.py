@@ -85,7 +85,7 @@ class Model:
     add_bias_linear: bool = setting(False, "biases in the linear layers", negation="--disable-bias-linear",
                                     roles={SHAPE, SAME_MODEL, SUMMARY}, megatron=OFF)
     qk_layernorm: bool = setting(False, "norm on queries and keys", roles={SHAPE}, megatron=SWITCH)
-    init_method_std: float = setting(0.02, "standard deviation of the weights' initialisation", minimum=0.0,
+    init_method_std: float = setting(0.02, "standard deviation of the weights' initialisation", above=0.0,
                                      roles={SAME_MODEL}, megatron=VALUE)
     hidden_dropout: float = setting(0.0, "dropout after attention and MLP, in [0, 1)", minimum=0.0, below=1.0,
                                     roles={SAME_MODEL}, megatron=VALUE)
@@ -136,7 +136,7 @@ class Schedule:
                                 roles={SAME_MODEL, CONTINUED}, megatron=VALUE)
     adam_beta2: float = setting(0.999, "Adam beta2, in [0, 1)", minimum=0.0, below=1.0,
                                 roles={SAME_MODEL, CONTINUED}, megatron=VALUE)
-    adam_eps: float = setting(1e-8, "Adam epsilon", minimum=0.0, megatron=VALUE)
+    adam_eps: float = setting(1e-8, "Adam epsilon", above=0.0, megatron=VALUE)
     clip_grad: float = setting(1.0, "clip the global gradient norm to this (0: no clipping)", minimum=0.0,
                                roles={SAME_MODEL}, megatron=VALUE)
     seed: int = setting(1234, "random seed (weights, data order, dropout)", minimum=0, megatron=VALUE)

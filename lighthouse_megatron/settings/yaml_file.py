@@ -52,6 +52,8 @@ def read_mapping(path, what: str) -> dict[str, Any]:
         data = load_yaml((path if hasattr(path, "read_text") else Path(path)).read_text())
     except OSError as e:
         raise ValueError(f"{what} {path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path}: not a YAML text file (byte {e.start} is not UTF-8)") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{what} {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if data is None:

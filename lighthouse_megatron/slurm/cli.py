@@ -5,6 +5,7 @@ submitted with afterok dependencies."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shutil
 import subprocess
@@ -20,9 +21,33 @@ from .jobs import CHAIN, JOBS, load_config, load_job, values_for
 from .script import render, render_chain, write_script
 
 
-def submit_chain(scripts: Mapping[str, Path], sbatch: str = "sbatch") -> dict[str, str]:
+class SubmitError(ValueError):
+    """sbatch refused a job of the chain; `queued`: the jobs before it still queued, by stage (none
+    when they were cancelled)."""
+
+    def __init__(self, message: str, queued: Mapping[str, str]):
+        super().__init__(message)
+        self.queued = dict(queued)
+
+
+def _one_line(proc: subprocess.CompletedProcess) -> str:
+    return "; ".join(line.strip() for line in proc.stderr.splitlines() if line.strip()) or (
+        f"exit code {proc.returncode}")
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:  # not found, or not executable
+        return subprocess.CompletedProcess(cmd, 127, "", f"{cmd[0]}: {e.strerror or e}")
+
+
+def submit_chain(scripts: Mapping[str, Path], sbatch: str = "sbatch",
+                 scancel: str = "scancel") -> dict[str, str]:
     """Submit the chain with afterok dependencies; job ids by stage. A job that fails cancels
-    the ones waiting for it (--kill-on-invalid-dep) instead of leaving them pending forever."""
+    the ones waiting for it (--kill-on-invalid-dep) instead of leaving them pending forever.
+    All or none: when sbatch refuses a job, the ones already submitted are cancelled, so that
+    submitting again cannot queue stage 1 twice; SubmitError says which are left if scancel fails."""
     ids: dict[str, str] = {}
     previous = None
     for name in CHAIN:
@@ -30,15 +55,20 @@ def submit_chain(scripts: Mapping[str, Path], sbatch: str = "sbatch") -> dict[st
         if previous:
             cmd += [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"]
         cmd.append(str(scripts[name]))
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-        except FileNotFoundError:
-            raise ValueError(f"{sbatch} not found: submit needs Slurm's sbatch on PATH") from None
-        if proc.returncode:
-            done = f" (submitted so far: {ids})" if ids else ""
-            raise ValueError(f"sbatch {scripts[name]} failed{done}: {proc.stderr.strip()}")
-        # --parsable prints "jobid" or "jobid;cluster".
-        previous = ids[name] = proc.stdout.strip().split(";")[0]
+        proc = _run(cmd)
+        if not proc.returncode:
+            # --parsable prints "jobid" or "jobid;cluster".
+            previous = ids[name] = proc.stdout.strip().split(";")[0]
+            continue
+        failed = f"sbatch {scripts[name]} failed ({_one_line(proc)})"
+        if not ids:
+            raise SubmitError(failed, {})
+        jobs = ", ".join(f"{stage} {job_id}" for stage, job_id in ids.items())
+        cancel = _run([scancel, *ids.values()])
+        if not cancel.returncode:
+            raise SubmitError(f"{failed}; cancelled the jobs it had submitted ({jobs})", {})
+        raise SubmitError(f"{failed}; {jobs} stay(s) queued, as scancel failed ({_one_line(cancel)}): cancel "
+                          f"them (scancel {' '.join(ids.values())}) before you submit again", ids)
     return ids
 
 
@@ -90,14 +120,38 @@ def _error(e: Exception) -> int:
     return 2
 
 
-def _make_log_dir(text: str) -> None:
-    # Slurm does not create the --output directory: without it the job fails with no log.
+def _missing_dirs(path: Path) -> list[Path]:
+    """The folders that making `path` would create, outermost first."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    return missing[::-1]
+
+
+def _make_log_dir(text: str) -> list[Path]:
+    """The script's log folder, made (Slurm does not create the --output directory: without it the
+    job fails with no log); the folders it created."""
     m = re.search(r"^#SBATCH --output=(.*)/[^/]*$", text, re.M)
-    if m:
-        problem = writable_dir_problem(m.group(1))
-        if problem:
-            raise ValueError(f"log_dir {m.group(1)}: {problem}")
-        Path(m.group(1)).mkdir(parents=True, exist_ok=True)
+    if not m:
+        return []
+    problem = writable_dir_problem(m.group(1))
+    if problem:
+        raise ValueError(f"log_dir {m.group(1)}: {problem}")
+    made = _missing_dirs(Path(m.group(1)))
+    Path(m.group(1)).mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _undo(written: Mapping[Path, str | None], made: list[Path]) -> None:
+    """Leave the output folder as it was: scripts written removed (or their old text back), folders
+    made removed when empty."""
+    for path, old in written.items():
+        with contextlib.suppress(OSError, ValueError):
+            if old is None:
+                path.unlink()
+            else:
+                write_script(old, path, force=True)
+    for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def run_render(args: argparse.Namespace) -> int:
@@ -106,9 +160,14 @@ def run_render(args: argparse.Namespace) -> int:
         values = values_for(job, load_config(args.config), {})
         values.update(_overrides(args))
         text = render(job, values, allow_placeholders=args.allow_placeholders)
-        write_script(text, Path(args.output), args.force, what="-o")
-        _make_log_dir(text)
     except (ValueError, OSError) as e:
+        return _error(e)
+    made: list[Path] = []
+    try:
+        made = _make_log_dir(text)
+        write_script(text, Path(args.output), args.force, what="-o")
+    except (ValueError, OSError) as e:
+        _undo({}, made)
         return _error(e)
     print(f"wrote {args.output}")
     return 0
@@ -130,10 +189,18 @@ def run_submit(args: argparse.Namespace) -> int:
         problem = writable_dir_problem(out)
         if problem:
             raise ValueError(f"--output-dir {out}: {problem}")
+        old = {p: p.read_text() if p.is_file() else None for p in paths.values()}
+    except (ValueError, OSError) as e:
+        return _error(e)
+    # Until the chain is queued, a failure leaves the folder as it was: a rerun needs no --force.
+    written: dict[Path, str | None] = {}
+    made = _missing_dirs(out)
+    try:
         for name, text in scripts.items():
             write_script(text, paths[name], force=True, what="--output-dir")
+            written[paths[name]] = old[paths[name]]
             if not args.dry_run:
-                _make_log_dir(text)
+                made += _make_log_dir(text)
         if args.dry_run:
             first, *rest = CHAIN
             print(f"sbatch --parsable {paths[first]}")
@@ -142,7 +209,13 @@ def run_submit(args: argparse.Namespace) -> int:
                       f"{paths[name]}")
             return 0
         ids = submit_chain(paths)
+    except SubmitError as e:
+        if e.queued:
+            return _error(f"{e}; the scripts stay in {out}")
+        _undo(written, made)
+        return _error(f"{e}: nothing is left queued or written")
     except (ValueError, OSError) as e:
+        _undo(written, made)
         return _error(e)
     for name in CHAIN:
         print(f"{name} {ids[name]}")

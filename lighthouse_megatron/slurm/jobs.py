@@ -26,6 +26,7 @@ from ..settings.slurm import (
     CHECKPOINT_PATHS,
     ENGINES,
     JOB_KINDS,
+    SBATCH_VALUES,
     TIME_FORMATS,
     job_specs,
     launcher_sets,
@@ -37,6 +38,7 @@ from ..settings.yaml_file import read_mapping
 
 JOBS = recipes.JOBS
 CHAIN = ("stage1", "convert", "stage2")
+EXIT_MARGIN = 10  # minutes: the least time before the limit that Megatron-LM has to save and exit
 
 
 @dataclass
@@ -113,26 +115,61 @@ def _is_placeholder(value: Any) -> bool:
     return isinstance(value, str) and value.startswith("/path/to")
 
 
-def _minutes(time_limit: str) -> int | None:
-    """Slurm's --time (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in whole minutes; None if not one."""
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", time_limit.strip())
+def _minutes(time_limit: Any) -> int:
+    """Slurm's --time (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in minutes, seconds rounded up as Slurm
+    does (0: no limit). Slurm reads every form, but a field after the first beyond its unit (25:99:99)
+    is a typo here, and M:S under an hour is almost surely meant as H:M."""
+    text = str(time_limit).strip()
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
     if not m:
-        return None
+        raise _time_error(time_limit)
     days, a, b, c = (int(x) if x else None for x in m.groups())
     if days is not None:
-        return days * 1440 + a * 60 + (b or 0)
-    if c is not None:
-        return a * 60 + b
-    return a
+        fields = {"hours": (a, 24), "minutes": (b, 60), "seconds": (c, 60)}
+        seconds = ((days * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
+    elif c is not None:
+        fields, seconds = {"minutes": (b, 60), "seconds": (c, 60)}, (a * 60 + b) * 60 + c
+    else:
+        fields, seconds = {"seconds": (b, 60)}, a * 60 + (b or 0)
+    over = [f"{unit} {n} must be below {top}" for unit, (n, top) in fields.items() if (n or 0) >= top]
+    if over:
+        raise _time_error(time_limit, ", ".join(over))
+    if days is None and c is None and b is not None and a < 60:
+        shown = _count(a, "minute") + (f" {_count(b, 'second')}" if b else "")
+        minutes = f" (or {a} for {_count(a, 'minute')})" if a else ""
+        raise ValueError(f"time {text!r} is {shown} to Slurm, which reads MINUTES:SECONDS; did you mean "
+                         f"{text}:00?{minutes}")
+    return -(-seconds // 60)
 
 
-def _check_time(value: Any) -> None:
+def _count(n: int, unit: str) -> str:
+    return f"{n} {unit}{'s' * (n != 1)}"
+
+
+def _time_error(value: Any, why: str = "") -> ValueError:
     """Slurm reads only its own formats; anything else would reach #SBATCH and fail at submission
     (and the clean-exit margin, computed from it, would be 0)."""
-    if value in (None, "") or _minutes(str(value)) is not None:
-        return
-    raise ValueError(f"time {value!r} is not a Slurm time limit; use one of {', '.join(TIME_FORMATS)} "
-                     "(e.g. 24:00:00 or 2-00:00:00)")
+    return ValueError(f"time {value!r} is not a Slurm time limit{f' ({why})' if why else ''}; use one of "
+                      f"{', '.join(TIME_FORMATS)} (e.g. 24:00:00 or 2-00:00:00)")
+
+
+def _time_limit(value: Any) -> int:
+    """The job's time limit in minutes; 0 if none (unset, or Slurm's 0: no limit)."""
+    return 0 if value in (None, "") else _minutes(value)
+
+
+def _check_header(job: Job, launch: Values) -> None:
+    """What goes into #SBATCH lines, which no shell quotes: the log folder absolute (the job runs
+    elsewhere), the job name derived, each value of the characters sbatch reads as one word."""
+    if launch.log_dir:
+        launch.log_dir = str(Path(str(launch.log_dir)).resolve())
+    derived = None if launch.job_name else f"lighthouse-{job.name}"
+    launch.job_name = launch.job_name or derived
+    for key, (pattern, allowed) in SBATCH_VALUES.items():
+        value = launch.get(key)
+        if value not in (None, "") and not re.fullmatch(pattern, str(value)):
+            how = " (lighthouse- and the job file's name; set job_name)" if value == derived else ""
+            raise ValueError(f"{key} {str(value)!r}{how} cannot go into an #SBATCH line; use {allowed} only")
 
 
 def resolve(job: Job, values: Mapping[str, Any] = {}, *, allow_placeholders: bool = False) -> Resolved:
@@ -176,7 +213,8 @@ def _resolve(job: Job, values: Mapping[str, Any], allow_placeholders: bool) -> R
     for key, s in job_specs().items():
         if kind in s.kinds and s.default is not None:
             launch.setdefault(key, s.default)
-    _check_time(launch.time)
+    _time_limit(launch.time)  # refuses a time Slurm would misread
+    _check_header(job, launch)
     _check_placeholders(kind, launch, train, allow_placeholders)
     root = str(launch.checkpoint_root or "")
     for key in CHECKPOINT_PATHS:
@@ -292,10 +330,15 @@ def _check_training(r: Resolved) -> None:
     if train.exit_interval is not None and train.exit_interval > train_iters:
         raise ValueError(f"exit_interval {train.exit_interval} must be <= train_iters {train_iters}")
     launch.target_iteration = train.exit_interval or train_iters
-    limit = _minutes(str(launch.time or ""))
+    limit = _time_limit(launch.time)
     if limit and launch.exit_duration_mins is None:
         # Room to save a checkpoint and exit before Slurm kills the job.
-        launch.exit_duration_mins = max(limit - max(10, limit // 20), 1)
+        margin = max(EXIT_MARGIN, limit // 20)
+        if limit <= margin:
+            raise ValueError(f"time {launch.time!r} is {_count(limit, 'minute')}: a train job needs more "
+                             f"than {EXIT_MARGIN} (Megatron-LM saves and exits {EXIT_MARGIN} minutes before "
+                             "the limit; set exit_duration_mins for a shorter margin)")
+        launch.exit_duration_mins = limit - margin
     exit_after = launch.exit_duration_mins = launch.exit_duration_mins or 0
     if limit and exit_after >= limit:
         raise ValueError(f"exit_duration_mins {exit_after} must be below the time limit ({launch.time} = "

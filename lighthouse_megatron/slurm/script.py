@@ -42,8 +42,8 @@ def render(job: Job, values: Mapping[str, Any] = {}, *, allow_placeholders: bool
 
 def _header(r: Resolved) -> list[str]:
     launch = r.launch
-    output = f"{Path(launch.log_dir).resolve() / '%x-%j.out'}" if launch.log_dir else "%x-%j.out"
-    sbatch = [f"--job-name={launch.job_name or 'lighthouse-' + r.job.name}"]
+    output = f"{launch.log_dir}/%x-%j.out" if launch.log_dir else "%x-%j.out"
+    sbatch = [f"--job-name={launch.job_name}"]
     if r.kind == "train":
         gpus = launch.gpus_per_node
         sbatch += [f"--nodes={launch.nodes}", "--ntasks-per-node=1"]
@@ -65,7 +65,8 @@ def _header(r: Resolved) -> list[str]:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = [f"# {r.job.name}: {what}.",
             f"# Rendered by lighthouse-megatron slurm render from {recipes.shown(r.job.path)} on {stamp}."]
-    return head + [f"#SBATCH {opt}" for opt in sbatch]
+    # A file name with a line break must not end the comment (the rest would run).
+    return [" ".join(line.splitlines()) for line in head] + [f"#SBATCH {opt}" for opt in sbatch]
 
 
 def _settings_block(r: Resolved) -> list[str]:

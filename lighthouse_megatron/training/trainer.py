@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -42,7 +43,7 @@ from ..megatron.model import transformer_config as model_config
 from ..megatron.schedule import forced_dense, set_iteration
 from ..settings.checks import ALL_VALID, check_cpu_memory, padded_vocab_size
 from ..settings.files import writable_dir_problem, writable_file_problem
-from ..settings.lighthouse import recipe_schedule_from_args, until_iter_warning
+from ..settings.lighthouse import lighthouse_warnings, recipe_schedule_from_args
 from ..settings.train import changed_settings, settings_args
 from . import checkpointing
 from .logger import MetricsLogger, output_paths
@@ -471,6 +472,26 @@ def _first_rank() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _check_fresh_start(load: str, save: str | None) -> None:
+    """--load without a checkpoint starts from scratch only where that is a job's first start:
+    an empty folder, or the --save folder before its first save. Anything else (an iteration
+    folder, a parent of checkpoints, an export) is a mistake that would lose the run."""
+    entries = sorted(os.listdir(load))
+    if not entries or _same_path(load, save):
+        return
+    below = [e for e in entries if checkpointing.read_tracker(os.path.join(load, e)) is not None]
+    if re.fullmatch(r"iter_\d+", os.path.basename(os.path.normpath(load))):
+        hint = f"give the folder that holds it: --load {os.path.dirname(os.path.normpath(load)) or '.'}"
+    elif below:
+        hint = f"did you mean --load {os.path.join(load, below[0])}?"
+    else:
+        hint = "give the checkpoint directory to resume from (an empty directory, or the --save directory, " \
+               "starts from scratch)"
+    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    raise ValueError(f"--load {load} holds no checkpoint (no {checkpointing.TRACKER}) but is not empty "
+                     f"({shown}); {hint}")
+
+
 def prepare(args) -> int:
     """Checks that need the file system (checkpoints, output folders); returns the starting
     iteration. Rank 0 also checks that every output location can be written (nothing is
@@ -481,8 +502,7 @@ def prepare(args) -> int:
     if _first_rank():
         check_cpu_memory(args)
         check_outputs(args)
-        warning = until_iter_warning(args)
-        if warning:
+        for warning in lighthouse_warnings(args):
             print(warning, file=sys.stderr, flush=True)
     if args.save and _first_rank():
         for path in checkpointing.remove_leftovers(args.save):
@@ -494,6 +514,7 @@ def prepare(args) -> int:
                          "from (an empty directory, or the --save directory, starts from scratch)")
     if args.load:
         if checkpointing.read_tracker(args.load) is None:
+            _check_fresh_start(args.load, args.save)
             print(f"note: --load {args.load} holds no checkpoint yet; starting from scratch", flush=True)
         else:
             start, ckpt_args = checkpointing.read_checkpoint_args(args.load)
