@@ -320,6 +320,20 @@ def test_yaml_config_and_overrides(tmp_path, capsys):
     assert "cannot read it" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("load", ["save", "empty"])
+def test_a_first_start_without_a_checkpoint_starts_from_scratch(tmp_path, capsys, load):
+    """--load = --save before the first save (a requeued job; the folder need not exist yet), or
+    an empty --load folder: the run starts from scratch."""
+    save = tmp_path / "run"
+    folder = save if load == "save" else tmp_path / "empty"
+    if load == "empty":
+        folder.mkdir()
+    argv = [*MODEL, "--train-iters", "2", "--eval-iters", "0", "--save", str(save), "--load", str(folder)]
+    assert training.main(argv) == 0
+    assert f"note: --load {folder} holds no checkpoint yet; starting from scratch" in capsys.readouterr().out
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+
+
 def test_checkpoint_conflicts_fail_before_training(reference, capsys):
     save, _ = reference
     argv = [*MODEL, *LIGHTHOUSE]
