@@ -276,8 +276,8 @@ def unknown_names(unknown, valid) -> str:
         if len(group) > 1:
             shown = ", ".join(map(repr, group[:3])) + ", ..." * (len(group) > 3)
             named.append(f"{name!r} (did you mean one of {shown}? settings are flat keys, not sections)")
-        elif meant(name):
-            named.append(f"{name!r} (did you mean {meant(name)!r}?)")
+        elif guess := meant(name):
+            named.append(f"{name!r} (did you mean {guess!r}?)")
         else:
             named.append(repr(name))
     return f"unknown setting{'s' * (len(named) > 1)} {', '.join(named)}; valid: {', '.join(valid)}"

@@ -476,9 +476,9 @@ def _check_fresh_start(load: str, save: str | None) -> None:
     """--load without a checkpoint starts from scratch only where that is a job's first start:
     an empty folder, or the --save folder before its first save. Anything else (an iteration
     folder, a parent of checkpoints, an export) is a mistake that would lose the run."""
-    if _same_path(load, save) or not os.path.isdir(load) or not os.listdir(load):
+    entries = sorted(os.listdir(load)) if os.path.isdir(load) else []
+    if not entries or _same_path(load, save):
         return
-    entries = sorted(os.listdir(load))
     below = [e for e in entries if checkpointing.read_tracker(os.path.join(load, e)) is not None]
     if re.fullmatch(r"iter_\d+", os.path.basename(os.path.normpath(load))):
         hint = f"give the folder that holds it: --load {os.path.dirname(os.path.normpath(load)) or '.'}"
